@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine (Python 3.11, pip, make, git):
+#   make run    install, then serve on the embedded defaults (mock upstream, SQLite)
+#   make check  install, then ruff + mypy --strict + the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	touch $(STAMP)
+
+.PHONY: install run check lint typecheck test stress bench
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/trio-stream serve
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider
+
+check: lint typecheck test
+
+stress: $(STAMP)
+	TRIO_STREAM_STRESS=full $(BIN)/pytest -q -m stress
+
+bench: $(STAMP)
+	$(BIN)/python tools/bench.py

@@ -1,0 +1,36 @@
+"""trio-stream: an OpenAI-compatible SSE streaming server on Trio.
+
+The public API::
+
+    from trio_stream import Settings, serve
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve, Settings(port=0, db=":memory:"))
+
+Everything not imported here is private.
+"""
+
+from .app import TrioStreamApp
+from .config import Settings
+from .errors import ApiError, ConfigError, TrioStreamError, UpstreamError
+from .logs import EventLogger, RecordingSink
+from .server import serve, serve_service
+from .service import Service, open_service
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ApiError",
+    "ConfigError",
+    "EventLogger",
+    "RecordingSink",
+    "Service",
+    "Settings",
+    "TrioStreamApp",
+    "TrioStreamError",
+    "UpstreamError",
+    "__version__",
+    "open_service",
+    "serve",
+    "serve_service",
+]

@@ -1,0 +1,148 @@
+"""The HTTP application: a quart-trio app with two raw-ASGI streaming routes.
+
+Quart serves the JSON routes.  The two streaming routes
+(``POST /v1/chat/completions`` and ``GET /v1/runs/{id}/events``) are matched in
+:meth:`TrioStreamApp.__call__` before Quart sees the request and run as raw
+ASGI endpoints (:mod:`trio_stream.endpoints`), because:
+
+* their writer, upstream reader and disconnect watcher must be sibling tasks
+  in a nursery *we* own (quart-trio's body iteration cannot give that without
+  yielding inside a nursery; FINDINGS.md);
+* quart-trio cuts every response body off after ``RESPONSE_TIMEOUT``;
+* it is the hot path, and the raw endpoint makes one ASGI send per batch.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from . import metrics as metrics_mod
+from .asgi import Receive, Scope, Send, send_error
+from .endpoints import chat_completions, run_events
+from .errors import ApiError, error_body, method_not_allowed, not_found, unknown_route
+from .protocol import parse_session_id
+from .service import Service
+
+_EVENTS = re.compile(r"/v1/runs/([^/]+)/events")
+_JSON = "application/json"
+
+
+class TrioStreamApp(QuartTrio):
+    """The ASGI app.  ``service`` must be open for as long as it serves."""
+
+    def __init__(self, service: Service) -> None:
+        super().__init__("trio_stream")
+        self.service = service
+        self.config["RESPONSE_TIMEOUT"] = 60  # JSON answers only; streams bypass Quart
+        self.config["MAX_CONTENT_LENGTH"] = service.settings.max_body_bytes
+        self.config["BODY_TIMEOUT"] = 60
+        _routes(self)
+
+    async def __call__(  # type: ignore[override]
+        self, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        if scope["type"] == "http":
+            path, method = scope["path"], scope["method"]
+            if path == "/v1/chat/completions":
+                if method == "POST":
+                    return await chat_completions(self.service, scope, receive, send)
+                return await send_error(send, method_not_allowed(method, path), _allow(b"POST"))
+            if m := _EVENTS.fullmatch(path):
+                if method == "GET":
+                    return await run_events(self.service, scope, receive, send, m[1])
+                return await send_error(send, method_not_allowed(method, path), _allow(b"GET"))
+        await super().__call__(scope, receive, send)  # type: ignore[arg-type]
+
+
+def _allow(methods: bytes) -> tuple[tuple[bytes, bytes]]:
+    return ((b"allow", methods),)
+
+
+def _json(body: bytes, status: int = 200) -> Response:
+    return Response(body, status=status, content_type=_JSON)
+
+
+def _routes(app: TrioStreamApp) -> None:
+    service = app.service
+
+    def tenant() -> str:
+        return service.auth.tenant(request.headers.get("authorization"))
+
+    @app.errorhandler(ApiError)
+    async def api_error(exc: ApiError) -> Response:
+        response = _json(exc.body(), exc.status)
+        for name, value in exc.headers:
+            response.headers[name.decode()] = value.decode()
+        return response
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        code = exc.code or 500
+        if code == 404:
+            return await api_error(unknown_route(request.path))
+        if code == 405:
+            return await api_error(method_not_allowed(request.method, request.path))
+        type_ = "invalid_request_error" if code < 500 else "server_error"
+        return _json(error_body(exc.description or exc.name, type_, None), code)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return _json(b'{"status":"ok"}')
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), content_type=metrics_mod.CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        tenant()
+        return {"object": "list", "data": await service.upstream.models()}
+
+    @app.get("/v1/runs/<run_id>")
+    async def get_run(run_id: str) -> dict[str, Any]:
+        owner = tenant()
+        run = service.runs.get(owner, run_id)
+        if run is not None:
+            return run.public()
+        saved = await service.store.get(owner, run_id)
+        if saved is None:
+            raise not_found(f"No run {run_id!r}.")
+        return {
+            "id": saved.run_id,
+            "session_id": saved.session_id,
+            "status": {"complete": "completed", "partial": "cancelled"}.get(
+                saved.status, saved.status
+            ),
+            "reason": saved.reason,
+            "content": saved.content,
+            "events": saved.events,
+            "detached": saved.detached,
+        }
+
+    @app.post("/v1/runs/<run_id>/cancel")
+    async def cancel_run(run_id: str) -> dict[str, Any]:
+        run = service.runs.get(tenant(), run_id)
+        if run is None:
+            raise not_found(f"No run {run_id!r}.")
+        service.runs.cancel(run, "stopped")
+        return run.public()
+
+    @app.post("/v1/sessions/<session_id>/interrupt")
+    async def interrupt(session_id: str) -> dict[str, Any]:
+        owner = tenant()
+        parse_session_id(session_id)
+        run = service.runs.current(owner, session_id)
+        interrupted = run is not None and service.runs.cancel(run, "interrupted")
+        return {"interrupted": interrupted, "run_id": run.id if run is not None else None}
+
+    @app.get("/v1/sessions/<session_id>/messages")
+    async def messages(session_id: str) -> dict[str, Any]:
+        owner = tenant()
+        parse_session_id(session_id)
+        rows = await service.store.session_messages(owner, session_id)
+        return {"object": "list", "data": [m.public() for m in rows]}

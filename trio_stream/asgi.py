@@ -1,0 +1,71 @@
+"""Small raw-ASGI helpers for the streaming endpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+from .errors import ApiError, too_large
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+JSON = b"application/json"
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request was read."""
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
+    """Read the request body, refusing (413) as soon as it passes ``limit``.
+
+    A declared ``Content-Length`` over the limit is refused before reading a
+    byte, so an oversized body is never held in memory.
+    """
+    declared = header(scope, b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def start(
+    send: Send, status: int, content_type: bytes, extra: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    headers = [(b"content-type", content_type), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+
+
+async def send_bytes(
+    send: Send, status: int, body: bytes, content_type: bytes = JSON,
+    extra: Iterable[tuple[bytes, bytes]] = (),
+) -> None:  # fmt: skip
+    await start(send, status, content_type, extra)
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_error(
+    send: Send, error: ApiError, extra: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    await send_bytes(send, error.status, error.body(), JSON, [*error.headers, *extra])

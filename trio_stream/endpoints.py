@@ -1,0 +1,145 @@
+"""The streaming endpoints, as raw ASGI: the per-request ownership tree.
+
+``POST /v1/chat/completions`` for an **attached** run::
+
+    request task
+    └── request nursery  (one per request)
+        ├── reader   RunManager.drive(run)    upstream -> run log
+        ├── writer   Subscriber.write_*       run log -> client
+        └── watcher  watch_disconnect         ASGI receive() -> run.cancel
+
+The three are siblings that die together: the writer ending (terminal frame
+sent, or the client stalled) cancels the nursery; the watcher seeing
+``http.disconnect`` cancels the run and the nursery; the reader's cleanup is
+shielded with a deadline, so the nursery exits only after the run is saved.
+
+A **detached** run's reader lives in the run manager's nursery instead; the
+request nursery then holds only the writer and the watcher, and the watcher's
+disconnect ends this subscription, never the run.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from .asgi import ClientGone, Receive, Scope, Send, header, read_body, send_error
+from .errors import ApiError, bad_request, not_found
+from .protocol import parse_chat_request, parse_session_id
+from .runs import Run
+from .service import Service
+from .stream import ClientStalled, Subscriber, watch_disconnect
+
+
+def _response_headers(run: Run) -> tuple[tuple[bytes, bytes], ...]:
+    headers = [(b"x-run-id", run.id.encode())]
+    if run.session_id is not None:
+        headers.append((b"x-session-id", run.session_id.encode()))
+    return tuple(headers)
+
+
+async def chat_completions(service: Service, scope: Scope, receive: Receive, send: Send) -> None:
+    """``POST /v1/chat/completions``: one run, streamed or answered whole."""
+    s = service.settings
+    try:
+        tenant = service.auth.tenant(header(scope, b"authorization"))
+        session_id = parse_session_id(header(scope, b"x-session-id"))
+        request = parse_chat_request(await read_body(receive, scope, s.max_body_bytes))
+        with service.stream_slot():
+            run = service.runs.create(tenant, session_id, request)
+            sub = Subscriber(
+                run, send, cursor=0, stall_timeout=s.stall_timeout,
+                ping_interval=s.ping_interval, headers=_response_headers(run),
+                drives_backpressure=request.stream and not request.detach,
+            )  # fmt: skip
+            if request.stream and not request.detach:
+                run.window = s.window
+            if request.detach:
+                service.runs.start_detached(run)
+                await _follow(service, sub, receive, stream=request.stream)
+            else:
+                await _attached(service, sub, receive, stream=request.stream)
+                service.logger.event("stream_end", **service.runs.end_fields(run))
+    except ClientGone:
+        return
+    except ApiError as exc:
+        await send_error(send, exc)
+
+
+async def _attached(service: Service, sub: Subscriber, receive: Receive, *, stream: bool) -> None:
+    run = sub.run
+    async with trio.open_nursery() as nursery:
+
+        def on_disconnect() -> None:
+            reason = "client_stalled" if sub.stalled() else "client_disconnect"
+            service.runs.cancel(run, reason)
+            nursery.cancel_scope.cancel()
+
+        async def writer() -> None:
+            try:
+                await (sub.write_sse() if stream else sub.write_json())
+            except ClientStalled:
+                service.runs.cancel(run, "client_stalled")
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(service.runs.drive, run)
+        nursery.start_soon(writer)
+        nursery.start_soon(watch_disconnect, receive, on_disconnect)
+
+
+async def _follow(
+    service: Service, sub: Subscriber, receive: Receive | None = None, *, stream: bool = True,
+    start_now: bool = False,
+) -> None:  # fmt: skip
+    """Write a run to a subscriber that does not own it (detached or replay)."""
+    async with trio.open_nursery() as nursery:
+
+        async def writer() -> None:
+            try:
+                await (sub.write_sse(start_now=start_now) if stream else sub.write_json())
+            except ClientStalled:
+                service.logger.event("subscriber_stalled", trace=sub.run.id)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(writer)
+        if receive is not None:
+            nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope.cancel)
+
+
+async def run_events(
+    service: Service, scope: Scope, receive: Receive, send: Send, run_id: str
+) -> None:
+    """``GET /v1/runs/{id}/events``: replay after a cursor, then follow live."""
+    s = service.settings
+    try:
+        tenant = service.auth.tenant(header(scope, b"authorization"))
+        run = service.runs.get(tenant, run_id)
+        if run is None:
+            raise not_found(f"No run {run_id!r}.")
+        cursor = _cursor(scope)
+        with service.stream_slot():
+            sub = Subscriber(
+                run, send, cursor=min(cursor, run.log.last_seq) if run.settled else cursor,
+                stall_timeout=s.stall_timeout, ping_interval=s.ping_interval,
+                headers=_response_headers(run), drives_backpressure=False,
+            )  # fmt: skip
+            await _follow(service, sub, receive, start_now=True)
+    except ApiError as exc:
+        await send_error(send, exc)
+
+
+def _cursor(scope: Scope) -> int:
+    """``Last-Event-ID`` header, else ``?after=N``, else 0."""
+    raw = header(scope, b"last-event-id")
+    if raw is None:
+        query = bytes(scope.get("query_string", b"")).decode("latin-1")
+        for part in query.split("&"):
+            name, _, value = part.partition("=")
+            if name == "after":
+                raw = value
+    if raw is None or raw == "":
+        return 0
+    if not raw.isdigit() or len(raw) > 12:
+        raise bad_request(
+            "Last-Event-ID / 'after' must be a non-negative integer.", "invalid_cursor"
+        )
+    return int(raw)

@@ -1,0 +1,110 @@
+"""The project's exception tree, and the OpenAI error body.
+
+Every error a client can see is an :class:`ApiError`; it knows its HTTP status,
+its OpenAI ``type`` and ``code``, and renders the OpenAI error body::
+
+    {"error": {"message": "...", "type": "...", "code": "..." | null}}
+
+Errors from trio, httpx or sqlite are translated into these types at the seam
+where they are caught (``raise ApiError(...) from exc``).  ``trio.Cancelled``
+is never translated: it always propagates.
+
+This module never imports trio.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+
+class TrioStreamError(Exception):
+    """Base class of every exception trio_stream raises on purpose."""
+
+
+class ConfigError(TrioStreamError):
+    """A setting is invalid; raised before anything starts."""
+
+
+class ApiError(TrioStreamError):
+    """An error with an HTTP status and an OpenAI error body."""
+
+    def __init__(
+        self,
+        status: int,
+        type_: str,
+        message: str,
+        code: str | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.message = message
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> bytes:
+        """The OpenAI error body, as JSON bytes."""
+        return error_body(self.message, self.type, self.code)
+
+
+class UpstreamError(ApiError):
+    """The upstream refused, failed, timed out or sent something unreadable.
+
+    Before the first token it becomes an HTTP 502 (or 504 for a timeout);
+    after it, an ``upstream_error`` event on the stream.
+    """
+
+    def __init__(self, message: str, *, timeout: bool = False, code: str | None = None) -> None:
+        super().__init__(504 if timeout else 502, "upstream_error", message, code)
+
+
+def error_body(message: str, type_: str, code: str | None) -> bytes:
+    """Render ``{"error": {"message", "type", "code"}}``."""
+    return orjson.dumps({"error": {"message": message, "type": type_, "code": code}})
+
+
+def bad_request(message: str, code: str | None = None) -> ApiError:
+    return ApiError(400, "invalid_request_error", message, code)
+
+
+def unauthorized() -> ApiError:
+    return ApiError(
+        401,
+        "authentication_error",
+        "Missing or invalid API key. Send 'Authorization: Bearer <key>'.",
+        "invalid_api_key",
+    )
+
+
+def not_found(message: str) -> ApiError:
+    return ApiError(404, "not_found_error", message, "not_found")
+
+
+def method_not_allowed(method: str, path: str) -> ApiError:
+    return ApiError(
+        405, "invalid_request_error", f"Method {method} is not allowed on {path}.",
+        "method_not_allowed",
+    )  # fmt: skip
+
+
+def unknown_route(path: str) -> ApiError:
+    return ApiError(404, "invalid_request_error", f"Unknown path {path}.", "unknown_url")
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(
+        413, "invalid_request_error", f"Request body is larger than {limit} bytes.",
+        "request_too_large",
+    )  # fmt: skip
+
+
+def too_many_streams(limit: int, retry_after: int = 1) -> ApiError:
+    return ApiError(
+        429, "rate_limit_error", f"Too many concurrent streams (limit {limit}).",
+        "too_many_streams", ((b"retry-after", str(retry_after).encode()),),
+    )  # fmt: skip
+
+
+def shutting_down() -> ApiError:
+    return ApiError(503, "unavailable_error", "The server is shutting down.", "shutting_down")

@@ -1,0 +1,112 @@
+"""Parsing and validating client requests -- sans-IO.
+
+Every rejection is an :class:`~trio_stream.errors.ApiError` (HTTP 400) whose
+message names the offending field, as OpenAI does.  The request body is kept
+as the client sent it, so that fields we do not interpret (``tools``,
+``top_p``, ...) still reach an OpenAI-compatible upstream.
+
+This module never imports trio.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .errors import bad_request
+
+SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    body: dict[str, Any]
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool
+    max_tokens: int | None
+    detach: bool
+
+    def upstream_body(self) -> dict[str, Any]:
+        """The body to forward: ours minus our extensions, always streaming."""
+        body = {k: v for k, v in self.body.items() if k not in ("detach", "stream_options")}
+        body["stream"] = True
+        return body
+
+
+def parse_session_id(value: str | None) -> str | None:
+    """Validate an ``X-Session-Id`` header (1-128 of ``A-Za-z0-9._:-``)."""
+    if value is None:
+        return None
+    if not SESSION_ID.fullmatch(value):
+        raise bad_request(
+            "X-Session-Id must be 1-128 characters of A-Z, a-z, 0-9, '.', '_', ':' or '-'.",
+            "invalid_session_id",
+        )
+    return value
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise bad_request("The request body is empty; expected a JSON object.", "invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"The request body is not valid JSON: {exc}", "invalid_json") from exc
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", "invalid_json")
+    return body
+
+
+def _field(body: dict[str, Any], name: str, types: type | tuple[type, ...], what: str) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise bad_request(f"'{name}' must be {what}.", "invalid_type")
+    if not isinstance(value, types):
+        raise bad_request(f"'{name}' must be {what}.", "invalid_type")
+    return value
+
+
+def _check_messages(messages: Any) -> list[dict[str, Any]]:
+    if messages is None:
+        raise bad_request("'messages' is required.", "missing_required_parameter")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty array.", "invalid_type")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise bad_request(f"'messages[{i}]' must be an object.", "invalid_type")
+        if m.get("role") not in _ROLES:
+            raise bad_request(
+                f"'messages[{i}].role' must be one of {sorted(_ROLES)}.", "invalid_type"
+            )
+        content = m.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise bad_request(
+                f"'messages[{i}].content' must be a string, an array or null.", "invalid_type"
+            )
+    return messages
+
+
+def parse_chat_request(raw: bytes) -> ChatRequest:
+    """Validate a ``POST /v1/chat/completions`` body."""
+    body = parse_json_object(raw)
+    messages = _check_messages(body.get("messages"))
+    model = _field(body, "model", str, "a string") or "mock"
+    stream = _field(body, "stream", bool, "a boolean") or False
+    detach = _field(body, "detach", bool, "a boolean") or False
+    _field(body, "temperature", (int, float), "a number")
+    max_tokens = _field(body, "max_tokens", int, "an integer")
+    if max_tokens is None:
+        max_tokens = _field(body, "max_completion_tokens", int, "an integer")
+    if max_tokens is not None and not 1 <= max_tokens <= 1_000_000:
+        raise bad_request("'max_tokens' must be between 1 and 1000000.", "invalid_value")
+    n = _field(body, "n", int, "an integer")
+    if n not in (None, 1):
+        raise bad_request("Only 'n': 1 is supported.", "invalid_value")
+    return ChatRequest(body, model, messages, stream, max_tokens, detach)

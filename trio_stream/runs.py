@@ -1,0 +1,408 @@
+"""Runs and the manager that owns them: the trio half of the run lifecycle.
+
+Ownership (see docs/design.md for the whole tree):
+
+* An **attached** run is driven by :meth:`RunManager.drive` inside the request's
+  own nursery, beside that request's writer and disconnect watcher.
+* A **detached** run is driven inside the manager's long-lived nursery
+  (:meth:`RunManager.run`), so a subscriber that leaves cancels nothing.
+
+Every run has one :class:`trio.CancelScope` (``Run.scope``) around its upstream
+work.  Cancelling a run -- for any reason -- goes through
+:meth:`RunManager.cancel`, which first fixes the outcome in the pure log
+(rule 2 of :mod:`trio_stream.runlog`: nothing more is appended) and then
+cancels the scope.  ``drive`` ends in exactly one ``finally`` that saves the
+run (shielded, with ``--save-timeout``), releases the session entry by its own
+id, and sets ``Run.done``.  That single ``finally`` is the code-path half of
+"saved exactly once"; the schema's primary key is the other half.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections import deque
+from typing import Any
+
+import trio
+
+from .chunks import ChunkEncoder
+from .config import Settings
+from .errors import UpstreamError
+from .logs import EventLogger
+from .metrics import Metrics
+from .protocol import ChatRequest
+from .runlog import SAVED_STATUS, Entry, Outcome, RunLog, RunStatus
+from .sessions import SessionKey, SessionTable
+from .store import AlreadySaved, Message, Store
+from .upstream import Finish, Upstream
+
+CANCEL_MESSAGES = {
+    "superseded": "A newer request of this session superseded this run.",
+    "interrupted": "The session was interrupted.",
+    "stopped": "The run was stopped.",
+    "shutdown": "The server is shutting down.",
+    "client_disconnect": "The client disconnected.",
+    "client_stalled": "The client stopped reading.",
+}
+
+
+def new_run_id() -> str:
+    """128 random bits, URL-safe: unguessable, as API.md requires (>= 96)."""
+    return "run_" + secrets.token_urlsafe(16)
+
+
+class Run:
+    """One upstream completion: its log, its cancel scope, its wake-ups."""
+
+    def __init__(
+        self,
+        run_id: str,
+        tenant: str,
+        session_id: str | None,
+        request: ChatRequest,
+        *,
+        detached: bool,
+        coalesce: bool,
+    ) -> None:
+        self.id = run_id
+        self.tenant = tenant
+        self.session_id = session_id
+        self.request = request
+        self.detached = detached
+        self.created = time.time()
+        self.started = trio.current_time()
+        self.log = RunLog()
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+        self.encoder = ChunkEncoder(
+            f"chatcmpl-{run_id.removeprefix('run_')}", request.model, int(self.created),
+            coalesce=coalesce,
+        )  # fmt: skip
+        self.error: UpstreamError | None = None
+        self.predecessors: tuple[Run, ...] = ()
+        self.first_token_at: float | None = None
+        self.cancelled_at: float | None = None
+        # Backpressure: an attached streaming run may run at most ``window``
+        # entries ahead of its writer's cursor.  ``None``: no writer to wait for.
+        self.window: int | None = None
+        self.writer_cursor = 0
+        self._changed = trio.lowlevel.ParkingLot()
+        self._room = trio.lowlevel.ParkingLot()
+
+    @property
+    def session_key(self) -> SessionKey | None:
+        return None if self.session_id is None else (self.tenant, self.session_id)
+
+    def public(self) -> dict[str, Any]:
+        """The ``GET /v1/runs/{id}`` object."""
+        outcome = self.log.outcome
+        return {
+            "id": self.id,
+            "session_id": self.session_id,
+            "status": self.log.status.value,
+            "reason": outcome.reason if outcome else None,
+            "content": self.log.content,
+            "events": self.log.last_seq,
+            "detached": self.detached,
+        }
+
+    # -- producer side ----------------------------------------------------
+    def append(self, entry: Entry) -> bool:
+        """Add a delta and wake followers.  False if the run already ended."""
+        if self.log.status is not RunStatus.RUNNING or self.log.fenced:
+            return False
+        self.log.append(entry)
+        self._changed.unpark_all()
+        return True
+
+    async def wait_for_room(self) -> None:
+        """Block while the attached writer is ``window`` entries behind.
+
+        A checkpoint only when it has to wait; cancellable.
+        """
+        window = self.window
+        if window is None:
+            return
+        while self.log.last_seq - self.writer_cursor >= window and not self.log.fenced:
+            await self._room.park()
+
+    def end(self, outcome: Outcome) -> bool:
+        """Fix the outcome (once) and wake everyone waiting on this run."""
+        if self.log.status is not RunStatus.RUNNING:
+            return False
+        self.log.finish(outcome)
+        self._wake()
+        return True
+
+    def fence(self) -> None:
+        self.log.fence()
+        self._wake()
+
+    def finished(self) -> None:
+        self.done.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.unpark_all()
+        self._room.unpark_all()
+
+    # -- subscriber side --------------------------------------------------
+    async def wait_changed(self) -> None:
+        """Block until an append, the end, a fence or the cleanup.  Cancellable."""
+        await self._changed.park()
+
+    def advance(self, cursor: int) -> None:
+        """The attached writer has sent everything up to ``cursor``."""
+        self.writer_cursor = cursor
+        self._room.unpark_all()
+
+    @property
+    def settled(self) -> bool:
+        """Nothing will change any more: cleaned up, or fenced."""
+        return self.done.is_set() or self.log.fenced
+
+
+class RunManager:
+    """Creates, drives, cancels, finds and expires runs.
+
+    Owns the long-lived nursery of detached runs (:meth:`run`) and the pure
+    :class:`~trio_stream.sessions.SessionTable`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        upstream: Upstream,
+        store: Store,
+        metrics: Metrics,
+        logger: EventLogger,
+    ) -> None:
+        self.settings = settings
+        self.upstream = upstream
+        self.store = store
+        self.metrics = metrics
+        self.logger = logger
+        self.runs: dict[str, Run] = {}
+        self.sessions = SessionTable()
+        self.live = 0
+        self._expiry: deque[tuple[float, str]] = deque()
+        self._expiry_added = trio.Event()
+        self._idle = trio.lowlevel.ParkingLot()
+        self._nursery: trio.Nursery | None = None
+        self.cleanup_timeout = settings.save_timeout
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own detached runs and expiry until cancelled.
+
+        Cancelling this task cancels every detached run; each still saves in
+        its shielded cleanup before this returns.
+        """
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._reap)
+            task_status.started()
+            await trio.sleep_forever()
+
+    # -- creating ---------------------------------------------------------
+    def create(self, tenant: str, session_id: str | None, request: ChatRequest) -> Run:
+        """Register a run and, if it has a session, supersede the session's runs.
+
+        Synchronous, so that the session table changes atomically: from here on
+        the new run is the session's current run (sessions rule 1).
+        """
+        run = Run(
+            new_run_id(), tenant, session_id, request,
+            detached=request.detach, coalesce=self.settings.coalesce,
+        )  # fmt: skip
+        self.runs[run.id] = run
+        self.live += 1
+        self.metrics.active_runs.inc()
+        self.logger.event("stream_start", trace=run.id, session=session_id, detached=run.detached)
+        if run.session_key is not None:
+            previous = self.sessions.claim(run.session_key, run.id)
+            run.predecessors = tuple(self.runs[p] for p in previous)
+            for prev in run.predecessors:
+                self.cancel(prev, "superseded")
+        return run
+
+    def start_detached(self, run: Run) -> None:
+        assert self._nursery is not None, "RunManager.run() is not running"
+        self._nursery.start_soon(self.drive, run)
+
+    # -- driving ----------------------------------------------------------
+    async def drive(self, run: Run) -> None:
+        """The upstream reader: run ``run`` to its end, then clean up.
+
+        Returns when the run is saved and released.  Raises only ``Cancelled``
+        from an enclosing scope (after cleaning up); its own cancellation is
+        absorbed by ``run.scope``.
+        """
+        try:
+            with run.scope:
+                await self._await_predecessors(run)
+                await self._pump(run)
+        except UpstreamError as exc:
+            run.error = exc
+            self._fail(run, exc.message)
+        except Exception as exc:  # a bug: keep the server up, and say so
+            self.logger.event("run_crashed", trace=run.id, error=repr(exc))
+            self._fail(run, "internal error")
+        finally:
+            await self._cleanup(run)
+
+    async def _await_predecessors(self, run: Run) -> None:
+        """Wait (up to --supersede-timeout) for superseded runs to clean up."""
+        if not run.predecessors:
+            return
+        key = run.session_key
+        assert key is not None
+        with trio.move_on_after(self.settings.supersede_timeout):
+            for prev in run.predecessors:
+                await prev.done.wait()
+        for prev in run.predecessors:
+            if not prev.done.is_set():
+                # Sessions rule 3: the straggler may neither emit, nor touch
+                # the session entry, nor save over this run.
+                self.sessions.fence(key, prev.id)
+                prev.fence()
+                self.logger.event(
+                    "prev_stream_timeout_on_cancel", session=run.session_id, trace=prev.id
+                )
+
+    async def _pump(self, run: Run) -> None:
+        s = self.settings
+        with trio.CancelScope(deadline=trio.current_time() + s.first_token_timeout) as guard:
+            async with self.upstream.stream(run.request) as items:
+                while True:
+                    item = await anext(items, None)
+                    if item is None:
+                        raise UpstreamError("The upstream ended the stream without finishing.")
+                    if isinstance(item, Finish):
+                        run.end(Outcome(RunStatus.COMPLETED, item.reason))
+                        return
+                    if not run.append(item):
+                        return  # ended meanwhile; run.scope's cancel lands on exit
+                    if run.first_token_at is None:
+                        run.first_token_at = trio.current_time()
+                        self.metrics.ttft.observe(run.first_token_at - run.started)
+                    self.metrics.tokens.inc()
+                    guard.deadline = math.inf  # a slow client is not a slow upstream
+                    await run.wait_for_room()
+                    guard.deadline = trio.current_time() + s.token_timeout
+        if guard.cancelled_caught:
+            which = "first token" if run.first_token_at is None else "next token"
+            raise UpstreamError(f"The upstream sent no {which} in time.", timeout=True)
+
+    # -- ending -----------------------------------------------------------
+    def cancel(self, run: Run, reason: str, message: str | None = None) -> bool:
+        """Cancel ``run`` with ``reason``.  Idempotent: False if it had ended.
+
+        Not a checkpoint.  The run's cleanup happens in its own task.
+        """
+        outcome = Outcome(RunStatus.CANCELLED, reason, message or CANCEL_MESSAGES.get(reason, ""))
+        if not run.end(outcome):
+            return False
+        run.cancelled_at = trio.current_time()
+        run.scope.cancel()
+        self.metrics.cancellations.labels(reason).inc()
+        self.logger.event("stream_cancelled", trace=run.id, reason=reason)
+        return True
+
+    def _fail(self, run: Run, message: str) -> None:
+        if run.end(Outcome(RunStatus.FAILED, "upstream_error", message)):
+            self.metrics.cancellations.labels("upstream_error").inc()
+            self.logger.event("stream_cancelled", trace=run.id, reason="upstream_error")
+
+    async def _cleanup(self, run: Run) -> None:
+        """Save, release, wake: the one place a run ends.  Shielded, bounded."""
+        with trio.CancelScope(shield=True) as cs:
+            cs.deadline = trio.current_time() + self.cleanup_timeout
+            if run.log.status is RunStatus.RUNNING:  # cancelled from outside
+                self.cancel(run, "shutdown")
+            await self._save(run)
+        if cs.cancelled_caught:
+            self.logger.event("save_timeout", trace=run.id)
+        outcome = run.log.outcome
+        assert outcome is not None
+        key = run.session_key
+        if key is not None:
+            if outcome.reason == "superseded" and not self.sessions.is_fenced(key, run.id):
+                self.logger.event(
+                    "prev_stream_finished_cleanly", session=run.session_id, trace=run.id
+                )
+            self.sessions.finish(key, run.id)  # compare-and-delete (sessions rule 2)
+        self.live -= 1
+        self.metrics.active_runs.dec()
+        self.metrics.runs.labels(outcome.status.value).inc()
+        if run.cancelled_at is not None:
+            self.metrics.cancel_seconds.observe(trio.current_time() - run.cancelled_at)
+        run.finished()
+        if run.detached:
+            self.logger.event("stream_end", **self.end_fields(run))
+            self._expiry.append((trio.current_time() + self.settings.run_ttl, run.id))
+            self._expiry_added.set()
+        else:
+            del self.runs[run.id]  # its only client has it; GET falls back to the store
+        self._idle.unpark_all()
+
+    async def _save(self, run: Run) -> None:
+        if run.log.last_seq == 0:
+            return  # nothing produced, nothing to save
+        outcome = run.log.outcome
+        assert outcome is not None
+        message = Message(
+            run.id, run.tenant, run.session_id, run.log.content, run.log.tool_calls or None,
+            SAVED_STATUS[outcome.status], outcome.reason, run.log.last_seq, run.detached,
+            run.created,
+        )  # fmt: skip
+        try:
+            await self.store.save(message)
+        except AlreadySaved:
+            self.logger.event("save_duplicate_refused", trace=run.id)
+        except Exception as exc:  # sqlite trouble must not take the server down
+            self.logger.event("save_failed", trace=run.id, error=repr(exc))
+
+    def end_fields(self, run: Run) -> dict[str, Any]:
+        """The keys of a ``stream_end`` line."""
+        return {
+            "trace": run.id,
+            "status": run.log.status.value,
+            "tokens": run.log.last_seq,
+            "duration_ms": round((trio.current_time() - run.started) * 1000, 3),
+        }
+
+    # -- finding ----------------------------------------------------------
+    def get(self, tenant: str, run_id: str) -> Run | None:
+        """The run, if it is in memory and belongs to ``tenant``."""
+        run = self.runs.get(run_id)
+        return run if run is not None and run.tenant == tenant else None
+
+    def current(self, tenant: str, session_id: str) -> Run | None:
+        run_id = self.sessions.current((tenant, session_id))
+        return None if run_id is None else self.runs.get(run_id)
+
+    # -- expiry and shutdown ----------------------------------------------
+    async def _reap(self) -> None:
+        """Forget finished detached runs ``--run-ttl`` after they end."""
+        while True:
+            now = trio.current_time()
+            while self._expiry and self._expiry[0][0] <= now:
+                self.runs.pop(self._expiry.popleft()[1], None)
+            if self._expiry:
+                await trio.sleep_until(self._expiry[0][0])
+            else:
+                self._expiry_added = trio.Event()
+                await self._expiry_added.wait()
+
+    async def wait_idle(self) -> None:
+        """Block until no run is live.  Cancellable."""
+        while self.live:
+            await self._idle.park()
+
+    def cancel_all(self, reason: str) -> None:
+        """Cancel every live run (then :meth:`wait_idle` for their cleanup)."""
+        for run in list(self.runs.values()):
+            if not run.done.is_set():
+                self.cancel(run, reason)

@@ -1,0 +1,149 @@
+"""``serve()``: hypercorn's trio worker, assembled with our transport and shutdown.
+
+We do not call ``hypercorn.trio.serve``: we build its pieces ourselves
+(``TCPServer`` per connection, ``trio.serve_listeners``) so that
+
+* every accepted socket is a :class:`~trio_stream.transport.GuardedStream`
+  (writes with a deadline, even inside hypercorn's shield), and
+* shutdown follows API.md section 3.7 exactly: 503 for new streams,
+  ``--graceful-timeout`` for running ones, then cancel with reason
+  ``shutdown``, save, cut the transports, and return.
+
+Ownership::
+
+    serve()
+    └── open_service()             store, upstream, metrics, RunManager
+        └── manager nursery        detached runs, expiry reaper
+    └── connections nursery        one hypercorn TCPServer per connection
+        └── (hypercorn) one task per request -> endpoints.py
+    └── accept nursery             trio.serve_listeners
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import trio
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.config import Config
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+
+from .app import TrioStreamApp
+from .config import Settings
+from .logs import EventLogger
+from .service import Service, open_service
+from .store import Store
+from .transport import GuardedListener, TransportGuard
+from .upstream import Upstream
+
+#: After ``--graceful-timeout``: how long cancelled runs get to save and their
+#: clients to receive the ``shutdown`` error event.  Keeps the whole shutdown
+#: within ``--graceful-timeout`` + 2 s (API.md 3.7).
+SHUTDOWN_CLEANUP = 1.0
+SHUTDOWN_FLUSH = 0.5
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    config = Config()
+    config.certfile = settings.certfile
+    config.keyfile = settings.keyfile
+    config.alpn_protocols = ["h2", "http/1.1"]
+    config.read_timeout = None  # an SSE client sends nothing while it listens
+    config.graceful_timeout = settings.graceful_timeout
+    config.accesslog = None
+    return config
+
+
+async def open_listeners(
+    settings: Settings, config: Config, guard: TransportGuard
+) -> list[trio.abc.Listener[trio.abc.Stream]]:
+    raw = await trio.open_tcp_listeners(settings.port, host=settings.host)
+    guarded = [GuardedListener(listener, guard) for listener in raw]
+    ssl_context = config.create_ssl_context()
+    if ssl_context is None:
+        return list(guarded)
+    return [trio.SSLListener(g, ssl_context, https_compatible=True) for g in guarded]
+
+
+def _port(listener: trio.abc.Listener[trio.abc.Stream]) -> int:
+    inner = listener.transport_listener if isinstance(listener, trio.SSLListener) else listener
+    assert isinstance(inner, GuardedListener)
+    return int(inner.socket.getsockname()[1])
+
+
+async def serve(
+    settings: Settings,
+    *,
+    shutdown: trio.Event | None = None,
+    logger: EventLogger | None = None,
+    store: Store | None = None,
+    upstream: Upstream | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``settings`` until ``shutdown`` is set, then shut down gracefully.
+
+    ``task_status.started(port)`` is called once listening, so embedders and
+    tests can ``port = await nursery.start(serve, settings)``.
+
+    Cancellation: cancelling ``serve`` is an abrupt stop -- every run is
+    cancelled, and each still saves in its shielded cleanup (bounded by
+    ``--save-timeout``) before ``serve`` re-raises.  Set ``shutdown`` for the
+    graceful path.
+    """
+    async with open_service(settings, logger=logger, store=store, upstream=upstream) as service:
+        await serve_service(service, shutdown=shutdown, task_status=task_status)
+
+
+async def serve_service(
+    service: Service,
+    *,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve an already open :class:`Service` (see :func:`serve`)."""
+    settings = service.settings
+    app = TrioStreamApp(service)
+    await app.startup()
+    config = hypercorn_config(settings)
+    guard = TransportGuard(settings.stall_timeout)
+    listeners = await open_listeners(settings, config, guard)
+    context = WorkerContext(None)
+    asgi = ASGIWrapper(app)  # type: ignore[arg-type]  # Quart's scope types are narrower
+    handler = partial(TCPServer, asgi, config, context, ConnectionState({}))
+    async with trio.open_nursery() as connections:
+        async with trio.open_nursery() as accepting:
+            accepting.start_soon(
+                partial(trio.serve_listeners, handler, listeners, handler_nursery=connections)
+            )
+            port = _port(listeners[0])
+            scheme = "https" if settings.certfile else "http"
+            service.logger.event("listening", url=f"{scheme}://{settings.host}:{port}", port=port)
+            task_status.started(port)
+            await (shutdown.wait() if shutdown is not None else await trio.sleep_forever())
+            await _drain(service, context)
+            accepting.cancel_scope.cancel()
+        guard.abort_all()
+        connections.cancel_scope.cancel()
+    service.logger.event("shutdown_complete")
+
+
+async def _drain(service: Service, context: WorkerContext) -> None:
+    """API.md 3.7: 503 for new streams, a grace period, then cancel and save."""
+    s = service.settings
+    service.shutting_down = True
+    service.runs.cleanup_timeout = SHUTDOWN_CLEANUP
+    await context.terminated.set()  # hypercorn closes idle keep-alive connections
+    service.logger.event(
+        "shutdown_start", runs=service.runs.live, streams=service.streams,
+        graceful_timeout=s.graceful_timeout,
+    )  # fmt: skip
+    with trio.move_on_after(s.graceful_timeout):
+        await service.runs.wait_idle()
+        await service.wait_streams_closed()
+    service.runs.cancel_all("shutdown")
+    with trio.move_on_after(SHUTDOWN_CLEANUP):
+        await service.runs.wait_idle()
+    with trio.move_on_after(SHUTDOWN_FLUSH):
+        await service.wait_streams_closed()

@@ -1,0 +1,131 @@
+"""The service: everything one server instance owns, and its lifetime.
+
+:func:`open_service` builds the store, the upstream, the metrics and the run
+manager, starts the manager's long-lived nursery, and tears it all down in
+reverse order.  The HTTP layer (:mod:`trio_stream.app`) and the server
+(:mod:`trio_stream.server`) only borrow it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+
+import trio
+
+from .config import Settings
+from .errors import shutting_down, too_many_streams, unauthorized
+from .logs import EventLogger
+from .metrics import Metrics
+from .runs import RunManager
+from .store import Store
+from .upstream import Upstream, create_upstream
+
+PUBLIC_TENANT = "public"
+
+
+class Auth:
+    """Bearer keys.  Each key is its own tenant; the tenant id is a hash, so
+    the key itself is never stored, logged or compared in variable time."""
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self._keys = [(k.encode(), _tenant_of(k)) for k in keys]
+
+    @property
+    def open(self) -> bool:
+        return not self._keys
+
+    def tenant(self, authorization: str | None) -> str:
+        """The caller's tenant, or :func:`~trio_stream.errors.unauthorized`."""
+        if self.open:
+            return PUBLIC_TENANT
+        scheme, _, token = (authorization or "").partition(" ")
+        given = token.strip().encode()
+        found: str | None = None
+        for key, tenant in self._keys:  # no early exit: constant time in the keys
+            if hmac.compare_digest(key, given) and scheme.lower() == "bearer":
+                found = tenant
+        if found is None:
+            raise unauthorized()
+        return found
+
+
+def _tenant_of(key: str) -> str:
+    return "k_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class Service:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        logger: EventLogger,
+        metrics: Metrics,
+        store: Store,
+        upstream: Upstream,
+    ) -> None:
+        self.settings = settings
+        self.logger = logger
+        self.metrics = metrics
+        self.store = store
+        self.upstream = upstream
+        self.auth = Auth(settings.api_keys)
+        self.runs = RunManager(settings, upstream, store, metrics, logger)
+        self.shutting_down = False
+        self.streams = 0
+        self._streams_changed = trio.lowlevel.ParkingLot()
+
+    @contextmanager
+    def stream_slot(self) -> Iterator[None]:
+        """Admit one client stream (503 while shutting down, 429 when full)."""
+        if self.shutting_down:
+            raise shutting_down()
+        if self.streams >= self.settings.max_streams:
+            raise too_many_streams(self.settings.max_streams)
+        self.streams += 1
+        self.metrics.active_streams.inc()
+        try:
+            yield
+        finally:
+            self.streams -= 1
+            self.metrics.active_streams.dec()
+            self._streams_changed.unpark_all()
+
+    async def wait_streams_closed(self) -> None:
+        while self.streams:
+            await self._streams_changed.park()
+
+
+@asynccontextmanager
+async def open_service(
+    settings: Settings,
+    *,
+    logger: EventLogger | None = None,
+    store: Store | None = None,
+    upstream: Upstream | None = None,
+) -> AsyncIterator[Service]:
+    """Build a :class:`Service` and run its manager until the block exits.
+
+    On exit (normal or ``Cancelled``) every live run is cancelled and saved
+    (each save shielded with ``--save-timeout``) before the upstream client and
+    the database close.
+    """
+    settings.validate()
+    logger = logger or EventLogger(settings.log_format)
+    db = store if store is not None else await trio.to_thread.run_sync(Store, settings.db)
+    upstream = upstream or create_upstream(settings)
+    service = Service(settings, logger=logger, metrics=Metrics(), store=db, upstream=upstream)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.runs.run)
+            try:
+                yield service
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True) as cs:
+            cs.deadline = trio.current_time() + settings.save_timeout
+            await upstream.aclose()
+        db.close()

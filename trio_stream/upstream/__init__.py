@@ -1,0 +1,66 @@
+"""Upstreams: where completions come from.
+
+An :class:`Upstream` turns a :class:`~trio_stream.protocol.ChatRequest` into an
+async iterator of log entries (content strings or tool deltas) ended by one
+:class:`Finish`.  Every adapter translates its transport's errors into
+:class:`~trio_stream.errors.UpstreamError` at this seam; ``trio.Cancelled``
+passes through untouched.
+
+Cancellation contract of :meth:`Upstream.stream`: the context manager owns the
+upstream connection.  Leaving it -- normally, by an exception, or by
+``Cancelled`` -- closes the connection before ``__aexit__`` returns (httpx
+closes an unfinished HTTP/1.1 response in a shielded block), so a cancelled
+run never leaves a connection behind.  Timeouts between items are the
+caller's (:mod:`trio_stream.runs`), not the adapter's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..config import Settings
+from ..protocol import ChatRequest
+from ..runlog import Entry
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The upstream's last word: ``finish_reason`` (``stop``, ``length``, ...)."""
+
+    reason: str
+
+
+Item = Entry | Finish
+
+
+class Upstream(Protocol):
+    name: str
+
+    def stream(self, request: ChatRequest) -> AbstractAsyncContextManager[AsyncIterator[Item]]:
+        """Open one completion.  See the module docstring for cancellation."""
+        ...
+
+    async def models(self) -> list[dict[str, Any]]:
+        """The upstream's models in the OpenAI ``model`` object shape."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def create_upstream(settings: Settings) -> Upstream:
+    """The upstream named by ``--upstream``."""
+    if settings.upstream == "mock":
+        from .mock import MockUpstream
+
+        return MockUpstream(settings.mock_delay_ms / 1000)
+    assert settings.upstream_url is not None
+    if settings.upstream == "openai":
+        from .openai import OpenAIUpstream
+
+        return OpenAIUpstream(settings)
+    from .ollama import OllamaUpstream
+
+    return OllamaUpstream(settings)

@@ -1,0 +1,76 @@
+"""Ollama: ``POST {url}/api/chat`` streaming NDJSON, mapped to OpenAI chunks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
+from typing import Any
+
+import httpx
+
+from ..config import Settings
+from ..protocol import ChatRequest
+from ..sse import LineDecoder
+from . import Item
+from ._http import get_json, make_client, map_errors, open_stream
+from ._http import raw_chunks as _raw
+from .wire import ollama_items
+
+
+class OllamaUpstream:
+    name = "ollama"
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.upstream_url
+        self.client = make_client(settings, settings.upstream_url, None)
+
+    def stream(self, request: ChatRequest) -> AbstractAsyncContextManager[AsyncIterator[Item]]:
+        return self._stream(request)
+
+    @asynccontextmanager
+    async def _stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[Item]]:
+        async with (
+            open_stream(self.client, "/api/chat", _body(request)) as response,
+            aclosing(_items(response)) as items,
+        ):
+            yield items
+
+    async def models(self) -> list[dict[str, Any]]:
+        body = await get_json(self.client, "/api/tags")
+        models = body.get("models") if isinstance(body, dict) else None
+        return [
+            {"id": m.get("name"), "object": "model", "created": 0, "owned_by": "ollama"}
+            for m in models or []
+            if isinstance(m, dict)
+        ]
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def _body(request: ChatRequest) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if request.max_tokens is not None:
+        options["num_predict"] = request.max_tokens
+    for name in ("temperature", "top_p", "seed"):
+        if request.body.get(name) is not None:
+            options[name] = request.body[name]
+    body: dict[str, Any] = {"model": request.model, "messages": request.messages, "stream": True}
+    if options:
+        body["options"] = options
+    if request.body.get("tools"):
+        body["tools"] = request.body["tools"]
+    return body
+
+
+async def _items(response: httpx.Response) -> AsyncGenerator[Item, None]:
+    lines = LineDecoder()
+    with map_errors():
+        async with aclosing(_raw(response)) as chunks:
+            async for raw in chunks:
+                for line in lines.feed(raw):
+                    for item in ollama_items(line):
+                        yield item
+            for line in lines.flush():
+                for item in ollama_items(line):
+                    yield item

@@ -1,0 +1,56 @@
+"""Any OpenAI-compatible server: ``POST {url}/chat/completions`` with SSE."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
+from typing import Any
+
+import httpx
+
+from ..config import Settings
+from ..protocol import ChatRequest
+from ..sse import SSEDecoder
+from . import Item
+from ._http import get_json, make_client, map_errors, open_stream
+from ._http import raw_chunks as _raw
+from .wire import DONE, openai_items
+
+
+class OpenAIUpstream:
+    name = "openai"
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.upstream_url
+        self.client = make_client(settings, settings.upstream_url, settings.upstream_api_key)
+
+    def stream(self, request: ChatRequest) -> AbstractAsyncContextManager[AsyncIterator[Item]]:
+        return self._stream(request)
+
+    @asynccontextmanager
+    async def _stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[Item]]:
+        async with (
+            open_stream(self.client, "/chat/completions", request.upstream_body()) as response,
+            aclosing(_items(response)) as items,
+        ):
+            yield items
+
+    async def models(self) -> list[dict[str, Any]]:
+        body = await get_json(self.client, "/models")
+        data = body.get("data") if isinstance(body, dict) else None
+        return data if isinstance(data, list) else []
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+async def _items(response: httpx.Response) -> AsyncGenerator[Item, None]:
+    decoder = SSEDecoder()
+    with map_errors():
+        async with aclosing(_raw(response)) as chunks:
+            async for raw in chunks:
+                for event in decoder.feed(raw):
+                    if event.data == DONE:
+                        return
+                    for item in openai_items(event.data):
+                        yield item

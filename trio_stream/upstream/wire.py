@@ -1,0 +1,99 @@
+"""Decoding upstream wire formats into log items -- sans-IO.
+
+* OpenAI-compatible servers send SSE whose ``data`` is a
+  ``chat.completion.chunk`` (or ``[DONE]``, or ``{"error": ...}``).
+* Ollama's ``/api/chat`` sends NDJSON: one object per line with a
+  ``message`` and ``done``.
+
+Both map to the same items: content strings, :class:`ToolDelta`, and one
+:class:`Finish`.  Anything malformed raises :class:`UpstreamError`.
+
+This module never imports trio.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from ..errors import UpstreamError
+from ..runlog import ToolDelta
+from . import Finish, Item
+
+DONE = "[DONE]"
+
+
+def _json(data: str | bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamError(
+            f"The upstream sent a malformed {what}", code="malformed_chunk"
+        ) from exc
+    if not isinstance(obj, dict):
+        raise UpstreamError(
+            f"The upstream sent a {what} that is not an object", code="malformed_chunk"
+        )
+    if "error" in obj:
+        err = obj["error"]
+        message = err.get("message") if isinstance(err, dict) else err
+        raise UpstreamError(f"The upstream reported an error: {message}", code="upstream_reported")
+    return obj
+
+
+def openai_items(data: str) -> list[Item]:
+    """Items from one SSE ``data`` field of an OpenAI-compatible stream."""
+    chunk = _json(data, "chunk")
+    choices = chunk.get("choices")
+    if not choices:
+        return []  # a usage-only chunk
+    if not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise UpstreamError("The upstream sent malformed choices", code="malformed_chunk")
+    choice = choices[0]
+    delta = choice.get("delta") or {}
+    if not isinstance(delta, dict):
+        raise UpstreamError("The upstream sent a malformed delta", code="malformed_chunk")
+    items: list[Item] = []
+    content = delta.get("content")
+    if isinstance(content, str) and content:
+        items.append(content)
+    rest = {k: v for k, v in delta.items() if k not in ("role", "content") and v is not None}
+    if rest:
+        items.append(ToolDelta(rest))
+    if reason := choice.get("finish_reason"):
+        items.append(Finish(str(reason)))
+    return items
+
+
+def ollama_items(line: bytes) -> list[Item]:
+    """Items from one NDJSON line of Ollama's ``/api/chat`` stream."""
+    if not line.strip():
+        return []
+    obj = _json(line, "line")
+    message = obj.get("message") or {}
+    if not isinstance(message, dict):
+        raise UpstreamError("The upstream sent a malformed message", code="malformed_chunk")
+    items: list[Item] = []
+    content = message.get("content")
+    if isinstance(content, str) and content:
+        items.append(content)
+    if calls := message.get("tool_calls"):
+        items.append(ToolDelta({"tool_calls": [_ollama_call(i, c) for i, c in enumerate(calls)]}))
+    if obj.get("done"):
+        items.append(Finish("length" if obj.get("done_reason") == "length" else "stop"))
+    return items
+
+
+def _ollama_call(index: int, call: Any) -> dict[str, Any]:
+    fn = call.get("function", {}) if isinstance(call, dict) else {}
+    args = fn.get("arguments", {})
+    return {
+        "index": index,
+        "id": f"call_{index}",
+        "type": "function",
+        "function": {
+            "name": fn.get("name", ""),
+            "arguments": args if isinstance(args, str) else orjson.dumps(args).decode(),
+        },
+    }
