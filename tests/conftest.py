@@ -79,3 +79,21 @@ async def tasks_living() -> int:
     """trio's live task count once everything runnable has run."""
     await trio.testing.wait_all_tasks_blocked()
     return trio.lowlevel.current_statistics().tasks_living
+
+
+@asynccontextmanager
+async def memory_app(settings: Settings, **service_kw: Any) -> AsyncIterator[tuple[Service, Any]]:
+    """An open service and its ASGI app, for in-memory (autojump-safe) tests.
+
+    The store runs SQLite inline (``threaded=False``) unless one is passed.
+    """
+    from trio_stream import TrioStreamApp
+    from trio_stream.store import Store
+
+    service_kw.setdefault("store", Store(settings.db, threaded=False))
+    logs = RecordingSink()
+    logger = EventLogger(settings.log_format, sink=logs, stream=io.StringIO())
+    async with open_service(settings, logger=logger, **service_kw) as service:
+        app = TrioStreamApp(service)
+        app.logs = logs  # type: ignore[attr-defined]
+        yield service, app
