@@ -81,7 +81,8 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise bad_request(f"'messages[{i}]' must be an object.", "invalid_type")
-        if m.get("role") not in _ROLES:
+        role = m.get("role")
+        if not isinstance(role, str) or role not in _ROLES:
             raise bad_request(
                 f"'messages[{i}].role' must be one of {sorted(_ROLES)}.", "invalid_type"
             )

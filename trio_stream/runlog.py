@@ -141,11 +141,11 @@ class RunLog:
     def outcome(self) -> Outcome | None:
         return self._outcome
 
-    def read(self, cursor: int) -> list[Entry]:
-        """Entries with sequence numbers ``cursor + 1 ...`` (rule 3)."""
+    def read(self, cursor: int, limit: int | None = None) -> list[Entry]:
+        """Entries with sequence numbers ``cursor + 1 ...`` (rule 3), at most ``limit``."""
         if cursor < 0:
             raise ValueError("cursor must be >= 0")
-        return self._entries[cursor:]
+        return self._entries[cursor : None if limit is None else cursor + limit]
 
     @property
     def content(self) -> str:

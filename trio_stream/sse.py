@@ -40,6 +40,8 @@ class LineDecoder:
         self._pending_cr = False
 
     def feed(self, data: bytes) -> list[bytes]:
+        if not data:
+            return []  # keep a pending "\r" pending: its "\n" may come next
         if self._pending_cr and data.startswith(b"\n"):
             data = data[1:]
         self._pending_cr = False
@@ -92,7 +94,7 @@ class SSEDecoder:
             self._id = value
         elif name == "event":
             self._event = value
-        elif name == "retry" and value.isdigit():
+        elif name == "retry" and value.isascii() and value.isdigit():
             self._retry = int(value)
         return None
 

@@ -94,7 +94,7 @@ class Subscriber:
         if start_now:
             await self._start()
         while True:
-            entries = log.read(self.cursor)[:BATCH] if not log.fenced else []
+            entries = [] if log.fenced else log.read(self.cursor, BATCH)
             if entries:
                 await self._start()
                 await self._send_body(run.encoder.render(entries, self.cursor + 1))

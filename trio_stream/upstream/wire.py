@@ -59,6 +59,8 @@ def openai_items(data: str) -> list[Item]:
     if isinstance(content, str) and content:
         items.append(content)
     rest = {k: v for k, v in delta.items() if k not in ("role", "content") and v is not None}
+    if "tool_calls" in rest:
+        _check_tool_calls(rest["tool_calls"])
     if rest:
         items.append(ToolDelta(rest))
     if reason := choice.get("finish_reason"):
@@ -79,14 +81,38 @@ def ollama_items(line: bytes) -> list[Item]:
     if isinstance(content, str) and content:
         items.append(content)
     if calls := message.get("tool_calls"):
+        if not isinstance(calls, list):
+            raise _malformed_tool_calls()
         items.append(ToolDelta({"tool_calls": [_ollama_call(i, c) for i, c in enumerate(calls)]}))
     if obj.get("done"):
         items.append(Finish("length" if obj.get("done_reason") == "length" else "stop"))
     return items
 
 
+def _malformed_tool_calls() -> UpstreamError:
+    return UpstreamError("The upstream sent malformed tool calls", code="malformed_chunk")
+
+
+def _check_tool_calls(calls: Any) -> None:
+    """Only tool-call deltas that the run log can merge get in: a list of objects
+    with an integer ``index`` and string ``function.name``/``arguments``."""
+    if not isinstance(calls, list):
+        raise _malformed_tool_calls()
+    for part in calls:
+        fn = part.get("function") or {} if isinstance(part, dict) else None
+        if not (
+            isinstance(part, dict)
+            and type(part.get("index", 0)) is int
+            and isinstance(fn, dict)
+            and all(isinstance(fn.get(k) or "", str) for k in ("name", "arguments"))
+        ):
+            raise _malformed_tool_calls()
+
+
 def _ollama_call(index: int, call: Any) -> dict[str, Any]:
     fn = call.get("function", {}) if isinstance(call, dict) else {}
+    if not isinstance(fn, dict) or not isinstance(fn.get("name", ""), str):
+        raise _malformed_tool_calls()
     args = fn.get("arguments", {})
     return {
         "index": index,
