@@ -144,8 +144,8 @@ class FakeUpstream:
         h = h11.Connection(h11.SERVER)
         try:
             await self._serve_connection(stream, h, conn)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
-            pass
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            pass  # also when grouped by _respond's nursery (a peer reset mid-send)
         finally:
             conn.closed = trio.current_time()
             self._notify()

@@ -27,6 +27,7 @@ from .endpoints import chat_completions, run_events
 from .errors import ApiError, error_body, method_not_allowed, not_found, unknown_route
 from .protocol import parse_session_id
 from .service import Service
+from .store import Message
 
 _EVENTS = re.compile(r"/v1/runs/([^/]+)/events")
 _JSON = "application/json"
@@ -85,8 +86,10 @@ def _routes(app: TrioStreamApp) -> None:
         code = exc.code or 500
         if code == 404:
             return await api_error(unknown_route(request.path))
-        if code == 405:
-            return await api_error(method_not_allowed(request.method, request.path))
+        if code == 405:  # RFC 9110: a 405 carries Allow (werkzeug's headers have it)
+            response = await api_error(method_not_allowed(request.method, request.path))
+            response.headers.update((k, v) for k, v in exc.get_headers() if k.lower() == "allow")
+            return response
         type_ = "invalid_request_error" if code < 500 else "server_error"
         return _json(error_body(exc.description or exc.name, type_, None), code)
 
@@ -103,12 +106,8 @@ def _routes(app: TrioStreamApp) -> None:
         tenant()
         return {"object": "list", "data": await service.upstream.models()}
 
-    @app.get("/v1/runs/<run_id>")
-    async def get_run(run_id: str) -> dict[str, Any]:
-        owner = tenant()
-        run = service.runs.get(owner, run_id)
-        if run is not None:
-            return run.public()
+    async def saved_run(owner: str, run_id: str) -> dict[str, Any]:
+        """A run no longer in memory, as its saved row shows it (404 if none)."""
         saved = await service.store.get(owner, run_id)
         if saved is None:
             raise not_found(f"No run {run_id!r}.")
@@ -124,25 +123,40 @@ def _routes(app: TrioStreamApp) -> None:
             "detached": saved.detached,
         }
 
+    @app.get("/v1/runs/<run_id>")
+    async def get_run(run_id: str) -> dict[str, Any]:
+        owner = tenant()
+        run = service.runs.get(owner, run_id)
+        return run.public() if run is not None else await saved_run(owner, run_id)
+
     @app.post("/v1/runs/<run_id>/cancel")
     async def cancel_run(run_id: str) -> dict[str, Any]:
-        run = service.runs.get(tenant(), run_id)
+        """Idempotent: a run that already ended (even one gone from memory) is
+        answered as it is, unchanged."""
+        owner = tenant()
+        run = service.runs.get(owner, run_id)
         if run is None:
-            raise not_found(f"No run {run_id!r}.")
+            return await saved_run(owner, run_id)
         service.runs.cancel(run, "stopped")
         return run.public()
+
+    async def known_session(owner: str, session_id: str) -> list[Message]:
+        """A session is known while it has a live run or saved messages (404 otherwise)."""
+        parse_session_id(session_id)
+        rows = await service.store.session_messages(owner, session_id)
+        if not rows and not service.runs.sessions.live((owner, session_id)):
+            raise not_found(f"No session {session_id!r}.")
+        return rows
 
     @app.post("/v1/sessions/<session_id>/interrupt")
     async def interrupt(session_id: str) -> dict[str, Any]:
         owner = tenant()
-        parse_session_id(session_id)
+        await known_session(owner, session_id)
         run = service.runs.current(owner, session_id)
         interrupted = run is not None and service.runs.cancel(run, "interrupted")
         return {"interrupted": interrupted, "run_id": run.id if run is not None else None}
 
     @app.get("/v1/sessions/<session_id>/messages")
     async def messages(session_id: str) -> dict[str, Any]:
-        owner = tenant()
-        parse_session_id(session_id)
-        rows = await service.store.session_messages(owner, session_id)
+        rows = await known_session(tenant(), session_id)
         return {"object": "list", "data": [m.public() for m in rows]}

@@ -9,10 +9,11 @@ connection, which every upstream notices at once.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, cast
 
 import httpx
+import trio
 
 from ..config import Settings
 from ..errors import UpstreamError
@@ -74,7 +75,35 @@ async def get_json(client: httpx.AsyncClient, path: str) -> Any:
             raise UpstreamError("The upstream sent malformed JSON") from exc
 
 
-def raw_chunks(response: httpx.Response) -> AsyncGenerator[bytes, None]:
-    """``response.aiter_raw()``, typed as the async generator it is, so that
-    callers can close it deterministically with ``contextlib.aclosing``."""
-    return cast(AsyncGenerator[bytes, None], response.aiter_raw())
+def raw_chunks(response: httpx.Response) -> RawChunks:
+    """``response.aiter_raw()``, to be closed with ``contextlib.aclosing``."""
+    return RawChunks(response)
+
+
+class RawChunks:
+    """``response.aiter_raw()`` whose ``aclose()`` also ends httpx's inner generators.
+
+    httpx reads a body through five nested async generators.  Closing only the
+    outer one while it waits at a ``yield`` abandons the others, and trio warns
+    (``ResourceWarning``) when it collects them.  So ``aclose()`` closes the
+    response (and its connection), then resumes the outer generator until it
+    ends or fails: every layer finishes itself.  Shielded, with a deadline.
+    """
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self._it = cast(AsyncGenerator[bytes, None], response.aiter_raw())
+
+    def __aiter__(self) -> RawChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await anext(self._it)
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True) as cs:
+            cs.deadline = trio.current_time() + 1.0
+            await self._response.aclose()
+            with suppress(httpx.HTTPError, httpx.StreamError):
+                async for _ in self._it:
+                    pass  # buffered bytes of a closed connection, then the end
