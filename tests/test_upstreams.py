@@ -89,6 +89,21 @@ async def test_whole_completion_is_exact(settings: Settings, fake: FakeUpstream)
     assert body["choices"][0]["finish_reason"] == "length"
 
 
+async def test_completed_runs_reuse_the_upstream_connection(
+    settings: Settings, fake: FakeUpstream
+) -> None:
+    """After finish_reason the rest of the upstream body is read, so the
+    connection goes back to the pool: three runs in a row use one upstream
+    connection (no connection churn per completion)."""
+    with trio.fail_after(10):
+        async with serving(settings, fake) as server, loopback_client(server) as http:
+            for _ in range(3):
+                r = await http.post(CHAT, json=chat(stream=False))
+                assert r.status_code == 200
+    assert len(fake.requests) == 3
+    assert len(fake.connections) == 1
+
+
 async def test_models_come_from_the_upstream(settings: Settings, fake: FakeUpstream) -> None:
     """``GET /v1/models`` lists the upstream's models in the OpenAI shape."""
     with trio.fail_after(10):

@@ -19,10 +19,12 @@ id, and sets ``Run.done``.  That single ``finally`` is the code-path half of
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
@@ -46,6 +48,22 @@ CANCEL_MESSAGES = {
     "client_disconnect": "The client disconnected.",
     "client_stalled": "The client stopped reading.",
 }
+
+
+#: After ``finish_reason``, how long to read the rest of the upstream body
+#: (``[DONE]``, the chunked terminator) so its connection can be reused.
+DRAIN_TIMEOUT = 0.5
+
+
+async def _drain(items: AsyncIterator[object]) -> None:
+    """Read an upstream stream to its end, ignoring what comes, within a bound.
+
+    The run has already completed: an error or a timeout here only means the
+    connection is closed instead of returned to the pool.
+    """
+    with trio.move_on_after(DRAIN_TIMEOUT), contextlib.suppress(UpstreamError):
+        async for _ in items:
+            pass
 
 
 def new_run_id() -> str:
@@ -281,6 +299,7 @@ class RunManager:
                         raise UpstreamError("The upstream ended the stream without finishing.")
                     if isinstance(item, Finish):
                         run.end(Outcome(RunStatus.COMPLETED, item.reason))
+                        await _drain(items)
                         return
                     if not run.append(item):
                         return  # ended meanwhile; run.scope's cancel lands on exit

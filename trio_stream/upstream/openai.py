@@ -45,12 +45,16 @@ class OpenAIUpstream:
 
 
 async def _items(response: httpx.Response) -> AsyncGenerator[Item, None]:
+    """Items until ``[DONE]``; then the body is read to its end (and ignored),
+    so that a completed response leaves its connection reusable."""
     decoder = SSEDecoder()
+    done = False
     with map_errors():
         async with aclosing(_raw(response)) as chunks:
             async for raw in chunks:
                 for event in decoder.feed(raw):
-                    if event.data == DONE:
-                        return
+                    if done or event.data == DONE:
+                        done = True
+                        continue
                     for item in openai_items(event.data):
                         yield item
