@@ -21,6 +21,7 @@ Ownership::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import trio
@@ -41,8 +42,8 @@ from .upstream import Upstream
 #: After ``--graceful-timeout``: how long cancelled runs get to save and their
 #: clients to receive the ``shutdown`` error event.  Keeps the whole shutdown
 #: within ``--graceful-timeout`` + 2 s (API.md 3.7).
-SHUTDOWN_CLEANUP = 1.0
-SHUTDOWN_FLUSH = 0.5
+SHUTDOWN_CLEANUP = 0.6
+SHUTDOWN_FLUSH = 0.25
 
 
 def hypercorn_config(settings: Settings) -> Config:
@@ -114,27 +115,32 @@ async def serve_service(
     handler = partial(TCPServer, asgi, config, context, ConnectionState({}))
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as accepting:
-            accepting.start_soon(
-                partial(trio.serve_listeners, handler, listeners, handler_nursery=connections)
-            )
+            accept = trio.CancelScope()  # its own scope: _drain runs in this nursery's body
+
+            async def serve_listeners() -> None:
+                with accept:
+                    await trio.serve_listeners(handler, listeners, handler_nursery=connections)
+
+            accepting.start_soon(serve_listeners)
             port = _port(listeners[0])
             scheme = "https" if settings.certfile else "http"
             service.logger.event("listening", url=f"{scheme}://{settings.host}:{port}", port=port)
             task_status.started(port)
             await (shutdown.wait() if shutdown is not None else await trio.sleep_forever())
-            await _drain(service, context)
+            await _drain(service, context, accept.cancel)
             accepting.cancel_scope.cancel()
         guard.abort_all()
         connections.cancel_scope.cancel()
     service.logger.event("shutdown_complete")
 
 
-async def _drain(service: Service, context: WorkerContext) -> None:
+async def _drain(
+    service: Service, context: WorkerContext, stop_accepting: Callable[[], None]
+) -> None:
     """API.md 3.7: 503 for new streams, a grace period, then cancel and save."""
     s = service.settings
     service.shutting_down = True
     service.runs.cleanup_timeout = SHUTDOWN_CLEANUP
-    await context.terminated.set()  # hypercorn closes idle keep-alive connections
     service.logger.event(
         "shutdown_start", runs=service.runs.live, streams=service.streams,
         graceful_timeout=s.graceful_timeout,
@@ -142,6 +148,10 @@ async def _drain(service: Service, context: WorkerContext) -> None:
     with trio.move_on_after(s.graceful_timeout):
         await service.runs.wait_idle()
         await service.wait_streams_closed()
+    # Not before the grace period: once ``terminated`` is set hypercorn closes
+    # every new connection unanswered, and during the grace period they get 503.
+    stop_accepting()
+    await context.terminated.set()  # hypercorn closes idle keep-alive connections
     service.runs.cancel_all("shutdown")
     with trio.move_on_after(SHUTDOWN_CLEANUP):
         await service.runs.wait_idle()
