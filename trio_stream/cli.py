@@ -73,6 +73,7 @@ def main() -> None:
     "token-timeout", float, 60.0, "Seconds of upstream silence mid-stream before the run fails."
 )
 @_option("save-timeout", float, 5.0, "Deadline of a run's shielded save.")
+@_option("window", int, 64, "Deltas an attached run may read ahead of its slowest writer.")
 @click.option(
     "--coalesce/--no-coalesce",
     default=True,

@@ -36,6 +36,7 @@ _SYLLABLES = (
     "vo", "za", "do", "fe", "gu", "ho", "ji", "pu",
 )  # fmt: skip
 _INDEX = {s: i for i, s in enumerate(_SYLLABLES)}
+_BY_HEX = dict(zip("0123456789abcdef", _SYLLABLES, strict=True))
 _BASE_RANGE = 1 << 20
 
 
@@ -43,7 +44,7 @@ def word(n: int) -> str:
     """The word for the non-negative integer ``n`` (one syllable per hex digit)."""
     if n < 0:
         raise ValueError("n must be non-negative")
-    return "".join(_SYLLABLES[int(d, 16)] for d in format(n, "x"))
+    return "".join(map(_BY_HEX.__getitem__, format(n, "x")))
 
 
 def word_index(w: str) -> int | None:

@@ -35,7 +35,7 @@ from .errors import UpstreamError
 from .logs import EventLogger
 from .metrics import Metrics
 from .protocol import ChatRequest
-from .runlog import SAVED_STATUS, Entry, Outcome, RunLog, RunStatus
+from .runlog import SAVED_STATUS, Entry, LogClosed, Outcome, RunLog, RunStatus
 from .sessions import SessionKey, SessionTable
 from .store import AlreadySaved, Message, Store
 from .upstream import Finish, Upstream
@@ -129,11 +129,17 @@ class Run:
     # -- producer side ----------------------------------------------------
     def append(self, entry: Entry) -> bool:
         """Add a delta and wake followers.  False if the run already ended."""
-        if self.log.status is not RunStatus.RUNNING or self.log.fenced:
+        try:
+            self.log.append(entry)
+        except LogClosed:
             return False
-        self.log.append(entry)
-        self._changed.unpark_all()
+        if self._changed:  # the hot path: skip the call when nobody waits
+            self._changed.unpark_all()
         return True
+
+    def must_wait_for_room(self) -> bool:
+        window = self.window
+        return window is not None and self.log.last_seq - self.writer_cursor >= window
 
     async def wait_for_room(self) -> None:
         """Block while the attached writer is ``window`` entries behind.
@@ -290,26 +296,44 @@ class RunManager:
                 )
 
     async def _pump(self, run: Run) -> None:
+        """Upstream items -> the run's log, until ``finish_reason`` or an error.
+
+        Per-token work is kept small: the inter-token deadline is re-armed (a
+        heap push) at most once per 1/64 of ``--token-timeout`` -- so the
+        upstream may stay silent for at least 63/64 of it and never more than
+        all of it -- and the token counter is bumped at those same moments.
+        """
         s = self.settings
-        with trio.CancelScope(deadline=trio.current_time() + s.first_token_timeout) as guard:
-            async with self.upstream.stream(run.request) as items:
-                while True:
-                    item = await anext(items, None)
-                    if item is None:
-                        raise UpstreamError("The upstream ended the stream without finishing.")
-                    if isinstance(item, Finish):
-                        run.end(Outcome(RunStatus.COMPLETED, item.reason))
-                        await _drain(items)
-                        return
-                    if not run.append(item):
-                        return  # ended meanwhile; run.scope's cancel lands on exit
-                    if run.first_token_at is None:
-                        run.first_token_at = trio.current_time()
-                        self.metrics.ttft.observe(run.first_token_at - run.started)
-                    self.metrics.tokens.inc()
-                    guard.deadline = math.inf  # a slow client is not a slow upstream
-                    await run.wait_for_room()
-                    guard.deadline = trio.current_time() + s.token_timeout
+        rearm = s.token_timeout / 64
+        armed = -math.inf
+        counted = 0
+        try:
+            with trio.CancelScope(deadline=trio.current_time() + s.first_token_timeout) as guard:
+                async with self.upstream.stream(run.request) as items:
+                    while True:
+                        item = await anext(items, None)
+                        if item is None:
+                            raise UpstreamError("The upstream ended the stream without finishing.")
+                        if isinstance(item, Finish):
+                            run.end(Outcome(RunStatus.COMPLETED, item.reason))
+                            await _drain(items)
+                            return
+                        if not run.append(item):
+                            return  # ended meanwhile; run.scope's cancel lands on exit
+                        if run.first_token_at is None:
+                            run.first_token_at = trio.current_time()
+                            self.metrics.ttft.observe(run.first_token_at - run.started)
+                        if run.must_wait_for_room():
+                            guard.deadline = math.inf  # a slow client is not a slow upstream
+                            await run.wait_for_room()
+                            armed = -math.inf
+                        now = trio.current_time()
+                        if now - armed >= rearm:
+                            guard.deadline, armed = now + s.token_timeout, now
+                            self.metrics.tokens.inc(run.log.last_seq - counted)
+                            counted = run.log.last_seq
+        finally:
+            self.metrics.tokens.inc(run.log.last_seq - counted)
         if guard.cancelled_caught:
             which = "first token" if run.first_token_at is None else "next token"
             raise UpstreamError(f"The upstream sent no {which} in time.", timeout=True)
