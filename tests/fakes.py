@@ -44,6 +44,7 @@ class Plan:
 class Connection:
     opened: float
     closed: float | None = None
+    busy: bool = False  # a response is being sent on it
     requests: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -118,6 +119,11 @@ class FakeUpstream:
         return sum(1 for c in self.connections if c.closed is None)
 
     @property
+    def busy_connections(self) -> int:
+        """Open connections with a response in progress (idle pooled ones excluded)."""
+        return sum(1 for c in self.connections if c.closed is None and c.busy)
+
+    @property
     def requests(self) -> list[dict[str, Any]]:
         return [r for c in self.connections for r in c.requests]
 
@@ -172,9 +178,12 @@ class FakeUpstream:
                 body += event.data
             request = orjson.loads(body) if body else {}
             conn.requests.append(request)
+            conn.busy = True
             self._notify()
             if not await self._respond(stream, h, request):
                 return
+            conn.busy = False
+            self._notify()
             if h.our_state is h11.MUST_CLOSE:
                 return
             h.start_next_cycle()

@@ -14,8 +14,8 @@ kernel, so a 30 s stall timeout could fire while bytes are in flight.  Here a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from collections.abc import MutableMapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson

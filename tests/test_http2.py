@@ -67,7 +67,9 @@ def upstream_request_closed(fake: FakeUpstream, content: str) -> bool:
 
 
 async def settled(server: Server, fake: FakeUpstream) -> None:
-    await fake.wait_for(lambda: fake.open_connections == 0)
+    """No upstream response in progress (completed runs' connections may stay
+    pooled, idle), no live run, no open client stream."""
+    await fake.wait_for(lambda: fake.busy_connections == 0)
     await server.service.runs.wait_idle()
     await server.service.wait_streams_closed()
 
@@ -118,7 +120,8 @@ async def test_reset_ten_of_twenty_streams_on_one_connection(
             assert {r["trace"] for r in cancelled} == reset_ids
             assert len(server.logs.events("stream_cancelled")) == 10
             assert len(server.logs.events("stream_end", status="completed")) == 11
-            assert await tasks_living() == baseline
+            # Each idle pooled upstream connection is one handler task of the fake.
+            assert await tasks_living() == baseline + fake_openai.open_connections
 
 
 async def test_h2c_upgrade_serves_healthz(settings: Settings) -> None:

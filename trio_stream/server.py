@@ -54,6 +54,10 @@ def hypercorn_config(settings: Settings) -> Config:
     config.read_timeout = None  # an SSE client sends nothing while it listens
     config.graceful_timeout = settings.graceful_timeout
     config.accesslog = None
+    # hypercorn ends a connection after 1,000 requests by default; on HTTP/2 it
+    # then sends GOAWAY but never answers that stream, and its siblings stall.
+    # Stream lifetimes are ours to bound (run and stall deadlines), not its.
+    config.keep_alive_max_requests = 2**62
     return config
 
 
