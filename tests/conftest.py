@@ -303,9 +303,10 @@ class RecordingUpstream:
     """Wraps an upstream and records which requests hold it open, and when.
 
     ``stuck_close(request)`` seconds: leaving that request's stream first
-    blocks that long while still holding the inner stream (so a real upstream
-    connection stays open), shielded and without a deadline -- on purpose:
-    the incident's upstream call that ignored cancellation.  ``on_open`` is called
+    blocks that long, before the inner stream is left, shielded and without a
+    deadline -- on purpose: the incident's upstream call that ignored
+    cancellation.  (The mock holds nothing meanwhile; httpx has already closed
+    a connection whose read was cancelled.)  ``on_open`` is called
     each time a request opens (after it is counted as holding).
     """
 

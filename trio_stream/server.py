@@ -31,6 +31,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
+from . import hypercorn_fixes
 from .app import TrioStreamApp
 from .config import Settings
 from .logs import EventLogger
@@ -109,6 +110,7 @@ async def serve_service(
 ) -> None:
     """Serve an already open :class:`Service` (see :func:`serve`)."""
     settings = service.settings
+    hypercorn_fixes.apply()
     app = TrioStreamApp(service)
     await app.startup()
     config = hypercorn_config(settings)
