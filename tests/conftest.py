@@ -363,6 +363,9 @@ class RecordingUpstream:
     async def models(self) -> list[dict[str, Any]]:
         return await self.inner.models()
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.inner.run(task_status=task_status)
+
     async def aclose(self) -> None:
         await self.inner.aclose()
 

@@ -188,12 +188,14 @@ async def test_lifecycle_log_lines(settings: Settings, fmt: str) -> None:
 
 
 def frames(body: bytes) -> list[str]:
-    """Name each SSE block of ``body``: ``ping``, ``id N``, ``finish`` or ``[DONE]``."""
+    """Name each part of ``body``: ``ping`` (a comment line), ``id N``,
+    ``finish`` or ``[DONE]`` (events, each ended by a blank line)."""
     names = []
     for block in body.split(b"\n\n")[:-1]:
-        if block == b": ping":
+        while block.startswith(b": ping\n"):
             names.append("ping")
-        elif block == b"data: [DONE]":
+            block = block.removeprefix(b": ping\n")
+        if block == b"data: [DONE]":
             names.append("[DONE]")
         elif b'"finish_reason":null' in block:
             names.append(block.split(b"\n")[0].decode().replace(":", ""))

@@ -185,7 +185,40 @@ async def test_sdk_ignores_ping_comments(settings: Settings, fake_openai: FakeUp
         async with running_server(s) as server:
             text = await trio.to_thread.run_sync(consume)
     assert text == "slow reply"
-    assert tee.raw.startswith(b": ping\n\n")  # the silence was filled with pings
+    assert tee.raw.startswith(b": ping\n")  # the silence was filled with pings
+
+
+async def test_sdk_survives_pings_between_numbered_events(
+    settings: Settings, fake_openai: FakeUpstream
+) -> None:
+    """Pings that come *after* an ``id:``'d event are skipped too.  The SDK's
+    decoder dispatches an event on every blank line once it has seen an id, so
+    a ping must be a bare comment line: this failed when pings were
+    ``: ping`` plus a blank line."""
+    fake_openai.plan = lambda _: Plan(
+        steps=[
+            Step(openai_chunk("first")),
+            Step(openai_chunk(" second"), delay=0.3),  # silence after event id 1
+            Step(openai_chunk(finish="stop")),
+            Step(b"data: [DONE]\n\n"),
+        ]
+    )
+    s = settings.replace(upstream="openai", upstream_url=fake_openai.url, ping_interval=0.05)
+    tee = TeeTransport()
+
+    def consume() -> str:
+        with sdk(server, tee) as client:
+            stream = client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+            with stream:
+                return "".join(c.choices[0].delta.content or "" for c in stream)
+
+    with trio.fail_after(10):
+        async with running_server(s) as server:
+            text = await trio.to_thread.run_sync(consume)
+    assert text == "first second"
+    first, _, rest = tee.raw.partition(b"\n\n")
+    assert first.startswith(b"id: 1\n")
+    assert rest.startswith(b": ping\n")  # the silence after event 1 was filled
 
 
 async def test_async_client_runs_under_trio_but_leaves_generators_to_trio(

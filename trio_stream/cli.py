@@ -72,6 +72,7 @@ def main() -> None:
 @_option(
     "token-timeout", float, 60.0, "Seconds of upstream silence mid-stream before the run fails."
 )
+@_option("connect-timeout", float, 10.0, "Seconds to connect to the upstream (then 502).")
 @_option("save-timeout", float, 5.0, "Deadline of a run's shielded save.")
 @_option("window", int, 64, "Deltas an attached run may read ahead of its slowest writer.")
 @click.option(

@@ -30,6 +30,10 @@ from .service import Service
 from .stream import ClientStalled, Subscriber, watch_disconnect
 
 
+def _is_h2(scope: Scope) -> bool:
+    return scope.get("http_version") == "2"
+
+
 def _response_headers(run: Run) -> tuple[tuple[bytes, bytes], ...]:
     headers = [(b"x-run-id", run.id.encode())]
     if run.session_id is not None:
@@ -47,8 +51,8 @@ async def chat_completions(service: Service, scope: Scope, receive: Receive, sen
         with service.stream_slot():
             run = service.runs.create(tenant, session_id, request)
             sub = Subscriber(
-                run, send, cursor=0, stall_timeout=s.stall_timeout,
-                ping_interval=s.ping_interval, headers=_response_headers(run),
+                run, send, cursor=0, stall_timeout=s.stall_timeout, pinger=service.pinger,
+                headers=_response_headers(run), flow_controlled=_is_h2(scope),
                 drives_backpressure=request.stream and not request.detach,
             )  # fmt: skip
             if request.stream and not request.detach:
@@ -74,16 +78,14 @@ async def _attached(service: Service, sub: Subscriber, receive: Receive, *, stre
             service.runs.cancel(run, reason)
             nursery.cancel_scope.cancel()
 
-        async def writer() -> None:
-            try:
-                await (sub.write_sse() if stream else sub.write_json())
-            except ClientStalled:
-                service.runs.cancel(run, "client_stalled")
-            nursery.cancel_scope.cancel()
-
         nursery.start_soon(service.runs.drive, run)
-        nursery.start_soon(writer)
         nursery.start_soon(watch_disconnect, receive, on_disconnect)
+        # The writer runs in the request task itself, as the nursery's body.
+        try:
+            await (sub.write_sse() if stream else sub.write_json())
+        except ClientStalled:
+            service.runs.cancel(run, "client_stalled")
+        nursery.cancel_scope.cancel()
 
 
 async def _follow(
@@ -92,17 +94,13 @@ async def _follow(
 ) -> None:  # fmt: skip
     """Write a run to a subscriber that does not own it (detached or replay)."""
     async with trio.open_nursery() as nursery:
-
-        async def writer() -> None:
-            try:
-                await (sub.write_sse(start_now=start_now) if stream else sub.write_json())
-            except ClientStalled:
-                service.logger.event("subscriber_stalled", trace=sub.run.id)
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(writer)
         if receive is not None:
             nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope.cancel)
+        try:
+            await (sub.write_sse(start_now=start_now) if stream else sub.write_json())
+        except ClientStalled:
+            service.logger.event("subscriber_stalled", trace=sub.run.id)
+        nursery.cancel_scope.cancel()
 
 
 async def run_events(
@@ -119,8 +117,9 @@ async def run_events(
         with service.stream_slot():
             sub = Subscriber(
                 run, send, cursor=min(cursor, run.log.last_seq) if run.settled else cursor,
-                stall_timeout=s.stall_timeout, ping_interval=s.ping_interval,
+                stall_timeout=s.stall_timeout, pinger=service.pinger,
                 headers=_response_headers(run), drives_backpressure=False,
+                flow_controlled=_is_h2(scope),
             )  # fmt: skip
             await _follow(service, sub, receive, start_now=True)
     except ApiError as exc:

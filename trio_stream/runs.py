@@ -164,6 +164,10 @@ class Run:
         self.log.fence()
         self._wake()
 
+    def poke(self) -> None:
+        """Wake this run's subscribers without a change (a ping is due)."""
+        self._changed.unpark_all()
+
     def finished(self) -> None:
         self.done.set()
         self._wake()

@@ -21,6 +21,7 @@ from .logs import EventLogger
 from .metrics import Metrics
 from .runs import RunManager
 from .store import Store
+from .stream import Pinger
 from .upstream import Upstream, create_upstream
 
 PUBLIC_TENANT = "public"
@@ -73,6 +74,7 @@ class Service:
         self.upstream = upstream
         self.auth = Auth(settings.api_keys)
         self.runs = RunManager(settings, upstream, store, metrics, logger)
+        self.pinger = Pinger(settings.ping_interval)
         self.shutting_down = False
         self.streams = 0
         self._streams_changed = trio.lowlevel.ParkingLot()
@@ -120,6 +122,8 @@ async def open_service(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(service.runs.run)
+            await nursery.start(service.pinger.run)
+            await nursery.start(upstream.run)
             try:
                 yield service
             finally:

@@ -13,7 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PING = b": ping\n\n"
+#: A keep-alive comment *line*, with no blank line after it.  A blank line
+#: ends an event, and the OpenAI Python SDK's decoder (openai/_streaming.py)
+#: dispatches one on every blank line once an ``id:`` has been seen (it keeps
+#: the last event id, as the spec says, and treats it as content), then fails
+#: to parse the empty data as JSON.  A comment line alone is ignored by every
+#: SSE parser and can never end an event.
+PING = b": ping\n"
 DONE = b"data: [DONE]\n\n"
 
 

@@ -23,6 +23,7 @@ the time it took.  Either way :class:`ClientStalled` is raised.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import trio
@@ -41,6 +42,50 @@ class ClientStalled(Exception):
     """The client refused data for ``--stall-timeout``."""
 
 
+class Pinger:
+    """Wakes subscribers that have sent nothing for ``--ping-interval``.
+
+    One task for every stream, instead of a timeout around every wait: a
+    cancel scope per wake-up costs a deadline-heap push per token, which at
+    1,000 streams is most of the scheduler's work.  Subscribers are kept in an
+    ``OrderedDict`` in order of their last send (``touch`` moves one to the
+    end: O(1)), so the task only ever looks at the first one and sleeps until
+    it is due.  A poked subscriber sends ``: ping`` when it next wakes.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._subs: OrderedDict[Subscriber, None] = OrderedDict()
+        self._added = trio.Event()
+
+    def touch(self, sub: Subscriber) -> None:
+        """``sub`` sent something now (or starts): its next ping is due later."""
+        sub.last_sent = trio.current_time()
+        self._subs[sub] = None
+        self._subs.move_to_end(sub)
+        self._added.set()
+
+    def discard(self, sub: Subscriber) -> None:
+        self._subs.pop(sub, None)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Poke due subscribers until cancelled."""
+        task_status.started()
+        while True:
+            if not self._subs:
+                self._added = trio.Event()
+                await self._added.wait()
+                continue
+            sub = next(iter(self._subs))
+            due = sub.last_sent + self.interval
+            if trio.current_time() < due:
+                await trio.sleep_until(due)
+                continue
+            sub.ping_due = True
+            self.touch(sub)  # next poke one interval later, even if it is stuck
+            sub.run.poke()
+
+
 class Subscriber:
     def __init__(
         self,
@@ -49,19 +94,26 @@ class Subscriber:
         *,
         cursor: int,
         stall_timeout: float,
-        ping_interval: float,
+        pinger: Pinger,
         headers: tuple[tuple[bytes, bytes], ...],
         drives_backpressure: bool,
+        flow_controlled: bool,
     ) -> None:
         self.run = run
         self._send = send
         self.cursor = cursor
         self.stall_timeout = stall_timeout
-        self.ping_interval = ping_interval
+        self.pinger = pinger
         self.headers = headers
         self.drives_backpressure = drives_backpressure
+        # HTTP/2: the app's send waits for flow-control credit, cancellably,
+        # so the stall deadline is ours to set.  HTTP/1.1: the send can block
+        # only in hypercorn's shielded write, which GuardedStream bounds.
+        self.flow_controlled = flow_controlled
         self.started = False
         self.sending_since: float | None = None
+        self.last_sent = 0.0
+        self.ping_due = False
 
     def stalled(self) -> bool:
         """Is a send blocked for ``--stall-timeout`` already (used by the watcher)?"""
@@ -71,11 +123,18 @@ class Subscriber:
     async def _send_body(self, body: bytes, more: bool = True) -> None:
         """Send one body chunk within the stall deadline.  Raises ClientStalled."""
         self.sending_since = since = trio.current_time()
-        with trio.move_on_after(self.stall_timeout) as cs:
-            await self._send({"type": "http.response.body", "body": body, "more_body": more})
+        message = {"type": "http.response.body", "body": body, "more_body": more}
+        cut = False
+        if self.flow_controlled:
+            with trio.move_on_after(self.stall_timeout) as cs:
+                await self._send(message)
+            cut = cs.cancelled_caught
+        else:
+            await self._send(message)
         self.sending_since = None
-        if cs.cancelled_caught or trio.current_time() - since >= self.stall_timeout:
+        if cut or trio.current_time() - since >= self.stall_timeout:
             raise ClientStalled
+        self.pinger.touch(self)
 
     async def _start(self, status: int = 200) -> None:
         if not self.started:
@@ -90,6 +149,13 @@ class Subscriber:
         so that an upstream failure before the first token can still be an
         HTTP 502/504.  Cancellable at every wait; raises ClientStalled.
         """
+        self.pinger.touch(self)
+        try:
+            await self._write_sse(start_now)
+        finally:
+            self.pinger.discard(self)
+
+    async def _write_sse(self, start_now: bool) -> None:
         run, log = self.run, self.run.log
         if start_now:
             await self._start()
@@ -104,11 +170,12 @@ class Subscriber:
                 continue
             if (log.outcome is not None and run.settled) or log.fenced:
                 break
-            with trio.move_on_after(self.ping_interval) as cs:
-                await run.wait_changed()
-            if cs.cancelled_caught:
+            if self.ping_due:
+                self.ping_due = False
                 await self._start()
                 await self._send_body(sse.PING)
+                continue
+            await run.wait_changed()  # an append, the end, a fence, or the pinger
         if log.fenced:
             return  # sessions rule 3: a fenced run emits nothing more
         outcome = log.outcome
@@ -126,22 +193,24 @@ class Subscriber:
 
         One send costs far more than one append (an ASGI hand-off, h11, a
         system call), so a writer that sent each entry as soon as it appeared
-        would cap the stream at the send rate.  Instead, yield to the scheduler
-        while the backlog keeps growing; send when it has not grown for two
-        yields in a row, or reaches ``BATCH``.  Two, because trio randomly
-        reverses the order of each scheduling batch: between two of our
-        yields a runnable producer runs 0, 1 or 2 times, but never 0 twice in
-        a row.  An idle upstream costs two checkpoints per wake-up.  With
+        would cap the stream at the send rate.  When more than one entry is
+        already queued -- a burst is under way -- yield to the scheduler while
+        the backlog keeps growing; send when it has not grown for two yields
+        in a row, or reaches ``BATCH``.  Two, because trio randomly reverses
+        the order of each scheduling batch: between two of our yields a
+        runnable producer runs 0, 1 or 2 times, but never 0 twice in a row.
+        A stream whose tokens arrive one at a time pays nothing.  With
         ``--coalesce`` the backlog becomes one event; without, one send.
         """
         log = self.run.log
         queued = log.last_seq - self.cursor
-        still = 0
-        while 0 < queued < BATCH and still < 2 and not log.fenced:
-            await trio.lowlevel.checkpoint()
-            grown = log.last_seq - self.cursor
-            still = still + 1 if grown == queued else 0
-            queued = grown
+        if queued > 1:
+            still = 0
+            while queued < BATCH and still < 2 and not log.fenced:
+                await trio.lowlevel.checkpoint()
+                grown = log.last_seq - self.cursor
+                still = still + 1 if grown == queued else 0
+                queued = grown
         return log.read(self.cursor, BATCH)
 
     async def write_json(self) -> None:

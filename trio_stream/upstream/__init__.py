@@ -21,6 +21,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import trio
+
 from ..config import Settings
 from ..protocol import ChatRequest
 from ..runlog import Entry
@@ -45,6 +47,11 @@ class Upstream(Protocol):
 
     async def models(self) -> list[dict[str, Any]]:
         """The upstream's models in the OpenAI ``model`` object shape."""
+        ...
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None:
+        """Background work the upstream needs (the mock's timer), in the
+        service's nursery; returns at once after ``started()`` if none."""
         ...
 
     async def aclose(self) -> None: ...

@@ -3,10 +3,20 @@
 The text is :func:`trio_stream.mocktext.tokens`; the gap before each token is
 ``--mock-delay-ms``.  With a delay of 0 it still checkpoints once per token so
 that a cancel lands between any two tokens.
+
+Pacing: a ``trio.sleep`` per token is a cancel scope that expires, which
+measured 54 µs of CPU per wake-up with 1,000 sleeping streams (15 µs with a
+shared timer).  So every mock stream waits on one :class:`Ticker`: a heap of
+due times, served by one task that wakes at most once per millisecond
+(``TICK``) and releases every stream that is due.  The mock is the upstream
+simulator, so its cost is not the server's; this keeps it from dominating
+the server's profile under load.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AbstractAsyncContextManager, aclosing
 from typing import Any
@@ -17,12 +27,49 @@ from .. import mocktext
 from ..protocol import ChatRequest
 from . import Finish, Item
 
+TICK = 0.001
+
+
+class Ticker:
+    """One timer for many sleepers: ``await ticker.sleep(d)`` wakes after at
+    least ``d`` (rounded up to the next ``TICK``).  Cancellable."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, trio.lowlevel.ParkingLot]] = []
+        self._count = 0
+        self._added = trio.lowlevel.ParkingLot()
+
+    async def sleep(self, delay: float) -> None:
+        # Round up to the tick, without float noise turning an exact tick late.
+        due = math.ceil((trio.current_time() + delay) / TICK - 1e-6) * TICK
+        lot = trio.lowlevel.ParkingLot()
+        self._count += 1
+        heapq.heappush(self._heap, (due, self._count, lot))
+        self._added.unpark_all()
+        await lot.park()  # if cancelled, the stale entry is popped later, harmlessly
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Release due sleepers until cancelled."""
+        task_status.started()
+        heap = self._heap
+        while True:
+            if not heap:
+                await self._added.park()
+                continue
+            due = heap[0][0]
+            if due > trio.current_time():
+                await trio.sleep_until(due)
+            now = trio.current_time()
+            while heap and heap[0][0] <= now:
+                heapq.heappop(heap)[2].unpark_all()
+
 
 class MockUpstream:
     name = "mock"
 
     def __init__(self, delay: float) -> None:
         self.delay = delay
+        self.ticker = Ticker()
 
     def stream(self, request: ChatRequest) -> AbstractAsyncContextManager[AsyncIterator[Item]]:
         return aclosing(self._items(request))
@@ -30,11 +77,14 @@ class MockUpstream:
     async def _items(self, request: ChatRequest) -> AsyncGenerator[Item, None]:
         for token in mocktext.tokens(request.messages, request.max_tokens):
             if self.delay:
-                await trio.sleep(self.delay)
+                await self.ticker.sleep(self.delay)
             else:
                 await trio.lowlevel.checkpoint()
             yield token
         yield Finish(mocktext.reply_length(request.max_tokens)[1])
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.ticker.run(task_status=task_status)
 
     async def models(self) -> list[dict[str, Any]]:
         return [{"id": "mock", "object": "model", "created": 0, "owned_by": "trio-stream"}]

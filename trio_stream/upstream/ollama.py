@@ -7,6 +7,7 @@ from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanage
 from typing import Any
 
 import httpx
+import trio
 
 from ..config import Settings
 from ..protocol import ChatRequest
@@ -43,6 +44,9 @@ class OllamaUpstream:
             for m in models or []
             if isinstance(m, dict)
         ]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()  # no background work: httpx needs none
 
     async def aclose(self) -> None:
         await self.client.aclose()

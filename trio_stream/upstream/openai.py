@@ -7,6 +7,7 @@ from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanage
 from typing import Any
 
 import httpx
+import trio
 
 from ..config import Settings
 from ..protocol import ChatRequest
@@ -39,6 +40,9 @@ class OpenAIUpstream:
         body = await get_json(self.client, "/models")
         data = body.get("data") if isinstance(body, dict) else None
         return data if isinstance(data, list) else []
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()  # no background work: httpx needs none
 
     async def aclose(self) -> None:
         await self.client.aclose()
