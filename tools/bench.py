@@ -1,0 +1,944 @@
+"""Benchmark trio-stream against its peers, in one invocation, and write docs/benchmarks.md.
+
+    .venv/bin/python tools/bench.py            # full: 3 interleaved rounds (~10 min, 2 cores)
+    .venv/bin/python tools/bench.py --quick    # 1 round, small sizes: a smoke run
+
+Servers, each started as its own process on 127.0.0.1 for each measurement:
+
+* ``trio-stream``   -- ``trio-stream serve`` with its built-in mock upstream;
+* ``sse-starlette`` -- uvicorn + starlette + sse-starlette (tools/peers/);
+* ``quart-trio``    -- hypercorn (trio) + quart-trio, naive async-generator body;
+* ``bare-trio``     -- a bare trio socket server writing the same SSE bytes: the ceiling.
+
+All serve the same mock stream (:mod:`trio_stream.mocktext`).  The client is
+``trio-stream load`` run as a subprocess, the same for every server; the
+idle-stream figure uses a raw-socket opener in this file.  The server's CPU
+time and RSS come from ``/proc/<pid>/stat`` and ``/proc/<pid>/status``.
+
+Design: ``--rounds`` interleaved rounds; in each, every scenario runs once on
+every server, the server order rotating by one each round; the report gives
+medians (and min-max) over rounds, and ratios of trio-stream to each peer.
+Every process started here is killed (its whole process group) on the way
+out, also on Ctrl-C or an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import http.client
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = ROOT / "tools" / "peers"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MESSAGES = [{"role": "user", "content": "benchmark"}]
+NOISY_PERCENT = 10.0  # machine CPU used by other processes beyond which figures are suspect
+
+
+# --- servers ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """What one measurement asks of a server."""
+
+    port: int
+    delay_ms: float
+    coalesce: bool
+    idle: bool
+    workdir: Path
+
+
+def _trio_stream_cmd(r: Run) -> list[str]:
+    exe = Path(sys.executable).with_name("trio-stream")
+    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "trio_stream"]
+    cmd = [*base, "serve", "--port", str(r.port), "--db", str(r.workdir / f"{r.port}.db"),
+           "--mock-delay-ms", f"{r.delay_ms:g}", "--graceful-timeout", "1"]  # fmt: skip
+    if not r.coalesce:
+        cmd.append("--no-coalesce")
+    if r.idle:  # headers wait for the first event or ping: make the ping come soon
+        cmd += ["--ping-interval", "1"]
+    return cmd
+
+
+def _peer_cmd(script: str) -> Callable[[Run], list[str]]:
+    def cmd(r: Run) -> list[str]:
+        return [sys.executable, str(PEERS / script), "--port", str(r.port),
+                "--delay-ms", f"{r.delay_ms:g}"]  # fmt: skip
+
+    return cmd
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    label: str
+    command: Callable[[Run], list[str]]
+
+
+SERVERS = (
+    Server("trio-stream", "trio-stream serve (hypercorn trio worker, raw ASGI)", _trio_stream_cmd),
+    Server(
+        "sse-starlette", "uvicorn + starlette + sse-starlette",
+        _peer_cmd("uvicorn_sse_starlette.py"),
+    ),
+    Server(
+        "quart-trio", "hypercorn-trio + quart-trio, naive async generator",
+        _peer_cmd("hypercorn_quart_trio.py"),
+    ),
+    Server(
+        "bare-trio", "bare trio socket server, same SSE bytes (the ceiling)",
+        _peer_cmd("bare_trio.py"),
+    ),
+)  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """One server process in its own process group; CPU and RSS from /proc."""
+
+    def __init__(self, cmd: list[str], port: int, log: Path) -> None:
+        self.cmd, self.port, self.log = cmd, port, log
+        with log.open("ab") as out:
+            self.popen = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, cwd=ROOT,
+            )  # fmt: skip
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"server exited ({self.popen.returncode}); see {self.log}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"server not listening after {timeout} s; see {self.log}")
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the process (all its threads)."""
+        stat = Path(f"/proc/{self.popen.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> None:
+        kill_group(self.popen, grace=3.0)
+
+
+def kill_group(popen: subprocess.Popen[Any], grace: float) -> None:
+    """SIGTERM the process group, SIGKILL it after ``grace`` seconds, reap."""
+    if popen.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            popen.wait(grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(popen.pid, signal.SIGKILL)  # also whatever the process left behind
+    popen.wait()
+
+
+# --- scenarios ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    metric: str  # the headline figure
+    delay_ms: float
+    coalesce: bool = True
+    concurrency: int = 1
+    requests: int = 1
+    max_tokens: int = 64
+    idle_streams: int = 0
+    extra: tuple[str, ...] = ()  # secondary figures shown in the scenario's table
+    ratios: tuple[str, ...] = ()  # secondary figures given as ratios too
+
+    @property
+    def idle(self) -> bool:
+        return self.idle_streams > 0
+
+
+def scenarios(quick: bool) -> list[Scenario]:
+    q = quick
+    load = ("client_cpu_percent", "busy_percent", "other_cpu_percent")
+    return [
+        Scenario(
+            "tokens", "One stream, upstream unthrottled: tokens/s delivered", "tokens_per_s",
+            delay_ms=0, requests=2, max_tokens=4000 if q else 20000,
+            extra=("events_per_s", "server_us_per_token", *load),
+            ratios=("server_us_per_token",),
+        ),
+        Scenario(
+            "events", "One token per event (trio-stream --no-coalesce): events/s", "events_per_s",
+            delay_ms=0, coalesce=False, requests=2, max_tokens=4000 if q else 20000,
+            extra=("server_us_per_event", *load), ratios=("server_us_per_event",),
+        ),
+        Scenario(
+            "streams", f"{200 if q else 1000} concurrent streams at 20 tokens/s: server CPU",
+            "server_us_per_token", delay_ms=50, concurrency=200 if q else 1000,
+            requests=200 if q else 1000, max_tokens=40 if q else 60,
+            extra=("server_cpu_per_s", "delay_p99_ms", "gap_p99_ms", "ttft_p99_ms",
+                   "tokens_per_s", "events_per_token", *load),
+            ratios=("server_cpu_per_s", "delay_p99_ms"),
+        ),
+        Scenario(
+            "idle", f"Memory per open idle stream ({200 if q else 500} streams)",
+            "kib_per_stream", delay_ms=60000, idle_streams=200 if q else 500,
+        ),
+        Scenario(
+            "short", "Short streams (10 tokens), 64 connections: requests/s", "requests_per_s",
+            delay_ms=0, concurrency=64, requests=500 if q else 1500, max_tokens=10,
+            extra=("server_us_per_request", "ttft_p99_ms", *load),
+            ratios=("server_us_per_request",),
+        ),
+    ]  # fmt: skip
+
+
+#: figure -> (label, higher is better)
+METRICS = {
+    "tokens_per_s": ("tokens/s", True),
+    "events_per_s": ("events/s", True),
+    "requests_per_s": ("requests/s", True),
+    "server_cpu_per_s": ("server CPU s per s", False),
+    "server_us_per_token": ("server CPU µs/token", False),
+    "server_us_per_event": ("server CPU µs/event", False),
+    "server_us_per_request": ("server CPU µs/request", False),
+    "delay_p99_ms": ("p99 delivery delay ms", False),
+    "gap_p99_ms": ("p99 inter-event gap ms", False),
+    "ttft_p99_ms": ("p99 TTFT ms", False),
+    "events_per_token": ("events/token", False),
+    "client_cpu_percent": ("client CPU %", False),
+    "busy_percent": ("server+client % of machine", False),
+    "other_cpu_percent": ("other load %", False),
+    "kib_per_stream": ("KiB per idle stream", False),
+}
+SATURATED_PERCENT = 90.0  # server + client CPU beyond which a row measures overload
+
+
+def label(metric: str) -> str:
+    return METRICS[metric][0]
+
+
+Medians = dict[str, float]  # server name -> median of one figure
+
+
+def _vs(peer: str, factor: float, higher: bool) -> Callable[[Medians], bool | None]:
+    def check(m: Medians) -> bool | None:
+        if "trio-stream" not in m or peer not in m:
+            return None
+        if higher:
+            return m["trio-stream"] >= factor * m[peer]
+        return m["trio-stream"] <= factor * m[peer]
+
+    return check
+
+
+def _absolute(limit: float, strict: bool) -> Callable[[Medians], bool | None]:
+    def check(m: Medians) -> bool | None:
+        if "trio-stream" not in m:
+            return None
+        return m["trio-stream"] < limit if strict else m["trio-stream"] <= limit
+
+    return check
+
+
+@dataclass(frozen=True)
+class Target:
+    scenario: str
+    metric: str
+    text: str
+    check: Callable[[Medians], bool | None]  # None: not measured
+
+
+TARGETS = (
+    Target("tokens", "tokens_per_s", "≥ 2x sse-starlette", _vs("sse-starlette", 2, True)),
+    Target("events", "events_per_s", "≥ 1.5x quart-trio", _vs("quart-trio", 1.5, True)),
+    Target("streams", "server_us_per_token", "≤ sse-starlette", _vs("sse-starlette", 1, False)),
+    Target("streams", "delay_p99_ms", "< 50 ms", _absolute(50, strict=True)),
+    Target("idle", "kib_per_stream", "≤ 10 KiB", _absolute(10, strict=False)),
+    Target("short", "requests_per_s", "≥ sse-starlette", _vs("sse-starlette", 1, True)),
+)
+
+
+# --- the client ---------------------------------------------------------------------------
+
+
+class ClientFailed(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class LoadClient:
+    """``trio-stream load`` as a subprocess: the same client process for every server."""
+
+    name: str
+    base: tuple[str, ...]
+
+    def command(self, url: str, sc: Scenario, out: Path) -> list[str]:
+        return [*self.base, "--url", url, "--concurrency", str(sc.concurrency),
+                "--requests", str(sc.requests), "--scenario", "steady",
+                "--max-tokens", str(sc.max_tokens), "--json", str(out), "--quiet"]  # fmt: skip
+
+    def run(self, url: str, sc: Scenario, out: Path, log: Path, timeout: float) -> dict[str, Any]:
+        with log.open("ab") as err:
+            popen = subprocess.Popen(
+                self.command(url, sc, out), stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                start_new_session=True, cwd=ROOT,
+            )  # fmt: skip
+        try:
+            code = popen.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise ClientFailed(f"client still running after {timeout:.0f} s") from exc
+        finally:
+            kill_group(popen, grace=1.0)
+        if code != 0 or not out.exists():
+            raise ClientFailed(f"client exited {code}; see {log}")
+        report: dict[str, Any] = json.loads(out.read_text())
+        return report
+
+
+def load_client() -> LoadClient:
+    """``trio-stream load`` next to this Python, checked for the options the bench uses."""
+    exe = Path(sys.executable).with_name("trio-stream")
+    client = LoadClient("trio-stream load", (str(exe), "load"))
+    helptext = subprocess.run(
+        [*client.base, "--help"], capture_output=True, text=True, timeout=60, check=False
+    ).stdout
+    missing = [
+        o for o in ("--concurrency", "--requests", "--max-tokens", "--json") if o not in helptext
+    ]
+    if missing:
+        raise SystemExit(f"{exe} load lacks {', '.join(missing)}: is the load generator built?")
+    return client
+
+
+# --- measurements -------------------------------------------------------------------------
+
+Figures = dict[str, float]
+
+
+@dataclass
+class Result:
+    """One measurement: one server, one scenario, one round."""
+
+    server: str
+    scenario: str
+    figures: Figures = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def request_bytes(port: int, max_tokens: int) -> bytes:
+    body = json.dumps(
+        {"model": "mock", "messages": MESSAGES, "stream": True, "max_tokens": max_tokens}
+    ).encode()
+    return (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:%d\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+    ) % (port, len(body), body)
+
+
+def warm_up(port: int) -> None:
+    """One short stream, read to the end, so lazy imports are not measured."""
+    body = json.dumps({"model": "mock", "messages": MESSAGES, "stream": True, "max_tokens": 5})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
+        conn.getresponse().read()
+    finally:
+        conn.close()
+
+
+def load_figures(report: dict[str, Any], cpu_s: float, sc: Scenario) -> tuple[Figures, list[str]]:
+    wall = float(report["wall_s"])
+    req, integrity = report["requests"], report.get("integrity", {})
+    tokens, events = float(report["tokens"]), float(report["events"])
+    figures: Figures = {
+        "tokens_per_s": float(report["tokens_per_s"]),
+        "events_per_s": float(report["events_per_s"]),
+        "requests_per_s": req["ok"] / wall,
+        "server_cpu_per_s": cpu_s / wall,
+        "server_us_per_token": cpu_s / tokens * 1e6 if tokens else float("nan"),
+        "server_us_per_event": cpu_s / events * 1e6 if events else float("nan"),
+        "server_us_per_request": cpu_s / req["ok"] * 1e6 if req["ok"] else float("nan"),
+        "events_per_token": events / tokens if tokens else float("nan"),
+        "gap_p99_ms": float(report["gap_ms"]["p99"]),
+        "ttft_p99_ms": float(report["ttft_ms"]["p99"]),
+        "client_cpu_percent": float(report["client"]["cpu_percent"]),
+    }
+    busy = cpu_s + float(report["client"]["cpu_s"])
+    figures["busy_percent"] = 100 * busy / wall / (os.cpu_count() or 1)
+    if sc.delay_ms:
+        figures["delay_p99_ms"] = figures["gap_p99_ms"] - sc.delay_ms
+    notes = []
+    if req.get("failed") or req.get("cancelled") or req["ok"] != sc.requests:
+        notes.append(f"{req['ok']}/{sc.requests} ok, {req.get('failed', 0)} failed")
+    bad = {k: integrity.get(k, 0) for k in ("lost", "duplicated", "reordered")}
+    if any(bad.values()):
+        notes.append("integrity: " + ", ".join(f"{k} {v}" for k, v in bad.items() if v))
+    if report.get("errors"):
+        notes.append(f"errors: {report['errors']}")
+    return figures, notes
+
+
+async def _open_idle(port: int, count: int, stack: contextlib.AsyncExitStack) -> None:
+    """Open ``count`` streams and wait for each one's response headers."""
+    request = request_bytes(port, 10)
+    limiter = trio.CapacityLimiter(64)
+
+    async def one() -> None:
+        async with limiter:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            stack.push_async_callback(stream.aclose)
+            await stream.send_all(request)
+            seen = b""
+            while b"\r\n\r\n" not in seen:
+                data = await stream.receive_some(65536)
+                if not data:
+                    raise ClientFailed("server closed an idle stream")
+                seen += data
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for _ in range(count):
+                nursery.start_soon(one)
+
+
+async def _idle_figures(proc: ServerProcess, sc: Scenario) -> Figures:
+    warm = 20
+    async with contextlib.AsyncExitStack() as stack:
+        await _open_idle(proc.port, warm, stack)
+        await trio.sleep(1.0)  # real time: let the server finish its per-stream setup
+        before = proc.rss_bytes()
+        await _open_idle(proc.port, sc.idle_streams, stack)
+        await trio.sleep(1.0)
+        after = proc.rss_bytes()
+    return {"kib_per_stream": (after - before) / sc.idle_streams / 1024}
+
+
+def run_trio(fn: Callable[..., Awaitable[Figures]], *args: Any) -> Figures:
+    """``trio.run(fn, *args)``; SIGTERM/SIGHUP cancel it cleanly, then exit (trio owns SIGINT)."""
+    caught: list[int] = []
+    figures: Figures = {}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+                    async for signum in signals:
+                        caught.append(signum)
+                        nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            figures.update(await fn(*args))
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    if caught:
+        raise SystemExit(128 + caught[0])
+    return figures
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (``/proc/stat``, all CPUs, steal included)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields)
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """Clocks to tell the server's CPU, and CPU nobody in this bench used, over a load run."""
+
+    at: float
+    server: float
+    machine: float
+    children: float  # reaped children: the client once it has exited
+    own: float
+
+    @classmethod
+    def take(cls, proc: ServerProcess) -> CpuSnapshot:
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return cls(time.monotonic(), proc.cpu_seconds(), machine_busy_seconds(),
+                   kids.ru_utime + kids.ru_stime, time.process_time())  # fmt: skip
+
+    def other_percent(self, later: CpuSnapshot) -> float:
+        """Machine CPU used by processes other than server, client and bench, in %."""
+        ours = (later.server - self.server) + (later.children - self.children)
+        foreign = later.machine - self.machine - ours - (later.own - self.own)
+        return max(0.0, 100 * foreign / ((later.at - self.at) * (os.cpu_count() or 1)))
+
+
+def wait_quiet(limit: float, busy_percent: float = NOISY_PERCENT) -> None:
+    """Wait (at most ``limit`` s) for a second in which the machine is mostly idle."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        t0, b0 = time.monotonic(), machine_busy_seconds()
+        time.sleep(1.0)
+        busy = (machine_busy_seconds() - b0) / ((time.monotonic() - t0) * (os.cpu_count() or 1))
+        if 100 * busy < busy_percent:
+            return
+
+
+def measure(server: Server, sc: Scenario, client: LoadClient, work: Path, tag: str) -> Result:
+    """Start ``server`` for ``sc``, measure it once, stop it (always)."""
+    port = free_port()
+    proc = ServerProcess(
+        server.command(Run(port, sc.delay_ms, sc.coalesce, sc.idle, work)),
+        port, work / f"{tag}.server.log",
+    )  # fmt: skip
+    result = Result(server.name, sc.key)
+    try:
+        proc.wait_ready()
+        if sc.idle:
+            result.figures = run_trio(_idle_figures, proc, sc)
+            return result
+        warm_up(port)
+        before = CpuSnapshot.take(proc)
+        report = client.run(
+            f"http://127.0.0.1:{port}", sc, work / f"{tag}.json", work / f"{tag}.client.log",
+            timeout=300,
+        )  # fmt: skip
+        after = CpuSnapshot.take(proc)
+        result.figures, result.notes = load_figures(report, after.server - before.server, sc)
+        result.figures["other_cpu_percent"] = before.other_percent(after)
+    except (ClientFailed, RuntimeError, OSError, trio.TooSlowError, KeyError, ValueError) as exc:
+        result.notes.append(f"failed: {exc}")
+    finally:
+        proc.stop()
+    return result
+
+
+# --- orchestration ------------------------------------------------------------------------
+
+
+def rotated(servers: Sequence[Server], k: int) -> list[Server]:
+    k %= len(servers)
+    return [*servers[k:], *servers[:k]]
+
+
+def run_rounds(
+    servers: Sequence[Server], scs: Sequence[Scenario], rounds: int, client: LoadClient,
+    work: Path, quiet_wait: float,
+) -> list[Result]:  # fmt: skip
+    results: list[Result] = []
+    for r in range(rounds):
+        for sc in scs:
+            for server in rotated(servers, r):
+                tag = f"r{r + 1}-{sc.key}-{server.name}"
+                if quiet_wait:
+                    wait_quiet(quiet_wait)
+                result = measure(server, sc, client, work, tag)
+                results.append(result)
+                value = result.figures.get(sc.metric)
+                shown = "-" if value is None else f"{fmt(value, sc.metric)} {label(sc.metric)}"
+                note = f"  ({'; '.join(result.notes)})" if result.notes else ""
+                print(f"[round {r + 1}/{rounds}] {sc.key:8} {server.name:14} {shown}{note}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+    return results
+
+
+@dataclass
+class Summary:
+    """Median, min and max over rounds of each (scenario, server, figure)."""
+
+    values: dict[tuple[str, str, str], list[float]] = field(default_factory=dict)
+    notes: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, results: Sequence[Result]) -> Summary:
+        s = cls()
+        for res in results:
+            for name, v in res.figures.items():
+                if v == v:  # not NaN
+                    s.values.setdefault((res.scenario, res.server, name), []).append(v)
+            if res.notes:
+                s.notes.setdefault((res.scenario, res.server), []).extend(res.notes)
+        return s
+
+    def median(self, sc: str, server: str, metric: str) -> float | None:
+        vals = self.values.get((sc, server, metric))
+        return statistics.median(vals) if vals else None
+
+    def medians(self, sc: str, metric: str, servers: Sequence[Server]) -> Medians:
+        out = {}
+        for server in servers:
+            m = self.median(sc, server.name, metric)
+            if m is not None:
+                out[server.name] = m
+        return out
+
+    def spread(self, sc: str, server: str, metric: str) -> tuple[float, float] | None:
+        vals = self.values.get((sc, server, metric))
+        return (min(vals), max(vals)) if vals else None
+
+    def noise(self) -> str:
+        """How busy the machine was with other work during the load runs."""
+        vals = [v for (_, _, m), vs in self.values.items() if m == "other_cpu_percent" for v in vs]
+        if not vals:
+            return ""
+        median, worst = statistics.median(vals), max(vals)
+        line = (f"Other processes used a median {median:.1f}% (at worst {worst:.1f}%) of the "
+                "machine's CPU during the load runs.")  # fmt: skip
+        if median > NOISY_PERCENT:
+            line += (" **Warning: the machine was busy with other work; these figures are not "
+                     "representative. Rerun on a quiet machine.**")  # fmt: skip
+        return line
+
+
+# --- the report ---------------------------------------------------------------------------
+
+PACKAGES = (
+    "trio-stream", "trio", "hypercorn", "quart", "quart-trio", "uvicorn", "starlette",
+    "sse-starlette", "h11", "orjson", "anyio", "uvloop", "httptools", "matplotlib",
+)  # fmt: skip
+
+
+def machine_facts() -> list[tuple[str, str]]:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")), platform.processor() or "?",
+    )  # fmt: skip
+    versions = []
+    for pkg in PACKAGES:
+        try:
+            versions.append(f"{pkg} {importlib.metadata.version(pkg)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{pkg} (not installed)")
+    return [
+        ("trio-stream revision", revision()),
+        ("CPUs (nproc)", str(os.cpu_count())),
+        ("CPU", cpu),
+        ("OS", platform.platform()),
+        ("Python", f"{platform.python_implementation()} {platform.python_version()}"),
+        ("Packages", ", ".join(versions)),
+    ]
+
+
+def revision() -> str:
+    """``git describe`` of the tree measured, marked when it had uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "log", "-1", "--format=%h %s"], cwd=ROOT, capture_output=True, text=True,
+            timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "trio_stream"], cwd=ROOT,
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}" + (" (with uncommitted changes in trio_stream/)" if dirty else "")
+
+
+def fmt(v: float | None, metric: str = "") -> str:
+    if v is None:
+        return "-"
+    if metric.endswith("_ms") or metric in ("kib_per_stream", "server_cpu_per_s"):
+        return f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
+    return f"{v:,.1f}" if abs(v) < 100 else f"{v:,.0f}"
+
+
+def ratio_rows(summary: Summary, scs: Sequence[Scenario], servers: Sequence[Server]) -> list[str]:
+    """``trio-stream / peer`` of each scenario's headline and ratio figures (medians)."""
+    rows = []
+    for sc in scs:
+        for metric in (sc.metric, *sc.ratios):
+            ours = summary.median(sc.key, "trio-stream", metric)
+            better = "higher is better" if METRICS[metric][1] else "lower is better"
+            for peer in servers:
+                theirs = summary.median(sc.key, peer.name, metric)
+                if peer.name == "trio-stream" or ours is None or not theirs:
+                    continue
+                rows.append(
+                    f"{sc.key}: trio-stream / {peer.name} = {ours / theirs:.2f}x "
+                    f"({label(metric)}, {better})"
+                )
+    return rows
+
+
+def target_rows(summary: Summary, servers: Sequence[Server]) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for t in TARGETS:
+        m = summary.medians(t.scenario, t.metric, servers)
+        met = t.check(m)
+        verdict = "not measured" if met is None else ("met" if met else "**missed**")
+        rows.append((t.scenario, label(t.metric), t.text,
+                     f"{fmt(m.get('trio-stream'), t.metric)} — {verdict}"))  # fmt: skip
+    return rows
+
+
+def write_markdown(
+    path: Path, png: Path, summary: Summary, scs: Sequence[Scenario], servers: Sequence[Server],
+    meta: dict[str, str],
+) -> None:  # fmt: skip
+    out = ["# Benchmarks", "",
+           "Generated by `tools/bench.py`; do not edit by hand. Produced by:", "",
+           f"    {meta['command']}", "",
+           f"{meta['when']}, {meta['rounds']} interleaved round(s), took {meta['took']}. "
+           f"Client: {meta['client']}. Load average at start: {meta['loadavg']}.", "",
+           summary.noise(), "", "## Machine", ""]  # fmt: skip
+    out += [f"- **{k}**: {v}" for k, v in machine_facts()]
+    out += ["", "## Servers", "", "| name | what | command |", "|---|---|---|"]
+    sample = Run(8000, 0, True, False, Path("<tmp>"))
+    for s in servers:
+        cmd = " ".join(shlex.quote(os.path.relpath(a, ROOT) if a.startswith(str(ROOT)) else a)
+                       for a in s.command(sample))  # fmt: skip
+        out.append(f"| {s.name} | {s.label} | `{cmd}` |")
+    out += ["", "## Method", "", *METHOD, "", "## Targets", "",
+            "| scenario | figure | target | trio-stream (median) |",
+            "|---|---|---|---|"]  # fmt: skip
+    out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in target_rows(summary, servers)]
+    out += ["", "## Ratios (trio-stream ÷ peer, medians)", ""]
+    out += [f"- {row}" for row in ratio_rows(summary, scs, servers)]
+    out += ["", f"![benchmark plot]({png.name})", ""]
+    for sc in scs:
+        out += scenario_table(summary, sc, servers)
+    path.write_text("\n".join(out))
+
+
+METHOD = [
+    "- Every measurement starts a fresh server process on 127.0.0.1 and stops it after; "
+    "in each round every scenario runs once on every server, and the server order rotates "
+    "by one each round. Figures are medians over rounds (min-max of the headline figure in "
+    "brackets).",
+    "- All servers stream the same mock reply (`trio_stream.mocktext`): one event per token, "
+    "a finish chunk, `[DONE]`; a delay of 0 means one checkpoint per token. The peers write "
+    "each event with its own send. trio-stream merges queued tokens into one event when its "
+    "writer falls behind (coalescing, on by default); with `--no-coalesce` it still sends "
+    "every event on its own `id:`, but writes the events already queued in one send.",
+    "- The client (`trio-stream load`, one process) is the same for every server. It costs "
+    "about 60-110 µs of CPU per read, so against a server that writes one event per send it "
+    "saturates its CPU (see *client CPU %*) before the server does: the peers' tokens/s and "
+    "events/s are then client-bound. *Server CPU per token / event / request* (utime+stime "
+    "from `/proc/<pid>/stat` over the client run) does not depend on the client, and is the "
+    "fairer comparison of the servers themselves. *server+client % of machine* near 100 "
+    "means the 2-CPU machine itself was the limit.",
+    "- *1,000 streams*: the headline is server CPU per token delivered (the same offered "
+    "load for every server; CPU s per s is shown too, but every server here is near one full "
+    "CPU, so it no longer tells them apart). *p99 delivery delay* is the client's p99 gap "
+    "between consecutive events of a stream minus the mock's 50 ms token gap: a proxy for "
+    "how late a token reaches the client.",
+    "- *Memory per idle stream*: open 20 streams whose first token is 60 s away, read RSS "
+    "(`VmRSS`), open N more, wait for every response's headers and 1 s more, read RSS again: "
+    "(after - before) / N. trio-stream sends headers with its first event or ping, so it runs "
+    "with `--ping-interval 1` here.",
+    "- uvicorn runs as installed here: without uvloop and httptools (asyncio and h11). "
+    "*other load %* is the machine's CPU used by processes outside this bench during a run.",
+]
+
+
+def scenario_table(summary: Summary, sc: Scenario, servers: Sequence[Server]) -> list[str]:
+    metrics = (sc.metric, *sc.extra)
+    out = [f"## {sc.title}", "",
+           f"Server delay {sc.delay_ms:g} ms, coalescing {'on' if sc.coalesce else 'off'}; "
+           + (f"{sc.idle_streams} idle streams." if sc.idle else
+              f"{sc.requests} requests of {sc.max_tokens} tokens, concurrency {sc.concurrency}."),
+           "", "| server | " + " | ".join(label(m) for m in metrics) + " | notes |",
+           "|---|" + "---:|" * len(metrics) + "---|"]  # fmt: skip
+    for s in servers:
+        cells = []
+        for m in metrics:
+            med, spread = summary.median(sc.key, s.name, m), summary.spread(sc.key, s.name, m)
+            cell = fmt(med, m)
+            if spread and spread[0] != spread[1] and m == sc.metric:
+                cell += f" ({fmt(spread[0], m)}-{fmt(spread[1], m)})"
+            cells.append(cell)
+        notes = "; ".join(dict.fromkeys(summary.notes.get((sc.key, s.name), [])))
+        out.append(f"| {s.name} | " + " | ".join(cells) + f" | {notes} |")
+    saturated = [
+        s.name
+        for s in servers
+        if (summary.median(sc.key, s.name, "busy_percent") or 0) >= SATURATED_PERCENT
+    ]
+    if saturated:
+        out += [
+            "",
+            f"Server and client together kept the machine's CPUs {SATURATED_PERCENT:g}% "
+            f"or more busy with: {', '.join(saturated)}. Those rows measure an overloaded "
+            "machine shared by server and client, not the server alone: compare server "
+            "CPU per token, event or request instead.",
+        ]
+    return [*out, ""]
+
+
+def plot(path: Path, summary: Summary, scs: Sequence[Scenario], servers: Sequence[Server]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(sc, sc.metric) for sc in scs]
+    panels += [(sc, "delay_p99_ms") for sc in scs if sc.key == "streams"]
+    cols = 3
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    colors = ["#d62728", "#1f77b4", "#2ca02c", "#7f7f7f"]
+    for ax, (sc, metric) in zip(axes.flat, panels, strict=False):
+        names, meds, lo, hi = [], [], [], []
+        for s in servers:
+            med, spread = (
+                summary.median(sc.key, s.name, metric),
+                summary.spread(sc.key, s.name, metric),
+            )
+            if med is None or spread is None:
+                continue
+            names.append(s.name)
+            meds.append(med)
+            lo.append(med - spread[0])
+            hi.append(spread[1] - med)
+        order = [s.name for s in servers]
+        bars = ax.bar(names, meds, yerr=[lo, hi], capsize=4,
+                      color=[colors[order.index(n) % len(colors)] for n in names])  # fmt: skip
+        ax.bar_label(bars, labels=[fmt(v, metric) for v in meds], fontsize=8)
+        better = "higher" if METRICS[metric][1] else "lower"
+        ax.set_title(f"{sc.key}: {label(metric)}\n({better} is better)", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8, rotation=15)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="1 round, small sizes (smoke run)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; 1 with --quick)")
+    parser.add_argument("--out", type=Path,
+                        help="markdown to write (default docs/benchmarks.md; with --quick, "
+                             "a file in the temp dir); the PNG goes next to it")  # fmt: skip
+    parser.add_argument("--servers", help="comma-separated subset of: "
+                        + ", ".join(s.name for s in SERVERS))  # fmt: skip
+    parser.add_argument(
+        "--scenarios", help="comma-separated subset of: tokens, events, streams, idle, short"
+    )
+    parser.add_argument(
+        "--quiet-wait", type=float, default=0, metavar="S",
+        help="before each measurement, wait up to S seconds for the machine to be idle",
+    )  # fmt: skip
+    parser.add_argument("--keep-logs", action="store_true", help="keep server/client logs and JSON")
+    return parser.parse_args(argv)
+
+
+def select(items: Sequence[Any], names: str | None) -> list[Any]:
+    if not names:
+        return list(items)
+    wanted = [n.strip() for n in names.split(",")]
+    known = {getattr(i, "name", None) or i.key: i for i in items}
+    missing = [n for n in wanted if n not in known]
+    if missing:
+        raise SystemExit(f"unknown: {', '.join(missing)}")
+    return [known[n] for n in wanted]
+
+
+def command_line(argv: Sequence[str]) -> str:
+    exe = sys.executable
+    with contextlib.suppress(ValueError):
+        exe = str(Path(exe).relative_to(ROOT))
+    return " ".join(shlex.quote(a) for a in [exe, "tools/bench.py", *argv])
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through every ``finally``: servers get stopped
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGHUP, _exit_on_signal)
+    args = parse_args(argv)
+    servers = select(SERVERS, args.servers)
+    scs = select(scenarios(args.quick), args.scenarios)
+    rounds = args.rounds or (1 if args.quick else 3)
+    out = args.out or (Path(tempfile.gettempdir()) / "trio-stream-bench" / "benchmarks.md"
+                       if args.quick else ROOT / "docs" / "benchmarks.md")  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    client = load_client()
+    loadavg = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"client: {client.name}; load average {loadavg}", file=sys.stderr)
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="trio-stream-bench-"))
+    try:
+        results = run_rounds(servers, scs, rounds, client, work, args.quiet_wait)
+    finally:
+        if not args.keep_logs:
+            for f in work.iterdir():
+                f.unlink()
+            work.rmdir()
+        else:
+            print(f"logs kept in {work}", file=sys.stderr)
+    summary = Summary.of(results)
+    took = time.monotonic() - started
+    meta = {
+        "command": command_line(argv),
+        "when": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "rounds": str(rounds),
+        "took": f"{took / 60:.1f} min",
+        "client": client.name,
+        "loadavg": loadavg,
+    }
+    png = out.with_suffix(".png")
+    plot(png, summary, scs, servers)
+    write_markdown(out, png, summary, scs, servers, meta)
+    print_summary(summary, scs, servers)
+    print(f"\nwrote {out} and {png}")
+
+
+def print_summary(summary: Summary, scs: Sequence[Scenario], servers: Sequence[Server]) -> None:
+    for sc in scs:
+        print(f"\n{sc.title}")
+        for s in servers:
+            line = ", ".join(f"{label(m)} {fmt(summary.median(sc.key, s.name, m), m)}"
+                             for m in (sc.metric, *sc.extra))  # fmt: skip
+            print(f"  {s.name:14} {line}")
+    print("\nratios:")
+    for row in ratio_rows(summary, scs, servers):
+        print(f"  {row}")
+    if noise := summary.noise():
+        print("\n" + noise.replace("**", ""))
+    print("\ntargets:")
+    for a, b, c, d in target_rows(summary, servers):
+        print(f"  {a:8} {b} {c}: {d.replace('**', '')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Peer servers for tools/bench.py: each is a standalone script, run as its own process."""
