@@ -53,6 +53,7 @@ PEERS = ROOT / "tools" / "peers"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MESSAGES = [{"role": "user", "content": "benchmark"}]
 NOISY_PERCENT = 10.0  # machine CPU used by other processes beyond which figures are suspect
+RETRY_PERCENT = 20.0  # ... beyond which one measurement is taken again
 
 
 # --- servers ------------------------------------------------------------------------------
@@ -156,15 +157,25 @@ class ServerProcess:
         kill_group(self.popen, grace=3.0)
 
 
+def _exited(pid: int) -> bool:
+    """Has the child exited?  Does not reap it, so its pid (= group id) stays ours."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
 def kill_group(popen: subprocess.Popen[Any], grace: float) -> None:
-    """SIGTERM the process group, SIGKILL it after ``grace`` seconds, reap."""
-    if popen.poll() is None:
+    """SIGTERM the process group, SIGKILL it after ``grace`` seconds, then reap.
+
+    The leader is reaped only after the last signal: until then its pid, which
+    is the group id, cannot be given to another process.
+    """
+    if popen.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(popen.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            popen.wait(grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(popen.pid, signal.SIGKILL)  # also whatever the process left behind
+        deadline = time.monotonic() + grace
+        while not _exited(popen.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, signal.SIGKILL)  # also whatever the leader left behind
     popen.wait()
 
 
@@ -318,11 +329,14 @@ class LoadClient:
                 start_new_session=True, cwd=ROOT,
             )  # fmt: skip
         try:
-            code = popen.wait(timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise ClientFailed(f"client still running after {timeout:.0f} s") from exc
+            deadline = time.monotonic() + timeout
+            while not _exited(popen.pid):
+                if time.monotonic() > deadline:
+                    raise ClientFailed(f"client still running after {timeout:.0f} s")
+                time.sleep(0.05)
         finally:
             kill_group(popen, grace=1.0)
+        code = popen.returncode
         if code != 0 or not out.exists():
             raise ClientFailed(f"client exited {code}; see {log}")
         report: dict[str, Any] = json.loads(out.read_text())
@@ -549,25 +563,37 @@ def rotated(servers: Sequence[Server], k: int) -> list[Server]:
     return [*servers[k:], *servers[:k]]
 
 
+def measure_once_quiet(
+    server: Server, sc: Scenario, client: LoadClient, work: Path, tag: str, quiet_wait: float
+) -> Result:
+    """:func:`measure`; again once if other processes took over ``RETRY_PERCENT`` of the CPU."""
+    if quiet_wait:
+        wait_quiet(quiet_wait)
+    result = measure(server, sc, client, work, tag)
+    if result.figures.get("other_cpu_percent", 0.0) > RETRY_PERCENT:
+        if quiet_wait:
+            wait_quiet(quiet_wait)
+        result = measure(server, sc, client, work, tag + "-again")
+        result.notes.append("re-measured once (other load)")
+    return result
+
+
 def run_rounds(
     servers: Sequence[Server], scs: Sequence[Scenario], rounds: int, client: LoadClient,
-    work: Path, quiet_wait: float,
-) -> list[Result]:  # fmt: skip
-    results: list[Result] = []
+    work: Path, quiet_wait: float, results: list[Result],
+) -> None:  # fmt: skip
+    """Append one :class:`Result` per (round, scenario, server) to ``results``."""
     for r in range(rounds):
         for sc in scs:
             for server in rotated(servers, r):
                 tag = f"r{r + 1}-{sc.key}-{server.name}"
-                if quiet_wait:
-                    wait_quiet(quiet_wait)
-                result = measure(server, sc, client, work, tag)
+                result = measure_once_quiet(server, sc, client, work, tag, quiet_wait)
                 results.append(result)
                 value = result.figures.get(sc.metric)
                 shown = "-" if value is None else f"{fmt(value, sc.metric)} {label(sc.metric)}"
                 note = f"  ({'; '.join(result.notes)})" if result.notes else ""
                 print(f"[round {r + 1}/{rounds}] {sc.key:8} {server.name:14} {shown}{note}",
                       file=sys.stderr, flush=True)  # fmt: skip
-    return results
 
 
 @dataclass
@@ -638,7 +664,6 @@ def machine_facts() -> list[tuple[str, str]]:
         except importlib.metadata.PackageNotFoundError:
             versions.append(f"{pkg} (not installed)")
     return [
-        ("trio-stream revision", revision()),
         ("CPUs (nproc)", str(os.cpu_count())),
         ("CPU", cpu),
         ("OS", platform.platform()),
@@ -709,6 +734,7 @@ def write_markdown(
            f"    {meta['command']}", "",
            f"{meta['when']}, {meta['rounds']} interleaved round(s), took {meta['took']}. "
            f"Client: {meta['client']}. Load average at start: {meta['loadavg']}.", "",
+           f"trio-stream revision: {meta['revision']}.", "",
            summary.noise(), "", "## Machine", ""]  # fmt: skip
     out += [f"- **{k}**: {v}" for k, v in machine_facts()]
     out += ["", "## Servers", "", "| name | what | command |", "|---|---|---|"]
@@ -735,7 +761,9 @@ METHOD = [
     "by one each round. Figures are medians over rounds (min-max of the headline figure in "
     "brackets).",
     "- All servers stream the same mock reply (`trio_stream.mocktext`): one event per token, "
-    "a finish chunk, `[DONE]`; a delay of 0 means one checkpoint per token. The peers write "
+    "a finish chunk, `[DONE]`; a delay of 0 means one checkpoint per token, and a delay is "
+    "paced by one shared timer in trio-stream and the trio peers (the mock's `Ticker`), by "
+    "`asyncio.sleep` in sse-starlette. The peers write "
     "each event with its own send. trio-stream merges queued tokens into one event when its "
     "writer falls behind (coalescing, on by default); with `--no-coalesce` it still sends "
     "every event on its own `id:`, but writes the events already queued in one send.",
@@ -854,7 +882,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--quiet-wait", type=float, default=0, metavar="S",
         help="before each measurement, wait up to S seconds for the machine to be idle",
     )  # fmt: skip
-    parser.add_argument("--keep-logs", action="store_true", help="keep server/client logs and JSON")
+    parser.add_argument(
+        "--keep-logs", action="store_true",
+        help="keep server/client logs and JSON (kept anyway when a measurement failed)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -895,17 +926,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     client = load_client()
     loadavg = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"client: {client.name}; load average {loadavg}", file=sys.stderr)
-    started = time.monotonic()
+    started, rev = time.monotonic(), revision()
     work = Path(tempfile.mkdtemp(prefix="trio-stream-bench-"))
+    results: list[Result] = []
     try:
-        results = run_rounds(servers, scs, rounds, client, work, args.quiet_wait)
+        run_rounds(servers, scs, rounds, client, work, args.quiet_wait, results)
     finally:
-        if not args.keep_logs:
+        failed = any(not n.startswith("re-measured") for r in results for n in r.notes)
+        if args.keep_logs or failed:
+            print(f"logs kept in {work}", file=sys.stderr)
+        else:
             for f in work.iterdir():
                 f.unlink()
             work.rmdir()
-        else:
-            print(f"logs kept in {work}", file=sys.stderr)
     summary = Summary.of(results)
     took = time.monotonic() - started
     meta = {
@@ -915,6 +948,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "took": f"{took / 60:.1f} min",
         "client": client.name,
         "loadavg": loadavg,
+        "revision": rev
+        if rev == (end := revision())
+        else f"{rev}, then {end} (changed during the run)",
     }
     png = out.with_suffix(".png")
     plot(png, summary, scs, servers)
