@@ -161,18 +161,22 @@ async def test_sdk_raises_api_error_on_a_superseded_stream(settings: Settings) -
     assert mocktext.expected_text(MESSAGES, 500).startswith(text)
 
 
-async def test_sdk_ignores_ping_comments(settings: Settings, fake_openai: FakeUpstream) -> None:
-    """While the upstream is silent the server sends ``: ping`` comments; the
-    SDK skips them and still yields exactly the text."""
-    fake_openai.plan = lambda _: Plan(
+async def stream_with_pings(
+    settings: Settings, fake: FakeUpstream, first: str, second: str, *, silence_first: bool
+) -> tuple[str, bytes]:
+    """Stream ``first`` + ``second`` through the SDK with 0.3 s of upstream
+    silence (before ``first``, or between the two) and a 0.05 s ping interval;
+    returns the SDK's text and the raw bytes it received."""
+    gap_before, gap_between = (0.3, 0.0) if silence_first else (0.0, 0.3)
+    fake.plan = lambda _: Plan(
         steps=[
-            Step(openai_chunk("slow"), delay=0.3),  # 0.3 s of silence first
-            Step(openai_chunk(" reply")),
+            Step(openai_chunk(first), delay=gap_before),
+            Step(openai_chunk(second), delay=gap_between),
             Step(openai_chunk(finish="stop")),
             Step(b"data: [DONE]\n\n"),
         ]
     )
-    s = settings.replace(upstream="openai", upstream_url=fake_openai.url, ping_interval=0.05)
+    s = settings.replace(upstream="openai", upstream_url=fake.url, ping_interval=0.05)
     tee = TeeTransport()
 
     def consume() -> str:
@@ -184,8 +188,15 @@ async def test_sdk_ignores_ping_comments(settings: Settings, fake_openai: FakeUp
     with trio.fail_after(10):
         async with running_server(s) as server:
             text = await trio.to_thread.run_sync(consume)
+    return text, bytes(tee.raw)
+
+
+async def test_sdk_ignores_ping_comments(settings: Settings, fake_openai: FakeUpstream) -> None:
+    """While the upstream is silent the server sends ``: ping`` comments; the
+    SDK skips them and still yields exactly the text."""
+    text, raw = await stream_with_pings(settings, fake_openai, "slow", " reply", silence_first=True)
     assert text == "slow reply"
-    assert tee.raw.startswith(b": ping\n")  # the silence was filled with pings
+    assert raw.startswith(b": ping\n")  # the silence was filled with pings
 
 
 async def test_sdk_survives_pings_between_numbered_events(
@@ -195,28 +206,11 @@ async def test_sdk_survives_pings_between_numbered_events(
     decoder dispatches an event on every blank line once it has seen an id, so
     a ping must be a bare comment line: this failed when pings were
     ``: ping`` plus a blank line."""
-    fake_openai.plan = lambda _: Plan(
-        steps=[
-            Step(openai_chunk("first")),
-            Step(openai_chunk(" second"), delay=0.3),  # silence after event id 1
-            Step(openai_chunk(finish="stop")),
-            Step(b"data: [DONE]\n\n"),
-        ]
+    text, raw = await stream_with_pings(
+        settings, fake_openai, "first", " second", silence_first=False
     )
-    s = settings.replace(upstream="openai", upstream_url=fake_openai.url, ping_interval=0.05)
-    tee = TeeTransport()
-
-    def consume() -> str:
-        with sdk(server, tee) as client:
-            stream = client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
-            with stream:
-                return "".join(c.choices[0].delta.content or "" for c in stream)
-
-    with trio.fail_after(10):
-        async with running_server(s) as server:
-            text = await trio.to_thread.run_sync(consume)
     assert text == "first second"
-    first, _, rest = tee.raw.partition(b"\n\n")
+    first, _, rest = raw.partition(b"\n\n")
     assert first.startswith(b"id: 1\n")
     assert rest.startswith(b": ping\n")  # the silence after event 1 was filled
 
