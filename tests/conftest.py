@@ -56,13 +56,18 @@ class _Discard(io.StringIO):
 
 @asynccontextmanager
 async def running_server(
-    settings: Settings, *, record_logs: bool = True, **service_kw: Any
+    settings: Settings,
+    *,
+    record_logs: bool = True,
+    logs: RecordingSink | None = None,
+    **service_kw: Any,
 ) -> AsyncIterator[Server]:
     """Serve ``settings`` on a real socket for the duration of the block.
 
-    ``record_logs=False`` keeps no log records (stress tests: memory must not grow).
+    Log records go to ``logs`` (a fresh :class:`RecordingSink` by default);
+    ``record_logs=False`` keeps none (stress tests: memory must not grow).
     """
-    logs = RecordingSink()
+    logs = logs if logs is not None else RecordingSink()
     if record_logs:
         logger = EventLogger(settings.log_format, sink=logs, stream=io.StringIO())
     else:
@@ -270,17 +275,8 @@ async def waitable_server(
 ) -> AsyncIterator[tuple[Server, WaitableSink]]:
     """:func:`running_server`, logging into a :class:`WaitableSink` (also ``server.logs``)."""
     logs = WaitableSink()
-    logger = EventLogger(settings.log_format, sink=logs, stream=io.StringIO())
-    shutdown = trio.Event()
-    async with (
-        open_service(settings, logger=logger, **service_kw) as service,
-        trio.open_nursery() as nursery,
-    ):
-        port = await nursery.start(partial(serve_service, service, shutdown=shutdown))
-        try:
-            yield Server(service, port, logs, shutdown), logs
-        finally:
-            nursery.cancel_scope.cancel()
+    async with running_server(settings, logs=logs, **service_kw) as server:
+        yield server, logs
 
 
 class SlowStore(Store):
