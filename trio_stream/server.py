@@ -45,6 +45,33 @@ from .upstream import Upstream
 #: within ``--graceful-timeout`` + 2 s (API.md 3.7).
 SHUTDOWN_CLEANUP = 0.6
 SHUTDOWN_FLUSH = 0.25
+#: The deadline of a connection's shielded close (FIN, TLS close_notify, close).
+CLOSE_TIMEOUT = 1.0
+
+
+class Connection(TCPServer):
+    """hypercorn's per-connection server, with a close that cannot be cancelled.
+
+    hypercorn closes an HTTP/1.0 or ``Connection: close`` connection from
+    *inside the app's last* ``send()``: the response ends, ``StreamClosed``
+    goes to the h11 protocol, which first delivers ``http.disconnect`` to the
+    app's ``receive()`` and then asks the server to close.  The app's
+    disconnect watcher (ours in :mod:`~trio_stream.endpoints`, quart-trio's
+    for every JSON route) wakes on that ``http.disconnect`` and cancels its
+    nursery -- which holds the very task that is closing.  ``TCPServer._close``
+    is cancelled at the first checkpoint of ``send_eof``, before the FIN and
+    before ``aclose``, so the socket stays open and a response that ends only
+    when the connection does (HTTP/1.0, or any response behind nginx's default
+    proxy) never ends.  Plain hypercorn with an app that watches nothing does
+    not show it: nothing cancels the sender.
+
+    Closing is cleanup, so it is shielded, with a deadline (a TLS
+    ``close_notify`` to a client that stopped reading could otherwise block).
+    """
+
+    async def _close(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            await super()._close()
 
 
 def hypercorn_config(settings: Settings) -> Config:
@@ -118,7 +145,7 @@ async def serve_service(
     listeners = await open_listeners(settings, config, guard)
     context = WorkerContext(None)
     asgi = ASGIWrapper(app)  # type: ignore[arg-type]  # Quart's scope types are narrower
-    handler = partial(TCPServer, asgi, config, context, ConnectionState({}))
+    handler = partial(Connection, asgi, config, context, ConnectionState({}))
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as accepting:
             accept = trio.CancelScope()  # its own scope: _drain runs in this nursery's body
