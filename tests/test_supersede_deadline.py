@@ -71,6 +71,12 @@ def lifecycle(logs: RecordingSink, *traces: str) -> list[tuple[str, str, str | N
     ]
 
 
+def _current_run(service: Service, key: tuple[str, str]) -> Run:
+    run_id = service.runs.sessions.current(key)
+    assert run_id is not None
+    return service.runs.runs[run_id]
+
+
 def request_of(upstream: RecordingUpstream, messages: list[dict[str, str]]) -> ChatRequest:
     return next(r for _, r in upstream.opened if r.messages == messages)
 
@@ -256,14 +262,14 @@ async def test_stuck_predecessor_is_fenced_after_exactly_the_deadline(
             async with trio.open_nursery() as nursery:
                 a = chat(nursery, app, PROMPT_A, 50, "S")
                 await a.wait_until(lambda c: chunks(c) >= 3)
-                run_a: Run = service.runs.current(TENANT, "S")  # type: ignore[assignment]
+                run_a = _current_run(service, key)
                 slow_runs.add(run_a.id)
                 t_b = trio.current_time()
                 b = chat(nursery, app, PROMPT_B, 100, "S")
 
                 # Just before the deadline: B still waits, A is not fenced.
                 await trio.sleep_until(t_b + timeout - 0.001)
-                run_b: Run = service.runs.current(TENANT, "S")  # type: ignore[assignment]
+                run_b = _current_run(service, key)
                 assert run_b.request.messages == PROMPT_B
                 assert service.runs.sessions.live(key) == {run_a.id: False, run_b.id: False}
                 assert not upstream.holds(run_b.request)

@@ -69,7 +69,7 @@ async def _service(settings: Settings, db: str) -> AsyncIterator[Service]:
 
 async def _detached_runs(service: Service, count: int, tokens: int, tag: str) -> None:
     """Create ``count`` detached runs of ``tokens`` tokens and wait until all have ended."""
-    done = [_create(service, tokens, f"{tag} {i}").done for i in range(count)]
+    done = [(await _create(service, tokens, f"{tag} {i}")).done for i in range(count)]
     for event in done:
         await event.wait()
 
@@ -168,7 +168,7 @@ async def _resume_case(case: str, tries: int, tokens: int, rng: random.Random) -
                             run_ttl=3600)  # fmt: skip
         async with _service(settings, settings.db) as service, trio.open_nursery() as nursery:
             port = await nursery.start(partial(serve_service, service))
-            run = _create(service, 1_000_000 if live else tokens, case)
+            run = await _create(service, 1_000_000 if live else tokens, case)
             if live:
                 while run.log.last_seq < 50:
                     await run.wait_changed()
@@ -188,10 +188,10 @@ async def measure_resume(tries: int, tokens: int, seed: int) -> list[LatencyFigu
     return [await _resume_case(case, tries, tokens, rng) for case in ("finished", "live")]
 
 
-def _create(service: Service, tokens: int, tag: str) -> Run:
+async def _create(service: Service, tokens: int, tag: str) -> Run:
     body = {"messages": [{"role": "user", "content": tag}],
             "max_tokens": tokens, "stream": True, "detach": True}  # fmt: skip
-    run = service.runs.create(TENANT, None, parse_chat_request(orjson.dumps(body)))
+    run = await service.runs.create(TENANT, None, parse_chat_request(orjson.dumps(body)))
     service.runs.start_detached(run)
     return run
 

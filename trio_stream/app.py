@@ -144,7 +144,7 @@ def _routes(app: TrioStreamApp) -> None:
         """A session is known while it has a live run or saved messages (404 otherwise)."""
         parse_session_id(session_id)
         rows = await service.store.session_messages(owner, session_id)
-        if not rows and not service.runs.sessions.live((owner, session_id)):
+        if not rows and not await service.runs.session_known(owner, session_id):
             raise not_found(f"No session {session_id!r}.")
         return rows
 
@@ -152,9 +152,9 @@ def _routes(app: TrioStreamApp) -> None:
     async def interrupt(session_id: str) -> dict[str, Any]:
         owner = tenant()
         await known_session(owner, session_id)
-        run = service.runs.current(owner, session_id)
-        interrupted = run is not None and service.runs.cancel(run, "interrupted")
-        return {"interrupted": interrupted, "run_id": run.id if run is not None else None}
+        run_id = await service.runs.current(owner, session_id)
+        interrupted = run_id is not None and await service.runs.cancel_id(run_id, "interrupted")
+        return {"interrupted": interrupted, "run_id": run_id}
 
     @app.get("/v1/sessions/<session_id>/messages")
     async def messages(session_id: str) -> dict[str, Any]:

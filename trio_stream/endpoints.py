@@ -49,7 +49,7 @@ async def chat_completions(service: Service, scope: Scope, receive: Receive, sen
         session_id = parse_session_id(header(scope, b"x-session-id"))
         request = parse_chat_request(await read_body(receive, scope, s.max_body_bytes))
         with service.stream_slot():
-            run = service.runs.create(tenant, session_id, request)
+            run = await service.runs.create(tenant, session_id, request)
             sub = Subscriber(
                 run, send, cursor=0, stall_timeout=s.stall_timeout, pinger=service.pinger,
                 headers=_response_headers(run), flow_controlled=_is_h2(scope),

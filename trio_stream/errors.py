@@ -108,3 +108,11 @@ def too_many_streams(limit: int, retry_after: int = 1) -> ApiError:
 
 def shutting_down() -> ApiError:
     return ApiError(503, "unavailable_error", "The server is shutting down.", "shutting_down")
+
+
+def unavailable(detail: str, retry_after: int = 1) -> ApiError:
+    """503: the shared state (cluster mode's Redis) cannot be reached now."""
+    return ApiError(
+        503, "unavailable_error", f"Shared state unavailable, retry shortly ({detail}).",
+        "shared_state_unavailable", ((b"retry-after", str(retry_after).encode()),),
+    )  # fmt: skip

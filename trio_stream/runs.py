@@ -24,19 +24,21 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import trio
 
 from .chunks import ChunkEncoder
 from .config import Settings
-from .errors import UpstreamError
+from .errors import UpstreamError, unavailable
+from .lifecycle import ending
 from .logs import EventLogger
 from .metrics import Metrics
 from .protocol import ChatRequest
-from .runlog import SAVED_STATUS, Entry, LogClosed, Outcome, RunLog, RunStatus
+from .runlog import Entry, LogClosed, Outcome, RunLog, RunStatus
 from .sessions import SessionKey, SessionTable
+from .shared import LocalState, SharedState, SharedUnavailable
 from .store import AlreadySaved, Message, Store
 from .upstream import Finish, Upstream
 
@@ -53,6 +55,9 @@ CANCEL_MESSAGES = {
 #: After ``finish_reason``, how long to read the rest of the upstream body
 #: (``[DONE]``, the chunked terminator) so its connection can be reused.
 DRAIN_TIMEOUT = 0.5
+#: The deadline of each shared-state step of a run's cleanup (release, the
+#: "finished" notice): a store that is down must not hold a run's cleanup.
+SHARED_TIMEOUT = 1.0
 
 
 async def _drain(items: AsyncIterator[object]) -> None:
@@ -66,8 +71,11 @@ async def _drain(items: AsyncIterator[object]) -> None:
             pass
 
 
+T = TypeVar("T")
+
+
 def new_run_id() -> str:
-    """128 random bits, URL-safe: unguessable, as API.md requires (>= 96)."""
+    """128 random bits, URL-safe: unguessable (docs/api.md asks for >= 96)."""
     return "run_" + secrets.token_urlsafe(16)
 
 
@@ -99,7 +107,8 @@ class Run:
             coalesce=coalesce,
         )  # fmt: skip
         self.error: UpstreamError | None = None
-        self.predecessors: tuple[Run, ...] = ()
+        self.predecessors: tuple[str, ...] = ()
+        self.epoch = 0  # the session's claim counter when this run claimed it
         self.first_token_at: float | None = None
         self.cancelled_at: float | None = None
         # Backpressure: an attached streaming run may run at most ``window``
@@ -195,8 +204,10 @@ class Run:
 class RunManager:
     """Creates, drives, cancels, finds and expires runs.
 
-    Owns the long-lived nursery of detached runs (:meth:`run`) and the pure
-    :class:`~trio_stream.sessions.SessionTable`.
+    Owns the long-lived nursery of detached runs (:meth:`run`).  What other
+    processes must see -- sessions, the run registry, cancel signals, detached
+    logs -- goes through ``shared`` (:class:`~trio_stream.shared.SharedState`);
+    ``runs`` holds only the runs this process drives.
     """
 
     def __init__(
@@ -206,14 +217,16 @@ class RunManager:
         store: Store,
         metrics: Metrics,
         logger: EventLogger,
+        shared: SharedState | None = None,
     ) -> None:
         self.settings = settings
         self.upstream = upstream
         self.store = store
         self.metrics = metrics
         self.logger = logger
+        self.shared = shared if shared is not None else LocalState()
+        self.shared.attach(self)
         self.runs: dict[str, Run] = {}
-        self.sessions = SessionTable()
         self.live = 0
         self._expiry: deque[tuple[float, str]] = deque()
         self._expiry_added = trio.Event()
@@ -233,31 +246,48 @@ class RunManager:
             task_status.started()
             await trio.sleep_forever()
 
+    @property
+    def sessions(self) -> SessionTable:
+        """The in-process session table (embedded mode only: checks and tests)."""
+        assert isinstance(self.shared, LocalState)
+        return self.shared.sessions
+
     # -- creating ---------------------------------------------------------
-    def create(self, tenant: str, session_id: str | None, request: ChatRequest) -> Run:
+    async def create(self, tenant: str, session_id: str | None, request: ChatRequest) -> Run:
         """Register a run and, if it has a session, supersede the session's runs.
 
-        Synchronous, so that the session table changes atomically: from here on
-        the new run is the session's current run (sessions rule 1).
+        The claim is atomic in the shared state (G1): from then on the new run
+        is the session's current run, wherever its predecessors run.  In-process
+        this does not checkpoint.  Raises the 503 :class:`ApiError` when the
+        shared state is unreachable; then nothing of the run remains.
         """
         run = Run(
             new_run_id(), tenant, session_id, request,
             detached=request.detach, coalesce=self.settings.coalesce,
         )  # fmt: skip
+        try:
+            await self._claim(run)
+        except SharedUnavailable as exc:
+            raise unavailable(str(exc)) from exc
         self.runs[run.id] = run
         self.live += 1
         self.metrics.active_runs.inc()
         self.logger.event("stream_start", trace=run.id, session=session_id, detached=run.detached)
-        if run.session_key is not None:
-            previous = self.sessions.claim(run.session_key, run.id)
-            run.predecessors = tuple(self.runs[p] for p in previous)
-            for prev in run.predecessors:
-                self.cancel(prev, "superseded")
+        for prev in run.predecessors:
+            await self.shared.cancel(prev, "superseded")
         return run
+
+    async def _claim(self, run: Run) -> None:
+        await self.shared.register(run)
+        if run.session_key is not None:
+            claim = await self.shared.claim(run.session_key, run.id)
+            run.epoch, run.predecessors = claim.epoch, claim.predecessors
 
     def start_detached(self, run: Run) -> None:
         assert self._nursery is not None, "RunManager.run() is not running"
         self._nursery.start_soon(self.drive, run)
+        if self.shared.ships_logs:
+            self._nursery.start_soon(self.shared.ship, run)
 
     # -- driving ----------------------------------------------------------
     async def drive(self, run: Run) -> None:
@@ -286,18 +316,13 @@ class RunManager:
             return
         key = run.session_key
         assert key is not None
-        with trio.move_on_after(self.settings.supersede_timeout):
-            for prev in run.predecessors:
-                await prev.done.wait()
-        for prev in run.predecessors:
-            if not prev.done.is_set():
-                # Sessions rule 3: the straggler may neither emit, nor touch
-                # the session entry, nor save over this run.
-                self.sessions.fence(key, prev.id)
-                prev.fence()
-                self.logger.event(
-                    "prev_stream_timeout_on_cancel", session=run.session_id, trace=prev.id
-                )
+        timeout = self.settings.supersede_timeout
+        for prev in await self.shared.wait_finished(run.predecessors, timeout):
+            # G3: the straggler may neither emit, nor touch the session
+            # entry, nor save over this run.
+            with contextlib.suppress(SharedUnavailable):
+                await self.shared.fence(key, prev)
+            self.logger.event("prev_stream_timeout_on_cancel", session=run.session_id, trace=prev)
 
     async def _pump(self, run: Run) -> None:
         """Upstream items -> the run's log, until ``finish_reason`` or an error.
@@ -357,13 +382,32 @@ class RunManager:
         self.logger.event("stream_cancelled", trace=run.id, reason=reason)
         return True
 
+    async def cancel_id(self, run_id: str, reason: str) -> bool:
+        """Cancel a run wherever it runs (G4).  True if it was running."""
+        run = self.runs.get(run_id)
+        if run is not None:
+            return self.cancel(run, reason)
+        try:
+            record = await self.shared.lookup(run_id)
+            if record is None or record.status != "running":
+                return False
+            await self.shared.cancel(run_id, reason)
+        except SharedUnavailable as exc:
+            raise unavailable(str(exc)) from exc
+        return True
+
     def _fail(self, run: Run, message: str) -> None:
         if run.end(Outcome(RunStatus.FAILED, "upstream_error", message)):
             self.metrics.cancellations.labels("upstream_error").inc()
             self.logger.event("stream_cancelled", trace=run.id, reason="upstream_error")
 
     async def _cleanup(self, run: Run) -> None:
-        """Save, release, wake: the one place a run ends.  Shielded, bounded."""
+        """Save, release, wake: the one place a run ends.  Shielded, bounded.
+
+        The save gets ``cleanup_timeout``; each shared-state step after it gets
+        :data:`SHARED_TIMEOUT` of its own, so a slow save never costs the
+        session its release.  What to do is decided by :func:`lifecycle.ending`.
+        """
         with trio.CancelScope(shield=True) as cs:
             cs.deadline = trio.current_time() + self.cleanup_timeout
             if run.log.status is RunStatus.RUNNING:  # cancelled from outside
@@ -371,38 +415,59 @@ class RunManager:
             await self._save(run)
         if cs.cancelled_caught:
             self.logger.event("save_timeout", trace=run.id)
+        fenced = await self._release(run)
         outcome = run.log.outcome
         assert outcome is not None
-        key = run.session_key
-        if key is not None:
-            if outcome.reason == "superseded" and not self.sessions.is_fenced(key, run.id):
-                self.logger.event(
-                    "prev_stream_finished_cleanly", session=run.session_id, trace=run.id
-                )
-            self.sessions.finish(key, run.id)  # compare-and-delete (sessions rule 2)
+        end = ending(outcome, events=run.log.last_seq, detached=run.detached, fenced=fenced)
+        if run.session_key is not None and end.clean_supersede:
+            self.logger.event("prev_stream_finished_cleanly", session=run.session_id, trace=run.id)
         self.live -= 1
         self.metrics.active_runs.dec()
-        self.metrics.runs.labels(outcome.status.value).inc()
+        self.metrics.runs.labels(end.outcome).inc()
         if run.cancelled_at is not None:
             self.metrics.cancel_seconds.observe(trio.current_time() - run.cancelled_at)
         run.finished()
-        if run.detached:
+        await self._shared_step(run, self.shared.finished(run))
+        if end.log_end:
             self.logger.event("stream_end", **self.end_fields(run))
+        if end.keep:
             self._expiry.append((trio.current_time() + self.settings.run_ttl, run.id))
             self._expiry_added.set()
         else:
             del self.runs[run.id]  # its only client has it; GET falls back to the store
         self._idle.unpark_all()
 
+    async def _release(self, run: Run) -> bool:
+        """Leave the session by this run's own id (G2); True if it was fenced."""
+        key = run.session_key
+        if key is None:
+            return run.log.fenced
+        released = self.shared.release(key, run.id)
+        fenced = await self._shared_step(run, released)
+        return bool(fenced) or run.log.fenced
+
+    async def _shared_step(self, run: Run, step: Awaitable[T]) -> T | None:
+        """Await one shared-state step of a cleanup: shielded, bounded, and a
+        store that is down is logged, not raised (the run still ends)."""
+        with trio.CancelScope(shield=True) as cs:
+            cs.deadline = trio.current_time() + SHARED_TIMEOUT
+            try:
+                return await step
+            except SharedUnavailable as exc:
+                self.logger.event("redis_unavailable", trace=run.id, error=str(exc))
+        if cs.cancelled_caught:
+            self.logger.event("redis_unavailable", trace=run.id, error="timeout")
+        return None
+
     async def _save(self, run: Run) -> None:
-        if run.log.last_seq == 0:
-            return  # nothing produced, nothing to save
         outcome = run.log.outcome
         assert outcome is not None
+        status = ending(outcome, events=run.log.last_seq, detached=run.detached, fenced=False)
+        if status.save_status is None:
+            return  # nothing produced, nothing to save
         message = Message(
             run.id, run.tenant, run.session_id, run.log.content, run.log.tool_calls or None,
-            SAVED_STATUS[outcome.status], outcome.reason, run.log.last_seq, run.detached,
-            run.created,
+            status.save_status, outcome.reason, run.log.last_seq, run.detached, run.created,
         )  # fmt: skip
         try:
             await self.store.save(message)
@@ -420,15 +485,33 @@ class RunManager:
             "duration_ms": round((trio.current_time() - run.started) * 1000, 3),
         }
 
+    # -- the owner side of the shared state ---------------------------------
+    def cancel_local(self, run_id: str, reason: str) -> bool:
+        run = self.runs.get(run_id)
+        return run is not None and self.cancel(run, reason)
+
+    def local_run(self, run_id: str) -> Run | None:
+        return self.runs.get(run_id)
+
     # -- finding ----------------------------------------------------------
     def get(self, tenant: str, run_id: str) -> Run | None:
-        """The run, if it is in memory and belongs to ``tenant``."""
+        """The run, if it is in this process's memory and belongs to ``tenant``."""
         run = self.runs.get(run_id)
         return run if run is not None and run.tenant == tenant else None
 
-    def current(self, tenant: str, session_id: str) -> Run | None:
-        run_id = self.sessions.current((tenant, session_id))
-        return None if run_id is None else self.runs.get(run_id)
+    async def current(self, tenant: str, session_id: str) -> str | None:
+        """The id of the session's current run, wherever it runs."""
+        try:
+            return await self.shared.current((tenant, session_id))
+        except SharedUnavailable as exc:
+            raise unavailable(str(exc)) from exc
+
+    async def session_known(self, tenant: str, session_id: str) -> bool:
+        """Has the session a live run anywhere?"""
+        try:
+            return bool(await self.shared.live((tenant, session_id)))
+        except SharedUnavailable as exc:
+            raise unavailable(str(exc)) from exc
 
     # -- expiry and shutdown ----------------------------------------------
     async def _reap(self) -> None:

@@ -1,0 +1,177 @@
+"""The shared state of runs: one interface, an in-process and a Redis backend.
+
+What one process used to keep in its own memory -- which run is a session's
+current one, where a run lives, how to stop it, and what a detached run has
+said so far -- is what several processes must agree on to keep the promises of
+docs/api.md section 3 when a request may land on any of them.  This module
+states those promises once, as the interface :class:`SharedState`; the
+in-process backend (:mod:`trio_stream.shared.local`, the embedded default) and
+the Redis backend (:mod:`trio_stream.shared.redis`) implement it, and one
+contract suite (``tests/test_shared_contract.py``) runs against both.
+
+Guarantees every backend gives:
+
+G1 (claim)    :meth:`SharedState.claim` is atomic.  When it returns, the new
+              run is the session's current run, its epoch is greater than the
+              epoch of every earlier claim of the session, and the returned
+              predecessors are exactly the session's live, unfenced runs.
+G2 (release)  A run leaves its session only by its own id
+              (compare-and-delete): releasing an old run never removes its
+              successor, whatever the order, however late.
+G3 (fence)    A fenced run is no longer anybody's predecessor; its release
+              still removes only itself, and tells the caller it was fenced.
+G4 (cancel)   :meth:`SharedState.cancel` reaches the run's owner wherever it
+              runs, and is idempotent.  A lost message does not lose the
+              cancel: the owner also finds it by polling (Redis pub/sub
+              delivers at most once).
+G5 (finished) :meth:`SharedState.wait_finished` returns once every given run
+              has finished its cleanup, or at the deadline with those that
+              have not.
+G6 (registry) Any node can look up a run it does not own: its tenant,
+              session, owner, status and (for a detached run) its log.
+G7 (logs)     A detached run's log, read from any node, is the owner's log:
+              the same entries with the same sequence numbers, then its
+              outcome.
+
+Failure modes of a distributed backend are named where they are handled
+(:mod:`trio_stream.shared.redis`).  A backend that cannot reach its store
+raises :class:`SharedUnavailable`, which the HTTP layer answers with 503 and
+``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+
+from ..errors import TrioStreamError
+from ..runlog import Entry, Outcome
+
+if TYPE_CHECKING:
+    from ..runs import Run
+
+SessionKey = tuple[str, str]
+
+
+class SharedUnavailable(TrioStreamError):
+    """The shared store cannot be reached now (the caller answers 503)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What :meth:`SharedState.claim` returns (G1)."""
+
+    epoch: int
+    predecessors: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """What any node knows about a run it may not own (G6)."""
+
+    id: str
+    tenant: str
+    session_id: str | None
+    node: str
+    detached: bool
+    status: str  # running | completed | cancelled | failed
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LogPage:
+    """A slice of a shared log (G7): entries after a cursor, then maybe the end."""
+
+    entries: Sequence[Entry]
+    outcome: Outcome | None
+    error: dict[str, Any] | None = None
+
+
+class Owner(Protocol):
+    """The node-local side a backend calls back into (the run manager)."""
+
+    def cancel_local(self, run_id: str, reason: str) -> bool:
+        """Cancel a run this node owns; False if unknown here or already ended."""
+
+    def local_run(self, run_id: str) -> Run | None:
+        """The run, if this node owns it and still holds it."""
+
+
+class SharedState(abc.ABC):
+    """The session table, run registry, cancel signals and detached logs.
+
+    Cancellation: every method is cancellable; one cancelled mid-way leaves
+    the shared state as if it had either happened or not (each write is one
+    atomic step of the backend).
+    """
+
+    #: This node's id (unique per process): the owner of the runs it drives.
+    node: str
+    #: Does :meth:`ship` need a task per detached run (a remote log)?
+    ships_logs: bool = False
+
+    def attach(self, owner: Owner) -> None:
+        self.owner = owner
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Background work (listeners, leases) until cancelled."""
+        task_status.started()
+        await trio.sleep_forever()
+
+    @property
+    def healthy(self) -> bool:
+        """False while the store is unreachable (``/healthz`` says degraded)."""
+        return True
+
+    # -- sessions (G1-G3) ---------------------------------------------------
+    @abc.abstractmethod
+    async def claim(self, key: SessionKey, run_id: str) -> Claim: ...
+
+    @abc.abstractmethod
+    async def fence(self, key: SessionKey, run_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def release(self, key: SessionKey, run_id: str) -> bool:
+        """Remove ``run_id`` from its session (G2).  Returns True if it had
+        been fenced (G3)."""
+
+    @abc.abstractmethod
+    async def current(self, key: SessionKey) -> str | None: ...
+
+    @abc.abstractmethod
+    async def live(self, key: SessionKey) -> dict[str, bool]:
+        """The session's live runs, id -> fenced."""
+
+    # -- cancel and completion (G4, G5) ---------------------------------------
+    @abc.abstractmethod
+    async def cancel(self, run_id: str, reason: str) -> None: ...
+
+    @abc.abstractmethod
+    async def wait_finished(self, run_ids: Sequence[str], grace: float) -> tuple[str, ...]:
+        """Wait up to ``grace`` seconds; return the ids that have not finished."""
+
+    # -- registry and logs (G6, G7) -------------------------------------------
+    async def register(self, run: Run) -> None:
+        """Publish a new run (a no-op where every run is local)."""
+        return None
+
+    async def finished(self, run: Run) -> None:
+        """The owner's cleanup of ``run`` is over (after its save)."""
+        return None
+
+    async def lookup(self, run_id: str) -> RunRecord | None:
+        """A run owned elsewhere, or None (always None in-process)."""
+        return None
+
+    async def read_log(self, run_id: str, cursor: int) -> LogPage | None:
+        """A remote detached run's log after ``cursor``, waiting for more if
+        there is none yet; None if the log is gone."""
+        return None
+
+    async def ship(self, run: Run) -> None:
+        """Copy a detached run's log to the shared store until it ends."""
+        return None
