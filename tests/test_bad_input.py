@@ -1,4 +1,4 @@
-"""Bad input gets a clear error and costs nothing (issue 6, API.md section 2).
+"""Bad input gets a clear error and costs nothing (issue 6, docs/api.md section 2).
 
 One table: every row is a request (method, path, headers, body) and the answer
 it must get (status, OpenAI error ``type`` and ``code``).  Every answer must be
@@ -277,7 +277,7 @@ def assert_openai_error(response: httpx.Response, type_: str, code: str | None) 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 async def test_bad_input_gets_its_error_and_costs_nothing(case: Case, tmp_path: Path) -> None:
-    """Every row of API.md's error table answers its status with the OpenAI
+    """Every row of the error table (docs/api.md section 2.2) answers its status with the OpenAI
     error body (429 with Retry-After, 405 with Allow), and starts no run."""
     settings = bad_input_settings(tmp_path, case.setup)
     with trio.fail_after(15):
@@ -364,7 +364,8 @@ async def test_chunked_body_growing_past_the_limit_is_refused_midway(tmp_path: P
 
 
 def test_the_table_covers_every_status_of_the_error_table() -> None:
-    """The table has a row for each status of API.md section 2 that a client
-    can cause (502/504 are upstream faults: tests/test_upstream_faults.py)."""
+    """The table has a row for each status of docs/api.md section 2.2 that one
+    request, sent at once, can cause: not 408 (a slow body), not 409 (a second
+    request), not 502/504 (upstream faults: tests/test_upstream_faults.py)."""
     assert {c.status for c in CASES} == {400, 401, 404, 405, 413, 429, 503}
     assert len({c.id for c in CASES}) == len(CASES)

@@ -1,4 +1,4 @@
-"""HTTP/2: h2c prior knowledge, h2c Upgrade, h2 by ALPN over TLS (API.md 3.8).
+"""HTTP/2: h2c prior knowledge, h2c Upgrade, h2 by ALPN over TLS (docs/api.md section 3.8).
 
 The client is :mod:`trio_stream.load.h2` (``h2`` driven directly), because
 httpx's HTTP/2 sends no ``RST_STREAM`` when a response is closed early

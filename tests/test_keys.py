@@ -1,4 +1,4 @@
-"""API keys (issue 6, API.md section 2): isolation, secrecy, and no open access
+"""API keys (issue 6, docs/api.md section 2.1): isolation, secrecy, and no open access
 on a network.
 
 * Each key is its own tenant: runs, sessions and messages of one key are

@@ -1,4 +1,4 @@
-"""Saved exactly once (issue 4, API.md 3.4).
+"""Saved exactly once (issue 4, docs/api.md section 3.4).
 
 Every run that produced content is saved exactly once, however it ends:
 ``complete``, ``partial`` with the cancel reason, or ``failed``.  The save

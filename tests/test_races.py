@@ -1,6 +1,6 @@
 """1,000 random races of completion, Stop, supersession, interrupt and disconnect.
 
-Invariant (API.md 3.4): whatever the interleaving, every run that produced
+Invariant (docs/api.md section 3.4): whatever the interleaving, every run that produced
 content has exactly one saved row -- never two, never none -- holding exactly
 what the run received, and a run that produced nothing has no row.  And
 afterwards nothing is left behind: no live run, no session entry, no task.

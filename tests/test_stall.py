@@ -1,4 +1,4 @@
-"""Stalled clients (API.md 3.6), over real sockets, on HTTP/1.1 and HTTP/2.
+"""Stalled clients (docs/api.md section 3.6), over real sockets, on HTTP/1.1 and HTTP/2.
 
 A client that stops reading is cut after ``--stall-timeout`` (reason
 ``client_stalled``) and its upstream connection is closed; and neither a

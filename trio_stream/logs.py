@@ -1,4 +1,4 @@
-"""Lifecycle logging: one line per event on stderr (API.md section 4).
+"""Lifecycle logging: one line per event on stderr (docs/api.md section 4).
 
 Text format: ``event key=value ...``; JSON format: one object per line,
 ``{"event": ..., "key": value, ...}``.  Built on structlog, without touching

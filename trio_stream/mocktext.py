@@ -1,6 +1,6 @@
 """The built-in mock upstream's reply: a pure function of the request.
 
-Rules (API.md section 5):
+Rules (docs/api.md section 5):
 
 1. The reply to a request is fixed by its ``messages`` and ``max_tokens``.
 2. Token ``i`` is ``word(base + i)``, preceded by one space unless ``i == 0``.

@@ -16,7 +16,7 @@ Outcome of one request (first matching rule wins)::
     7     we disconnected mid-stream (on purpose)         cancelled  client_disconnect
     8     the body ended without [DONE] or an error       failed     truncated
 
-Integrity (API.md section 5: the mock's reply is a pure function of the
+Integrity (docs/api.md section 5: the mock's reply is a pure function of the
 request, and each token is a word that :func:`mocktext.word_index` decodes to
 a unique integer).  The text received is split on spaces and decoded; token
 ``i`` of the reply is ``base + i``.  Then:

@@ -1,4 +1,4 @@
-"""``trio-stream load``: the load generator's command line (API.md section 1).
+"""``trio-stream load``: the load generator's command line (docs/api.md section 1.2).
 
 A thin wrapper: options -> :class:`~trio_stream.load.plan.LoadConfig` ->
 :func:`~trio_stream.load.runner.run_load` -> a rich table (stdout) and, with

@@ -1,4 +1,4 @@
-"""The built-in mock upstream: no network, a deterministic reply (API.md section 5).
+"""The built-in mock upstream: no network, a deterministic reply (docs/api.md section 5).
 
 The text is :func:`trio_stream.mocktext.tokens`; the gap before each token is
 ``--mock-delay-ms``.  With a delay of 0 it still checkpoints once per token so
