@@ -170,10 +170,14 @@ async def serve_service(
 async def _drain(
     service: Service, context: WorkerContext, stop_accepting: Callable[[], None]
 ) -> None:
-    """API.md 3.7: 503 for new streams, a grace period, then cancel and save."""
+    """docs/api.md section 3.7: 503 for new streams, a grace period, then cancel and save.
+
+    A run that ends during the grace period is saved with the full
+    ``--save-timeout``; only cleanups that start after it (the runs cancelled
+    here) get ``SHUTDOWN_CLEANUP``.  See docs/design.md section 10.
+    """
     s = service.settings
     service.shutting_down = True
-    service.runs.cleanup_timeout = SHUTDOWN_CLEANUP
     service.logger.event(
         "shutdown_start", runs=service.runs.live, streams=service.streams,
         graceful_timeout=s.graceful_timeout,
@@ -185,6 +189,7 @@ async def _drain(
     # every new connection unanswered, and during the grace period they get 503.
     stop_accepting()
     await context.terminated.set()  # hypercorn closes idle keep-alive connections
+    service.runs.cleanup_timeout = SHUTDOWN_CLEANUP  # read when each cleanup starts
     service.runs.cancel_all("shutdown")
     with trio.move_on_after(SHUTDOWN_CLEANUP):
         await service.runs.wait_idle()
