@@ -1,9 +1,12 @@
-"""Fixes for hypercorn 0.18 bugs that break trio-stream's promises.
+"""Fixes for hypercorn 0.18.0 bugs that break trio-stream's promises.
 
 Applied by :func:`trio_stream.serve_service` (and idempotent), not at import:
 importing trio_stream changes nothing.  They patch hypercorn for the whole
-process, which is what a fix of the library itself would do.  Each one names
-the test that fails without it.
+process, which is what a fix of the library itself would do -- so they are
+applied only to the version they were written for (:data:`FIXED_VERSION`).
+On any other version hypercorn is left alone and the event
+``hypercorn_fix_skipped`` is logged: the tests named below then say whether
+the new version still needs a fix.
 
 1. ``StreamBuffer.pop`` (``hypercorn/protocol/h2.py``) resumes a paused
    writer whenever the popped chunk is small.  Once a client stops reading,
@@ -13,16 +16,25 @@ the test that fails without it.
    a never-read stream, ~2 MB had been queued for a client that had taken
    64 KiB.  The fixed ``pop`` resumes the writer only once the buffer is below
    its low-water mark.  Without it ``tests/test_stall.py`` (HTTP/2 cases)
-   fails.  (The same flaw was raised on the anycorn fork, PR #61.)
+   fails; ``tests/test_hypercorn_fixes.py`` fails once hypercorn's own ``pop``
+   no longer has the bug.  (The same flaw was raised on the anycorn fork,
+   PR #61.)
 """
 
 from __future__ import annotations
 
+from importlib import metadata
 from typing import Any
 
 from hypercorn.protocol import h2 as _h2
 
-_original_pop = _h2.StreamBuffer.pop
+from .logs import EventLogger
+
+#: The hypercorn release whose code these fixes replace.
+FIXED_VERSION = "0.18.0"
+
+#: hypercorn's own ``StreamBuffer.pop``, as imported (before any patch).
+original_pop = _h2.StreamBuffer.pop
 
 
 async def _pop(self: Any, max_length: int) -> bytes:
@@ -37,9 +49,27 @@ async def _pop(self: Any, max_length: int) -> bytes:
     return data
 
 
-def apply() -> None:
-    """Install the fixes (idempotent)."""
+def hypercorn_version() -> str:
+    """The installed hypercorn's version string."""
+    return metadata.version("hypercorn")
+
+
+def apply(logger: EventLogger | None = None) -> bool:
+    """Install the fixes if hypercorn is :data:`FIXED_VERSION` (idempotent).
+
+    On any other version, change nothing and log ``hypercorn_fix_skipped``
+    through ``logger`` (a default :class:`~trio_stream.logs.EventLogger` on
+    stderr if none is given).  Returns whether the fixes are installed.
+    """
+    found = hypercorn_version()
+    if found != FIXED_VERSION:
+        (logger or EventLogger()).event(
+            "hypercorn_fix_skipped", fix="StreamBuffer.pop", hypercorn=found,
+            written_for=FIXED_VERSION,
+        )  # fmt: skip
+        return False
     _h2.StreamBuffer.pop = _pop  # type: ignore[method-assign]
+    return True
 
 
 def applied() -> bool:
