@@ -1,13 +1,14 @@
 """Operations: ``/healthz``, ``/metrics``, the lifecycle log lines, ``: ping``.
 
-The names checked here are the contract of API.md sections 2 and 4: operators'
-dashboards and log queries depend on them.
+The names checked here are the contract of docs/api.md sections 2 and 4:
+operators' dashboards and log queries depend on them.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,11 +19,13 @@ import orjson
 import pytest
 import trio
 import trio.testing
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RawClient, loopback_client, memory_app, running_server
 from tests.memasgi import start_request
 from trio_stream import EventLogger, Settings, open_service, serve_service
+from trio_stream.metrics import Metrics
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "log me"}]
@@ -65,8 +68,8 @@ async def test_healthz_needs_no_key(settings: Settings) -> None:
 
 
 async def test_metrics_expose_every_name_of_the_contract(settings: Settings) -> None:
-    """``GET /metrics`` (no key needed) has every metric name of API.md section
-    2, with values that follow one completed and one cancelled stream;
+    """``GET /metrics`` (no key needed) has every metric name of docs/api.md
+    section 2, with values that follow one completed and one cancelled stream;
     ``trio_stream_tasks_living`` is a real number."""
     with trio.fail_after(10):
         async with running_server(settings.replace(api_keys=("k1",), mock_delay_ms=5)) as server:
@@ -106,6 +109,25 @@ async def test_metrics_expose_every_name_of_the_contract(settings: Settings) -> 
     assert value("trio_stream_ttft_seconds_count") == 2
     assert value("trio_stream_cancel_seconds_count") == 1
     assert value("process_resident_memory_bytes") > 0
+
+
+@pytest.mark.skipif(
+    os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES") is not None,
+    reason="the environment already decides prometheus_client's *_created series",
+)
+def test_metrics_change_nothing_global_in_prometheus_client() -> None:
+    """trio_stream's scrape leaves out the *_created series, without changing
+    prometheus_client for the rest of the process: after trio_stream is
+    imported and its metrics are built and rendered, an embedder's own
+    counter still exports its *_created series."""
+    ours = Metrics()
+    ours.runs.labels("completed").inc()
+    scrape = ours.render().decode()
+    theirs = CollectorRegistry()
+    Counter("embedder_requests", "An embedder's own counter.", registry=theirs).inc()
+    assert "trio_stream_runs_total" in scrape
+    assert "_created" not in scrape
+    assert "embedder_requests_created" in generate_latest(theirs).decode()
 
 
 # -- log lines -------------------------------------------------------------

@@ -1,12 +1,20 @@
-"""Prometheus metrics, with the names of API.md section 2.
+"""Prometheus metrics, with the names of docs/api.md section 2.
 
 Each app has its own :class:`~prometheus_client.CollectorRegistry`, so several
 apps can live in one process (tests, embedders).  ``trio_stream_tasks_living``
 is read from ``trio.lowlevel.current_statistics()`` at scrape time, which is
 always in the trio thread because ``/metrics`` is served by the app.
+
+Nothing here touches ``prometheus_client``'s process-wide state (such as
+``disable_created_metrics()``): the ``*_created`` series are left out of our
+own scrape only (:class:`WithoutCreated`), so an embedder's metrics are not
+changed by importing or running trio_stream.
 """
 
 from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
 
 import trio
 from prometheus_client import (
@@ -14,12 +22,11 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Metric,
     ProcessCollector,
-    disable_created_metrics,
     generate_latest,
 )
-
-disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series only double the scrape size
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (
@@ -32,6 +39,24 @@ def _tasks_living() -> float:
         return float(trio.lowlevel.current_statistics().tasks_living)
     except RuntimeError:  # scraped from outside trio: there is no loop to ask
         return float("nan")
+
+
+class WithoutCreated(Collector):
+    """A view of a registry without its ``*_created`` samples.
+
+    Every counter and histogram would add one, which only doubles the size of
+    the scrape.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.registry.collect():
+            created = metric.name + "_created"
+            kept = copy.copy(metric)  # the registry's own object stays as it is
+            kept.samples = [s for s in metric.samples if s.name != created]
+            yield kept
 
 
 class Metrics:
@@ -63,4 +88,4 @@ class Metrics:
         )  # fmt: skip
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(WithoutCreated(self.registry))
