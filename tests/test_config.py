@@ -1,12 +1,18 @@
-"""Plain synchronous tests of Settings validation (trio_stream/config.py)."""
+"""Plain synchronous tests of Settings validation (trio_stream/config.py) and
+of the ``serve`` options built from Settings (trio_stream/cli.py)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import typing
 from typing import Any
 
+import click
 import pytest
+from click.testing import CliRunner
 
+from trio_stream import cli
 from trio_stream.config import Settings, is_loopback
 from trio_stream.errors import ConfigError
 
@@ -18,7 +24,7 @@ def problems(**changes: Any) -> str:
 
 
 def test_defaults_are_valid() -> None:
-    """The defaults of API.md section 1 validate, and validate() returns self."""
+    """The defaults of docs/api.md section 1 validate, and validate() returns self."""
     settings = Settings()
     assert settings.validate() is settings
     assert (settings.host, settings.port, settings.upstream) == ("127.0.0.1", 8000, "mock")
@@ -45,6 +51,8 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("token-timeout", {"token_timeout": 0}, "--token-timeout must be > 0"),
     ("connect-timeout", {"connect_timeout": 0}, "--connect-timeout must be > 0"),
     ("save-timeout", {"save_timeout": 0}, "--save-timeout must be > 0"),
+    ("body-timeout", {"body_timeout": 0}, "--body-timeout must be > 0"),
+    ("body-timeout-negative", {"body_timeout": -1.5}, "--body-timeout must be > 0"),
     ("mock-delay", {"mock_delay_ms": -1}, "--mock-delay-ms must be >= 0"),
     ("max-streams", {"max_streams": 0}, "--max-streams"),
     ("max-body-bytes", {"max_body_bytes": 0}, "--max-body-bytes"),
@@ -130,5 +138,116 @@ def test_settings_are_frozen() -> None:
     ids=["port-0", "port-max", "openai", "ollama", "tls", "mock-delay-0", "json-logs", "keys"],
 )
 def test_valid_settings(changes: dict[str, Any]) -> None:
-    """Boundary and combined values that API.md allows validate."""
+    """Boundary and combined values that docs/api.md allows validate."""
     Settings(**changes).validate()
+
+
+# -- the command line, built from Settings -----------------------------------------
+
+FIELDS = dataclasses.fields(Settings)
+
+
+def options() -> dict[str, click.Option]:
+    """``serve``'s options by the Settings field they set."""
+    return {p.name: p for p in cli.serve.params if isinstance(p, click.Option) and p.name}
+
+
+def parse(*args: str) -> Settings:
+    """The Settings ``trio-stream serve ARGS`` would run with (nothing is served)."""
+    ctx = cli.serve.make_context("serve", list(args))
+    return cli.settings_from(ctx.params)
+
+
+@pytest.fixture(autouse=True)
+def no_trio_stream_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests' own environment never reaches the options under test."""
+    for name in list(os.environ):
+        if name.startswith("TRIO_STREAM_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.mark.parametrize("field", FIELDS, ids=[f.name for f in FIELDS])
+def test_every_setting_has_an_option_with_its_default(field: dataclasses.Field[Any]) -> None:
+    """Each Settings field has exactly one serve option, which sets it, whose
+    default is the field's default and which has help text: the command line
+    and Settings cannot drift apart."""
+    option = options()[field.name]
+    assert option.default == field.default
+    assert option.help
+
+
+def test_every_option_sets_a_setting() -> None:
+    """serve has no option that is not a Settings field, and no two options
+    set the same field."""
+    assert sorted(p.name or "" for p in cli.serve.params) == sorted(f.name for f in FIELDS)
+
+
+def test_no_arguments_give_the_default_settings() -> None:
+    """``trio-stream serve`` with no argument and no environment runs
+    exactly Settings()."""
+    assert parse() == Settings()
+
+
+ONE_VALUE = [f for f in FIELDS if f.name != "api_keys"]
+SAMPLES: dict[type, tuple[str, Any]] = {
+    str: ("sample", "sample"), int: ("7", 7), float: ("2.5", 2.5), bool: ("false", False),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("field", ONE_VALUE, ids=[f.name for f in ONE_VALUE])
+def test_every_option_reads_its_environment_variable(
+    field: dataclasses.Field[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TRIO_STREAM_<FIELD_NAME> sets each option whose flag is absent, as
+    the option's own type (the keys are tested below)."""
+    hint = typing.get_type_hints(Settings)[field.name]
+    base = next(t for t in (*typing.get_args(hint), hint) if t in SAMPLES)
+    choices = field.metadata["cli"].choices
+    raw, expected = (choices[-1], choices[-1]) if choices else SAMPLES[base]
+    assert expected != field.default
+    monkeypatch.setenv(f"TRIO_STREAM_{field.name.upper()}", raw)
+    assert cli.serve.make_context("serve", []).params[field.name] == expected
+
+
+def test_api_keys_from_flags_and_environment_add_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--api-key is repeatable, and TRIO_STREAM_API_KEYS=k1,k2 adds its keys."""
+    monkeypatch.setenv("TRIO_STREAM_API_KEYS", "k1,k2")
+    assert parse("--api-key", "a", "--api-key", "b").api_keys == ("a", "b", "k1", "k2")
+
+
+def test_coalesce_switches_off() -> None:
+    """--coalesce is on by default; --no-coalesce turns it off."""
+    assert parse().coalesce is True
+    assert parse("--no-coalesce").coalesce is False
+
+
+def test_body_timeout_option() -> None:
+    """--body-timeout sets Settings.body_timeout (default 30 s); 0 is refused."""
+    assert Settings().body_timeout == 30.0
+    assert parse("--body-timeout", "4.5").body_timeout == 4.5
+    with pytest.raises(ConfigError, match="--body-timeout must be > 0"):
+        parse("--body-timeout", "0")
+
+
+def test_help_shows_every_default() -> None:
+    """``trio-stream serve --help`` works and shows, for every option with a
+    default, that default (the Settings one)."""
+    result = CliRunner().invoke(cli.main, ["serve", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--body-timeout" in result.output
+    ctx = click.Context(cli.serve)
+    for field in FIELDS:
+        record = options()[field.name].get_help_record(ctx)
+        assert record is not None
+        if field.default not in (None, ()):
+            shown = field.name if field.default is True else field.default
+            assert f"[default: {shown}]" in record[1], record
+
+
+def test_invalid_options_are_a_usage_error() -> None:
+    """An invalid setting on the command line exits 2, naming the option,
+    before anything is served."""
+    result = CliRunner().invoke(cli.main, ["serve", "--window", "0", "--port", "-1"])
+    assert result.exit_code == 2
+    assert "--window" in result.output
+    assert "--port" in result.output

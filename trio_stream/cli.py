@@ -1,32 +1,91 @@
-"""The ``trio-stream`` command line (API.md section 1)."""
+"""The ``trio-stream`` command line (docs/api.md section 1).
+
+Every option of ``serve`` is built from a field of
+:class:`~trio_stream.config.Settings`: its name, type, default and help (see
+:func:`settings_options`).  There is no second list of defaults to drift.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import click
 import trio
 
-from .config import LOG_FORMATS, UPSTREAMS, Settings
+from .config import CLI, Settings
 from .errors import ConfigError
-
-
-def _env(name: str) -> str:
-    return "TRIO_STREAM_" + name.upper().replace("-", "_")
-
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: A setting of one of these types is an option taking one value of it.
+_SCALARS = (str, int, float)
 
-def _option(name: str, type_: Any, default: Any, help_: str, **kw: Any) -> Callable[[F], F]:
+
+def _env(name: str) -> str:
+    """The environment variable of a setting: ``TRIO_STREAM_<NAME>``."""
+    return "TRIO_STREAM_" + name.upper().replace("-", "_")
+
+
+def _value_type(hint: Any, cli: CLI) -> Any:
+    """The click type of a one-value option (``X | None`` takes an ``X``)."""
+    if cli.choices:
+        return click.Choice(cli.choices)
+    if isinstance(hint, types.UnionType):
+        (hint,) = (arg for arg in typing.get_args(hint) if arg is not type(None))
+    if hint not in _SCALARS:
+        raise TypeError(f"no command-line type for a setting of type {hint!r}")
+    return hint
+
+
+def settings_option(field: dataclasses.Field[Any], hint: Any) -> Callable[[F], F]:
+    """The click option of one :class:`Settings` field.
+
+    ``bool`` is an on/off pair (``--coalesce/--no-coalesce``); ``tuple[str,
+    ...]`` (the client keys) is a repeatable option, whose environment
+    variable :func:`settings_from` reads; anything else takes one value, with
+    the field's default shown in ``--help``.
+    """
+    cli = field.metadata.get("cli")
+    if not isinstance(cli, CLI):
+        raise TypeError(f"Settings.{field.name} has no option: declare it with config.setting()")
+    name = cli.flag or field.name.replace("_", "-")
+    if hint is bool:
+        return click.option(
+            f"--{name}/--no-{name}", field.name, default=field.default, envvar=_env(field.name),
+            show_default=True, help=cli.help,
+        )  # fmt: skip
+    if typing.get_origin(hint) is tuple:
+        return click.option(f"--{name}", field.name, multiple=True, default=(), help=cli.help)
     return click.option(
-        f"--{name}", type=type_, default=default, envvar=_env(name), show_default=True,
-        help=help_, **kw,
+        f"--{name}", field.name, type=_value_type(hint, cli), default=field.default,
+        envvar=_env(field.name), show_default=field.default is not None, help=cli.help,
     )  # fmt: skip
+
+
+def settings_options(command: F) -> F:
+    """Give ``command`` one option per :class:`Settings` field, in field order."""
+    hints = typing.get_type_hints(Settings)
+    for field in reversed(dataclasses.fields(Settings)):  # the last one applied is listed first
+        command = settings_option(field, hints[field.name])(command)
+    return command
+
+
+def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> Settings:
+    """The validated :class:`Settings` of parsed ``serve`` options.
+
+    Client keys are those of ``--api-key`` plus those of
+    ``TRIO_STREAM_API_KEYS=k1,k2``.  Raises :class:`ConfigError`.
+    """
+    env_keys = environ.get(_env("api_keys"), "")
+    keys = (*options["api_keys"], *(k.strip() for k in env_keys.split(",") if k.strip()))
+    return Settings(**{**options, "api_keys": keys}).validate()
 
 
 @click.group()
@@ -36,59 +95,11 @@ def main() -> None:
 
 
 @main.command()
-@_option("host", str, "127.0.0.1", "Bind address.")
-@_option("port", int, 8000, "Bind port (0 picks a free port and logs it).")
-@_option("upstream", click.Choice(UPSTREAMS), "mock", "Where completions come from.")
-@_option(
-    "upstream-url", str, None, "Base URL: http://host:port/v1 (openai), http://host:11434 (ollama)."
-)
-@_option("upstream-api-key", str, None, "Sent as 'Authorization: Bearer' to an openai upstream.")
-@click.option(
-    "--api-key",
-    "api_keys",
-    multiple=True,
-    help="Accepted client key (repeatable; env TRIO_STREAM_API_KEYS=k1,k2).",
-)
-@_option("db", str, "trio-stream.db", "SQLite file for saved messages (':memory:' allowed).")
-@_option("certfile", str, None, "TLS certificate; HTTP/2 is then offered by ALPN.")
-@_option("keyfile", str, None, "TLS private key.")
-@_option(
-    "supersede-timeout", float, 2.0, "Seconds a new request waits for the previous run's cleanup."
-)
-@_option("stall-timeout", float, 30.0, "Seconds a client may refuse data before it is cut.")
-@_option("ping-interval", float, 15.0, "Seconds of silence before ': ping'.")
-@_option("graceful-timeout", float, 10.0, "Seconds running streams get after SIGTERM/SIGINT.")
-@_option("run-ttl", float, 300.0, "Seconds a finished detached run stays resumable.")
-@_option("max-streams", int, 10000, "Concurrent client streams; beyond it 429.")
-@_option("max-body-bytes", int, 1_048_576, "Request bodies beyond it get 413.")
-@_option("mock-delay-ms", float, 20.0, "The mock upstream's gap between tokens.")
-@_option("log-format", click.Choice(LOG_FORMATS), "text", "text or json, on stderr.")
-@_option(
-    "first-token-timeout",
-    float,
-    60.0,
-    "Seconds the upstream may take to its first token (then 504).",
-)
-@_option(
-    "token-timeout", float, 60.0, "Seconds of upstream silence mid-stream before the run fails."
-)
-@_option("connect-timeout", float, 10.0, "Seconds to connect to the upstream (then 502).")
-@_option("save-timeout", float, 5.0, "Deadline of a run's shielded save.")
-@_option("window", int, 64, "Deltas an attached run may read ahead of its slowest writer.")
-@click.option(
-    "--coalesce/--no-coalesce",
-    default=True,
-    envvar=_env("coalesce"),
-    show_default=True,
-    help="Merge queued deltas into one event when the client falls behind.",
-)
+@settings_options
 def serve(**options: Any) -> None:
     """Run the server (hypercorn trio worker, quart-trio app)."""
-    keys = tuple(options.pop("api_keys") or ())
-    env_keys = os.environ.get("TRIO_STREAM_API_KEYS", "")
-    keys += tuple(k.strip() for k in env_keys.split(",") if k.strip())
     try:
-        settings = Settings(api_keys=keys, **options).validate()
+        settings = settings_from(options)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     trio.run(_serve_until_signal, settings)

@@ -1,7 +1,12 @@
-"""Settings: every option of ``trio-stream serve`` (API.md section 1), validated.
+"""Settings: every option of ``trio-stream serve`` (docs/api.md section 1), validated.
 
 :class:`Settings` is what embedders build (``Settings(port=0, ...)``) and what
 the command line produces.  It is frozen: nothing changes it after start.
+
+Each field is also the one definition of its command-line option: its default,
+and (in ``metadata["cli"]``, a :class:`CLI`) its help text, choices and flag.
+:mod:`trio_stream.cli` builds ``--<field-name>`` (env ``TRIO_STREAM_<FIELD_NAME>``)
+from it, so an option and its setting cannot drift apart.
 
 This module never imports trio.
 """
@@ -11,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ConfigError
 
@@ -28,32 +34,73 @@ def is_loopback(host: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class CLI:
+    """How a :class:`Settings` field appears on the command line."""
+
+    help: str
+    choices: tuple[str, ...] = ()  # the only values allowed, if any
+    flag: str = ""  # the option's name when it is not the field's (``api-key``)
+
+
+def setting(default: Any, help: str, *, choices: tuple[str, ...] = (), flag: str = "") -> Any:
+    """A :class:`Settings` field: its default, and its command-line option."""
+    return dataclasses.field(default=default, metadata={"cli": CLI(help, choices, flag)})
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    upstream: str = "mock"
-    upstream_url: str | None = None
-    upstream_api_key: str | None = None
-    api_keys: tuple[str, ...] = ()
-    db: str = "trio-stream.db"
-    certfile: str | None = None
-    keyfile: str | None = None
-    supersede_timeout: float = 2.0
-    stall_timeout: float = 30.0
-    ping_interval: float = 15.0
-    graceful_timeout: float = 10.0
-    run_ttl: float = 300.0
-    max_streams: int = 10000
-    max_body_bytes: int = 1_048_576
-    mock_delay_ms: float = 20.0
-    log_format: str = "text"
-    # Options beyond API.md section 1 (documented in README and docs/design.md).
-    first_token_timeout: float = 60.0
-    token_timeout: float = 60.0
-    connect_timeout: float = 10.0
-    save_timeout: float = 5.0
-    coalesce: bool = True
-    window: int = 64
+    host: str = setting("127.0.0.1", "Bind address.")
+    port: int = setting(8000, "Bind port (0 picks a free port and logs it).")
+    upstream: str = setting("mock", "Where completions come from.", choices=UPSTREAMS)
+    upstream_url: str | None = setting(
+        None, "Base URL: http://host:port/v1 (openai), http://host:11434 (ollama)."
+    )
+    upstream_api_key: str | None = setting(
+        None, "Sent as 'Authorization: Bearer' to an openai upstream."
+    )
+    api_keys: tuple[str, ...] = setting(
+        (), "Accepted client key (repeatable; env TRIO_STREAM_API_KEYS=k1,k2).", flag="api-key"
+    )
+    db: str = setting("trio-stream.db", "SQLite file for saved messages (':memory:' allowed).")
+    certfile: str | None = setting(None, "TLS certificate; HTTP/2 is then offered by ALPN.")
+    keyfile: str | None = setting(None, "TLS private key.")
+    supersede_timeout: float = setting(
+        2.0, "Seconds a new request waits for the previous run's cleanup."
+    )
+    stall_timeout: float = setting(30.0, "Seconds a client may refuse data before it is cut.")
+    ping_interval: float = setting(15.0, "Seconds of silence before ': ping'.")
+    graceful_timeout: float = setting(10.0, "Seconds running streams get after SIGTERM/SIGINT.")
+    run_ttl: float = setting(300.0, "Seconds a finished detached run stays resumable.")
+    max_streams: int = setting(10000, "Concurrent client streams; beyond it 429.")
+    max_body_bytes: int = setting(1_048_576, "Request bodies beyond it get 413.")
+    mock_delay_ms: float = setting(20.0, "The mock upstream's gap between tokens.")
+    log_format: str = setting("text", "text or json, on stderr.", choices=LOG_FORMATS)
+    # Options beyond docs/api.md section 1 (documented in README and docs/design.md).
+    first_token_timeout: float = setting(
+        60.0, "Seconds the upstream may take to its first token (then 504)."
+    )
+    token_timeout: float = setting(
+        60.0, "Seconds of upstream silence mid-stream before the run fails."
+    )
+    connect_timeout: float = setting(10.0, "Seconds to connect to the upstream (then 502).")
+    save_timeout: float = setting(5.0, "Deadline of a run's shielded save.")
+    coalesce: bool = setting(
+        True, "Merge queued deltas into one event when the client falls behind."
+    )
+    window: int = setting(64, "Deltas an attached run may read ahead of its slowest writer.")
+    body_timeout: float = setting(
+        30.0,
+        "Seconds a client may take to send its whole request body; "
+        "past it 408 and the connection closes.",
+    )
+    # Cluster mode (docs/api.md section 7).
+    workers: int = setting(
+        1, "Worker processes on one listening socket (more than 1 needs --redis)."
+    )
+    redis: str | None = setting(
+        None, "redis://host:port/db: shared state for cluster mode (none: in-process)."
+    )
+    node_lease: float = setting(10.0, "Seconds after which a silent node's runs are taken over.")
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -89,9 +136,19 @@ class Settings:
         for name in (
             "supersede_timeout", "stall_timeout", "ping_interval", "graceful_timeout",
             "run_ttl", "first_token_timeout", "token_timeout", "connect_timeout", "save_timeout",
+            "body_timeout", "node_lease",
         ):  # fmt: skip
             if not getattr(self, name) > 0:
                 p.append(f"--{name.replace('_', '-')} must be > 0")
+        if self.workers < 1:
+            p.append("--workers must be >= 1")
+        if self.workers > 1 and not self.redis:
+            p.append(
+                f"--workers {self.workers} needs --redis: workers share sessions, runs, "
+                "stop and resume only through it"
+            )
+        if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
+            p.append("--redis must be a redis://, rediss:// or unix:// URL")
         if self.mock_delay_ms < 0:
             p.append("--mock-delay-ms must be >= 0")
         if self.max_streams < 1 or self.max_body_bytes < 1 or self.window < 1:
