@@ -1,4 +1,4 @@
-"""Graceful shutdown of a real ``trio-stream serve`` process (issue 6, API.md 3.7).
+"""Graceful shutdown of a real ``trio-stream serve`` process (issue 6, docs/api.md section 3.7).
 
 On SIGTERM/SIGINT new streams get 503, running ones get ``--graceful-timeout``,
 the rest are cancelled with reason ``shutdown`` and saved, and the process

@@ -1,22 +1,29 @@
 """``serve()``: hypercorn's trio worker, assembled with our transport and shutdown.
 
 We do not call ``hypercorn.trio.serve``: we build its pieces ourselves
-(``TCPServer`` per connection, ``trio.serve_listeners``) so that
+(:class:`Connection`, a hypercorn ``TCPServer``, per connection, and
+``trio.serve_listeners``) so that
 
 * every accepted socket is a :class:`~trio_stream.transport.GuardedStream`
   (writes with a deadline, even inside hypercorn's shield), and
-* shutdown follows API.md section 3.7 exactly: 503 for new streams,
+* shutdown follows docs/api.md section 3.7 exactly: 503 for new streams,
   ``--graceful-timeout`` for running ones, then cancel with reason
   ``shutdown``, save, cut the transports, and return.
 
-Ownership::
+Ownership (the whole tree is in docs/design.md section 3)::
 
     serve()
-    └── open_service()             store, upstream, metrics, RunManager
-        └── manager nursery        detached runs, expiry reaper
-    └── connections nursery        one hypercorn TCPServer per connection
-        └── (hypercorn) one task per request -> endpoints.py
-    └── accept nursery             trio.serve_listeners
+    └── open_service()                 store, upstream, metrics, RunManager
+        ├── service nursery            manager (detached runs, reaper), pinger, mock ticker
+        └── serve_service()
+            └── connections nursery    one Connection per accepted socket
+                ├── Connection         (hypercorn) one task per request -> endpoints.py
+                └── accepting nursery  in the connections nursery's body
+                    ├── trio.serve_listeners  starts each Connection in the connections nursery
+                    └── (body)         waits for shutdown, then _drain
+
+The accepting nursery closes first (stop accepting, grace period, cancel and
+save), then the transports are cut and the connections nursery is cancelled.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from .upstream import Upstream
 
 #: After ``--graceful-timeout``: how long cancelled runs get to save and their
 #: clients to receive the ``shutdown`` error event.  Keeps the whole shutdown
-#: within ``--graceful-timeout`` + 2 s (API.md 3.7).
+#: within ``--graceful-timeout`` + 2 s (docs/api.md section 3.7).
 SHUTDOWN_CLEANUP = 0.6
 SHUTDOWN_FLUSH = 0.25
 #: The deadline of a connection's shielded close (FIN, TLS close_notify, close).
