@@ -87,6 +87,14 @@ def hypercorn_config(settings: Settings) -> Config:
     config.keyfile = settings.keyfile
     config.alpn_protocols = ["h2", "http/1.1"]
     config.read_timeout = None  # an SSE client sends nothing while it listens
+    # hypercorn's idle timer: it starts when a connection opens (and again when
+    # a keep-alive response ends), is stopped only by a complete request head,
+    # and is not re-armed by bytes.  So it closes idle keep-alive connections
+    # *and* connections whose head never completes (stopped or dribbled) after
+    # this many seconds; a head is also capped at 16 KiB (h11_max_incomplete_size).
+    # From the head on, --body-timeout bounds the body.  Set here, not
+    # inherited, because docs/api.md section 3.9 promises these 5 s.
+    config.keep_alive_timeout = 5.0
     config.graceful_timeout = settings.graceful_timeout
     config.accesslog = None
     # hypercorn ends a connection after 1,000 requests by default; on HTTP/2 it
