@@ -26,6 +26,7 @@ FACTORIES: list[tuple[str, Callable[[], ApiError], int, str, str | None]] = [
      "invalid_request_error", "method_not_allowed"),
     ("404-route", lambda: errors.unknown_route("/nope"), 404, "invalid_request_error",
      "unknown_url"),
+    ("408", lambda: errors.body_timeout(30), 408, "invalid_request_error", "body_timeout"),
     ("413", lambda: errors.too_large(10), 413, "invalid_request_error", "request_too_large"),
     ("429", lambda: errors.too_many_streams(5), 429, "rate_limit_error", "too_many_streams"),
     ("502", lambda: UpstreamError("down"), 502, "upstream_error", None),
@@ -44,7 +45,7 @@ FACTORIES: list[tuple[str, Callable[[], ApiError], int, str, str | None]] = [
 def test_status_type_code_and_body(
     make: Callable[[], ApiError], status: int, type_: str, code: str | None
 ) -> None:
-    """Each client-visible error has the status and OpenAI `type` of API.md
+    """Each client-visible error has the status and OpenAI `type` of docs/api.md
     section 2, and its body is exactly {"error": {message, type, code}}."""
     err = make()
     assert (err.status, err.type, err.code) == (status, type_, code)
@@ -62,10 +63,19 @@ def test_status_type_code_and_body(
         (lambda: errors.method_not_allowed("PUT", "/v1/models"), "/v1/models"),
         (lambda: errors.unknown_route("/nope"), "/nope"),
         (lambda: errors.too_large(1234), "1234"),
+        (lambda: errors.body_timeout(2.5), "2.5 seconds"),
         (lambda: errors.too_many_streams(77), "77"),
         (errors.unauthorized, "Authorization: Bearer"),
     ],
-    ids=["405-method", "405-path", "404-path", "413-limit", "429-limit", "401-how-to"],
+    ids=[
+        "405-method",
+        "405-path",
+        "404-path",
+        "413-limit",
+        "408-seconds",
+        "429-limit",
+        "401-how-to",
+    ],
 )
 def test_messages_say_what_is_wrong(make: Callable[[], ApiError], fragment: str) -> None:
     """Messages carry the detail a client needs (method, path, limit, header)."""
@@ -85,6 +95,13 @@ def test_429_has_retry_after(retry_after: int | None, header: bytes) -> None:
     assert err.headers == ((b"retry-after", header),)
     others = [row[1]() for row in FACTORIES if row[2] != 429]
     assert all(e.headers == () for e in others)
+
+
+def test_only_the_408_closes_the_connection() -> None:
+    """A 408 (its body never arrived whole) is the one error after which the
+    connection must not carry another request; no other error asks for that."""
+    closing = [row[0] for row in FACTORIES if row[1]().closes]
+    assert closing == ["408"]
 
 
 def test_error_body_escapes() -> None:

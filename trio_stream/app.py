@@ -6,8 +6,9 @@ Quart serves the JSON routes.  The two streaming routes
 ASGI endpoints (:mod:`trio_stream.endpoints`), because:
 
 * their writer, upstream reader and disconnect watcher must be sibling tasks
-  in a nursery *we* own (quart-trio's body iteration cannot give that without
-  yielding inside a nursery; FINDINGS.md);
+  in a nursery *we* own (quart-trio iterates a body generator in a nursery of
+  its own, so ours would have to yield inside a nursery it opened: trio
+  issues #264 and #638, PEP 789; docs/design.md section 4);
 * quart-trio cuts every response body off after ``RESPONSE_TIMEOUT``;
 * it is the hot path, and the raw endpoint makes one ASGI send per batch.
 """
@@ -22,9 +23,16 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import metrics as metrics_mod
-from .asgi import Receive, Scope, Send, send_error
+from .asgi import Receive, Scope, Send, close_headers, send_error
 from .endpoints import chat_completions, run_events
-from .errors import ApiError, error_body, method_not_allowed, not_found, unknown_route
+from .errors import (
+    ApiError,
+    body_timeout,
+    error_body,
+    method_not_allowed,
+    not_found,
+    unknown_route,
+)
 from .protocol import parse_session_id
 from .service import Service
 from .store import Message
@@ -41,7 +49,9 @@ class TrioStreamApp(QuartTrio):
         self.service = service
         self.config["RESPONSE_TIMEOUT"] = 60  # JSON answers only; streams bypass Quart
         self.config["MAX_CONTENT_LENGTH"] = service.settings.max_body_bytes
-        self.config["BODY_TIMEOUT"] = 60
+        # A Quart route's body must arrive within --body-timeout of its first
+        # read; werkzeug's RequestTimeout then becomes our 408 (http_error).
+        self.config["BODY_TIMEOUT"] = service.settings.body_timeout
         _routes(self)
 
     async def __call__(  # type: ignore[override]
@@ -77,7 +87,7 @@ def _routes(app: TrioStreamApp) -> None:
     @app.errorhandler(ApiError)
     async def api_error(exc: ApiError) -> Response:
         response = _json(exc.body(), exc.status)
-        for name, value in exc.headers:
+        for name, value in (*exc.headers, *close_headers(exc, request.http_version)):
             response.headers[name.decode()] = value.decode()
         return response
 
@@ -86,6 +96,8 @@ def _routes(app: TrioStreamApp) -> None:
         code = exc.code or 500
         if code == 404:
             return await api_error(unknown_route(request.path))
+        if code == 408:  # werkzeug's RequestTimeout: Quart's BODY_TIMEOUT passed
+            return await api_error(body_timeout(service.settings.body_timeout))
         if code == 405:  # RFC 9110: a 405 carries Allow (werkzeug's headers have it)
             response = await api_error(method_not_allowed(request.method, request.path))
             response.headers.update((k, v) for k, v in exc.get_headers() if k.lower() == "allow")

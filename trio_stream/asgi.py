@@ -30,7 +30,10 @@ async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
     """Read the request body, refusing (413) as soon as it passes ``limit``.
 
     A declared ``Content-Length`` over the limit is refused before reading a
-    byte, so an oversized body is never held in memory.
+    byte, so an oversized body is never held in memory.  There is no deadline
+    here: the caller puts one around the whole read (``--body-timeout``, see
+    :func:`trio_stream.endpoints.read_request`), so that a client dribbling a
+    byte at a time is cut as surely as one that stops.
     """
     declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -48,6 +51,18 @@ async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
         parts.append(chunk)
         if not message.get("more_body", False):
             return b"".join(parts)
+
+
+def close_headers(error: ApiError, http_version: str) -> tuple[tuple[bytes, bytes], ...]:
+    """``Connection: close`` for an error that ends its connection, on HTTP/1.x.
+
+    With it h11 (and so hypercorn) closes the connection after the answer, and
+    the client knows not to reuse it.  HTTP/2 forbids the header; there the
+    answer ends the stream, and the connection's other streams go on.
+    """
+    if error.closes and http_version in ("1.0", "1.1"):
+        return ((b"connection", b"close"),)
+    return ()
 
 
 async def start(

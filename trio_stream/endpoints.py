@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import trio
 
-from .asgi import ClientGone, Receive, Scope, Send, header, read_body, send_error
-from .errors import ApiError, bad_request, not_found
+from .asgi import ClientGone, Receive, Scope, Send, close_headers, header, read_body, send_error
+from .config import Settings
+from .errors import ApiError, bad_request, body_timeout, not_found
 from .protocol import parse_chat_request, parse_session_id
 from .runs import Run
 from .service import Service
@@ -41,13 +42,28 @@ def _response_headers(run: Run) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(headers)
 
 
+async def read_request(settings: Settings, scope: Scope, receive: Receive) -> bytes:
+    """The request body, all of it within ``--body-timeout`` of this call (else
+    408) and at most ``--max-body-bytes`` (else 413).
+
+    One deadline for the whole body, not one per chunk: a client that sends a
+    byte every second for ever is cut at the same moment as one that stopped.
+    The call comes as soon as the request's head is read, so the deadline
+    counts from the request's start.
+    """
+    s = settings
+    with trio.move_on_after(s.body_timeout):
+        return await read_body(receive, scope, s.max_body_bytes)
+    raise body_timeout(s.body_timeout)
+
+
 async def chat_completions(service: Service, scope: Scope, receive: Receive, send: Send) -> None:
     """``POST /v1/chat/completions``: one run, streamed or answered whole."""
     s = service.settings
     try:
         tenant = service.auth.tenant(header(scope, b"authorization"))
         session_id = parse_session_id(header(scope, b"x-session-id"))
-        request = parse_chat_request(await read_body(receive, scope, s.max_body_bytes))
+        request = parse_chat_request(await read_request(s, scope, receive))
         with service.stream_slot():
             run = await service.runs.create(tenant, session_id, request)
             sub = Subscriber(
@@ -66,7 +82,7 @@ async def chat_completions(service: Service, scope: Scope, receive: Receive, sen
     except ClientGone:
         return
     except ApiError as exc:
-        await send_error(send, exc)
+        await send_error(send, exc, close_headers(exc, scope.get("http_version", "1.1")))
 
 
 async def _attached(service: Service, sub: Subscriber, receive: Receive, *, stream: bool) -> None:
@@ -123,7 +139,7 @@ async def run_events(
             )  # fmt: skip
             await _follow(service, sub, receive, start_now=True)
     except ApiError as exc:
-        await send_error(send, exc)
+        await send_error(send, exc, close_headers(exc, scope.get("http_version", "1.1")))
 
 
 def _cursor(scope: Scope) -> int:

@@ -26,7 +26,13 @@ class ConfigError(TrioStreamError):
 
 
 class ApiError(TrioStreamError):
-    """An error with an HTTP status and an OpenAI error body."""
+    """An error with an HTTP status and an OpenAI error body.
+
+    ``closes``: the connection must not carry another request after this
+    answer (its request was never read to the end).  How that is said depends
+    on the HTTP version, so the layer that answers adds it
+    (:func:`trio_stream.asgi.close_headers`).
+    """
 
     def __init__(
         self,
@@ -35,6 +41,8 @@ class ApiError(TrioStreamError):
         message: str,
         code: str | None = None,
         headers: tuple[tuple[bytes, bytes], ...] = (),
+        *,
+        closes: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -42,6 +50,7 @@ class ApiError(TrioStreamError):
         self.message = message
         self.code = code
         self.headers = headers
+        self.closes = closes
 
     def body(self) -> bytes:
         """The OpenAI error body, as JSON bytes."""
@@ -96,6 +105,16 @@ def too_large(limit: int) -> ApiError:
     return ApiError(
         413, "invalid_request_error", f"Request body is larger than {limit} bytes.",
         "request_too_large",
+    )  # fmt: skip
+
+
+def body_timeout(seconds: float) -> ApiError:
+    """408: the whole request body did not arrive within ``--body-timeout``
+    seconds of the request's start.  The connection is closed after it."""
+    return ApiError(
+        408, "invalid_request_error",
+        f"The request body did not arrive within {seconds:g} seconds.", "body_timeout",
+        closes=True,
     )  # fmt: skip
 
 
