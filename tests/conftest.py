@@ -459,3 +459,7 @@ def loopback_client(server: Server, **kw: Any) -> httpx.AsyncClient:
     """Like ``server.client()``, without loading the CA bundle (about 0.1 s per
     client here): plain HTTP to 127.0.0.1 needs no certificates."""
     return httpx.AsyncClient(base_url=server.url, timeout=30, verify=False, **kw)
+
+
+# A real Redis for cluster mode (tests/redis_server.py).
+from tests.redis_server import own_redis, redis_server  # noqa: E402, F401

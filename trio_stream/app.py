@@ -107,6 +107,8 @@ def _routes(app: TrioStreamApp) -> None:
 
     @app.get("/healthz")
     async def healthz() -> Response:
+        if not service.runs.shared.healthy:  # cluster mode with Redis unreachable
+            return _json(b'{"status":"degraded"}', 503)
         return _json(b'{"status":"ok"}')
 
     @app.get("/metrics")
@@ -139,7 +141,12 @@ def _routes(app: TrioStreamApp) -> None:
     async def get_run(run_id: str) -> dict[str, Any]:
         owner = tenant()
         run = service.runs.get(owner, run_id)
-        return run.public() if run is not None else await saved_run(owner, run_id)
+        if run is not None:
+            return run.public()
+        record = await service.runs.remote(owner, run_id)
+        if record is not None and (record.detached or record.status == "running"):
+            return await service.runs.remote_public(record)
+        return await saved_run(owner, run_id)
 
     @app.post("/v1/runs/<run_id>/cancel")
     async def cancel_run(run_id: str) -> dict[str, Any]:
@@ -147,10 +154,19 @@ def _routes(app: TrioStreamApp) -> None:
         answered as it is, unchanged."""
         owner = tenant()
         run = service.runs.get(owner, run_id)
-        if run is None:
+        if run is not None:
+            service.runs.cancel(run, "stopped")
+            return run.public()
+        record = await service.runs.remote(owner, run_id)
+        if record is None:
             return await saved_run(owner, run_id)
-        service.runs.cancel(run, "stopped")
-        return run.public()
+        if await service.runs.cancel_id(run_id, "stopped"):
+            # Answer the final object: wait (bounded) for the owner's cleanup.
+            await service.runs.shared.wait_finished([run_id], service.settings.supersede_timeout)
+            record = await service.runs.remote(owner, run_id) or record
+        if record.detached:
+            return await service.runs.remote_public(record)
+        return await saved_run(owner, run_id)
 
     async def known_session(owner: str, session_id: str) -> list[Message]:
         """A session is known while it has a live run or saved messages (404 otherwise)."""

@@ -106,12 +106,18 @@ async def _attached(service: Service, sub: Subscriber, receive: Receive, *, stre
 
 async def _follow(
     service: Service, sub: Subscriber, receive: Receive | None = None, *, stream: bool = True,
-    start_now: bool = False,
+    start_now: bool = False, remote: bool = False,
 ) -> None:  # fmt: skip
-    """Write a run to a subscriber that does not own it (detached or replay)."""
+    """Write a run to a subscriber that does not own it (detached or replay).
+
+    ``remote``: ``sub.run`` is a mirror of a run another process owns; a
+    feeder task beside the writer fills it from the shared log.
+    """
     async with trio.open_nursery() as nursery:
         if receive is not None:
             nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope.cancel)
+        if remote:
+            nursery.start_soon(service.runs.feed, sub.run, 0)
         try:
             await (sub.write_sse(start_now=start_now) if stream else sub.write_json())
         except ClientStalled:
@@ -127,8 +133,14 @@ async def run_events(
     try:
         tenant = service.auth.tenant(header(scope, b"authorization"))
         run = service.runs.get(tenant, run_id)
+        remote = run is None
         if run is None:
-            raise not_found(f"No run {run_id!r}.")
+            # Another process's run: a detached one is followed from its
+            # shared log; an attached one's text never leaves its process.
+            record = await service.runs.remote(tenant, run_id)
+            if record is None or not record.detached:
+                raise not_found(f"No run {run_id!r}.")
+            run = service.runs.mirror(record)
         cursor = _cursor(scope)
         with service.stream_slot():
             sub = Subscriber(
@@ -137,7 +149,7 @@ async def run_events(
                 headers=_response_headers(run), drives_backpressure=False,
                 flow_controlled=_is_h2(scope),
             )  # fmt: skip
-            await _follow(service, sub, receive, start_now=True)
+            await _follow(service, sub, receive, start_now=True, remote=remote)
     except ApiError as exc:
         await send_error(send, exc, close_headers(exc, scope.get("http_version", "1.1")))
 

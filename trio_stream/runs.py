@@ -38,7 +38,7 @@ from .metrics import Metrics
 from .protocol import ChatRequest
 from .runlog import Entry, LogClosed, Outcome, RunLog, RunStatus
 from .sessions import SessionKey, SessionTable
-from .shared import LocalState, SharedState, SharedUnavailable
+from .shared import LocalState, LogPage, RunRecord, SharedState, SharedUnavailable
 from .store import AlreadySaved, Message, Store
 from .upstream import Finish, Upstream
 
@@ -72,6 +72,14 @@ async def _drain(items: AsyncIterator[object]) -> None:
 
 
 T = TypeVar("T")
+
+
+def follow_page(mirror: Run, page: LogPage) -> None:
+    """Append a page of a shared log to a mirror run, and its end if there."""
+    for entry in page.entries:
+        mirror.append(entry)
+    if page.outcome is not None:
+        mirror.end(page.outcome)
 
 
 def new_run_id() -> str:
@@ -498,6 +506,72 @@ class RunManager:
         """The run, if it is in this process's memory and belongs to ``tenant``."""
         run = self.runs.get(run_id)
         return run if run is not None and run.tenant == tenant else None
+
+    async def remote(self, tenant: str, run_id: str) -> RunRecord | None:
+        """A run another process owns, if it belongs to ``tenant`` (G6)."""
+        try:
+            record = await self.shared.lookup(run_id)
+        except SharedUnavailable as exc:
+            raise unavailable(str(exc)) from exc
+        return record if record is not None and record.tenant == tenant else None
+
+    async def remote_public(self, record: RunRecord) -> dict[str, Any]:
+        """The ``GET /v1/runs/{id}`` object of a run another process owns."""
+        try:
+            page = await self.shared.read_log(record.id, 0, wait=False)
+        except SharedUnavailable as exc:
+            raise unavailable(str(exc)) from exc
+        mirror = self.mirror(record)
+        follow_page(mirror, page)
+        public = mirror.public()
+        if page.outcome is None:  # attached elsewhere: only its record is shared
+            public["status"], public["reason"] = record.status, record.reason
+        return public
+
+    def mirror(self, record: RunRecord) -> Run:
+        """A local, read-only copy of a remote detached run, fed by :meth:`feed`."""
+        body = {"model": record.model, "messages": [], "stream": True}
+        request = ChatRequest(body, record.model, [], True, None, record.detached)
+        run = Run(
+            record.id, record.tenant, record.session_id, request,
+            detached=record.detached, coalesce=self.settings.coalesce,
+        )  # fmt: skip
+        run.created = record.created
+        run.encoder.created = int(record.created)
+        return run
+
+    async def feed(self, mirror: Run, cursor: int) -> None:
+        """Follow a remote run's shared log into ``mirror`` until its end (G7).
+
+        Runs beside the mirror's subscriber and dies with it.  If Redis goes
+        away mid-follow the mirror ends ``failed`` (reason
+        ``shared_state_unavailable``), so the follower is told, never hung.
+        """
+        try:
+            while mirror.log.outcome is None:
+                follow_page(mirror, await self.shared.read_log(mirror.id, cursor, wait=True))
+                cursor = mirror.log.last_seq
+        except SharedUnavailable as exc:
+            mirror.end(Outcome(RunStatus.FAILED, "shared_state_unavailable", str(exc)))
+        mirror.finished()
+
+    async def adopt_lost(self, node: str, records: list[RunRecord]) -> None:
+        """End the runs of a node whose lease expired: save each detached
+        run's partial once from its shared log, end its log and record, and
+        free its session (the backend's ``end_lost``)."""
+        self.logger.event("node_lost", node=node, runs=len(records))
+        for record in records:
+            page = await self.shared.read_log(record.id, 0, wait=False)
+            mirror = self.mirror(record)
+            follow_page(mirror, page)
+            outcome = Outcome(RunStatus.FAILED, "node_lost", "The node running this run was lost.")
+            mirror.end(outcome)
+            with trio.CancelScope(shield=True) as cs:
+                cs.deadline = trio.current_time() + self.cleanup_timeout
+                await self._save(mirror)
+            await self.shared.end_lost(record, mirror.log.last_seq)
+            self.metrics.runs.labels("failed").inc()
+            self.logger.event("stream_cancelled", trace=record.id, reason="node_lost")
 
     async def current(self, tenant: str, session_id: str) -> str | None:
         """The id of the session's current run, wherever it runs."""

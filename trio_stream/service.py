@@ -19,7 +19,8 @@ from .config import Settings
 from .errors import shutting_down, too_many_streams, unauthorized
 from .logs import EventLogger
 from .metrics import Metrics
-from .runs import RunManager
+from .runs import SHARED_TIMEOUT, RunManager
+from .shared import LocalState, SharedState
 from .store import Store
 from .stream import Pinger
 from .upstream import Upstream, create_upstream
@@ -66,6 +67,7 @@ class Service:
         metrics: Metrics,
         store: Store,
         upstream: Upstream,
+        shared: SharedState | None = None,
     ) -> None:
         self.settings = settings
         self.logger = logger
@@ -73,7 +75,7 @@ class Service:
         self.store = store
         self.upstream = upstream
         self.auth = Auth(settings.api_keys)
-        self.runs = RunManager(settings, upstream, store, metrics, logger)
+        self.runs = RunManager(settings, upstream, store, metrics, logger, shared)
         self.pinger = Pinger(settings.ping_interval)
         self.shutting_down = False
         self.streams = 0
@@ -100,6 +102,15 @@ class Service:
             await self._streams_changed.park()
 
 
+def create_shared(settings: Settings) -> SharedState:
+    """The embedded in-process state, or Redis with ``--redis`` (cluster mode)."""
+    if settings.redis is None:
+        return LocalState()
+    from .shared.redis import RedisState  # only cluster mode imports coredis
+
+    return RedisState(settings.redis, lease=settings.node_lease, ttl=settings.run_ttl)
+
+
 @asynccontextmanager
 async def open_service(
     settings: Settings,
@@ -118,16 +129,27 @@ async def open_service(
     logger = logger or EventLogger(settings.log_format)
     db = store if store is not None else await trio.to_thread.run_sync(Store, settings.db)
     upstream = upstream or create_upstream(settings)
-    service = Service(settings, logger=logger, metrics=Metrics(), store=db, upstream=upstream)
+    shared = create_shared(settings)
+    service = Service(
+        settings, logger=logger, metrics=Metrics(), store=db, upstream=upstream, shared=shared
+    )
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(service.runs.run)
-            await nursery.start(service.pinger.run)
-            await nursery.start(upstream.run)
-            try:
-                yield service
-            finally:
-                nursery.cancel_scope.cancel()
+        # The shared state outlives the runs: their cleanups release sessions
+        # and publish their ends through it.
+        async with trio.open_nursery() as outer:
+            await outer.start(shared.run)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(service.runs.run)
+                await nursery.start(service.pinger.run)
+                await nursery.start(upstream.run)
+                try:
+                    yield service
+                finally:
+                    nursery.cancel_scope.cancel()
+            with trio.CancelScope(shield=True) as cs:
+                cs.deadline = trio.current_time() + SHARED_TIMEOUT
+                await shared.leave()
+            outer.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True) as cs:
             cs.deadline = trio.current_time() + settings.save_timeout

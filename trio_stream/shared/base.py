@@ -80,6 +80,8 @@ class RunRecord:
     detached: bool
     status: str  # running | completed | cancelled | failed
     reason: str | None
+    model: str = ""
+    created: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,9 @@ class Owner(Protocol):
 
     def local_run(self, run_id: str) -> Run | None:
         """The run, if this node owns it and still holds it."""
+
+    async def adopt_lost(self, node: str, records: list[RunRecord]) -> None:
+        """End the runs of a node that was lost (saving what can be saved)."""
 
 
 class SharedState(abc.ABC):
@@ -167,11 +172,19 @@ class SharedState(abc.ABC):
         """A run owned elsewhere, or None (always None in-process)."""
         return None
 
-    async def read_log(self, run_id: str, cursor: int) -> LogPage | None:
-        """A remote detached run's log after ``cursor``, waiting for more if
-        there is none yet; None if the log is gone."""
-        return None
+    async def read_log(self, run_id: str, cursor: int, *, wait: bool) -> LogPage:
+        """A remote detached run's log after ``cursor``; with ``wait``, block
+        a while for more when there is none yet."""
+        return LogPage((), None)
 
     async def ship(self, run: Run) -> None:
         """Copy a detached run's log to the shared store until it ends."""
+        return None
+
+    async def end_lost(self, record: RunRecord, last_seq: int) -> None:
+        """End a lost node's run in the shared store (its log, record, session)."""
+        return None
+
+    async def leave(self) -> None:
+        """This node stops (after its runs ended): give up its lease now."""
         return None

@@ -1,0 +1,198 @@
+"""One contract suite for every backend of the shared state (G1-G7).
+
+The same tests run against the in-process backend (the embedded default) and
+the Redis backend (a real ``redis-server``).  Two *nodes* are two backend
+instances sharing one store (for the in-process backend: one instance, since
+it has one process by definition), each with its own owner.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+import trio.testing
+
+from tests.redis_server import RedisServer
+from trio_stream.protocol import ChatRequest
+from trio_stream.runlog import Outcome, RunStatus, ToolDelta
+from trio_stream.runs import Run
+from trio_stream.shared import LocalState, RunRecord, SharedState
+from trio_stream.shared.redis import CANCEL_POLL, RedisState
+
+KEY = ("tenant", "session")
+
+
+@dataclass
+class FakeOwner:
+    """The run manager's side of the interface, recording what reaches it."""
+
+    runs: dict[str, Run] = field(default_factory=dict)
+    cancelled: list[tuple[str, str]] = field(default_factory=list)
+    lost: list[tuple[str, list[RunRecord]]] = field(default_factory=list)
+
+    def cancel_local(self, run_id: str, reason: str) -> bool:
+        run = self.runs.get(run_id)
+        if run is None or not run.end(Outcome(RunStatus.CANCELLED, reason)):
+            return False
+        self.cancelled.append((run_id, reason))
+        return True
+
+    def local_run(self, run_id: str) -> Run | None:
+        return self.runs.get(run_id)
+
+    async def adopt_lost(self, node: str, records: list[RunRecord]) -> None:
+        self.lost.append((node, records))
+
+
+@dataclass
+class Node:
+    state: SharedState
+    owner: FakeOwner
+
+    def new_run(self, session: str | None = "session", *, detached: bool = False) -> Run:
+        request = ChatRequest({}, "m", [], True, None, detached)
+        run = Run("run_" + secrets.token_hex(4), "tenant", session, request,
+                  detached=detached, coalesce=False)  # fmt: skip
+        self.owner.runs[run.id] = run
+        return run
+
+
+@pytest.fixture(params=["local", "redis"])
+async def nodes(
+    request: pytest.FixtureRequest, nursery: trio.Nursery, redis_server: RedisServer
+) -> AsyncIterator[tuple[Node, Node]]:
+    if request.param == "local":
+        owner = FakeOwner()
+        local = LocalState()
+        local.attach(owner)
+        yield Node(local, owner), Node(local, owner)
+        return
+    prefix = f"t{secrets.token_hex(4)}:"
+    pair = []
+    for _ in range(2):
+        state = RedisState(redis_server.url, lease=1.0, prefix=prefix)
+        owner = FakeOwner()
+        state.attach(owner)
+        await nursery.start(state.run)
+        pair.append(Node(state, owner))
+    yield pair[0], pair[1]
+
+
+async def test_claims_are_ordered_and_return_live_unfenced_predecessors(
+    nodes: tuple[Node, Node],
+) -> None:
+    """G1: each claim's epoch is greater than the last; its predecessors are
+    exactly the session's live, unfenced runs, whichever node claims."""
+    a, b = nodes
+    first = await a.state.claim(KEY, "r1")
+    second = await b.state.claim(KEY, "r2")
+    third = await a.state.claim(KEY, "r3")
+    assert first.predecessors == ()
+    assert second.predecessors == ("r1",)
+    assert sorted(third.predecessors) == ["r1", "r2"]
+    assert first.epoch < second.epoch < third.epoch
+    assert await b.state.current(KEY) == "r3"
+
+
+async def test_release_is_compare_and_delete(nodes: tuple[Node, Node]) -> None:
+    """G2: a late release of an old run never removes its successor; the
+    session is forgotten only when its last run leaves."""
+    a, b = nodes
+    await a.state.claim(KEY, "old")
+    await b.state.claim(KEY, "new")
+    assert await a.state.release(KEY, "old") is False
+    assert await b.state.current(KEY) == "new"
+    assert await a.state.live(KEY) == {"new": False}
+    await b.state.release(KEY, "new")
+    assert await a.state.live(KEY) == {}
+    assert await a.state.current(KEY) is None
+
+
+async def test_a_fenced_run_is_nobodys_predecessor_and_removes_only_itself(
+    nodes: tuple[Node, Node],
+) -> None:
+    """G3: after a fence the straggler is not returned as a predecessor, its
+    release reports the fence, and the successor stays current."""
+    a, b = nodes
+    await a.state.claim(KEY, "straggler")
+    await b.state.claim(KEY, "successor")
+    await b.state.fence(KEY, "straggler")
+    assert (await a.state.claim(KEY, "third")).predecessors == ("successor",)
+    assert await a.state.release(KEY, "straggler") is True
+    assert await b.state.live(KEY) == {"successor": False, "third": False}
+    assert await b.state.current(KEY) == "third"
+
+
+async def test_cancel_reaches_the_owner_from_any_node(nodes: tuple[Node, Node]) -> None:
+    """G4: a cancel sent from another node reaches the run's owner, once."""
+    a, b = nodes
+    run = a.new_run()
+    await a.state.register(run)
+    with trio.fail_after(2):
+        await b.state.cancel(run.id, "stopped")
+        while not a.owner.cancelled:
+            await trio.sleep(0.01)
+    await b.state.cancel(run.id, "stopped")  # idempotent
+    await trio.sleep(2 * CANCEL_POLL)
+    assert a.owner.cancelled == [(run.id, "stopped")]
+
+
+async def test_wait_finished_returns_when_the_owner_cleans_up(nodes: tuple[Node, Node]) -> None:
+    """G5: a waiter on another node wakes when the owner's cleanup is over,
+    and at its deadline names the runs still going."""
+    a, b = nodes
+    run, stuck = a.new_run(), a.new_run()
+    for r in (run, stuck):
+        await a.state.register(r)
+    async with trio.open_nursery() as nursery:
+        result: list[tuple[str, ...]] = []
+
+        async def wait() -> None:
+            result.append(await b.state.wait_finished([run.id, stuck.id], 1.0))
+
+        nursery.start_soon(wait)
+        await trio.sleep(0.1)
+        run.end(Outcome(RunStatus.COMPLETED, "stop"))
+        run.finished()
+        await a.state.finished(run)
+    assert result == [(stuck.id,)]
+
+
+async def test_registry_and_logs_cross_nodes(nodes: tuple[Node, Node]) -> None:
+    """G6, G7: another node sees the run's record, and reads a detached
+    run's log with the same entries and sequence numbers, then its end."""
+    a, b = nodes
+    if not a.state.ships_logs:
+        assert await b.state.lookup("any") is None  # in-process: every run is local
+        return
+    run = a.new_run(detached=True)
+    await a.state.register(run)
+    record = await b.state.lookup(run.id)
+    assert record is not None
+    assert (record.tenant, record.session_id, record.node, record.status) == (
+        "tenant", "session", a.state.node, "running",
+    )  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.state.ship, run)
+        for i in range(10):
+            run.append(f"w{i} ")
+        run.append(ToolDelta({"tool_calls": [{"index": 0, "id": "c"}]}))
+        seen: list[object] = []
+        with trio.fail_after(2):
+            while len(seen) < 11:  # a live follower reads as it is shipped
+                seen += (await b.state.read_log(run.id, len(seen), wait=True)).entries
+        assert seen[:3] == ["w0 ", "w1 ", "w2 "]
+        run.end(Outcome(RunStatus.COMPLETED, "stop"))
+        run.finished()
+    page = await b.state.read_log(run.id, 7, wait=False)
+    assert list(page.entries) == [
+        "w7 ",
+        "w8 ",
+        "w9 ",
+        ToolDelta({"tool_calls": [{"index": 0, "id": "c"}]}),
+    ]
+    assert page.outcome == Outcome(RunStatus.COMPLETED, "stop")

@@ -1,0 +1,488 @@
+"""The Redis backend of the shared state: cluster mode (``--redis URL``).
+
+Every worker of every node gives the same ``--redis``; each process is one
+*node* here, with a random id.  What lives in Redis (``prefix`` = ``ts:``)::
+
+    ts:s:{tenant}:{session}  hash   epoch, cur, r:{run} = 0 | 1 (fenced)
+    ts:r:{run}               hash   tenant, session, node, detached, status, ...
+    ts:c:{run}               string a cancel request (its reason), polled
+    ts:l:{run}               stream a detached run's log: id {seq}-0 per entry,
+                                    {last}-1 for its end
+    ts:n:{node}              string the node's lease (expires after --node-lease)
+    ts:nr:{node}             set    the runs the node owns
+    ts:nodes                 set    the nodes that may own runs
+    channels ts:cancel:{node} (cancel requests), ts:finished (cleanups done)
+
+Failure modes, and the rule that makes each safe:
+
+* **A pub/sub message is lost** (delivered at most once; the subscriber may
+  be reconnecting).  Cancel requests are also written as ``ts:c:{run}``, which
+  the owner polls every :data:`CANCEL_POLL`; "finished" is also the run
+  hash's ``status``, which a waiter polls every :data:`FINISH_POLL`.
+* **A straggler outlives its supersede deadline** (a slow or partitioned
+  node).  The claim script bumps the session's *epoch* and the straggler is
+  fenced (``r:{run}`` = 1): its release is compare-and-delete by its own id, so
+  it can never remove or overwrite its successor's entry, its save is keyed by
+  its own run id (the store's primary key refuses a second row), and it is
+  never anybody's predecessor again.  Its log stream is its own key.
+* **A node dies** (kill -9).  Its lease key expires; the first surviving node
+  whose reaper removes it from ``ts:nodes`` (``SREM`` returns 1 to exactly one
+  caller) ends each of its runs ``failed``/``node_lost``, saves each detached
+  run's partial from its shared log (the primary key makes a second save a
+  no-op), appends the end to the log so followers get the error event, and
+  releases the session.  An attached run's text never left its node: it is
+  ended and released, with nothing to save.
+* **A lease expires under a live node** (a pause longer than the lease).  Its
+  runs are ended as above; when the node comes back its own saves are refused
+  by the primary key (``save_duplicate_refused``) and its releases remove
+  nothing that is not theirs.  Exactly once holds; the saved text is the
+  partial.
+* **Redis is unreachable.**  Each call fails fast (connect and read timeouts
+  below one second) with :class:`SharedUnavailable`: new streams get 503, runs
+  in flight go on from their upstream and are saved (their shared-state steps
+  are logged ``redis_unavailable`` and skipped), ``healthy`` turns False.  When
+  Redis answers again, the node re-registers its live runs and re-ships the
+  logs of its detached runs (``XADD`` of an id already present is refused, so
+  re-shipping is idempotent).
+* **A retried write already landed.**  Every write is idempotent: hash sets,
+  ``SET NX`` of a cancel, ``XADD`` with explicit ids, compare-and-delete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Awaitable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+import coredis
+import coredis.exceptions
+import orjson
+import trio
+
+from ..runlog import Entry, Outcome, RunStatus, ToolDelta
+from .base import Claim, LogPage, RunRecord, SessionKey, SharedState, SharedUnavailable
+
+if TYPE_CHECKING:
+    from ..runs import Run
+
+T = TypeVar("T")
+
+CANCEL_POLL = 0.25  # how often a node looks for cancel requests it missed
+FINISH_POLL = 0.05  # how often a superseding request looks at its predecessors
+CALL_TIMEOUT = 0.5  # connect and read timeout of every Redis call
+FOLLOW_BLOCK_MS = 300  # XREAD BLOCK of a remote follower (below CALL_TIMEOUT)
+
+_CLAIM = """
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+local all = redis.call('HGETALL', KEYS[1])
+local preds = {}
+for i = 1, #all, 2 do
+  if string.sub(all[i], 1, 2) == 'r:' and all[i + 1] == '0' then
+    table.insert(preds, string.sub(all[i], 3))
+  end
+end
+redis.call('HSET', KEYS[1], 'cur', ARGV[1], 'r:' .. ARGV[1], '0')
+return {epoch, preds}
+"""
+
+_RELEASE = """
+local was = redis.call('HGET', KEYS[1], 'r:' .. ARGV[1])
+redis.call('HDEL', KEYS[1], 'r:' .. ARGV[1])
+if redis.call('HGET', KEYS[1], 'cur') == ARGV[1] then redis.call('HDEL', KEYS[1], 'cur') end
+local left = 0
+for _, k in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if k == 'cur' or string.sub(k, 1, 2) == 'r:' then left = left + 1 end
+end
+if left == 0 then redis.call('DEL', KEYS[1]) end
+if was == '1' then return 1 end
+return 0
+"""
+
+_FENCE = """
+if redis.call('HEXISTS', KEYS[1], 'r:' .. ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'r:' .. ARGV[1], '1')
+  return 1
+end
+return 0
+"""
+
+# KEYS: run hash, cancel flag; ARGV: reason, ttl, prefix, run id
+_CANCEL = """
+local node = redis.call('HGET', KEYS[1], 'node')
+if not node then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2])
+redis.call('PUBLISH', ARGV[3] .. 'cancel:' .. node, ARGV[4] .. '\\t' .. ARGV[1])
+return 1
+"""
+
+
+def _entry_json(entry: Entry) -> bytes:
+    return orjson.dumps(entry if isinstance(entry, str) else {"tool": entry.delta})
+
+
+def _entry_of(raw: str) -> Entry:
+    value = orjson.loads(raw)
+    return value if isinstance(value, str) else ToolDelta(value["tool"])
+
+
+class RedisState(SharedState):
+    """The shared state in Redis (or Valkey), through coredis (AnyIO: native
+    under trio).  ``lease`` is ``--node-lease``; ``ttl`` is ``--run-ttl``."""
+
+    ships_logs = True
+
+    def __init__(
+        self, url: str, *, lease: float = 10.0, ttl: float = 300.0, prefix: str = "ts:"
+    ) -> None:
+        self.node = "node_" + secrets.token_hex(6)
+        self.url = url
+        self.lease = lease
+        self.ttl = max(1, int(ttl))
+        self.prefix = prefix
+        self.client: coredis.Redis[str] = coredis.Redis.from_url(
+            url, decode_responses=True, connect_timeout=CALL_TIMEOUT,
+            stream_timeout=CALL_TIMEOUT, max_connections=64,
+        )  # fmt: skip
+        self._claim = self.client.register_script(_CLAIM)
+        self._release = self.client.register_script(_RELEASE)
+        self._fence = self.client.register_script(_FENCE)
+        self._cancel = self.client.register_script(_CANCEL)
+        self._healthy = True
+        self._finished: dict[str, trio.Event] = {}
+        self._reship = trio.Event()
+
+    # -- keys -------------------------------------------------------------
+    def _s(self, key: SessionKey) -> str:
+        return f"{self.prefix}s:{key[0]}:{key[1]}"
+
+    def _r(self, run_id: str) -> str:
+        return f"{self.prefix}r:{run_id}"
+
+    def _l(self, run_id: str) -> str:
+        return f"{self.prefix}l:{run_id}"
+
+    def _c(self, run_id: str) -> str:
+        return f"{self.prefix}c:{run_id}"
+
+    # -- calls ------------------------------------------------------------
+    async def _call(self, step: Awaitable[T]) -> T:
+        """One Redis step; any failure to reach Redis is SharedUnavailable."""
+        try:
+            with trio.fail_after(CALL_TIMEOUT + 0.4):
+                result = await step
+        except (coredis.exceptions.RedisError, OSError, trio.TooSlowError) as exc:
+            self._healthy = False
+            raise SharedUnavailable(f"redis: {type(exc).__name__}") from exc
+        return result
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    # -- background -------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the client, the lease, the listeners and the pollers."""
+        async with self.client, trio.open_nursery() as nursery:
+            nursery.start_soon(self._heartbeat)
+            nursery.start_soon(self._listen)
+            nursery.start_soon(self._poll_cancels)
+            nursery.start_soon(self._reap)
+            task_status.started()
+
+    async def leave(self) -> None:
+        """Leave the cluster cleanly (shutdown, after every run ended)."""
+        n = self.prefix
+        with contextlib.suppress(SharedUnavailable):
+            await self._call(self.client.srem(f"{n}nodes", [self.node]))
+            await self._call(self.client.delete([f"{n}n:{self.node}", f"{n}nr:{self.node}"]))
+
+    async def _heartbeat(self) -> None:
+        n = self.prefix
+        while True:
+            was = self._healthy
+            try:
+                await self._call(self._beat(n))
+                self._healthy = True
+            except SharedUnavailable:
+                self._healthy = False
+            if self._healthy and not was:
+                await self._resync()
+            await trio.sleep(self.lease / 3 if self._healthy else 0.2)
+
+    async def _beat(self, n: str) -> None:
+        async with self.client.pipeline(transaction=False) as p:
+            p.set(f"{n}n:{self.node}", "1", px=int(self.lease * 1000))
+            p.sadd(f"{n}nodes", [self.node])
+
+    async def _resync(self) -> None:
+        """After an outage: put this node's live runs back (a restarted Redis
+        may have lost them) and re-ship detached logs."""
+        for run in list(self.owner_runs()):
+            try:
+                await self.register(run)
+                if run.session_key is not None:
+                    key = self._s(run.session_key)
+                    await self._call(self.client.hsetnx(key, f"r:{run.id}", "0"))
+            except SharedUnavailable:
+                return
+        self._reship.set()
+        self._reship = trio.Event()
+
+    def owner_runs(self) -> list[Run]:
+        runs: dict[str, Run] = getattr(self.owner, "runs", {})
+        return [r for r in runs.values() if not r.done.is_set()]
+
+    async def _listen(self) -> None:
+        """Deliver cancel requests and "finished" notices as they come."""
+        n = self.prefix
+        while True:
+            try:
+                async with self.client.pubsub(
+                    channels=[f"{n}cancel:{self.node}", f"{n}finished"],
+                    ignore_subscribe_messages=True,
+                ) as pubsub:
+                    async for message in pubsub:
+                        self._deliver(str(message["channel"]), str(message["data"]))
+            except* (coredis.exceptions.RedisError, OSError):
+                pass  # reconnect below; what was missed, the pollers find
+            except* anyio.ClosedResourceError:
+                # coredis 6.9 under trio: cancelling a subscriber fails its
+                # UNSUBSCRIBE on the closed connection.  The Cancelled that
+                # caused it is not in this split and propagates unchanged.
+                pass
+            await trio.sleep(0.2)
+
+    def _deliver(self, channel: str, data: str) -> None:
+        if channel.endswith("finished"):
+            event = self._finished.get(data)
+            if event is not None:
+                event.set()
+            return
+        run_id, _, reason = data.partition("\t")
+        self.owner.cancel_local(run_id, reason)
+
+    async def _poll_cancels(self) -> None:
+        """G4's safety net: find cancel requests whose message was lost."""
+        while True:
+            await trio.sleep(CANCEL_POLL)
+            runs = [r.id for r in self.owner_runs()]
+            if not runs:
+                continue
+            try:
+                keys = [self._c(r) for r in runs]
+                reasons = await self._call(self.client.mget(keys))
+            except SharedUnavailable:
+                continue
+            for run_id, reason in zip(runs, reasons, strict=True):
+                if reason is not None:
+                    self.owner.cancel_local(run_id, reason)
+
+    # -- sessions ---------------------------------------------------------
+    async def claim(self, key: SessionKey, run_id: str) -> Claim:
+        raw: Any = await self._call(self._claim(keys=[self._s(key)], args=[run_id]))
+        epoch, predecessors = raw
+        return Claim(int(epoch), tuple(str(p) for p in predecessors))
+
+    async def fence(self, key: SessionKey, run_id: str) -> None:
+        await self._call(self._fence(keys=[self._s(key)], args=[run_id]))
+
+    async def release(self, key: SessionKey, run_id: str) -> bool:
+        raw: Any = await self._call(self._release(keys=[self._s(key)], args=[run_id]))
+        return bool(raw)
+
+    async def current(self, key: SessionKey) -> str | None:
+        return await self._call(self.client.hget(self._s(key), "cur"))
+
+    async def live(self, key: SessionKey) -> dict[str, bool]:
+        fields = await self._call(self.client.hgetall(self._s(key)))
+        return {k[2:]: v == "1" for k, v in fields.items() if k.startswith("r:")}
+
+    # -- cancel and completion --------------------------------------------
+    async def cancel(self, run_id: str, reason: str) -> None:
+        if self.owner.cancel_local(run_id, reason):
+            return
+        args = [reason, str(self.ttl), self.prefix, run_id]
+        await self._call(self._cancel(keys=[self._r(run_id), self._c(run_id)], args=args))
+
+    async def wait_finished(self, run_ids: Sequence[str], grace: float) -> tuple[str, ...]:
+        waiting = {r: self._finished.setdefault(r, trio.Event()) for r in run_ids}
+        try:
+            with trio.move_on_after(grace):
+                while pending := [r for r, e in waiting.items() if not e.is_set()]:
+                    await self._check_finished(pending)
+                    if any(not waiting[r].is_set() for r in pending):
+                        with trio.move_on_after(FINISH_POLL):
+                            await waiting[pending[0]].wait()
+            return tuple(r for r, e in waiting.items() if not e.is_set())
+        finally:
+            for r in run_ids:
+                self._finished.pop(r, None)
+
+    async def _check_finished(self, run_ids: list[str]) -> None:
+        local = [self.owner.local_run(r) for r in run_ids]
+        remote = [r for r, run in zip(run_ids, local, strict=True) if run is None]
+        for run in local:
+            if run is not None and run.done.is_set():
+                self._finished[run.id].set()
+        if not remote:
+            return
+        try:
+            for run_id in remote:
+                status = await self._call(self.client.hget(self._r(run_id), "status"))
+                if status != "running":
+                    self._finished[run_id].set()
+        except SharedUnavailable:
+            pass  # keep waiting: the deadline still bounds it
+
+    # -- registry ---------------------------------------------------------
+    async def register(self, run: Run) -> None:
+        fields = {
+            "tenant": run.tenant, "session": run.session_id or "", "node": self.node,
+            "detached": "1" if run.detached else "0", "status": "running", "reason": "",
+            "model": run.request.model, "created": repr(run.created),
+        }  # fmt: skip
+        n = self.prefix
+
+        async def write() -> None:
+            async with self.client.pipeline(transaction=False) as p:
+                p.hset(self._r(run.id), fields)
+                p.sadd(f"{n}nr:{self.node}", [run.id])
+
+        await self._call(write())
+
+    async def finished(self, run: Run) -> None:
+        outcome = run.log.outcome
+        assert outcome is not None
+        await self._end_record(self.node, run.id, outcome)
+
+    async def _end_record(self, node: str, run_id: str, outcome: Outcome) -> None:
+        n = self.prefix
+
+        async def write() -> None:
+            async with self.client.pipeline(transaction=False) as p:
+                p.hset(self._r(run_id), {"status": outcome.status.value, "reason": outcome.reason})
+                p.expire(self._r(run_id), self.ttl)
+                p.srem(f"{n}nr:{node}", [run_id])
+                p.publish(f"{n}finished", run_id)
+
+        await self._call(write())
+
+    async def lookup(self, run_id: str) -> RunRecord | None:
+        fields = await self._call(self.client.hgetall(self._r(run_id)))
+        if not fields or "tenant" not in fields:
+            return None
+        return RunRecord(
+            id=run_id, tenant=fields["tenant"], session_id=fields.get("session") or None,
+            node=fields.get("node", ""), detached=fields.get("detached") == "1",
+            status=fields.get("status", "running"), reason=fields.get("reason") or None,
+            model=fields.get("model", ""), created=float(fields.get("created", "0")),
+        )  # fmt: skip
+
+    # -- logs of detached runs --------------------------------------------
+    async def ship(self, run: Run) -> None:
+        """Copy ``run``'s log to ``ts:l:{run}`` in batches until its end is
+        there.  The end is shipped after the run's cleanup, so a remote
+        follower's ``[DONE]`` still means saved.  Retries while Redis is down;
+        a restart makes it ship again from the first entry."""
+        shipped = 0
+        while True:
+            reship = self._reship
+            try:
+                if run.log.last_seq > shipped:
+                    shipped = await self._ship_entries(run, shipped)
+                    continue
+                if run.done.is_set():
+                    await self._ship_end(run)
+                    return
+            except SharedUnavailable:
+                with trio.move_on_after(0.2):
+                    await reship.wait()
+                shipped = 0 if reship.is_set() else shipped
+                continue
+            await run.wait_changed()
+
+    async def _ship_entries(self, run: Run, shipped: int) -> int:
+        entries = run.log.read(shipped, 256)
+        key = self._l(run.id)
+
+        async def write() -> None:
+            async with self.client.pipeline(transaction=False, raise_on_error=False) as p:
+                for seq, entry in enumerate(entries, shipped + 1):
+                    p.xadd(key, {"e": _entry_json(entry)}, identifier=f"{seq}-0")
+
+        await self._call(write())
+        return shipped + len(entries)
+
+    async def _ship_end(self, run: Run) -> None:
+        outcome = run.log.outcome
+        assert outcome is not None
+        await self.write_end(run.id, run.log.last_seq, outcome)
+
+    async def write_end(self, run_id: str, last_seq: int, outcome: Outcome) -> None:
+        end = {"status": outcome.status.value, "reason": outcome.reason, "message": outcome.message}
+        key = self._l(run_id)
+
+        async def write() -> None:
+            async with self.client.pipeline(transaction=False, raise_on_error=False) as p:
+                p.xadd(key, {"end": orjson.dumps(end)}, identifier=f"{last_seq}-1")
+                p.expire(key, self.ttl)
+
+        await self._call(write())
+
+    async def read_log(self, run_id: str, cursor: int, *, wait: bool) -> LogPage:
+        key = self._l(run_id)
+        after = f"{cursor}-0" if cursor else "0-0"
+        if wait:
+            found = await self._call(
+                self.client.xread({key: after}, count=1024, block=FOLLOW_BLOCK_MS)
+            )
+            items = (found or {}).get(key, ())
+        else:
+            items = await self._call(self.client.xrange(key, f"({after}", "+"))
+        entries: list[Entry] = []
+        outcome: Outcome | None = None
+        for item in items:
+            values = item.field_values
+            if "end" in values:
+                end = orjson.loads(str(values["end"]))
+                outcome = Outcome(RunStatus(end["status"]), end["reason"], end["message"])
+                break
+            entries.append(_entry_of(str(values["e"])))
+        return LogPage(entries, outcome)
+
+    # -- node loss --------------------------------------------------------
+    async def _reap(self) -> None:
+        """Notice dead nodes (their lease expired) and end their runs."""
+        n = self.prefix
+        while True:
+            await trio.sleep(self.lease / 2)
+            try:
+                nodes = await self._call(self.client.smembers(f"{n}nodes"))
+                for node in nodes - {self.node}:
+                    alive = await self._call(self.client.exists([f"{n}n:{node}"]))
+                    if not alive:
+                        await self._take_over(node)
+            except SharedUnavailable:
+                continue
+
+    async def _take_over(self, node: str) -> None:
+        n = self.prefix
+        won = await self._call(self.client.srem(f"{n}nodes", [node]))
+        if not won:
+            return  # another survivor took it
+        run_ids = await self._call(self.client.smembers(f"{n}nr:{node}"))
+        records = [r for r in [await self.lookup(x) for x in run_ids] if r is not None]
+        lost = [r for r in records if r.status == "running"]
+        await self.owner.adopt_lost(node, lost)
+        await self._call(self.client.delete([f"{n}nr:{node}"]))
+
+    async def end_lost(self, record: RunRecord, last_seq: int) -> None:
+        """End a dead node's run: its log's end, its record, its session."""
+        outcome = Outcome(RunStatus.FAILED, "node_lost", "The node running this run was lost.")
+        if record.detached:
+            await self.write_end(record.id, last_seq, outcome)
+        await self._end_record(record.node, record.id, outcome)
+        if record.session_id is not None:
+            await self.release((record.tenant, record.session_id), record.id)
