@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import socket
 import sys
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import click
@@ -102,10 +103,16 @@ def serve(**options: Any) -> None:
         settings = settings_from(options)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    trio.run(_serve_until_signal, settings)
+    if settings.workers > 1:
+        from . import workers
+
+        workers.run(settings)
+        return
+    trio.run(serve_until_signal, settings)
 
 
-async def _serve_until_signal(settings: Settings) -> None:
+async def serve_until_signal(settings: Settings, sockets: Sequence[socket.socket] = ()) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
     from .server import serve as serve_
 
     shutdown = trio.Event()
@@ -117,7 +124,7 @@ async def _serve_until_signal(settings: Settings) -> None:
                     shutdown.set()
 
         nursery.start_soon(on_signal)
-        await serve_(settings, shutdown=shutdown)
+        await serve_(settings, shutdown=shutdown, sockets=sockets)
         nursery.cancel_scope.cancel()
 
 

@@ -28,7 +28,8 @@ save), then the transports are cut and the connections nursery is cancelled.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import trio
@@ -105,9 +106,15 @@ def hypercorn_config(settings: Settings) -> Config:
 
 
 async def open_listeners(
-    settings: Settings, config: Config, guard: TransportGuard
-) -> list[trio.abc.Listener[trio.abc.Stream]]:
-    raw = await trio.open_tcp_listeners(settings.port, host=settings.host)
+    settings: Settings, config: Config, guard: TransportGuard,
+    sockets: Sequence[socket.socket] = (),
+) -> list[trio.abc.Listener[trio.abc.Stream]]:  # fmt: skip
+    """Listen on ``--host``/``--port``, or on ``sockets`` bound by a parent
+    (``--workers``: every worker accepts on the same socket)."""
+    if sockets:
+        raw = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+    else:
+        raw = await trio.open_tcp_listeners(settings.port, host=settings.host)
     guarded = [GuardedListener(listener, guard) for listener in raw]
     ssl_context = config.create_ssl_context()
     if ssl_context is None:
@@ -128,9 +135,13 @@ async def serve(
     logger: EventLogger | None = None,
     store: Store | None = None,
     upstream: Upstream | None = None,
+    sockets: Sequence[socket.socket] = (),
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``settings`` until ``shutdown`` is set, then shut down gracefully.
+
+    ``sockets``: already bound listening sockets to accept on instead of
+    binding ``--host``/``--port`` (how ``--workers`` shares one port).
 
     ``task_status.started(port)`` is called once listening, so embedders and
     tests can ``port = await nursery.start(serve, settings)``.
@@ -141,13 +152,14 @@ async def serve(
     graceful path.
     """
     async with open_service(settings, logger=logger, store=store, upstream=upstream) as service:
-        await serve_service(service, shutdown=shutdown, task_status=task_status)
+        await serve_service(service, shutdown=shutdown, sockets=sockets, task_status=task_status)
 
 
 async def serve_service(
     service: Service,
     *,
     shutdown: trio.Event | None = None,
+    sockets: Sequence[socket.socket] = (),
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve an already open :class:`Service` (see :func:`serve`)."""
@@ -157,7 +169,7 @@ async def serve_service(
     await app.startup()
     config = hypercorn_config(settings)
     guard = TransportGuard(settings.stall_timeout)
-    listeners = await open_listeners(settings, config, guard)
+    listeners = await open_listeners(settings, config, guard, sockets)
     context = WorkerContext(None)
     asgi = ASGIWrapper(app)  # type: ignore[arg-type]  # Quart's scope types are narrower
     handler = partial(Connection, asgi, config, context, ConnectionState({}))
