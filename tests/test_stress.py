@@ -27,7 +27,11 @@ pytestmark = pytest.mark.stress
 FULL = os.environ.get("TRIO_STREAM_STRESS") == "full"
 TOKENS_ONE_STREAM = 1_000_000 if FULL else 100_000
 LONG_MESSAGES = 1_000 if FULL else 100
+LONG_MESSAGE_CHARS = 10_000
 CREATE_CANCEL = 100_000 if FULL else 1_000
+# A guard against a hang, not a throughput limit: the full size takes about
+# 470 s on 2 cores (about 5 ms per cycle), so allow 10 ms per cycle.
+CREATE_CANCEL_DEADLINE = max(600.0, 0.01 * CREATE_CANCEL)
 SLOW_READER_TOKENS = 10_000 if FULL else 2_000
 
 
@@ -35,6 +39,22 @@ def rss_bytes() -> int:
     """This process's resident set size now (Linux /proc)."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def tokens_for_chars(messages: list[dict[str, str]], chars: int) -> int:
+    """The fewest mock tokens whose reply to ``messages`` has ``chars`` characters.
+
+    The mock's words vary in length (one syllable per hex digit of a number
+    that starts at a hash of the prompt), so a fixed token count gives some
+    prompts far shorter replies than others.  Every token has at least one
+    character, so ``chars`` tokens are always enough.
+    """
+    length = 0
+    for count, token in enumerate(mocktext.tokens(messages, chars), start=1):
+        length += len(token)
+        if length >= chars:
+            return count
+    raise AssertionError("unreachable: every token has at least one character")
 
 
 def received_text(events: list[str]) -> str:
@@ -79,9 +99,9 @@ async def test_one_stream_of_many_short_tokens(settings: Settings) -> None:
 
 
 async def test_many_long_messages(settings: Settings) -> None:
-    """1K (CI: 100) messages of ~10K characters each are delivered exactly and
-    saved once each, and leave no task behind."""
-    max_tokens = 1_400  # ~7.5 characters per mock word: ~10K characters
+    """1K (CI: 100) messages of at least 10K characters each are delivered
+    exactly and saved once each, and leave no task behind.  Each prompt asks
+    for exactly the token count that makes its reply 10K characters long."""
     with trio.fail_after(300):
         async with running_server(settings.replace(mock_delay_ms=0), record_logs=False) as server:
             baseline = await tasks_living()
@@ -89,10 +109,11 @@ async def test_many_long_messages(settings: Settings) -> None:
 
                 async def one(i: int) -> None:
                     messages = [{"role": "user", "content": f"long message {i}"}]
+                    max_tokens = tokens_for_chars(messages, LONG_MESSAGE_CHARS)
                     body = {"messages": messages, "stream": True, "max_tokens": max_tokens}
                     data = await stream_all(client, body)
                     text = received_text(data)
-                    assert len(text) >= 10_000
+                    assert len(text) >= LONG_MESSAGE_CHARS
                     assert text == mocktext.expected_text(messages, max_tokens)
 
                 limiter = trio.CapacityLimiter(8)
@@ -119,7 +140,7 @@ async def test_create_then_cancel_cycles(settings: Settings) -> None:
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
         b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
     )
-    with trio.fail_after(600):
+    with trio.fail_after(CREATE_CANCEL_DEADLINE):
         async with running_server(settings.replace(mock_delay_ms=1), record_logs=False) as server:
             service = server.service
             baseline = await tasks_living()
