@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	touch $(STAMP)
 
-.PHONY: install run check lint typecheck test stress bench
+.PHONY: install run check lint typecheck test stress bench services
 install: $(STAMP)
 
 run: $(STAMP)
@@ -24,7 +24,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP)
+services:
+	tools/install-services.sh
+
+test: $(STAMP) services
 	$(BIN)/pytest -q -p no:cacheprovider
 
 check: lint typecheck test
