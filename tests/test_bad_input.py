@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ CHAT = "/v1/chat/completions"
 RUN = "/v1/runs/run_AAAAAAAAAAAAAAAAAAAAAA"
 SESSION = "/v1/sessions/no-such-session"
 MSGS = [{"role": "user", "content": "hi"}]
+#: --body-timeout of the "slow-body" row's server, and how long its body pauses.
+SLOW_BODY_TIMEOUT, SLOW_BODY_PAUSE = 0.25, 1.5
 
 BAD_REQ, AUTH_ERR, NOT_FOUND = "invalid_request_error", "authentication_error", "not_found_error"
 
@@ -48,7 +50,9 @@ class Case:
     type: str
     code: str | None
     headers: dict[str, str | bytes] = field(default_factory=lambda: dict(AUTH))
-    setup: str = "plain"  # "plain", "full" (one stream holds --max-streams=1), "draining"
+    # "plain", "full" (one stream holds --max-streams=1), "draining", or
+    # "slow-body" (the body stops after its first bytes: see slow_body)
+    setup: str = "plain"
 
 
 def chat(id_: str, body: Any, code: str, **kw: Any) -> Case:
@@ -193,6 +197,17 @@ CASES: list[Case] = [
     wrong_method("POST", "/healthz", "healthz"),
     wrong_method("POST", "/metrics", "metrics"),
     wrong_method("POST", "/v1/models", "models"),
+    # 408: a body not all in within --body-timeout
+    Case(
+        "408-slow-body",
+        "POST",
+        CHAT,
+        GOOD[:10],
+        408,
+        BAD_REQ,
+        "body_timeout",
+        setup="slow-body",
+    ),
     # 413: a body over --max-body-bytes (declared by Content-Length; JSON or not)
     Case(
         "413-content-length-json",
@@ -243,11 +258,22 @@ def plain_client(server: Server) -> httpx.AsyncClient:
 
 
 def bad_input_settings(tmp_path: Path, setup: str = "plain") -> Settings:
-    return Settings(
+    settings = Settings(
         port=0, db=str(tmp_path / "bad.db"), api_keys=(KEY,), max_body_bytes=LIMIT,
         mock_delay_ms=5, max_streams=1 if setup == "full" else 10_000,
         graceful_timeout=60,
     )  # fmt: skip
+    if setup == "slow-body":
+        settings = replace(settings, body_timeout=SLOW_BODY_TIMEOUT)
+    return settings
+
+
+async def slow_body(first: bytes) -> AsyncIterator[bytes]:
+    """A chunked body: ``first``, then nothing for SLOW_BODY_PAUSE seconds, long
+    past the server's --body-timeout, then its end.  The client reads the
+    answer only once its body is sent, and the server has answered by then."""
+    yield first
+    await trio.sleep(SLOW_BODY_PAUSE)
 
 
 @asynccontextmanager
@@ -278,20 +304,24 @@ def assert_openai_error(response: httpx.Response, type_: str, code: str | None) 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 async def test_bad_input_gets_its_error_and_costs_nothing(case: Case, tmp_path: Path) -> None:
     """Every row of the error table (docs/api.md section 2.2) answers its status with the OpenAI
-    error body (429 with Retry-After, 405 with Allow), and starts no run."""
+    error body (429 with Retry-After, 405 with Allow, 408 with Connection:
+    close), and starts no run."""
     settings = bad_input_settings(tmp_path, case.setup)
     with trio.fail_after(15):
         async with (
             waitable_server(settings) as (server, logs),
             plain_client(server) as client,
-            holding_one_stream(server, client) if case.setup != "plain" else nullcontext(0),
+            holding_one_stream(server, client)
+            if case.setup in ("full", "draining")
+            else nullcontext(0),
         ):
             if case.setup == "draining":
                 server.shutdown.set()
                 await logs.wait_for("shutdown_start")
             starts = len(logs.events("stream_start"))
+            content = slow_body(case.body or b"") if case.setup == "slow-body" else case.body
             response = await client.request(
-                case.method, case.path, headers=raw_headers(case.headers), content=case.body
+                case.method, case.path, headers=raw_headers(case.headers), content=content
             )
             assert response.status_code == case.status, response.text
             assert_openai_error(response, case.type, case.code)
@@ -299,6 +329,8 @@ async def test_bad_input_gets_its_error_and_costs_nothing(case: Case, tmp_path: 
                 assert int(response.headers["retry-after"]) >= 1
             if case.status == 405:
                 assert case.method not in response.headers["allow"].split(", ")
+            if case.status == 408:
+                assert response.headers["connection"] == "close"
             assert len(logs.events("stream_start")) == starts  # no run was started
             assert server.service.runs.live == starts
 
@@ -365,7 +397,7 @@ async def test_chunked_body_growing_past_the_limit_is_refused_midway(tmp_path: P
 
 def test_the_table_covers_every_status_of_the_error_table() -> None:
     """The table has a row for each status of docs/api.md section 2.2 that one
-    request, sent at once, can cause: not 408 (a slow body), not 409 (a second
-    request), not 502/504 (upstream faults: tests/test_upstream_faults.py)."""
-    assert {c.status for c in CASES} == {400, 401, 404, 405, 413, 429, 503}
+    request can cause: not 409 (a second request), not 502/504 (upstream
+    faults: tests/test_upstream_faults.py)."""
+    assert {c.status for c in CASES} == {400, 401, 404, 405, 408, 413, 429, 503}
     assert len({c.id for c in CASES}) == len(CASES)

@@ -441,16 +441,16 @@ async def test_heads_that_never_complete_are_closed_by_the_idle_timer(
 # -- HTTP/2 ---------------------------------------------------------------------------
 
 
-def open_slow_h2_stream(conn: H2Connection, first: bytes) -> H2Stream:
-    """Open a ``POST /v1/chat/completions`` stream announcing 100 body bytes
-    and send ``first`` of them, without ending the stream.  (The load
+def open_slow_h2_stream(conn: H2Connection, first: bytes, length: int = 100) -> H2Stream:
+    """Open a ``POST /v1/chat/completions`` stream announcing ``length`` body
+    bytes and send ``first`` of them, without ending the stream.  (The load
     generator's client always sends whole bodies, so this drives its ``h2``
     state machine directly.)"""
     h2conn = conn._h2
     stream_id = h2conn.get_next_available_stream_id()
     stream = conn._streams[stream_id] = H2Stream(conn, stream_id)
     headers = [(":method", "POST"), (":path", CHAT), (":scheme", "http"), (":authority", "x"),
-               ("content-type", "application/json"), ("content-length", "100")]  # fmt: skip
+               ("content-type", "application/json"), ("content-length", str(length))]  # fmt: skip
     h2conn.send_headers(stream_id, headers)
     h2conn.send_data(stream_id, first)
     conn._pull()
@@ -485,13 +485,6 @@ async def test_h2_late_body_gets_408_and_only_its_stream_ends(tmp_path: Path) ->
     assert events[-1].data == "[DONE]"
 
 
-@pytest.mark.xfail(
-    reason="hypercorn 0.18.0 bug: DATA on a stream it already answered raises KeyError in "
-    "H2Protocol._handle_events (hypercorn issue #329, PRs #312/#334), which escapes the "
-    "connection task and ends serve_service; needs a fix in trio_stream/hypercorn_fixes.py",
-    raises=BaseExceptionGroup,
-    strict=True,
-)
 async def test_h2_body_bytes_after_the_408_are_ignored(tmp_path: Path) -> None:
     """A client that goes on sending its body after the 408 (it may not have
     read the answer yet) must not disturb the server: the bytes are dropped
@@ -507,3 +500,30 @@ async def test_h2_body_bytes_after_the_408_are_ignored(tmp_path: Path) -> None:
                 conn._pull()
                 sibling = await conn.request("GET", "/healthz")
                 assert await sibling.response() == 200
+
+
+async def test_h2_body_bytes_after_a_413_leave_the_server_serving(tmp_path: Path) -> None:
+    """A client that sends the rest of its body, and its end, on an HTTP/2
+    stream the server has already refused (413: the Content-Length is over
+    ``--max-body-bytes``) stops nothing: the same connection, a new HTTP/2
+    connection and a new HTTP/1.1 connection are all served after it."""
+    settings = Settings(port=0, db=str(tmp_path / "h2.db"), mock_delay_ms=1, max_body_bytes=1000)
+    async with running_server(settings) as server:
+        with trio.fail_after(10):
+            async with open_h2_connection("127.0.0.1", server.port) as conn:
+                refused = open_slow_h2_stream(conn, b"{", length=2000)
+                assert await refused.response() == 413
+                assert orjson.loads(await read_h2(refused))["error"]["code"] == "request_too_large"
+                conn._h2.send_data(refused.id, b" " * 1999, end_stream=True)
+                conn._pull()
+                # Sent after the bytes above, so handled after them.
+                sibling = await conn.request("GET", "/healthz")
+                assert await sibling.response() == 200
+            async with open_h2_connection("127.0.0.1", server.port) as other:
+                stream = await other.request(
+                    "POST", CHAT, [("content-type", "application/json")], chat_body(stream=True)
+                )
+                assert await stream.response() == 200
+                assert SSEDecoder().feed(await read_h2(stream))[-1].data == "[DONE]"
+            assert await healthz(server.port) == 200
+            assert await stream_completion(server.port) == "[DONE]"

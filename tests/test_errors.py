@@ -34,7 +34,12 @@ FACTORIES: list[tuple[str, Callable[[], ApiError], int, str, str | None]] = [
     ("502-code", lambda: UpstreamError("x", code="malformed_chunk"), 502, "upstream_error",
      "malformed_chunk"),
     ("503", errors.shutting_down, 503, "unavailable_error", "shutting_down"),
+    ("503-shared-state", lambda: errors.unavailable("connection refused"), 503,
+     "unavailable_error", "shared_state_unavailable"),
 ]  # fmt: skip
+
+#: The rows whose error carries Retry-After: the ones a client should retry.
+RETRY_AFTER = {"429", "503-shared-state"}
 
 
 @pytest.mark.parametrize(
@@ -65,6 +70,7 @@ def test_status_type_code_and_body(
         (lambda: errors.too_large(1234), "1234"),
         (lambda: errors.body_timeout(2.5), "2.5 seconds"),
         (lambda: errors.too_many_streams(77), "77"),
+        (lambda: errors.unavailable("connection refused"), "connection refused"),
         (errors.unauthorized, "Authorization: Bearer"),
     ],
     ids=[
@@ -74,6 +80,7 @@ def test_status_type_code_and_body(
         "413-limit",
         "408-seconds",
         "429-limit",
+        "503-shared-state-detail",
         "401-how-to",
     ],
 )
@@ -83,18 +90,27 @@ def test_messages_say_what_is_wrong(make: Callable[[], ApiError], fragment: str)
 
 
 @pytest.mark.parametrize(
-    ("retry_after", "header"), [(None, b"1"), (7, b"7")], ids=["default", "7s"]
+    ("make", "header"),
+    [
+        (lambda: errors.too_many_streams(5), b"1"),
+        (lambda: errors.too_many_streams(5, 7), b"7"),
+        (lambda: errors.unavailable("down"), b"1"),
+        (lambda: errors.unavailable("down", 7), b"7"),
+    ],
+    ids=["429-default", "429-7s", "503-shared-state-default", "503-shared-state-7s"],
 )
-def test_429_has_retry_after(retry_after: int | None, header: bytes) -> None:
-    """429 carries a Retry-After header (default 1 s) and no other error does."""
-    err = (
-        errors.too_many_streams(5)
-        if retry_after is None
-        else errors.too_many_streams(5, retry_after)
-    )
-    assert err.headers == ((b"retry-after", header),)
-    others = [row[1]() for row in FACTORIES if row[2] != 429]
-    assert all(e.headers == () for e in others)
+def test_retry_after_is_on_the_429_and_the_shared_state_503(
+    make: Callable[[], ApiError], header: bytes
+) -> None:
+    """The errors a client should retry carry Retry-After (default 1 s): 429
+    (too many streams) and the 503 of cluster mode's unreachable Redis
+    (shared_state_unavailable)."""
+    assert make().headers == ((b"retry-after", header),)
+
+
+def test_no_other_error_has_retry_after() -> None:
+    """Every other error, the 503 of a shutdown included, carries no header."""
+    assert {row[0] for row in FACTORIES if row[1]().headers} == RETRY_AFTER
 
 
 def test_only_the_408_closes_the_connection() -> None:

@@ -1,23 +1,40 @@
-"""trio_stream.hypercorn_fixes: a process-wide patch, applied only where it belongs.
+"""trio_stream.hypercorn_fixes: process-wide patches, applied only where they belong.
 
-The patch replaces a private method of hypercorn, so it is applied only to
-the release it was written for.  A canary drives hypercorn's *own* method and
-fails as soon as that method no longer has the bug: on an upgrade, it says
-whether the fix (and its version pin) can go.  The fixed method itself is
-tested in ``tests/test_stall.py``.
+Each patch replaces a private method of hypercorn, so it is applied only to
+the release it was written for.  For each, a canary drives hypercorn's *own*
+method and fails as soon as that method no longer has the bug: on an
+upgrade, it says whether the fix (and its version pin) can go.  The fixed
+``StreamBuffer.pop`` is tested in ``tests/test_stall.py``; the fixed
+``H2Protocol._handle_events`` here, in memory (hypercorn's HTTP/2 protocol
+against an h2 client), and in ``tests/test_body_timeout.py`` on a real server.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 import trio
 import trio.testing
-from hypercorn.protocol.h2 import BUFFER_HIGH_WATER, StreamBuffer
-from hypercorn.trio.worker_context import EventWrapper
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.config import Config
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol.h2 import BUFFER_HIGH_WATER, H2Protocol, StreamBuffer
+from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.worker_context import EventWrapper, WorkerContext
+from hypercorn.typing import ConnectionState
 
 from trio_stream import EventLogger, RecordingSink, hypercorn_fixes
+
+#: The Content-Length of a body sent late: 1 byte, the answer, then the rest.
+DECLARED = 60_000
+REST = DECLARED - 1
 
 
 def recording_logger() -> tuple[EventLogger, RecordingSink]:
@@ -53,26 +70,198 @@ async def test_canary_hypercorn_pop_still_resumes_a_writer_on_a_zero_byte_pop() 
     assert len(buffer.buffer) == BUFFER_HIGH_WATER  # resumed, yet nothing drained
 
 
+# -- H2Protocol._handle_events: body bytes of a stream hypercorn has forgotten -----------
+
+
+async def app(scope: Any, receive: Any, send: Any) -> None:
+    """``/refuse`` answers 413 at once without reading the body (as trio-stream
+    does for a Content-Length over --max-body-bytes); any other path reads the
+    whole body and answers 200 with it (or nothing, if the client goes)."""
+    body, more = b"", scope["path"] != "/refuse"
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        body, more = body + message["body"], message["more_body"]
+    status = 413 if scope["path"] == "/refuse" else 200
+    await send({"type": "http.response.start", "status": status, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Wire:
+    """hypercorn's ``H2Protocol`` in memory, with an h2 client on the other end."""
+
+    def __init__(self, task_group: TaskGroup) -> None:
+        self.client = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        self.client.initiate_connection()
+        self.sent = bytearray()  # by the server, not yet read by the client
+        self.events: list[h2.events.Event] = []  # the client's, so far
+        self.protocol = H2Protocol(
+            ASGIWrapper(app), Config(), WorkerContext(None), task_group, ConnectionState({}),
+            False, None, None, self._server_sends,
+        )  # fmt: skip
+
+    async def _server_sends(self, event: Event) -> None:
+        if isinstance(event, RawData):
+            self.sent += event.data
+
+    async def exchange(self) -> None:
+        """Give the server what the client queued, let every task run, and
+        give the client what the server sent back."""
+        await self.protocol.handle(RawData(data=self.client.data_to_send()))
+        await trio.testing.wait_all_tasks_blocked()
+        data, self.sent = bytes(self.sent), bytearray()
+        self.events += self.client.receive_data(data)
+
+    async def post(self, stream_id: int, path: str, body: bytes, *, end: bool = True) -> None:
+        """POST ``body`` to ``path``, declaring DECLARED bytes unless ``end``."""
+        length = len(body) if end else DECLARED
+        headers = [(":method", "POST"), (":path", path), (":scheme", "http"),
+                   (":authority", "x"), ("content-length", str(length))]  # fmt: skip
+        self.client.send_headers(stream_id, headers)
+        await self.upload(stream_id, body, end=end)
+
+    async def upload(self, stream_id: int, data: bytes, *, end: bool) -> None:
+        """Send ``data`` as flow control allows, exchanging with the server
+        whenever the window is spent; fail if the server never reopens it."""
+        while True:
+            window = self.client.local_flow_control_window(stream_id)
+            if data and window == 0:
+                await self.exchange()
+                assert self.client.local_flow_control_window(stream_id), "flow control stalled"
+                continue
+            size = min(window, self.client.max_outbound_frame_size, len(data))
+            chunk, data = data[:size], data[size:]
+            self.client.send_data(stream_id, chunk, end_stream=end and not data)
+            if not data:
+                break
+        await self.exchange()
+
+    def response(self, stream_id: int) -> tuple[int, bytes]:
+        """The status and body the client has received on ``stream_id``."""
+        events = [e for e in self.events if getattr(e, "stream_id", None) == stream_id]
+        (head,) = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+        body = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+        return int(dict(head.headers)[b":status"]), body
+
+
+@asynccontextmanager
+async def wire() -> AsyncIterator[Wire]:
+    """A :class:`Wire`, its connection set up."""
+    with trio.fail_after(5):
+        async with TaskGroup() as task_group:
+            w = Wire(task_group)
+            await w.protocol.initiate()
+            await w.exchange()
+            yield w
+            await w.protocol.handle(Closed())  # ends hypercorn's send task
+
+
+@pytest.fixture
+def fixed() -> None:
+    """The fixes installed, as ``serve_service`` installs them."""
+    hypercorn_fixes.apply()
+    assert hypercorn_fixes.applied()
+
+
+async def refused(w: Wire) -> None:
+    """Stream 1: 413 after 1 of its DECLARED body bytes; hypercorn has
+    answered it and forgotten it, and the client may send the rest."""
+    await w.post(1, "/refuse", b"x", end=False)
+    assert w.response(1) == (413, b"")
+    assert 1 not in w.protocol.streams
+
+
+async def test_canary_hypercorn_handle_events_still_raises_on_a_forgotten_streams_data(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """hypercorn's own H2Protocol._handle_events (unpatched) still has the bug
+    the fix exists for: DATA on a stream it has answered and forgotten raises
+    KeyError, which ends the connection's task (and, in trio-stream, the
+    server).  If this fails, hypercorn fixed it: drop the fix (or re-pin
+    FIXED_VERSION)."""
+    original = hypercorn_fixes.original_handle_events
+    assert original.__module__ == "hypercorn.protocol.h2"
+    monkeypatch.setattr(H2Protocol, "_handle_events", original)
+    async with wire() as w:
+        await refused(w)
+        w.client.send_data(1, b"x" * 100)
+        with pytest.raises(KeyError):
+            await w.exchange()
+
+
+@pytest.mark.usefixtures("fixed")
+async def test_forgotten_streams_body_is_dropped_and_acknowledged_like_a_read_one() -> None:
+    """With the fix, the rest of a body the server has already answered is
+    dropped without an error, and acknowledged: the client's connection
+    window (which all its streams share) ends exactly where it ends when the
+    app reads the same bytes."""
+    async with wire() as dropped, wire() as read:
+        await refused(dropped)
+        await read.post(1, "/echo", b"x", end=False)
+        before = dropped.client.outbound_flow_control_window
+        for w in (dropped, read):
+            await w.upload(1, b"x" * REST, end=False)
+        window = dropped.client.outbound_flow_control_window
+        assert window == read.client.outbound_flow_control_window
+        assert window > before - REST  # some came back already
+
+
+@pytest.mark.usefixtures("fixed")
+async def test_connection_serves_another_stream_after_a_forgotten_streams_body() -> None:
+    """With the fix, after the rest of a forgotten stream's body (data and
+    its end) the connection is fine: a new stream's whole body reaches the
+    app, which answers it."""
+    async with wire() as w:
+        await refused(w)
+        await w.upload(1, b"x" * REST, end=True)
+        body = b"y" * DECLARED
+        await w.post(3, "/echo", body)
+        assert w.response(3) == (200, body)
+
+
+@pytest.mark.usefixtures("fixed")
+async def test_body_sent_with_its_headers_reaches_the_app() -> None:
+    """A stream's HEADERS, DATA and end, handled in one batch, are all handed
+    to hypercorn: the fix tests whether a stream is tracked event by event,
+    so data for a stream opened by the same batch is not dropped."""
+    async with wire() as w:
+        await w.post(1, "/echo", b"z" * 1000)
+        assert w.response(1) == (200, b"z" * 1000)
+
+
 def test_fix_is_not_applied_to_another_hypercorn_version(monkeypatch: pytest.MonkeyPatch) -> None:
     """On any hypercorn other than FIXED_VERSION, apply() leaves hypercorn's
-    StreamBuffer.pop as it is, says so (False), and logs
-    hypercorn_fix_skipped with the version found."""
+    methods as they are, says so (False), and logs hypercorn_fix_skipped,
+    once for each fix, with the version found."""
     monkeypatch.setattr(StreamBuffer, "pop", hypercorn_fixes.original_pop)
+    monkeypatch.setattr(H2Protocol, "_handle_events", hypercorn_fixes.original_handle_events)
     monkeypatch.setattr(hypercorn_fixes, "hypercorn_version", lambda: "0.19.0")
     logger, sink = recording_logger()
     assert hypercorn_fixes.apply(logger) is False
     assert StreamBuffer.pop is hypercorn_fixes.original_pop
+    assert H2Protocol._handle_events is hypercorn_fixes.original_handle_events
     assert not hypercorn_fixes.applied()
-    (record,) = sink.events("hypercorn_fix_skipped")
-    assert (record["hypercorn"], record["written_for"]) == ("0.19.0", hypercorn_fixes.FIXED_VERSION)
+    records = sink.events("hypercorn_fix_skipped")
+    assert [r["fix"] for r in records] == ["StreamBuffer.pop", "H2Protocol._handle_events"]
+    for record in records:
+        assert (record["hypercorn"], record["written_for"]) == (
+            "0.19.0",
+            hypercorn_fixes.FIXED_VERSION,
+        )
 
 
 def test_fix_is_applied_to_its_hypercorn_version(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On FIXED_VERSION, apply() installs the fix, idempotently, and logs nothing."""
+    """On FIXED_VERSION, apply() installs every fix, idempotently, and logs nothing."""
     monkeypatch.setattr(StreamBuffer, "pop", hypercorn_fixes.original_pop)
+    monkeypatch.setattr(H2Protocol, "_handle_events", hypercorn_fixes.original_handle_events)
     monkeypatch.setattr(hypercorn_fixes, "hypercorn_version", lambda: hypercorn_fixes.FIXED_VERSION)
     logger, sink = recording_logger()
     assert hypercorn_fixes.apply(logger) is True
     assert hypercorn_fixes.apply(logger) is True
     assert hypercorn_fixes.applied()
+    assert StreamBuffer.pop is not hypercorn_fixes.original_pop
+    assert H2Protocol._handle_events is not hypercorn_fixes.original_handle_events
     assert not sink.records

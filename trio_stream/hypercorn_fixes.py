@@ -19,6 +19,21 @@ the new version still needs a fix.
    fails; ``tests/test_hypercorn_fixes.py`` fails once hypercorn's own ``pop``
    no longer has the bug.  (The same flaw was raised on the anycorn fork,
    PR #61.)
+
+2. ``H2Protocol._handle_events`` looks up the stream of every DATA frame in
+   ``H2Protocol.streams``.  A stream leaves that dict as soon as hypercorn has
+   answered it and the app has returned -- also when the client is still
+   sending its body (a 413, our 408 ``body_timeout``), which HTTP/2 allows.
+   The next DATA frame of that stream raises ``KeyError``, which no one
+   catches: it ends the connection's task and, through trio's nursery, the
+   whole server (``serve_service``).  Any HTTP/2 client could stop the server
+   so.  (hypercorn issue #329, PRs #312 and #334.)  The fixed method drops
+   the body events (DATA, end of stream, trailers) of a stream hypercorn no
+   longer tracks, and still acknowledges the dropped DATA to h2, so that the
+   connection's flow-control window gets those bytes back.  Without it
+   ``tests/test_body_timeout.py`` (HTTP/2 body bytes after the answer) fails;
+   ``tests/test_hypercorn_fixes.py`` fails once hypercorn's own method no
+   longer raises.
 """
 
 from __future__ import annotations
@@ -26,6 +41,8 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Any
 
+import h2.connection
+import h2.events
 from hypercorn.protocol import h2 as _h2
 
 from .logs import EventLogger
@@ -35,6 +52,13 @@ FIXED_VERSION = "0.18.0"
 
 #: hypercorn's own ``StreamBuffer.pop``, as imported (before any patch).
 original_pop = _h2.StreamBuffer.pop
+
+#: hypercorn's own ``H2Protocol._handle_events``, as imported (before any patch).
+original_handle_events = _h2.H2Protocol._handle_events
+
+#: The h2 events that carry the rest of a request: its body, its end, its
+#: trailers.  They may come after hypercorn has answered and forgotten it.
+BODY_EVENTS = (h2.events.DataReceived, h2.events.StreamEnded, h2.events.TrailersReceived)
 
 
 async def _pop(self: Any, max_length: int) -> bytes:
@@ -49,6 +73,41 @@ async def _pop(self: Any, max_length: int) -> bytes:
     return data
 
 
+async def _handle_events(self: Any, events: list[h2.events.Event]) -> None:
+    """``H2Protocol._handle_events``, dropping body events of forgotten streams.
+
+    hypercorn's own method is given one event at a time, because whether a
+    stream is tracked can change while an earlier event of the same batch is
+    handled: a HEADERS frame adds its stream, and an app that answers while
+    the method awaits removes it.  (So hypercorn flushes after every event;
+    a flush writes only when h2 has something to send.)
+    """
+    for event in events:
+        if isinstance(event, BODY_EVENTS) and event.stream_id not in self.streams:
+            _drop(self.connection, event)
+        else:
+            await original_handle_events(self, [event])
+    await self._flush()  # the window updates for dropped DATA, if any
+
+
+def _drop(connection: h2.connection.H2Connection, event: h2.events.Event) -> None:
+    """Drop a body event of a stream hypercorn no longer tracks.
+
+    DATA is acknowledged all the same: its bytes were counted against the
+    connection's flow-control window, which every stream of the connection
+    shares, and only an acknowledgement gives them back to the client.
+    """
+    if isinstance(event, h2.events.DataReceived):
+        connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+
+
+#: Every fix: its name (as logged), the class it patches, the method, the fixed method.
+FIXES: tuple[tuple[str, type, str, Any], ...] = (
+    ("StreamBuffer.pop", _h2.StreamBuffer, "pop", _pop),
+    ("H2Protocol._handle_events", _h2.H2Protocol, "_handle_events", _handle_events),
+)
+
+
 def hypercorn_version() -> str:
     """The installed hypercorn's version string."""
     return metadata.version("hypercorn")
@@ -57,20 +116,22 @@ def hypercorn_version() -> str:
 def apply(logger: EventLogger | None = None) -> bool:
     """Install the fixes if hypercorn is :data:`FIXED_VERSION` (idempotent).
 
-    On any other version, change nothing and log ``hypercorn_fix_skipped``
-    through ``logger`` (a default :class:`~trio_stream.logs.EventLogger` on
-    stderr if none is given).  Returns whether the fixes are installed.
+    On any other version, change nothing and log ``hypercorn_fix_skipped``,
+    once per fix, through ``logger`` (a default
+    :class:`~trio_stream.logs.EventLogger` on stderr if none is given).
+    Returns whether the fixes are installed.
     """
     found = hypercorn_version()
     if found != FIXED_VERSION:
-        (logger or EventLogger()).event(
-            "hypercorn_fix_skipped", fix="StreamBuffer.pop", hypercorn=found,
-            written_for=FIXED_VERSION,
-        )  # fmt: skip
+        log = logger or EventLogger()
+        for name, *_ in FIXES:
+            log.event("hypercorn_fix_skipped", fix=name, hypercorn=found, written_for=FIXED_VERSION)
         return False
-    _h2.StreamBuffer.pop = _pop  # type: ignore[method-assign]
+    for _, owner, method, fixed in FIXES:
+        setattr(owner, method, fixed)
     return True
 
 
 def applied() -> bool:
-    return _h2.StreamBuffer.pop is _pop
+    """Whether every fix is installed."""
+    return all(getattr(owner, method) is fixed for _, owner, method, fixed in FIXES)
