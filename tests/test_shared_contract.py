@@ -33,12 +33,14 @@ class FakeOwner:
     runs: dict[str, Run] = field(default_factory=dict)
     cancelled: list[tuple[str, str]] = field(default_factory=list)
     lost: list[tuple[str, list[RunRecord]]] = field(default_factory=list)
+    cancel_seen: trio.Event = field(default_factory=trio.Event)
 
     def cancel_local(self, run_id: str, reason: str) -> bool:
         run = self.runs.get(run_id)
         if run is None or not run.end(Outcome(RunStatus.CANCELLED, reason)):
             return False
         self.cancelled.append((run_id, reason))
+        self.cancel_seen.set()
         return True
 
     def local_run(self, run_id: str) -> Run | None:
@@ -134,8 +136,7 @@ async def test_cancel_reaches_the_owner_from_any_node(nodes: tuple[Node, Node]) 
     await a.state.register(run)
     with trio.fail_after(2):
         await b.state.cancel(run.id, "stopped")
-        while not a.owner.cancelled:
-            await trio.sleep(0.01)
+        await a.owner.cancel_seen.wait()
     await b.state.cancel(run.id, "stopped")  # idempotent
     await trio.sleep(2 * CANCEL_POLL)
     assert a.owner.cancelled == [(run.id, "stopped")]
