@@ -105,3 +105,30 @@ async def test_run_cancelled_after_the_grace_period_gets_the_short_deadline(
     assert saved is None
     assert s.graceful_timeout + SHUTDOWN_CLEANUP <= drained
     assert drained <= s.graceful_timeout + SHUTDOWN_CLEANUP + SHUTDOWN_FLUSH
+
+
+async def test_a_save_under_way_when_the_grace_period_ends_is_cut_short(
+    settings: Settings, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A save that started inside the grace period but would outlast it by far
+    (5 s, with --save-timeout 10 s) is cut SHUTDOWN_CLEANUP after the grace
+    period ends: the exit stays within --graceful-timeout + 2 s even with a
+    stuck database (save_timeout is logged, nothing is saved twice)."""
+    s = settings.replace(graceful_timeout=1.0, save_timeout=10.0, mock_delay_ms=20)
+
+    def delay(_: Message) -> float:
+        return 5.0
+
+    store = SlowStore(":memory:", delay)
+    with trio.fail_after(60):
+        async with memory_app(s, store=store) as (service, app), trio.open_nursery() as nursery:
+            client = start_request(nursery, app, "POST", CHAT, json=chat(20))  # ~0.4 s
+            run = await started_run(service, client)
+            t0 = trio.current_time()
+            await _drain(service, WorkerContext(None), lambda: None)
+            await run.done.wait()
+            ended = trio.current_time() - t0
+    assert run.log.outcome is not None
+    assert run.log.outcome.reason == "length"  # it completed inside the grace period
+    assert [r["trace"] for r in app.logs.events("save_timeout")] == [run.id]
+    assert ended <= s.graceful_timeout + SHUTDOWN_CLEANUP + 0.01

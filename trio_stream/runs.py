@@ -241,6 +241,7 @@ class RunManager:
         self._idle = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
         self.cleanup_timeout = settings.save_timeout
+        self._cleanups: set[trio.CancelScope] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own detached runs and expiry until cancelled.
@@ -418,9 +419,13 @@ class RunManager:
         """
         with trio.CancelScope(shield=True) as cs:
             cs.deadline = trio.current_time() + self.cleanup_timeout
-            if run.log.status is RunStatus.RUNNING:  # cancelled from outside
-                self.cancel(run, "shutdown")
-            await self._save(run)
+            self._cleanups.add(cs)
+            try:
+                if run.log.status is RunStatus.RUNNING:  # cancelled from outside
+                    self.cancel(run, "shutdown")
+                await self._save(run)
+            finally:
+                self._cleanups.discard(cs)
         if cs.cancelled_caught:
             self.logger.event("save_timeout", trace=run.id)
         fenced = await self._release(run)
@@ -599,6 +604,14 @@ class RunManager:
             else:
                 self._expiry_added = trio.Event()
                 await self._expiry_added.wait()
+
+    def shorten_cleanups(self, timeout: float) -> None:
+        """From now on every save -- those under way too -- ends within ``timeout``
+        (shutdown, after the grace period)."""
+        self.cleanup_timeout = timeout
+        deadline = trio.current_time() + timeout
+        for scope in self._cleanups:
+            scope.deadline = min(scope.deadline, deadline)
 
     async def wait_idle(self) -> None:
         """Block until no run is live.  Cancellable."""

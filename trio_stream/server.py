@@ -164,7 +164,7 @@ async def serve_service(
 ) -> None:
     """Serve an already open :class:`Service` (see :func:`serve`)."""
     settings = service.settings
-    hypercorn_fixes.apply()
+    hypercorn_fixes.apply(service.logger)
     app = TrioStreamApp(service)
     await app.startup()
     config = hypercorn_config(settings)
@@ -200,8 +200,9 @@ async def _drain(
     """docs/api.md section 3.7: 503 for new streams, a grace period, then cancel and save.
 
     A run that ends during the grace period is saved with the full
-    ``--save-timeout``; only cleanups that start after it (the runs cancelled
-    here) get ``SHUTDOWN_CLEANUP``.  See docs/design.md section 10.
+    ``--save-timeout``; once it is over, every cleanup -- those of the runs
+    cancelled here, and a save still going from the grace period -- ends
+    within ``SHUTDOWN_CLEANUP``.  See docs/design.md section 10.
     """
     s = service.settings
     service.shutting_down = True
@@ -216,7 +217,7 @@ async def _drain(
     # every new connection unanswered, and during the grace period they get 503.
     stop_accepting()
     await context.terminated.set()  # hypercorn closes idle keep-alive connections
-    service.runs.cleanup_timeout = SHUTDOWN_CLEANUP  # read when each cleanup starts
+    service.runs.shorten_cleanups(SHUTDOWN_CLEANUP)
     service.runs.cancel_all("shutdown")
     with trio.move_on_after(SHUTDOWN_CLEANUP):
         await service.runs.wait_idle()
