@@ -265,3 +265,24 @@ async def test_graceful_shutdown_does_not_hang_on_a_stalled_client(
     assert saved is not None
     assert (saved.status, saved.reason) == ("partial", "shutdown")
     assert server.service.runs.live == 0
+
+
+async def test_h2_json_answer_to_a_client_that_never_reads_is_cut(settings: Settings) -> None:
+    """stream: false over HTTP/2: an answer larger than the client's window,
+    to a client that never reads, is cut within --stall-timeout + 1 s of the
+    run's end; the stream slot is freed (it does not wait for shutdown)."""
+    cfg = settings.replace(stall_timeout=1.0, mock_delay_ms=0)
+    body = {"model": "m", "messages": PROMPT_A, "stream": False, "max_tokens": 20000}
+    async with (
+        waitable_server(cfg) as (server, logs),
+        open_h2_connection("127.0.0.1", server.port) as conn,
+    ):
+        head = [("content-type", "application/json")]
+        await conn.request("POST", "/v1/chat/completions", head, orjson.dumps(body))
+        record = await logs.wait_for("stream_start")
+        run = server.service.runs.runs[record["trace"]]
+        await run.done.wait()
+        ended = trio.current_time()
+        with trio.fail_after(cfg.stall_timeout + 1):
+            await server.service.wait_streams_closed()
+        assert trio.current_time() - ended >= cfg.stall_timeout

@@ -31,7 +31,7 @@ import trio
 from . import sse
 from .asgi import JSON, Receive, Send, send_bytes, send_error, start
 from .errors import UpstreamError, error_body
-from .runlog import Entry, RunStatus
+from .runlog import Entry, Outcome, RunStatus
 from .runs import Run
 
 SSE_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
@@ -223,6 +223,15 @@ class Subscriber:
         outcome = run.log.outcome
         assert outcome is not None
         self.started = True
+        # One answer, one deadline: an HTTP/2 client that stops reading holds
+        # this send on flow control (HTTP/1.1's guarded transport cuts it too).
+        with trio.move_on_after(self.stall_timeout) as cs:
+            await self._answer_json(outcome)
+        if cs.cancelled_caught:
+            raise ClientStalled
+
+    async def _answer_json(self, outcome: Outcome) -> None:
+        run = self.run
         if outcome.status is RunStatus.COMPLETED:
             await send_bytes(self._send, 200, run.encoder.completion(run.log), JSON, self.headers)
         elif isinstance(run.error, UpstreamError):
