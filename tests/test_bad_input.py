@@ -180,7 +180,7 @@ CASES: list[Case] = [
     Case(
         "404-session-interrupt", "POST", f"{SESSION}/interrupt", None, 404, NOT_FOUND, "not_found"
     ),
-    Case("404-path-root", "GET", "/", None, 404, BAD_REQ, "unknown_url"),
+    Case("404-path-root", "GET", "/nope", None, 404, BAD_REQ, "unknown_url"),
     Case("404-path-v1-nope", "GET", "/v1/nope", None, 404, BAD_REQ, "unknown_url"),
     Case("404-path-typo", "POST", "/v1/chat/completion", GOOD, 404, BAD_REQ, "unknown_url"),
     Case("404-path-runs-deep", "GET", f"{RUN}/events/x", None, 404, BAD_REQ, "unknown_url"),

@@ -33,6 +33,7 @@ from .errors import (
     not_found,
     unknown_route,
 )
+from .playground import add_playground
 from .protocol import parse_session_id
 from .service import Service
 from .store import Message
@@ -53,6 +54,7 @@ class TrioStreamApp(QuartTrio):
         # read; werkzeug's RequestTimeout then becomes our 408 (http_error).
         self.config["BODY_TIMEOUT"] = service.settings.body_timeout
         _routes(self)
+        add_playground(self)  # GET /: the browser playground
 
     async def __call__(  # type: ignore[override]
         self, scope: Scope, receive: Receive, send: Send
