@@ -74,7 +74,8 @@ class Pane {
     this.noteEl = $(".note", this.element);
     $(".title", this.element).textContent = `Pane ${index + 1}`;
     this.element.dataset.sessionId = this.session;
-    $(".stop", this.element).addEventListener("click", () => this.stop());
+    this.stopButton = $(".stop", this.element);
+    this.stopButton.addEventListener("click", () => this.stop());
     if (index === 0) this.output.id = "output";
     this.generation = 0; // a newer send or resume makes older readers stale
     this.controller = null;
@@ -84,6 +85,8 @@ class Pane {
   reset() {
     this.run = { runId: null, lastId: 0, text: "", detached: false, active: false };
     this.stopRequested = false;
+    this.resumedAfter = null; // the cursor a resume after a reload started from
+    this.finishReason = null;
     this.setStatus("idle");
     this.render("");
   }
@@ -96,17 +99,23 @@ class Pane {
     this.status = status;
     this.statusEl.textContent = status;
     this.statusEl.dataset.status = status;
-    if (note !== null) this.noteEl.textContent = note;
+    this.stopButton.disabled = status !== "streaming";
+    if (note !== null) this.note(note);
     app.refreshStatus();
   }
 
   render(note) {
     this.output.textContent = this.run.text;
     this.element.dataset.runId = this.run.runId || "";
-    if (note !== undefined) this.noteEl.textContent = note;
+    if (note !== undefined) this.note(note);
     // Follow the answer unless the reader scrolled up.
     const out = this.output;
     if (out.scrollHeight - out.scrollTop - out.clientHeight < 40) out.scrollTop = out.scrollHeight;
+  }
+
+  note(text) {
+    this.noteEl.textContent = text;
+    this.noteEl.title = text; // the line is cut with an ellipsis; hovering shows it all
   }
 
   save() {
@@ -200,7 +209,7 @@ class Pane {
 
   /** Apply one event; returns [status, note] for a terminal frame. */
   apply(event) {
-    if (event.data === "[DONE]") return ["done", `${this.progressNote()} · ${this.finishReason || "done"}`];
+    if (event.data === "[DONE]") return ["done", this.finishReason || "done"];
     let message;
     try {
       message = JSON.parse(event.data);
@@ -224,7 +233,7 @@ class Pane {
   progressNote() {
     const kind = this.run.detached ? "detached" : "attached";
     const resumed = this.resumedAfter === null ? "" : ` · resumed after ${this.resumedAfter}`;
-    return `${kind} · ${this.run.runId || "run pending"} · event ${this.run.lastId}${resumed}`;
+    return `${kind} · event ${this.run.lastId}${resumed} · ${this.run.runId || "run pending"}`;
   }
 
   /** A run that left memory (past --run-ttl): show its saved row. */
@@ -238,12 +247,13 @@ class Pane {
     this.finish(status, `from the saved run (${run.reason || run.status})`);
   }
 
-  finish(status, note) {
+  /** The run is over for this pane: ``reason`` says how (a finish_reason, a cancel code, an error). */
+  finish(status, reason) {
     this.run.active = false;
     this.controller = null;
     this.finishReason = null;
     this.render();
-    this.setStatus(status, note);
+    this.setStatus(status, this.run.runId ? `${reason} · ${this.progressNote()}` : reason);
     this.save();
   }
 
@@ -254,7 +264,7 @@ class Pane {
   async stop() {
     if (!this.busy || this.stopRequested) return;
     this.stopRequested = true;
-    this.noteEl.textContent = "stopping…";
+    this.note("stopping…");
     const generation = this.generation;
     const controller = this.controller;
     if (this.run.runId) await this.cancel();
@@ -267,7 +277,7 @@ class Pane {
 
   async cancel() {
     const response = await post(`/v1/runs/${encodeURIComponent(this.run.runId)}/cancel`).catch(() => null);
-    if (response && !response.ok && this.busy) this.noteEl.textContent = await errorMessage(response);
+    if (response && !response.ok && this.busy) this.note(await errorMessage(response));
   }
 
   /** Put back what this pane showed before a reload; resume a detached run. */
@@ -299,6 +309,7 @@ const app = {
     const el = $("#status");
     el.textContent = status;
     el.dataset.status = status;
+    $("#stop").disabled = status !== "streaming";
   },
 
   paneCount() {
