@@ -11,11 +11,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	touch $(STAMP)
 
-.PHONY: install run check lint typecheck test stress bench services
+.PHONY: install run check lint typecheck test stress bench services playground
 install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/trio-stream serve
+
+# The browser playground over h2 with TLS on https://127.0.0.1:8443/ (a local
+# test certificate in .playground/; it prints how to open it in Chromium).
+playground: $(STAMP)
+	$(BIN)/python tools/playground.py $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
