@@ -40,7 +40,7 @@ from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.common.by import By
 
 from tests.conftest import Server, running_server
-from tests.fakes import FakeUpstream, Plan, mock_plan, token_plan
+from tests.fakes import FakeUpstream, Plan, Step, mock_plan, openai_chunk, token_plan
 from trio_stream import Settings, mocktext
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "playground"
@@ -306,6 +306,57 @@ async def test_stop_closes_the_upstream_within_a_second_and_saves_once(
         assert shown
         assert saved[0]["content"].startswith(shown)
         assert "".join(words(200)).startswith(saved[0]["content"])
+
+
+async def test_stop_before_the_first_token_interrupts_the_session(
+    settings: Settings, tls: TLS, chromium: webdriver.Chrome
+) -> None:
+    """Stop before the first token (no run id yet: headers come with the first
+    event) interrupts the pane's session instead: the upstream request closes
+    within 1 s of the click and the pane ends ``stopped`` with no text."""
+    plan = lambda _: Plan(steps=[Step(openai_chunk("late"), delay=30)])  # noqa: E731
+    async with playground(settings, tls, chromium, plan, "stop-early") as (page, _, fake, _):
+        await page.login_and_send("never answered")
+        with trio.fail_after(5):
+            await fake.wait_for(lambda: fake.busy_connections == 1)
+        (upstream,) = [c for c in fake.connections if c.busy]
+        clicked = trio.current_time()
+        await page.click("#stop")
+        with trio.fail_after(5):
+            await fake.wait_for(lambda: upstream.closed is not None)
+        assert upstream.closed is not None
+        record_figure("stop_before_first_token_to_upstream_close_s", upstream.closed - clicked)
+        assert upstream.closed - clicked < 1.0
+        await page.wait_status("stopped")
+        await page.screenshot("stopped")
+        assert await page.text("#output") == ""
+
+
+async def test_a_second_send_supersedes_the_first(
+    settings: Settings, tls: TLS, chromium: webdriver.Chrome
+) -> None:
+    """A second Send mid-answer reuses the pane's session, so the server
+    supersedes the first run (saved once as ``partial``/``superseded``); the
+    pane then shows exactly the second answer, nothing of the first."""
+    replies = [words(200, start=0x100), words(16, start=0x200)]
+    answers = iter(replies)  # the upstream's plan is made once per chat request
+    plan = lambda _: token_plan(next(answers), delay=0.03)  # noqa: E731
+    async with playground(settings, tls, chromium, plan, "supersede") as (page, _, fake, api):
+        await page.login_and_send("first")
+        await page.wait(
+            "return document.querySelector('#output').textContent.split(' ').length >= 4"
+        )
+        await page.type("#prompt", "second")
+        await page.click("#send")
+        await page.wait_status("done")
+        await page.screenshot("done")
+        assert await page.text("#output") == "".join(replies[1])
+        assert [c["messages"] for c in chats(fake)] == [user("first"), user("second")]
+        session = await page.js("return document.querySelector('.pane').dataset.sessionId")
+        saved = (await api.get(f"/v1/sessions/{session}/messages")).json()["data"]
+        assert [(m["status"], m["reason"]) for m in saved] == [
+            ("partial", "superseded"), ("complete", "stop"),
+        ]  # fmt: skip
 
 
 async def test_eight_panes_stream_in_parallel_and_end_exact(
