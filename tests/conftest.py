@@ -25,10 +25,11 @@ import trio.testing
 
 from tests.fakes import FakeUpstream
 from trio_stream import EventLogger, RecordingSink, Service, Settings, open_service, serve_service
+from trio_stream.pgstore import PostgresStore
 from trio_stream.protocol import ChatRequest
 from trio_stream.runs import Run
 from trio_stream.sse import SSEDecoder, SSEEvent
-from trio_stream.store import Message, Store
+from trio_stream.store import Message, SQLiteStore, Store, open_store
 from trio_stream.upstream import Item, Upstream
 
 
@@ -113,12 +114,13 @@ async def tasks_living() -> int:
 async def memory_app(settings: Settings, **service_kw: Any) -> AsyncIterator[tuple[Service, Any]]:
     """An open service and its ASGI app, for in-memory (autojump-safe) tests.
 
-    The store runs SQLite inline (``threaded=False``) unless one is passed.
+    The store (``--db``: SQLite or Postgres) runs inline (``threaded=False``)
+    unless one is passed.
     """
     from trio_stream import TrioStreamApp
-    from trio_stream.store import Store
 
-    service_kw.setdefault("store", Store(settings.db, threaded=False))
+    if "store" not in service_kw:
+        service_kw["store"] = open_store(settings.db, threaded=False)
     logs = RecordingSink()
     logger = EventLogger(settings.log_format, sink=logs, stream=io.StringIO())
     async with open_service(settings, logger=logger, **service_kw) as service:
@@ -127,16 +129,14 @@ async def memory_app(settings: Settings, **service_kw: Any) -> AsyncIterator[tup
         yield service, app
 
 
-class RecordingStore(Store):
-    """A :class:`~trio_stream.store.Store` that also records every ``save()`` call.
+class Recording(Store):
+    """Mixed into a store: also records every ``save()`` call in :attr:`saves`.
 
     The schema refuses a second row, so counting rows alone cannot tell "saved
     once" from "saved twice, the second refused": the recorded calls can.
     """
 
-    def __init__(self, path: str, *, threaded: bool = True) -> None:
-        super().__init__(path, threaded=threaded)
-        self.saves: list[Message] = []
+    saves: list[Message]
 
     async def save(self, m: Message) -> None:
         self.saves.append(m)
@@ -144,6 +144,29 @@ class RecordingStore(Store):
 
     def saves_of(self, run_id: str) -> list[Message]:
         return [m for m in self.saves if m.run_id == run_id]
+
+
+class RecordingStore(Recording, SQLiteStore):
+    """A :class:`~trio_stream.store.SQLiteStore` that records its saves."""
+
+    def __init__(self, path: str, *, threaded: bool = True) -> None:
+        super().__init__(path, threaded=threaded)
+        self.saves = []
+
+
+class RecordingPostgresStore(Recording, PostgresStore):
+    """A :class:`~trio_stream.pgstore.PostgresStore` that records its saves."""
+
+    def __init__(self, url: str, *, threaded: bool = True, timeout: float = 5.0) -> None:
+        super().__init__(url, threaded=threaded, timeout=timeout)
+        self.saves = []
+
+
+def recording_store(db: str, *, threaded: bool = True) -> RecordingStore | RecordingPostgresStore:
+    """The recording store of ``db``: a SQLite path or a ``postgresql://`` URL."""
+    if db.startswith("postgresql://"):
+        return RecordingPostgresStore(db, threaded=threaded)
+    return RecordingStore(db, threaded=threaded)
 
 
 async def until_seq(run: Run, n: int) -> None:
@@ -279,20 +302,36 @@ async def waitable_server(
         yield server, logs
 
 
-class SlowStore(Store):
-    """An inline store (autojump-safe) whose ``save`` first sleeps ``delay(m)``
-    seconds, then inserts: a run's cleanup that is stuck for a while.
-    Every call is recorded in :attr:`saves` before the sleep."""
+class Slow(Store):
+    """Mixed into a store: ``save`` first sleeps ``delay(m)`` seconds, then
+    inserts -- a run's cleanup that is stuck for a while.  Every call is
+    recorded in :attr:`saves` before the sleep."""
 
-    def __init__(self, path: str, delay: Callable[[Message], float]) -> None:
-        super().__init__(path, threaded=False)
-        self.delay = delay
-        self.saves: list[Message] = []
+    delay: Callable[[Message], float]
+    saves: list[Message]
 
     async def save(self, m: Message) -> None:
         self.saves.append(m)
         await trio.sleep(self.delay(m))
         await super().save(m)
+
+
+class SlowStore(Slow, SQLiteStore):
+    """An inline (autojump-safe) SQLite store with slow saves."""
+
+    def __init__(self, path: str, delay: Callable[[Message], float]) -> None:
+        super().__init__(path, threaded=False)
+        self.delay = delay
+        self.saves = []
+
+
+class SlowPostgresStore(Slow, PostgresStore):
+    """An inline (autojump-safe) Postgres store with slow saves."""
+
+    def __init__(self, url: str, delay: Callable[[Message], float]) -> None:
+        super().__init__(url, threaded=False)
+        self.delay = delay
+        self.saves = []
 
 
 class RecordingUpstream:
@@ -462,4 +501,6 @@ def loopback_client(server: Server, **kw: Any) -> httpx.AsyncClient:
 
 
 # A real Redis for cluster mode (tests/redis_server.py).
+# A real Postgres for the Postgres store (tests/postgres_server.py).
+from tests.postgres_server import own_postgres, pg_url, postgres_server  # noqa: E402, F401
 from tests.redis_server import own_redis, redis_server  # noqa: E402, F401

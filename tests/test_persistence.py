@@ -27,7 +27,7 @@ from tests.memasgi import start_request
 from trio_stream import Settings, mocktext
 from trio_stream.runs import Run
 from trio_stream.service import Service
-from trio_stream.store import Message, Store
+from trio_stream.store import Message, SQLiteStore
 
 MESSAGES = [{"role": "user", "content": "save me"}]
 
@@ -264,7 +264,7 @@ async def test_save_survives_the_shutdown_that_caused_it(
             nursery.cancel_scope.cancel()  # the subscriber goes with the service
         # memory_app has exited: the manager nursery was cancelled, the db closed.
     assert run.done.is_set()
-    reopened = Store(path, threaded=False)
+    reopened = SQLiteStore(path, threaded=False)
     saved = await reopened.get("public", run.id)
     count = await reopened.count(run.id)
     reopened.close()

@@ -28,10 +28,18 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+import pytest
 import trio
 import trio.testing
 
-from tests.conftest import RecordingUpstream, SlowStore, memory_app, tasks_living
+from tests.conftest import (
+    RecordingUpstream,
+    Slow,
+    SlowPostgresStore,
+    SlowStore,
+    memory_app,
+    tasks_living,
+)
 from tests.memasgi import MemoryClient, start_request
 from trio_stream import Service, Settings, TrioStreamApp, mocktext
 from trio_stream.protocol import ChatRequest
@@ -146,13 +154,18 @@ def received(req: Request) -> str:
     return ""
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_random_interleavings_keep_one_run_per_session(
-    settings: Settings, autojump_clock: trio.testing.MockClock
+    settings: Settings,
+    autojump_clock: trio.testing.MockClock,
+    request: pytest.FixtureRequest,
+    backend: str,
 ) -> None:
     """1,000 random steps over 20 sessions never leave two unfenced runs of a
     session holding the upstream, never lose a session's current run, and end
     with an empty registry, no live run, no leaked task, and every run saved
-    at most once with what its client saw as a prefix (module docstring)."""
+    at most once with what its client saw as a prefix (module docstring) --
+    in SQLite and in Postgres alike."""
     stuck: dict[str, tuple[float, float]] = {}
     harness: list[Harness] = []
 
@@ -166,7 +179,11 @@ async def test_random_interleavings_keep_one_run_per_session(
     upstream = RecordingUpstream(
         MockUpstream(0.01), stuck_close=stuck_close, on_open=lambda _: harness[0].check()
     )
-    store = SlowStore(":memory:", save_delay)
+    store: Slow
+    if backend == "postgres":
+        store = SlowPostgresStore(request.getfixturevalue("pg_url"), save_delay)
+    else:
+        store = SlowStore(":memory:", save_delay)
     with trio.fail_after(120):
         async with memory_app(settings, upstream=upstream, store=store) as (service, app):
             baseline = await tasks_living()

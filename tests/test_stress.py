@@ -9,6 +9,7 @@ Throughput is *not* asserted here: figures come from tools/bench.py.
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import httpx
@@ -126,8 +127,8 @@ async def test_many_long_messages(settings: Settings) -> None:
                     for i in range(LONG_MESSAGES):
                         nursery.start_soon(limited, i)
             assert await tasks_living() == baseline
-            rows = await server.service.store._run("SELECT COUNT(*) FROM messages", ())
-            assert rows[0][0] == LONG_MESSAGES
+        with sqlite3.connect(settings.db) as db:  # the server is gone: read its file
+            assert db.execute("SELECT COUNT(*) FROM messages").fetchone() == (LONG_MESSAGES,)
 
 
 async def test_create_then_cancel_cycles(settings: Settings) -> None:

@@ -13,7 +13,7 @@
 set -euo pipefail
 
 # One package per word; add to this list only.
-PACKAGES="nginx-light haproxy redis-server chromium chromium-driver"
+PACKAGES="nginx-light haproxy redis-server chromium chromium-driver postgresql"
 
 POLICY=/usr/sbin/policy-rc.d
 

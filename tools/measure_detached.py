@@ -55,7 +55,7 @@ from trio_stream import EventLogger, Service, Settings, open_service, serve_serv
 from trio_stream.protocol import parse_chat_request
 from trio_stream.runs import Run
 from trio_stream.sse import SSEDecoder
-from trio_stream.store import Store
+from trio_stream.store import SQLiteStore
 
 TENANT = "public"  # open access: the tenant of every run when no key is configured
 
@@ -63,7 +63,8 @@ TENANT = "public"  # open access: the tenant of every run when no key is configu
 @asynccontextmanager
 async def _service(settings: Settings, db: str) -> AsyncIterator[Service]:
     logger = EventLogger(stream=io.StringIO())
-    async with open_service(settings, logger=logger, store=Store(db, threaded=False)) as service:
+    store = SQLiteStore(db, threaded=False)
+    async with open_service(settings, logger=logger, store=store) as service:
         yield service
 
 

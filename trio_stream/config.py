@@ -61,7 +61,10 @@ class Settings:
     api_keys: tuple[str, ...] = setting(
         (), "Accepted client key (repeatable; env TRIO_STREAM_API_KEYS=k1,k2).", flag="api-key"
     )
-    db: str = setting("trio-stream.db", "SQLite file for saved messages (':memory:' allowed).")
+    db: str = setting(
+        "trio-stream.db",
+        "Saved messages: a SQLite file (':memory:' allowed) or a postgresql:// URL.",
+    )
     certfile: str | None = setting(None, "TLS certificate; HTTP/2 is then offered by ALPN.")
     keyfile: str | None = setting(None, "TLS private key.")
     supersede_timeout: float = setting(

@@ -77,6 +77,11 @@ class Metrics:
         self.cancellations = Counter(
             "trio_stream_cancellations", "Cancelled runs by reason.", ["reason"], registry=r
         )
+        self.save_failures = Counter(
+            "trio_stream_save_failures",
+            "Runs with content whose save did not land (save_failed).",
+            registry=r,
+        )
         self.tokens = Counter("trio_stream_tokens", "Deltas received from upstreams.", registry=r)
         self.ttft = Histogram(
             "trio_stream_ttft_seconds", "Run start to first upstream token.",

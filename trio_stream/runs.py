@@ -39,7 +39,7 @@ from .protocol import ChatRequest
 from .runlog import Entry, LogClosed, Outcome, RunLog, RunStatus
 from .sessions import SessionKey, SessionTable
 from .shared import LocalState, LogPage, RunRecord, SharedState, SharedUnavailable
-from .store import AlreadySaved, Message, Store
+from .store import AlreadySaved, Message, Store, StoreUnavailable, retry_delay
 from .upstream import Finish, Upstream
 
 CANCEL_MESSAGES = {
@@ -473,6 +473,14 @@ class RunManager:
         return None
 
     async def _save(self, run: Run) -> None:
+        """Save the run's message once; retry while the database cannot be
+        reached, until the enclosing deadline (the cleanup's ``--save-timeout``).
+
+        A retried insert whose first attempt had landed finds its row
+        (``AlreadySaved`` after a retry): that is this run's own row, saved
+        once.  A save that does not land -- an error, or the deadline -- logs
+        ``save_failed`` and counts in ``trio_stream_save_failures_total``.
+        """
         outcome = run.log.outcome
         assert outcome is not None
         status = ending(outcome, events=run.log.last_seq, detached=run.detached, fenced=False)
@@ -482,12 +490,31 @@ class RunManager:
             run.id, run.tenant, run.session_id, run.log.content, run.log.tool_calls or None,
             status.save_status, outcome.reason, run.log.last_seq, run.detached, run.created,
         )  # fmt: skip
+        settled = False
+        error = "no answer within --save-timeout"
+        attempt = 0
         try:
-            await self.store.save(message)
-        except AlreadySaved:
-            self.logger.event("save_duplicate_refused", trace=run.id)
-        except Exception as exc:  # sqlite trouble must not take the server down
-            self.logger.event("save_failed", trace=run.id, error=repr(exc))
+            while True:
+                try:
+                    await self.store.save(message)
+                except StoreUnavailable as exc:
+                    attempt += 1
+                    error = str(exc)
+                    self.logger.event("save_retry", trace=run.id, attempt=attempt, error=error)
+                    await trio.sleep(retry_delay(attempt))
+                    continue
+                except AlreadySaved:
+                    if not attempt:
+                        self.logger.event("save_duplicate_refused", trace=run.id)
+                except Exception as exc:  # database trouble must not take the server down
+                    error = repr(exc)
+                    break
+                settled = True
+                break
+        finally:  # also when the deadline cancels a wait
+            if not settled:
+                self.metrics.save_failures.inc()
+                self.logger.event("save_failed", trace=run.id, error=error)
 
     def end_fields(self, run: Run) -> dict[str, Any]:
         """The keys of a ``stream_end`` line."""

@@ -21,7 +21,7 @@ from .logs import EventLogger
 from .metrics import Metrics
 from .runs import SHARED_TIMEOUT, RunManager
 from .shared import LocalState, SharedState
-from .store import Store
+from .store import Store, open_store
 from .stream import Pinger
 from .upstream import Upstream, create_upstream
 
@@ -111,6 +111,10 @@ def create_shared(settings: Settings) -> SharedState:
     return RedisState(settings.redis, lease=settings.node_lease, ttl=settings.run_ttl)
 
 
+def _open_store(settings: Settings) -> Store:
+    return open_store(settings.db, timeout=settings.save_timeout)
+
+
 @asynccontextmanager
 async def open_service(
     settings: Settings,
@@ -127,17 +131,18 @@ async def open_service(
     """
     settings.validate()
     logger = logger or EventLogger(settings.log_format)
-    db = store if store is not None else await trio.to_thread.run_sync(Store, settings.db)
+    db = store if store is not None else await trio.to_thread.run_sync(_open_store, settings)
     upstream = upstream or create_upstream(settings)
     shared = create_shared(settings)
     service = Service(
         settings, logger=logger, metrics=Metrics(), store=db, upstream=upstream, shared=shared
     )
     try:
-        # The shared state outlives the runs: their cleanups release sessions
-        # and publish their ends through it.
+        # The shared state and the store's committer outlive the runs: their
+        # cleanups save, release sessions and publish their ends through them.
         async with trio.open_nursery() as outer:
             await outer.start(shared.run)
+            await outer.start(db.run)
             async with trio.open_nursery() as nursery:
                 await nursery.start(service.runs.run)
                 await nursery.start(service.pinger.run)

@@ -1,48 +1,99 @@
-"""Saved messages in SQLite (the stdlib driver, run in a worker thread).
+"""Saved messages: one interface, two databases, group commit.
 
-One connection, one statement at a time (a ``CapacityLimiter(1)``).  The
-primary key on ``run_id`` is the schema's half of "saved exactly once": a
-second save of the same run raises :class:`AlreadySaved` instead of writing a
-second row.  The code path is the other half (:mod:`trio_stream.runs` saves
-from exactly one ``finally``).
+:class:`Store` is what the run manager and the HTTP layer use: ``save``,
+``session_messages``, ``get``, ``count``, ``close``.  Two implementations keep
+the same guarantees (``tests/test_store_contract.py`` runs one suite against
+both):
 
-Cancellation: :meth:`Store.save` is abandoned on cancel (``abandon_on_cancel``)
-so a deadline around it is honoured; the statement itself still completes in
-its thread, and the limiter is held until it does, so the next statement
-cannot interleave with it.
+* :class:`SQLiteStore` (a file path, or ``:memory:``): the stdlib driver, one
+  connection, one statement at a time.
+* :class:`~trio_stream.pgstore.PostgresStore` (a ``postgresql://`` URL):
+  psycopg 3's sync API and a psycopg-pool pool, for several hosts sharing one
+  history.
+
+Both run their statements in worker threads (``threaded=False`` runs them
+inline, for tests under ``autojump_clock``), so the event loop never waits on
+the database.
+
+Saved exactly once: the primary key on ``run_id`` is the schema's half -- a
+second save of a run raises :class:`AlreadySaved` instead of writing a second
+row.  The code path is the other half (:mod:`trio_stream.runs` saves from
+exactly one ``finally``).
+
+Group commit: while :meth:`Store.run` is running (``open_service`` runs it),
+``save`` hands its row to one committer task and waits.  The committer takes
+every save queued by then, inserts them in one transaction in one thread hop,
+and tells each waiter whether its row was new.  A duplicate in a batch fails
+only its own waiter.  Without a running committer each save is its own
+transaction.
+
+Cancellation: a waiter that is cancelled (its run's ``--save-timeout``) stops
+waiting; its row is still committed with its batch, so a batch is all or
+nothing whoever gives up.  A statement abandoned on cancel still completes in
+its thread, and holds the store's limiter until it does.
+
+Schema versions: each store applies its ``MIGRATIONS`` it has not applied
+yet, in one transaction, on open (SQLite: ``PRAGMA user_version``; Postgres:
+a ``schema_version`` table under an advisory lock), so any number of nodes
+may start at once.
 """
 
 from __future__ import annotations
 
+import abc
+import math
 import sqlite3
 import threading
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import orjson
 import trio
 
 from .errors import TrioStreamError
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    run_id      TEXT PRIMARY KEY,
-    tenant      TEXT NOT NULL,
-    session_id  TEXT,
-    content     TEXT NOT NULL,
-    tool_calls  TEXT,
-    status      TEXT NOT NULL CHECK (status IN ('complete', 'partial', 'failed')),
-    reason      TEXT,
-    events      INTEGER NOT NULL,
-    detached    INTEGER NOT NULL,
-    created     REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS messages_by_session ON messages (tenant, session_id, created);
-"""
+T = TypeVar("T")
+
+#: The columns of ``messages``, in the order of :class:`Message`'s fields.
+COLUMNS = (
+    "run_id", "tenant", "session_id", "content", "tool_calls", "status", "reason", "events",
+    "detached", "created", "usage",
+)  # fmt: skip
+#: The most saves one transaction takes (the rest wait for the next one).
+MAX_BATCH = 256
+
+#: Each migration is the statements that move the schema one version up;
+#: version ``n`` is ``MIGRATIONS[:n]`` applied.  Append only.
+SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE IF NOT EXISTS messages (
+            run_id      TEXT PRIMARY KEY,
+            tenant      TEXT NOT NULL,
+            session_id  TEXT,
+            content     TEXT NOT NULL,
+            tool_calls  TEXT,
+            status      TEXT NOT NULL CHECK (status IN ('complete', 'partial', 'failed')),
+            reason      TEXT,
+            events      INTEGER NOT NULL,
+            detached    INTEGER NOT NULL,
+            created     REAL NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS messages_by_session ON messages (tenant, session_id, created)",
+    ),
+    # 2: token usage of each saved run (NULL in rows saved before it)
+    ("ALTER TABLE messages ADD COLUMN usage TEXT",),
+)
 
 
 class AlreadySaved(TrioStreamError):
     """A second save of one run: the bug "saved twice", refused by the schema."""
+
+
+class StoreUnavailable(TrioStreamError):
+    """The database could not be reached (or the connection dropped) and the
+    statement's effect is unknown.  A save may be retried: if the first
+    attempt landed, the retry raises :class:`AlreadySaved`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +108,8 @@ class Message:
     events: int
     detached: bool
     created: float
+    #: Token usage and model (``Usage.record()`` plus ``model``); None in old rows.
+    usage: dict[str, Any] | None = None
 
     def public(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -70,70 +123,276 @@ class Message:
             out["tool_calls"] = self.tool_calls
         return out
 
+    def row(self) -> tuple[Any, ...]:
+        """The values of :data:`COLUMNS` (tool calls and usage as JSON text)."""
+        calls = orjson.dumps(self.tool_calls).decode() if self.tool_calls else None
+        usage = orjson.dumps(self.usage).decode() if self.usage is not None else None
+        return (self.run_id, self.tenant, self.session_id, self.content, calls, self.status,
+                self.reason, self.events, self.detached, self.created, usage)  # fmt: skip
 
-class Store:
-    """``threaded=False`` runs each statement inline on the trio thread (still a
+    @classmethod
+    def from_row(cls, r: Sequence[Any]) -> Message:
+        calls = orjson.loads(r[4]) if r[4] else None
+        usage = orjson.loads(r[10]) if r[10] else None
+        return cls(r[0], r[1], r[2], r[3], calls, r[5], r[6], int(r[7]), bool(r[8]), float(r[9]),
+                   usage)  # fmt: skip
+
+
+#: What one row of a batch came to: new (True), already there (False), or the
+#: error that refused it alone.
+RowResult = bool | Exception
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds to wait before retry ``attempt`` (1, 2, ...) of a save that
+    could not reach the database: 50 ms doubling, at most 1 s."""
+    return min(0.05 * 2.0 ** (attempt - 1), 1.0)
+
+
+def first_of_each(run_ids: Sequence[str], new: set[str]) -> list[RowResult]:
+    """Which rows of a batch were new, given the ids the insert reported new:
+    a run id listed twice in one batch is new only the first time."""
+    out: list[RowResult] = []
+    for run_id in run_ids:
+        out.append(run_id in new)
+        new.discard(run_id)
+    return out
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One save waiting for the committer."""
+
+    message: Message
+    done: trio.Event = field(default_factory=trio.Event)
+    result: RowResult | None = None
+
+
+class Store(abc.ABC):
+    """Saved messages (see the module doc for the guarantees).
+
+    Subclasses implement the synchronous ``_insert``, ``_select_session``,
+    ``_select_run``, ``_count`` and ``close``; this class runs them in worker
+    threads under one limiter (or inline with ``threaded=False``) and owns
+    group commit.
+    """
+
+    def __init__(self, *, threaded: bool, connections: int) -> None:
+        self.threaded = threaded
+        self._limiter = trio.CapacityLimiter(connections)
+        self._queue: trio.MemorySendChannel[_Pending] | None = None
+        self.commits = 0  # transactions that inserted rows (for measurements)
+        self.rows = 0  # rows those transactions were given
+
+    # -- what subclasses provide (synchronous: called in a worker thread) ---
+    @abc.abstractmethod
+    def _insert(self, messages: Sequence[Message]) -> list[RowResult]:
+        """Insert ``messages`` in one transaction; per row, what it came to.
+
+        Raises :class:`StoreUnavailable` when the outcome of the whole batch
+        is unknown (the connection dropped), any other exception when the
+        whole batch failed."""
+
+    @abc.abstractmethod
+    def _select_session(self, tenant: str, session_id: str) -> list[Message]: ...
+
+    @abc.abstractmethod
+    def _select_run(self, tenant: str, run_id: str) -> Message | None: ...
+
+    @abc.abstractmethod
+    def _count(self, run_id: str) -> int: ...
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the connection(s).  Call after :meth:`run` has returned."""
+
+    # -- the async API ------------------------------------------------------
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        if not self.threaded:
+            await trio.lowlevel.checkpoint()
+            return fn(*args)
+        return await trio.to_thread.run_sync(
+            fn, *args, limiter=self._limiter, abandon_on_cancel=True
+        )
+
+    async def save(self, m: Message) -> None:
+        """Insert one row.  Raises :class:`AlreadySaved` if the run has one,
+        :class:`StoreUnavailable` if the database could not be reached.
+
+        A checkpoint; on ``Cancelled`` the insert may still land (module doc).
+        """
+        queue = self._queue
+        if queue is None:
+            [result] = await self._call(self._counted_insert, [m])
+        else:
+            pending = _Pending(m)
+            queue.send_nowait(pending)
+            await pending.done.wait()
+            assert pending.result is not None
+            result = pending.result
+        if isinstance(result, Exception):
+            raise result
+        if not result:
+            raise AlreadySaved(m.run_id)
+
+    async def session_messages(self, tenant: str, session_id: str) -> list[Message]:
+        """The session's saved messages, oldest first (ties: in save order)."""
+        return await self._call(self._select_session, tenant, session_id)
+
+    async def get(self, tenant: str, run_id: str) -> Message | None:
+        """The run's saved message, if it has one and belongs to ``tenant``."""
+        return await self._call(self._select_run, tenant, run_id)
+
+    async def count(self, run_id: str) -> int:
+        """Rows saved for ``run_id`` (0 or 1: the primary key)."""
+        return await self._call(self._count, run_id)
+
+    # -- group commit -------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Commit queued saves in groups until cancelled (one committer per store).
+
+        On exit, saves still queued are answered :class:`StoreUnavailable`.
+        """
+        if self._queue is not None:
+            raise RuntimeError("this store's committer is already running")
+        send, receive = trio.open_memory_channel[_Pending](math.inf)
+        self._queue = send
+        batch: list[_Pending] = []
+        try:
+            task_status.started()
+            async for first in receive:
+                batch = [first]
+                await trio.lowlevel.checkpoint()  # let saves of this same moment queue up
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                await self._commit(batch)
+        finally:
+            self._queue = None
+            send.close()
+            left = [p for p in batch if not p.done.is_set()]
+            while True:
+                try:
+                    left.append(receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            for pending in left:
+                pending.result = StoreUnavailable("the store is closing")
+                pending.done.set()
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        """Insert one batch and answer each of its waiters."""
+        try:
+            results = await self._call(self._counted_insert, [p.message for p in batch])
+        except Exception as exc:  # the whole batch failed: each waiter decides
+            results = [exc] * len(batch)
+        for pending, result in zip(batch, results, strict=True):
+            pending.result = result
+            pending.done.set()
+
+    def _counted_insert(self, messages: Sequence[Message]) -> list[RowResult]:
+        results = self._insert(messages)
+        self.commits += 1
+        self.rows += len(messages)
+        return results
+
+
+def _migrate_sqlite(db: sqlite3.Connection) -> None:
+    """Apply the migrations this file lacks, in one write transaction."""
+    db.execute("BEGIN IMMEDIATE")  # the write lock first: concurrent openers wait here
+    try:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        for statements in SQLITE_MIGRATIONS[version:]:
+            for sql in statements:
+                db.execute(sql)
+        if version < len(SQLITE_MIGRATIONS):
+            db.execute(f"PRAGMA user_version = {len(SQLITE_MIGRATIONS)}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+_SQLITE_INSERT = (
+    f"INSERT INTO messages ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
+    "ON CONFLICT (run_id) DO NOTHING"
+)
+_SQLITE_SELECT = f"SELECT {', '.join(COLUMNS)} FROM messages"
+
+
+class SQLiteStore(Store):
+    """One SQLite connection; one statement (or batch) at a time.
+
+    ``threaded=False`` runs each statement inline on the trio thread (still a
     checkpoint).  Tests under ``autojump_clock`` need it: the autojump clock
     counts a task waiting on a worker thread as idle and jumps time forward.
     """
 
     def __init__(self, path: str, *, threaded: bool = True) -> None:
+        super().__init__(threaded=threaded, connections=1)
         self.path = path
-        self.threaded = threaded
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._limiter = trio.CapacityLimiter(1)
+        _migrate_sqlite(self._db)
         self._lock = threading.Lock()
 
-    async def _run(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        def work() -> list[tuple[Any, ...]]:
-            with self._lock:
-                return self._db.execute(sql, args).fetchall()
+    def _insert(self, messages: Sequence[Message]) -> list[RowResult]:
+        out: list[RowResult] = []
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN")
+            try:
+                for m in messages:
+                    try:  # a failed statement is undone alone; the transaction goes on
+                        out.append(db.execute(_SQLITE_INSERT, m.row()).rowcount == 1)
+                    except sqlite3.IntegrityError as exc:
+                        out.append(exc)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        return out
 
-        if not self.threaded:
-            await trio.lowlevel.checkpoint()
-            return work()
-        return await trio.to_thread.run_sync(work, limiter=self._limiter, abandon_on_cancel=True)
+    def _select(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
 
-    async def save(self, m: Message) -> None:
-        """Insert one row.  Raises :class:`AlreadySaved` if the run has one.
-
-        A checkpoint; on ``Cancelled`` the insert may still land (see module doc).
-        """
-        calls = orjson.dumps(m.tool_calls).decode() if m.tool_calls else None
-        try:
-            await self._run(
-                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (m.run_id, m.tenant, m.session_id, m.content, calls, m.status, m.reason,
-                 m.events, int(m.detached), m.created),
-            )  # fmt: skip
-        except sqlite3.IntegrityError as exc:
-            raise AlreadySaved(m.run_id) from exc
-
-    async def session_messages(self, tenant: str, session_id: str) -> list[Message]:
-        rows = await self._run(
-            "SELECT * FROM messages WHERE tenant = ? AND session_id = ? ORDER BY created, rowid",
+    def _select_session(self, tenant: str, session_id: str) -> list[Message]:
+        rows = self._select(
+            f"{_SQLITE_SELECT} WHERE tenant = ? AND session_id = ? ORDER BY created, rowid",
             (tenant, session_id),
         )
-        return [_message(r) for r in rows]
+        return [Message.from_row(r) for r in rows]
 
-    async def get(self, tenant: str, run_id: str) -> Message | None:
-        rows = await self._run(
-            "SELECT * FROM messages WHERE tenant = ? AND run_id = ?", (tenant, run_id)
-        )
-        return _message(rows[0]) if rows else None
+    def _select_run(self, tenant: str, run_id: str) -> Message | None:
+        rows = self._select(f"{_SQLITE_SELECT} WHERE tenant = ? AND run_id = ?", (tenant, run_id))
+        return Message.from_row(rows[0]) if rows else None
 
-    async def count(self, run_id: str) -> int:
-        rows = await self._run("SELECT COUNT(*) FROM messages WHERE run_id = ?", (run_id,))
-        return int(rows[0][0])
+    def _count(self, run_id: str) -> int:
+        return int(self._select("SELECT COUNT(*) FROM messages WHERE run_id = ?", (run_id,))[0][0])
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
 
-def _message(r: tuple[Any, ...]) -> Message:
-    calls = orjson.loads(r[4]) if r[4] else None
-    return Message(r[0], r[1], r[2], r[3], calls, r[5], r[6], r[7], bool(r[8]), r[9])
+def is_postgres(db: str) -> bool:
+    """Does ``--db`` name a Postgres database (rather than a SQLite file)?"""
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+def open_store(db: str, *, timeout: float = 5.0, threaded: bool = True) -> Store:
+    """The store ``--db`` names: a ``postgresql://`` URL, else a SQLite path.
+
+    Blocking (connects and migrates): call it in a worker thread.
+    ``timeout``: how long a Postgres statement may wait for a connection.
+    """
+    if is_postgres(db):
+        from .pgstore import PostgresStore  # only a Postgres --db imports psycopg
+
+        return PostgresStore(db, timeout=timeout, threaded=threaded)
+    return SQLiteStore(db, threaded=threaded)
