@@ -24,6 +24,7 @@ from trio_stream.protocol import ChatRequest, parse_chat_request
 from trio_stream.runlog import Entry, RunLog, ToolDelta
 from trio_stream.sse import LineDecoder, SSEDecoder, SSEEvent
 from trio_stream.upstream import Finish, Item
+from trio_stream.usage import Usage
 from trio_stream.upstream.wire import ollama_items, openai_items
 
 FUZZ = settings(
@@ -317,13 +318,16 @@ ollama_lines = st.one_of(
 
 def check_items(items: list[Item]) -> None:
     """Accepted items are what the rest of the pipeline can take: non-empty
-    text, tool deltas the run log merges and the encoder renders, and at most
-    one Finish, last."""
+    text, tool deltas the run log merges and the encoder renders, usage with
+    whole non-negative counts, and at most one Finish, last."""
     log = RunLog()
     for i, item in enumerate(items):
         if isinstance(item, Finish):
             assert i == len(items) - 1
             assert isinstance(item.reason, str)
+            continue
+        if isinstance(item, Usage):
+            assert min(item.prompt_tokens, item.completion_tokens, item.total_tokens) >= 0
             continue
         assert isinstance(item, ToolDelta) or (isinstance(item, str) and item)
         log.append(item)

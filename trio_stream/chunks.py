@@ -76,18 +76,36 @@ class ChunkEncoder:
             seq, i = last + 1, j
         return b"".join(out)
 
-    def finish(self, reason: str) -> bytes:
-        """The last chunk (empty delta with ``finish_reason``) and ``[DONE]``."""
-        return sse.event(self._chunk(b"{}", orjson.dumps(reason))) + sse.DONE
+    def finish(self, reason: str, usage: dict[str, Any] | None = None) -> bytes:
+        """The last chunk (empty delta with ``finish_reason``), the usage chunk
+        if ``usage`` (``stream_options.include_usage``), and ``[DONE]``."""
+        last = sse.event(self._chunk(b"{}", orjson.dumps(reason)))
+        if usage is not None:
+            last += sse.event(self.usage_chunk(usage))
+        return last + sse.DONE
 
-    def terminal(self, outcome: Outcome) -> bytes:
-        """What ends the stream: finish chunk and ``[DONE]``, or one error event."""
+    def usage_chunk(self, usage: dict[str, Any]) -> bytes:
+        """The chunk with ``usage`` and empty ``choices`` (OpenAI's last chunk)."""
+        return orjson.dumps(
+            {
+                "id": self.completion_id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": usage,
+            }
+        )
+
+    def terminal(self, outcome: Outcome, usage: dict[str, Any] | None = None) -> bytes:
+        """What ends the stream: finish chunk (and usage chunk) and ``[DONE]``,
+        or one error event."""
         if outcome.status is RunStatus.COMPLETED:
-            return self.finish(outcome.reason)
+            return self.finish(outcome.reason, usage)
         return sse.event(error_body(*_reorder(cancel_error(outcome))))
 
-    def completion(self, log: RunLog) -> bytes:
-        """The ``chat.completion`` object for ``stream: false``."""
+    def completion(self, log: RunLog, usage: dict[str, Any] | None = None) -> bytes:
+        """The ``chat.completion`` object for ``stream: false`` (with ``usage``)."""
         outcome = log.outcome
         assert outcome is not None
         assert outcome.status is RunStatus.COMPLETED
@@ -102,6 +120,7 @@ class ChunkEncoder:
                 "created": self.created,
                 "model": self.model,
                 "choices": [{"index": 0, "message": message, "finish_reason": outcome.reason}],
+                **({} if usage is None else {"usage": usage}),
             }
         )
 

@@ -31,6 +31,12 @@ class ChatRequest:
     max_tokens: int | None
     detach: bool
 
+    @property
+    def include_usage(self) -> bool:
+        """``stream_options.include_usage``: end the stream with a usage chunk."""
+        options = self.body.get("stream_options")
+        return isinstance(options, dict) and options.get("include_usage") is True
+
     def upstream_body(self) -> dict[str, Any]:
         """The body to forward: ours minus our extensions, always streaming."""
         body = {k: v for k, v in self.body.items() if k not in ("detach", "stream_options")}
@@ -107,6 +113,9 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         max_tokens = _field(body, "max_completion_tokens", int, "an integer")
     if max_tokens is not None and not 1 <= max_tokens <= 1_000_000:
         raise bad_request("'max_tokens' must be between 1 and 1000000.", "invalid_value")
+    options = _field(body, "stream_options", dict, "an object")
+    if options is not None:
+        _field(options, "include_usage", bool, "a boolean")
     n = _field(body, "n", int, "an integer")
     if n not in (None, 1):
         raise bad_request("Only 'n': 1 is supported.", "invalid_value")

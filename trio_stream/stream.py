@@ -159,11 +159,14 @@ class Subscriber:
         run, log = self.run, self.run.log
         if start_now:
             await self._start()
+        if head := self.preamble():
+            await self._start()
+            await self._send_body(head)
         while True:
             entries = [] if log.fenced else await self._backlog()
             if entries:
                 await self._start()
-                await self._send_body(run.encoder.render(entries, self.cursor + 1))
+                await self._send_body(self.render(entries, self.cursor + 1))
                 self.cursor += len(entries)
                 if self.drives_backpressure:
                     run.advance(self.cursor)
@@ -185,7 +188,24 @@ class Subscriber:
             self.started = True
             return
         await self._start()
-        await self._send_body(run.encoder.terminal(outcome), more=False)
+        await self._send_body(self.terminal(outcome), more=False)
+
+    # -- rendering: the run's API (chat completions here; Responses API in
+    # trio_stream.responses, which overrides these) ---------------------------
+    def preamble(self) -> bytes:
+        """Events due before the first delta (none for chat completions)."""
+        return b""
+
+    def render(self, entries: list[Entry], first_seq: int) -> bytes:
+        """SSE bytes for ``entries``, the first numbered ``first_seq``."""
+        return self.run.encoder.render(entries, first_seq)
+
+    def terminal(self, outcome: Outcome) -> bytes:
+        """The ending frame(s); the usage chunk first if the request asked
+        for it (``stream_options.include_usage``)."""
+        run = self.run
+        usage = run.final_usage().chat() if run.request.include_usage else None
+        return run.encoder.terminal(outcome, usage)
 
     async def _backlog(self) -> list[Entry]:
         """What to send next: the entries after the cursor, after letting a
@@ -233,7 +253,8 @@ class Subscriber:
     async def _answer_json(self, outcome: Outcome) -> None:
         run = self.run
         if outcome.status is RunStatus.COMPLETED:
-            await send_bytes(self._send, 200, run.encoder.completion(run.log), JSON, self.headers)
+            body = run.encoder.completion(run.log, run.final_usage().chat())
+            await send_bytes(self._send, 200, body, JSON, self.headers)
         elif isinstance(run.error, UpstreamError):
             await send_error(self._send, run.error, self.headers)
         else:

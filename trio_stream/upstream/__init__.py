@@ -2,7 +2,9 @@
 
 An :class:`Upstream` turns a :class:`~trio_stream.protocol.ChatRequest` into an
 async iterator of log entries (content strings or tool deltas) ended by one
-:class:`Finish`.  Every adapter translates its transport's errors into
+:class:`Finish`, with the upstream's token counts as a :class:`Usage` item
+wherever it reports them (before or after the ``Finish``).  Every adapter
+translates its transport's errors into
 :class:`~trio_stream.errors.UpstreamError` at this seam; ``trio.Cancelled``
 passes through untouched.
 
@@ -26,6 +28,7 @@ import trio
 from ..config import Settings
 from ..protocol import ChatRequest
 from ..runlog import Entry
+from ..usage import Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +38,7 @@ class Finish:
     reason: str
 
 
-Item = Entry | Finish
+Item = Entry | Finish | Usage
 
 
 class Upstream(Protocol):

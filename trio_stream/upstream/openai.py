@@ -30,8 +30,10 @@ class OpenAIUpstream:
 
     @asynccontextmanager
     async def _stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[Item]]:
+        body = request.upstream_body()
+        body["stream_options"] = {"include_usage": True}  # the last chunk carries usage
         async with (
-            open_stream(self.client, "/chat/completions", request.upstream_body()) as response,
+            open_stream(self.client, "/chat/completions", body) as response,
             aclosing(_items(response)) as items,
         ):
             yield items

@@ -5,8 +5,10 @@
 * Ollama's ``/api/chat`` sends NDJSON: one object per line with a
   ``message`` and ``done``.
 
-Both map to the same items: content strings, :class:`ToolDelta`, and one
-:class:`Finish`.  Anything malformed raises :class:`UpstreamError`.
+Both map to the same items: content strings, :class:`ToolDelta`, one
+:class:`Finish`, and the upstream's :class:`Usage` where it reports one (a
+malformed usage is dropped: it is advisory).  Anything else malformed raises
+:class:`UpstreamError`.
 
 This module never imports trio.
 """
@@ -19,6 +21,7 @@ import orjson
 
 from ..errors import UpstreamError
 from ..runlog import ToolDelta
+from ..usage import Usage
 from . import Finish, Item
 
 DONE = "[DONE]"
@@ -45,9 +48,10 @@ def _json(data: str | bytes, what: str) -> dict[str, Any]:
 def openai_items(data: str) -> list[Item]:
     """Items from one SSE ``data`` field of an OpenAI-compatible stream."""
     chunk = _json(data, "chunk")
+    usage = Usage.from_openai(chunk.get("usage"))
     choices = chunk.get("choices")
     if not choices:
-        return []  # a usage-only chunk
+        return [] if usage is None else [usage]  # a usage-only chunk
     if not isinstance(choices, list) or not isinstance(choices[0], dict):
         raise UpstreamError("The upstream sent malformed choices", code="malformed_chunk")
     choice = choices[0]
@@ -63,6 +67,8 @@ def openai_items(data: str) -> list[Item]:
         _check_tool_calls(rest["tool_calls"])
     if rest:
         items.append(ToolDelta(rest))
+    if usage is not None:
+        items.append(usage)
     if reason := choice.get("finish_reason"):
         items.append(Finish(str(reason)))
     return items
@@ -85,6 +91,8 @@ def ollama_items(line: bytes) -> list[Item]:
             raise _malformed_tool_calls()
         items.append(ToolDelta({"tool_calls": [_ollama_call(i, c) for i, c in enumerate(calls)]}))
     if obj.get("done"):
+        if (usage := Usage.from_ollama(obj)) is not None:
+            items.append(usage)
         items.append(Finish("length" if obj.get("done_reason") == "length" else "stop"))
     return items
 
