@@ -24,8 +24,8 @@ from trio_stream.protocol import ChatRequest, parse_chat_request
 from trio_stream.runlog import Entry, RunLog, ToolDelta
 from trio_stream.sse import LineDecoder, SSEDecoder, SSEEvent
 from trio_stream.upstream import Finish, Item
-from trio_stream.usage import Usage
 from trio_stream.upstream.wire import ollama_items, openai_items
+from trio_stream.usage import Usage
 
 FUZZ = settings(
     max_examples=100,

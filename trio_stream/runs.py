@@ -41,6 +41,7 @@ from .sessions import SessionKey, SessionTable
 from .shared import LocalState, LogPage, RunRecord, SharedState, SharedUnavailable
 from .store import AlreadySaved, Message, Store, StoreUnavailable, retry_delay
 from .upstream import Finish, Upstream
+from .usage import Usage, settle
 
 CANCEL_MESSAGES = {
     "superseded": "A newer request of this session superseded this run.",
@@ -60,15 +61,20 @@ DRAIN_TIMEOUT = 0.5
 SHARED_TIMEOUT = 1.0
 
 
-async def _drain(items: AsyncIterator[object]) -> None:
-    """Read an upstream stream to its end, ignoring what comes, within a bound.
+async def _drain(items: AsyncIterator[object]) -> Usage | None:
+    """Read an upstream stream to its end within a bound; the last
+    :class:`Usage` it reports (an OpenAI upstream's comes after the finish).
 
     The run has already completed: an error or a timeout here only means the
-    connection is closed instead of returned to the pool.
+    connection is closed instead of returned to the pool.  Its subscribers
+    write the run's ending only after its cleanup, so they see this usage.
     """
+    usage = None
     with trio.move_on_after(DRAIN_TIMEOUT), contextlib.suppress(UpstreamError):
-        async for _ in items:
-            pass
+        async for item in items:
+            if isinstance(item, Usage):
+                usage = item
+    return usage
 
 
 T = TypeVar("T")
@@ -115,6 +121,7 @@ class Run:
             coalesce=coalesce,
         )  # fmt: skip
         self.error: UpstreamError | None = None
+        self.usage: Usage | None = None  # as the upstream reported it, if it did
         self.predecessors: tuple[str, ...] = ()
         self.epoch = 0  # the session's claim counter when this run claimed it
         self.first_token_at: float | None = None
@@ -125,6 +132,11 @@ class Run:
         self.writer_cursor = 0
         self._changed = trio.lowlevel.ParkingLot()
         self._room = trio.lowlevel.ParkingLot()
+
+    def final_usage(self) -> Usage:
+        """The usage of what this run received (docs/api.md section 2.10)."""
+        complete = self.log.status is RunStatus.COMPLETED
+        return settle(self.usage, self.request.messages, self.log.last_seq, complete=complete)
 
     @property
     def session_key(self) -> SessionKey | None:
@@ -352,9 +364,12 @@ class RunManager:
                         item = await anext(items, None)
                         if item is None:
                             raise UpstreamError("The upstream ended the stream without finishing.")
+                        if isinstance(item, Usage):
+                            run.usage = item
+                            continue
                         if isinstance(item, Finish):
                             run.end(Outcome(RunStatus.COMPLETED, item.reason))
-                            await _drain(items)
+                            run.usage = await _drain(items) or run.usage
                             return
                         if not run.append(item):
                             return  # ended meanwhile; run.scope's cancel lands on exit
@@ -486,9 +501,11 @@ class RunManager:
         status = ending(outcome, events=run.log.last_seq, detached=run.detached, fenced=False)
         if status.save_status is None:
             return  # nothing produced, nothing to save
+        usage = {**run.final_usage().record(), "model": run.request.model}
         message = Message(
             run.id, run.tenant, run.session_id, run.log.content, run.log.tool_calls or None,
             status.save_status, outcome.reason, run.log.last_seq, run.detached, run.created,
+            usage,
         )  # fmt: skip
         settled = False
         error = "no answer within --save-timeout"
