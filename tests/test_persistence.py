@@ -75,6 +75,9 @@ async def test_completion_saves_once_through_the_completion_path(
                 Message(
                     run_id, "public", "s-done", expected, None, "complete", "length", 5, detach,
                     store.saves[0].created,
+                    # the mock reports no usage: counted (docs/api.md section 2.10)
+                    {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7,
+                     "source": "counted", "model": "mock"},
                 )
             ]  # fmt: skip
             assert await store.count(run_id) == 1
