@@ -108,7 +108,7 @@ async def test_ollama_counts_are_passed_through(
     settings: Settings, fake_ollama: FakeUpstream
 ) -> None:
     """Ollama's ``prompt_eval_count`` and ``eval_count`` (on its last line)
-    are the usage of a chat completion."""
+    are the usage of a chat completion and of a response."""
     done = orjson.loads(ollama_line(done=True))
     done.update(prompt_eval_count=9, eval_count=2)
     fake_ollama.plan = lambda _: Plan(
@@ -119,7 +119,11 @@ async def test_ollama_counts_are_passed_through(
     s = settings.replace(upstream="ollama", upstream_url=fake_ollama.url)
     async with running_server(s) as server, loopback_client(server) as http:
         chat = (await http.post("/v1/chat/completions", json={"messages": MESSAGES})).json()
+        response = (await http.post("/v1/responses", json={"input": "x"})).json()
     assert chat["usage"] == {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}
+    assert response["usage"]["input_tokens"] == 9
+    assert response["usage"]["output_tokens"] == 2
+    assert response["output"][0]["content"][0]["text"] == "hi there"
 
 
 # -- the pure rules -----------------------------------------------------------

@@ -23,6 +23,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import metrics as metrics_mod
+from . import responses
 from .asgi import Receive, Scope, Send, close_headers, send_error
 from .endpoints import chat_completions, run_events
 from .errors import (
@@ -65,6 +66,8 @@ class TrioStreamApp(QuartTrio):
                 if method == "POST":
                     return await chat_completions(self.service, scope, receive, send)
                 return await send_error(send, method_not_allowed(method, path), _allow(b"POST"))
+            if path == "/v1/responses" or path.startswith("/v1/responses/"):
+                return await responses.handle(self.service, scope, receive, send)
             if m := _EVENTS.fullmatch(path):
                 if method == "GET":
                     return await run_events(self.service, scope, receive, send, m[1])

@@ -36,6 +36,7 @@ from .lifecycle import ending
 from .logs import EventLogger
 from .metrics import Metrics
 from .protocol import ChatRequest
+from .responses_wire import ResponseMeta
 from .runlog import Entry, LogClosed, Outcome, RunLog, RunStatus
 from .sessions import SessionKey, SessionTable
 from .shared import LocalState, LogPage, RunRecord, SharedState, SharedUnavailable
@@ -88,9 +89,13 @@ def follow_page(mirror: Run, page: LogPage) -> None:
         mirror.end(page.outcome)
 
 
-def new_run_id() -> str:
-    """128 random bits, URL-safe: unguessable (docs/api.md asks for >= 96)."""
-    return "run_" + secrets.token_urlsafe(16)
+def new_run_id(prefix: str = "run_") -> str:
+    """128 random bits, URL-safe: unguessable (docs/api.md asks for >= 96).
+
+    The prefix names the API that created the run: ``run_`` (chat
+    completions) or ``resp_`` (the Responses API, whose response id it is).
+    """
+    return prefix + secrets.token_urlsafe(16)
 
 
 class Run:
@@ -122,6 +127,8 @@ class Run:
         )  # fmt: skip
         self.error: UpstreamError | None = None
         self.usage: Usage | None = None  # as the upstream reported it, if it did
+        # Set for a run the Responses API created: how to render it (chat: None).
+        self.response: ResponseMeta | None = None
         self.predecessors: tuple[str, ...] = ()
         self.epoch = 0  # the session's claim counter when this run claimed it
         self.first_token_at: float | None = None
@@ -274,7 +281,10 @@ class RunManager:
         return self.shared.sessions
 
     # -- creating ---------------------------------------------------------
-    async def create(self, tenant: str, session_id: str | None, request: ChatRequest) -> Run:
+    async def create(
+        self, tenant: str, session_id: str | None, request: ChatRequest,
+        response: ResponseMeta | None = None,
+    ) -> Run:  # fmt: skip
         """Register a run and, if it has a session, supersede the session's runs.
 
         The claim is atomic in the shared state (G1): from then on the new run
@@ -283,9 +293,10 @@ class RunManager:
         shared state is unreachable; then nothing of the run remains.
         """
         run = Run(
-            new_run_id(), tenant, session_id, request,
+            new_run_id("run_" if response is None else "resp_"), tenant, session_id, request,
             detached=request.detach, coalesce=self.settings.coalesce,
         )  # fmt: skip
+        run.response = response
         try:
             await self._claim(run)
         except SharedUnavailable as exc:
@@ -501,6 +512,8 @@ class RunManager:
         status = ending(outcome, events=run.log.last_seq, detached=run.detached, fenced=False)
         if status.save_status is None:
             return  # nothing produced, nothing to save
+        if run.response is not None and not run.response.store:
+            return  # a response created with "store": false
         usage = {**run.final_usage().record(), "model": run.request.model}
         message = Message(
             run.id, run.tenant, run.session_id, run.log.content, run.log.tool_calls or None,
