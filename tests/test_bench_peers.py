@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -25,7 +25,8 @@ from trio_stream import mocktext
 from trio_stream.chunks import ChunkEncoder
 from trio_stream.sse import SSEDecoder
 
-PEERS_DIR = Path(__file__).resolve().parents[1] / "tools" / "peers"
+ROOT = Path(__file__).resolve().parents[1]
+PEERS_DIR = ROOT / "tools" / "peers"
 PEERS = ["uvicorn_sse_starlette", "hypercorn_quart_trio", "bare_trio"]
 MESSAGES = [{"role": "user", "content": "bench me"}]
 
@@ -50,13 +51,12 @@ async def wait_listening(port: int, process: trio.Process) -> None:
 
 
 @asynccontextmanager
-async def running_peer(name: str, delay_ms: float, log: Path) -> AsyncIterator[str]:
-    """Start ``tools/peers/<name>.py``; yield its base URL; kill its process group."""
+async def running_script(script: Path, args: list[str], log: Path) -> AsyncIterator[str]:
+    """Start ``script --port <free> *args``; yield its base URL; kill its process group."""
     port = free_port()
     with log.open("wb") as err:
         process = await trio.lowlevel.open_process(
-            [sys.executable, str(PEERS_DIR / f"{name}.py"), "--port", str(port),
-             "--delay-ms", str(delay_ms)],
+            [sys.executable, str(script), "--port", str(port), *args],
             stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
         )  # fmt: skip
     try:
@@ -70,24 +70,27 @@ async def running_peer(name: str, delay_ms: float, log: Path) -> AsyncIterator[s
             await process.wait()
 
 
-@pytest.mark.parametrize("name", PEERS)
-async def test_peer_streams_trio_streams_exact_bytes(name: str, tmp_path: Path) -> None:
-    """A peer's reply is byte for byte what trio-stream's encoder sends with coalescing
-    off (one event per token, ids from 1, role in the first delta, finish chunk,
-    [DONE]), and its text is ``mocktext.expected_text``: the bench compares like
-    with like.  The ``--delay-ms`` gap is honoured (a lower bound on the time)."""
-    max_tokens, delay_ms = 12, 5.0
-    async with running_peer(name, delay_ms, tmp_path / "peer.log") as url:
-        with trio.fail_after(10):
-            async with httpx.AsyncClient(base_url=url, timeout=5) as client:
-                body = {"model": "mock", "messages": MESSAGES, "stream": True,
-                        "max_tokens": max_tokens}  # fmt: skip
-                started = trio.current_time()
-                async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-                    assert r.status_code == 200
-                    assert r.headers["content-type"].startswith("text/event-stream")
-                    raw = b"".join([chunk async for chunk in r.aiter_raw()])
-                elapsed = trio.current_time() - started
+def running_peer(name: str, delay_ms: float, log: Path) -> AbstractAsyncContextManager[str]:
+    """Start ``tools/peers/<name>.py``; yield its base URL; kill its process group."""
+    return running_script(PEERS_DIR / f"{name}.py", ["--delay-ms", str(delay_ms)], log)
+
+
+async def stream_raw(url: str, max_tokens: int) -> tuple[bytes, float]:
+    """POST a streaming chat completion; its raw body and how long it took."""
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+            body = {"model": "mock", "messages": MESSAGES, "stream": True,
+                    "max_tokens": max_tokens}  # fmt: skip
+            started = trio.current_time()
+            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                assert r.headers["content-type"].startswith("text/event-stream")
+                raw = b"".join([chunk async for chunk in r.aiter_raw()])
+            return raw, trio.current_time() - started
+
+
+def assert_mock_bytes(raw: bytes, max_tokens: int) -> None:
+    """``raw`` is byte for byte trio-stream's uncoalesced encoding of the mock reply."""
     events = SSEDecoder().feed(raw)
     first = orjson.loads(events[0].data)
     tokens = list(mocktext.tokens(MESSAGES, max_tokens))
@@ -97,4 +100,33 @@ async def test_peer_streams_trio_streams_exact_bytes(name: str, tmp_path: Path) 
         orjson.loads(e.data)["choices"][0]["delta"].get("content", "") for e in events[:-1]
     )
     assert text == mocktext.expected_text(MESSAGES, max_tokens)
+
+
+@pytest.mark.parametrize("name", PEERS)
+async def test_peer_streams_trio_streams_exact_bytes(name: str, tmp_path: Path) -> None:
+    """A peer's reply is byte for byte what trio-stream's encoder sends with coalescing
+    off (one event per token, ids from 1, role in the first delta, finish chunk,
+    [DONE]), and its text is ``mocktext.expected_text``: the bench compares like
+    with like.  The ``--delay-ms`` gap is honoured (a lower bound on the time)."""
+    max_tokens, delay_ms = 12, 5.0
+    async with running_peer(name, delay_ms, tmp_path / "peer.log") as url:
+        raw, elapsed = await stream_raw(url, max_tokens)
+    assert_mock_bytes(raw, max_tokens)
+    assert elapsed >= max_tokens * delay_ms / 1000
+
+
+async def test_relay_peer_relays_the_fake_openai_upstream_exactly(tmp_path: Path) -> None:
+    """tools/fake_openai.py streams the same bytes as the peers, at its --delay-ms
+    pace, and the relay peer (uvicorn + httpx) passes them on unchanged."""
+    max_tokens, delay_ms = 12, 5.0
+    fake = ROOT / "tools" / "fake_openai.py"
+    async with running_script(fake, ["--delay-ms", str(delay_ms)], tmp_path / "up.log") as up:
+        raw, elapsed = await stream_raw(up, max_tokens)
+        assert_mock_bytes(raw, max_tokens)
+        assert elapsed >= max_tokens * delay_ms / 1000
+        relay = PEERS_DIR / "uvicorn_httpx_relay.py"
+        args = ["--upstream-url", f"{up}/v1"]
+        async with running_script(relay, args, tmp_path / "relay.log") as url:
+            raw, elapsed = await stream_raw(url, max_tokens)
+    assert_mock_bytes(raw, max_tokens)
     assert elapsed >= max_tokens * delay_ms / 1000

@@ -41,7 +41,10 @@ def make_app(delay: float) -> Starlette:
 def main() -> None:
     args = parse_args(__doc__ or "")
     app = make_app(args.delay_ms / 1000)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    # asyncio and h11, as measured before uvloop and httptools were bench extras
+    # (uvicorn's "auto" would pick those now); the relay peer uses them.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                loop="asyncio", http="h11")  # fmt: skip
 
 
 if __name__ == "__main__":
