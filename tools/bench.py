@@ -10,7 +10,18 @@ Servers, each started as its own process on 127.0.0.1 for each measurement:
 * ``quart-trio``    -- hypercorn (trio) + quart-trio, naive async-generator body;
 * ``bare-trio``     -- a bare trio socket server writing the same SSE bytes: the ceiling.
 
-All serve the same mock stream (:mod:`trio_stream.mocktext`).  The client is
+All serve the same mock stream (:mod:`trio_stream.mocktext`).  The *proxy*
+scenarios put a real HTTP upstream behind the server instead: ``tools/fake_openai.py``
+in its own process, streaming the same reply at 20 tokens/s.  There the servers are
+
+* ``trio-stream``   -- ``trio-stream serve --upstream openai`` (embedded state);
+* ``ts-cluster-1``  -- the same with ``--workers 1 --redis`` (cluster mode, one node);
+* ``ts-cluster-2``  -- ``--workers 2 --redis``: a supervisor and two worker processes;
+* ``relay``         -- uvicorn (uvloop, httptools) + starlette + httpx relaying the SSE events.
+
+A cluster server gets a fresh ``redis-server`` of its own on a free port; its
+CPU is reported apart from the server's (which, for ``--workers 2``, is the
+supervisor's and every worker's).  The client is
 ``trio-stream load`` run as a subprocess, the same for every server; the
 idle-stream figure uses a raw-socket opener in this file.  The server's CPU
 time and RSS come from ``/proc/<pid>/stat`` and ``/proc/<pid>/status``.
@@ -25,7 +36,9 @@ out, also on Ctrl-C or an error.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
+import dataclasses
 import datetime
 import http.client
 import importlib.metadata
@@ -68,6 +81,8 @@ class Run:
     coalesce: bool
     idle: bool
     workdir: Path
+    upstream_url: str = ""  # an OpenAI-compatible upstream; "" = the built-in mock
+    redis_url: str = ""
 
 
 def _trio_stream_cmd(r: Run) -> list[str]:
@@ -79,7 +94,21 @@ def _trio_stream_cmd(r: Run) -> list[str]:
         cmd.append("--no-coalesce")
     if r.idle:  # headers wait for the first event or ping: make the ping come soon
         cmd += ["--ping-interval", "1"]
+    if r.upstream_url:
+        cmd += ["--upstream", "openai", "--upstream-url", r.upstream_url]
     return cmd
+
+
+def _cluster_cmd(workers: int) -> Callable[[Run], list[str]]:
+    def cmd(r: Run) -> list[str]:
+        return [*_trio_stream_cmd(r), "--workers", str(workers), "--redis", r.redis_url]
+
+    return cmd
+
+
+def _relay_cmd(r: Run) -> list[str]:
+    return [sys.executable, str(PEERS / "uvicorn_httpx_relay.py"), "--port", str(r.port),
+            "--upstream-url", r.upstream_url]  # fmt: skip
 
 
 def _peer_cmd(script: str) -> Callable[[Run], list[str]]:
@@ -90,15 +119,32 @@ def _peer_cmd(script: str) -> Callable[[Run], list[str]]:
     return cmd
 
 
+def _postgres_cmd(r: Run) -> list[str]:
+    """trio-stream saving to a Postgres of its own (tools/with_postgres.py starts
+    it beside the server, fsync on, and removes it after)."""
+    cmd = _trio_stream_cmd(r)
+    cmd[cmd.index("--db") + 1] = "{pg_url}"
+    return [sys.executable, str(ROOT / "tools" / "with_postgres.py"), "--", *cmd]
+
+
 @dataclass(frozen=True)
 class Server:
     name: str
     label: str
     command: Callable[[Run], list[str]]
+    mock: bool = True  # serves the mock scenarios
+    proxy: bool = False  # serves the proxy scenarios (relays a real upstream)
+    redis: bool = False  # needs a redis-server of its own
+
+    def serves(self, sc: Scenario) -> bool:
+        return self.proxy if sc.upstream else self.mock
 
 
 SERVERS = (
-    Server("trio-stream", "trio-stream serve (hypercorn trio worker, raw ASGI)", _trio_stream_cmd),
+    Server(
+        "trio-stream", "trio-stream serve (hypercorn trio worker, raw ASGI)", _trio_stream_cmd,
+        proxy=True,
+    ),
     Server(
         "sse-starlette", "uvicorn + starlette + sse-starlette",
         _peer_cmd("uvicorn_sse_starlette.py"),
@@ -111,7 +157,33 @@ SERVERS = (
         "bare-trio", "bare trio socket server, same SSE bytes (the ceiling)",
         _peer_cmd("bare_trio.py"),
     ),
+    Server(
+        "ts-postgres", "trio-stream serve --db postgresql:// (a local Postgres 15, fsync on)",
+        _postgres_cmd,
+    ),
+    Server(
+        "ts-cluster-1", "trio-stream serve --workers 1 --redis (cluster mode, one node)",
+        _cluster_cmd(1), mock=False, proxy=True, redis=True,
+    ),
+    Server(
+        "ts-cluster-2", "trio-stream serve --workers 2 --redis (supervisor + 2 workers)",
+        _cluster_cmd(2), mock=False, proxy=True, redis=True,
+    ),
+    Server(
+        "relay", "uvicorn (uvloop, httptools) + starlette + httpx, relaying SSE events",
+        _relay_cmd, mock=False, proxy=True,
+    ),
 )  # fmt: skip
+
+
+def _fake_upstream_cmd(port: int, delay_ms: float) -> list[str]:
+    return [sys.executable, str(ROOT / "tools" / "fake_openai.py"), "--port", str(port),
+            "--delay-ms", f"{delay_ms:g}"]  # fmt: skip
+
+
+def _redis_cmd(port: int, workdir: Path) -> list[str]:
+    return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(workdir)]  # fmt: skip
 
 
 def free_port() -> int:
@@ -142,10 +214,8 @@ class ServerProcess:
         raise RuntimeError(f"server not listening after {timeout} s; see {self.log}")
 
     def cpu_seconds(self) -> float:
-        """utime + stime of the process (all its threads)."""
-        stat = Path(f"/proc/{self.popen.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        """CPU time of the process and all its descendants (all threads; ``--workers``)."""
+        return tree_cpu_seconds(self.popen.pid)
 
     def rss_bytes(self) -> int:
         for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
@@ -155,6 +225,32 @@ class ServerProcess:
 
     def stop(self) -> None:
         kill_group(self.popen, grace=3.0)
+
+
+def _process_cpu(pid: int) -> float:
+    """utime + stime + cutime + cstime: the process's own CPU and its reaped children's."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return sum(int(f) for f in fields[11:15]) / CLK_TCK
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and every live descendant (plus those they reaped)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError, ValueError):  # it exited meanwhile
+            total += _process_cpu(p)
+            todo += _children(p)
+    return total
 
 
 def _exited(pid: int) -> bool:
@@ -195,6 +291,7 @@ class Scenario:
     idle_streams: int = 0
     extra: tuple[str, ...] = ()  # secondary figures shown in the scenario's table
     ratios: tuple[str, ...] = ()  # secondary figures given as ratios too
+    upstream: bool = False  # through tools/fake_openai.py (paced at delay_ms), not the mock
 
     @property
     def idle(self) -> bool:
@@ -234,6 +331,24 @@ def scenarios(quick: bool) -> list[Scenario]:
             extra=("server_us_per_request", "ttft_p99_ms", *load),
             ratios=("server_us_per_request",),
         ),
+        Scenario(
+            "proxy", "Proxy: 300 streams at 20 tokens/s from a real HTTP upstream: latency",
+            "ttft_p99_ms", delay_ms=50, concurrency=300, requests=300 if q else 600,
+            max_tokens=40 if q else 60, upstream=True,
+            extra=("gap_p99_ms", "delay_p99_ms", "server_us_per_token", "redis_us_per_token",
+                   "server_cpu_per_s", "upstream_cpu_percent", "tokens_per_s",
+                   "events_per_token", *load),
+            ratios=("gap_p99_ms", "server_us_per_token"),
+        ),
+        Scenario(
+            "proxy100", "Proxy: 100 streams at 20 tokens/s: server CPU per token",
+            "server_us_per_token", delay_ms=50, concurrency=100, requests=100 if q else 200,
+            max_tokens=40 if q else 60, upstream=True,
+            extra=("redis_us_per_token", "server_redis_us_per_token", "server_cpu_per_s",
+                   "ttft_p99_ms", "gap_p99_ms", "upstream_cpu_percent", "events_per_token",
+                   *load),
+            ratios=("server_redis_us_per_token",),
+        ),
     ]  # fmt: skip
 
 
@@ -250,8 +365,11 @@ METRICS = {
     "gap_p99_ms": ("p99 inter-event gap ms", False),
     "ttft_p99_ms": ("p99 TTFT ms", False),
     "events_per_token": ("events/token", False),
+    "redis_us_per_token": ("Redis CPU µs/token", False),
+    "server_redis_us_per_token": ("server+Redis CPU µs/token", False),
+    "upstream_cpu_percent": ("fake upstream CPU %", False),
     "client_cpu_percent": ("client CPU %", False),
-    "busy_percent": ("server+client % of machine", False),
+    "busy_percent": ("bench processes % of machine", False),
     "other_cpu_percent": ("other load %", False),
     "kib_per_stream": ("KiB per idle stream", False),
 }
@@ -265,22 +383,26 @@ def label(metric: str) -> str:
 Medians = dict[str, float]  # server name -> median of one figure
 
 
-def _vs(peer: str, factor: float, higher: bool) -> Callable[[Medians], bool | None]:
+def _vs(
+    peer: str, factor: float, higher: bool, ours: str = "trio-stream"
+) -> Callable[[Medians], bool | None]:
     def check(m: Medians) -> bool | None:
-        if "trio-stream" not in m or peer not in m:
+        if ours not in m or peer not in m:
             return None
         if higher:
-            return m["trio-stream"] >= factor * m[peer]
-        return m["trio-stream"] <= factor * m[peer]
+            return m[ours] >= factor * m[peer]
+        return m[ours] <= factor * m[peer]
 
     return check
 
 
-def _absolute(limit: float, strict: bool) -> Callable[[Medians], bool | None]:
+def _absolute(
+    limit: float, strict: bool, ours: str = "trio-stream"
+) -> Callable[[Medians], bool | None]:
     def check(m: Medians) -> bool | None:
-        if "trio-stream" not in m:
+        if ours not in m:
             return None
-        return m["trio-stream"] < limit if strict else m["trio-stream"] <= limit
+        return m[ours] < limit if strict else m[ours] <= limit
 
     return check
 
@@ -291,6 +413,7 @@ class Target:
     metric: str
     text: str
     check: Callable[[Medians], bool | None]  # None: not measured
+    server: str = "trio-stream"  # whose figure the target is about
 
 
 TARGETS = (
@@ -300,7 +423,15 @@ TARGETS = (
     Target("streams", "delay_p99_ms", "< 50 ms", _absolute(50, strict=True)),
     Target("idle", "kib_per_stream", "≤ 10 KiB", _absolute(10, strict=False)),
     Target("short", "requests_per_s", "≥ sse-starlette", _vs("sse-starlette", 1, True)),
-)
+    Target("proxy", "ttft_p99_ms", "< 500 ms", _absolute(500, True, "ts-cluster-2"),
+           "ts-cluster-2"),
+    Target("proxy", "gap_p99_ms", "< 100 ms", _absolute(100, True, "ts-cluster-2"),
+           "ts-cluster-2"),
+    Target("proxy100", "server_us_per_token", "≤ 1.2x trio-stream (embedded)",
+           _vs("trio-stream", 1.2, False, "ts-cluster-1"), "ts-cluster-1"),
+    Target("proxy100", "server_us_per_token", "≤ 1.2x trio-stream (embedded)",
+           _vs("trio-stream", 1.2, False, "ts-cluster-2"), "ts-cluster-2"),
+)  # fmt: skip
 
 
 # --- the client ---------------------------------------------------------------------------
@@ -394,7 +525,15 @@ def warm_up(port: int) -> None:
         conn.close()
 
 
-def load_figures(report: dict[str, Any], cpu_s: float, sc: Scenario) -> tuple[Figures, list[str]]:
+def warm_up_all(port: int, connections: int) -> None:
+    """:func:`warm_up` on ``connections`` connections at once: every worker gets one."""
+    with concurrent.futures.ThreadPoolExecutor(connections) as pool:
+        list(pool.map(lambda _: warm_up(port), range(connections)))
+
+
+def load_figures(
+    report: dict[str, Any], cpu_s: float, sc: Scenario, helpers_s: dict[str, float]
+) -> tuple[Figures, list[str]]:
     wall = float(report["wall_s"])
     req, integrity = report["requests"], report.get("integrity", {})
     tokens, events = float(report["tokens"]), float(report["events"])
@@ -411,7 +550,13 @@ def load_figures(report: dict[str, Any], cpu_s: float, sc: Scenario) -> tuple[Fi
         "ttft_p99_ms": float(report["ttft_ms"]["p99"]),
         "client_cpu_percent": float(report["client"]["cpu_percent"]),
     }
-    busy = cpu_s + float(report["client"]["cpu_s"])
+    if "upstream" in helpers_s:
+        figures["upstream_cpu_percent"] = 100 * helpers_s["upstream"] / wall
+    if "redis" in helpers_s and tokens:
+        figures["redis_us_per_token"] = helpers_s["redis"] / tokens * 1e6
+    if sc.upstream and tokens:
+        figures["server_redis_us_per_token"] = (cpu_s + helpers_s.get("redis", 0)) / tokens * 1e6
+    busy = cpu_s + float(report["client"]["cpu_s"]) + sum(helpers_s.values())
     figures["busy_percent"] = 100 * busy / wall / (os.cpu_count() or 1)
     if sc.delay_ms:
         figures["delay_p99_ms"] = figures["gap_p99_ms"] - sc.delay_ms
@@ -501,16 +646,22 @@ class CpuSnapshot:
     machine: float
     children: float  # reaped children: the client once it has exited
     own: float
+    helpers: dict[str, float] = field(default_factory=dict)  # fake upstream, Redis
 
     @classmethod
-    def take(cls, proc: ServerProcess) -> CpuSnapshot:
+    def take(cls, proc: ServerProcess, helpers: dict[str, ServerProcess]) -> CpuSnapshot:
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
         return cls(time.monotonic(), proc.cpu_seconds(), machine_busy_seconds(),
-                   kids.ru_utime + kids.ru_stime, time.process_time())  # fmt: skip
+                   kids.ru_utime + kids.ru_stime, time.process_time(),
+                   {k: h.cpu_seconds() for k, h in helpers.items()})  # fmt: skip
+
+    def helpers_since(self, earlier: CpuSnapshot) -> dict[str, float]:
+        return {k: v - earlier.helpers[k] for k, v in self.helpers.items()}
 
     def other_percent(self, later: CpuSnapshot) -> float:
         """Machine CPU used by processes other than server, client and bench, in %."""
         ours = (later.server - self.server) + (later.children - self.children)
+        ours += sum(later.helpers_since(self).values())
         foreign = later.machine - self.machine - ours - (later.own - self.own)
         return max(0.0, 100 * foreign / ((later.at - self.at) * (os.cpu_count() or 1)))
 
@@ -527,31 +678,50 @@ def wait_quiet(limit: float, busy_percent: float = NOISY_PERCENT) -> None:
 
 
 def measure(server: Server, sc: Scenario, client: LoadClient, work: Path, tag: str) -> Result:
-    """Start ``server`` for ``sc``, measure it once, stop it (always)."""
-    port = free_port()
-    proc = ServerProcess(
-        server.command(Run(port, sc.delay_ms, sc.coalesce, sc.idle, work)),
-        port, work / f"{tag}.server.log",
-    )  # fmt: skip
+    """Start ``server`` (and its fake upstream and Redis) for ``sc``, measure it once,
+    stop them all (always)."""
     result = Result(server.name, sc.key)
+    helpers: dict[str, ServerProcess] = {}
+    proc: ServerProcess | None = None
     try:
+        run = Run(free_port(), sc.delay_ms, sc.coalesce, sc.idle, work)
+        if sc.upstream:
+            up = free_port()
+            helpers["upstream"] = ServerProcess(
+                _fake_upstream_cmd(up, sc.delay_ms), up, work / f"{tag}.upstream.log"
+            )
+            run = dataclasses.replace(run, upstream_url=f"http://127.0.0.1:{up}/v1")
+        if server.redis:
+            rport = free_port()
+            helpers["redis"] = ServerProcess(
+                _redis_cmd(rport, work), rport, work / f"{tag}.redis.log"
+            )
+            run = dataclasses.replace(run, redis_url=f"redis://127.0.0.1:{rport}/0")
+        for helper in helpers.values():
+            helper.wait_ready()
+        proc = ServerProcess(server.command(run), run.port, work / f"{tag}.server.log")
         proc.wait_ready()
         if sc.idle:
             result.figures = run_trio(_idle_figures, proc, sc)
             return result
-        warm_up(port)
-        before = CpuSnapshot.take(proc)
+        warm_up_all(run.port, 4)
+        before = CpuSnapshot.take(proc, helpers)
         report = client.run(
-            f"http://127.0.0.1:{port}", sc, work / f"{tag}.json", work / f"{tag}.client.log",
-            timeout=300,
+            f"http://127.0.0.1:{run.port}", sc, work / f"{tag}.json",
+            work / f"{tag}.client.log", timeout=300,
         )  # fmt: skip
-        after = CpuSnapshot.take(proc)
-        result.figures, result.notes = load_figures(report, after.server - before.server, sc)
+        after = CpuSnapshot.take(proc, helpers)
+        result.figures, result.notes = load_figures(
+            report, after.server - before.server, sc, after.helpers_since(before)
+        )
         result.figures["other_cpu_percent"] = before.other_percent(after)
     except (ClientFailed, RuntimeError, OSError, trio.TooSlowError, KeyError, ValueError) as exc:
         result.notes.append(f"failed: {exc}")
     finally:
-        proc.stop()
+        if proc is not None:
+            proc.stop()
+        for helper in reversed(helpers.values()):
+            helper.stop()
     return result
 
 
@@ -559,6 +729,8 @@ def measure(server: Server, sc: Scenario, client: LoadClient, work: Path, tag: s
 
 
 def rotated(servers: Sequence[Server], k: int) -> list[Server]:
+    if not servers:
+        return []
     k %= len(servers)
     return [*servers[k:], *servers[:k]]
 
@@ -585,7 +757,7 @@ def run_rounds(
     """Append one :class:`Result` per (round, scenario, server) to ``results``."""
     for r in range(rounds):
         for sc in scs:
-            for server in rotated(servers, r):
+            for server in rotated([s for s in servers if s.serves(sc)], r):
                 tag = f"r{r + 1}-{sc.key}-{server.name}"
                 result = measure_once_quiet(server, sc, client, work, tag, quiet_wait)
                 results.append(result)
@@ -704,6 +876,8 @@ def ratio_rows(summary: Summary, scs: Sequence[Scenario], servers: Sequence[Serv
             ours = summary.median(sc.key, "trio-stream", metric)
             better = "higher is better" if METRICS[metric][1] else "lower is better"
             for peer in servers:
+                if not peer.serves(sc):
+                    continue
                 theirs = summary.median(sc.key, peer.name, metric)
                 if peer.name == "trio-stream" or ours is None or not theirs:
                     continue
@@ -720,9 +894,16 @@ def target_rows(summary: Summary, servers: Sequence[Server]) -> list[tuple[str, 
         m = summary.medians(t.scenario, t.metric, servers)
         met = t.check(m)
         verdict = "not measured" if met is None else ("met" if met else "**missed**")
+        who = "" if t.server == "trio-stream" else f"{t.server}: "
         rows.append((t.scenario, label(t.metric), t.text,
-                     f"{fmt(m.get('trio-stream'), t.metric)} — {verdict}"))  # fmt: skip
+                     f"{who}{fmt(m.get(t.server), t.metric)} — {verdict}"))  # fmt: skip
     return rows
+
+
+def shell(cmd: Sequence[str]) -> str:
+    """A command as the reader would type it, paths relative to the repository."""
+    return " ".join(shlex.quote(os.path.relpath(a, ROOT) if a.startswith(str(ROOT)) else a)
+                    for a in cmd)  # fmt: skip
 
 
 def write_markdown(
@@ -739,12 +920,20 @@ def write_markdown(
     out += [f"- **{k}**: {v}" for k, v in machine_facts()]
     out += ["", "## Servers", "", "| name | what | command |", "|---|---|---|"]
     sample = Run(8000, 0, True, False, Path("<tmp>"))
+    proxied = dataclasses.replace(sample, delay_ms=50, upstream_url="http://127.0.0.1:9000/v1",
+                                  redis_url="redis://127.0.0.1:6379/0")  # fmt: skip
     for s in servers:
-        cmd = " ".join(shlex.quote(os.path.relpath(a, ROOT) if a.startswith(str(ROOT)) else a)
-                       for a in s.command(sample))  # fmt: skip
-        out.append(f"| {s.name} | {s.label} | `{cmd}` |")
+        cmds = ([shell(s.command(sample))] if s.mock else []) + (
+            [shell(s.command(proxied))] if s.proxy else [])  # fmt: skip
+        out.append(f"| {s.name} | {s.label} | " + "<br>".join(f"`{c}`" for c in cmds) + " |")
+    if any(s.proxy for s in servers):
+        out.append(f"| (upstream) | the proxy scenarios' fake OpenAI server, one per measurement "
+                   f"| `{shell(_fake_upstream_cmd(9000, 50))}` |")  # fmt: skip
+    if any(s.redis for s in servers):
+        out.append(f"| (Redis) | one per cluster measurement | "
+                   f"`{shell(_redis_cmd(6379, Path('<tmp>')))}` |")  # fmt: skip
     out += ["", "## Method", "", *METHOD, "", "## Targets", "",
-            "| scenario | figure | target | trio-stream (median) |",
+            "| scenario | figure | target | measured (median) |",
             "|---|---|---|---|"]  # fmt: skip
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in target_rows(summary, servers)]
     out += ["", "## Ratios (trio-stream ÷ peer, medians)", ""]
@@ -783,8 +972,19 @@ METHOD = [
     "(`VmRSS`), open N more, wait for every response's headers and 1 s more, read RSS again: "
     "(after - before) / N. trio-stream sends headers with its first event or ping, so it runs "
     "with `--ping-interval 1` here.",
-    "- uvicorn runs as installed here: without uvloop and httptools (asyncio and h11). "
-    "*other load %* is the machine's CPU used by processes outside this bench during a run.",
+    "- sse-starlette's uvicorn runs on asyncio and h11 (pinned in the peer script); the relay "
+    "peer's on uvloop and httptools. *other load %* is the machine's CPU used by processes "
+    "outside this bench during a run (the fake upstream and Redis count as the bench's).",
+    "- *Proxy* scenarios: the server relays `tools/fake_openai.py`, a fake OpenAI server in its "
+    "own process (asyncio protocol on uvloop, one write per token from a loop timer, "
+    "the mock's bytes), which streams each reply at 20 tokens/s (50 ms per token, on an "
+    "absolute schedule from the request). The client starts all streams at once (concurrency "
+    "= streams) and starts a new one as each ends; TTFT is from the client's send to the first "
+    "token, so it includes the connection burst. Server CPU is the whole process tree's "
+    "(`--workers 2`: supervisor and workers); each cluster measurement gets a fresh "
+    "`redis-server`, whose CPU is given on its own (*Redis CPU µs/token*) and added in "
+    "*server+Redis*. *fake upstream CPU %* is of one core: it shows the upstream is not the "
+    "limit. *ts-cluster-1/2*, *relay* serve only the proxy scenarios.",
 ]
 
 
@@ -797,6 +997,8 @@ def scenario_table(summary: Summary, sc: Scenario, servers: Sequence[Server]) ->
            "", "| server | " + " | ".join(label(m) for m in metrics) + " | notes |",
            "|---|" + "---:|" * len(metrics) + "---|"]  # fmt: skip
     for s in servers:
+        if not s.serves(sc):
+            continue
         cells = []
         for m in metrics:
             med, spread = summary.median(sc.key, s.name, m), summary.spread(sc.key, s.name, m)
@@ -809,7 +1011,8 @@ def scenario_table(summary: Summary, sc: Scenario, servers: Sequence[Server]) ->
     saturated = [
         s.name
         for s in servers
-        if (summary.median(sc.key, s.name, "busy_percent") or 0) >= SATURATED_PERCENT
+        if s.serves(sc)
+        and (summary.median(sc.key, s.name, "busy_percent") or 0) >= SATURATED_PERCENT
     ]
     if saturated:
         out += [
@@ -830,13 +1033,16 @@ def plot(path: Path, summary: Summary, scs: Sequence[Scenario], servers: Sequenc
 
     panels = [(sc, sc.metric) for sc in scs]
     panels += [(sc, "delay_p99_ms") for sc in scs if sc.key == "streams"]
+    panels += [(sc, "gap_p99_ms") for sc in scs if sc.key == "proxy"]
     cols = 3
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
-    colors = ["#d62728", "#1f77b4", "#2ca02c", "#7f7f7f"]
+    colors = ["#d62728", "#1f77b4", "#2ca02c", "#7f7f7f", "#ff7f0e", "#9467bd", "#8c564b"]
     for ax, (sc, metric) in zip(axes.flat, panels, strict=False):
         names, meds, lo, hi = [], [], [], []
         for s in servers:
+            if not s.serves(sc):
+                continue
             med, spread = (
                 summary.median(sc.key, s.name, metric),
                 summary.spread(sc.key, s.name, metric),
@@ -876,7 +1082,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--servers", help="comma-separated subset of: "
                         + ", ".join(s.name for s in SERVERS))  # fmt: skip
     parser.add_argument(
-        "--scenarios", help="comma-separated subset of: tokens, events, streams, idle, short"
+        "--scenarios",
+        help="comma-separated subset of: tokens, events, streams, idle, short, proxy, proxy100",
     )
     parser.add_argument(
         "--quiet-wait", type=float, default=0, metavar="S",
@@ -963,6 +1170,8 @@ def print_summary(summary: Summary, scs: Sequence[Scenario], servers: Sequence[S
     for sc in scs:
         print(f"\n{sc.title}")
         for s in servers:
+            if not s.serves(sc):
+                continue
             line = ", ".join(f"{label(m)} {fmt(summary.median(sc.key, s.name, m), m)}"
                              for m in (sc.metric, *sc.extra))  # fmt: skip
             print(f"  {s.name:14} {line}")
