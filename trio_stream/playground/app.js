@@ -288,6 +288,11 @@ class Pane {
     this.render();
     if (saved.active && saved.detached && saved.runId) {
       this.resume(this.run);
+    } else if (saved.active && saved.detached) {
+      // Reloaded before the first event: the run goes on, but its id never
+      // reached the page, so it cannot be followed. Do not leave it running.
+      post(`/v1/sessions/${encodeURIComponent(this.session)}/interrupt`).catch(() => null);
+      this.finish("stopped", "reloaded before the first event: the run was interrupted");
     } else if (saved.active) {
       this.finish("stopped", "the reload ended this attached run (tick Detach to survive reloads)");
     } else {
