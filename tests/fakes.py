@@ -48,6 +48,16 @@ class Connection:
     requests: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass
+class Exchange:
+    """One upstream request, from its arrival to the end of its response
+    (finished, or cut by the client): while it lasts the request is *held*."""
+
+    request: dict[str, Any]
+    started: float
+    ended: float | None = None
+
+
 def openai_chunk(content: str | None = None, finish: str | None = None, **delta: Any) -> bytes:
     d: dict[str, Any] = dict(delta)
     if content is not None:
@@ -106,6 +116,7 @@ class FakeUpstream:
         self.fmt = fmt
         self.plan = plan or mock_plan(fmt)
         self.connections: list[Connection] = []
+        self.exchanges: list[Exchange] = []
         self.port = 0
         self._changed = trio.Event()
 
@@ -179,9 +190,14 @@ class FakeUpstream:
             request = orjson.loads(body) if body else {}
             conn.requests.append(request)
             conn.busy = True
+            exchange = Exchange(request, trio.current_time())
+            self.exchanges.append(exchange)
             self._notify()
-            if not await self._respond(stream, h, request):
-                return
+            try:
+                if not await self._respond(stream, h, request):
+                    return
+            finally:
+                exchange.ended = trio.current_time()
             conn.busy = False
             self._notify()
             if h.our_state is h11.MUST_CLOSE:

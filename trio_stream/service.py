@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 import trio
+from prometheus_client import Gauge
 
 from .config import Settings
 from .errors import shutting_down, too_many_streams, unauthorized
@@ -76,6 +77,11 @@ class Service:
         self.upstream = upstream
         self.auth = Auth(settings.api_keys)
         self.runs = RunManager(settings, upstream, store, metrics, logger, shared)
+        # Which process answered a scrape: with --workers, one port, N nodes.
+        Gauge(
+            "trio_stream_node_info", "This process's node id (cluster mode; 'local' embedded).",
+            ["node"], registry=metrics.registry,
+        ).labels(self.runs.shared.node).set(1)  # fmt: skip
         self.pinger = Pinger(settings.ping_interval)
         self.shutting_down = False
         self.streams = 0
