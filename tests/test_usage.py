@@ -168,3 +168,37 @@ def test_counting_rules() -> None:
         "output_tokens": 50, "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": 150,
     }  # fmt: skip
+
+
+async def test_an_existing_sqlite_file_gains_the_usage_column(tmp_path: Any) -> None:
+    """A database file written before usage was kept is migrated on open
+    (``ALTER TABLE ... ADD COLUMN usage``): its rows read back with usage
+    ``None``, and new saves keep theirs."""
+    import sqlite3
+
+    from trio_stream.store import Message, SQLiteStore
+
+    path = str(tmp_path / "old.db")
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE messages (run_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, session_id TEXT,"
+        " content TEXT NOT NULL, tool_calls TEXT, status TEXT NOT NULL, reason TEXT,"
+        " events INTEGER NOT NULL, detached INTEGER NOT NULL, created REAL NOT NULL)"
+    )
+    old.execute("INSERT INTO messages VALUES ('run_old', 't', NULL, 'x', NULL, 'complete',"
+                " 'stop', 1, 0, 1.0)")  # fmt: skip
+    old.commit()
+    old.close()
+    store = SQLiteStore(path, threaded=False)
+    try:
+        before = await store.get("t", "run_old")
+        usage = Usage(1, 2, 3, "counted").record()
+        await store.save(Message("run_new", "t", None, "y", None, "complete", "stop", 2, False,
+                                 2.0, usage))  # fmt: skip
+        after = await store.get("t", "run_new")
+    finally:
+        store.close()
+    assert before is not None
+    assert (before.content, before.usage) == ("x", None)
+    assert after is not None
+    assert after.usage == usage
