@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -127,9 +128,15 @@ def _routes(app: TrioStreamApp) -> None:
 
     async def saved_run(owner: str, run_id: str) -> dict[str, Any]:
         """A run no longer in memory, as its saved row shows it (404 if none)."""
-        saved = await service.store.get(owner, run_id)
+        saved = await saved_public(owner, run_id)
         if saved is None:
             raise not_found(f"No run {run_id!r}.")
+        return saved
+
+    async def saved_public(owner: str, run_id: str) -> dict[str, Any] | None:
+        saved = await service.store.get(owner, run_id)
+        if saved is None:
+            return None
         return {
             "id": saved.run_id,
             "session_id": saved.session_id,
@@ -166,12 +173,24 @@ def _routes(app: TrioStreamApp) -> None:
         if record is None:
             return await saved_run(owner, run_id)
         if await service.runs.cancel_id(run_id, "stopped"):
-            # Answer the final object: wait (bounded) for the owner's cleanup.
-            await service.runs.shared.wait_finished([run_id], service.settings.supersede_timeout)
+            # Answer the final object: wait (bounded) for the owner's cleanup;
+            # for a detached run, for its log's end (shipped after it).
+            timeout = service.settings.supersede_timeout
+            if record.detached:
+                mirror = service.runs.mirror(record)
+                with trio.move_on_after(timeout):
+                    await service.runs.feed(mirror, 0)
+                end = mirror.log.outcome  # None: not in time; or Redis went away
+                if end is not None and end.reason != "shared_state_unavailable":
+                    return mirror.public()
+            else:
+                await service.runs.shared.wait_finished([run_id], timeout)
             record = await service.runs.remote(owner, run_id) or record
-        if record.detached:
-            return await service.runs.remote_public(record)
-        return await saved_run(owner, run_id)
+        if not record.detached and (saved := await saved_public(owner, run_id)) is not None:
+            return saved  # an attached run's text is only in its row
+        # A detached run's log; or an attached run with nothing saved (it
+        # produced nothing, or its owner has not finished): its record.
+        return await service.runs.remote_public(record)
 
     async def known_session(owner: str, session_id: str) -> list[Message]:
         """A session is known while it has a live run or saved messages (404 otherwise)."""

@@ -40,19 +40,25 @@ Failure modes, and the rule that makes each safe:
 * **Redis is unreachable.**  Each call fails fast (connect and read timeouts
   below one second) with :class:`SharedUnavailable`: new streams get 503, runs
   in flight go on from their upstream and are saved (their shared-state steps
-  are logged ``redis_unavailable`` and skipped), ``healthy`` turns False.  When
-  Redis answers again, the node re-registers its live runs and re-ships the
-  logs of its detached runs (``XADD`` of an id already present is refused, so
-  re-shipping is idempotent).
+  are logged ``redis_unavailable`` and kept for later), ``healthy`` turns
+  False.  When Redis answers again -- restarted empty, or with its data --
+  the node puts its live runs back (records, sessions), does the cleanup
+  steps of ended runs it missed (releases, ends), and only then reports
+  healthy.  Each detached log goes on from wherever Redis has it (from its
+  first entry after a restart): entries are only ever appended right after
+  the log's last one, so a log never has a gap.
 * **A retried write already landed.**  Every write is idempotent: hash sets,
-  ``SET NX`` of a cancel, ``XADD`` with explicit ids, compare-and-delete.
+  ``SET NX`` of a cancel, compare-and-delete, and log appends that check the
+  log's last entry first.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import secrets
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -108,6 +114,50 @@ end
 return 0
 """
 
+# After an outage, put a live run back into its session (a restarted Redis
+# lost it): its entry, and -- unless the run has ended (ARGV[2] = '0') or
+# another run has claimed the session since -- the session's current run, with
+# an epoch no lower than the run's own claim.
+_RESTORE = """
+redis.call('HSETNX', KEYS[1], 'r:' .. ARGV[1], '0')
+if ARGV[2] == '1' and redis.call('HSETNX', KEYS[1], 'cur', ARGV[1]) == 1 then
+  if tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0') < tonumber(ARGV[3]) then
+    redis.call('HSET', KEYS[1], 'epoch', ARGV[3])
+  end
+end
+return 0
+"""
+
+# KEYS: a run's log; ARGV: the seq of the first entry, ttl, the end ('' if none), entries.
+# The log is its own shipping cursor: the entries (then the end) are appended
+# only right after the log's last entry; otherwise nothing is written and the
+# log's last seq is returned, for the shipper to go on from there.  So a log
+# lost with a restarted Redis is shipped again from its first entry, in order
+# (an XADD below the log's top is refused: a later entry must never land
+# first), and a batch that landed although its call failed is not sent twice.
+# Returns -1 once the log has its end (appended now or before), else its last seq.
+_APPEND = """
+local last = 0
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #top > 0 then
+  local seq, part = string.match(top[1][1], '^(%d+)-(%d+)$')
+  if part ~= '0' then return -1 end
+  last = tonumber(seq)
+end
+local first = tonumber(ARGV[1])
+if last ~= first - 1 then return last end
+for i = 4, #ARGV do
+  last = first + i - 4
+  redis.call('XADD', KEYS[1], last .. '-0', 'e', ARGV[i])
+end
+if ARGV[3] ~= '' then
+  redis.call('XADD', KEYS[1], last .. '-1', 'end', ARGV[3])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return -1
+end
+return last
+"""
+
 # KEYS: run hash, cancel flag; ARGV: reason, ttl, prefix, run id
 _CANCEL = """
 local node = redis.call('HGET', KEYS[1], 'node')
@@ -144,14 +194,21 @@ class RedisState(SharedState):
         self.client: coredis.Redis[str] = coredis.Redis.from_url(
             url, decode_responses=True, connect_timeout=CALL_TIMEOUT,
             stream_timeout=CALL_TIMEOUT, max_connections=64,
+            # A burst opens connections; idle ones close again, so an idle
+            # node holds what its heartbeat uses (every lease / 3) and no more.
+            max_idle_time=max(1, math.ceil(lease)),
         )  # fmt: skip
         self._claim = self.client.register_script(_CLAIM)
         self._release = self.client.register_script(_RELEASE)
         self._fence = self.client.register_script(_FENCE)
         self._cancel = self.client.register_script(_CANCEL)
+        self._append = self.client.register_script(_APPEND)
+        self._restore = self.client.register_script(_RESTORE)
         self._healthy = True
         self._finished: dict[str, trio.Event] = {}
         self._reship = trio.Event()
+        self._resyncs = 0  # how many times Redis came back (its logs may be gone)
+        self._missed: dict[str, Callable[[], Awaitable[Any]]] = {}  # see _cleanup_step
 
     # -- keys -------------------------------------------------------------
     def _s(self, key: SessionKey) -> str:
@@ -204,11 +261,11 @@ class RedisState(SharedState):
             was = self._healthy
             try:
                 await self._call(self._beat(n))
+                if not was:  # healthy again only once caught up, or tried again
+                    await self._resync()
                 self._healthy = True
             except SharedUnavailable:
                 self._healthy = False
-            if self._healthy and not was:
-                await self._resync()
             await trio.sleep(self.lease / 3 if self._healthy else 0.2)
 
     async def _beat(self, n: str) -> None:
@@ -218,17 +275,25 @@ class RedisState(SharedState):
 
     async def _resync(self) -> None:
         """After an outage: put this node's live runs back (a restarted Redis
-        may have lost them) and re-ship detached logs."""
+        may have lost them): their records, their sessions (``_RESTORE``), and
+        their detached logs (each shipper checks its log); then do the cleanup
+        steps of ended runs that Redis missed (:meth:`_cleanup_step`).  Raises
+        :class:`SharedUnavailable` if Redis goes away again meanwhile."""
         for run in list(self.owner_runs()):
-            try:
-                await self.register(run)
-                if run.session_key is not None:
-                    key = self._s(run.session_key)
-                    await self._call(self.client.hsetnx(key, f"r:{run.id}", "0"))
-            except SharedUnavailable:
-                return
+            await self.register(run)
+            if run.session_key is not None:
+                running = "1" if run.log.outcome is None else "0"
+                args = [run.id, running, str(run.epoch)]
+                await self._call(self._restore(keys=[self._s(run.session_key)], args=args))
+        for name, step in list(self._missed.items()):
+            await self._call(step())
+            if self._missed.get(name) is step:
+                del self._missed[name]
+        self._resyncs += 1
         self._reship.set()
         self._reship = trio.Event()
+        for run in self.owner_runs():
+            run.poke()  # an idle shipper checks its log now
 
     def owner_runs(self) -> list[Run]:
         runs: dict[str, Run] = getattr(self.owner, "runs", {})
@@ -289,7 +354,8 @@ class RedisState(SharedState):
         await self._call(self._fence(keys=[self._s(key)], args=[run_id]))
 
     async def release(self, key: SessionKey, run_id: str) -> bool:
-        raw: Any = await self._call(self._release(keys=[self._s(key)], args=[run_id]))
+        step = partial(self._release, keys=[self._s(key)], args=[run_id])
+        raw: Any = await self._cleanup_step(f"release:{run_id}", step)
         return bool(raw)
 
     async def current(self, key: SessionKey) -> str | None:
@@ -355,7 +421,21 @@ class RedisState(SharedState):
     async def finished(self, run: Run) -> None:
         outcome = run.log.outcome
         assert outcome is not None
-        await self._end_record(self.node, run.id, outcome)
+        await self._cleanup_step(
+            f"finished:{run.id}", partial(self._end_record, self.node, run.id, outcome)
+        )
+
+    async def _cleanup_step(self, name: str, step: Callable[[], Awaitable[T]]) -> T:
+        """A step of a run's cleanup (its release, its end).  One that Redis
+        missed -- it failed, or the caller's deadline cut it -- is kept and
+        done again by :meth:`_resync` once Redis answers: otherwise a Redis
+        that was only unreachable (not restarted) would keep the ended run as
+        its session's run, and its record ``running``, for ever.  Every step is
+        idempotent (compare-and-delete, hash sets)."""
+        self._missed[name] = step
+        result = await self._call(step())
+        del self._missed[name]
+        return result
 
     async def _end_record(self, node: str, run_id: str, outcome: Outcome) -> None:
         n = self.prefix
@@ -384,52 +464,49 @@ class RedisState(SharedState):
     async def ship(self, run: Run) -> None:
         """Copy ``run``'s log to ``ts:l:{run}`` in batches until its end is
         there.  The end is shipped after the run's cleanup, so a remote
-        follower's ``[DONE]`` still means saved.  Retries while Redis is down;
-        a restart makes it ship again from the first entry."""
-        shipped = 0
+        follower's ``[DONE]`` still means saved.  Retries while Redis is down.
+        Each batch goes right after the log's last entry in Redis (``_APPEND``),
+        so after an outage -- maybe a restart that lost the log -- shipping goes
+        on from wherever the log in Redis is, from its first entry if need be."""
+        shipped, resyncs = 0, self._resyncs
         while True:
             reship = self._reship
+            entries = run.log.read(shipped, 256)
+            ending = run.done.is_set() and shipped + len(entries) == run.log.last_seq
+            if not (entries or ending or resyncs != self._resyncs):
+                await run.wait_changed()
+                continue
+            resyncs = self._resyncs
+            outcome = run.log.outcome if ending else None
             try:
-                if run.log.last_seq > shipped:
-                    shipped = await self._ship_entries(run, shipped)
-                    continue
-                if run.done.is_set():
-                    await self._ship_end(run)
-                    return
+                last = await self._append_log(run.id, shipped, entries, outcome)
             except SharedUnavailable:
                 with trio.move_on_after(0.2):
                     await reship.wait()
-                shipped = 0 if reship.is_set() else shipped
+                resyncs = -1  # the log may be gone: ask Redis where it is
                 continue
-            await run.wait_changed()
+            if last < 0:
+                return  # the log has its end
+            shipped = last
 
-    async def _ship_entries(self, run: Run, shipped: int) -> int:
-        entries = run.log.read(shipped, 256)
-        key = self._l(run.id)
-
-        async def write() -> None:
-            async with self.client.pipeline(transaction=False, raise_on_error=False) as p:
-                for seq, entry in enumerate(entries, shipped + 1):
-                    p.xadd(key, {"e": _entry_json(entry)}, identifier=f"{seq}-0")
-
-        await self._call(write())
-        return shipped + len(entries)
-
-    async def _ship_end(self, run: Run) -> None:
-        outcome = run.log.outcome
-        assert outcome is not None
-        await self.write_end(run.id, run.log.last_seq, outcome)
+    async def _append_log(
+        self, run_id: str, shipped: int, entries: Sequence[Entry], outcome: Outcome | None
+    ) -> int:
+        """Append ``entries`` (seqs from ``shipped + 1``), then the end if
+        ``outcome``, right after the log's last entry (``_APPEND``).  Returns
+        -1 once the log has its end, else its last seq."""
+        end = b""
+        if outcome is not None:
+            fields = {"status": outcome.status.value, "reason": outcome.reason,
+                      "message": outcome.message}  # fmt: skip
+            end = orjson.dumps(fields)
+        args: list[str | bytes] = [str(shipped + 1), str(self.ttl), end, *map(_entry_json, entries)]
+        raw: Any = await self._call(self._append(keys=[self._l(run_id)], args=args))
+        return int(raw)
 
     async def write_end(self, run_id: str, last_seq: int, outcome: Outcome) -> None:
-        end = {"status": outcome.status.value, "reason": outcome.reason, "message": outcome.message}
-        key = self._l(run_id)
-
-        async def write() -> None:
-            async with self.client.pipeline(transaction=False, raise_on_error=False) as p:
-                p.xadd(key, {"end": orjson.dumps(end)}, identifier=f"{last_seq}-1")
-                p.expire(key, self.ttl)
-
-        await self._call(write())
+        """End the log after its entry ``last_seq`` (a no-op if that is not its top)."""
+        await self._append_log(run_id, last_seq, (), outcome)
 
     async def read_log(self, run_id: str, cursor: int, *, wait: bool) -> LogPage:
         key = self._l(run_id)
