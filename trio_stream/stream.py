@@ -136,11 +136,31 @@ class Subscriber:
             raise ClientStalled
         self.pinger.touch(self)
 
-    async def _start(self, status: int = 200) -> None:
+    async def _start(self, status: int = 200, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         if not self.started:
             self.started = True
+            headers = (*SSE_HEADERS, *self.headers, *extra)
             with trio.move_on_after(self.stall_timeout):
-                await start(self._send, status, b"text/event-stream", (*SSE_HEADERS, *self.headers))
+                await start(self._send, status, b"text/event-stream", headers)
+
+    def _holds_whole(self) -> bool:
+        """Is the whole answer in before anything was sent?
+
+        Then nothing is sent until the run's cleanup (its save) is done, and
+        the answer goes out whole: headers with a ``Content-Length``, every
+        event and the terminal frame in one body -- two socket writes instead
+        of four (headers, events, terminal frame, chunked terminator).  The
+        client gets it when it would have got ``[DONE]`` anyway.  A due ping
+        ends the wait (the normal path then streams what there is).
+        """
+        log = self.run.log
+        return (
+            not self.started
+            and log.outcome is not None
+            and not log.fenced
+            and not self.ping_due
+            and log.last_seq - self.cursor <= BATCH
+        )
 
     async def write_sse(self, *, start_now: bool = False) -> None:
         """Stream the log as SSE until the run's terminal frame.
@@ -157,12 +177,19 @@ class Subscriber:
 
     async def _write_sse(self, start_now: bool) -> None:
         run, log = self.run, self.run.log
-        if start_now:
-            await self._start()
+        if start_now and not (run.settled and self._holds_whole()):
+            await self._start()  # a replay of a finished run goes out whole instead
         if head := self.preamble():
             await self._start()
             await self._send_body(head)
+        whole = False
         while True:
+            if self._holds_whole():
+                if run.settled:
+                    whole = True
+                    break
+                await run.wait_changed()  # the cleanup, a fence, or the pinger
+                continue
             entries = [] if log.fenced else await self._backlog()
             if entries:
                 await self._start()
@@ -187,8 +214,23 @@ class Subscriber:
             await send_error(self._send, run.error, self.headers)
             self.started = True
             return
+        if whole:
+            await self._send_whole(outcome)
+            return
         await self._start()
         await self._send_body(self.terminal(outcome), more=False)
+
+    async def _send_whole(self, outcome: Outcome) -> None:
+        """The whole answer as one body (see :meth:`_holds_whole`)."""
+        run = self.run
+        entries = run.log.read(self.cursor, BATCH)
+        events = self.render(entries, self.cursor + 1) if entries else b""
+        body = events + self.terminal(outcome)
+        self.cursor += len(entries)
+        if self.drives_backpressure:
+            run.advance(self.cursor)
+        await self._start(extra=((b"content-length", str(len(body)).encode()),))
+        await self._send_body(body, more=False)
 
     # -- rendering: the run's API (chat completions here; Responses API in
     # trio_stream.responses, which overrides these) ---------------------------
