@@ -1,9 +1,9 @@
-"""A whole answer goes out whole: headers, events and terminal frame in one body.
+"""A finished answer goes out whole: headers, events and terminal frame in one body.
 
-When nothing has been sent yet and the run has already ended -- a replay of
-a finished run, or an answer that arrived complete before its first write --
-the subscriber waits for the run's cleanup (its save: ``[DONE]`` still means
-saved), then answers with a ``Content-Length`` and one body.  The invariants:
+When nothing has been sent yet and the run has already finished -- cleaned
+up, so saved: a replay of a finished run -- the subscriber answers with a
+``Content-Length`` and one body.  Nothing is held back for it: a run still
+running or cleaning up streams as before.  The invariants:
 it carries what a live stream carries (text, last id, finish), it is not
 chunked, and it takes two socket writes (headers, body) instead of four.
 """

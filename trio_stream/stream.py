@@ -143,22 +143,21 @@ class Subscriber:
             with trio.move_on_after(self.stall_timeout):
                 await start(self._send, status, b"text/event-stream", headers)
 
-    def _holds_whole(self) -> bool:
-        """Is the whole answer in before anything was sent?
+    def _whole_ready(self) -> bool:
+        """Has the run finished -- cleaned up, so saved -- before anything was
+        sent to this client (a replay of a finished run)?
 
-        Then nothing is sent until the run's cleanup (its save) is done, and
-        the answer goes out whole: headers with a ``Content-Length``, every
-        event and the terminal frame in one body -- two socket writes instead
-        of four (headers, events, terminal frame, chunked terminator).  The
-        client gets it when it would have got ``[DONE]`` anyway.  A due ping
-        ends the wait (the normal path then streams what there is).
+        Then the answer goes out whole: headers with a ``Content-Length``,
+        every event and the terminal frame in one body -- two socket writes
+        instead of four (headers, events, terminal frame, chunked
+        terminator).  Nothing is ever held back for it: a run still running
+        or cleaning up streams as usual.
         """
         log = self.run.log
         return (
             not self.started
-            and log.outcome is not None
+            and self.run.done.is_set()
             and not log.fenced
-            and not self.ping_due
             and log.last_seq - self.cursor <= BATCH
         )
 
@@ -177,19 +176,16 @@ class Subscriber:
 
     async def _write_sse(self, start_now: bool) -> None:
         run, log = self.run, self.run.log
-        if start_now and not (run.settled and self._holds_whole()):
+        if start_now and not self._whole_ready():
             await self._start()  # a replay of a finished run goes out whole instead
         if head := self.preamble():
             await self._start()
             await self._send_body(head)
         whole = False
         while True:
-            if self._holds_whole():
-                if run.settled:
-                    whole = True
-                    break
-                await run.wait_changed()  # the cleanup, a fence, or the pinger
-                continue
+            if self._whole_ready():
+                whole = True
+                break
             entries = [] if log.fenced else await self._backlog()
             if entries:
                 await self._start()
@@ -221,7 +217,7 @@ class Subscriber:
         await self._send_body(self.terminal(outcome), more=False)
 
     async def _send_whole(self, outcome: Outcome) -> None:
-        """The whole answer as one body (see :meth:`_holds_whole`)."""
+        """The whole answer as one body (see :meth:`_whole_ready`)."""
         run = self.run
         entries = run.log.read(self.cursor, BATCH)
         events = self.render(entries, self.cursor + 1) if entries else b""
