@@ -11,6 +11,7 @@ from trio_stream.errors import UpstreamError
 from trio_stream.runlog import RunLog, ToolDelta
 from trio_stream.upstream import Finish, Item
 from trio_stream.upstream.wire import ollama_items, openai_items
+from trio_stream.usage import Usage
 
 
 def oa(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: Any) -> str:
@@ -238,14 +239,14 @@ def test_decoded_tool_calls_merge_in_the_run_log() -> None:
         oa({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
     ]:
         for item in openai_items(data):
-            assert not isinstance(item, Finish)
+            assert not isinstance(item, Finish | Usage)
             log.append(item)
     assert log.tool_calls == [
         {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}
     ]
     log = RunLog()
     (item,) = ollama_items(ol({"tool_calls": [{"function": {"name": "g", "arguments": {}}}]}))
-    assert not isinstance(item, Finish)
+    assert not isinstance(item, Finish | Usage)
     log.append(item)
     assert log.tool_calls == [
         {"id": "call_0", "type": "function", "function": {"name": "g", "arguments": "{}"}}

@@ -354,6 +354,8 @@ class RunManager:
             # entry, nor save over this run.
             with contextlib.suppress(SharedUnavailable):
                 await self.shared.fence(key, prev)
+            if (local := self.runs.get(prev)) is not None:
+                local.fence()  # on this node it stops emitting now, whatever the backend
             self.logger.event("prev_stream_timeout_on_cancel", session=run.session_id, trace=prev)
 
     async def _pump(self, run: Run) -> None:

@@ -54,6 +54,7 @@ Failure modes, and the rule that makes each safe:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import secrets
@@ -206,6 +207,7 @@ class RedisState(SharedState):
         self._restore = self.client.register_script(_RESTORE)
         self._healthy = True
         self._finished: dict[str, trio.Event] = {}
+        self._waiters: collections.Counter[str] = collections.Counter()
         self._reship = trio.Event()
         self._resyncs = 0  # how many times Redis came back (its logs may be gone)
         self._missed: dict[str, Callable[[], Awaitable[Any]]] = {}  # see _cleanup_step
@@ -373,32 +375,38 @@ class RedisState(SharedState):
         await self._call(self._cancel(keys=[self._r(run_id), self._c(run_id)], args=args))
 
     async def wait_finished(self, run_ids: Sequence[str], grace: float) -> tuple[str, ...]:
+        """G5.  Several requests may wait on one run at once (successors in
+        quick succession): they share its event, which lives while any waits."""
         waiting = {r: self._finished.setdefault(r, trio.Event()) for r in run_ids}
+        self._waiters.update(run_ids)
         try:
             with trio.move_on_after(grace):
                 while pending := [r for r, e in waiting.items() if not e.is_set()]:
-                    await self._check_finished(pending)
+                    await self._check_finished(pending, waiting)
                     if any(not waiting[r].is_set() for r in pending):
                         with trio.move_on_after(FINISH_POLL):
                             await waiting[pending[0]].wait()
             return tuple(r for r, e in waiting.items() if not e.is_set())
         finally:
+            self._waiters.subtract(run_ids)
             for r in run_ids:
-                self._finished.pop(r, None)
+                if self._waiters[r] <= 0:
+                    del self._waiters[r]
+                    self._finished.pop(r, None)
 
-    async def _check_finished(self, run_ids: list[str]) -> None:
+    async def _check_finished(self, run_ids: list[str], events: dict[str, trio.Event]) -> None:
         local = [self.owner.local_run(r) for r in run_ids]
         remote = [r for r, run in zip(run_ids, local, strict=True) if run is None]
         for run in local:
             if run is not None and run.done.is_set():
-                self._finished[run.id].set()
+                events[run.id].set()
         if not remote:
             return
         try:
             for run_id in remote:
                 status = await self._call(self.client.hget(self._r(run_id), "status"))
                 if status != "running":
-                    self._finished[run_id].set()
+                    events[run_id].set()
         except SharedUnavailable:
             pass  # keep waiting: the deadline still bounds it
 

@@ -1,0 +1,203 @@
+"""``--workers 2`` + Redis under load: one run per session, nothing lost.
+
+Two worker processes share one port and one Redis; the upstream is a real
+HTTP fake (tests/fakes.py) answering with the mock's deterministic text, so
+every token can be checked and every upstream request timed.  Two kinds of
+traffic run at once:
+
+* ``trio-stream load --scenario mixed`` (steady, disconnect, supersede, stop,
+  resume, slow readers): its own accounting must find no lost, duplicated or
+  reordered token;
+* sessions whose requests each supersede the previous one while it streams,
+  landing on whichever worker the kernel picks.
+
+The invariant of the session rule, checked from the fake upstream's own
+record: no two requests of one session ever hold the upstream at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import trio
+
+from tests.conftest import serve_process
+from tests.fakes import Exchange, FakeUpstream, mock_plan
+from tests.redis_server import RedisServer
+from trio_stream import mocktext
+
+SESSIONS = 8
+REQUESTS_PER_SESSION = 5
+MAX_TOKENS = 40
+PROMPT = re.compile(r"cluster session (\d+) request (\d+)")
+
+
+def messages(session: int, k: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"cluster session {session} request {k}"}]
+
+
+async def worker_tasks(port: int, workers: int) -> dict[str, float]:
+    """tasks_living of every worker, by its node id: scrape on fresh
+    connections until each worker has answered at least once."""
+    seen: dict[str, float] = {}
+    while len(seen) < workers:
+        async with httpx.AsyncClient() as client:  # a new connection: any worker
+            text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+        node = re.search(r'^trio_stream_node_info\{node="([^"]+)"\} 1\.0$', text, re.M)
+        tasks = re.search(r"^trio_stream_tasks_living (\S+)$", text, re.M)
+        assert node is not None, text
+        assert tasks is not None, text
+        seen[node[1]] = float(tasks[1])
+    return seen
+
+
+async def session_traffic(port: int, session: int, results: list[dict[str, Any]]) -> None:
+    """Send the session's requests one after another, each as soon as the
+    previous one has streamed its first token (so it supersedes it)."""
+    async with httpx.AsyncClient(timeout=30) as client, trio.open_nursery() as nursery:
+        for k in range(REQUESTS_PER_SESSION):
+            first = trio.Event()
+            nursery.start_soon(one_request, client, port, session, k, first, results)
+            await first.wait()
+
+
+async def one_request(
+    client: httpx.AsyncClient, port: int, session: int, k: int, first: trio.Event,
+    results: list[dict[str, Any]],
+) -> None:  # fmt: skip
+    body = {"model": "m", "messages": messages(session, k), "stream": True,
+            "max_tokens": MAX_TOKENS}  # fmt: skip
+    text, end = "", None
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    headers = {"x-session-id": f"cluster-{session}"}
+    try:
+        async with client.stream("POST", url, json=body, headers=headers) as response:
+            assert response.status_code == 200, await response.aread()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    end = "done"
+                    continue
+                event = orjson.loads(line[6:])
+                if "error" in event:
+                    end = event["error"]["code"]
+                    continue
+                text += event["choices"][0]["delta"].get("content") or ""
+                if text:
+                    first.set()
+    finally:
+        first.set()
+    results.append({"session": session, "k": k, "text": text, "end": end})
+
+
+def held_by_session(exchanges: list[Exchange]) -> dict[int, list[Exchange]]:
+    by_session: dict[int, list[Exchange]] = defaultdict(list)
+    for exchange in exchanges:
+        content = exchange.request.get("messages", [{}])[-1].get("content", "")
+        if m := PROMPT.fullmatch(content):
+            by_session[int(m[1])].append(exchange)
+    return by_session
+
+
+async def run_load(port: int, report: Path) -> int:
+    args = [sys.executable, "-m", "trio_stream", "load", "--url", f"http://127.0.0.1:{port}",
+            "--scenario", "mixed", "-c", "12", "-n", "120", "--max-tokens", "32",
+            "--seed", "7", "--json", str(report), "-q"]  # fmt: skip
+    result = await trio.run_process(args, stdout=subprocess.DEVNULL, check=False)
+    return result.returncode
+
+
+async def test_two_workers_keep_one_run_per_session_and_lose_nothing(
+    own_redis: RedisServer, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Under mixed load on two workers: the load generator counts 0 lost,
+    duplicated or reordered tokens; every session request either completes
+    with the exact text or is superseded after a prefix of it; no two
+    requests of one session ever hold the upstream at once; and afterwards
+    every worker's tasks_living is back at its exact baseline."""
+    fake = FakeUpstream("openai", plan=mock_plan("openai", delay=0.01))
+    await nursery.start(fake.serve)
+    args = ["--workers", "2", "--redis", own_redis.url, "--upstream", "openai",
+            "--upstream-url", fake.url, "--port", "0", "--db", str(tmp_path / "c.db"),
+            "--mock-delay-ms", "0", "--graceful-timeout", "2", "--node-lease", "2"]  # fmt: skip
+    with trio.fail_after(120):
+        async with serve_process(*args) as server:
+            baseline = await _settled_baseline(server.port)
+            results: list[dict[str, Any]] = []
+            report = tmp_path / "load.json"
+            async with trio.open_nursery() as traffic:
+                load_exit: list[int] = []
+
+                async def load() -> None:
+                    load_exit.append(await run_load(server.port, report))
+
+                traffic.start_soon(load)
+                for session in range(SESSIONS):
+                    traffic.start_soon(session_traffic, server.port, session, results)
+            assert load_exit == [0], report.read_text() if report.exists() else "no report"
+            integrity = orjson.loads(report.read_bytes())
+            assert _damage(integrity) == 0, integrity
+            _check_session_results(results)
+            _check_no_overlap(fake.exchanges)
+            while await worker_tasks(server.port, 2) != baseline:  # noqa: ASYNC110
+                await trio.sleep(0.1)  # another process: nothing to wait on but its scrape
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.wait_exit() == 0
+
+
+async def _settled_baseline(port: int) -> dict[str, float]:
+    """Both workers' idle task counts, once two scrapes in a row agree."""
+    last = await worker_tasks(port, 2)
+    while (now := await worker_tasks(port, 2)) != last:
+        last = now
+    return now
+
+
+def _damage(report: dict[str, Any]) -> int:
+    """lost + duplicated + reordered tokens in the load report, wherever it keeps them."""
+    total = 0
+    stack: list[Any] = [report]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if key in ("lost", "duplicated", "reordered") and isinstance(value, int):
+                    total += value
+                else:
+                    stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return total
+
+
+def _check_session_results(results: list[dict[str, Any]]) -> None:
+    assert len(results) == SESSIONS * REQUESTS_PER_SESSION
+    for r in results:
+        expected = mocktext.expected_text(messages(r["session"], r["k"]), MAX_TOKENS)
+        if r["end"] == "done":
+            assert r["text"] == expected, r
+        else:
+            assert r["end"] == "superseded", r
+            assert expected.startswith(r["text"]), r
+    lasts = [r for r in results if r["k"] == REQUESTS_PER_SESSION - 1]
+    assert all(r["end"] == "done" for r in lasts), lasts
+
+
+def _check_no_overlap(exchanges: list[Exchange]) -> None:
+    by_session = held_by_session(exchanges)
+    assert len(by_session) == SESSIONS
+    for session, held in by_session.items():
+        held.sort(key=lambda e: e.started)
+        for before, after in itertools.pairwise(held):
+            assert before.ended is not None
+            assert before.ended <= after.started, (session, before, after)
