@@ -310,6 +310,8 @@ class RunManager:
         return run
 
     async def _claim(self, run: Run) -> None:
+        if not self.shared.healthy:  # known down: answer 503 now, not at a deadline
+            raise SharedUnavailable("unreachable")
         await self.shared.register(run)
         if run.session_key is not None:
             claim = await self.shared.claim(run.session_key, run.id)

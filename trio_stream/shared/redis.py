@@ -37,11 +37,14 @@ Failure modes, and the rule that makes each safe:
   by the primary key (``save_duplicate_refused``) and its releases remove
   nothing that is not theirs.  Exactly once holds; the saved text is the
   partial.
-* **Redis is unreachable.**  Each call fails fast (connect and read timeouts
-  below one second) with :class:`SharedUnavailable`: new streams get 503, runs
-  in flight go on from their upstream and are saved (their shared-state steps
-  are logged ``redis_unavailable`` and kept for later), ``healthy`` turns
-  False.  When Redis answers again -- restarted empty, or with its data --
+* **Redis is unreachable.**  A refused or broken connection fails the call
+  at once and turns ``healthy`` False; so does a heartbeat (at most every
+  :data:`HEARTBEAT`) that gets no answer within :data:`CALL_TIMEOUT`.  While
+  not healthy, new streams get 503 at once, without a call.  A call that only
+  took too long fails (503) without that verdict: on a saturated node it is
+  the node's own loop that is slow.  Runs in flight go on from their upstream
+  and are saved (their shared-state steps are logged ``redis_unavailable``
+  and kept for later).  When Redis answers again -- restarted empty, or with its data --
   the node puts its live runs back (records, sessions), does the cleanup
   steps of ended runs it missed (releases, ends), and only then reports
   healthy.  Each detached log goes on from wherever Redis has it (from its
@@ -78,7 +81,14 @@ T = TypeVar("T")
 
 CANCEL_POLL = 0.25  # how often a node looks for cancel requests it missed
 FINISH_POLL = 0.05  # how often a superseding request looks at its predecessors
-CALL_TIMEOUT = 0.5  # connect and read timeout of every Redis call
+CONNECT_TIMEOUT = 0.5  # connecting to Redis: refused or unanswered, it is down
+#: The deadline of one Redis call.  It is measured on this node's own event
+#: loop, which a burst of requests can keep busy for a second or more while
+#: Redis answers in microseconds: so a call that merely took long fails (503)
+#: but does not make the node "unhealthy" -- only the heartbeat and a refused
+#: or broken connection do that.
+CALL_TIMEOUT = 2.0
+HEARTBEAT = 1.0  # at most this long between two lease renewals (health probes)
 FOLLOW_BLOCK_MS = 300  # XREAD BLOCK of a remote follower (below CALL_TIMEOUT)
 
 _CLAIM = """
@@ -193,7 +203,7 @@ class RedisState(SharedState):
         self.ttl = max(1, int(ttl))
         self.prefix = prefix
         self.client: coredis.Redis[str] = coredis.Redis.from_url(
-            url, decode_responses=True, connect_timeout=CALL_TIMEOUT,
+            url, decode_responses=True, connect_timeout=CONNECT_TIMEOUT,
             stream_timeout=CALL_TIMEOUT, max_connections=64,
             # A burst opens connections; idle ones close again, so an idle
             # node holds what its heartbeat uses (every lease / 3) and no more.
@@ -229,9 +239,11 @@ class RedisState(SharedState):
     async def _call(self, step: Awaitable[T]) -> T:
         """One Redis step; any failure to reach Redis is SharedUnavailable."""
         try:
-            with trio.fail_after(CALL_TIMEOUT + 0.4):
+            with trio.fail_after(CALL_TIMEOUT):
                 result = await step
-        except (coredis.exceptions.RedisError, OSError, trio.TooSlowError) as exc:
+        except (TimeoutError, trio.TooSlowError) as exc:  # slow: the heartbeat judges
+            raise SharedUnavailable("redis: timeout") from exc
+        except (coredis.exceptions.RedisError, OSError) as exc:  # refused, reset, ...
             self._healthy = False
             raise SharedUnavailable(f"redis: {type(exc).__name__}") from exc
         return result
@@ -265,10 +277,12 @@ class RedisState(SharedState):
                 await self._call(self._beat(n))
                 if not was:  # healthy again only once caught up, or tried again
                     await self._resync()
+                elif self._missed:  # steps a call's deadline cut while Redis was up
+                    await self._redo_missed()
                 self._healthy = True
             except SharedUnavailable:
                 self._healthy = False
-            await trio.sleep(self.lease / 3 if self._healthy else 0.2)
+            await trio.sleep(min(self.lease / 3, HEARTBEAT) if self._healthy else 0.2)
 
     async def _beat(self, n: str) -> None:
         async with self.client.pipeline(transaction=False) as p:
@@ -287,15 +301,18 @@ class RedisState(SharedState):
                 running = "1" if run.log.outcome is None else "0"
                 args = [run.id, running, str(run.epoch)]
                 await self._call(self._restore(keys=[self._s(run.session_key)], args=args))
-        for name, step in list(self._missed.items()):
-            await self._call(step())
-            if self._missed.get(name) is step:
-                del self._missed[name]
+        await self._redo_missed()
         self._resyncs += 1
         self._reship.set()
         self._reship = trio.Event()
         for run in self.owner_runs():
             run.poke()  # an idle shipper checks its log now
+
+    async def _redo_missed(self) -> None:
+        for name, step in list(self._missed.items()):
+            await self._call(step())
+            if self._missed.get(name) is step:
+                del self._missed[name]
 
     def owner_runs(self) -> list[Run]:
         runs: dict[str, Run] = getattr(self.owner, "runs", {})
