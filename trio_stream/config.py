@@ -90,6 +90,11 @@ class Settings:
     coalesce: bool = setting(
         True, "Merge queued deltas into one event when the client falls behind."
     )
+    event_interval_ms: float = setting(
+        0.0,
+        "Milliseconds after each event during which arriving deltas are held and "
+        "merged into the next event (0: send each as it comes).",
+    )
     window: int = setting(64, "Deltas an attached run may read ahead of its slowest writer.")
     body_timeout: float = setting(
         30.0,
@@ -154,6 +159,8 @@ class Settings:
             p.append("--redis must be a redis://, rediss:// or unix:// URL")
         if self.mock_delay_ms < 0:
             p.append("--mock-delay-ms must be >= 0")
+        if not self.event_interval_ms >= 0:  # also refuses NaN
+            p.append("--event-interval-ms must be >= 0")
         if self.max_streams < 1 or self.max_body_bytes < 1 or self.window < 1:
             p.append("--max-streams, --max-body-bytes and --window must be >= 1")
         return p

@@ -70,6 +70,7 @@ async def chat_completions(service: Service, scope: Scope, receive: Receive, sen
                 run, send, cursor=0, stall_timeout=s.stall_timeout, pinger=service.pinger,
                 headers=_response_headers(run), flow_controlled=_is_h2(scope),
                 drives_backpressure=request.stream and not request.detach,
+                event_interval=s.event_interval_ms / 1000,
             )  # fmt: skip
             if request.stream and not request.detach:
                 run.window = s.window
@@ -147,7 +148,7 @@ async def run_events(
                 run, send, cursor=min(cursor, run.log.last_seq) if run.settled else cursor,
                 stall_timeout=s.stall_timeout, pinger=service.pinger,
                 headers=_response_headers(run), drives_backpressure=False,
-                flow_controlled=_is_h2(scope),
+                flow_controlled=_is_h2(scope), event_interval=s.event_interval_ms / 1000,
             )  # fmt: skip
             await _follow(service, sub, receive, start_now=True, remote=remote)
     except ApiError as exc:

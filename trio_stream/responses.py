@@ -158,7 +158,7 @@ def _subscriber(service: Service, run: Run, send: Send, scope: Scope, *, cursor:
     return ResponseSubscriber(
         run, send, starting_after=starting_after, cursor=cursor, stall_timeout=s.stall_timeout,
         pinger=service.pinger, headers=_response_headers(run), flow_controlled=_is_h2(scope),
-        drives_backpressure=attached_stream,
+        drives_backpressure=attached_stream, event_interval=s.event_interval_ms / 1000,
     )  # fmt: skip
 
 

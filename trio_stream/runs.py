@@ -139,6 +139,9 @@ class Run:
         self.writer_cursor = 0
         self._changed = trio.lowlevel.ParkingLot()
         self._room = trio.lowlevel.ParkingLot()
+        # Writers holding events back for ``--event-interval-ms``: woken by
+        # the end, a fence, the cleanup, or a full window -- never per token.
+        self._held = trio.lowlevel.ParkingLot()
 
     def final_usage(self) -> Usage:
         """The usage of what this run received (docs/api.md section 2.10)."""
@@ -186,6 +189,8 @@ class Run:
         if window is None:
             return
         while self.log.last_seq - self.writer_cursor >= window and not self.log.fenced:
+            if self._held:  # the writer's interval must not throttle the upstream
+                self._held.unpark_all()
             await self._room.park()
 
     def end(self, outcome: Outcome) -> bool:
@@ -203,6 +208,7 @@ class Run:
     def poke(self) -> None:
         """Wake this run's subscribers without a change (a ping is due)."""
         self._changed.unpark_all()
+        self._held.unpark_all()
 
     def finished(self) -> None:
         self.done.set()
@@ -211,11 +217,17 @@ class Run:
     def _wake(self) -> None:
         self._changed.unpark_all()
         self._room.unpark_all()
+        self._held.unpark_all()
 
     # -- subscriber side --------------------------------------------------
     async def wait_changed(self) -> None:
         """Block until an append, the end, a fence or the cleanup.  Cancellable."""
         await self._changed.park()
+
+    async def wait_held(self) -> None:
+        """Block until the end, a fence, the cleanup, or the attached run
+        waiting on a full window (not on appends).  Cancellable."""
+        await self._held.park()
 
     def advance(self, cursor: int) -> None:
         """The attached writer has sent everything up to ``cursor``."""

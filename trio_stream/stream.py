@@ -98,6 +98,7 @@ class Subscriber:
         headers: tuple[tuple[bytes, bytes], ...],
         drives_backpressure: bool,
         flow_controlled: bool,
+        event_interval: float = 0.0,
     ) -> None:
         self.run = run
         self._send = send
@@ -110,6 +111,9 @@ class Subscriber:
         # so the stall deadline is ours to set.  HTTP/1.1: the send can block
         # only in hypercorn's shielded write, which GuardedStream bounds.
         self.flow_controlled = flow_controlled
+        # ``--event-interval-ms`` in seconds: after an event, what arrives
+        # within it is held back and merged into the next one (0: off).
+        self.event_interval = event_interval
         self.started = False
         self.sending_since: float | None = None
         self.last_sent = 0.0
@@ -182,10 +186,14 @@ class Subscriber:
             await self._start()
             await self._send_body(head)
         whole = False
+        hold_until: float | None = None  # --event-interval-ms: the next event's earliest time
         while True:
             if self._whole_ready():
                 whole = True
                 break
+            if hold_until is not None:
+                await self._hold(hold_until)
+                hold_until = None
             entries = [] if log.fenced else await self._backlog()
             if entries:
                 await self._start()
@@ -193,6 +201,8 @@ class Subscriber:
                 self.cursor += len(entries)
                 if self.drives_backpressure:
                     run.advance(self.cursor)
+                if self.event_interval and len(entries) < BATCH and log.outcome is None:
+                    hold_until = trio.current_time() + self.event_interval
                 continue
             if (log.outcome is not None and run.settled) or log.fenced:
                 break
@@ -244,6 +254,25 @@ class Subscriber:
         run = self.run
         usage = run.final_usage().chat() if run.request.include_usage else None
         return run.encoder.terminal(outcome, usage)
+
+    async def _hold(self, deadline: float) -> None:
+        """``--event-interval-ms``: after an event, let tokens gather until
+        ``deadline``, so that they go out merged in the next event.
+
+        Ends early -- at once -- when the run ends (what is pending goes out
+        with the terminal frame, never up to an interval late), is fenced, or
+        is an attached run blocked on a full ``--window`` (the interval never
+        throttles the upstream), or a ping falls due (pings keep their time).
+        One cancel scope per event and a parking lot that appends do not
+        touch: no timer and no wake-up per token.
+        Cancellable, like every wait of the writer (a disconnect ends it).
+        """
+        run, log = self.run, self.run.log
+        with trio.move_on_at(deadline):
+            while not (
+                log.outcome is not None or log.fenced or run.must_wait_for_room() or self.ping_due
+            ):
+                await run.wait_held()
 
     async def _backlog(self) -> list[Entry]:
         """What to send next: the entries after the cursor, after letting a
