@@ -19,6 +19,11 @@ in its own process, streaming the same reply at 20 tokens/s.  There the servers 
 * ``ts-cluster-2``  -- ``--workers 2 --redis``: a supervisor and two worker processes;
 * ``relay``         -- uvicorn (uvloop, httptools) + starlette + httpx relaying the SSE events.
 
+The *paced* scenario (streams at 100 tokens/s on the mock) runs only
+``trio-stream`` (``--event-interval-ms 0``, the default) and ``ts-interval50``
+(``--event-interval-ms 50``): the events sent, server CPU per token and the
+client's p99 gap between events, with and without the interval.
+
 A cluster server gets a fresh ``redis-server`` of its own on a free port; its
 CPU is reported apart from the server's (which, for ``--workers 2``, is the
 supervisor's and every worker's).  The client is
@@ -83,6 +88,7 @@ class Run:
     workdir: Path
     upstream_url: str = ""  # an OpenAI-compatible upstream; "" = the built-in mock
     redis_url: str = ""
+    event_interval_ms: float = 0.0  # trio-stream's --event-interval-ms
 
 
 def _trio_stream_cmd(r: Run) -> list[str]:
@@ -96,6 +102,15 @@ def _trio_stream_cmd(r: Run) -> list[str]:
         cmd += ["--ping-interval", "1"]
     if r.upstream_url:
         cmd += ["--upstream", "openai", "--upstream-url", r.upstream_url]
+    if r.event_interval_ms:
+        cmd += ["--event-interval-ms", f"{r.event_interval_ms:g}"]
+    return cmd
+
+
+def _interval_cmd(ms: float) -> Callable[[Run], list[str]]:
+    def cmd(r: Run) -> list[str]:
+        return _trio_stream_cmd(dataclasses.replace(r, event_interval_ms=ms))
+
     return cmd
 
 
@@ -137,6 +152,8 @@ class Server:
     redis: bool = False  # needs a redis-server of its own
 
     def serves(self, sc: Scenario) -> bool:
+        if sc.servers:
+            return self.name in sc.servers
         return self.proxy if sc.upstream else self.mock
 
 
@@ -172,6 +189,10 @@ SERVERS = (
     Server(
         "relay", "uvicorn (uvloop, httptools) + starlette + httpx, relaying SSE events",
         _relay_cmd, mock=False, proxy=True,
+    ),
+    Server(
+        "ts-interval50", "trio-stream serve --event-interval-ms 50 (serves only 'paced')",
+        _interval_cmd(50), mock=False,
     ),
 )  # fmt: skip
 
@@ -292,6 +313,7 @@ class Scenario:
     extra: tuple[str, ...] = ()  # secondary figures shown in the scenario's table
     ratios: tuple[str, ...] = ()  # secondary figures given as ratios too
     upstream: bool = False  # through tools/fake_openai.py (paced at delay_ms), not the mock
+    servers: tuple[str, ...] = ()  # only these servers run it (none: by mock/proxy)
 
     @property
     def idle(self) -> bool:
@@ -348,6 +370,15 @@ def scenarios(quick: bool) -> list[Scenario]:
                    "ttft_p99_ms", "gap_p99_ms", "upstream_cpu_percent", "events_per_token",
                    *load),
             ratios=("server_redis_us_per_token",),
+        ),
+        Scenario(
+            "paced", f"{25 if q else 50} streams at 100 tokens/s: --event-interval-ms 0 "
+            "(trio-stream) vs 50 (ts-interval50)", "events_per_s", delay_ms=10,
+            concurrency=25 if q else 50, requests=25 if q else 100, max_tokens=200,
+            servers=("trio-stream", "ts-interval50"),
+            extra=("server_us_per_token", "gap_p99_ms", "tokens_per_s", "events_per_token",
+                   "server_cpu_per_s", "ttft_p99_ms", *load),
+            ratios=("server_us_per_token", "gap_p99_ms"),
         ),
     ]  # fmt: skip
 
@@ -984,7 +1015,8 @@ METHOD = [
     "(`--workers 2`: supervisor and workers); each cluster measurement gets a fresh "
     "`redis-server`, whose CPU is given on its own (*Redis CPU µs/token*) and added in "
     "*server+Redis*. *fake upstream CPU %* is of one core: it shows the upstream is not the "
-    "limit. *ts-cluster-1/2*, *relay* serve only the proxy scenarios.",
+    "limit. *ts-cluster-1/2*, *relay* serve only the proxy scenarios; *ts-interval50* "
+    "(`--event-interval-ms 50`) serves only *paced*, beside *trio-stream* (interval 0).",
 ]
 
 
@@ -1083,7 +1115,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         + ", ".join(s.name for s in SERVERS))  # fmt: skip
     parser.add_argument(
         "--scenarios",
-        help="comma-separated subset of: tokens, events, streams, idle, short, proxy, proxy100",
+        help="comma-separated subset of: tokens, events, streams, idle, short, proxy, "
+        "proxy100, paced",
     )
     parser.add_argument(
         "--quiet-wait", type=float, default=0, metavar="S",
