@@ -25,9 +25,10 @@ Failure modes, and the rule that makes each safe:
   it can never remove or overwrite its successor's entry, its save is keyed by
   its own run id (the store's primary key refuses a second row), and it is
   never anybody's predecessor again.  Its log stream is its own key.
-* **A node dies** (kill -9).  Its lease key expires; the first surviving node
-  whose reaper removes it from ``ts:nodes`` (``SREM`` returns 1 to exactly one
-  caller) ends each of its runs ``failed``/``node_lost``, saves each detached
+* **A node dies** (kill -9).  Its lease key expires; the surviving node that
+  sets its takeover lock (``SET NX`` with an expiry: one at a time, and
+  another one again if that survivor fails midway) ends each of its runs
+  ``failed``/``node_lost``, saves each detached
   run's partial from its shared log (the primary key makes a second save a
   no-op), appends the end to the log so followers get the error event, and
   releases the session.  An attached run's text never left its node: it is
@@ -70,6 +71,7 @@ import coredis
 import coredis.exceptions
 import orjson
 import trio
+from coredis.tokens import PureToken
 
 from ..runlog import Entry, Outcome, RunStatus, ToolDelta
 from .base import Claim, LogPage, RunRecord, SessionKey, SharedState, SharedUnavailable
@@ -89,6 +91,7 @@ CONNECT_TIMEOUT = 0.5  # connecting to Redis: refused or unanswered, it is down
 #: or broken connection do that.
 CALL_TIMEOUT = 2.0
 HEARTBEAT = 1.0  # at most this long between two lease renewals (health probes)
+TAKEOVER_HOLD = 5.0  # at least this long a survivor holds a dead node's takeover
 FOLLOW_BLOCK_MS = 300  # XREAD BLOCK of a remote follower (below CALL_TIMEOUT)
 
 _CLAIM = """
@@ -570,15 +573,25 @@ class RedisState(SharedState):
                 continue
 
     async def _take_over(self, node: str) -> None:
+        """End a dead node's runs, once, even if this survivor fails midway.
+
+        The survivor that sets the node's takeover lock (``SET NX`` with an
+        expiry) does the work, and removes the node from ``ts:nodes`` only
+        when it is done.  If Redis or this process fails meanwhile, the lock
+        expires and another survivor (or this one) takes over again; every
+        step of it is idempotent (the save's primary key, the log's end, hash
+        sets, compare-and-delete)."""
         n = self.prefix
-        won = await self._call(self.client.srem(f"{n}nodes", [node]))
-        if not won:
-            return  # another survivor took it
+        hold = int(max(self.lease, TAKEOVER_HOLD) * 1000)
+        lock = self.client.set(f"{n}takeover:{node}", self.node, condition=PureToken.NX, px=hold)
+        if not await self._call(lock):
+            return  # another survivor is at it
         run_ids = await self._call(self.client.smembers(f"{n}nr:{node}"))
         records = [r for r in [await self.lookup(x) for x in run_ids] if r is not None]
         lost = [r for r in records if r.status == "running"]
         await self.owner.adopt_lost(node, lost)
         await self._call(self.client.delete([f"{n}nr:{node}"]))
+        await self._call(self.client.srem(f"{n}nodes", [node]))
 
     async def end_lost(self, record: RunRecord, last_seq: int) -> None:
         """End a dead node's run: its log's end, its record, its session."""
