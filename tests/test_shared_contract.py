@@ -20,7 +20,7 @@ from tests.redis_server import RedisServer
 from trio_stream.protocol import ChatRequest
 from trio_stream.runlog import Outcome, RunStatus, ToolDelta
 from trio_stream.runs import Run
-from trio_stream.shared import LocalState, RunRecord, SharedState
+from trio_stream.shared import LocalState, RunRecord, SharedState, SharedUnavailable
 from trio_stream.shared.redis import CANCEL_POLL, RedisState
 
 KEY = ("tenant", "session")
@@ -197,3 +197,44 @@ async def test_registry_and_logs_cross_nodes(nodes: tuple[Node, Node]) -> None:
         ToolDelta({"tool_calls": [{"index": 0, "id": "c"}]}),
     ]
     assert page.outcome == Outcome(RunStatus.COMPLETED, "stop")
+
+
+async def test_a_takeover_that_fails_midway_is_done_again(
+    redis_server: RedisServer, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dead node's runs are ended even if the survivor taking them over
+    fails midway: its takeover lock expires and the takeover is done again,
+    and the node leaves the node set only once its runs were handed over."""
+    import trio_stream.shared.redis as redis_mod
+
+    monkeypatch.setattr(redis_mod, "TAKEOVER_HOLD", 0.3)
+    prefix = f"t{secrets.token_hex(4)}:"
+    dead = RedisState(redis_server.url, lease=0.3, prefix=prefix)
+    dead_owner = FakeOwner()
+    dead.attach(dead_owner)
+    run = Node(dead, dead_owner).new_run()
+    async with trio.open_nursery() as dying:
+        await dying.start(dead.run)
+        await dead.register(run)
+        dying.cancel_scope.cancel()  # the node stops renewing its lease: it is dead
+
+    class FailingOnce(FakeOwner):
+        async def adopt_lost(self, node: str, records: list[RunRecord]) -> None:
+            if not self.lost:
+                self.lost.append(("failed", []))
+                raise SharedUnavailable("redis: went away midway")
+            self.lost.append((node, records))
+
+    survivor = RedisState(redis_server.url, lease=0.3, prefix=prefix)
+    owner = FailingOnce()
+    survivor.attach(owner)
+    await nursery.start(survivor.run)
+    with trio.fail_after(10):
+        while len(owner.lost) < 2:  # noqa: ASYNC110 - the reaper runs on its own timer
+            await trio.sleep(0.05)
+    node, records = owner.lost[1]
+    assert node == dead.node
+    assert [r.id for r in records] == [run.id]
+    with trio.fail_after(5):
+        while dead.node in await survivor.client.smembers(f"{prefix}nodes"):  # noqa: ASYNC110
+            await trio.sleep(0.05)
