@@ -44,6 +44,7 @@ import abc
 import math
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -299,6 +300,31 @@ class Store(abc.ABC):
         return results
 
 
+#: How long opening a SQLite file may wait for another process's lock.
+SQLITE_OPEN_TIMEOUT = 5.0
+
+
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Switch the file to WAL (it stays so: later openers find it done).
+
+    The switch takes an exclusive lock and, unlike statements, does not wait
+    on the busy timeout: two workers opening one new file at once get
+    "database is locked".  So it is retried, with backoff, for
+    :data:`SQLITE_OPEN_TIMEOUT`.  Runs at open, in a worker thread.
+    """
+    deadline = time.monotonic() + SQLITE_OPEN_TIMEOUT
+    pause = 0.005
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
 def _migrate_sqlite(db: sqlite3.Connection) -> None:
     """Apply the migrations this file lacks, in one write transaction."""
     db.execute("BEGIN IMMEDIATE")  # the write lock first: concurrent openers wait here
@@ -334,7 +360,7 @@ class SQLiteStore(Store):
         super().__init__(threaded=threaded, connections=1)
         self.path = path
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        _use_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
         _migrate_sqlite(self._db)
         self._lock = threading.Lock()
