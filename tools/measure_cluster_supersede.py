@@ -46,7 +46,9 @@ import httpx
 import orjson
 import trio
 
-from trio_stream.sse import SSEDecoder
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # also as a plain script
+
+from tools.measure_supersede import Stream, stream
 
 A_TOKENS = 1000  # A is long: it is always still running when B arrives
 
@@ -123,38 +125,6 @@ async def wait_redis(port: int) -> None:
                     if (await stream.receive_some(16)).startswith(b"+PONG"):
                         return
             await trio.sleep(0.05)
-
-
-@dataclass
-class Stream:
-    """One streaming request, read to its end."""
-
-    sent: float = 0.0
-    first_token_at: float = 0.0
-    superseded_at: float = 0.0
-    run_id: str = ""
-    first_token: trio.Event = field(default_factory=trio.Event)
-
-
-async def stream(
-    client: httpx.AsyncClient, prompt: str, session: str, max_tokens: int, out: Stream
-) -> None:
-    body = {
-        "model": "m", "stream": True, "max_tokens": max_tokens,
-        "messages": [{"role": "user", "content": prompt}],
-    }  # fmt: skip
-    out.sent = trio.current_time()
-    headers = {"x-session-id": session}
-    async with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
-        out.run_id = r.headers["x-run-id"]
-        decoder = SSEDecoder()
-        async for raw in r.aiter_bytes():
-            for event in decoder.feed(raw):
-                if not out.first_token.is_set() and '"content"' in event.data:
-                    out.first_token_at = trio.current_time()
-                    out.first_token.set()
-                if '"superseded"' in event.data and not out.superseded_at:
-                    out.superseded_at = trio.current_time()
 
 
 @dataclass

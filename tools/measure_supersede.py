@@ -61,10 +61,11 @@ class TimedSink:
 @dataclass
 class Stream:
     """One streaming request, read to its end; ``first_token`` is set on the
-    first content event."""
+    first content event, ``superseded_at`` when its superseded error arrives."""
 
     sent: float = 0.0
     first_token_at: float = 0.0
+    superseded_at: float = 0.0
     run_id: str = ""
     first_token: trio.Event = field(default_factory=trio.Event)
 
@@ -86,6 +87,8 @@ async def stream(
                 if not out.first_token.is_set() and '"content"' in event.data:
                     out.first_token_at = trio.current_time()
                     out.first_token.set()
+                if '"superseded"' in event.data and not out.superseded_at:
+                    out.superseded_at = trio.current_time()
 
 
 @dataclass
