@@ -1,4 +1,4 @@
-"""The browser playground (``GET /``, docs/api.md "Playground") in a real Chromium.
+"""The browser playground (``GET /``, docs/api.md section 9) in a real Chromium.
 
 Each test serves trio-stream in process over TLS (a ``trustme`` certificate,
 so Chromium speaks h2 by ALPN) with an ``openai`` upstream that is a

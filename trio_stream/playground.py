@@ -1,4 +1,4 @@
-"""The browser playground: ``GET /`` and its static files (docs/api.md, "Playground").
+"""The browser playground: ``GET /`` and its static files (docs/api.md section 9).
 
 The page is plain HTML, CSS and JavaScript in ``trio_stream/playground/``,
 shipped in the package; there is no build step and nothing is loaded from

@@ -1,5 +1,5 @@
 // The trio-stream playground: streams chat completions with fetch() and a
-// streaming body, one run per pane.  docs/api.md, "Playground", is its contract.
+// streaming body, one run per pane.  docs/api.md section 9 is its contract.
 //
 // Model output is text, never markup: it only ever reaches the page through
 // textContent.  Nothing here builds HTML from strings.
