@@ -243,3 +243,29 @@ async def test_pings_fill_every_silence(
     assert frames(bytes(client.body)) == [
         "ping", "ping", "ping", "id 1", "ping", "ping", "ping", "id 2", "finish", "[DONE]",
     ]  # fmt: skip
+
+
+def test_processes_sharing_stderr_never_mix_their_lines() -> None:
+    """Two processes logging to one stderr (the workers of --workers) each
+    write whole lines: no line ever holds parts of two events, so the log
+    stays parseable (with PrintLogger's separate newline write, thousands of
+    lines ran into each other)."""
+    import subprocess
+    import sys
+
+    child = (
+        "from trio_stream.logs import EventLogger\n"
+        "log = EventLogger('json')\n"
+        "for i in range(5000):\n"
+        "    log.event('listening', url='http://127.0.0.1:43023', port=43023, n=i)\n"
+    )
+    read_end, write_end = os.pipe()
+    procs = [subprocess.Popen([sys.executable, "-c", child], stderr=write_end) for _ in range(2)]
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    for proc in procs:
+        assert proc.wait(timeout=60) == 0
+    lines = data.splitlines()
+    assert len(lines) == 10000
+    assert all(orjson.loads(line)["event"] == "listening" for line in lines)

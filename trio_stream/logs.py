@@ -53,8 +53,11 @@ class EventLogger:
             return event_dict
 
         renderer = _render_json if fmt == "json" else _render_text
+        # WriteLogger writes each line and its newline in one call: the
+        # workers of --workers share one stderr, and PrintLogger's two writes
+        # (text, then newline) let their lines run into each other.
         self._log = structlog.wrap_logger(
-            structlog.PrintLogger(stream if stream is not None else sys.stderr),
+            structlog.WriteLogger(stream if stream is not None else sys.stderr),
             processors=[capture, renderer],
         )
 
