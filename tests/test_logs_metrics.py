@@ -256,7 +256,7 @@ def test_processes_sharing_stderr_never_mix_their_lines() -> None:
     child = (
         "from trio_stream.logs import EventLogger\n"
         "log = EventLogger('json')\n"
-        "for i in range(5000):\n"
+        "for i in range(20000):\n"
         "    log.event('listening', url='http://127.0.0.1:43023', port=43023, n=i)\n"
     )
     read_end, write_end = os.pipe()
@@ -267,5 +267,5 @@ def test_processes_sharing_stderr_never_mix_their_lines() -> None:
     for proc in procs:
         assert proc.wait(timeout=60) == 0
     lines = data.splitlines()
-    assert len(lines) == 10000
+    assert len(lines) == 40000
     assert all(orjson.loads(line)["event"] == "listening" for line in lines)
