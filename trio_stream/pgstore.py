@@ -63,7 +63,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 _ROW = f"({', '.join(['%s'] * len(COLUMNS))})"
 _INSERT = f"INSERT INTO messages ({', '.join(COLUMNS)}) VALUES "
 _ON_CONFLICT = " ON CONFLICT (run_id) DO NOTHING RETURNING run_id"
-_SELECT = f"SELECT {', '.join(COLUMNS)} FROM messages"
 
 
 def migrate(conn: psycopg.Connection[Any]) -> int:
@@ -96,6 +95,9 @@ class PostgresStore(Store):
     statement waits at most :data:`CONNECT_WAIT` for a connection, so each
     retry of a save asks for a fresh one.
     """
+
+    PARAM = "%s"
+    ARRIVAL = "seq"
 
     def __init__(self, url: str, *, timeout: float = 5.0, threaded: bool = True) -> None:
         super().__init__(threaded=threaded, connections=POOL_SIZE)
@@ -166,20 +168,6 @@ class PostgresStore(Store):
     def _select(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         with self._connection() as conn:
             return conn.execute(sql, args).fetchall()
-
-    def _select_session(self, tenant: str, session_id: str) -> list[Message]:
-        rows = self._select(
-            f"{_SELECT} WHERE tenant = %s AND session_id = %s ORDER BY created, seq",
-            (tenant, session_id),
-        )
-        return [Message.from_row(r) for r in rows]
-
-    def _select_run(self, tenant: str, run_id: str) -> Message | None:
-        rows = self._select(f"{_SELECT} WHERE tenant = %s AND run_id = %s", (tenant, run_id))
-        return Message.from_row(rows[0]) if rows else None
-
-    def _count(self, run_id: str) -> int:
-        return int(self._select("SELECT COUNT(*) FROM messages WHERE run_id = %s", (run_id,))[0][0])
 
     def close(self) -> None:
         self._pool.close(timeout=1.0)

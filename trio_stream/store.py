@@ -61,6 +61,7 @@ COLUMNS = (
     "run_id", "tenant", "session_id", "content", "tool_calls", "status", "reason", "events",
     "detached", "created", "usage",
 )  # fmt: skip
+SELECT = f"SELECT {', '.join(COLUMNS)} FROM messages"
 #: The most saves one transaction takes (the rest wait for the next one).
 MAX_BATCH = 256
 
@@ -172,11 +173,16 @@ class _Pending:
 class Store(abc.ABC):
     """Saved messages (see the module doc for the guarantees).
 
-    Subclasses implement the synchronous ``_insert``, ``_select_session``,
-    ``_select_run``, ``_count`` and ``close``; this class runs them in worker
-    threads under one limiter (or inline with ``threaded=False``) and owns
-    group commit.
+    Subclasses implement the synchronous ``_insert``, ``_select`` and
+    ``close``, and name their SQL dialect (:attr:`PARAM`, :attr:`ARRIVAL`);
+    this class builds the queries, runs them in worker threads under one
+    limiter (or inline with ``threaded=False``) and owns group commit.
     """
+
+    #: The driver's parameter placeholder.
+    PARAM = "?"
+    #: The column that orders rows saved in the same instant by arrival.
+    ARRIVAL = "rowid"
 
     def __init__(self, *, threaded: bool, connections: int) -> None:
         self.threaded = threaded
@@ -195,13 +201,24 @@ class Store(abc.ABC):
         whole batch failed."""
 
     @abc.abstractmethod
-    def _select_session(self, tenant: str, session_id: str) -> list[Message]: ...
+    def _select(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]: ...
 
-    @abc.abstractmethod
-    def _select_run(self, tenant: str, run_id: str) -> Message | None: ...
+    def _select_session(self, tenant: str, session_id: str) -> list[Message]:
+        p = self.PARAM
+        rows = self._select(
+            f"{SELECT} WHERE tenant = {p} AND session_id = {p} ORDER BY created, {self.ARRIVAL}",
+            (tenant, session_id),
+        )
+        return [Message.from_row(r) for r in rows]
 
-    @abc.abstractmethod
-    def _count(self, run_id: str) -> int: ...
+    def _select_run(self, tenant: str, run_id: str) -> Message | None:
+        p = self.PARAM
+        rows = self._select(f"{SELECT} WHERE tenant = {p} AND run_id = {p}", (tenant, run_id))
+        return Message.from_row(rows[0]) if rows else None
+
+    def _count(self, run_id: str) -> int:
+        sql = f"SELECT COUNT(*) FROM messages WHERE run_id = {self.PARAM}"
+        return int(self._select(sql, (run_id,))[0][0])
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -345,7 +362,6 @@ _SQLITE_INSERT = (
     f"INSERT INTO messages ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
     "ON CONFLICT (run_id) DO NOTHING"
 )
-_SQLITE_SELECT = f"SELECT {', '.join(COLUMNS)} FROM messages"
 
 
 class SQLiteStore(Store):
@@ -386,20 +402,6 @@ class SQLiteStore(Store):
     def _select(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
-
-    def _select_session(self, tenant: str, session_id: str) -> list[Message]:
-        rows = self._select(
-            f"{_SQLITE_SELECT} WHERE tenant = ? AND session_id = ? ORDER BY created, rowid",
-            (tenant, session_id),
-        )
-        return [Message.from_row(r) for r in rows]
-
-    def _select_run(self, tenant: str, run_id: str) -> Message | None:
-        rows = self._select(f"{_SQLITE_SELECT} WHERE tenant = ? AND run_id = ?", (tenant, run_id))
-        return Message.from_row(rows[0]) if rows else None
-
-    def _count(self, run_id: str) -> int:
-        return int(self._select("SELECT COUNT(*) FROM messages WHERE run_id = ?", (run_id,))[0][0])
 
     def close(self) -> None:
         with self._lock:
