@@ -460,10 +460,18 @@ class RedisState(SharedState):
         that was only unreachable (not restarted) would keep the ended run as
         its session's run, and its record ``running``, for ever.  Every step is
         idempotent (compare-and-delete, hash sets)."""
-        self._missed[name] = step
-        result = await self._call(step())
-        del self._missed[name]
-        return result
+        done = False
+        try:
+            result = await self._call(step())
+            done = True
+            return result
+        finally:
+            # Only a step that did not land is kept: one still in flight is
+            # not redone by the heartbeat meanwhile.
+            if done:
+                self._missed.pop(name, None)
+            else:
+                self._missed[name] = step
 
     async def _end_record(self, node: str, run_id: str, outcome: Outcome) -> None:
         n = self.prefix
