@@ -29,6 +29,7 @@ from .protocol import parse_chat_request, parse_session_id
 from .runs import Run
 from .service import Service
 from .stream import ClientStalled, Subscriber, watch_disconnect
+from .transport import direct_body
 
 
 def _is_h2(scope: Scope) -> bool:
@@ -69,6 +70,7 @@ async def chat_completions(service: Service, scope: Scope, receive: Receive, sen
             sub = Subscriber(
                 run, send, cursor=0, stall_timeout=s.stall_timeout, pinger=service.pinger,
                 headers=_response_headers(run), flow_controlled=_is_h2(scope),
+                direct=direct_body(scope),
                 drives_backpressure=request.stream and not request.detach,
                 event_interval=s.event_interval_ms / 1000,
             )  # fmt: skip
@@ -148,7 +150,8 @@ async def run_events(
                 run, send, cursor=min(cursor, run.log.last_seq) if run.settled else cursor,
                 stall_timeout=s.stall_timeout, pinger=service.pinger,
                 headers=_response_headers(run), drives_backpressure=False,
-                flow_controlled=_is_h2(scope), event_interval=s.event_interval_ms / 1000,
+                flow_controlled=_is_h2(scope), direct=direct_body(scope),
+                event_interval=s.event_interval_ms / 1000,
             )  # fmt: skip
             await _follow(service, sub, receive, start_now=True, remote=remote)
     except ApiError as exc:

@@ -55,6 +55,7 @@ from .service import Service
 from .shared import RunRecord, SharedUnavailable
 from .store import Message
 from .stream import Subscriber
+from .transport import direct_body
 from .usage import Usage
 
 _ONE = re.compile(r"/v1/responses/([^/]+)")
@@ -158,6 +159,7 @@ def _subscriber(service: Service, run: Run, send: Send, scope: Scope, *, cursor:
     return ResponseSubscriber(
         run, send, starting_after=starting_after, cursor=cursor, stall_timeout=s.stall_timeout,
         pinger=service.pinger, headers=_response_headers(run), flow_controlled=_is_h2(scope),
+        direct=direct_body(scope),
         drives_backpressure=attached_stream, event_interval=s.event_interval_ms / 1000,
     )  # fmt: skip
 

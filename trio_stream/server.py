@@ -35,6 +35,7 @@ from functools import partial
 import trio
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config
+from hypercorn.events import Closed
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
@@ -45,7 +46,7 @@ from .config import Settings
 from .logs import EventLogger
 from .service import Service, open_service
 from .store import Store
-from .transport import GuardedListener, TransportGuard
+from .transport import LINK, GuardedListener, GuardedStream, Link, TransportGuard
 from .upstream import Upstream
 
 #: After ``--graceful-timeout``: how long cancelled runs get to save and their
@@ -75,7 +76,21 @@ class Connection(TCPServer):
 
     Closing is cleanup, so it is shielded, with a deadline (a TLS
     ``close_notify`` to a client that stopped reading could otherwise block).
+
+    A plain connection also publishes a :class:`~trio_stream.transport.Link`
+    to its request tasks, so that a streamed HTTP/1.1 body can be written
+    without hypercorn's per-message path
+    (:class:`~trio_stream.transport.DirectBody`).
     """
+
+    async def run(self) -> None:
+        if isinstance(self.stream, GuardedStream):
+            LINK.set(Link(self.stream, self.send_lock, self._broken))
+        await super().run()
+
+    async def _broken(self) -> None:
+        """A direct write failed: what hypercorn does when its own write fails."""
+        await self.protocol.handle(Closed())
 
     async def _close(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):

@@ -33,6 +33,7 @@ from .asgi import JSON, Receive, Send, send_bytes, send_error, start
 from .errors import UpstreamError, error_body
 from .runlog import Entry, Outcome, RunStatus
 from .runs import Run
+from .transport import DirectBody
 
 SSE_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
 BATCH = 512  # entries rendered into one send
@@ -99,6 +100,7 @@ class Subscriber:
         drives_backpressure: bool,
         flow_controlled: bool,
         event_interval: float = 0.0,
+        direct: DirectBody | None = None,
     ) -> None:
         self.run = run
         self._send = send
@@ -114,6 +116,11 @@ class Subscriber:
         # ``--event-interval-ms`` in seconds: after an event, what arrives
         # within it is held back and merged into the next one (0: off).
         self.event_interval = event_interval
+        # HTTP/1.1 on a plain connection: once the head and a first chunk
+        # went out through ASGI, later chunks are written straight to the
+        # socket (``transport.DirectBody``); the last one goes through ASGI.
+        self._direct = direct
+        self._body_started = False
         self.started = False
         self.sending_since: float | None = None
         self.last_sent = 0.0
@@ -127,14 +134,18 @@ class Subscriber:
     async def _send_body(self, body: bytes, more: bool = True) -> None:
         """Send one body chunk within the stall deadline.  Raises ClientStalled."""
         self.sending_since = since = trio.current_time()
-        message = {"type": "http.response.body", "body": body, "more_body": more}
         cut = False
-        if self.flow_controlled:
+        if more and self._body_started and self._direct is not None:
+            if not await self._direct.send(body):
+                await self._send({"type": "http.response.body", "body": body, "more_body": True})
+        elif self.flow_controlled:
+            message = {"type": "http.response.body", "body": body, "more_body": more}
             with trio.move_on_after(self.stall_timeout) as cs:
                 await self._send(message)
             cut = cs.cancelled_caught
         else:
-            await self._send(message)
+            await self._send({"type": "http.response.body", "body": body, "more_body": more})
+            self._body_started = True
         self.sending_since = None
         if cut or trio.current_time() - since >= self.stall_timeout:
             raise ClientStalled
