@@ -132,12 +132,14 @@ class SSEDataDecoder:
     __slots__ = ("_buf", "_data", "_pending_cr", "comments")
 
     def __init__(self) -> None:
-        self._buf = b""  # the start of an unfinished line
-        self._data: list[bytes] = []  # the data lines of the event being read
+        self._buf: bytes | bytearray = b""  # the start of an unfinished line
+        self._data: list[bytes | bytearray] = []  # the data lines of the event being read
         self._pending_cr = False  # the last piece ended with "\r"
         self.comments = 0
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes | bytearray) -> list[bytes | bytearray]:
+        """The data of every event that ``data`` completes (h11 hands body
+        data over as ``bytearray``: then so are the results)."""
         if not data:
             return []  # keep a pending "\r" pending: its "\n" may come next
         if self._pending_cr:
@@ -157,7 +159,7 @@ class SSEDataDecoder:
         if b"\r" in buf:
             self._pending_cr = buf.endswith(b"\r")
             buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        out: list[bytes] = []
+        out: list[bytes | bytearray] = []
         start = 0
         while (end := buf.find(b"\n", start)) >= 0:
             line = buf[start:end]

@@ -79,7 +79,7 @@ def failed(exc: BaseException) -> UpstreamError:
 class Connection:
     """One HTTP/1.1 connection: the trio stream, its socket and its ``h11`` state."""
 
-    __slots__ = ("_drained", "h11", "key", "received", "sock", "stream", "tls")
+    __slots__ = ("_drained", "eof", "h11", "key", "received", "sock", "stream", "tls")
 
     def __init__(self, stream: trio.abc.Stream, sock: socket.socket, key: Key) -> None:
         self.stream = stream
@@ -88,6 +88,7 @@ class Connection:
         self.key = key
         self.h11 = h11.Connection(h11.CLIENT)
         self.received = False  # a byte of the current response arrived
+        self.eof = False  # the upstream closed its side (a body read to EOF)
         self._drained = True  # the last read emptied the socket
 
     async def receive(self) -> bytes:
@@ -110,6 +111,8 @@ class Connection:
         self._drained = len(data) < READ_SIZE
         if data:
             self.received = True
+        else:
+            self.eof = True
         return data
 
     def looks_alive(self) -> bool:
@@ -124,8 +127,11 @@ class Connection:
 
     @property
     def reusable(self) -> bool:
-        """Both sides finished their exchange and neither asked to close."""
-        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+        """Both sides finished their exchange, neither asked to close, and the
+        upstream did not close (h11 still says ``DONE`` after a body that
+        ended at EOF)."""
+        h = self.h11
+        return h.our_state is h11.DONE and h.their_state is h11.DONE and not self.eof
 
     async def aclose(self) -> None:
         """Close the connection, even when cancelled; never raises on a broken one."""

@@ -28,7 +28,7 @@ DONE = "[DONE]"
 DONE_BYTES = b"[DONE]"
 
 
-def _loads(data: str | bytes, replace: bool) -> Any:
+def _loads(data: str | bytes | bytearray, replace: bool) -> Any:
     """``orjson.loads``; with ``replace``, bytes that are not UTF-8 are read
     with U+FFFD for the bad sequences, as SSE decoding always did (its lines
     were decoded with ``errors="replace"``)."""
@@ -44,7 +44,7 @@ def _loads(data: str | bytes, replace: bool) -> Any:
         raise
 
 
-def _json(data: str | bytes, what: str, replace: bool = False) -> dict[str, Any]:
+def _json(data: str | bytes | bytearray, what: str, replace: bool = False) -> dict[str, Any]:
     try:
         obj = _loads(data, replace)
     except orjson.JSONDecodeError as exc:
@@ -62,7 +62,7 @@ def _json(data: str | bytes, what: str, replace: bool = False) -> dict[str, Any]
     return obj
 
 
-def openai_items(data: str | bytes) -> list[Item]:
+def openai_items(data: str | bytes | bytearray) -> list[Item]:
     """Items from one SSE ``data`` field of an OpenAI-compatible stream (the
     bytes of :class:`~trio_stream.sse.SSEDataDecoder`, or a ``str``)."""
     chunk = _json(data, "chunk", replace=True)
