@@ -245,8 +245,9 @@ async def test_pooled_connection_is_reused_across_requests(nursery: trio.Nursery
     await nursery.start(fake.serve)
     pool = pool_for(fake.port)
     for _ in range(3):
-        data = sse_data(await post_all(pool))
-        assert data[-1] == b"[DONE]"
+        async with pool.post("/chat/completions", BODY) as response:
+            assert sse_data(await read_body(response))[-1] == b"[DONE]"
+        assert response.conn.looks_alive()
     assert len(fake.connections) == 1
     assert len(fake.requests) == 3
     assert pool.idle == 1
@@ -302,9 +303,11 @@ async def test_idle_connection_closed_by_the_upstream_is_not_reused() -> None:
 
     async with raw_server(answer) as server:
         pool = pool_for(server.port)
-        assert await post_all(pool) == SSE_BODY
+        async with pool.post("/chat/completions", BODY) as response:
+            assert await read_body(response) == SSE_BODY
         assert pool.idle == 1
         await server.closed[0].wait()
+        assert not response.conn.looks_alive()
         assert await post_all(pool) == SSE_BODY
         await pool.aclose()
     assert [s.conn for s in server.seen] == [0, 1]

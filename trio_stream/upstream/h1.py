@@ -118,12 +118,12 @@ class Connection:
     def looks_alive(self) -> bool:
         """An idle connection has nothing to read: no EOF, no reset, no stray bytes."""
         try:
-            peeked = self.sock.recv(1, socket.MSG_PEEK)
+            self.sock.recv(1, socket.MSG_PEEK)  # b"" (EOF) or bytes: either way not reusable
         except BlockingIOError:
             return True
         except OSError:
-            return False
-        return not peeked
+            pass
+        return False
 
     @property
     def reusable(self) -> bool:
