@@ -6,6 +6,9 @@ row below names the rule it checks.
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import pytest
 
 from trio_stream import sse
@@ -244,3 +247,81 @@ def test_multibyte_character_split_across_feeds() -> None:
     """A UTF-8 character split between two feeds decodes whole."""
     raw = "data: héllo €\n\n".encode()
     assert feed_all(split_every_byte(raw)) == [SSEEvent("héllo €")]
+
+
+# -- the upstream's bytes decoder (SSEDataDecoder) ----------------------------
+
+CORPUS = [
+    b"id: 1\ndata: a\n\nid: 2\ndata: b\n\n",
+    b"id: 1\r\ndata: a\r\n\r\nid: 2\r\ndata: b\r\n\r\n",
+    b"id: 1\rdata: a\r\rid: 2\rdata: b\r\r",
+    b"data: a\ndata: b\n\n",
+    b"data:a\n\ndata:  a\n\ndata\n\ndata:\ndata:\n\ndata: a:b: c\n\n",
+    b"event: add\ndata: x\n\nevent: add\n\ndata: y\n\n",
+    b"unknown: v\ndata: x\n\nData: x\n\nid: 5\n\n\n\n\n",
+    b": ping\n\n:\ndata: a\n: mid\ndata: b\n\n",
+    b"retry: 10\ndata: r\r\n\r\ndata: [DONE]\n\n",
+    b'data: {"choices":[{"delta":{"content":"h\\u00e9"}}]}\n\ndata: [DONE]\n\n',
+    "data: héllo €\r\n\r\n: c\rdata: \n\n".encode(),
+    b"data: a\n\ndata: b\n\ndata: c\n\ndata: unfinished\n",
+]
+
+
+def data_of(raw: bytes, pieces: list[int]) -> list[bytes | bytearray]:
+    """SSEDataDecoder's output for ``raw`` cut at ``pieces``."""
+    decoder = sse.SSEDataDecoder()
+    cuts = [0, *sorted(pieces), len(raw)]
+    return [d for a, b in itertools.pairwise(cuts) for d in decoder.feed(raw[a:b])]
+
+
+@pytest.mark.parametrize("raw", CORPUS)
+def test_data_decoder_agrees_with_the_event_decoder(raw: bytes) -> None:
+    """The upstream's bytes decoder yields exactly the data of the events the
+    reference SSEDecoder dispatches (same line endings, joins, comments and
+    dropped events), whole, byte by byte, and cut at 200 random places."""
+    expected = [ev.data.encode() for ev in feed_all([raw])]
+    assert data_of(raw, []) == expected
+    assert data_of(raw, list(range(1, len(raw)))) == expected
+    rng = random.Random(raw)
+    for _ in range(200):
+        cuts = rng.sample(range(1, len(raw)), rng.randint(1, min(4, len(raw) - 1)))
+        assert data_of(raw, cuts) == expected, cuts
+
+
+def test_data_decoder_one_token_per_feed() -> None:
+    """The usual upstream read (one whole ``data:`` event) gives its data, and
+    a following piece that is not one whole event still parses from a clean
+    state."""
+    decoder = sse.SSEDataDecoder()
+    assert decoder.feed(b'data: {"a":1}\n\n') == [b'{"a":1}']
+    assert decoder.feed(b"data: \n\n") == [b""]
+    assert decoder.feed(b"data: x\n\ndata: y\n\n") == [b"x", b"y"]
+    assert decoder.feed(b"data: [DONE]\n\n") == [b"[DONE]"]
+    assert decoder.feed(b"data: part") == []
+    assert decoder.feed(b"ial\n\n") == [b"partial"]
+
+
+def test_data_decoder_crlf_split_between_feeds() -> None:
+    """A CR ending one piece and the LF starting the next are one line
+    ending, not two (which would dispatch an event early); an empty piece
+    keeps the CR pending."""
+    decoder = sse.SSEDataDecoder()
+    assert decoder.feed(b"data: a\r") == []
+    assert decoder.feed(b"") == []
+    assert decoder.feed(b"\ndata: b\r") == []
+    assert decoder.feed(b"\n\r") == [b"a\nb"]
+    assert decoder.feed(b"\ndata: c\n\n") == [b"c"]
+
+
+def test_data_decoder_counts_comments() -> None:
+    """Comments are counted and never become data."""
+    decoder = sse.SSEDataDecoder()
+    assert decoder.feed(b": ping\n: ping\ndata: a\n\n") == [b"a"]
+    assert decoder.comments == 2
+
+
+def test_data_decoder_accepts_bytearray() -> None:
+    """h11 hands body data over as ``bytearray``: it decodes like bytes."""
+    decoder = sse.SSEDataDecoder()
+    assert decoder.feed(bytearray(b"data: a\n\n")) == [b"a"]
+    assert decoder.feed(bytearray(b"data: b\r\n\r\n")) == [b"b"]

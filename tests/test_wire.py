@@ -126,6 +126,36 @@ def test_openai_malformed_or_error(data: str, code: str, fragment: str) -> None:
     assert fragment in err.message
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        '{"choices": [{"delta": {"content": "hé"}, "finish_reason": "stop"}]}',
+        '{"error": {"message": "overloaded"}}',
+        "not json",
+        "[1]",
+    ],
+    ids=["chunk", "error-object", "not-json", "not-an-object"],
+)
+def test_openai_items_same_from_bytes_and_str(data: str) -> None:
+    """The upstream path hands the SSE data over as bytes: the items, or the
+    error's code and message, are exactly those of the same data as ``str``."""
+
+    def outcome(value: str | bytes | bytearray) -> Any:
+        try:
+            return openai_items(value)
+        except UpstreamError as exc:
+            return (exc.code, exc.message)
+
+    assert outcome(data.encode()) == outcome(bytearray(data.encode())) == outcome(data)
+
+
+def test_openai_items_invalid_utf8_bytes_are_replaced() -> None:
+    """Data bytes that are not UTF-8 read as if decoded with U+FFFD (what the
+    str-based SSE decoder did), not as a malformed chunk."""
+    raw = b'{"choices": [{"delta": {"content": "a\xffb"}}]}'
+    assert openai_items(raw) == ["a\ufffdb"]
+
+
 def ol(message: dict[str, Any] | None = None, **fields: Any) -> bytes:
     """One Ollama /api/chat NDJSON line."""
     obj: dict[str, Any] = {"model": "llama", "done": False, **fields}

@@ -540,10 +540,14 @@ def _stage(frame: str, upstream_side: bool) -> str | None:
         return "GuardedStream"
     if "trio_stream/chunks.py" in frame or ("trio_stream/sse.py" in frame and fn == "event"):
         return "writer: render/encode"
+    if "trio_stream/upstream/h1.py" in frame:
+        return "reader: h1.py/h11"
     if "trio_stream/upstream/" in frame or "trio_stream/sse.py" in frame:
         return "reader: SSE decode + wire.py + items"
-    if "httpx/" in frame or "httpcore/" in frame or ("h11/" in frame and upstream_side):
-        return "reader: httpx/httpcore/h11"
+    if "h11/" in frame and upstream_side:
+        return "reader: h1.py/h11"
+    if "httpx/" in frame or "httpcore/" in frame:
+        return "reader: httpx/httpcore"
     if "hypercorn/" in frame or "h11/" in frame:
         return "client: hypercorn h11/ASGI send"
     if "trio_stream/runs.py" in frame or "trio_stream/runlog.py" in frame:
@@ -557,7 +561,7 @@ def _stage(frame: str, upstream_side: bool) -> str | None:
 
 def _side(frames: list[str]) -> str:
     joined = ";".join(frames)
-    if "httpcore/" in joined or "httpx/" in joined:
+    if "httpcore/" in joined or "httpx/" in joined or "trio_stream/upstream/h1.py" in joined:
         return "upstream"
     if "transport.py" in joined or "hypercorn/" in joined:
         return "client"

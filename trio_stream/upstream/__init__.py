@@ -9,11 +9,13 @@ translates its transport's errors into
 passes through untouched.
 
 Cancellation contract of :meth:`Upstream.stream`: the context manager owns the
-upstream connection.  Leaving it -- normally, by an exception, or by
-``Cancelled`` -- closes the connection before ``__aexit__`` returns (httpx
-closes an unfinished HTTP/1.1 response in a shielded block), so a cancelled
-run never leaves a connection behind.  Timeouts between items are the
-caller's (:mod:`trio_stream.runs`), not the adapter's.
+upstream connection.  Leaving it by an exception or by ``Cancelled``, or
+before the body's end, closes the connection before ``__aexit__`` returns
+(:class:`~trio_stream.upstream.h1.Pool` closes it in a shielded block with a
+deadline, and re-raises), so a cancelled run never leaves a connection
+behind; only a response read to its end goes back to the keep-alive pool.
+Timeouts between items are the caller's (:mod:`trio_stream.runs`), not the
+adapter's.
 """
 
 from __future__ import annotations

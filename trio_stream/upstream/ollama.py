@@ -1,4 +1,8 @@
-"""Ollama: ``POST {url}/api/chat`` streaming NDJSON, mapped to OpenAI chunks."""
+"""Ollama: ``POST {url}/api/chat`` streaming NDJSON, mapped to OpenAI chunks.
+
+The completion streams through :class:`~trio_stream.upstream.h1.Pool` (one
+socket read, one h11 event per line), ``/api/tags`` through httpx.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,15 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from typing import Any
 
-import httpx
+import orjson
 import trio
 
 from ..config import Settings
 from ..protocol import ChatRequest
 from ..sse import LineDecoder
 from . import Item
-from ._http import get_json, make_client, map_errors, open_stream
-from ._http import raw_chunks as _raw
+from ._http import get_json, make_client, make_pool
+from .h1 import Response
 from .wire import ollama_items
 
 
@@ -24,6 +28,7 @@ class OllamaUpstream:
     def __init__(self, settings: Settings) -> None:
         assert settings.upstream_url
         self.client = make_client(settings, settings.upstream_url, None)
+        self.pool = make_pool(settings, settings.upstream_url, None)
 
     def stream(self, request: ChatRequest) -> AbstractAsyncContextManager[AsyncIterator[Item]]:
         return self._stream(request)
@@ -31,7 +36,7 @@ class OllamaUpstream:
     @asynccontextmanager
     async def _stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[Item]]:
         async with (
-            open_stream(self.client, "/api/chat", _body(request)) as response,
+            self.pool.post("/api/chat", orjson.dumps(_body(request))) as response,
             aclosing(_items(response)) as items,
         ):
             yield items
@@ -46,9 +51,10 @@ class OllamaUpstream:
         ]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()  # no background work: httpx needs none
+        task_status.started()  # no background work: the pools need none
 
     async def aclose(self) -> None:
+        await self.pool.aclose()
         await self.client.aclose()
 
 
@@ -67,14 +73,12 @@ def _body(request: ChatRequest) -> dict[str, Any]:
     return body
 
 
-async def _items(response: httpx.Response) -> AsyncGenerator[Item, None]:
+async def _items(response: Response) -> AsyncGenerator[Item, None]:
     lines = LineDecoder()
-    with map_errors():
-        async with aclosing(_raw(response)) as chunks:
-            async for raw in chunks:
-                for line in lines.feed(raw):
-                    for item in ollama_items(line):
-                        yield item
-            for line in lines.flush():
-                for item in ollama_items(line):
-                    yield item
+    while raw := await response.read():
+        for line in lines.feed(raw):
+            for item in ollama_items(line):
+                yield item
+    for line in lines.flush():
+        for item in ollama_items(line):
+            yield item

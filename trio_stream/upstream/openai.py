@@ -1,4 +1,9 @@
-"""Any OpenAI-compatible server: ``POST {url}/chat/completions`` with SSE."""
+"""Any OpenAI-compatible server: ``POST {url}/chat/completions`` with SSE.
+
+The completion streams through :class:`~trio_stream.upstream.h1.Pool`; per
+token: one socket read, one h11 event, :class:`~trio_stream.sse.SSEDataDecoder`
+and ``orjson`` on the event's bytes, in one async generator (:func:`_items`).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,16 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from typing import Any
 
-import httpx
+import orjson
 import trio
 
 from ..config import Settings
 from ..protocol import ChatRequest
-from ..sse import SSEDecoder
+from ..sse import SSEDataDecoder
 from . import Item
-from ._http import get_json, make_client, map_errors, open_stream
-from ._http import raw_chunks as _raw
-from .wire import DONE, openai_items
+from ._http import get_json, make_client, make_pool
+from .h1 import Response
+from .wire import DONE_BYTES, openai_items
 
 
 class OpenAIUpstream:
@@ -24,6 +29,7 @@ class OpenAIUpstream:
     def __init__(self, settings: Settings) -> None:
         assert settings.upstream_url
         self.client = make_client(settings, settings.upstream_url, settings.upstream_api_key)
+        self.pool = make_pool(settings, settings.upstream_url, settings.upstream_api_key)
 
     def stream(self, request: ChatRequest) -> AbstractAsyncContextManager[AsyncIterator[Item]]:
         return self._stream(request)
@@ -33,7 +39,7 @@ class OpenAIUpstream:
         body = request.upstream_body()
         body["stream_options"] = {"include_usage": True}  # the last chunk carries usage
         async with (
-            open_stream(self.client, "/chat/completions", body) as response,
+            self.pool.post("/chat/completions", orjson.dumps(body)) as response,
             aclosing(_items(response)) as items,
         ):
             yield items
@@ -44,23 +50,22 @@ class OpenAIUpstream:
         return data if isinstance(data, list) else []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()  # no background work: httpx needs none
+        task_status.started()  # no background work: the pools need none
 
     async def aclose(self) -> None:
+        await self.pool.aclose()
         await self.client.aclose()
 
 
-async def _items(response: httpx.Response) -> AsyncGenerator[Item, None]:
+async def _items(response: Response) -> AsyncGenerator[Item, None]:
     """Items until ``[DONE]``; then the body is read to its end (and ignored),
     so that a completed response leaves its connection reusable."""
-    decoder = SSEDecoder()
+    decoder = SSEDataDecoder()
     done = False
-    with map_errors():
-        async with aclosing(_raw(response)) as chunks:
-            async for raw in chunks:
-                for event in decoder.feed(raw):
-                    if done or event.data == DONE:
-                        done = True
-                        continue
-                    for item in openai_items(event.data):
-                        yield item
+    while raw := await response.read():
+        for data in decoder.feed(raw):
+            if done or data == DONE_BYTES:
+                done = True
+                continue
+            for item in openai_items(data):
+                yield item

@@ -25,11 +25,28 @@ from ..usage import Usage
 from . import Finish, Item
 
 DONE = "[DONE]"
+DONE_BYTES = b"[DONE]"
 
 
-def _json(data: str | bytes, what: str) -> dict[str, Any]:
+def _loads(data: str | bytes | bytearray, replace: bool) -> Any:
+    """``orjson.loads``; with ``replace``, bytes that are not UTF-8 are read
+    with U+FFFD for the bad sequences, as SSE decoding always did (its lines
+    were decoded with ``errors="replace"``)."""
     try:
-        obj = orjson.loads(data)
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        if isinstance(data, str) or not replace:
+            raise
+        try:
+            bytes(data).decode()
+        except UnicodeDecodeError:
+            return orjson.loads(bytes(data).decode(errors="replace"))
+        raise
+
+
+def _json(data: str | bytes | bytearray, what: str, replace: bool = False) -> dict[str, Any]:
+    try:
+        obj = _loads(data, replace)
     except orjson.JSONDecodeError as exc:
         raise UpstreamError(
             f"The upstream sent a malformed {what}", code="malformed_chunk"
@@ -45,9 +62,10 @@ def _json(data: str | bytes, what: str) -> dict[str, Any]:
     return obj
 
 
-def openai_items(data: str) -> list[Item]:
-    """Items from one SSE ``data`` field of an OpenAI-compatible stream."""
-    chunk = _json(data, "chunk")
+def openai_items(data: str | bytes | bytearray) -> list[Item]:
+    """Items from one SSE ``data`` field of an OpenAI-compatible stream (the
+    bytes of :class:`~trio_stream.sse.SSEDataDecoder`, or a ``str``)."""
+    chunk = _json(data, "chunk", replace=True)
     usage = Usage.from_openai(chunk.get("usage"))
     choices = chunk.get("choices")
     if not choices:

@@ -1,0 +1,412 @@
+"""The streaming POST to an HTTP upstream: a small pooled HTTP/1.1 client (trio + h11).
+
+Only the completion request goes through here (``POST /chat/completions``,
+``POST /api/chat``): its body is read once per token, and that read is the
+server's hot path (docs/design.md section 15).  httpx read a token through
+httpcore and h11 with five nested async generators and a ``fail_after(inf)``
+cancel scope per read, and trio's ``recv`` tried the socket before waiting, so
+every token also cost a ``recvfrom`` that returned ``EAGAIN``.  Here a token
+costs one wait for readability, one ``recv`` and one ``h11`` event.  The rare
+calls (``GET /models``, ``/api/tags``) stay on httpx (:mod:`._http`): they are
+not per token, and httpx's redirects, decoding and pool are worth more there
+than a few microseconds.
+
+HTTP/1.1 only, framing by ``h11`` (chunked, ``Content-Length`` and read-to-EOF
+bodies).  One connection carries one exchange at a time:
+
+* **Timeouts.** ``--connect-timeout`` bounds connecting, the TLS handshake and
+  writing the request.  Nothing here times the response (its head included):
+  :mod:`trio_stream.runs` times the first token and every next one, so an
+  upstream that sends its head only with the first token (Ollama loading a
+  model) gets ``--first-token-timeout``, as it did with httpx.
+* **Pool.** Idle connections are kept per ``(scheme, host, port)``, at most
+  :data:`MAX_IDLE` in all.  A connection goes back only when its response was
+  read to its end and ``h11`` allows another exchange on it; any exception or
+  cancellation while it is out closes it (shielded, within
+  :data:`CLOSE_TIMEOUT`; ``Cancelled`` is re-raised, never swallowed), so the
+  upstream sees the close at once and stops generating.
+* **Stale connections.** An idle connection that the upstream closed is
+  found before reuse (a non-blocking ``MSG_PEEK``), or, if it closes just
+  then, by an EOF or a reset before any byte of the response: the request is
+  then sent once more on a fresh connection.  A fresh connection is never
+  retried.
+* **Reads.** After a read that drained the socket (fewer bytes than asked
+  for) the next one waits for readability *first* and then calls ``recv``
+  once, so an idle upstream costs no ``EAGAIN`` system call; after a full
+  read it tries ``recv`` first.  TLS connections read through
+  :class:`trio.SSLStream`.
+
+Every transport or framing error becomes an
+:class:`~trio_stream.errors.UpstreamError` here (``timeout=True`` for the
+connect timeout); ``trio.Cancelled`` passes through.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+from ..errors import UpstreamError
+
+#: Bytes asked for per read.
+READ_SIZE = 65536
+#: Idle keep-alive connections kept, over all upstream addresses.
+MAX_IDLE = 64
+#: Seconds a close may take (a TLS ``close_notify`` to a peer that reads nothing).
+CLOSE_TIMEOUT = 1.0
+#: Bytes of an HTTP error's body quoted in the error message.
+ERROR_SNIPPET = 512
+
+Key = tuple[str, str, int]
+
+_Broken = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class _Stale(Exception):
+    """A reused connection died before the response's first byte."""
+
+
+def failed(exc: BaseException) -> UpstreamError:
+    return UpstreamError(f"The upstream request failed: {exc!r}")
+
+
+class Connection:
+    """One HTTP/1.1 connection: the trio stream, its socket and its ``h11`` state."""
+
+    __slots__ = ("_drained", "eof", "h11", "key", "received", "sock", "stream", "tls")
+
+    def __init__(self, stream: trio.abc.Stream, sock: socket.socket, key: Key) -> None:
+        self.stream = stream
+        self.sock = sock  # the stdlib socket under ``stream`` (and under TLS)
+        self.tls = isinstance(stream, trio.SSLStream)
+        self.key = key
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.received = False  # a byte of the current response arrived
+        self.eof = False  # the upstream closed its side (a body read to EOF)
+        self._drained = True  # the last read emptied the socket
+
+    async def receive(self) -> bytes:
+        """The next bytes from the upstream (``b""`` at EOF).  A checkpoint.
+
+        Raises ``trio.BrokenResourceError``, ``trio.ClosedResourceError`` or
+        ``OSError`` if the connection broke.
+        """
+        if self._drained and not self.tls:
+            sock = self.sock
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    data = sock.recv(READ_SIZE)
+                    break
+                except BlockingIOError:  # a spurious wake-up: wait again
+                    continue
+        else:
+            data = bytes(await self.stream.receive_some(READ_SIZE))
+        self._drained = len(data) < READ_SIZE
+        if data:
+            self.received = True
+        else:
+            self.eof = True
+        return data
+
+    def looks_alive(self) -> bool:
+        """An idle connection has nothing to read: no EOF, no reset, no stray bytes."""
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)  # b"" (EOF) or bytes: either way not reusable
+        except BlockingIOError:
+            return True
+        except OSError:
+            pass
+        return False
+
+    @property
+    def reusable(self) -> bool:
+        """Both sides finished their exchange, neither asked to close, and the
+        upstream did not close (h11 still says ``DONE`` after a body that
+        ended at EOF)."""
+        h = self.h11
+        return h.our_state is h11.DONE and h.their_state is h11.DONE and not self.eof
+
+    async def aclose(self) -> None:
+        """Close the connection, even when cancelled; never raises on a broken one."""
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+            with suppress(*_Broken):
+                await self.stream.aclose()
+        if scope.cancelled_caught:  # the TLS close timed out: drop the socket
+            self.close_now()
+
+    def close_now(self) -> None:
+        """Close the socket without a word to the peer (no TLS ``close_notify``)."""
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+
+
+class Response:
+    """A response being read: its status, headers and body, with :meth:`read`."""
+
+    __slots__ = ("complete", "conn", "headers", "status")
+
+    def __init__(self, conn: Connection, head: h11.Response) -> None:
+        self.conn = conn
+        self.status = head.status_code
+        self.headers = head.headers
+        self.complete = False  # the body was read to its end
+
+    async def read(self) -> bytes:
+        """The body's next bytes, ``b""`` once it ended.  A checkpoint.
+
+        All of the body that one socket read brought comes back at once.
+        Raises :class:`UpstreamError` if the connection breaks or the framing
+        is wrong (an EOF inside a chunked or ``Content-Length`` body).
+        """
+        h = self.conn.h11
+        read = False
+        data = b""
+        while not self.complete:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise failed(exc) from exc
+            if type(event) is h11.Data:
+                data = data + event.data if data else event.data
+            elif event is h11.NEED_DATA:
+                if data or read:
+                    break
+                try:
+                    h.receive_data(await self.conn.receive())
+                except _Broken as exc:
+                    raise failed(exc) from exc
+                read = True
+            elif type(event) is h11.EndOfMessage:
+                self.complete = True
+            else:  # ConnectionClosed or PAUSED: h11 reports an EOF as an error above
+                raise failed(RuntimeError(f"unexpected {event!r}"))
+        if not read:
+            await trio.lowlevel.checkpoint()
+        return data
+
+    async def read_snippet(self, limit: int = ERROR_SNIPPET) -> bytes:
+        """Up to ``limit`` bytes of the body (an error's), what arrived if it breaks."""
+        body = b""
+        try:
+            while len(body) < limit and (data := await self.read()):
+                body += data
+        except UpstreamError:
+            pass
+        return body[:limit]
+
+
+class Pool:
+    """Keep-alive HTTP/1.1 connections to one upstream base URL.
+
+    :meth:`post` is the only request it makes.  ``ssl_context`` is for tests;
+    ``https`` URLs get :func:`ssl.create_default_context` by default.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float,
+        headers: list[tuple[str, str]] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        max_idle: int = MAX_IDLE,
+    ) -> None:
+        url = urlsplit(base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        self.scheme = url.scheme
+        self.host = url.hostname
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self.base_path = url.path.rstrip("/")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = (url.scheme, url.port) in (("http", 80), ("https", 443)) or url.port is None
+        self.authority = host if default else f"{host}:{self.port}"
+        self.connect_timeout = connect_timeout
+        self.headers = [("user-agent", "trio-stream"), *(headers or [])]
+        self.max_idle = max_idle
+        self._ssl_context = ssl_context
+        self._idle: dict[Key, list[Connection]] = {}
+        self._idle_count = 0
+        self.closed = False
+
+    @property
+    def key(self) -> Key:
+        return (self.scheme, self.host, self.port)
+
+    @property
+    def idle(self) -> int:
+        """Idle connections in the pool."""
+        return self._idle_count
+
+    @asynccontextmanager
+    async def post(self, path: str, body: bytes) -> AsyncIterator[Response]:
+        """POST ``body`` (JSON) to ``base_url + path``; yields the response once
+        its head arrived.  HTTP 4xx/5xx raise :class:`UpstreamError`
+        (``upstream_http_NNN``, with the start of the body).
+
+        Leaving the block returns the connection to the pool if the body was
+        read to its end, and closes it otherwise (an exception, ``Cancelled``,
+        or a body left unread), before the block's ``__aexit__`` returns.
+        """
+        response = await self._request(path, body)
+        conn = response.conn
+        try:
+            if response.status >= 400:
+                raw = await response.read_snippet()
+                text = raw.decode("utf-8", errors="replace")
+                raise UpstreamError(
+                    f"The upstream answered HTTP {response.status}: {text}",
+                    code=f"upstream_http_{response.status}",
+                )
+            yield response
+        except BaseException:
+            await conn.aclose()
+            raise
+        await self._release(conn)
+
+    async def aclose(self) -> None:
+        """Close every idle connection; later releases close theirs."""
+        self.closed = True
+        idle = [conn for conns in self._idle.values() for conn in conns]
+        self._idle.clear()
+        self._idle_count = 0
+        for conn in idle:
+            await conn.aclose()
+
+    # -- the exchange ------------------------------------------------------
+    async def _request(self, path: str, body: bytes) -> Response:
+        conn = self._checkout()
+        if conn is not None:
+            try:
+                return await self._exchange(conn, path, body)
+            except _Stale:
+                pass  # closed; once more on a fresh connection
+        conn = await self._connect()
+        try:
+            return await self._exchange(conn, path, body)
+        except _Stale as exc:
+            raise failed(exc.__cause__ or exc) from exc
+
+    async def _exchange(self, conn: Connection, path: str, body: bytes) -> Response:
+        """POST ``body`` on ``conn`` and read the response head.  On any error
+        the connection is closed; :class:`_Stale` if it died before answering."""
+        h = conn.h11
+        headers = [
+            ("host", self.authority),
+            *self.headers,
+            ("content-type", "application/json"),
+            ("content-length", str(len(body))),
+        ]
+        try:
+            try:
+                request = b"".join(
+                    h.send(event) or b""
+                    for event in (
+                        h11.Request(method="POST", target=self.base_path + path, headers=headers),
+                        h11.Data(data=body),
+                        h11.EndOfMessage(),
+                    )
+                )
+            except h11.LocalProtocolError as exc:  # a header we cannot send (the API key)
+                raise failed(exc) from exc
+            conn.received = False
+            try:
+                with trio.fail_after(self.connect_timeout):
+                    await conn.stream.send_all(request)
+            except _Broken as exc:
+                raise _Stale(f"sending the request failed: {exc!r}") from exc
+            while True:
+                try:
+                    event = h.next_event()
+                except h11.RemoteProtocolError as exc:
+                    raise failed(exc) from exc
+                if event is h11.NEED_DATA:
+                    try:
+                        data = await conn.receive()
+                    except _Broken as exc:
+                        if conn.received:
+                            raise failed(exc) from exc
+                        raise _Stale(f"the connection broke: {exc!r}") from exc
+                    if not data and not conn.received:
+                        raise _Stale("the upstream closed the connection")
+                    h.receive_data(data)
+                elif type(event) is h11.Response:
+                    return Response(conn, event)
+                elif type(event) is not h11.InformationalResponse:
+                    raise failed(RuntimeError(f"unexpected {event!r}"))
+        except trio.TooSlowError as exc:
+            await conn.aclose()
+            raise UpstreamError(
+                f"The upstream timed out: sending the request took over {self.connect_timeout} s",
+                timeout=True,
+            ) from exc
+        except BaseException:
+            await conn.aclose()
+            raise
+
+    # -- connections -------------------------------------------------------
+    async def _connect(self) -> Connection:
+        """A new connection (TLS for https), within ``--connect-timeout``."""
+        stream: trio.abc.Stream | None = None
+        try:
+            with trio.fail_after(self.connect_timeout):
+                tcp = await trio.open_tcp_stream(self.host, self.port)
+                # Keep the stdlib socket: reads wait first, then recv directly.
+                sock = socket.socket(fileno=tcp.socket.detach())
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+                if self.scheme == "https":
+                    stream = trio.SSLStream(
+                        stream, self._tls(), server_hostname=self.host, https_compatible=True
+                    )
+                    await stream.do_handshake()
+        except trio.TooSlowError as exc:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            raise UpstreamError(
+                f"The upstream timed out: connecting to {self.host}:{self.port} took over "
+                f"{self.connect_timeout} s",
+                timeout=True,
+            ) from exc
+        except _Broken as exc:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            raise failed(exc) from exc
+        except BaseException:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            raise
+        return Connection(stream, sock, self.key)
+
+    def _tls(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+            self._ssl_context.set_alpn_protocols(["http/1.1"])
+        return self._ssl_context
+
+    def _checkout(self) -> Connection | None:
+        """The most recently used idle connection that still looks alive."""
+        conns = self._idle.get(self.key)
+        while conns:
+            conn = conns.pop()
+            self._idle_count -= 1
+            if conn.looks_alive():
+                return conn
+            conn.close_now()  # closed by the upstream: nothing to say to it
+        return None
+
+    async def _release(self, conn: Connection) -> None:
+        """Back to the pool if another exchange may follow, else closed."""
+        if self.closed or not conn.reusable or self._idle_count >= self.max_idle:
+            await conn.aclose()
+            return
+        conn.h11.start_next_cycle()
+        self._idle.setdefault(conn.key, []).append(conn)
+        self._idle_count += 1
