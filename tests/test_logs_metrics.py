@@ -269,3 +269,50 @@ def test_processes_sharing_stderr_never_mix_their_lines() -> None:
     lines = data.splitlines()
     assert len(lines) == 40000
     assert all(orjson.loads(line)["event"] == "listening" for line in lines)
+
+
+class _CountingStream(io.StringIO):
+    """A stream that counts its ``write`` calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, s: str) -> int:
+        self.writes += 1
+        return super().write(s)
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_log_lines_are_those_of_the_structlog_pipeline(fmt: str) -> None:
+    """EventLogger renders its lines itself (no BoundLogger chain, for speed):
+    every line is byte for byte what structlog's BoundLogger with our two
+    processors wrote -- the fields in call order, ``event`` last in JSON,
+    the text escapes of docs/api.md section 4 -- each in one ``write``, and
+    the sink gets the same record, a copy of its own."""
+    import structlog
+
+    from trio_stream import logs
+
+    calls: list[tuple[str, dict[str, Any]]] = [
+        ("stream_start", {"trace": "run_x", "session": None, "detached": False}),
+        ("stream_end", {"trace": "run_x", "status": "completed", "tokens": 10, "ms": 12.345}),
+        ("save_failed", {"trace": "run_y", "error": "a b=c", "empty": ""}),
+        ("odd", {"obj": object.__name__, "flag": True, "n": 1.5, "d": {"k": [1, None]}}),
+    ]
+    renderer = logs._render_json if fmt == "json" else logs._render_text
+    expected = io.StringIO()
+    reference = structlog.wrap_logger(structlog.WriteLogger(expected), processors=[renderer])
+    for name, fields in calls:
+        reference.info(name, **fields)
+
+    out = _CountingStream()
+    records: list[dict[str, Any]] = []
+    logger = EventLogger(fmt, stream=out, sink=records.append)
+    for name, fields in calls:
+        logger.event(name, **fields)
+
+    assert out.getvalue() == expected.getvalue()
+    assert out.writes == len(calls)
+    assert records == [{**fields, "event": name} for name, fields in calls]
+    assert [list(r) for r in records] == [[*fields, "event"] for _, fields in calls]

@@ -273,6 +273,10 @@ class RunManager:
         self._nursery: trio.Nursery | None = None
         self.cleanup_timeout = settings.save_timeout
         self._cleanups: set[trio.CancelScope] = set()
+        # Does the backend do anything when a run has finished?  The base
+        # method (the in-process backend's) does nothing: then the cleanup
+        # skips the step and its shielded, deadlined cancel scope.
+        self._announces_finish = type(self.shared).finished is not SharedState.finished
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own detached runs and expiry until cancelled.
@@ -482,7 +486,8 @@ class RunManager:
         if run.cancelled_at is not None:
             self.metrics.cancel_seconds.observe(trio.current_time() - run.cancelled_at)
         run.finished()
-        await self._shared_step(run, self.shared.finished(run))
+        if self._announces_finish:
+            await self._shared_step(run, self.shared.finished(run))
         if end.log_end:
             self.logger.event("stream_end", **self.end_fields(run))
         if end.keep:
