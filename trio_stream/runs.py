@@ -99,7 +99,20 @@ def new_run_id(prefix: str = "run_") -> str:
 
 
 class Run:
-    """One upstream completion: its log, its cancel scope, its wake-ups."""
+    """One upstream completion: its log, its cancel scope, its wake-ups.
+
+    Every open stream holds one, so it is kept small: ``__slots__``, and the
+    two parking lots that only some runs use (``_room``: an attached run's
+    reader blocked on a full ``--window``; ``_held``: writers holding events
+    for ``--event-interval-ms``) are created on their first wait.  A run
+    nobody waits on never has them, and waking it skips them.
+    """
+
+    __slots__ = (
+        "_changed", "_held", "_room", "cancelled_at", "created", "detached", "done", "encoder",
+        "epoch", "error", "first_token_at", "id", "log", "predecessors", "request", "response",
+        "scope", "session_id", "started", "tenant", "usage", "window", "writer_cursor",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -138,10 +151,11 @@ class Run:
         self.window: int | None = None
         self.writer_cursor = 0
         self._changed = trio.lowlevel.ParkingLot()
-        self._room = trio.lowlevel.ParkingLot()
+        # Created by the first wait (see the class docstring); ``None`` until then.
+        self._room: trio.lowlevel.ParkingLot | None = None
         # Writers holding events back for ``--event-interval-ms``: woken by
         # the end, a fence, the cleanup, or a full window -- never per token.
-        self._held = trio.lowlevel.ParkingLot()
+        self._held: trio.lowlevel.ParkingLot | None = None
 
     def final_usage(self) -> Usage:
         """The usage of what this run received (docs/api.md section 2.10)."""
@@ -191,6 +205,8 @@ class Run:
         while self.log.last_seq - self.writer_cursor >= window and not self.log.fenced:
             if self._held:  # the writer's interval must not throttle the upstream
                 self._held.unpark_all()
+            if self._room is None:
+                self._room = trio.lowlevel.ParkingLot()
             await self._room.park()
 
     def end(self, outcome: Outcome) -> bool:
@@ -208,7 +224,8 @@ class Run:
     def poke(self) -> None:
         """Wake this run's subscribers without a change (a ping is due)."""
         self._changed.unpark_all()
-        self._held.unpark_all()
+        if self._held:
+            self._held.unpark_all()
 
     def finished(self) -> None:
         self.done.set()
@@ -216,8 +233,10 @@ class Run:
 
     def _wake(self) -> None:
         self._changed.unpark_all()
-        self._room.unpark_all()
-        self._held.unpark_all()
+        if self._room:
+            self._room.unpark_all()
+        if self._held:
+            self._held.unpark_all()
 
     # -- subscriber side --------------------------------------------------
     async def wait_changed(self) -> None:
@@ -227,12 +246,15 @@ class Run:
     async def wait_held(self) -> None:
         """Block until the end, a fence, the cleanup, or the attached run
         waiting on a full window (not on appends).  Cancellable."""
+        if self._held is None:
+            self._held = trio.lowlevel.ParkingLot()
         await self._held.park()
 
     def advance(self, cursor: int) -> None:
         """The attached writer has sent everything up to ``cursor``."""
         self.writer_cursor = cursor
-        self._room.unpark_all()
+        if self._room:
+            self._room.unpark_all()
 
     @property
     def settled(self) -> bool:
