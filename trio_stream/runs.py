@@ -364,11 +364,21 @@ class RunManager:
         Returns when the run is saved and released.  Raises only ``Cancelled``
         from an enclosing scope (after cleaning up); its own cancellation is
         absorbed by ``run.scope``.
+
+        ``run.scope`` also carries the upstream's deadlines (first token, next
+        token: see :meth:`_pump`), so a reader has one cancel scope, not two.
+        Every cancellation of a run fixes its outcome before it cancels the
+        scope (:meth:`cancel`), so a scope that caught a cancellation while the
+        outcome is still open was cancelled by its deadline: the upstream was
+        too slow.
         """
         try:
             with run.scope:
                 await self._await_predecessors(run)
                 await self._pump(run)
+            if run.scope.cancelled_caught and run.log.outcome is None:
+                which = "first token" if run.first_token_at is None else "next token"
+                raise UpstreamError(f"The upstream sent no {which} in time.", timeout=True)
         except UpstreamError as exc:
             run.error = exc
             self._fail(run, exc.message)
@@ -406,39 +416,37 @@ class RunManager:
         rearm = s.token_timeout / 64
         armed = -math.inf
         counted = 0
+        guard = run.scope  # its deadline is the upstream's (see drive)
+        guard.deadline = trio.current_time() + s.first_token_timeout
         try:
-            with trio.CancelScope(deadline=trio.current_time() + s.first_token_timeout) as guard:
-                async with self.upstream.stream(run.request) as items:
-                    while True:
-                        item = await anext(items, None)
-                        if item is None:
-                            raise UpstreamError("The upstream ended the stream without finishing.")
-                        if isinstance(item, Usage):
-                            run.usage = item
-                            continue
-                        if isinstance(item, Finish):
-                            run.end(Outcome(RunStatus.COMPLETED, item.reason))
-                            run.usage = await _drain(items) or run.usage
-                            return
-                        if not run.append(item):
-                            return  # ended meanwhile; run.scope's cancel lands on exit
-                        if run.first_token_at is None:
-                            run.first_token_at = trio.current_time()
-                            self.metrics.ttft.observe(run.first_token_at - run.started)
-                        if run.must_wait_for_room():
-                            guard.deadline = math.inf  # a slow client is not a slow upstream
-                            await run.wait_for_room()
-                            armed = -math.inf
-                        now = trio.current_time()
-                        if now - armed >= rearm:
-                            guard.deadline, armed = now + s.token_timeout, now
-                            self.metrics.tokens.inc(run.log.last_seq - counted)
-                            counted = run.log.last_seq
+            async with self.upstream.stream(run.request) as items:
+                while True:
+                    item = await anext(items, None)
+                    if item is None:
+                        raise UpstreamError("The upstream ended the stream without finishing.")
+                    if isinstance(item, Usage):
+                        run.usage = item
+                        continue
+                    if isinstance(item, Finish):
+                        run.end(Outcome(RunStatus.COMPLETED, item.reason))
+                        run.usage = await _drain(items) or run.usage
+                        return
+                    if not run.append(item):
+                        return  # ended meanwhile; run.scope's cancel lands on exit
+                    if run.first_token_at is None:
+                        run.first_token_at = trio.current_time()
+                        self.metrics.ttft.observe(run.first_token_at - run.started)
+                    if run.must_wait_for_room():
+                        guard.deadline = math.inf  # a slow client is not a slow upstream
+                        await run.wait_for_room()
+                        armed = -math.inf
+                    now = trio.current_time()
+                    if now - armed >= rearm:
+                        guard.deadline, armed = now + s.token_timeout, now
+                        self.metrics.tokens.inc(run.log.last_seq - counted)
+                        counted = run.log.last_seq
         finally:
             self.metrics.tokens.inc(run.log.last_seq - counted)
-        if guard.cancelled_caught:
-            which = "first token" if run.first_token_at is None else "next token"
-            raise UpstreamError(f"The upstream sent no {which} in time.", timeout=True)
 
     # -- ending -----------------------------------------------------------
     def cancel(self, run: Run, reason: str, message: str | None = None) -> bool:
