@@ -33,7 +33,6 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 import trio
-from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -41,6 +40,7 @@ from hypercorn.typing import ConnectionState
 
 from . import hypercorn_fixes
 from .app import TrioStreamApp
+from .asgi import ServerApp
 from .config import Settings
 from .logs import EventLogger
 from .service import Service, open_service
@@ -171,7 +171,7 @@ async def serve_service(
     guard = TransportGuard(settings.stall_timeout)
     listeners = await open_listeners(settings, config, guard, sockets)
     context = WorkerContext(None)
-    asgi = ASGIWrapper(app)  # type: ignore[arg-type]  # Quart's scope types are narrower
+    asgi = ServerApp(app)  # like hypercorn's ASGIWrapper, without its coroutine frame
     handler = partial(Connection, asgi, config, context, ConnectionState({}))
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as accepting:
