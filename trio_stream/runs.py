@@ -24,7 +24,7 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from typing import Any, TypeVar
 
 import trio
@@ -239,16 +239,18 @@ class Run:
             self._held.unpark_all()
 
     # -- subscriber side --------------------------------------------------
-    async def wait_changed(self) -> None:
+    # These two hand back the parking lot's own wait (``await run.wait_changed()``):
+    # not ``async def``, so a waiting writer holds no frame of theirs.
+    def wait_changed(self) -> Coroutine[Any, Any, None]:
         """Block until an append, the end, a fence or the cleanup.  Cancellable."""
-        await self._changed.park()
+        return self._changed.park()
 
-    async def wait_held(self) -> None:
+    def wait_held(self) -> Coroutine[Any, Any, None]:
         """Block until the end, a fence, the cleanup, or the attached run
         waiting on a full window (not on appends).  Cancellable."""
         if self._held is None:
             self._held = trio.lowlevel.ParkingLot()
-        await self._held.park()
+        return self._held.park()
 
     def advance(self, cursor: int) -> None:
         """The attached writer has sent everything up to ``cursor``."""
