@@ -34,8 +34,6 @@ from functools import partial
 
 import trio
 from hypercorn.config import Config
-from hypercorn.events import Closed, RawData
-from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
@@ -43,10 +41,11 @@ from . import hypercorn_fixes
 from .app import TrioStreamApp
 from .asgi import ServerApp
 from .config import Settings
+from .connection import LightTCPServer
 from .logs import EventLogger
 from .service import Service, open_service
 from .store import Store
-from .transport import GuardedListener, GuardedStream, TransportGuard
+from .transport import GuardedListener, TransportGuard
 from .upstream import Upstream
 
 #: After ``--graceful-timeout``: how long cancelled runs get to save and their
@@ -58,8 +57,9 @@ SHUTDOWN_FLUSH = 0.25
 CLOSE_TIMEOUT = 1.0
 
 
-class Connection(TCPServer):
-    """hypercorn's per-connection server, with a close that cannot be cancelled.
+class Connection(LightTCPServer):
+    """hypercorn's per-connection server, with a close that cannot be cancelled
+    (and, from :class:`~trio_stream.connection.LightTCPServer`, lighter while idle).
 
     hypercorn closes an HTTP/1.0 or ``Connection: close`` connection from
     *inside the app's last* ``send()``: the response ends, ``StreamClosed``
@@ -81,39 +81,6 @@ class Connection(TCPServer):
     async def _close(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
             await super()._close()
-
-    async def _read_data(self) -> None:
-        """hypercorn's read loop, lighter while it waits.
-
-        An idle connection spends its life in this wait, and every coroutine
-        frame on the way down is held for that long.  Two differences from
-        hypercorn's loop, both measured with tools/measure_idle.py:
-
-        * no ``fail_after(read_timeout)``: we set no read timeout (an SSE
-          client sends nothing while it listens), and hypercorn then still
-          opens ``fail_after(inf)`` -- a cancel scope, its status and a
-          generator held per connection (about 1 KB);
-        * on plain TCP, wait for the socket to be readable *here*, then read:
-          the read finds its data at once, so the waiting task holds
-          ``wait_readable``'s two frames instead of the seven of
-          ``GuardedStream.receive_some`` -> ``SocketStream.receive_some`` ->
-          ``socket.recv`` -> ``wait_readable`` (about 1.7 KB).  A socket
-          closed meanwhile raises ``ClosedResourceError`` from either wait.
-        """
-        if self.config.read_timeout is not None:
-            return await super()._read_data()
-        sock = self.stream.socket if isinstance(self.stream, GuardedStream) else None
-        while True:
-            try:
-                if sock is not None and sock.fileno() >= 0:  # closed: the read says so
-                    await trio.lowlevel.wait_readable(sock)
-                data = await self.stream.receive_some(MAX_RECV)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                break
-            await self.protocol.handle(RawData(bytes(data)))
-            if data == b"":
-                break
-        await self.protocol.handle(Closed())
 
 
 def hypercorn_config(settings: Settings) -> Config:
