@@ -24,7 +24,7 @@ from tests.conftest import RawClient, running_server, tasks_living
 from trio_stream import Settings
 from trio_stream.asgi import ServerApp
 from trio_stream.connection import AppInbox
-from trio_stream.runs import Run
+from trio_stream.runs import Done, Run
 from trio_stream.service import _StreamSlot
 from trio_stream.upstream.mock import _Sleeper
 
@@ -131,7 +131,7 @@ async def test_an_idle_stream_is_four_tasks_each_holding_exactly_its_frames(
                 await client.aclose()
 
 
-@pytest.mark.parametrize("cls", [Run, AppInbox, ServerApp, _Sleeper, _StreamSlot])
+@pytest.mark.parametrize("cls", [Run, Done, AppInbox, ServerApp, _Sleeper, _StreamSlot])
 def test_per_stream_objects_are_slotted(cls: type) -> None:
     """Each object an open stream holds one of (or shares, for the slot) is
     declared with ``__slots__`` all the way up its classes, so it has no

@@ -98,6 +98,35 @@ def new_run_id(prefix: str = "run_") -> str:
     return prefix + secrets.token_urlsafe(16)
 
 
+class Done:
+    """Set once, when a run's cleanup is over (``Run.done``): the ``set``,
+    ``is_set`` and ``wait`` of a :class:`trio.Event`, slotted, with its
+    parking lot made by the first waiter -- most runs never have one, and
+    every open stream holds a run.  ``wait`` is a checkpoint, set or not."""
+
+    __slots__ = ("_flag", "_lot")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._lot: trio.lowlevel.ParkingLot | None = None
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        self._flag = True
+        if self._lot is not None:
+            self._lot.unpark_all()
+
+    async def wait(self) -> None:
+        if self._flag:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._lot is None:
+            self._lot = trio.lowlevel.ParkingLot()
+        await self._lot.park()
+
+
 class Run:
     """One upstream completion: its log, its cancel scope, its wake-ups.
 
@@ -133,7 +162,7 @@ class Run:
         self.started = trio.current_time()
         self.log = RunLog()
         self.scope = trio.CancelScope()
-        self.done = trio.Event()
+        self.done = Done()
         self.encoder = ChunkEncoder(
             f"chatcmpl-{run_id.removeprefix('run_')}", request.model, int(self.created),
             coalesce=coalesce,
