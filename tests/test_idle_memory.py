@@ -76,7 +76,7 @@ def _all_tasks(task: trio.lowlevel.Task) -> list[trio.lowlevel.Task]:
 #: writer), the attached run's reader, and the disconnect watcher.
 IDLE_FRAMES = {
     "_run_handler": [
-        "_run_handler", "LightTCPServer.run", "LightTCPServer._read_data", "wait_readable",
+        "_run_handler", "LightTCPServer.run", "wait_readable",
         "EpollIOManager.wait_readable", "EpollIOManager._epoll_wait", "wait_task_rescheduled",
         "_real_async_yield",
     ],
@@ -89,8 +89,7 @@ IDLE_FRAMES = {
         "wait_task_rescheduled", "_real_async_yield",
     ],
     "watch_disconnect": [
-        "watch_disconnect", "AppInbox.receive", "_park", "wait_task_rescheduled",
-        "_real_async_yield",
+        "watch_disconnect", "AppInbox.receive", "wait_task_rescheduled", "_real_async_yield",
     ],
 }  # fmt: skip
 

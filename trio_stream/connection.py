@@ -7,7 +7,7 @@ each of them holds while it waits is the memory of an idle stream, so
 changes two things in hypercorn 0.18.0's trio ``TCPServer``, each measured
 with ``tools/measure_idle.py`` (bytes per open idle stream):
 
-* **the read loop** (:meth:`LightTCPServer._read_data`): without hypercorn's
+* **the read loop** (in :meth:`LightTCPServer.run`): without hypercorn's
   ``fail_after(read_timeout)`` when there is no read timeout (ours: none; it
   still opened ``fail_after(inf)``: a cancel scope, its status and a
   generator, about 1 KB), and on plain TCP it waits for the socket to be
@@ -88,9 +88,19 @@ class AppInbox:
                 trio.lowlevel.reschedule(self._senders.pop(0))
             await trio.lowlevel.cancel_shielded_checkpoint()
             return message
+        # As _park, inline: the disconnect watcher waits here for its whole
+        # life, and a frame less is memory less per open stream.
         if self._receivers is None:
             self._receivers = []
-        return await _park(self._receivers)
+        receivers = self._receivers
+        task = trio.lowlevel.current_task()
+        receivers.append(task)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            receivers.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 async def _park(queue: list[trio.lowlevel.Task]) -> Any:
@@ -153,25 +163,24 @@ class LightTCPServer(TCPServer):
                 )  # fmt: skip
                 await self.protocol.initiate()
                 await self.idle_task.restart(self._task_group, self._idle_timeout)
-                await self._read_data()
+                if self.config.read_timeout is not None:
+                    await self._read_data()  # hypercorn's loop, with its deadline
+                    return
+                # The read loop (see the module docstring), here rather than
+                # in a method of its own: one frame fewer while it waits.
+                sock = self.stream.socket if isinstance(self.stream, GuardedStream) else None
+                while True:
+                    try:
+                        if sock is not None and sock.fileno() >= 0:  # closed: the read says so
+                            await trio.lowlevel.wait_readable(sock)
+                        data = await self.stream.receive_some(MAX_RECV)
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        break
+                    await self.protocol.handle(RawData(bytes(data)))
+                    if data == b"":
+                        break
+                await self.protocol.handle(Closed())
         except OSError:
             pass
         finally:
             await self._close()
-
-    async def _read_data(self) -> None:
-        if self.config.read_timeout is not None:
-            await super()._read_data()
-            return
-        sock = self.stream.socket if isinstance(self.stream, GuardedStream) else None
-        while True:
-            try:
-                if sock is not None and sock.fileno() >= 0:  # closed: the read says so
-                    await trio.lowlevel.wait_readable(sock)
-                data = await self.stream.receive_some(MAX_RECV)
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                break
-            await self.protocol.handle(RawData(bytes(data)))
-            if data == b"":
-                break
-        await self.protocol.handle(Closed())
