@@ -23,17 +23,21 @@ take the "after" reading.  Readings:
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
+import itertools
 import subprocess
 import sys
 import tempfile
 import tracemalloc
+import types
 from collections import Counter
 from pathlib import Path
 
 import trio
+import trio.testing
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # also as a plain script
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # as a plain script; PYTHONPATH wins
 
 from trio_stream import Settings
 from trio_stream.logs import EventLogger
@@ -96,27 +100,60 @@ def object_sizes() -> Counter[str]:
     return sizes
 
 
-#: Where a task starts: the first frame after trio's task step, or who spawned it.
-TASKS = [
-    ("hypercorn/trio/task_group.py:5", "connection task: spawns the app task"),
-    ("trio_stream/endpoints.py:9", "app task: spawns reader/watcher"),
-    ("_highlevel_serve_listeners.py:", "connection task (hypercorn TCPServer)"),
-    ("hypercorn/trio/task_group.py:", "app task (request: ASGI app + writer)"),
-    ("trio_stream/runs.py:3", "reader task (RunManager.drive)"),
-    ("trio_stream/stream.py:3", "watcher task (watch_disconnect)"),
-]
+#: Who owns an allocation, by the functions on its traceback: first who
+#: spawned a task (the spawn's Task, coroutine and context are the spawner's
+#: cost), then the task's outermost function.
+SPAWNERS = {
+    "spawn_app": "connection task: spawns the app task",
+    "_attached": "app task: spawns reader/watcher",
+}
+ROOTS = {
+    "_serve_one_listener": "accept loop: the socket, the connection task",
+    "_run_handler": "connection task (hypercorn TCPServer)",
+    "_handle": "app task (request: ASGI app + writer)",
+    "RunManager.drive": "reader task (RunManager.drive)",
+    "watch_disconnect": "watcher task (watch_disconnect)",
+}
+TASK_STEP = "trio/_core/_run.py:2866"  # where trio's run loop steps a task
+
+
+@functools.cache
+def _functions(filename: str) -> list[tuple[int, int, str]]:
+    """(first line, last line, qualified name) of every function in a file."""
+    try:
+        code = compile(Path(filename).read_text(), filename, "exec")
+    except (OSError, SyntaxError, ValueError):
+        return []
+    out = []
+    todo = [code]
+    while todo:
+        c = todo.pop()
+        lines = [line for _, _, line in c.co_lines() if line is not None]
+        if lines and c.co_name != "<module>":
+            out.append((min(lines), max(lines), c.co_qualname))
+        todo += [k for k in c.co_consts if isinstance(k, types.CodeType)]
+    return sorted(out, key=lambda f: f[1] - f[0])  # innermost first
+
+
+def _function(frame: str) -> str:
+    filename, _, line = frame.rpartition(":")
+    if not line.isdigit():
+        return ""
+    n = int(line)
+    return next((name for lo, hi, name in _functions(filename) if lo <= n <= hi), "")
 
 
 def _root(frames: list[str]) -> str:
-    for needle, name in TASKS[:2]:
-        if any(needle in f for f in frames):
-            return name
-    steps = [i for i, f in enumerate(frames) if f.endswith("trio/_core/_run.py:2866")]
-    first = frames[steps[-1] + 1] if steps and steps[-1] + 1 < len(frames) else frames[0]
-    for needle, name in TASKS[2:]:
-        if needle in first:
-            return name
-    return "other: " + first.rsplit("/", 2)[-1]
+    steps = [i for i, f in enumerate(frames) if f.endswith(TASK_STEP)]
+    start = steps[-1] + 1 if steps else 0
+    names = [_function(f) for f in frames[start:]]
+    for before, name in itertools.pairwise(names):
+        spawner = before.rpartition(".")[2]
+        if name == "Nursery.start_soon" and spawner in SPAWNERS:
+            return SPAWNERS[spawner]
+    if names and names[0] in ROOTS:
+        return ROOTS[names[0]]
+    return "other: " + (names[0] if names else "?")
 
 
 def _what(frames: list[str]) -> str:
@@ -226,18 +263,29 @@ async def main(args: argparse.Namespace, client: subprocess.Popen[str]) -> None:
 
         try:
             await open_streams(args.warm)
+            # Read while every task waits (no ping half-sent): the idle state.
+            await trio.testing.wait_all_tasks_blocked()
             gc.collect()
             rss0 = rss()
             objs0 = objects() if args.objects else None
             sizes0 = object_sizes() if args.objects else None
             snap0 = tracemalloc.take_snapshot() if args.trace else None
             await open_streams(args.streams)
+            if args.prune_deadlines:  # what the stale entries cost (see below)
+                trio.lowlevel.current_task()._runner.deadlines._prune()
+            await trio.testing.wait_all_tasks_blocked()
             gc.collect()
             rss1 = rss()
             n = args.streams
             print(f"VmRSS: {(rss1 - rss0) / n / 1024:.2f} KiB per idle stream ({n} streams)")
             stats = trio.lowlevel.current_statistics()
             print(f"tasks living: {stats.tasks_living}")
+            # trio's deadline heap drops the entries of exited cancel scopes
+            # lazily (when due, or when it holds 2x active + 1000): until then
+            # each keeps its dead scope alive.  Private, for information only.
+            deadlines = trio.lowlevel.current_task()._runner.deadlines
+            heap, active = len(deadlines._heap), deadlines._active
+            print(f"deadline heap: {heap} entries, {active} active, {heap - active} stale")
             if args.stacks:
                 print_stacks()
             if snap0 is not None:
@@ -286,6 +334,10 @@ if __name__ == "__main__":
     parser.add_argument("--objects", action="store_true")
     parser.add_argument("--stacks", action="store_true", help="print the live tasks' await chains")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument(
+        "--prune-deadlines", action="store_true",
+        help="drop trio's stale deadline entries before the second reading (private API)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.trace:
         tracemalloc.start(max(args.frames, 1))
