@@ -13,15 +13,18 @@ channel (whose semantics are tested here as well).
 from __future__ import annotations
 
 import gc
+import inspect
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from hypercorn.trio.tcp_server import TCPServer
 
 from tests.conftest import RawClient, running_server, tasks_living
-from trio_stream import Settings
+from trio_stream import Settings, hypercorn_fixes
 from trio_stream.asgi import ServerApp
 from trio_stream.connection import AppInbox
 from trio_stream.runs import Done, Run
@@ -196,3 +199,15 @@ async def test_app_inbox_waits_are_cancellable_and_lose_nothing() -> None:
     with trio.move_on_after(0.01) as cs:
         await inbox.receive()
     assert cs.cancelled_caught  # nothing was queued
+
+
+def test_light_tcp_server_is_checked_against_the_hypercorn_it_copies() -> None:
+    """``LightTCPServer.run`` is hypercorn 0.18.0's ``TCPServer.run`` with
+    one name changed (its task group) and the read loop inlined; it must be
+    re-read against any other hypercorn release.  This fails on another
+    release, or if hypercorn's own ``run`` no longer opens its ``TaskGroup``
+    and reads in ``_read_data`` as the copy assumes."""
+    assert metadata.version("hypercorn") == hypercorn_fixes.FIXED_VERSION
+    source = inspect.getsource(TCPServer.run)
+    assert "async with TaskGroup() as task_group:" in source
+    assert "await self._read_data()" in source
