@@ -16,6 +16,7 @@ ASGI endpoints (:mod:`trio_stream.endpoints`), because:
 from __future__ import annotations
 
 import re
+from collections.abc import Coroutine
 from typing import Any
 
 import trio
@@ -58,22 +59,29 @@ class TrioStreamApp(QuartTrio):
         _routes(self)
         add_playground(self)  # GET /: the browser playground
 
-    async def __call__(  # type: ignore[override]
+    def __call__(  # type: ignore[override]
         self, scope: Scope, receive: Receive, send: Send
-    ) -> None:
+    ) -> Coroutine[Any, Any, None]:
+        """Route a request: the handler's coroutine, for the server to await.
+
+        A plain function, not ``async def``: the request task then awaits the
+        handler itself, and this dispatch costs no coroutine frame for as long
+        as the request lives (one open stream holds its request task's whole
+        chain of frames).
+        """
         if scope["type"] == "http":
             path, method = scope["path"], scope["method"]
             if path == "/v1/chat/completions":
                 if method == "POST":
-                    return await chat_completions(self.service, scope, receive, send)
-                return await send_error(send, method_not_allowed(method, path), _allow(b"POST"))
+                    return chat_completions(self.service, scope, receive, send)
+                return send_error(send, method_not_allowed(method, path), _allow(b"POST"))
             if path == "/v1/responses" or path.startswith("/v1/responses/"):
-                return await responses.handle(self.service, scope, receive, send)
+                return responses.handle(self.service, scope, receive, send)
             if m := _EVENTS.fullmatch(path):
                 if method == "GET":
-                    return await run_events(self.service, scope, receive, send, m[1])
-                return await send_error(send, method_not_allowed(method, path), _allow(b"GET"))
-        await super().__call__(scope, receive, send)  # type: ignore[arg-type]
+                    return run_events(self.service, scope, receive, send, m[1])
+                return send_error(send, method_not_allowed(method, path), _allow(b"GET"))
+        return super().__call__(scope, receive, send)  # type: ignore[arg-type]
 
 
 def _allow(methods: bytes) -> tuple[tuple[bytes, bytes]]:

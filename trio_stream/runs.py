@@ -24,7 +24,7 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from typing import Any, TypeVar
 
 import trio
@@ -98,8 +98,50 @@ def new_run_id(prefix: str = "run_") -> str:
     return prefix + secrets.token_urlsafe(16)
 
 
+class Done:
+    """Set once, when a run's cleanup is over (``Run.done``): the ``set``,
+    ``is_set`` and ``wait`` of a :class:`trio.Event`, slotted, with its
+    parking lot made by the first waiter -- most runs never have one, and
+    every open stream holds a run.  ``wait`` is a checkpoint, set or not."""
+
+    __slots__ = ("_flag", "_lot")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._lot: trio.lowlevel.ParkingLot | None = None
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        self._flag = True
+        if self._lot is not None:
+            self._lot.unpark_all()
+
+    async def wait(self) -> None:
+        if self._flag:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._lot is None:
+            self._lot = trio.lowlevel.ParkingLot()
+        await self._lot.park()
+
+
 class Run:
-    """One upstream completion: its log, its cancel scope, its wake-ups."""
+    """One upstream completion: its log, its cancel scope, its wake-ups.
+
+    Every open stream holds one, so it is kept small: ``__slots__``, and the
+    two parking lots that only some runs use (``_room``: an attached run's
+    reader blocked on a full ``--window``; ``_held``: writers holding events
+    for ``--event-interval-ms``) are created on their first wait.  A run
+    nobody waits on never has them, and waking it skips them.
+    """
+
+    __slots__ = (
+        "_changed", "_held", "_room", "cancelled_at", "created", "detached", "done", "encoder",
+        "epoch", "error", "first_token_at", "id", "log", "predecessors", "request", "response",
+        "scope", "session_id", "started", "tenant", "usage", "window", "writer_cursor",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -120,7 +162,7 @@ class Run:
         self.started = trio.current_time()
         self.log = RunLog()
         self.scope = trio.CancelScope()
-        self.done = trio.Event()
+        self.done = Done()
         self.encoder = ChunkEncoder(
             f"chatcmpl-{run_id.removeprefix('run_')}", request.model, int(self.created),
             coalesce=coalesce,
@@ -138,10 +180,11 @@ class Run:
         self.window: int | None = None
         self.writer_cursor = 0
         self._changed = trio.lowlevel.ParkingLot()
-        self._room = trio.lowlevel.ParkingLot()
+        # Created by the first wait (see the class docstring); ``None`` until then.
+        self._room: trio.lowlevel.ParkingLot | None = None
         # Writers holding events back for ``--event-interval-ms``: woken by
         # the end, a fence, the cleanup, or a full window -- never per token.
-        self._held = trio.lowlevel.ParkingLot()
+        self._held: trio.lowlevel.ParkingLot | None = None
 
     def final_usage(self) -> Usage:
         """The usage of what this run received (docs/api.md section 2.10)."""
@@ -191,6 +234,8 @@ class Run:
         while self.log.last_seq - self.writer_cursor >= window and not self.log.fenced:
             if self._held:  # the writer's interval must not throttle the upstream
                 self._held.unpark_all()
+            if self._room is None:
+                self._room = trio.lowlevel.ParkingLot()
             await self._room.park()
 
     def end(self, outcome: Outcome) -> bool:
@@ -208,7 +253,8 @@ class Run:
     def poke(self) -> None:
         """Wake this run's subscribers without a change (a ping is due)."""
         self._changed.unpark_all()
-        self._held.unpark_all()
+        if self._held:
+            self._held.unpark_all()
 
     def finished(self) -> None:
         self.done.set()
@@ -216,23 +262,30 @@ class Run:
 
     def _wake(self) -> None:
         self._changed.unpark_all()
-        self._room.unpark_all()
-        self._held.unpark_all()
+        if self._room:
+            self._room.unpark_all()
+        if self._held:
+            self._held.unpark_all()
 
     # -- subscriber side --------------------------------------------------
-    async def wait_changed(self) -> None:
+    # These two hand back the parking lot's own wait (``await run.wait_changed()``):
+    # not ``async def``, so a waiting writer holds no frame of theirs.
+    def wait_changed(self) -> Coroutine[Any, Any, None]:
         """Block until an append, the end, a fence or the cleanup.  Cancellable."""
-        await self._changed.park()
+        return self._changed.park()
 
-    async def wait_held(self) -> None:
+    def wait_held(self) -> Coroutine[Any, Any, None]:
         """Block until the end, a fence, the cleanup, or the attached run
         waiting on a full window (not on appends).  Cancellable."""
-        await self._held.park()
+        if self._held is None:
+            self._held = trio.lowlevel.ParkingLot()
+        return self._held.park()
 
     def advance(self, cursor: int) -> None:
         """The attached writer has sent everything up to ``cursor``."""
         self.writer_cursor = cursor
-        self._room.unpark_all()
+        if self._room:
+            self._room.unpark_all()
 
     @property
     def settled(self) -> bool:
@@ -346,11 +399,21 @@ class RunManager:
         Returns when the run is saved and released.  Raises only ``Cancelled``
         from an enclosing scope (after cleaning up); its own cancellation is
         absorbed by ``run.scope``.
+
+        ``run.scope`` also carries the upstream's deadlines (first token, next
+        token: see :meth:`_pump`), so a reader has one cancel scope, not two.
+        Every cancellation of a run fixes its outcome before it cancels the
+        scope (:meth:`cancel`), so a scope that caught a cancellation while the
+        outcome is still open was cancelled by its deadline: the upstream was
+        too slow.
         """
         try:
             with run.scope:
                 await self._await_predecessors(run)
                 await self._pump(run)
+            if run.scope.cancelled_caught and run.log.outcome is None:
+                which = "first token" if run.first_token_at is None else "next token"
+                raise UpstreamError(f"The upstream sent no {which} in time.", timeout=True)
         except UpstreamError as exc:
             run.error = exc
             self._fail(run, exc.message)
@@ -388,39 +451,37 @@ class RunManager:
         rearm = s.token_timeout / 64
         armed = -math.inf
         counted = 0
+        guard = run.scope  # its deadline is the upstream's (see drive)
+        guard.deadline = trio.current_time() + s.first_token_timeout
         try:
-            with trio.CancelScope(deadline=trio.current_time() + s.first_token_timeout) as guard:
-                async with self.upstream.stream(run.request) as items:
-                    while True:
-                        item = await anext(items, None)
-                        if item is None:
-                            raise UpstreamError("The upstream ended the stream without finishing.")
-                        if isinstance(item, Usage):
-                            run.usage = item
-                            continue
-                        if isinstance(item, Finish):
-                            run.end(Outcome(RunStatus.COMPLETED, item.reason))
-                            run.usage = await _drain(items) or run.usage
-                            return
-                        if not run.append(item):
-                            return  # ended meanwhile; run.scope's cancel lands on exit
-                        if run.first_token_at is None:
-                            run.first_token_at = trio.current_time()
-                            self.metrics.ttft.observe(run.first_token_at - run.started)
-                        if run.must_wait_for_room():
-                            guard.deadline = math.inf  # a slow client is not a slow upstream
-                            await run.wait_for_room()
-                            armed = -math.inf
-                        now = trio.current_time()
-                        if now - armed >= rearm:
-                            guard.deadline, armed = now + s.token_timeout, now
-                            self.metrics.tokens.inc(run.log.last_seq - counted)
-                            counted = run.log.last_seq
+            async with self.upstream.stream(run.request) as items:
+                while True:
+                    item = await anext(items, None)
+                    if item is None:
+                        raise UpstreamError("The upstream ended the stream without finishing.")
+                    if isinstance(item, Usage):
+                        run.usage = item
+                        continue
+                    if isinstance(item, Finish):
+                        run.end(Outcome(RunStatus.COMPLETED, item.reason))
+                        run.usage = await _drain(items) or run.usage
+                        return
+                    if not run.append(item):
+                        return  # ended meanwhile; run.scope's cancel lands on exit
+                    if run.first_token_at is None:
+                        run.first_token_at = trio.current_time()
+                        self.metrics.ttft.observe(run.first_token_at - run.started)
+                    if run.must_wait_for_room():
+                        guard.deadline = math.inf  # a slow client is not a slow upstream
+                        await run.wait_for_room()
+                        armed = -math.inf
+                    now = trio.current_time()
+                    if now - armed >= rearm:
+                        guard.deadline, armed = now + s.token_timeout, now
+                        self.metrics.tokens.inc(run.log.last_seq - counted)
+                        counted = run.log.last_seq
         finally:
             self.metrics.tokens.inc(run.log.last_seq - counted)
-        if guard.cancelled_caught:
-            which = "first token" if run.first_token_at is None else "next token"
-            raise UpstreamError(f"The upstream sent no {which} in time.", timeout=True)
 
     # -- ending -----------------------------------------------------------
     def cancel(self, run: Run, reason: str, message: str | None = None) -> bool:

@@ -33,20 +33,19 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 import trio
-from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config
-from hypercorn.events import Closed
-from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
 from . import hypercorn_fixes
 from .app import TrioStreamApp
+from .asgi import ServerApp
 from .config import Settings
+from .connection import LightTCPServer
 from .logs import EventLogger
 from .service import Service, open_service
 from .store import Store
-from .transport import LINK, GuardedListener, GuardedStream, Link, TransportGuard
+from .transport import GuardedListener, TransportGuard
 from .upstream import Upstream
 
 #: After ``--graceful-timeout``: how long cancelled runs get to save and their
@@ -58,8 +57,9 @@ SHUTDOWN_FLUSH = 0.25
 CLOSE_TIMEOUT = 1.0
 
 
-class Connection(TCPServer):
-    """hypercorn's per-connection server, with a close that cannot be cancelled.
+class Connection(LightTCPServer):
+    """hypercorn's per-connection server, with a close that cannot be cancelled
+    (and, from :class:`~trio_stream.connection.LightTCPServer`, lighter while idle).
 
     hypercorn closes an HTTP/1.0 or ``Connection: close`` connection from
     *inside the app's last* ``send()``: the response ends, ``StreamClosed``
@@ -78,19 +78,10 @@ class Connection(TCPServer):
     ``close_notify`` to a client that stopped reading could otherwise block).
 
     A plain connection also publishes a :class:`~trio_stream.transport.Link`
-    to its request tasks, so that a streamed HTTP/1.1 body can be written
-    without hypercorn's per-message path
+    to its request tasks (in ``LightTCPServer.run``), so that a streamed
+    HTTP/1.1 body can be written without hypercorn's per-message path
     (:class:`~trio_stream.transport.DirectBody`).
     """
-
-    async def run(self) -> None:
-        if isinstance(self.stream, GuardedStream):
-            LINK.set(Link(self.stream, self.send_lock, self._broken))
-        await super().run()
-
-    async def _broken(self) -> None:
-        """A direct write failed: what hypercorn does when its own write fails."""
-        await self.protocol.handle(Closed())
 
     async def _close(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
@@ -186,7 +177,7 @@ async def serve_service(
     guard = TransportGuard(settings.stall_timeout)
     listeners = await open_listeners(settings, config, guard, sockets)
     context = WorkerContext(None)
-    asgi = ASGIWrapper(app)  # type: ignore[arg-type]  # Quart's scope types are narrower
+    asgi = ServerApp(app)  # like hypercorn's ASGIWrapper, without its coroutine frame
     handler = partial(Connection, asgi, config, context, ConnectionState({}))
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as accepting:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import trio
 from prometheus_client import Gauge
@@ -86,26 +86,48 @@ class Service:
         self.shutting_down = False
         self.streams = 0
         self._streams_changed = trio.lowlevel.ParkingLot()
+        self._slot = _StreamSlot(self)
 
-    @contextmanager
-    def stream_slot(self) -> Iterator[None]:
-        """Admit one client stream (503 while shutting down, 429 when full)."""
+    def stream_slot(self) -> _StreamSlot:
+        """Admit one client stream (503 while shutting down, 429 when full):
+        ``with service.stream_slot(): ...``.
+
+        The context manager holds no state of its own, so every stream shares
+        one: an open stream holds no generator frame for its slot.
+        """
+        return self._slot
+
+    def _admit(self) -> None:
         if self.shutting_down:
             raise shutting_down()
         if self.streams >= self.settings.max_streams:
             raise too_many_streams(self.settings.max_streams)
         self.streams += 1
         self.metrics.active_streams.inc()
-        try:
-            yield
-        finally:
-            self.streams -= 1
-            self.metrics.active_streams.dec()
-            self._streams_changed.unpark_all()
+
+    def _release(self) -> None:
+        self.streams -= 1
+        self.metrics.active_streams.dec()
+        self._streams_changed.unpark_all()
 
     async def wait_streams_closed(self) -> None:
         while self.streams:
             await self._streams_changed.park()
+
+
+class _StreamSlot:
+    """:meth:`Service.stream_slot`: admit on entry, release on exit."""
+
+    __slots__ = ("_service",)
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+
+    def __enter__(self) -> None:
+        self._service._admit()
+
+    def __exit__(self, *exc: object) -> None:
+        self._service._release()
 
 
 def create_shared(settings: Settings) -> SharedState:

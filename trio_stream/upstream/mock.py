@@ -30,23 +30,47 @@ from . import Finish, Item
 TICK = 0.001
 
 
+class _Sleeper:
+    """A heap entry of :class:`Ticker`: the task to wake at ``due``, or
+    ``None`` once its sleep was cancelled (the stale entry is popped later,
+    harmlessly).  Ordered by ``due``, then by arrival."""
+
+    __slots__ = ("count", "due", "task")
+
+    def __init__(self, due: float, count: int, task: trio.lowlevel.Task) -> None:
+        self.due, self.count = due, count
+        self.task: trio.lowlevel.Task | None = task
+
+    def __lt__(self, other: _Sleeper) -> bool:
+        return (self.due, self.count) < (other.due, other.count)
+
+    def abort(self, _: object) -> trio.lowlevel.Abort:
+        self.task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+
 class Ticker:
     """One timer for many sleepers: ``await ticker.sleep(d)`` wakes after at
-    least ``d`` (rounded up to the next ``TICK``).  Cancellable."""
+    least ``d`` (rounded up to the next ``TICK``).  Cancellable.
+
+    A sleeper is one small heap entry and its task, parked directly (no
+    parking lot of its own): an idle mock stream sleeps here for its first
+    token, so this is part of every idle stream's memory.
+    """
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, trio.lowlevel.ParkingLot]] = []
+        self._heap: list[_Sleeper] = []
         self._count = 0
         self._added = trio.lowlevel.ParkingLot()
 
     async def sleep(self, delay: float) -> None:
         # Round up to the tick, without float noise turning an exact tick late.
         due = math.ceil((trio.current_time() + delay) / TICK - 1e-6) * TICK
-        lot = trio.lowlevel.ParkingLot()
         self._count += 1
-        heapq.heappush(self._heap, (due, self._count, lot))
+        sleeper = _Sleeper(due, self._count, trio.lowlevel.current_task())
+        heapq.heappush(self._heap, sleeper)
         self._added.unpark_all()
-        await lot.park()  # if cancelled, the stale entry is popped later, harmlessly
+        await trio.lowlevel.wait_task_rescheduled(sleeper.abort)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Release due sleepers until cancelled."""
@@ -56,12 +80,14 @@ class Ticker:
             if not heap:
                 await self._added.park()
                 continue
-            due = heap[0][0]
+            due = heap[0].due
             if due > trio.current_time():
                 await trio.sleep_until(due)
             now = trio.current_time()
-            while heap and heap[0][0] <= now:
-                heapq.heappop(heap)[2].unpark_all()
+            while heap and heap[0].due <= now:
+                task = heapq.heappop(heap).task
+                if task is not None:
+                    trio.lowlevel.reschedule(task)
 
 
 class MockUpstream:

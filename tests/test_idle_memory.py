@@ -1,0 +1,213 @@
+"""What an open idle stream holds: guards for the memory per idle stream.
+
+An idle stream (its first token far away) is a connection and three tasks
+that wait.  Its memory is what those tasks and their objects hold while they
+wait, measured with ``tools/measure_idle.py`` (VmRSS, as ``tools/bench.py``'s
+``idle`` scenario, and tracemalloc by owner).  The byte figures depend on the
+machine and the library versions, so they are not asserted here; what makes
+them is: the tasks per stream, the coroutine frames each task holds, the
+objects that are slotted, and the app inbox that replaced hypercorn's memory
+channel (whose semantics are tested here as well).
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from hypercorn.trio.tcp_server import TCPServer
+
+from tests.conftest import RawClient, running_server, tasks_living
+from trio_stream import Settings, hypercorn_fixes
+from trio_stream.asgi import ServerApp
+from trio_stream.connection import AppInbox
+from trio_stream.runs import Done, Run
+from trio_stream.service import _StreamSlot
+from trio_stream.upstream.mock import _Sleeper
+
+CHAT = "/v1/chat/completions"
+IDLE = 30  # streams
+
+
+def _frames(task: trio.lowlevel.Task) -> list[str]:
+    """The qualified names of the coroutine frames ``task`` holds while it
+    waits, outermost first (also through hypercorn's ``__await__`` wrapper
+    and an async generator's ``asend``, which trio's ``iter_await_frames``
+    stops at)."""
+    names: list[str] = []
+    link: Any = task.coro
+    while link is not None:
+        if hasattr(link, "cr_frame"):
+            names.append(link.cr_code.co_qualname)
+            link = link.cr_await
+        elif hasattr(link, "ag_frame"):
+            names.append(link.ag_code.co_qualname)
+            link = link.ag_await
+        elif hasattr(link, "gi_frame"):
+            names.append(link.gi_code.co_qualname)
+            link = link.gi_yieldfrom
+        else:  # coroutine_wrapper, anext_awaitable, async_generator_asend
+            inner = [r for r in gc.get_referents(link) if _is_link(r)]
+            link = inner[0] if inner else None
+    return names
+
+
+def _is_link(obj: object) -> bool:
+    return (
+        hasattr(obj, "cr_frame")
+        or hasattr(obj, "ag_frame")
+        or type(obj).__name__ == "async_generator_asend"
+    )
+
+
+def _all_tasks(task: trio.lowlevel.Task) -> list[trio.lowlevel.Task]:
+    out = [task]
+    for nursery in task.child_nurseries:
+        for child in nursery.child_tasks:
+            out += _all_tasks(child)
+    return out
+
+
+#: The frames of each of an idle stream's four tasks, by its outermost frame:
+#: the connection (hypercorn's handler), the request (ASGI app, then our
+#: writer), the attached run's reader, and the disconnect watcher.
+IDLE_FRAMES = {
+    "_run_handler": [
+        "_run_handler", "LightTCPServer.run", "wait_readable",
+        "EpollIOManager.wait_readable", "EpollIOManager._epoll_wait", "wait_task_rescheduled",
+        "_real_async_yield",
+    ],
+    "_handle": [
+        "_handle", "chat_completions", "_attached", "Subscriber.write_sse",
+        "Subscriber._write_sse", "ParkingLot.park", "wait_task_rescheduled", "_real_async_yield",
+    ],
+    "RunManager.drive": [
+        "RunManager.drive", "RunManager._pump", "MockUpstream._items", "Ticker.sleep",
+        "wait_task_rescheduled", "_real_async_yield",
+    ],
+    "watch_disconnect": [
+        "watch_disconnect", "AppInbox.receive", "wait_task_rescheduled", "_real_async_yield",
+    ],
+}  # fmt: skip
+
+
+async def test_an_idle_stream_is_four_tasks_each_holding_exactly_its_frames(
+    tmp_path: Path,
+) -> None:
+    """Each open idle stream adds exactly four tasks to the server -- its
+    connection, its request (which is also its writer), its attached run's
+    reader and its disconnect watcher -- and each waits holding exactly the
+    coroutine frames in ``IDLE_FRAMES``: no ``fail_after(inf)`` or socket
+    layers in the read loop, no dispatch frames between hypercorn and the
+    endpoint, the watcher parked directly in the app inbox.  A frame more on
+    any of them is memory held for every open stream (200-400 B each), so a
+    change that adds one must update this table on purpose."""
+    settings = Settings(port=0, db=str(tmp_path / "idle.db"), mock_delay_ms=60_000)
+    async with running_server(settings, record_logs=False) as server:
+        baseline = await tasks_living()
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        clients = [await RawClient.post(server.port, CHAT, body) for _ in range(IDLE)]
+        try:
+            # Loopback delivers at send time: once every task is blocked, the
+            # server has read every request and started its tasks.
+            assert await tasks_living() - baseline == 4 * IDLE
+            root = trio.lowlevel.current_root_task()
+            assert root is not None
+            by_outer: dict[str, list[list[str]]] = {}
+            for task in _all_tasks(root):
+                frames = _frames(task)
+                if frames and frames[0] in IDLE_FRAMES:
+                    by_outer.setdefault(frames[0], []).append(frames)
+            for outer, expected in IDLE_FRAMES.items():
+                chains = by_outer.get(outer, [])
+                assert len(chains) == IDLE, outer
+                assert all(chain == expected for chain in chains), (outer, chains[0])
+        finally:
+            for client in clients:
+                await client.aclose()
+
+
+@pytest.mark.parametrize("cls", [Run, Done, AppInbox, ServerApp, _Sleeper, _StreamSlot])
+def test_per_stream_objects_are_slotted(cls: type) -> None:
+    """Each object an open stream holds one of (or shares, for the slot) is
+    declared with ``__slots__`` all the way up its classes, so it has no
+    per-instance ``__dict__`` (a dict costs 100-400 B per stream)."""
+    for klass in cls.__mro__[:-1]:  # object has no __slots__ and no __dict__
+        assert "__slots__" in vars(klass), klass
+    assert "__dict__" not in dir(cls)
+
+
+async def test_app_inbox_hands_over_queues_in_order_and_bounds() -> None:
+    """``AppInbox`` behaves as the memory channel it replaced: a message goes
+    straight to a waiting receiver, else is queued; receives take them in
+    order; a sender finding ``capacity`` messages queued waits until a
+    receive makes room."""
+    inbox = AppInbox(2)
+    got: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: _receive_into(inbox, got))
+        await trio.testing.wait_all_tasks_blocked()
+        await inbox.send("direct")  # to the waiting receiver
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == ["direct"]
+    await inbox.send(1)
+    await inbox.send(2)
+    sent_third = False
+
+    async def third() -> None:
+        nonlocal sent_third
+        await inbox.send(3)
+        sent_third = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(third)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not sent_third  # two queued: the third waits for room
+        assert await inbox.receive() == 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert sent_third
+    assert [await inbox.receive(), await inbox.receive()] == [2, 3]
+
+
+async def _receive_into(inbox: AppInbox, got: list[Any]) -> None:
+    got.append(await inbox.receive())
+
+
+async def test_app_inbox_waits_are_cancellable_and_lose_nothing() -> None:
+    """A cancelled receive leaves the inbox (the next message is queued, not
+    handed to the gone receiver); a cancelled blocked send queues nothing;
+    both are checkpoints even when they need not wait."""
+    inbox = AppInbox(1)
+    with trio.move_on_after(0.01) as cs:
+        await inbox.receive()
+    assert cs.cancelled_caught
+    await inbox.send("kept")
+    with trio.move_on_after(0.01) as cs:
+        await inbox.send("dropped")  # full: waits, then is cancelled
+    assert cs.cancelled_caught
+    assert await inbox.receive() == "kept"
+    with trio.CancelScope() as cs:
+        cs.cancel()
+        await inbox.send("never")  # a checkpoint: cancelled before queueing
+    assert cs.cancelled_caught
+    with trio.move_on_after(0.01) as cs:
+        await inbox.receive()
+    assert cs.cancelled_caught  # nothing was queued
+
+
+def test_light_tcp_server_is_checked_against_the_hypercorn_it_copies() -> None:
+    """``LightTCPServer.run`` is hypercorn 0.18.0's ``TCPServer.run`` with
+    one name changed (its task group) and the read loop inlined; it must be
+    re-read against any other hypercorn release.  This fails on another
+    release, or if hypercorn's own ``run`` no longer opens its ``TaskGroup``
+    and reads in ``_read_data`` as the copy assumes."""
+    assert metadata.version("hypercorn") == hypercorn_fixes.FIXED_VERSION
+    source = inspect.getsource(TCPServer.run)
+    assert "async with TaskGroup() as task_group:" in source
+    assert "await self._read_data()" in source

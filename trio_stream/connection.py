@@ -1,0 +1,197 @@
+"""hypercorn's per-connection server, lighter for as long as a connection lives.
+
+An open stream is mostly idle: its connection task waits for bytes, its
+request task for the next event, its watcher for ``http.disconnect``.  What
+each of them holds while it waits is the memory of an idle stream, so
+:class:`LightTCPServer` (the base of :class:`trio_stream.server.Connection`)
+changes two things in hypercorn 0.18.0's trio ``TCPServer``, each measured
+with ``tools/measure_idle.py`` (bytes per open idle stream):
+
+* **the read loop** (in :meth:`LightTCPServer.run`): without hypercorn's
+  ``fail_after(read_timeout)`` when there is no read timeout (ours: none; it
+  still opened ``fail_after(inf)``: a cancel scope, its status and a
+  generator, about 1 KB), and on plain TCP it waits for the socket to be
+  readable itself, then reads: the waiting task then holds
+  ``wait_readable``'s frames instead of the seven of
+  ``GuardedStream.receive_some`` -> ``SocketStream.receive_some`` ->
+  ``socket.recv`` -> ``wait_readable`` (about 1.7 KB);
+* **the app's inbox** (:class:`AppInbox`): hypercorn hands each request's
+  events (body, ``http.disconnect``) to the app through a trio memory
+  channel of ``max_app_queue_size``: two channel objects, a state with a
+  ``deque`` and two ``OrderedDict``\\ s (about 1.7 KB), and a receive that
+  parks three frames deep.  The inbox is one slotted object with the same
+  semantics (bounded, FIFO, blocking, cancellable).
+
+It also publishes the connection's :class:`~trio_stream.transport.Link` to
+its request tasks (the direct HTTP/1.1 body path).  Everything else --
+``run`` is hypercorn's, line for line, except the task group it opens and
+the read loop -- is hypercorn's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import outcome
+import trio
+from hypercorn.config import Config
+from hypercorn.events import Closed, RawData
+from hypercorn.protocol import ProtocolWrapper
+from hypercorn.trio.task_group import TaskGroup, _handle
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
+from hypercorn.typing import AppWrapper, ConnectionState
+from hypercorn.utils import parse_socket_addr
+
+from .transport import LINK, GuardedStream, Link
+
+
+class AppInbox:
+    """A request's events on their way to the app: hypercorn's memory channel
+    of ``capacity`` (``max_app_queue_size``), as one small object.
+
+    ``send`` hands a message to a waiting receiver, else queues it, else
+    (``capacity`` queued) waits for room.  ``receive`` takes the oldest
+    message, else waits.  Both are checkpoints and cancellable, and waiters
+    are served first come, first served -- as with the channel.
+    """
+
+    __slots__ = ("_capacity", "_items", "_receivers", "_senders")
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        # Each list is made on first use: most requests queue one message
+        # (their body) and then keep one receiver (the disconnect watcher).
+        self._items: list[Any] | None = None
+        self._receivers: list[trio.lowlevel.Task] | None = None
+        self._senders: list[trio.lowlevel.Task] | None = None
+
+    async def send(self, message: Any) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            if self._receivers:
+                trio.lowlevel.reschedule(self._receivers.pop(0), outcome.Value(message))
+                break
+            if self._items is None:
+                self._items = []
+            if len(self._items) < self._capacity:
+                self._items.append(message)
+                break
+            if self._senders is None:
+                self._senders = []
+            await _park(self._senders)  # woken by a receive: look again
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def receive(self) -> Any:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._items:
+            message = self._items.pop(0)
+            if self._senders:
+                trio.lowlevel.reschedule(self._senders.pop(0))
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return message
+        # As _park, inline: the disconnect watcher waits here for its whole
+        # life, and a frame less is memory less per open stream.
+        if self._receivers is None:
+            self._receivers = []
+        receivers = self._receivers
+        task = trio.lowlevel.current_task()
+        receivers.append(task)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            receivers.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+async def _park(queue: list[trio.lowlevel.Task]) -> Any:
+    """Wait in ``queue`` until rescheduled (with a value, or ``None``); a
+    cancelled waiter leaves the queue."""
+    task = trio.lowlevel.current_task()
+    queue.append(task)
+
+    def abort(_: object) -> trio.lowlevel.Abort:
+        queue.remove(task)
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    return await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+class LightTaskGroup(TaskGroup):
+    """hypercorn's trio task group, with an :class:`AppInbox` per request."""
+
+    async def spawn_app(
+        self, app: AppWrapper, config: Config, scope: Any, send: Callable[[Any], Awaitable[None]]
+    ) -> Callable[[Any], Awaitable[None]]:
+        inbox = AppInbox(config.max_app_queue_size)
+        assert self._nursery is not None  # inside ``async with``, as hypercorn's
+        self._nursery.start_soon(
+            _handle, app, config, scope, inbox.receive, send,
+            trio.to_thread.run_sync, trio.from_thread.run,
+        )  # fmt: skip
+        return inbox.send
+
+
+class LightTCPServer(TCPServer):
+    """hypercorn's trio ``TCPServer`` with the read loop and the app inbox above."""
+
+    async def run(self) -> None:
+        # hypercorn 0.18.0's TCPServer.run, with LightTaskGroup for TaskGroup.
+        try:
+            try:
+                with trio.fail_after(self.config.ssl_handshake_timeout):
+                    await self.stream.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError):
+                return  # Handshake failed
+            alpn_protocol = self.stream.selected_alpn_protocol()
+            socket = self.stream.transport_stream.socket
+            ssl = True
+        except AttributeError:  # Not SSL
+            alpn_protocol = "http/1.1"
+            socket = self.stream.socket
+            ssl = False
+
+        try:
+            client = parse_socket_addr(socket.family, socket.getpeername())
+            server = parse_socket_addr(socket.family, socket.getsockname())
+            if isinstance(self.stream, GuardedStream):  # plain TCP
+                # The request tasks (spawned from this task) inherit it: their
+                # HTTP/1.1 bodies may be written directly (transport.DirectBody).
+                LINK.set(Link(self.stream, self.send_lock, self._broken))
+
+            async with LightTaskGroup() as task_group:
+                self._task_group = task_group
+                self.protocol = ProtocolWrapper(
+                    self.app, self.config, self.context, task_group,
+                    ConnectionState(self.state), ssl, client, server,
+                    self.protocol_send, alpn_protocol,
+                )  # fmt: skip
+                await self.protocol.initiate()
+                await self.idle_task.restart(self._task_group, self._idle_timeout)
+                if self.config.read_timeout is not None:
+                    await self._read_data()  # hypercorn's loop, with its deadline
+                    return
+                # The read loop (see the module docstring), here rather than
+                # in a method of its own: one frame fewer while it waits.
+                sock = self.stream.socket if isinstance(self.stream, GuardedStream) else None
+                while True:
+                    try:
+                        if sock is not None and sock.fileno() >= 0:  # closed: the read says so
+                            await trio.lowlevel.wait_readable(sock)
+                        data = await self.stream.receive_some(MAX_RECV)
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        break
+                    await self.protocol.handle(RawData(bytes(data)))
+                    if data == b"":
+                        break
+                await self.protocol.handle(Closed())
+        except OSError:
+            pass
+        finally:
+            await self._close()
+
+    async def _broken(self) -> None:
+        """A direct body write failed: what hypercorn does when its own fails
+        (the protocol delivers ``http.disconnect`` to the app)."""
+        await self.protocol.handle(Closed())
