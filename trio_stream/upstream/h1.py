@@ -1,4 +1,5 @@
-"""The streaming POST to an HTTP upstream: a small pooled HTTP/1.1 client (trio + h11).
+"""The streaming POST to an HTTP upstream: a small pooled HTTP/1.1 client (trio,
+h11 for the request, httptools for the response).
 
 Only the completion request goes through here (``POST /chat/completions``,
 ``POST /api/chat``): its body is read once per token, and that read is the
@@ -6,13 +7,18 @@ server's hot path (docs/design.md section 15).  httpx read a token through
 httpcore and h11 with five nested async generators and a ``fail_after(inf)``
 cancel scope per read, and trio's ``recv`` tried the socket before waiting, so
 every token also cost a ``recvfrom`` that returned ``EAGAIN``.  Here a token
-costs one wait for readability, one ``recv`` and one ``h11`` event.  The rare
+costs one wait for readability, one ``recv`` and one call into llhttp.  The rare
 calls (``GET /models``, ``/api/tags``) stay on httpx (:mod:`._http`): they are
 not per token, and httpx's redirects, decoding and pool are worth more there
 than a few microseconds.
 
-HTTP/1.1 only, framing by ``h11`` (chunked, ``Content-Length`` and read-to-EOF
-bodies).  One connection carries one exchange at a time:
+HTTP/1.1 only.  The request is written (and its headers validated) by
+``h11``; the response is framed by ``httptools`` -- llhttp, the C parser
+uvicorn uses -- (chunked, ``Content-Length`` and read-to-EOF bodies): with
+h11's pure-Python state machine on the response, three ``next_event`` calls
+per token were 13% of a proxied token's CPU (py-spy; 117-121 -> 102 µs per
+token with llhttp, ``tools/measure_token_cost.py external``).  One connection
+carries one exchange at a time:
 
 * **Timeouts.** ``--connect-timeout`` bounds connecting, the TLS handshake and
   writing the request.  Nothing here times the response (its head included):
@@ -21,7 +27,7 @@ bodies).  One connection carries one exchange at a time:
   model) gets ``--first-token-timeout``, as it did with httpx.
 * **Pool.** Idle connections are kept per ``(scheme, host, port)``, at most
   :data:`MAX_IDLE` in all.  A connection goes back only when its response was
-  read to its end and ``h11`` allows another exchange on it; any exception or
+  read to its end and it did not ask to close (llhttp's keep-alive); any exception or
   cancellation while it is out closes it (shielded, within
   :data:`CLOSE_TIMEOUT`; ``Cancelled`` is re-raised, never swallowed), so the
   upstream sees the close at once and stops generating.
@@ -50,6 +56,7 @@ from contextlib import asynccontextmanager, suppress
 from urllib.parse import urlsplit
 
 import h11
+import httptools
 import trio
 
 from ..errors import UpstreamError
@@ -84,14 +91,14 @@ def failed(exc: BaseException) -> UpstreamError:
 class Connection:
     """One HTTP/1.1 connection: the trio stream, its socket and its ``h11`` state."""
 
-    __slots__ = ("_drained", "eof", "h11", "key", "received", "sock", "stream", "tls")
+    __slots__ = ("_drained", "eof", "exchange", "key", "received", "sock", "stream", "tls")
 
     def __init__(self, stream: trio.abc.Stream, sock: socket.socket, key: Key) -> None:
         self.stream = stream
         self.sock = sock  # the stdlib socket under ``stream`` (and under TLS)
         self.tls = isinstance(stream, trio.SSLStream)
         self.key = key
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.exchange: Exchange | None = None  # the response being parsed
         self.received = False  # a byte of the current response arrived
         self.eof = False  # the upstream closed its side (a body read to EOF)
         self._drained = True  # the last read emptied the socket
@@ -132,11 +139,10 @@ class Connection:
 
     @property
     def reusable(self) -> bool:
-        """Both sides finished their exchange, neither asked to close, and the
-        upstream did not close (h11 still says ``DONE`` after a body that
-        ended at EOF)."""
-        h = self.h11
-        return h.our_state is h11.DONE and h.their_state is h11.DONE and not self.eof
+        """The response was read to its end, it did not ask to close the
+        connection, and the upstream did not close its side."""
+        x = self.exchange
+        return x is not None and x.complete and x.keep_alive and not self.eof
 
     async def aclose(self) -> None:
         """Close the connection, even when cancelled; never raises on a broken one."""
@@ -153,16 +159,78 @@ class Connection:
         self.sock.close()
 
 
+class Exchange:
+    """httptools' callbacks for one response: its head, its body pieces, its end.
+
+    llhttp (through httptools, the parser uvicorn uses) frames the response:
+    ``Content-Length``, chunked, or -- neither -- the body runs to EOF.  It
+    is C, so a token's body piece costs no Python-level state machine.
+    """
+
+    __slots__ = ("body", "complete", "head_done", "headers", "keep_alive", "parser", "to_eof")
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.head_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.to_eof = False  # neither Content-Length nor chunked: the body ends at EOF
+
+    def feed(self, data: bytes) -> None:
+        """Parse ``data``.  Raises :class:`UpstreamError` on bad framing."""
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            raise failed(exc) from exc
+
+    def eof(self) -> None:
+        """The upstream closed: the end of a read-to-EOF body, else an error."""
+        if not self.complete:
+            if self.head_done and self.to_eof:
+                self.complete = True
+            else:
+                raise failed(
+                    RuntimeError("peer closed connection without sending complete message body")
+                )
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        if 100 <= self.parser.get_status_code() < 200:
+            self.headers = []  # an informational response: the real one follows
+            return
+        self.head_done = True
+        names = {name for name, _ in self.headers}
+        self.to_eof = b"content-length" not in names and b"transfer-encoding" not in names
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.head_done:
+            self.complete = True
+            self.keep_alive = self.parser.should_keep_alive()
+
+
 class Response:
     """A response being read: its status, headers and body, with :meth:`read`."""
 
-    __slots__ = ("complete", "conn", "headers", "status")
+    __slots__ = ("conn", "exchange", "headers", "status")
 
-    def __init__(self, conn: Connection, head: h11.Response) -> None:
+    def __init__(self, conn: Connection, exchange: Exchange) -> None:
         self.conn = conn
-        self.status = head.status_code
-        self.headers = head.headers
-        self.complete = False  # the body was read to its end
+        self.exchange = exchange
+        self.status = exchange.parser.get_status_code()
+        self.headers = exchange.headers
+
+    @property
+    def complete(self) -> bool:
+        """The body was read to its end."""
+        return self.exchange.complete
 
     async def read(self) -> bytes:
         """The body's next bytes, ``b""`` once it ended.  A checkpoint.
@@ -171,31 +239,26 @@ class Response:
         Raises :class:`UpstreamError` if the connection breaks or the framing
         is wrong (an EOF inside a chunked or ``Content-Length`` body).
         """
-        h = self.conn.h11
-        read = False
-        data = b""
-        while not self.complete:
-            try:
-                event = h.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise failed(exc) from exc
-            if type(event) is h11.Data:
-                data = data + event.data if data else event.data
-            elif event is h11.NEED_DATA:
-                if data or read:
-                    break
+        x = self.exchange
+        if not x.body and not x.complete:
+            while True:
                 try:
-                    h.receive_data(await self.conn.receive())
+                    data = await self.conn.receive()
                 except _Broken as exc:
                     raise failed(exc) from exc
-                read = True
-            elif type(event) is h11.EndOfMessage:
-                self.complete = True
-            else:  # ConnectionClosed or PAUSED: h11 reports an EOF as an error above
-                raise failed(RuntimeError(f"unexpected {event!r}"))
-        if not read:
+                if not data:
+                    x.eof()
+                    break
+                x.feed(data)
+                if x.body or x.complete:
+                    break
+        else:
             await trio.lowlevel.checkpoint()
-        return data
+        body = x.body
+        if not body:
+            return b""
+        x.body = []
+        return body[0] if len(body) == 1 else b"".join(body)
 
     async def read_snippet(self, limit: int = ERROR_SNIPPET) -> bytes:
         """Up to ``limit`` bytes of the body (an error's), what arrived if it breaks."""
@@ -303,7 +366,7 @@ class Pool:
     async def _exchange(self, conn: Connection, path: str, body: bytes) -> Response:
         """POST ``body`` on ``conn`` and read the response head.  On any error
         the connection is closed; :class:`_Stale` if it died before answering."""
-        h = conn.h11
+        h = h11.Connection(h11.CLIENT)  # writes and validates the request only
         headers = [
             ("host", self.authority),
             *self.headers,
@@ -323,30 +386,25 @@ class Pool:
             except h11.LocalProtocolError as exc:  # a header we cannot send (the API key)
                 raise failed(exc) from exc
             conn.received = False
+            conn.exchange = x = Exchange()
             try:
                 with trio.fail_after(self.connect_timeout):
                     await conn.stream.send_all(request)
             except _Broken as exc:
                 raise _Stale(f"sending the request failed: {exc!r}") from exc
-            while True:
+            while not x.head_done:
                 try:
-                    event = h.next_event()
-                except h11.RemoteProtocolError as exc:
-                    raise failed(exc) from exc
-                if event is h11.NEED_DATA:
-                    try:
-                        data = await conn.receive()
-                    except _Broken as exc:
-                        if conn.received:
-                            raise failed(exc) from exc
-                        raise _Stale(f"the connection broke: {exc!r}") from exc
-                    if not data and not conn.received:
+                    data = await conn.receive()
+                except _Broken as exc:
+                    if conn.received:
+                        raise failed(exc) from exc
+                    raise _Stale(f"the connection broke: {exc!r}") from exc
+                if not data:
+                    if not conn.received:
                         raise _Stale("the upstream closed the connection")
-                    h.receive_data(data)
-                elif type(event) is h11.Response:
-                    return Response(conn, event)
-                elif type(event) is not h11.InformationalResponse:
-                    raise failed(RuntimeError(f"unexpected {event!r}"))
+                    x.eof()  # raises: the head never completed
+                x.feed(data)
+            return Response(conn, x)
         except trio.TooSlowError as exc:
             await conn.aclose()
             raise UpstreamError(
@@ -412,6 +470,6 @@ class Pool:
         if self.closed or not conn.reusable or self._idle_count >= self.max_idle:
             await conn.aclose()
             return
-        conn.h11.start_next_cycle()
+        conn.exchange = None
         self._idle.setdefault(conn.key, []).append(conn)
         self._idle_count += 1

@@ -1,7 +1,7 @@
 """Ollama: ``POST {url}/api/chat`` streaming NDJSON, mapped to OpenAI chunks.
 
 The completion streams through :class:`~trio_stream.upstream.h1.Pool` (one
-socket read, one h11 event per line), ``/api/tags`` through httpx.
+socket read and one llhttp parse per read), ``/api/tags`` through httpx.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Any OpenAI-compatible server: ``POST {url}/chat/completions`` with SSE.
 
 The completion streams through :class:`~trio_stream.upstream.h1.Pool`; per
-token: one socket read, one h11 event, :class:`~trio_stream.sse.SSEDataDecoder`
+token: one socket read, one llhttp parse, :class:`~trio_stream.sse.SSEDataDecoder`
 and ``orjson`` on the event's bytes, in one async generator (:func:`_items`).
 """
 
