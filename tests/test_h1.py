@@ -207,6 +207,44 @@ async def test_body_to_eof_is_read_and_the_connection_not_pooled() -> None:
         await pool.aclose()
 
 
+async def test_connection_close_response_is_not_pooled() -> None:
+    """A response that asks to close its connection (``Connection: close``),
+    even with a complete Content-Length body, is read whole and its
+    connection is not pooled: the next request opens a new one."""
+
+    async def answer(stream: trio.abc.Stream, conn: int, n: int) -> bool:
+        head = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: %d\r\n\r\n"
+        await stream.send_all(head % len(SSE_BODY) + SSE_BODY)
+        return False
+
+    async with raw_server(answer) as server:
+        pool = pool_for(server.port)
+        assert await post_all(pool) == SSE_BODY
+        assert pool.idle == 0
+        assert await post_all(pool) == SSE_BODY
+        await pool.aclose()
+    assert [s.conn for s in server.seen] == [0, 1]
+
+
+async def test_informational_response_before_the_answer_is_skipped() -> None:
+    """A ``100 Continue`` before the real response is not the response: the
+    status, headers and body are the 200's, and the connection stays reusable."""
+
+    async def answer(stream: trio.abc.Stream, conn: int, n: int) -> bool:
+        await stream.send_all(b"HTTP/1.1 100 Continue\r\nx-early: 1\r\n\r\n" + sse_chunked())
+        return True
+
+    async with raw_server(answer) as server:
+        pool = pool_for(server.port)
+        async with pool.post("/chat/completions", BODY) as response:
+            assert response.status == 200
+            assert (b"x-early", b"1") not in response.headers
+            assert (b"transfer-encoding", b"chunked") in response.headers
+            assert await read_body(response) == SSE_BODY
+        assert pool.idle == 1
+        await pool.aclose()
+
+
 async def test_body_comes_as_delivered_and_events_are_reassembled() -> None:
     """``read()`` returns the body as the socket delivered it (here several
     events in one read, then an event cut in two chunks): nothing is lost or
