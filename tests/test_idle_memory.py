@@ -203,7 +203,8 @@ async def test_app_inbox_waits_are_cancellable_and_lose_nothing() -> None:
 
 def test_light_tcp_server_is_checked_against_the_hypercorn_it_copies() -> None:
     """``LightTCPServer.run`` is hypercorn 0.18.0's ``TCPServer.run`` with
-    one name changed (its task group) and the read loop inlined; it must be
+    one name changed (its task group), no handshake deadline on a plain
+    connection, and the read loop inlined; it must be
     re-read against any other hypercorn release.  This fails on another
     release, or if hypercorn's own ``run`` no longer opens its ``TaskGroup``
     and reads in ``_read_data`` as the copy assumes."""

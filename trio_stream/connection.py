@@ -137,8 +137,12 @@ class LightTCPServer(TCPServer):
     """hypercorn's trio ``TCPServer`` with the read loop and the app inbox above."""
 
     async def run(self) -> None:
-        # hypercorn 0.18.0's TCPServer.run, with LightTaskGroup for TaskGroup.
-        try:
+        # hypercorn 0.18.0's TCPServer.run, with LightTaskGroup for TaskGroup,
+        # and no handshake deadline on a plain connection: hypercorn entered
+        # fail_after(ssl_handshake_timeout) before finding out there is no
+        # handshake, and the exited scope's entry stayed in trio's deadline
+        # heap (holding the scope) for that long -- 60 s, per connection.
+        if isinstance(self.stream, trio.SSLStream):
             try:
                 with trio.fail_after(self.config.ssl_handshake_timeout):
                     await self.stream.do_handshake()
@@ -147,7 +151,7 @@ class LightTCPServer(TCPServer):
             alpn_protocol = self.stream.selected_alpn_protocol()
             socket = self.stream.transport_stream.socket
             ssl = True
-        except AttributeError:  # Not SSL
+        else:  # Not SSL
             alpn_protocol = "http/1.1"
             socket = self.stream.socket
             ssl = False

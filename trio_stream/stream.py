@@ -155,7 +155,13 @@ class Subscriber:
         if not self.started:
             self.started = True
             headers = (*SSE_HEADERS, *self.headers, *extra)
-            with trio.move_on_after(self.stall_timeout):
+            if not self.flow_controlled:
+                # HTTP/1.1: hypercorn only stores the head until the first body
+                # chunk, whose write GuardedStream bounds.  No deadline here,
+                # so no exited scope lingers in trio's deadline heap.
+                await start(self._send, status, b"text/event-stream", headers)
+                return
+            with trio.move_on_after(self.stall_timeout):  # HTTP/2: the send lock may wait
                 await start(self._send, status, b"text/event-stream", headers)
 
     def _whole_ready(self) -> bool:
