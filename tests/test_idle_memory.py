@@ -179,10 +179,13 @@ async def _receive_into(inbox: AppInbox, got: list[Any]) -> None:
     got.append(await inbox.receive())
 
 
-async def test_app_inbox_waits_are_cancellable_and_lose_nothing() -> None:
+async def test_app_inbox_waits_are_cancellable_and_lose_nothing(
+    autojump_clock: trio.abc.Clock,
+) -> None:
     """A cancelled receive leaves the inbox (the next message is queued, not
     handed to the gone receiver); a cancelled blocked send queues nothing;
-    both are checkpoints even when they need not wait."""
+    both are checkpoints even when they need not wait.  (The deadlines fire
+    on the virtual clock once the wait is blocked.)"""
     inbox = AppInbox(1)
     with trio.move_on_after(0.01) as cs:
         await inbox.receive()
