@@ -25,12 +25,12 @@ import trio.testing
 
 from tests.fakes import FakeUpstream
 from trio_stream import EventLogger, RecordingSink, Service, Settings, open_service, serve_service
-from trio_stream.pgstore import PostgresStore
-from trio_stream.protocol import ChatRequest
-from trio_stream.runs import Run
-from trio_stream.sse import SSEDecoder, SSEEvent
-from trio_stream.store import Message, SQLiteStore, Store, open_store
+from trio_stream.runs.manager import Run
+from trio_stream.store.base import Message, SQLiteStore, Store, open_store
+from trio_stream.store.postgres import PostgresStore
 from trio_stream.upstream import Item, Upstream
+from trio_stream.wire.request import ChatRequest
+from trio_stream.wire.sse import SSEDecoder, SSEEvent
 
 
 @dataclass
@@ -147,7 +147,7 @@ class Recording(Store):
 
 
 class RecordingStore(Recording, SQLiteStore):
-    """A :class:`~trio_stream.store.SQLiteStore` that records its saves."""
+    """A :class:`~trio_stream.store.base.SQLiteStore` that records its saves."""
 
     def __init__(self, path: str, *, threaded: bool = True) -> None:
         super().__init__(path, threaded=threaded)
@@ -155,7 +155,7 @@ class RecordingStore(Recording, SQLiteStore):
 
 
 class RecordingPostgresStore(Recording, PostgresStore):
-    """A :class:`~trio_stream.pgstore.PostgresStore` that records its saves."""
+    """A :class:`~trio_stream.store.postgres.PostgresStore` that records its saves."""
 
     def __init__(self, url: str, *, threaded: bool = True, timeout: float = 5.0) -> None:
         super().__init__(url, threaded=threaded, timeout=timeout)

@@ -20,7 +20,7 @@ import h11
 import orjson
 import trio
 
-from trio_stream import mocktext
+from trio_stream.upstream import mocktext
 
 
 @dataclass

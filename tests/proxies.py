@@ -47,7 +47,7 @@ import trustme
 
 from tests.conftest import RawClient, ServeProcess, serve_process
 from tests.fakes import FakeUpstream, Plan
-from trio_stream.sse import SSEEvent
+from trio_stream.wire.sse import SSEEvent
 
 NGINX = Path("/usr/sbin/nginx")
 HAPROXY = Path("/usr/sbin/haproxy")

@@ -37,8 +37,9 @@ import trio
 
 from tests.conftest import RecordingStore, running_server, tasks_living
 from tests.fakes import FakeUpstream, Plan, Step, openai_chunk
-from trio_stream import Settings, mocktext
+from trio_stream import Settings
 from trio_stream.load import LoadConfig, run_load
+from trio_stream.upstream import mocktext
 
 SEED = 20261
 REQUESTS = 300

@@ -1,4 +1,4 @@
-"""Plain synchronous tests of OpenAI chunk encoding (trio_stream/chunks.py)."""
+"""Plain synchronous tests of OpenAI chunk encoding (trio_stream/wire/chunks.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 import orjson
 import pytest
 
-from trio_stream.chunks import ChunkEncoder, cancel_error
-from trio_stream.runlog import Entry, Outcome, RunLog, RunStatus, ToolDelta
-from trio_stream.sse import SSEDecoder, SSEEvent
+from trio_stream.core.log import Entry, Outcome, RunLog, RunStatus, ToolDelta
+from trio_stream.wire.chunks import ChunkEncoder, cancel_error
+from trio_stream.wire.sse import SSEDecoder, SSEEvent
 
 CID = "chatcmpl-abc"
 MODEL = 'm "quoted"'

@@ -33,7 +33,7 @@ import trio
 from tests.conftest import serve_process
 from tests.fakes import Exchange, FakeUpstream, mock_plan
 from tests.redis_server import RedisServer
-from trio_stream import mocktext
+from trio_stream.upstream import mocktext
 
 SESSIONS = 8
 REQUESTS_PER_SESSION = 5

@@ -23,8 +23,8 @@ import trustme
 
 from tests.fakes import FakeUpstream, Plan, Step, openai_chunk, token_plan
 from trio_stream.errors import UpstreamError
-from trio_stream.sse import SSEDataDecoder
 from trio_stream.upstream.h1 import ERROR_SNIPPET, MAX_IDLE, Pool, Response
+from trio_stream.wire.sse import SSEDataDecoder
 
 BODY = b'{"model":"m","messages":[],"stream":true}'
 SSE_BODY = (

@@ -41,7 +41,8 @@ from selenium.webdriver.common.by import By
 
 from tests.conftest import Server, running_server
 from tests.fakes import FakeUpstream, Plan, Step, mock_plan, openai_chunk, token_plan
-from trio_stream import Settings, mocktext
+from trio_stream import Settings
+from trio_stream.upstream import mocktext
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "playground"
 KEY = "k-playground"

@@ -1,4 +1,4 @@
-"""Plain synchronous tests of request parsing and validation (trio_stream/protocol.py)."""
+"""Plain synchronous tests of request parsing and validation (trio_stream/wire/request.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from trio_stream.errors import ApiError
-from trio_stream.protocol import parse_chat_request, parse_session_id
+from trio_stream.wire.request import parse_chat_request, parse_session_id
 
 MSG = [{"role": "user", "content": "hi"}]
 

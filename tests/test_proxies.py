@@ -51,9 +51,9 @@ from tests.proxies import (
     upstream_request,
     wait_upstream_closed,
 )
-from trio_stream import mocktext
 from trio_stream.load.h2 import open_h2_connection
-from trio_stream.sse import SSEDecoder
+from trio_stream.upstream import mocktext
+from trio_stream.wire.sse import SSEDecoder
 
 CHAT = "/v1/chat/completions"
 GAP = 0.1  # seconds between two upstream tokens

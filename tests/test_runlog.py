@@ -1,4 +1,4 @@
-"""Plain synchronous tests of the run log and its state machine (trio_stream/runlog.py)."""
+"""Plain synchronous tests of the run log and its state machine (trio_stream/core/log.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from trio_stream.runlog import (
+from trio_stream.core.log import (
     SAVED_STATUS,
     Entry,
     IllegalTransition,

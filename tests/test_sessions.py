@@ -1,10 +1,10 @@
-"""Plain synchronous tests of the session table (trio_stream/sessions.py)."""
+"""Plain synchronous tests of the session table (trio_stream/core/sessions.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from trio_stream.sessions import SessionKey, SessionTable
+from trio_stream.core.sessions import SessionKey, SessionTable
 
 A: SessionKey = ("tenant-a", "s1")
 B: SessionKey = ("tenant-b", "s1")  # same session id, other API key

@@ -36,10 +36,11 @@ from tests.conftest import (
     waitable_server,
 )
 from tests.fakes import FakeUpstream, Plan, Step, mock_plan
-from trio_stream import EventLogger, Settings, mocktext, open_service, serve_service
-from trio_stream.protocol import ChatRequest
-from trio_stream.sse import SSEDecoder, SSEEvent
+from trio_stream import EventLogger, Settings, open_service, serve_service
+from trio_stream.upstream import mocktext
 from trio_stream.upstream.openai import OpenAIUpstream
+from trio_stream.wire.request import ChatRequest
+from trio_stream.wire.sse import SSEDecoder, SSEEvent
 
 PROMPT_A = [{"role": "user", "content": "prompt A"}]
 PROMPT_B = [{"role": "user", "content": "prompt B"}]

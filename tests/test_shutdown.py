@@ -36,8 +36,9 @@ import trio
 
 from tests.conftest import ServeProcess, serve_process
 from tests.fakes import FakeUpstream, Plan, token_plan
-from trio_stream import Settings, mocktext
-from trio_stream.sse import SSEDecoder, SSEEvent
+from trio_stream import Settings
+from trio_stream.upstream import mocktext
+from trio_stream.wire.sse import SSEDecoder, SSEEvent
 
 CHAT = "/v1/chat/completions"
 GRACE = 1.0  # --graceful-timeout of the big test

@@ -21,9 +21,10 @@ import trio.testing
 from tests.conftest import RawClient, Server, memory_app, running_server, tasks_living
 from tests.fakes import FakeUpstream, mock_plan, token_plan
 from tests.memasgi import start_request
-from trio_stream import Settings, mocktext
-from trio_stream.service import PUBLIC_TENANT
-from trio_stream.sse import SSEEvent
+from trio_stream import Settings
+from trio_stream.http.service import PUBLIC_TENANT
+from trio_stream.upstream import mocktext
+from trio_stream.wire.sse import SSEEvent
 
 CHAT = "/v1/chat/completions"
 #: A generous bound on "client closed -> upstream connection closed", which

@@ -30,8 +30,8 @@ import trio
 from tests.conftest import Server, running_server, tasks_living
 from tests.fakes import FakeUpstream, Plan, Step, ollama_line, openai_chunk
 from trio_stream import Settings
-from trio_stream.service import PUBLIC_TENANT
-from trio_stream.sse import SSEDecoder
+from trio_stream.http.service import PUBLIC_TENANT
+from trio_stream.wire.sse import SSEDecoder
 
 TIMEOUT = 0.3  # first-token and inter-token timeouts of every server here
 MESSAGES = [{"role": "user", "content": "fault"}]

@@ -20,7 +20,8 @@ import trio
 
 from tests.conftest import RawClient, Server, loopback_client, running_server
 from tests.fakes import FakeUpstream, Plan, Step, token_plan
-from trio_stream import Settings, mocktext
+from trio_stream import Settings
+from trio_stream.upstream import mocktext
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "upstream please"}]

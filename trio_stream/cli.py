@@ -104,7 +104,7 @@ def serve(**options: Any) -> None:
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     if settings.workers > 1:
-        from . import workers
+        from .server import workers
 
         workers.run(settings)
         return
@@ -113,7 +113,7 @@ def serve(**options: Any) -> None:
 
 async def serve_until_signal(settings: Settings, sockets: Sequence[socket.socket] = ()) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully."""
-    from .server import serve as serve_
+    from .server.serve import serve as serve_
 
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:

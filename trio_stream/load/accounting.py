@@ -46,8 +46,8 @@ from typing import Any, Literal
 
 import orjson
 
-from .. import mocktext
-from ..sse import SSEDecoder
+from ..upstream import mocktext
+from ..wire.sse import SSEDecoder
 
 OutcomeKind = Literal["ok", "failed", "cancelled"]
 DISCONNECT = "client_disconnect"

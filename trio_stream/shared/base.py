@@ -48,11 +48,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from ..core.log import Entry, Outcome
 from ..errors import TrioStreamError
-from ..runlog import Entry, Outcome
 
 if TYPE_CHECKING:
-    from ..runs import Run
+    from ..runs.manager import Run
 
 SessionKey = tuple[str, str]
 

@@ -1,6 +1,6 @@
 """The in-process backend: today's single-process behaviour, at no extra cost.
 
-The session table is the pure :class:`~trio_stream.sessions.SessionTable`;
+The session table is the pure :class:`~trio_stream.core.sessions.SessionTable`;
 cancel signals are direct calls into the run manager; "finished" is the run's
 own ``done`` event.  No method checkpoints unless it has to wait, so the
 embedded default keeps the exact scheduling it had before the seam existed:
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import trio
 
-from ..sessions import SessionTable
+from ..core.sessions import SessionTable
 from .base import Claim, SessionKey, SharedState
 
 

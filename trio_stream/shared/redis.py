@@ -73,11 +73,11 @@ import orjson
 import trio
 from coredis.tokens import PureToken
 
-from ..runlog import Entry, Outcome, RunStatus, ToolDelta
+from ..core.log import Entry, Outcome, RunStatus, ToolDelta
 from .base import Claim, LogPage, RunRecord, SessionKey, SharedState, SharedUnavailable
 
 if TYPE_CHECKING:
-    from ..runs import Run
+    from ..runs.manager import Run
 
 T = TypeVar("T")
 

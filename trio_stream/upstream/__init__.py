@@ -1,6 +1,6 @@
 """Upstreams: where completions come from.
 
-An :class:`Upstream` turns a :class:`~trio_stream.protocol.ChatRequest` into an
+An :class:`Upstream` turns a :class:`~trio_stream.wire.request.ChatRequest` into an
 async iterator of log entries (content strings or tool deltas) ended by one
 :class:`Finish`, with the upstream's token counts as a :class:`Usage` item
 wherever it reports them (before or after the ``Finish``).  Every adapter
@@ -14,7 +14,7 @@ before the body's end, closes the connection before ``__aexit__`` returns
 (:class:`~trio_stream.upstream.h1.Pool` closes it in a shielded block with a
 deadline, and re-raises), so a cancelled run never leaves a connection
 behind; only a response read to its end goes back to the keep-alive pool.
-Timeouts between items are the caller's (:mod:`trio_stream.runs`), not the
+Timeouts between items are the caller's (:mod:`trio_stream.runs.manager`), not the
 adapter's.
 """
 
@@ -28,9 +28,9 @@ from typing import Any, Protocol
 import trio
 
 from ..config import Settings
-from ..protocol import ChatRequest
-from ..runlog import Entry
-from ..usage import Usage
+from ..core.log import Entry
+from ..wire.request import ChatRequest
+from ..wire.usage import Usage
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ carries one exchange at a time:
 
 * **Timeouts.** ``--connect-timeout`` bounds connecting, the TLS handshake and
   writing the request.  Nothing here times the response (its head included):
-  :mod:`trio_stream.runs` times the first token and every next one, so an
+  :mod:`trio_stream.runs.manager` times the first token and every next one, so an
   upstream that sends its head only with the first token (Ollama loading a
   model) gets ``--first-token-timeout``, as it did with httpx.
 * **Pool.** Idle connections are kept per ``(scheme, host, port)``, at most

@@ -1,6 +1,6 @@
 """The built-in mock upstream: no network, a deterministic reply (docs/api.md section 5).
 
-The text is :func:`trio_stream.mocktext.tokens`; the gap before each token is
+The text is :func:`trio_stream.upstream.mocktext.tokens`; the gap before each token is
 ``--mock-delay-ms``.  With a delay of 0 it still checkpoints once per token so
 that a cancel lands between any two tokens.
 
@@ -23,9 +23,8 @@ from typing import Any
 
 import trio
 
-from .. import mocktext
-from ..protocol import ChatRequest
-from . import Finish, Item
+from ..wire.request import ChatRequest
+from . import Finish, Item, mocktext
 
 TICK = 0.001
 

@@ -14,8 +14,8 @@ import orjson
 import trio
 
 from ..config import Settings
-from ..protocol import ChatRequest
-from ..sse import LineDecoder
+from ..wire.request import ChatRequest
+from ..wire.sse import LineDecoder
 from . import Item
 from ._http import get_json, make_client, make_pool
 from .h1 import Response

@@ -1,7 +1,7 @@
 """Any OpenAI-compatible server: ``POST {url}/chat/completions`` with SSE.
 
 The completion streams through :class:`~trio_stream.upstream.h1.Pool`; per
-token: one socket read, one llhttp parse, :class:`~trio_stream.sse.SSEDataDecoder`
+token: one socket read, one llhttp parse, :class:`~trio_stream.wire.sse.SSEDataDecoder`
 and ``orjson`` on the event's bytes, in one async generator (:func:`_items`).
 """
 
@@ -15,8 +15,8 @@ import orjson
 import trio
 
 from ..config import Settings
-from ..protocol import ChatRequest
-from ..sse import SSEDataDecoder
+from ..wire.request import ChatRequest
+from ..wire.sse import SSEDataDecoder
 from . import Item
 from ._http import get_json, make_client, make_pool
 from .h1 import Response

@@ -19,9 +19,9 @@ from typing import Any
 
 import orjson
 
+from ..core.log import ToolDelta
 from ..errors import UpstreamError
-from ..runlog import ToolDelta
-from ..usage import Usage
+from ..wire.usage import Usage
 from . import Finish, Item
 
 DONE = "[DONE]"
@@ -64,7 +64,7 @@ def _json(data: str | bytes | bytearray, what: str, replace: bool = False) -> di
 
 def openai_items(data: str | bytes | bytearray) -> list[Item]:
     """Items from one SSE ``data`` field of an OpenAI-compatible stream (the
-    bytes of :class:`~trio_stream.sse.SSEDataDecoder`, or a ``str``)."""
+    bytes of :class:`~trio_stream.wire.sse.SSEDataDecoder`, or a ``str``)."""
     chunk = _json(data, "chunk", replace=True)
     usage = Usage.from_openai(chunk.get("usage"))
     choices = chunk.get("choices")

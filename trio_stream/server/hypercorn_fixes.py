@@ -45,7 +45,7 @@ import h2.connection
 import h2.events
 from hypercorn.protocol import h2 as _h2
 
-from .logs import EventLogger
+from ..logs import EventLogger
 
 #: The hypercorn release whose code these fixes replace.
 FIXED_VERSION = "0.18.0"

@@ -2,8 +2,8 @@
 
 :func:`open_service` builds the store, the upstream, the metrics and the run
 manager, starts the manager's long-lived nursery, and tears it all down in
-reverse order.  The HTTP layer (:mod:`trio_stream.app`) and the server
-(:mod:`trio_stream.server`) only borrow it.
+reverse order.  The HTTP layer (:mod:`trio_stream.http.app`) and the server
+(:mod:`trio_stream.server.serve`) only borrow it.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from contextlib import asynccontextmanager
 import trio
 from prometheus_client import Gauge
 
-from .config import Settings
-from .errors import shutting_down, too_many_streams, unauthorized
-from .logs import EventLogger
-from .metrics import Metrics
-from .runs import SHARED_TIMEOUT, RunManager
-from .shared import LocalState, SharedState
-from .store import Store, open_store
+from ..config import Settings
+from ..errors import shutting_down, too_many_streams, unauthorized
+from ..logs import EventLogger
+from ..metrics import Metrics
+from ..runs.manager import SHARED_TIMEOUT, RunManager
+from ..shared import LocalState, SharedState
+from ..store.base import Store, open_store
+from ..upstream import Upstream, create_upstream
 from .stream import Pinger
-from .upstream import Upstream, create_upstream
 
 PUBLIC_TENANT = "public"
 
@@ -134,7 +134,7 @@ def create_shared(settings: Settings) -> SharedState:
     """The embedded in-process state, or Redis with ``--redis`` (cluster mode)."""
     if settings.redis is None:
         return LocalState()
-    from .shared.redis import RedisState  # only cluster mode imports coredis
+    from ..shared.redis import RedisState  # only cluster mode imports coredis
 
     return RedisState(settings.redis, lease=settings.node_lease, ttl=settings.run_ttl)
 

@@ -10,7 +10,7 @@ Ownership (see docs/design.md for the whole tree):
 Every run has one :class:`trio.CancelScope` (``Run.scope``) around its upstream
 work.  Cancelling a run -- for any reason -- goes through
 :meth:`RunManager.cancel`, which first fixes the outcome in the pure log
-(rule 2 of :mod:`trio_stream.runlog`: nothing more is appended) and then
+(rule 2 of :mod:`trio_stream.core.log`: nothing more is appended) and then
 cancels the scope.  ``drive`` ends in exactly one ``finally`` that saves the
 run (shielded, with ``--save-timeout``), releases the session entry by its own
 id, and sets ``Run.done``.  That single ``finally`` is the code-path half of
@@ -29,20 +29,20 @@ from typing import Any, TypeVar
 
 import trio
 
-from .chunks import ChunkEncoder
-from .config import Settings
-from .errors import UpstreamError, unavailable
-from .lifecycle import ending
-from .logs import EventLogger
-from .metrics import Metrics
-from .protocol import ChatRequest
-from .responses_wire import ResponseMeta
-from .runlog import Entry, LogClosed, Outcome, RunLog, RunStatus
-from .sessions import SessionKey, SessionTable
-from .shared import LocalState, LogPage, RunRecord, SharedState, SharedUnavailable
-from .store import AlreadySaved, Message, Store, StoreUnavailable, retry_delay
-from .upstream import Finish, Upstream
-from .usage import Usage, settle
+from ..config import Settings
+from ..core.lifecycle import ending
+from ..core.log import Entry, LogClosed, Outcome, RunLog, RunStatus
+from ..core.sessions import SessionKey, SessionTable
+from ..errors import UpstreamError, unavailable
+from ..logs import EventLogger
+from ..metrics import Metrics
+from ..shared import LocalState, LogPage, RunRecord, SharedState, SharedUnavailable
+from ..store.base import AlreadySaved, Message, Store, StoreUnavailable, retry_delay
+from ..upstream import Finish, Upstream
+from ..wire.chunks import ChunkEncoder
+from ..wire.request import ChatRequest
+from ..wire.responses import ResponseMeta
+from ..wire.usage import Usage, settle
 
 CANCEL_MESSAGES = {
     "superseded": "A newer request of this session superseded this run.",

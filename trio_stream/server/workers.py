@@ -37,8 +37,8 @@ from collections.abc import Sequence
 
 import trio
 
-from .config import Settings
-from .logs import EventLogger
+from ..config import Settings
+from ..logs import EventLogger
 
 CRASH_WINDOW = 1.0
 CRASH_BACKOFF = 1.0
@@ -70,7 +70,7 @@ def _worker_main(settings: Settings, sockets: Sequence[socket.socket], parent: i
 
 
 async def _worker(settings: Settings, sockets: Sequence[socket.socket], parent: int) -> None:
-    from .cli import serve_until_signal
+    from ..cli import serve_until_signal
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_parent, parent)

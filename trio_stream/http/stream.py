@@ -4,7 +4,7 @@ A :class:`Subscriber` follows one run's log from a cursor and writes it to one
 client as SSE (or, for ``stream: false``, as one JSON object at the end).
 
 Its two tasks are siblings in the request's nursery, with the run's upstream
-reader for an attached run (see :mod:`trio_stream.endpoints`):
+reader for an attached run (see :mod:`trio_stream.http.chat`):
 
 * the **writer** (:meth:`Subscriber.write_sse` / :meth:`write_json`) sends
   what the log holds, waits for more, sends ``: ping`` after
@@ -16,7 +16,7 @@ reader for an attached run (see :mod:`trio_stream.endpoints`):
 Every send has a deadline of ``--stall-timeout``.  On HTTP/2 the wait for
 flow-control credit is cancellable and the deadline fires.  On HTTP/1.1
 hypercorn writes inside a shielded scope, so the app cannot interrupt it;
-there the guarded transport of :mod:`trio_stream.transport` cuts the
+there the guarded transport of :mod:`trio_stream.http.transport` cuts the
 connection at the same deadline, the send returns, and we detect the stall by
 the time it took.  Either way :class:`ClientStalled` is raised.
 """
@@ -28,11 +28,11 @@ from collections.abc import Callable
 
 import trio
 
-from . import sse
+from ..core.log import Entry, Outcome, RunStatus
+from ..errors import UpstreamError, error_body
+from ..runs.manager import Run
+from ..wire import sse
 from .asgi import JSON, Receive, Send, send_bytes, send_error, start
-from .errors import UpstreamError, error_body
-from .runlog import Entry, Outcome, RunStatus
-from .runs import Run
 from .transport import DirectBody
 
 SSE_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
@@ -256,7 +256,7 @@ class Subscriber:
         await self._send_body(body, more=False)
 
     # -- rendering: the run's API (chat completions here; Responses API in
-    # trio_stream.responses, which overrides these) ---------------------------
+    # trio_stream.http.responses, which overrides these) ---------------------------
     def preamble(self) -> bytes:
         """Events due before the first delta (none for chat completions)."""
         return b""

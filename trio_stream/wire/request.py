@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from .errors import bad_request
+from ..errors import bad_request
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})

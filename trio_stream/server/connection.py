@@ -3,7 +3,7 @@
 An open stream is mostly idle: its connection task waits for bytes, its
 request task for the next event, its watcher for ``http.disconnect``.  What
 each of them holds while it waits is the memory of an idle stream, so
-:class:`LightTCPServer` (the base of :class:`trio_stream.server.Connection`)
+:class:`LightTCPServer` (the base of :class:`trio_stream.server.serve.Connection`)
 changes two things in hypercorn 0.18.0's trio ``TCPServer``, each measured
 with ``tools/measure_idle.py`` (bytes per open idle stream):
 
@@ -22,7 +22,7 @@ with ``tools/measure_idle.py`` (bytes per open idle stream):
   parks three frames deep.  The inbox is one slotted object with the same
   semantics (bounded, FIFO, blocking, cancellable).
 
-It also publishes the connection's :class:`~trio_stream.transport.Link` to
+It also publishes the connection's :class:`~trio_stream.http.transport.Link` to
 its request tasks (the direct HTTP/1.1 body path).  Everything else --
 ``run`` is hypercorn's, line for line, except the task group it opens and
 the read loop -- is hypercorn's own.
@@ -43,7 +43,7 @@ from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.typing import AppWrapper, ConnectionState
 from hypercorn.utils import parse_socket_addr
 
-from .transport import LINK, GuardedStream, Link
+from ..http.transport import LINK, GuardedStream, Link
 
 
 class AppInbox:

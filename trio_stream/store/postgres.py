@@ -1,7 +1,7 @@
 """Saved messages in Postgres: psycopg 3 (sync API) and a psycopg-pool pool.
 
-The same guarantees as :class:`~trio_stream.store.SQLiteStore` (see
-:mod:`trio_stream.store`), for several hosts sharing one history.  psycopg's
+The same guarantees as :class:`~trio_stream.store.base.SQLiteStore` (see
+:mod:`trio_stream.store.base`), for several hosts sharing one history.  psycopg's
 async mode needs asyncio, so -- like SQLite -- every statement runs in a worker
 thread (at most ``POOL_SIZE`` at once, one pooled connection each), and the
 event loop never waits on the network.
@@ -12,7 +12,7 @@ event loop never waits on the network.
   connection (say, a NUL byte in one content), each row is retried under its
   own savepoint so that only the bad one fails.
 * A dropped connection (a restarted server, a network cut) raises
-  :class:`~trio_stream.store.StoreUnavailable`; the pool replaces the broken
+  :class:`~trio_stream.store.base.StoreUnavailable`; the pool replaces the broken
   connection, and the caller may retry: a retried insert that had landed
   finds its row and reports it as already saved.
 * Migrations run in one transaction under ``pg_advisory_xact_lock``, so nodes
@@ -28,8 +28,8 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from .errors import ConfigError
-from .store import COLUMNS, Message, RowResult, Store, StoreUnavailable, first_of_each
+from ..errors import ConfigError
+from .base import COLUMNS, Message, RowResult, Store, StoreUnavailable, first_of_each
 
 #: Connections (and so worker threads) one store uses at most.
 POOL_SIZE = 4

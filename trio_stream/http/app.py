@@ -3,7 +3,7 @@
 Quart serves the JSON routes.  The two streaming routes
 (``POST /v1/chat/completions`` and ``GET /v1/runs/{id}/events``) are matched in
 :meth:`TrioStreamApp.__call__` before Quart sees the request and run as raw
-ASGI endpoints (:mod:`trio_stream.endpoints`), because:
+ASGI endpoints (:mod:`trio_stream.http.chat`), because:
 
 * their writer, upstream reader and disconnect watcher must be sibling tasks
   in a nursery *we* own (quart-trio iterates a body generator in a nursery of
@@ -24,11 +24,8 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import metrics as metrics_mod
-from . import responses
-from .asgi import Receive, Scope, Send, close_headers, send_error
-from .endpoints import chat_completions, run_events
-from .errors import (
+from .. import metrics as metrics_mod
+from ..errors import (
     ApiError,
     body_timeout,
     error_body,
@@ -36,10 +33,13 @@ from .errors import (
     not_found,
     unknown_route,
 )
+from ..store.base import Message
+from ..wire.request import parse_session_id
+from . import responses
+from .asgi import Receive, Scope, Send, close_headers, send_error
+from .chat import chat_completions, run_events
 from .playground import add_playground
-from .protocol import parse_session_id
 from .service import Service
-from .store import Message
 
 _EVENTS = re.compile(r"/v1/runs/([^/]+)/events")
 _JSON = "application/json"

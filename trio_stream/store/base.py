@@ -7,7 +7,7 @@ both):
 
 * :class:`SQLiteStore` (a file path, or ``:memory:``): the stdlib driver, one
   connection, one statement at a time.
-* :class:`~trio_stream.pgstore.PostgresStore` (a ``postgresql://`` URL):
+* :class:`~trio_stream.store.postgres.PostgresStore` (a ``postgresql://`` URL):
   psycopg 3's sync API and a psycopg-pool pool, for several hosts sharing one
   history.
 
@@ -17,7 +17,7 @@ the database.
 
 Saved exactly once: the primary key on ``run_id`` is the schema's half -- a
 second save of a run raises :class:`AlreadySaved` instead of writing a second
-row.  The code path is the other half (:mod:`trio_stream.runs` saves from
+row.  The code path is the other half (:mod:`trio_stream.runs.manager` saves from
 exactly one ``finally``).
 
 Group commit: while :meth:`Store.run` is running (``open_service`` runs it),
@@ -52,7 +52,7 @@ from typing import Any, TypeVar
 import orjson
 import trio
 
-from .errors import TrioStreamError
+from ..errors import TrioStreamError
 
 T = TypeVar("T")
 
@@ -420,7 +420,7 @@ def open_store(db: str, *, timeout: float = 5.0, threaded: bool = True) -> Store
     ``timeout``: how long a Postgres statement may wait for a connection.
     """
     if is_postgres(db):
-        from .pgstore import PostgresStore  # only a Postgres --db imports psycopg
+        from .postgres import PostgresStore  # only a Postgres --db imports psycopg
 
         return PostgresStore(db, timeout=timeout, threaded=threaded)
     return SQLiteStore(db, threaded=threaded)

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import trio
 
+from ..config import Settings
+from ..errors import ApiError, bad_request, body_timeout, not_found
+from ..runs.manager import Run
+from ..wire.request import parse_chat_request, parse_session_id
 from .asgi import ClientGone, Receive, Scope, Send, close_headers, header, read_body, send_error
-from .config import Settings
-from .errors import ApiError, bad_request, body_timeout, not_found
-from .protocol import parse_chat_request, parse_session_id
-from .runs import Run
 from .service import Service
 from .stream import ClientStalled, Subscriber, watch_disconnect
 from .transport import direct_body

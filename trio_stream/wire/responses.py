@@ -1,10 +1,10 @@
 """The OpenAI Responses API at the seam -- sans-IO (docs/api.md section 8).
 
 Upstreams speak chat completions, and a response is a run like any other
-(:mod:`trio_stream.runs`).  This module translates at the two ends:
+(:mod:`trio_stream.runs.manager`).  This module translates at the two ends:
 
 * **In**: a ``POST /v1/responses`` body becomes a
-  :class:`~trio_stream.protocol.ChatRequest` (``instructions`` a system
+  :class:`~trio_stream.wire.request.ChatRequest` (``instructions`` a system
   message first, ``input`` the messages, ``max_output_tokens`` the
   ``max_tokens``, ``background`` the detach flag) plus the
   :class:`ResponseMeta` that rendering needs.
@@ -37,9 +37,9 @@ from typing import Any
 
 import orjson
 
-from .errors import bad_request
-from .protocol import ChatRequest, _field, parse_json_object
-from .runlog import Entry, Outcome, RunStatus
+from ..core.log import Entry, Outcome, RunStatus
+from ..errors import bad_request
+from .request import ChatRequest, _field, parse_json_object
 
 #: Events before the first delta: created, in_progress, output_item.added,
 #: content_part.added (sequence numbers 0 to 3).

@@ -19,9 +19,9 @@ from typing import Any
 
 import orjson
 
+from ..core.log import Entry, Outcome, RunLog, RunStatus, ToolDelta
+from ..errors import error_body
 from . import sse
-from .errors import error_body
-from .runlog import Entry, Outcome, RunLog, RunStatus, ToolDelta
 
 _ROLE_DELTA = {"role": "assistant"}
 

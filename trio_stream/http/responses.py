@@ -1,14 +1,14 @@
 """The Responses API routes (docs/api.md section 8): a thin trio layer.
 
-A response is a run (:mod:`trio_stream.runs`) whose id starts with ``resp_``
-and which carries a :class:`~trio_stream.responses_wire.ResponseMeta`.  Every
+A response is a run (:mod:`trio_stream.runs.manager`) whose id starts with ``resp_``
+and which carries a :class:`~trio_stream.wire.responses.ResponseMeta`.  Every
 decision about the run -- sessions, cancellation, saving, expiry, cluster
 mode -- is the run manager's, and the ownership trees are the chat
-endpoint's own (:func:`trio_stream.endpoints._attached` for a foreground
-response, :func:`~trio_stream.endpoints._follow` for a background one or a
+endpoint's own (:func:`trio_stream.http.chat._attached` for a foreground
+response, :func:`~trio_stream.http.chat._follow` for a background one or a
 replay).  What differs is only rendering: :class:`ResponseSubscriber` writes
 Responses events instead of chat chunks, and the JSON routes answer
-``response`` objects (:mod:`trio_stream.responses_wire` builds both).
+``response`` objects (:mod:`trio_stream.wire.responses` builds both).
 
 Routes, all raw ASGI (``TrioStreamApp`` hands over every path under
 ``/v1/responses``):
@@ -26,6 +26,29 @@ from urllib.parse import parse_qs
 
 import orjson
 
+from ..core.log import Entry, Outcome, RunStatus
+from ..errors import (
+    ApiError,
+    bad_request,
+    method_not_allowed,
+    not_found,
+    unavailable,
+    unknown_route,
+)
+from ..runs.manager import Run, follow_page
+from ..shared import RunRecord, SharedUnavailable
+from ..store.base import Message
+from ..wire.request import parse_session_id
+from ..wire.responses import (
+    ResponseEvents,
+    ResponseMeta,
+    ResponseState,
+    log_cursor,
+    parse_responses_request,
+    response_object,
+    status_of,
+)
+from ..wire.usage import Usage
 from .asgi import (
     JSON,
     ClientGone,
@@ -37,26 +60,10 @@ from .asgi import (
     send_bytes,
     send_error,
 )
-from .endpoints import _attached, _follow, _is_h2, _response_headers, read_request
-from .errors import ApiError, bad_request, method_not_allowed, not_found, unavailable, unknown_route
-from .protocol import parse_session_id
-from .responses_wire import (
-    ResponseEvents,
-    ResponseMeta,
-    ResponseState,
-    log_cursor,
-    parse_responses_request,
-    response_object,
-    status_of,
-)
-from .runlog import Entry, Outcome, RunStatus
-from .runs import Run, follow_page
+from .chat import _attached, _follow, _is_h2, _response_headers, read_request
 from .service import Service
-from .shared import RunRecord, SharedUnavailable
-from .store import Message
 from .stream import Subscriber
 from .transport import direct_body
-from .usage import Usage
 
 _ONE = re.compile(r"/v1/responses/([^/]+)")
 _CANCEL = re.compile(r"/v1/responses/([^/]+)/cancel")
@@ -100,10 +107,10 @@ def saved_object(m: Message) -> dict[str, Any]:
 
 
 class ResponseSubscriber(Subscriber):
-    """A :class:`~trio_stream.stream.Subscriber` that writes Responses events.
+    """A :class:`~trio_stream.http.stream.Subscriber` that writes Responses events.
 
     ``starting_after``: the sequence number after which to write (-1: all);
-    the log cursor must be :func:`~trio_stream.responses_wire.log_cursor` of it.
+    the log cursor must be :func:`~trio_stream.wire.responses.log_cursor` of it.
     """
 
     def __init__(self, run: Run, send: Send, *, starting_after: int = -1, **kw: Any) -> None:

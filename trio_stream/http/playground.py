@@ -1,6 +1,6 @@
 """The browser playground: ``GET /`` and its static files (docs/api.md section 9).
 
-The page is plain HTML, CSS and JavaScript in ``trio_stream/playground/``,
+The page is plain HTML, CSS and JavaScript in ``trio_stream/http/playground/``,
 shipped in the package; there is no build step and nothing is loaded from
 elsewhere.  The files are read once, when the app is built, and served from
 memory under fixed names: there is no path to resolve, so no path to escape.
@@ -18,11 +18,11 @@ from importlib import resources
 from quart import Response
 from quart_trio import QuartTrio
 
-from .errors import unknown_route
+from ..errors import unknown_route
 
 PREFIX = "/playground/"
 
-# (file in trio_stream/playground/, Content-Type); index.html is served at "/".
+# (file in trio_stream/http/playground/, Content-Type); index.html is served at "/".
 FILES: dict[str, str] = {
     "index.html": "text/html; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
@@ -55,7 +55,7 @@ HEADERS = {
 
 def load() -> dict[str, bytes]:
     """The playground's files, by name, from the installed package."""
-    folder = resources.files("trio_stream") / "playground"
+    folder = resources.files("trio_stream.http") / "playground"
     return {name: (folder / name).read_bytes() for name in FILES}
 
 

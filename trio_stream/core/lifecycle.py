@@ -1,6 +1,6 @@
 """What happens when a run ends -- sans-IO.
 
-The trio driver (:mod:`trio_stream.runs`) asks :func:`ending` once, in the one
+The trio driver (:mod:`trio_stream.runs.manager`) asks :func:`ending` once, in the one
 ``finally`` that ends a run, and carries the answer out: save (or not), with
 which status, which log lines, which counters.  Keeping the decision here makes
 it a table that synchronous tests can check case by case, and lets every
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .runlog import SAVED_STATUS, Outcome
+from .log import SAVED_STATUS, Outcome
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, MutableMapping
 from typing import Any
 
-from .errors import ApiError, too_large
+from ..errors import ApiError, too_large
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -52,7 +52,7 @@ async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
     A declared ``Content-Length`` over the limit is refused before reading a
     byte, so an oversized body is never held in memory.  There is no deadline
     here: the caller puts one around the whole read (``--body-timeout``, see
-    :func:`trio_stream.endpoints.read_request`), so that a client dribbling a
+    :func:`trio_stream.http.chat.read_request`), so that a client dribbling a
     byte at a time is cut as surely as one that stops.
     """
     declared = header(scope, b"content-length")

@@ -2,7 +2,7 @@
 
 A *run* is one upstream completion.  Everything it produced is kept here, in
 order, so that any number of subscribers can replay it from any point and then
-follow it live.  The trio layer (:mod:`trio_stream.runs`) only adds wake-ups.
+follow it live.  The trio layer (:mod:`trio_stream.runs.manager`) only adds wake-ups.
 
 State machine (one table, checked on every move)::
 
@@ -34,7 +34,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import TrioStreamError
+from ..errors import TrioStreamError
 
 
 class RunStatus(enum.Enum):

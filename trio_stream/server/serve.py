@@ -4,7 +4,7 @@ We do not call ``hypercorn.trio.serve``: we build its pieces ourselves
 (:class:`Connection`, a hypercorn ``TCPServer``, per connection, and
 ``trio.serve_listeners``) so that
 
-* every accepted socket is a :class:`~trio_stream.transport.GuardedStream`
+* every accepted socket is a :class:`~trio_stream.http.transport.GuardedStream`
   (writes with a deadline, even inside hypercorn's shield), and
 * shutdown follows docs/api.md section 3.7 exactly: 503 for new streams,
   ``--graceful-timeout`` for running ones, then cancel with reason
@@ -37,16 +37,16 @@ from hypercorn.config import Config
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
+from ..config import Settings
+from ..http.app import TrioStreamApp
+from ..http.asgi import ServerApp
+from ..http.service import Service, open_service
+from ..http.transport import GuardedListener, TransportGuard
+from ..logs import EventLogger
+from ..store.base import Store
+from ..upstream import Upstream
 from . import hypercorn_fixes
-from .app import TrioStreamApp
-from .asgi import ServerApp
-from .config import Settings
 from .connection import LightTCPServer
-from .logs import EventLogger
-from .service import Service, open_service
-from .store import Store
-from .transport import GuardedListener, TransportGuard
-from .upstream import Upstream
 
 #: After ``--graceful-timeout``: how long cancelled runs get to save and their
 #: clients to receive the ``shutdown`` error event.  Keeps the whole shutdown
@@ -59,13 +59,13 @@ CLOSE_TIMEOUT = 1.0
 
 class Connection(LightTCPServer):
     """hypercorn's per-connection server, with a close that cannot be cancelled
-    (and, from :class:`~trio_stream.connection.LightTCPServer`, lighter while idle).
+    (and, from :class:`~trio_stream.server.connection.LightTCPServer`, lighter while idle).
 
     hypercorn closes an HTTP/1.0 or ``Connection: close`` connection from
     *inside the app's last* ``send()``: the response ends, ``StreamClosed``
     goes to the h11 protocol, which first delivers ``http.disconnect`` to the
     app's ``receive()`` and then asks the server to close.  The app's
-    disconnect watcher (ours in :mod:`~trio_stream.endpoints`, quart-trio's
+    disconnect watcher (ours in :mod:`~trio_stream.http.chat`, quart-trio's
     for every JSON route) wakes on that ``http.disconnect`` and cancels its
     nursery -- which holds the very task that is closing.  ``TCPServer._close``
     is cancelled at the first checkpoint of ``send_eof``, before the FIN and
@@ -77,10 +77,10 @@ class Connection(LightTCPServer):
     Closing is cleanup, so it is shielded, with a deadline (a TLS
     ``close_notify`` to a client that stopped reading could otherwise block).
 
-    A plain connection also publishes a :class:`~trio_stream.transport.Link`
+    A plain connection also publishes a :class:`~trio_stream.http.transport.Link`
     to its request tasks (in ``LightTCPServer.run``), so that a streamed
     HTTP/1.1 body can be written without hypercorn's per-message path
-    (:class:`~trio_stream.transport.DirectBody`).
+    (:class:`~trio_stream.http.transport.DirectBody`).
     """
 
     async def _close(self) -> None:
