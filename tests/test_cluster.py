@@ -30,8 +30,8 @@ import orjson
 import trio
 
 from tests.conftest import ServeProcess, serve_process
-from tests.fakes import Connection, FakeUpstream, Plan, Step, token_plan
 from tests.redis_server import RedisServer
+from tools.fakes import Connection, FakeUpstream, Plan, Step, token_plan
 from trio_stream.wire.sse import SSEDecoder, SSEEvent
 
 CHAT = "/v1/chat/completions"

@@ -36,7 +36,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
 from tests.conftest import Server, loopback_client, running_server, waitable_server
-from tests.fakes import FakeUpstream, Plan, Step, openai_chunk
+from tools.fakes import FakeUpstream, Plan, Step, openai_chunk
 from trio_stream import Settings
 from trio_stream.server import serve as server_mod
 from trio_stream.wire.sse import SSEDecoder, SSEEvent

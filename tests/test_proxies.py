@@ -8,7 +8,7 @@ The fake upstream (OpenAI wire format) runs in the test process and records
 when each upstream connection closes, so "the client left, so the upstream
 request ended" is observed where it matters.
 
-Two configurations of each proxy (see :mod:`tests.proxies`):
+Two configurations of each proxy (see :mod:`tools.proxies`):
 
 * **defaults** plus one ``proxy_pass`` line, over plain HTTP/1.1.  nginx's
   defaults speak HTTP/1.0 and ``Connection: close`` to trio-stream and buffer
@@ -37,8 +37,8 @@ import pytest
 import trio
 
 from tests.conftest import RawClient
-from tests.fakes import Plan, mock_plan, token_plan
-from tests.proxies import (
+from tools.fakes import Plan, mock_plan, token_plan
+from tools.proxies import (
     PROXIES,
     Stack,
     Timeline,

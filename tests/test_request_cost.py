@@ -13,9 +13,9 @@ import orjson
 from trio_stream.config import Settings
 from trio_stream.logs import EventLogger, RecordingSink
 from trio_stream.metrics import Metrics
-from trio_stream.runs.manager import Run, RunManager
-from trio_stream.shared import LocalState
-from trio_stream.store.base import open_store
+from trio_stream.runs.manager import RunManager
+from trio_stream.shared import LocalState, RunView
+from trio_stream.store import open_store
 from trio_stream.upstream.mock import MockUpstream
 from trio_stream.wire.request import parse_chat_request
 
@@ -30,7 +30,7 @@ class Listening(LocalState):
         super().__init__()
         self.finished_runs: list[str] = []
 
-    async def finished(self, run: Run) -> None:
+    async def finished(self, run: RunView) -> None:
         self.finished_runs.append(run.id)
 
 

@@ -28,8 +28,8 @@ from tests.conftest import (
     tasks_living,
     waitable_server,
 )
-from tests.fakes import FakeUpstream, mock_plan, token_plan
 from tests.test_openai_sdk import sdk
+from tools.fakes import FakeUpstream, mock_plan, token_plan
 from trio_stream import Settings
 from trio_stream.http.service import PUBLIC_TENANT
 from trio_stream.upstream import mocktext

@@ -42,7 +42,7 @@ from tests.conftest import (
 )
 from tests.memasgi import MemoryClient, start_request
 from trio_stream import Service, Settings, TrioStreamApp
-from trio_stream.store.base import Message
+from trio_stream.store import Message
 from trio_stream.upstream import mocktext
 from trio_stream.upstream.mock import MockUpstream
 from trio_stream.wire.request import ChatRequest

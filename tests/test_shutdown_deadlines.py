@@ -24,7 +24,7 @@ from trio_stream import Settings
 from trio_stream.http.service import Service
 from trio_stream.runs.manager import Run
 from trio_stream.server.serve import SHUTDOWN_CLEANUP, SHUTDOWN_FLUSH, _drain
-from trio_stream.store.base import Message
+from trio_stream.store import Message
 from trio_stream.upstream import mocktext
 
 CHAT = "/v1/chat/completions"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from trio_stream.store.base import SQLiteStore
+from trio_stream.store import SQLiteStore
 
 
 def open_together(path: str, count: int) -> tuple[list[SQLiteStore], list[Exception]]:

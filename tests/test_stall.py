@@ -13,7 +13,7 @@ How a client stalls here:
   read, so a stream that is never read exhausts its flow-control window and
   the app's ``send`` waits for credit.
 
-The upstream is a :class:`~tests.fakes.FakeUpstream` that streams 1 KB tokens
+The upstream is a :class:`~tools.fakes.FakeUpstream` that streams 1 KB tokens
 as fast as it can (20,000 of them), so only backpressure stops it, and whose
 connection records show when the server closed it.  These tests wait in real
 time, because a stall *is* real time on a real socket; every wait is bounded.
@@ -33,7 +33,7 @@ from hypercorn.protocol.h2 import BUFFER_HIGH_WATER, StreamBuffer
 from hypercorn.trio.worker_context import EventWrapper
 
 from tests.conftest import RawClient, Server, WaitableSink, waitable_server
-from tests.fakes import FakeUpstream, Plan, Step, mock_plan, openai_chunk
+from tools.fakes import FakeUpstream, Plan, Step, mock_plan, openai_chunk
 from trio_stream import Settings
 from trio_stream.load.h2 import open_h2_connection
 from trio_stream.runs.manager import Run

@@ -1,6 +1,6 @@
 """One contract for both stores: SQLite and Postgres (docs/design.md section 8).
 
-Every test runs against :class:`~trio_stream.store.base.SQLiteStore` and
+Every test runs against :class:`~trio_stream.store.sqlite.SQLiteStore` and
 :class:`~trio_stream.store.postgres.PostgresStore` (a real Postgres, started by the
 fixtures of ``tests/postgres_server.py``), threaded as in production.  The
 invariants: the primary key refuses a second save (:class:`AlreadySaved`);
@@ -23,8 +23,7 @@ import psycopg
 import pytest
 import trio
 
-from trio_stream.store import postgres as pgstore
-from trio_stream.store.base import (
+from trio_stream.store import (
     SQLITE_MIGRATIONS,
     AlreadySaved,
     Message,
@@ -34,6 +33,7 @@ from trio_stream.store.base import (
     open_store,
     retry_delay,
 )
+from trio_stream.store import postgres as pgstore
 
 BACKENDS = ["sqlite", "postgres"]
 CALLS = [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}]

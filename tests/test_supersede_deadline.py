@@ -27,7 +27,7 @@ from tests.conftest import RecordingUpstream, SlowStore, memory_app, tasks_livin
 from tests.memasgi import MemoryClient, start_request
 from trio_stream import RecordingSink, Service, Settings, TrioStreamApp
 from trio_stream.runs.manager import Run
-from trio_stream.store.base import Message
+from trio_stream.store import Message
 from trio_stream.upstream import mocktext
 from trio_stream.upstream.mock import MockUpstream
 from trio_stream.wire.request import ChatRequest

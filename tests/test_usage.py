@@ -11,8 +11,8 @@ import pytest
 import trio
 
 from tests.conftest import loopback_client, running_server
-from tests.fakes import FakeUpstream, Plan, Step, ollama_line, openai_chunk
 from tests.test_openai_sdk import sdk
+from tools.fakes import FakeUpstream, Plan, Step, ollama_line, openai_chunk
 from trio_stream import Settings
 from trio_stream.http.service import PUBLIC_TENANT
 from trio_stream.upstream import Finish
@@ -176,7 +176,7 @@ async def test_an_existing_sqlite_file_gains_the_usage_column(tmp_path: Any) -> 
     ``None``, and new saves keep theirs."""
     import sqlite3
 
-    from trio_stream.store.base import Message, SQLiteStore
+    from trio_stream.store import Message, SQLiteStore
 
     path = str(tmp_path / "old.db")
     old = sqlite3.connect(path)

@@ -32,7 +32,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # also as a plain script
 
-from trio_stream.store.base import Message, Store, is_postgres, open_store
+from trio_stream.store import Message, Store, is_postgres, open_store
 
 
 def _fresh(db: str) -> Store:

@@ -33,7 +33,7 @@ from ..errors import (
     not_found,
     unknown_route,
 )
-from ..store.base import Message
+from ..store import Message
 from ..wire.request import parse_session_id
 from . import responses
 from .asgi import Receive, Scope, Send, close_headers, send_error

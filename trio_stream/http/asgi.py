@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from ..errors import ApiError, too_large
@@ -13,26 +13,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 JSON = b"application/json"
-
-
-class ServerApp:
-    """What hypercorn's worker calls per request: hypercorn's ``ASGIWrapper``
-    without its ``async def``.
-
-    ``__call__`` hands back the app's own coroutine, so the request task
-    awaits the app directly: one coroutine frame fewer for as long as the
-    request lives (an open stream holds its request task's whole chain).
-    """
-
-    __slots__ = ("app",)
-
-    def __init__(self, app: Callable[[Scope, Receive, Send], Coroutine[Any, Any, None]]) -> None:
-        self.app = app
-
-    def __call__(
-        self, scope: Any, receive: Any, send: Any, sync_spawn: Any, call_soon: Any
-    ) -> Coroutine[Any, Any, None]:
-        return self.app(scope, receive, send)
 
 
 class ClientGone(Exception):

@@ -37,7 +37,7 @@ from ..errors import (
 )
 from ..runs.manager import Run, follow_page
 from ..shared import RunRecord, SharedUnavailable
-from ..store.base import Message
+from ..store import Message
 from ..wire.request import parse_session_id
 from ..wire.responses import (
     ResponseEvents,

@@ -21,8 +21,8 @@ from ..errors import shutting_down, too_many_streams, unauthorized
 from ..logs import EventLogger
 from ..metrics import Metrics
 from ..runs.manager import SHARED_TIMEOUT, RunManager
-from ..shared import LocalState, SharedState
-from ..store.base import Store, open_store
+from ..shared import SharedState, create_shared
+from ..store import Store, open_store
 from ..upstream import Upstream, create_upstream
 from .stream import Pinger
 
@@ -128,15 +128,6 @@ class _StreamSlot:
 
     def __exit__(self, *exc: object) -> None:
         self._service._release()
-
-
-def create_shared(settings: Settings) -> SharedState:
-    """The embedded in-process state, or Redis with ``--redis`` (cluster mode)."""
-    if settings.redis is None:
-        return LocalState()
-    from ..shared.redis import RedisState  # only cluster mode imports coredis
-
-    return RedisState(settings.redis, lease=settings.node_lease, ttl=settings.run_ttl)
 
 
 def _open_store(settings: Settings) -> Store:

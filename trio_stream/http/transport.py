@@ -149,7 +149,7 @@ class GuardedListener(trio.abc.Listener[GuardedStream]):
 class Link:
     """What a response on an HTTP/1.1 connection needs to write its body itself:
     the connection's guarded stream, hypercorn's send lock, and how to tell
-    hypercorn that the connection broke.  Set by ``server.Connection`` for
+    hypercorn that the connection broke.  Set by ``server.serve.Connection`` for
     each plain (non-TLS) connection, in :data:`LINK`, which every request
     task of the connection inherits (hypercorn spawns them from the
     connection's task, and trio copies the spawner's context)."""
@@ -171,7 +171,7 @@ def direct_body(scope: Any) -> DirectBody | None:
     """The direct body writer for this request, if it can have one: HTTP/1.1
     (chunked: the response to an HTTP/1.0 request is close-delimited, and on
     HTTP/2 hypercorn owns the framing and flow control) on a plain connection
-    served by ``server.Connection``."""
+    served by ``server.serve.Connection``."""
     if scope.get("http_version") != "1.1":
         return None
     link = LINK.get(None)

@@ -37,7 +37,7 @@ from ..errors import UpstreamError, unavailable
 from ..logs import EventLogger
 from ..metrics import Metrics
 from ..shared import LocalState, LogPage, RunRecord, SharedState, SharedUnavailable
-from ..store.base import AlreadySaved, Message, Store, StoreUnavailable, retry_delay
+from ..store import AlreadySaved, Message, Store, StoreUnavailable, retry_delay
 from ..upstream import Finish, Upstream
 from ..wire.chunks import ChunkEncoder
 from ..wire.request import ChatRequest

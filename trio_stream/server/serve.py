@@ -17,7 +17,7 @@ Ownership (the whole tree is in docs/design.md section 3)::
         ├── service nursery            manager (detached runs, reaper), pinger, mock ticker
         └── serve_service()
             └── connections nursery    one Connection per accepted socket
-                ├── Connection         (hypercorn) one task per request -> endpoints.py
+                ├── Connection         (hypercorn) one task per request -> http/chat.py
                 └── accepting nursery  in the connections nursery's body
                     ├── trio.serve_listeners  starts each Connection in the connections nursery
                     └── (body)         waits for shutdown, then _drain
@@ -39,13 +39,13 @@ from hypercorn.typing import ConnectionState
 
 from ..config import Settings
 from ..http.app import TrioStreamApp
-from ..http.asgi import ServerApp
 from ..http.service import Service, open_service
 from ..http.transport import GuardedListener, TransportGuard
 from ..logs import EventLogger
-from ..store.base import Store
+from ..store import Store
 from ..upstream import Upstream
 from . import hypercorn_fixes
+from .asgi import ServerApp
 from .connection import LightTCPServer
 
 #: After ``--graceful-timeout``: how long cancelled runs get to save and their

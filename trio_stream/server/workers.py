@@ -70,7 +70,7 @@ def _worker_main(settings: Settings, sockets: Sequence[socket.socket], parent: i
 
 
 async def _worker(settings: Settings, sockets: Sequence[socket.socket], parent: int) -> None:
-    from ..cli import serve_until_signal
+    from .signals import serve_until_signal  # the supervisor itself never loads the app
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_parent, parent)

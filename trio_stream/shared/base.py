@@ -42,17 +42,15 @@ raises :class:`SharedUnavailable`, which the HTTP layer answers with 503 and
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import trio
 
-from ..core.log import Entry, Outcome
+from ..core.log import Entry, Outcome, RunLog
 from ..errors import TrioStreamError
-
-if TYPE_CHECKING:
-    from ..runs.manager import Run
+from ..wire.request import ChatRequest
 
 SessionKey = tuple[str, str]
 
@@ -93,13 +91,57 @@ class LogPage:
     error: dict[str, Any] | None = None
 
 
+class Flag(Protocol):
+    """A set-once flag with a wait (a run's ``done``)."""
+
+    def is_set(self) -> bool: ...
+
+    async def wait(self) -> None: ...
+
+
+class RunView(Protocol):
+    """What the shared state reads of a run.  The runs layer's ``Run`` has
+    this shape; the shared state sits below that layer, so it names the
+    shape rather than importing the class."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def tenant(self) -> str: ...
+    @property
+    def session_id(self) -> str | None: ...
+    @property
+    def session_key(self) -> SessionKey | None: ...
+    @property
+    def request(self) -> ChatRequest: ...
+    @property
+    def detached(self) -> bool: ...
+    @property
+    def created(self) -> float: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def log(self) -> RunLog: ...
+    @property
+    def done(self) -> Flag: ...
+
+    def fence(self) -> None:
+        """Stop the run's log for good: it appends and emits nothing more."""
+
+    def poke(self) -> None:
+        """Wake whoever waits on the run's log (:meth:`wait_changed`)."""
+
+    def wait_changed(self) -> Awaitable[None]:
+        """Wait until the log grows, the run ends or :meth:`poke` is called."""
+
+
 class Owner(Protocol):
     """The node-local side a backend calls back into (the run manager)."""
 
     def cancel_local(self, run_id: str, reason: str) -> bool:
         """Cancel a run this node owns; False if unknown here or already ended."""
 
-    def local_run(self, run_id: str) -> Run | None:
+    def local_run(self, run_id: str) -> RunView | None:
         """The run, if this node owns it and still holds it."""
 
     async def adopt_lost(self, node: str, records: list[RunRecord]) -> None:
@@ -160,11 +202,11 @@ class SharedState(abc.ABC):
         """Wait up to ``grace`` seconds; return the ids that have not finished."""
 
     # -- registry and logs (G6, G7) -------------------------------------------
-    async def register(self, run: Run) -> None:
+    async def register(self, run: RunView) -> None:
         """Publish a new run (a no-op where every run is local)."""
         return None
 
-    async def finished(self, run: Run) -> None:
+    async def finished(self, run: RunView) -> None:
         """The owner's cleanup of ``run`` is over (after its save)."""
         return None
 
@@ -177,7 +219,7 @@ class SharedState(abc.ABC):
         a while for more when there is none yet."""
         return LogPage((), None)
 
-    async def ship(self, run: Run) -> None:
+    async def ship(self, run: RunView) -> None:
         """Copy a detached run's log to the shared store until it ends."""
         return None
 

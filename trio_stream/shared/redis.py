@@ -64,7 +64,7 @@ import math
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import coredis
@@ -74,10 +74,15 @@ import trio
 from coredis.tokens import PureToken
 
 from ..core.log import Entry, Outcome, RunStatus, ToolDelta
-from .base import Claim, LogPage, RunRecord, SessionKey, SharedState, SharedUnavailable
-
-if TYPE_CHECKING:
-    from ..runs.manager import Run
+from .base import (
+    Claim,
+    LogPage,
+    RunRecord,
+    RunView,
+    SessionKey,
+    SharedState,
+    SharedUnavailable,
+)
 
 T = TypeVar("T")
 
@@ -317,8 +322,8 @@ class RedisState(SharedState):
             if self._missed.get(name) is step:
                 del self._missed[name]
 
-    def owner_runs(self) -> list[Run]:
-        runs: dict[str, Run] = getattr(self.owner, "runs", {})
+    def owner_runs(self) -> list[RunView]:
+        runs: dict[str, RunView] = getattr(self.owner, "runs", {})
         return [r for r in runs.values() if not r.done.is_set()]
 
     async def _listen(self) -> None:
@@ -431,7 +436,7 @@ class RedisState(SharedState):
             pass  # keep waiting: the deadline still bounds it
 
     # -- registry ---------------------------------------------------------
-    async def register(self, run: Run) -> None:
+    async def register(self, run: RunView) -> None:
         fields = {
             "tenant": run.tenant, "session": run.session_id or "", "node": self.node,
             "detached": "1" if run.detached else "0", "status": "running", "reason": "",
@@ -446,7 +451,7 @@ class RedisState(SharedState):
 
         await self._call(write())
 
-    async def finished(self, run: Run) -> None:
+    async def finished(self, run: RunView) -> None:
         outcome = run.log.outcome
         assert outcome is not None
         await self._cleanup_step(
@@ -497,7 +502,7 @@ class RedisState(SharedState):
         )  # fmt: skip
 
     # -- logs of detached runs --------------------------------------------
-    async def ship(self, run: Run) -> None:
+    async def ship(self, run: RunView) -> None:
         """Copy ``run``'s log to ``ts:l:{run}`` in batches until its end is
         there.  The end is shipped after the run's cleanup, so a remote
         follower's ``[DONE]`` still means saved.  Retries while Redis is down.

@@ -1,6 +1,6 @@
 """Saved messages in Postgres: psycopg 3 (sync API) and a psycopg-pool pool.
 
-The same guarantees as :class:`~trio_stream.store.base.SQLiteStore` (see
+The same guarantees as :class:`~trio_stream.store.sqlite.SQLiteStore` (see
 :mod:`trio_stream.store.base`), for several hosts sharing one history.  psycopg's
 async mode needs asyncio, so -- like SQLite -- every statement runs in a worker
 thread (at most ``POOL_SIZE`` at once, one pooled connection each), and the

@@ -24,7 +24,8 @@ from typing import Any
 import trio
 
 from ..wire.request import ChatRequest
-from . import Finish, Item, mocktext
+from . import mocktext
+from .base import Finish, Item
 
 TICK = 0.001
 

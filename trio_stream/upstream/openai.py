@@ -17,8 +17,8 @@ import trio
 from ..config import Settings
 from ..wire.request import ChatRequest
 from ..wire.sse import SSEDataDecoder
-from . import Item
 from ._http import get_json, make_client, make_pool
+from .base import Item
 from .h1 import Response
 from .wire import DONE_BYTES, openai_items
 

@@ -22,7 +22,7 @@ import orjson
 from ..core.log import ToolDelta
 from ..errors import UpstreamError
 from ..wire.usage import Usage
-from . import Finish, Item
+from .base import Finish, Item
 
 DONE = "[DONE]"
 DONE_BYTES = b"[DONE]"

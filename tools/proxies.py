@@ -21,7 +21,7 @@ Two kinds of configuration:
   ``@PLACEHOLDER@`` values substituted (:func:`render`), TLS from a
   ``trustme`` test CA.
 
-:func:`open_stack` puts it together: a :class:`~tests.fakes.FakeUpstream`,
+:func:`open_stack` puts it together: a :class:`~tools.fakes.FakeUpstream`,
 a ``trio-stream serve`` subprocess using it as its OpenAI upstream, and a
 proxy in front (or none: ``"direct"``).  :class:`Timeline` records when a
 client saw each part of a stream.
@@ -45,8 +45,8 @@ import orjson
 import trio
 import trustme
 
-from tests.conftest import RawClient, ServeProcess, serve_process
-from tests.fakes import FakeUpstream, Plan
+from tools.fakes import FakeUpstream, Plan
+from tools.harness import RawClient, ServeProcess, serve_process
 from trio_stream.wire.sse import SSEEvent
 
 NGINX = Path("/usr/sbin/nginx")
