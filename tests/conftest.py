@@ -27,7 +27,7 @@ from tools.harness import running_server as running_server
 from tools.harness import serve_process as serve_process
 from tools.harness import tasks_living as tasks_living
 from trio_stream import EventLogger, RecordingSink, Service, Settings, open_service
-from trio_stream.runs.manager import Run
+from trio_stream.runs import Run
 from trio_stream.store import Message, SQLiteStore, Store, open_store
 from trio_stream.store.postgres import PostgresStore
 from trio_stream.upstream import Item, Upstream

@@ -26,7 +26,7 @@ from tests.memasgi import MemoryClient, start_request
 from tools.fakes import FakeUpstream, Plan, token_plan
 from trio_stream import Settings
 from trio_stream.http.service import Service
-from trio_stream.runs.manager import Run
+from trio_stream.runs import Run
 from trio_stream.upstream import mocktext
 from trio_stream.wire.sse import SSEDecoder, SSEEvent
 

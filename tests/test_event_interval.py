@@ -24,7 +24,7 @@ from tests.memasgi import MemoryClient, start_request
 from trio_stream import Settings
 from trio_stream.errors import ConfigError
 from trio_stream.http.service import Service
-from trio_stream.runs.manager import Run
+from trio_stream.runs import Run
 from trio_stream.upstream import mocktext
 from trio_stream.upstream.mock import MockUpstream
 from trio_stream.wire.request import ChatRequest

@@ -26,7 +26,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from tests.conftest import RawClient, running_server, tasks_living
 from trio_stream import Settings
 from trio_stream.http.service import _StreamSlot
-from trio_stream.runs.manager import Done, Run
+from trio_stream.runs import Done, Run
 from trio_stream.server import hypercorn_fixes
 from trio_stream.server.asgi import ServerApp
 from trio_stream.server.connection import AppInbox

@@ -202,3 +202,45 @@ def test_tools_do_not_import_tests() -> None:
                 continue
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == "tests"]
     assert offenders == []
+
+
+#: The HTTP answers of :mod:`trio_stream.errors` (``ApiError`` and its factories).
+HTTP_ERRORS = frozenset(
+    {
+        "ApiError", "bad_request", "unauthorized", "not_found", "method_not_allowed",
+        "unknown_route", "too_large", "body_timeout", "too_many_streams", "shutting_down",
+        "unavailable",
+    }
+)  # fmt: skip
+#: Layers that speak no HTTP: they raise their own exceptions, which the HTTP
+#: layer answers.  (``wire/`` is the protocol itself: its request parser's
+#: errors are the OpenAI 400 bodies.)
+NO_HTTP = ("core", "upstream", "store", "shared", "runs")
+MAX_CLASS_LINES = 300
+
+
+def test_http_errors_are_raised_only_in_the_http_layer() -> None:
+    """The layers below ``http/`` (but the wire protocol) import no HTTP error."""
+    offenders = []
+    for module, (path, is_package) in MODULES.items():
+        if _unit(module) not in NO_HTTP:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if _resolve(node, module, is_package) != "trio_stream.errors":
+                    continue
+                names = {a.name for a in node.names} & HTTP_ERRORS
+                offenders += [f"{module}: {n}" for n in sorted(names)]
+    assert offenders == []
+
+
+def test_no_class_is_over_300_lines() -> None:
+    """Every class of the package fits in 300 lines."""
+    long = []
+    for module, (path, _) in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > MAX_CLASS_LINES:
+                    long.append(f"{module}.{node.name}: {lines}")
+    assert long == []

@@ -26,7 +26,7 @@ from tests.memasgi import start_request
 from tools.fakes import FakeUpstream, Plan, Step, openai_chunk
 from trio_stream import Settings
 from trio_stream.http.service import Service
-from trio_stream.runs.manager import Run
+from trio_stream.runs import Run
 from trio_stream.store import Message, SQLiteStore
 from trio_stream.upstream import mocktext
 

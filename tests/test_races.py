@@ -27,7 +27,7 @@ from tests.conftest import RecordingStore, tasks_living
 from tests.memasgi import MemoryClient, start_request
 from trio_stream import EventLogger, Service, Settings, TrioStreamApp, open_service
 from trio_stream.logs import Record
-from trio_stream.runs.manager import Run
+from trio_stream.runs import Run
 from trio_stream.upstream import mocktext
 
 SEED = 20261104

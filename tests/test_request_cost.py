@@ -13,7 +13,7 @@ import orjson
 from trio_stream.config import Settings
 from trio_stream.logs import EventLogger, RecordingSink
 from trio_stream.metrics import Metrics
-from trio_stream.runs.manager import RunManager
+from trio_stream.runs import RunManager
 from trio_stream.shared import LocalState, RunView
 from trio_stream.store import open_store
 from trio_stream.upstream.mock import MockUpstream

@@ -22,7 +22,7 @@ from tests.conftest import memory_app, running_server, until_seq
 from tests.memasgi import MemoryClient, start_request
 from trio_stream import Settings
 from trio_stream.http.service import Service
-from trio_stream.runs.manager import Run
+from trio_stream.runs import Run
 from trio_stream.upstream import mocktext
 from trio_stream.wire.sse import SSEDecoder, SSEEvent
 

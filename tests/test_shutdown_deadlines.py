@@ -22,7 +22,7 @@ from tests.conftest import SlowStore, memory_app
 from tests.memasgi import MemoryClient, start_request
 from trio_stream import Settings
 from trio_stream.http.service import Service
-from trio_stream.runs.manager import Run
+from trio_stream.runs import Run
 from trio_stream.server.serve import SHUTDOWN_CLEANUP, SHUTDOWN_FLUSH, _drain
 from trio_stream.store import Message
 from trio_stream.upstream import mocktext

@@ -36,7 +36,7 @@ from tests.conftest import RawClient, Server, WaitableSink, waitable_server
 from tools.fakes import FakeUpstream, Plan, Step, mock_plan, openai_chunk
 from trio_stream import Settings
 from trio_stream.load.h2 import open_h2_connection
-from trio_stream.runs.manager import Run
+from trio_stream.runs import Run
 from trio_stream.server import hypercorn_fixes
 from trio_stream.upstream import mocktext
 

@@ -26,7 +26,7 @@ import trio.testing
 from tests.conftest import RecordingUpstream, SlowStore, memory_app, tasks_living
 from tests.memasgi import MemoryClient, start_request
 from trio_stream import RecordingSink, Service, Settings, TrioStreamApp
-from trio_stream.runs.manager import Run
+from trio_stream.runs import Run
 from trio_stream.store import Message
 from trio_stream.upstream import mocktext
 from trio_stream.upstream.mock import MockUpstream

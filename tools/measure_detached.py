@@ -52,7 +52,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # also as a plain script
 
 from trio_stream import EventLogger, Service, Settings, open_service, serve_service
-from trio_stream.runs.manager import Run
+from trio_stream.runs import Run
 from trio_stream.store import SQLiteStore
 from trio_stream.wire.request import parse_chat_request
 from trio_stream.wire.sse import SSEDecoder

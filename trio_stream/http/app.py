@@ -33,10 +33,11 @@ from ..errors import (
     not_found,
     unknown_route,
 )
+from ..shared import SharedUnavailable
 from ..store import Message
 from ..wire.request import parse_session_id
 from . import responses
-from .asgi import Receive, Scope, Send, close_headers, send_error
+from .asgi import Receive, Scope, Send, as_api_error, close_headers, send_error
 from .chat import chat_completions, run_events
 from .playground import add_playground
 from .service import Service
@@ -105,6 +106,10 @@ def _routes(app: TrioStreamApp) -> None:
             response.headers[name.decode()] = value.decode()
         return response
 
+    @app.errorhandler(SharedUnavailable)
+    async def shared_unavailable(exc: SharedUnavailable) -> Response:
+        return await api_error(as_api_error(exc))
+
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         code = exc.code or 500
@@ -163,9 +168,9 @@ def _routes(app: TrioStreamApp) -> None:
         run = service.runs.get(owner, run_id)
         if run is not None:
             return run.public()
-        record = await service.runs.remote(owner, run_id)
+        record = await service.runs.cluster.remote(owner, run_id)
         if record is not None and (record.detached or record.status == "running"):
-            return await service.runs.remote_public(record)
+            return await service.runs.cluster.remote_public(record)
         return await saved_run(owner, run_id)
 
     @app.post("/v1/runs/<run_id>/cancel")
@@ -177,7 +182,7 @@ def _routes(app: TrioStreamApp) -> None:
         if run is not None:
             service.runs.cancel(run, "stopped")
             return run.public()
-        record = await service.runs.remote(owner, run_id)
+        record = await service.runs.cluster.remote(owner, run_id)
         if record is None:
             return await saved_run(owner, run_id)
         if await service.runs.cancel_id(run_id, "stopped"):
@@ -185,26 +190,26 @@ def _routes(app: TrioStreamApp) -> None:
             # for a detached run, for its log's end (shipped after it).
             timeout = service.settings.supersede_timeout
             if record.detached:
-                mirror = service.runs.mirror(record)
+                mirror = service.runs.cluster.mirror(record)
                 with trio.move_on_after(timeout):
-                    await service.runs.feed(mirror, 0)
+                    await service.runs.cluster.feed(mirror, 0)
                 end = mirror.log.outcome  # None: not in time; or Redis went away
                 if end is not None and end.reason != "shared_state_unavailable":
                     return mirror.public()
             else:
                 await service.runs.shared.wait_finished([run_id], timeout)
-            record = await service.runs.remote(owner, run_id) or record
+            record = await service.runs.cluster.remote(owner, run_id) or record
         if not record.detached and (saved := await saved_public(owner, run_id)) is not None:
             return saved  # an attached run's text is only in its row
         # A detached run's log; or an attached run with nothing saved (it
         # produced nothing, or its owner has not finished): its record.
-        return await service.runs.remote_public(record)
+        return await service.runs.cluster.remote_public(record)
 
     async def known_session(owner: str, session_id: str) -> list[Message]:
         """A session is known while it has a live run or saved messages (404 otherwise)."""
         parse_session_id(session_id)
         rows = await service.store.session_messages(owner, session_id)
-        if not rows and not await service.runs.session_known(owner, session_id):
+        if not rows and not await service.runs.cluster.session_known(owner, session_id):
             raise not_found(f"No session {session_id!r}.")
         return rows
 
@@ -212,7 +217,7 @@ def _routes(app: TrioStreamApp) -> None:
     async def interrupt(session_id: str) -> dict[str, Any]:
         owner = tenant()
         await known_session(owner, session_id)
-        run_id = await service.runs.current(owner, session_id)
+        run_id = await service.runs.cluster.current(owner, session_id)
         interrupted = run_id is not None and await service.runs.cancel_id(run_id, "interrupted")
         return {"interrupted": interrupted, "run_id": run_id}
 

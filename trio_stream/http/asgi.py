@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-from ..errors import ApiError, too_large
+from ..errors import ApiError, too_large, unavailable
+from ..shared import SharedUnavailable
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -13,6 +14,15 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 JSON = b"application/json"
+
+
+def as_api_error(exc: ApiError | SharedUnavailable) -> ApiError:
+    """The HTTP answer to an error: the seam where the words of the layers
+    below become HTTP.  The shared state out of reach (cluster mode) is a 503
+    with ``Retry-After``; an :class:`ApiError` is its own answer."""
+    if isinstance(exc, SharedUnavailable):
+        return unavailable(str(exc))
+    return exc
 
 
 class ClientGone(Exception):

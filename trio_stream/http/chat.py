@@ -24,9 +24,20 @@ import trio
 
 from ..config import Settings
 from ..errors import ApiError, bad_request, body_timeout, not_found
-from ..runs.manager import Run
+from ..runs import Run
+from ..shared import SharedUnavailable
 from ..wire.request import parse_chat_request, parse_session_id
-from .asgi import ClientGone, Receive, Scope, Send, close_headers, header, read_body, send_error
+from .asgi import (
+    ClientGone,
+    Receive,
+    Scope,
+    Send,
+    as_api_error,
+    close_headers,
+    header,
+    read_body,
+    send_error,
+)
 from .service import Service
 from .stream import ClientStalled, Subscriber, watch_disconnect
 from .transport import direct_body
@@ -81,10 +92,11 @@ async def chat_completions(service: Service, scope: Scope, receive: Receive, sen
                 await _follow(service, sub, receive, stream=request.stream)
             else:
                 await _attached(service, sub, receive, stream=request.stream)
-                service.logger.event("stream_end", **service.runs.end_fields(run))
+                service.logger.event("stream_end", **run.end_fields())
     except ClientGone:
         return
-    except ApiError as exc:
+    except (ApiError, SharedUnavailable) as caught:
+        exc = as_api_error(caught)
         await send_error(send, exc, close_headers(exc, scope.get("http_version", "1.1")))
 
 
@@ -120,7 +132,7 @@ async def _follow(
         if receive is not None:
             nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope.cancel)
         if remote:
-            nursery.start_soon(service.runs.feed, sub.run, 0)
+            nursery.start_soon(service.runs.cluster.feed, sub.run, 0)
         try:
             await (sub.write_sse(start_now=start_now) if stream else sub.write_json())
         except ClientStalled:
@@ -140,10 +152,10 @@ async def run_events(
         if run is None:
             # Another process's run: a detached one is followed from its
             # shared log; an attached one's text never leaves its process.
-            record = await service.runs.remote(tenant, run_id)
+            record = await service.runs.cluster.remote(tenant, run_id)
             if record is None or not record.detached:
                 raise not_found(f"No run {run_id!r}.")
-            run = service.runs.mirror(record)
+            run = service.runs.cluster.mirror(record)
         cursor = _cursor(scope)
         with service.stream_slot():
             sub = Subscriber(
@@ -154,7 +166,8 @@ async def run_events(
                 event_interval=s.event_interval_ms / 1000,
             )  # fmt: skip
             await _follow(service, sub, receive, start_now=True, remote=remote)
-    except ApiError as exc:
+    except (ApiError, SharedUnavailable) as caught:
+        exc = as_api_error(caught)
         await send_error(send, exc, close_headers(exc, scope.get("http_version", "1.1")))
 
 

@@ -35,7 +35,7 @@ from ..errors import (
     unavailable,
     unknown_route,
 )
-from ..runs.manager import Run, follow_page
+from ..runs import Run, follow_page
 from ..shared import RunRecord, SharedUnavailable
 from ..store import Message
 from ..wire.request import parse_session_id
@@ -55,6 +55,7 @@ from .asgi import (
     Receive,
     Scope,
     Send,
+    as_api_error,
     close_headers,
     header,
     send_bytes,
@@ -153,7 +154,8 @@ async def handle(service: Service, scope: Scope, receive: Receive, send: Send) -
         raise method_not_allowed(method, path)
     except ClientGone:
         return
-    except ApiError as exc:
+    except (ApiError, SharedUnavailable) as caught:
+        exc = as_api_error(caught)
         extra = close_headers(exc, scope.get("http_version", "1.1"))
         if exc.status == 405:
             extra = ((b"allow", allow), *extra)
@@ -192,7 +194,7 @@ async def create(service: Service, scope: Scope, receive: Receive, send: Send) -
         if attached_stream:
             run.window = s.window
         await _attached(service, sub, receive, stream=request.stream)
-        service.logger.event("stream_end", **service.runs.end_fields(run))
+        service.logger.event("stream_end", **run.end_fields())
 
 
 def _query(scope: Scope) -> tuple[bool, int]:
@@ -226,10 +228,10 @@ async def retrieve(
         return await send_bytes(send, 200, body, JSON)
     remote = run is None
     if run is None:  # only a detached run's log is shared (docs/api.md section 7)
-        record = await service.runs.remote(tenant, response_id)
+        record = await service.runs.cluster.remote(tenant, response_id)
         if record is None or not record.detached:
             raise not_found(f"No response {response_id!r} in memory to stream.")
-        run = service.runs.mirror(record)
+        run = service.runs.cluster.mirror(record)
     cursor = log_cursor(after)
     with service.stream_slot():
         if run.settled:
@@ -245,7 +247,7 @@ async def _object(
     """The object from memory, another node, or the saved row; else 404."""
     if run is not None:
         return run_object(run)
-    record = await service.runs.remote(tenant, response_id)
+    record = await service.runs.cluster.remote(tenant, response_id)
     if record is not None and (record.detached or record.status == "running"):
         return await _remote_object(service, record)
     saved = await service.store.get(tenant, response_id)
@@ -261,7 +263,7 @@ async def _remote_object(service: Service, record: RunRecord) -> dict[str, Any]:
         page = await service.runs.shared.read_log(record.id, 0, wait=False)
     except SharedUnavailable as exc:
         raise unavailable(str(exc)) from exc
-    mirror = service.runs.mirror(record)
+    mirror = service.runs.cluster.mirror(record)
     follow_page(mirror, page)
     outcome = mirror.log.outcome
     if outcome is None and record.status != "running":
@@ -282,7 +284,7 @@ async def cancel(service: Service, scope: Scope, send: Send, response_id: str) -
     run = service.runs.get(tenant, response_id)
     if run is not None:
         service.runs.cancel(run, "stopped")
-    elif (record := await service.runs.remote(tenant, response_id)) is not None:
+    elif (record := await service.runs.cluster.remote(tenant, response_id)) is not None:
         if await service.runs.cancel_id(response_id, "stopped"):
             # Answer the final object: wait (bounded) for the owner's cleanup.
             wait = service.runs.shared.wait_finished
@@ -291,7 +293,7 @@ async def cancel(service: Service, scope: Scope, send: Send, response_id: str) -
             except SharedUnavailable as exc:
                 raise unavailable(str(exc)) from exc
         if record.detached or await service.store.get(tenant, response_id) is None:
-            record = await service.runs.remote(tenant, response_id) or record
+            record = await service.runs.cluster.remote(tenant, response_id) or record
             body = orjson.dumps(await _remote_object(service, record))
             return await send_bytes(send, 200, body, JSON)
     body = orjson.dumps(await _object(service, tenant, response_id, run))

@@ -20,7 +20,7 @@ from ..config import Settings
 from ..errors import shutting_down, too_many_streams, unauthorized
 from ..logs import EventLogger
 from ..metrics import Metrics
-from ..runs.manager import SHARED_TIMEOUT, RunManager
+from ..runs import SHARED_TIMEOUT, RunManager
 from ..shared import SharedState, create_shared
 from ..store import Store, open_store
 from ..upstream import Upstream, create_upstream

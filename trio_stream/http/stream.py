@@ -30,7 +30,7 @@ import trio
 
 from ..core.log import Entry, Outcome, RunStatus
 from ..errors import UpstreamError, error_body
-from ..runs.manager import Run
+from ..runs import Run
 from ..wire import sse
 from .asgi import JSON, Receive, Send, send_bytes, send_error, start
 from .transport import DirectBody

@@ -21,28 +21,28 @@ from __future__ import annotations
 
 import contextlib
 import math
-import secrets
-import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
 
 import trio
 
 from ..config import Settings
 from ..core.lifecycle import ending
-from ..core.log import Entry, LogClosed, Outcome, RunLog, RunStatus
-from ..core.sessions import SessionKey, SessionTable
-from ..errors import UpstreamError, unavailable
+from ..core.log import Outcome, RunStatus
+from ..core.sessions import SessionTable
+from ..errors import UpstreamError
 from ..logs import EventLogger
 from ..metrics import Metrics
-from ..shared import LocalState, LogPage, RunRecord, SharedState, SharedUnavailable
-from ..store import AlreadySaved, Message, Store, StoreUnavailable, retry_delay
+from ..shared import LocalState, RunRecord, SharedState, SharedUnavailable
+from ..store import Store
 from ..upstream import Finish, Upstream
-from ..wire.chunks import ChunkEncoder
 from ..wire.request import ChatRequest
 from ..wire.responses import ResponseMeta
-from ..wire.usage import Usage, settle
+from ..wire.usage import Usage
+from .cluster import Cluster
+from .expiry import Expiry
+from .run import Run, new_run_id
+from .saving import save_run
+from .supersede import await_predecessors, release, shared_step
 
 CANCEL_MESSAGES = {
     "superseded": "A newer request of this session superseded this run.",
@@ -57,9 +57,6 @@ CANCEL_MESSAGES = {
 #: After ``finish_reason``, how long to read the rest of the upstream body
 #: (``[DONE]``, the chunked terminator) so its connection can be reused.
 DRAIN_TIMEOUT = 0.5
-#: The deadline of each shared-state step of a run's cleanup (release, the
-#: "finished" notice): a store that is down must not hold a run's cleanup.
-SHARED_TIMEOUT = 1.0
 
 
 async def _drain(items: AsyncIterator[object]) -> Usage | None:
@@ -76,221 +73,6 @@ async def _drain(items: AsyncIterator[object]) -> Usage | None:
             if isinstance(item, Usage):
                 usage = item
     return usage
-
-
-T = TypeVar("T")
-
-
-def follow_page(mirror: Run, page: LogPage) -> None:
-    """Append a page of a shared log to a mirror run, and its end if there."""
-    for entry in page.entries:
-        mirror.append(entry)
-    if page.outcome is not None:
-        mirror.end(page.outcome)
-
-
-def new_run_id(prefix: str = "run_") -> str:
-    """128 random bits, URL-safe: unguessable (docs/api.md asks for >= 96).
-
-    The prefix names the API that created the run: ``run_`` (chat
-    completions) or ``resp_`` (the Responses API, whose response id it is).
-    """
-    return prefix + secrets.token_urlsafe(16)
-
-
-class Done:
-    """Set once, when a run's cleanup is over (``Run.done``): the ``set``,
-    ``is_set`` and ``wait`` of a :class:`trio.Event`, slotted, with its
-    parking lot made by the first waiter -- most runs never have one, and
-    every open stream holds a run.  ``wait`` is a checkpoint, set or not."""
-
-    __slots__ = ("_flag", "_lot")
-
-    def __init__(self) -> None:
-        self._flag = False
-        self._lot: trio.lowlevel.ParkingLot | None = None
-
-    def is_set(self) -> bool:
-        return self._flag
-
-    def set(self) -> None:
-        self._flag = True
-        if self._lot is not None:
-            self._lot.unpark_all()
-
-    async def wait(self) -> None:
-        if self._flag:
-            await trio.lowlevel.checkpoint()
-            return
-        if self._lot is None:
-            self._lot = trio.lowlevel.ParkingLot()
-        await self._lot.park()
-
-
-class Run:
-    """One upstream completion: its log, its cancel scope, its wake-ups.
-
-    Every open stream holds one, so it is kept small: ``__slots__``, and the
-    two parking lots that only some runs use (``_room``: an attached run's
-    reader blocked on a full ``--window``; ``_held``: writers holding events
-    for ``--event-interval-ms``) are created on their first wait.  A run
-    nobody waits on never has them, and waking it skips them.
-    """
-
-    __slots__ = (
-        "_changed", "_held", "_room", "cancelled_at", "created", "detached", "done", "encoder",
-        "epoch", "error", "first_token_at", "id", "log", "predecessors", "request", "response",
-        "scope", "session_id", "started", "tenant", "usage", "window", "writer_cursor",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        run_id: str,
-        tenant: str,
-        session_id: str | None,
-        request: ChatRequest,
-        *,
-        detached: bool,
-        coalesce: bool,
-    ) -> None:
-        self.id = run_id
-        self.tenant = tenant
-        self.session_id = session_id
-        self.request = request
-        self.detached = detached
-        self.created = time.time()
-        self.started = trio.current_time()
-        self.log = RunLog()
-        self.scope = trio.CancelScope()
-        self.done = Done()
-        self.encoder = ChunkEncoder(
-            f"chatcmpl-{run_id.removeprefix('run_')}", request.model, int(self.created),
-            coalesce=coalesce,
-        )  # fmt: skip
-        self.error: UpstreamError | None = None
-        self.usage: Usage | None = None  # as the upstream reported it, if it did
-        # Set for a run the Responses API created: how to render it (chat: None).
-        self.response: ResponseMeta | None = None
-        self.predecessors: tuple[str, ...] = ()
-        self.epoch = 0  # the session's claim counter when this run claimed it
-        self.first_token_at: float | None = None
-        self.cancelled_at: float | None = None
-        # Backpressure: an attached streaming run may run at most ``window``
-        # entries ahead of its writer's cursor.  ``None``: no writer to wait for.
-        self.window: int | None = None
-        self.writer_cursor = 0
-        self._changed = trio.lowlevel.ParkingLot()
-        # Created by the first wait (see the class docstring); ``None`` until then.
-        self._room: trio.lowlevel.ParkingLot | None = None
-        # Writers holding events back for ``--event-interval-ms``: woken by
-        # the end, a fence, the cleanup, or a full window -- never per token.
-        self._held: trio.lowlevel.ParkingLot | None = None
-
-    def final_usage(self) -> Usage:
-        """The usage of what this run received (docs/api.md section 2.10)."""
-        complete = self.log.status is RunStatus.COMPLETED
-        return settle(self.usage, self.request.messages, self.log.last_seq, complete=complete)
-
-    @property
-    def session_key(self) -> SessionKey | None:
-        return None if self.session_id is None else (self.tenant, self.session_id)
-
-    def public(self) -> dict[str, Any]:
-        """The ``GET /v1/runs/{id}`` object."""
-        outcome = self.log.outcome
-        return {
-            "id": self.id,
-            "session_id": self.session_id,
-            "status": self.log.status.value,
-            "reason": outcome.reason if outcome else None,
-            "content": self.log.content,
-            "events": self.log.last_seq,
-            "detached": self.detached,
-        }
-
-    # -- producer side ----------------------------------------------------
-    def append(self, entry: Entry) -> bool:
-        """Add a delta and wake followers.  False if the run already ended."""
-        try:
-            self.log.append(entry)
-        except LogClosed:
-            return False
-        if self._changed:  # the hot path: skip the call when nobody waits
-            self._changed.unpark_all()
-        return True
-
-    def must_wait_for_room(self) -> bool:
-        window = self.window
-        return window is not None and self.log.last_seq - self.writer_cursor >= window
-
-    async def wait_for_room(self) -> None:
-        """Block while the attached writer is ``window`` entries behind.
-
-        A checkpoint only when it has to wait; cancellable.
-        """
-        window = self.window
-        if window is None:
-            return
-        while self.log.last_seq - self.writer_cursor >= window and not self.log.fenced:
-            if self._held:  # the writer's interval must not throttle the upstream
-                self._held.unpark_all()
-            if self._room is None:
-                self._room = trio.lowlevel.ParkingLot()
-            await self._room.park()
-
-    def end(self, outcome: Outcome) -> bool:
-        """Fix the outcome (once) and wake everyone waiting on this run."""
-        if self.log.status is not RunStatus.RUNNING:
-            return False
-        self.log.finish(outcome)
-        self._wake()
-        return True
-
-    def fence(self) -> None:
-        self.log.fence()
-        self._wake()
-
-    def poke(self) -> None:
-        """Wake this run's subscribers without a change (a ping is due)."""
-        self._changed.unpark_all()
-        if self._held:
-            self._held.unpark_all()
-
-    def finished(self) -> None:
-        self.done.set()
-        self._wake()
-
-    def _wake(self) -> None:
-        self._changed.unpark_all()
-        if self._room:
-            self._room.unpark_all()
-        if self._held:
-            self._held.unpark_all()
-
-    # -- subscriber side --------------------------------------------------
-    # These two hand back the parking lot's own wait (``await run.wait_changed()``):
-    # not ``async def``, so a waiting writer holds no frame of theirs.
-    def wait_changed(self) -> Coroutine[Any, Any, None]:
-        """Block until an append, the end, a fence or the cleanup.  Cancellable."""
-        return self._changed.park()
-
-    def wait_held(self) -> Coroutine[Any, Any, None]:
-        """Block until the end, a fence, the cleanup, or the attached run
-        waiting on a full window (not on appends).  Cancellable."""
-        if self._held is None:
-            self._held = trio.lowlevel.ParkingLot()
-        return self._held.park()
-
-    def advance(self, cursor: int) -> None:
-        """The attached writer has sent everything up to ``cursor``."""
-        self.writer_cursor = cursor
-        if self._room:
-            self._room.unpark_all()
-
-    @property
-    def settled(self) -> bool:
-        """Nothing will change any more: cleaned up, or fenced."""
-        return self.done.is_set() or self.log.fenced
 
 
 class RunManager:
@@ -318,10 +100,11 @@ class RunManager:
         self.logger = logger
         self.shared = shared if shared is not None else LocalState()
         self.shared.attach(self)
+        #: Runs other nodes own: lookups, mirrors, lost nodes (cluster mode).
+        self.cluster = Cluster(self.shared, store, metrics, logger, coalesce=settings.coalesce)
         self.runs: dict[str, Run] = {}
         self.live = 0
-        self._expiry: deque[tuple[float, str]] = deque()
-        self._expiry_added = trio.Event()
+        self.expiry = Expiry(self.runs, settings.run_ttl)
         self._idle = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
         self.cleanup_timeout = settings.save_timeout
@@ -339,7 +122,7 @@ class RunManager:
         """
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._reap)
+            nursery.start_soon(self.expiry.forget_expired)
             task_status.started()
             await trio.sleep_forever()
 
@@ -358,18 +141,17 @@ class RunManager:
 
         The claim is atomic in the shared state (G1): from then on the new run
         is the session's current run, wherever its predecessors run.  In-process
-        this does not checkpoint.  Raises the 503 :class:`ApiError` when the
-        shared state is unreachable; then nothing of the run remains.
+        this does not checkpoint.  Raises
+        :class:`~trio_stream.shared.SharedUnavailable` when the shared state is
+        unreachable (the HTTP layer answers 503); then nothing of the run
+        remains.
         """
         run = Run(
             new_run_id("run_" if response is None else "resp_"), tenant, session_id, request,
             detached=request.detach, coalesce=self.settings.coalesce,
         )  # fmt: skip
         run.response = response
-        try:
-            await self._claim(run)
-        except SharedUnavailable as exc:
-            raise unavailable(str(exc)) from exc
+        await self._claim(run)
         self.runs[run.id] = run
         self.live += 1
         self.metrics.active_runs.inc()
@@ -379,7 +161,7 @@ class RunManager:
         return run
 
     async def _claim(self, run: Run) -> None:
-        if not self.shared.healthy:  # known down: answer 503 now, not at a deadline
+        if not self.shared.healthy:  # known down: fail now, not at a deadline
             raise SharedUnavailable("unreachable")
         await self.shared.register(run)
         if run.session_key is not None:
@@ -409,7 +191,9 @@ class RunManager:
         """
         try:
             with run.scope:
-                await self._await_predecessors(run)
+                await await_predecessors(
+                    run, self.shared, self.runs, self.logger, self.settings.supersede_timeout
+                )
                 await self._pump(run)
             if run.scope.cancelled_caught and run.log.outcome is None:
                 which = "first token" if run.first_token_at is None else "next token"
@@ -422,22 +206,6 @@ class RunManager:
             self._fail(run, "internal error")
         finally:
             await self._cleanup(run)
-
-    async def _await_predecessors(self, run: Run) -> None:
-        """Wait (up to --supersede-timeout) for superseded runs to clean up."""
-        if not run.predecessors:
-            return
-        key = run.session_key
-        assert key is not None
-        timeout = self.settings.supersede_timeout
-        for prev in await self.shared.wait_finished(run.predecessors, timeout):
-            # G3: the straggler may neither emit, nor touch the session
-            # entry, nor save over this run.
-            with contextlib.suppress(SharedUnavailable):
-                await self.shared.fence(key, prev)
-            if (local := self.runs.get(prev)) is not None:
-                local.fence()  # on this node it stops emitting now, whatever the backend
-            self.logger.event("prev_stream_timeout_on_cancel", session=run.session_id, trace=prev)
 
     async def _pump(self, run: Run) -> None:
         """Upstream items -> the run's log, until ``finish_reason`` or an error.
@@ -503,13 +271,10 @@ class RunManager:
         run = self.runs.get(run_id)
         if run is not None:
             return self.cancel(run, reason)
-        try:
-            record = await self.shared.lookup(run_id)
-            if record is None or record.status != "running":
-                return False
-            await self.shared.cancel(run_id, reason)
-        except SharedUnavailable as exc:
-            raise unavailable(str(exc)) from exc
+        record = await self.shared.lookup(run_id)
+        if record is None or record.status != "running":
+            return False
+        await self.shared.cancel(run_id, reason)
         return True
 
     def _fail(self, run: Run, message: str) -> None:
@@ -530,12 +295,12 @@ class RunManager:
             try:
                 if run.log.status is RunStatus.RUNNING:  # cancelled from outside
                     self.cancel(run, "shutdown")
-                await self._save(run)
+                await save_run(run, self.store, self.metrics, self.logger)
             finally:
                 self._cleanups.discard(cs)
         if cs.cancelled_caught:
             self.logger.event("save_timeout", trace=run.id)
-        fenced = await self._release(run)
+        fenced = await release(run, self.shared, self.logger)
         outcome = run.log.outcome
         assert outcome is not None
         end = ending(outcome, events=run.log.last_seq, detached=run.detached, fenced=fenced)
@@ -548,94 +313,14 @@ class RunManager:
             self.metrics.cancel_seconds.observe(trio.current_time() - run.cancelled_at)
         run.finished()
         if self._announces_finish:
-            await self._shared_step(run, self.shared.finished(run))
+            await shared_step(run.id, self.shared.finished(run), self.logger)
         if end.log_end:
-            self.logger.event("stream_end", **self.end_fields(run))
+            self.logger.event("stream_end", **run.end_fields())
         if end.keep:
-            self._expiry.append((trio.current_time() + self.settings.run_ttl, run.id))
-            self._expiry_added.set()
+            self.expiry.add(run.id)
         else:
             del self.runs[run.id]  # its only client has it; GET falls back to the store
         self._idle.unpark_all()
-
-    async def _release(self, run: Run) -> bool:
-        """Leave the session by this run's own id (G2); True if it was fenced."""
-        key = run.session_key
-        if key is None:
-            return run.log.fenced
-        released = self.shared.release(key, run.id)
-        fenced = await self._shared_step(run, released)
-        return bool(fenced) or run.log.fenced
-
-    async def _shared_step(self, run: Run, step: Awaitable[T]) -> T | None:
-        """Await one shared-state step of a cleanup: shielded, bounded, and a
-        store that is down is logged, not raised (the run still ends)."""
-        with trio.CancelScope(shield=True) as cs:
-            cs.deadline = trio.current_time() + SHARED_TIMEOUT
-            try:
-                return await step
-            except SharedUnavailable as exc:
-                self.logger.event("redis_unavailable", trace=run.id, error=str(exc))
-        if cs.cancelled_caught:
-            self.logger.event("redis_unavailable", trace=run.id, error="timeout")
-        return None
-
-    async def _save(self, run: Run) -> None:
-        """Save the run's message once; retry while the database cannot be
-        reached, until the enclosing deadline (the cleanup's ``--save-timeout``).
-
-        A retried insert whose first attempt had landed finds its row
-        (``AlreadySaved`` after a retry): that is this run's own row, saved
-        once.  A save that does not land -- an error, or the deadline -- logs
-        ``save_failed`` and counts in ``trio_stream_save_failures_total``.
-        """
-        outcome = run.log.outcome
-        assert outcome is not None
-        status = ending(outcome, events=run.log.last_seq, detached=run.detached, fenced=False)
-        if status.save_status is None:
-            return  # nothing produced, nothing to save
-        if run.response is not None and not run.response.store:
-            return  # a response created with "store": false
-        usage = {**run.final_usage().record(), "model": run.request.model}
-        message = Message(
-            run.id, run.tenant, run.session_id, run.log.content, run.log.tool_calls or None,
-            status.save_status, outcome.reason, run.log.last_seq, run.detached, run.created,
-            usage,
-        )  # fmt: skip
-        settled = False
-        error = "no answer within --save-timeout"
-        attempt = 0
-        try:
-            while True:
-                try:
-                    await self.store.save(message)
-                except StoreUnavailable as exc:
-                    attempt += 1
-                    error = str(exc)
-                    self.logger.event("save_retry", trace=run.id, attempt=attempt, error=error)
-                    await trio.sleep(retry_delay(attempt))
-                    continue
-                except AlreadySaved:
-                    if not attempt:
-                        self.logger.event("save_duplicate_refused", trace=run.id)
-                except Exception as exc:  # database trouble must not take the server down
-                    error = repr(exc)
-                    break
-                settled = True
-                break
-        finally:  # also when the deadline cancels a wait
-            if not settled:
-                self.metrics.save_failures.inc()
-                self.logger.event("save_failed", trace=run.id, error=error)
-
-    def end_fields(self, run: Run) -> dict[str, Any]:
-        """The keys of a ``stream_end`` line."""
-        return {
-            "trace": run.id,
-            "status": run.log.status.value,
-            "tokens": run.log.last_seq,
-            "duration_ms": round((trio.current_time() - run.started) * 1000, 3),
-        }
 
     # -- the owner side of the shared state ---------------------------------
     def cancel_local(self, run_id: str, reason: str) -> bool:
@@ -645,105 +330,18 @@ class RunManager:
     def local_run(self, run_id: str) -> Run | None:
         return self.runs.get(run_id)
 
+    async def adopt_lost(self, node: str, records: list[RunRecord]) -> None:
+        """End the runs of a lost node (:meth:`Cluster.adopt_lost`), each save
+        within the cleanups' current deadline."""
+        await self.cluster.adopt_lost(node, records, self.cleanup_timeout)
+
     # -- finding ----------------------------------------------------------
     def get(self, tenant: str, run_id: str) -> Run | None:
         """The run, if it is in this process's memory and belongs to ``tenant``."""
         run = self.runs.get(run_id)
         return run if run is not None and run.tenant == tenant else None
 
-    async def remote(self, tenant: str, run_id: str) -> RunRecord | None:
-        """A run another process owns, if it belongs to ``tenant`` (G6)."""
-        try:
-            record = await self.shared.lookup(run_id)
-        except SharedUnavailable as exc:
-            raise unavailable(str(exc)) from exc
-        return record if record is not None and record.tenant == tenant else None
-
-    async def remote_public(self, record: RunRecord) -> dict[str, Any]:
-        """The ``GET /v1/runs/{id}`` object of a run another process owns."""
-        try:
-            page = await self.shared.read_log(record.id, 0, wait=False)
-        except SharedUnavailable as exc:
-            raise unavailable(str(exc)) from exc
-        mirror = self.mirror(record)
-        follow_page(mirror, page)
-        public = mirror.public()
-        if page.outcome is None:  # attached elsewhere: only its record is shared
-            public["status"], public["reason"] = record.status, record.reason
-        return public
-
-    def mirror(self, record: RunRecord) -> Run:
-        """A local, read-only copy of a remote detached run, fed by :meth:`feed`."""
-        body = {"model": record.model, "messages": [], "stream": True}
-        request = ChatRequest(body, record.model, [], True, None, record.detached)
-        run = Run(
-            record.id, record.tenant, record.session_id, request,
-            detached=record.detached, coalesce=self.settings.coalesce,
-        )  # fmt: skip
-        run.created = record.created
-        run.encoder.created = int(record.created)
-        return run
-
-    async def feed(self, mirror: Run, cursor: int) -> None:
-        """Follow a remote run's shared log into ``mirror`` until its end (G7).
-
-        Runs beside the mirror's subscriber and dies with it.  If Redis goes
-        away mid-follow the mirror ends ``failed`` (reason
-        ``shared_state_unavailable``), so the follower is told, never hung.
-        """
-        try:
-            while mirror.log.outcome is None:
-                follow_page(mirror, await self.shared.read_log(mirror.id, cursor, wait=True))
-                cursor = mirror.log.last_seq
-        except SharedUnavailable as exc:
-            mirror.end(Outcome(RunStatus.FAILED, "shared_state_unavailable", str(exc)))
-        mirror.finished()
-
-    async def adopt_lost(self, node: str, records: list[RunRecord]) -> None:
-        """End the runs of a node whose lease expired: save each detached
-        run's partial once from its shared log, end its log and record, and
-        free its session (the backend's ``end_lost``)."""
-        self.logger.event("node_lost", node=node, runs=len(records))
-        for record in records:
-            page = await self.shared.read_log(record.id, 0, wait=False)
-            mirror = self.mirror(record)
-            follow_page(mirror, page)
-            outcome = Outcome(RunStatus.FAILED, "node_lost", "The node running this run was lost.")
-            mirror.end(outcome)
-            with trio.CancelScope(shield=True) as cs:
-                cs.deadline = trio.current_time() + self.cleanup_timeout
-                await self._save(mirror)
-            await self.shared.end_lost(record, mirror.log.last_seq)
-            self.metrics.runs.labels("failed").inc()
-            self.logger.event("stream_cancelled", trace=record.id, reason="node_lost")
-
-    async def current(self, tenant: str, session_id: str) -> str | None:
-        """The id of the session's current run, wherever it runs."""
-        try:
-            return await self.shared.current((tenant, session_id))
-        except SharedUnavailable as exc:
-            raise unavailable(str(exc)) from exc
-
-    async def session_known(self, tenant: str, session_id: str) -> bool:
-        """Has the session a live run anywhere?"""
-        try:
-            return bool(await self.shared.live((tenant, session_id)))
-        except SharedUnavailable as exc:
-            raise unavailable(str(exc)) from exc
-
-    # -- expiry and shutdown ----------------------------------------------
-    async def _reap(self) -> None:
-        """Forget finished detached runs ``--run-ttl`` after they end."""
-        while True:
-            now = trio.current_time()
-            while self._expiry and self._expiry[0][0] <= now:
-                self.runs.pop(self._expiry.popleft()[1], None)
-            if self._expiry:
-                await trio.sleep_until(self._expiry[0][0])
-            else:
-                self._expiry_added = trio.Event()
-                await self._expiry_added.wait()
-
+    # -- shutdown -----------------------------------------------------------
     def shorten_cleanups(self, timeout: float) -> None:
         """From now on every save -- those under way too -- ends within ``timeout``
         (shutdown, after the grace period)."""

@@ -196,11 +196,9 @@ def _entry_of(raw: str) -> Entry:
     return value if isinstance(value, str) else ToolDelta(value["tool"])
 
 
-class RedisState(SharedState):
-    """The shared state in Redis (or Valkey), through coredis (AnyIO: native
-    under trio).  ``lease`` is ``--node-lease``; ``ttl`` is ``--run-ttl``."""
-
-    ships_logs = True
+class _RedisBase(SharedState):
+    """The connection, the scripts and the keys: what every part of
+    :class:`RedisState` calls Redis through."""
 
     def __init__(
         self, url: str, *, lease: float = 10.0, ttl: float = 300.0, prefix: str = "ts:"
@@ -259,6 +257,92 @@ class RedisState(SharedState):
     @property
     def healthy(self) -> bool:
         return self._healthy
+
+
+class _RedisLogs(_RedisBase):
+    """G7 in Redis: a detached run's log as the stream ``ts:l:{run}``, shipped
+    by its owner and read by any node."""
+
+    async def ship(self, run: RunView) -> None:
+        """Copy ``run``'s log to ``ts:l:{run}`` in batches until its end is
+        there.  The end is shipped after the run's cleanup, so a remote
+        follower's ``[DONE]`` still means saved.  Retries while Redis is down.
+        Each batch goes right after the log's last entry in Redis (``_APPEND``),
+        so after an outage -- maybe a restart that lost the log -- shipping goes
+        on from wherever the log in Redis is, from its first entry if need be."""
+        shipped, resyncs = 0, self._resyncs
+        while True:
+            reship = self._reship
+            entries = run.log.read(shipped, 256)
+            ending = run.done.is_set() and shipped + len(entries) == run.log.last_seq
+            if not (entries or ending or resyncs != self._resyncs):
+                await run.wait_changed()
+                continue
+            resyncs = self._resyncs
+            outcome = run.log.outcome if ending else None
+            try:
+                last = await self._append_log(run.id, shipped, entries, outcome)
+            except SharedUnavailable:
+                with trio.move_on_after(0.2):
+                    await reship.wait()
+                resyncs = -1  # the log may be gone: ask Redis where it is
+                continue
+            if last < 0:
+                return  # the log has its end
+            shipped = last
+
+    async def _append_log(
+        self, run_id: str, shipped: int, entries: Sequence[Entry], outcome: Outcome | None
+    ) -> int:
+        """Append ``entries`` (seqs from ``shipped + 1``), then the end if
+        ``outcome``, right after the log's last entry (``_APPEND``).  Returns
+        -1 once the log has its end, else its last seq."""
+        end = b""
+        if outcome is not None:
+            fields = {"status": outcome.status.value, "reason": outcome.reason,
+                      "message": outcome.message}  # fmt: skip
+            end = orjson.dumps(fields)
+        args: list[str | bytes] = [str(shipped + 1), str(self.ttl), end, *map(_entry_json, entries)]
+        raw: Any = await self._call(self._append(keys=[self._l(run_id)], args=args))
+        return int(raw)
+
+    async def write_end(self, run_id: str, last_seq: int, outcome: Outcome) -> None:
+        """End the log after its entry ``last_seq`` (a no-op if that is not its top)."""
+        await self._append_log(run_id, last_seq, (), outcome)
+
+    async def read_log(self, run_id: str, cursor: int, *, wait: bool) -> LogPage:
+        key = self._l(run_id)
+        after = f"{cursor}-0" if cursor else "0-0"
+        if wait:
+            found = await self._call(
+                self.client.xread({key: after}, count=1024, block=FOLLOW_BLOCK_MS)
+            )
+            items = (found or {}).get(key, ())
+        else:
+            items = await self._call(self.client.xrange(key, f"({after}", "+"))
+        entries: list[Entry] = []
+        outcome: Outcome | None = None
+        for item in items:
+            values = item.field_values
+            if "end" in values:
+                end = orjson.loads(str(values["end"]))
+                outcome = Outcome(RunStatus(end["status"]), end["reason"], end["message"])
+                break
+            entries.append(_entry_of(str(values["e"])))
+        return LogPage(entries, outcome)
+
+
+class RedisState(_RedisLogs):
+    """The shared state in Redis (or Valkey), through coredis (AnyIO: native
+    under trio).  ``lease`` is ``--node-lease``; ``ttl`` is ``--run-ttl``.
+
+    Its parts: the connection, scripts and keys (:class:`_RedisBase`), the
+    detached logs (:class:`_RedisLogs`, G7), and here the lease and
+    background tasks, sessions (G1-G3), cancel and completion (G4, G5), the
+    registry (G6) and node loss.
+    """
+
+    ships_logs = True
 
     # -- background -------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -500,75 +584,6 @@ class RedisState(SharedState):
             status=fields.get("status", "running"), reason=fields.get("reason") or None,
             model=fields.get("model", ""), created=float(fields.get("created", "0")),
         )  # fmt: skip
-
-    # -- logs of detached runs --------------------------------------------
-    async def ship(self, run: RunView) -> None:
-        """Copy ``run``'s log to ``ts:l:{run}`` in batches until its end is
-        there.  The end is shipped after the run's cleanup, so a remote
-        follower's ``[DONE]`` still means saved.  Retries while Redis is down.
-        Each batch goes right after the log's last entry in Redis (``_APPEND``),
-        so after an outage -- maybe a restart that lost the log -- shipping goes
-        on from wherever the log in Redis is, from its first entry if need be."""
-        shipped, resyncs = 0, self._resyncs
-        while True:
-            reship = self._reship
-            entries = run.log.read(shipped, 256)
-            ending = run.done.is_set() and shipped + len(entries) == run.log.last_seq
-            if not (entries or ending or resyncs != self._resyncs):
-                await run.wait_changed()
-                continue
-            resyncs = self._resyncs
-            outcome = run.log.outcome if ending else None
-            try:
-                last = await self._append_log(run.id, shipped, entries, outcome)
-            except SharedUnavailable:
-                with trio.move_on_after(0.2):
-                    await reship.wait()
-                resyncs = -1  # the log may be gone: ask Redis where it is
-                continue
-            if last < 0:
-                return  # the log has its end
-            shipped = last
-
-    async def _append_log(
-        self, run_id: str, shipped: int, entries: Sequence[Entry], outcome: Outcome | None
-    ) -> int:
-        """Append ``entries`` (seqs from ``shipped + 1``), then the end if
-        ``outcome``, right after the log's last entry (``_APPEND``).  Returns
-        -1 once the log has its end, else its last seq."""
-        end = b""
-        if outcome is not None:
-            fields = {"status": outcome.status.value, "reason": outcome.reason,
-                      "message": outcome.message}  # fmt: skip
-            end = orjson.dumps(fields)
-        args: list[str | bytes] = [str(shipped + 1), str(self.ttl), end, *map(_entry_json, entries)]
-        raw: Any = await self._call(self._append(keys=[self._l(run_id)], args=args))
-        return int(raw)
-
-    async def write_end(self, run_id: str, last_seq: int, outcome: Outcome) -> None:
-        """End the log after its entry ``last_seq`` (a no-op if that is not its top)."""
-        await self._append_log(run_id, last_seq, (), outcome)
-
-    async def read_log(self, run_id: str, cursor: int, *, wait: bool) -> LogPage:
-        key = self._l(run_id)
-        after = f"{cursor}-0" if cursor else "0-0"
-        if wait:
-            found = await self._call(
-                self.client.xread({key: after}, count=1024, block=FOLLOW_BLOCK_MS)
-            )
-            items = (found or {}).get(key, ())
-        else:
-            items = await self._call(self.client.xrange(key, f"({after}", "+"))
-        entries: list[Entry] = []
-        outcome: Outcome | None = None
-        for item in items:
-            values = item.field_values
-            if "end" in values:
-                end = orjson.loads(str(values["end"]))
-                outcome = Outcome(RunStatus(end["status"]), end["reason"], end["message"])
-                break
-            entries.append(_entry_of(str(values["e"])))
-        return LogPage(entries, outcome)
 
     # -- node loss --------------------------------------------------------
     async def _reap(self) -> None:
