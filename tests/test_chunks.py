@@ -205,7 +205,7 @@ def completed_log(entries: Sequence[Entry], reason: str = "stop") -> RunLog:
     log = RunLog()
     for entry in entries:
         log.append(entry)
-    log.finish(Outcome(RunStatus.COMPLETED, reason))
+    log.end(Outcome(RunStatus.COMPLETED, reason))
     return log
 
 

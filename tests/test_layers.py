@@ -244,3 +244,24 @@ def test_no_class_is_over_300_lines() -> None:
                 if lines > MAX_CLASS_LINES:
                     long.append(f"{module}.{node.name}: {lines}")
     assert long == []
+
+
+def test_no_two_classes_share_a_name() -> None:
+    """Each class (and each capitalised type alias) of the package has a name
+    of its own: a reader who greps ``class Outcome`` finds one."""
+    where: dict[str, list[str]] = {}
+    for module, (path, _) in MODULES.items():
+        tree = ast.parse(path.read_text())
+        names = [n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)]
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            if isinstance(node, ast.AnnAssign):
+                targets = [node.target]
+            names += [
+                t.id
+                for t in targets
+                if isinstance(t, ast.Name) and t.id[:1].isupper() and not t.id.isupper()
+            ]
+        for name in names:
+            where.setdefault(name, []).append(module)
+    assert {name: mods for name, mods in where.items() if len(mods) > 1} == {}

@@ -21,7 +21,6 @@ from trio_stream.core.log import Outcome as RunOutcome
 from trio_stream.core.log import RunStatus
 from trio_stream.load.accounting import (
     Integrity,
-    Outcome,
     Reply,
     RequestRecord,
     ServerFigures,
@@ -32,6 +31,9 @@ from trio_stream.load.accounting import (
     count_anomalies,
     parse_metrics,
     percentile,
+)
+from trio_stream.load.accounting import (
+    RequestOutcome as Outcome,
 )
 from trio_stream.load.display import report_table
 from trio_stream.load.plan import (

@@ -4,7 +4,8 @@ A *run* is one upstream completion.  Everything it produced is kept here, in
 order, so that any number of subscribers can replay it from any point and then
 follow it live.  The trio layer (:mod:`trio_stream.runs.manager`) only adds wake-ups.
 
-State machine (one table, checked on every move)::
+State machine of the outcome (checked on every move; the run's whole
+lifecycle around it is the table of :mod:`trio_stream.core.lifecycle`)::
 
     RUNNING --complete--> COMPLETED   (finish_reason "stop" | "length")
     RUNNING --cancel----> CANCELLED   (reason: superseded, interrupted, ...)
@@ -49,13 +50,6 @@ _MOVES: dict[RunStatus, frozenset[RunStatus]] = {
     RunStatus.COMPLETED: frozenset(),
     RunStatus.CANCELLED: frozenset(),
     RunStatus.FAILED: frozenset(),
-}
-
-#: How a finished run is saved: ``status`` column of the messages table.
-SAVED_STATUS = {
-    RunStatus.COMPLETED: "complete",
-    RunStatus.CANCELLED: "partial",
-    RunStatus.FAILED: "failed",
 }
 
 
@@ -117,8 +111,8 @@ class RunLog:
             self._merge_tool_calls(entry.delta)
         return len(self._entries)
 
-    def finish(self, outcome: Outcome) -> None:
-        """Move out of RUNNING (rule 1)."""
+    def end(self, outcome: Outcome) -> None:
+        """Fix the outcome: move out of RUNNING (rule 1)."""
         current = self.status
         if outcome.status not in _MOVES[current]:
             raise IllegalTransition(f"{current.value} -> {outcome.status.value}")

@@ -7,7 +7,7 @@ Rule 1: a session has at most one *current* run.  :meth:`SessionTable.claim`
         session that has not finished yet: the caller cancels them and awaits
         their cleanup (with a deadline) before it opens its upstream request.
 Rule 2: a run leaves the table only by its own id (compare-and-delete):
-        :meth:`finish` of an old run never removes its successor.  This is the
+        :meth:`release` of an old run never removes its successor.  This is the
         rule whose absence made a peer delete its successor's entry and hang.
 Rule 3: a predecessor still running when the deadline passes is *fenced*: it
         stays in the table until it finishes, but it is no longer anybody's
@@ -55,7 +55,7 @@ class SessionTable:
         session.live[run_id] = True
         return True
 
-    def finish(self, key: SessionKey, run_id: str) -> None:
+    def release(self, key: SessionKey, run_id: str) -> None:
         """Rule 2: remove ``run_id`` and clear ``current`` only if it is this run."""
         session = self._sessions.get(key)
         if session is None:

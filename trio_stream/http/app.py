@@ -25,6 +25,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from .. import metrics as metrics_mod
+from ..core.lifecycle import STATUS_OF_SAVED
 from ..errors import (
     ApiError,
     body_timeout,
@@ -153,9 +154,7 @@ def _routes(app: TrioStreamApp) -> None:
         return {
             "id": saved.run_id,
             "session_id": saved.session_id,
-            "status": {"complete": "completed", "partial": "cancelled"}.get(
-                saved.status, saved.status
-            ),
+            "status": STATUS_OF_SAVED[saved.status].value,
             "reason": saved.reason,
             "content": saved.content,
             "events": saved.events,

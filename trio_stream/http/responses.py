@@ -26,6 +26,7 @@ from urllib.parse import parse_qs
 
 import orjson
 
+from ..core.lifecycle import STATUS_OF_SAVED
 from ..core.log import Entry, Outcome, RunStatus
 from ..errors import (
     ApiError,
@@ -89,10 +90,6 @@ def run_object(run: Run) -> dict[str, Any]:
     return response_object(state)
 
 
-_SAVED = {"complete": RunStatus.COMPLETED, "partial": RunStatus.CANCELLED,
-          "failed": RunStatus.FAILED}  # fmt: skip
-
-
 def saved_object(m: Message) -> dict[str, Any]:
     """The ``response`` object of a response known only by its saved row.
     ``model`` comes from the row's usage record; ``instructions`` and
@@ -100,7 +97,7 @@ def saved_object(m: Message) -> dict[str, Any]:
     usage = Usage.from_record(m.usage)
     model = (m.usage or {}).get("model")
     meta = ResponseMeta(model if isinstance(model, str) else "", background=m.detached)
-    outcome = Outcome(_SAVED[m.status], m.reason or "")
+    outcome = Outcome(STATUS_OF_SAVED[m.status], m.reason or "")
     figures = usage.responses() if usage else None
     return response_object(
         ResponseState(m.run_id, meta, m.created, m.content, m.events, outcome, figures)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import h2.config
@@ -33,7 +33,7 @@ import h2.exceptions
 import h2.settings
 import trio
 
-Headers = Sequence[tuple[str, str]]
+from .http1 import Headers
 
 DEFAULT_STREAM_WINDOW = 65_535  # the protocol's initial per-stream window
 CONNECTION_WINDOW = 16 * 1024 * 1024

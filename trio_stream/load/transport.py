@@ -22,7 +22,7 @@ Transport failures of either kind are translated at this seam into
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -32,9 +32,7 @@ import h2.exceptions
 import trio
 
 from .h2 import H2Connection, StreamReset, open_h2_connection
-from .http1 import ConnectionLost, H1Connection, H1Exchange, connect
-
-Headers = Sequence[tuple[str, str]]
+from .http1 import ConnectionLost, H1Connection, H1Exchange, Headers, connect
 
 #: A slow reader's receive buffer (HTTP/1.1 ``SO_RCVBUF``) and stream window
 #: (HTTP/2): small, so that the server has to hold back instead of the kernel.

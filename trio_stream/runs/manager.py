@@ -59,7 +59,7 @@ CANCEL_MESSAGES = {
 DRAIN_TIMEOUT = 0.5
 
 
-async def _drain(items: AsyncIterator[object]) -> Usage | None:
+async def _read_to_end(items: AsyncIterator[object]) -> Usage | None:
     """Read an upstream stream to its end within a bound; the last
     :class:`Usage` it reports (an OpenAI upstream's comes after the finish).
 
@@ -232,7 +232,7 @@ class RunManager:
                         continue
                     if isinstance(item, Finish):
                         run.end(Outcome(RunStatus.COMPLETED, item.reason))
-                        run.usage = await _drain(items) or run.usage
+                        run.usage = await _read_to_end(items) or run.usage
                         return
                     if not run.append(item):
                         return  # ended meanwhile; run.scope's cancel lands on exit

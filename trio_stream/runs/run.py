@@ -186,7 +186,7 @@ class Run:
         """Fix the outcome (once) and wake everyone waiting on this run."""
         if self.log.status is not RunStatus.RUNNING:
             return False
-        self.log.finish(outcome)
+        self.log.end(outcome)
         self._wake()
         return True
 

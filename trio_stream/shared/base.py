@@ -49,10 +49,9 @@ from typing import Any, Protocol
 import trio
 
 from ..core.log import Entry, Outcome, RunLog
+from ..core.sessions import SessionKey as SessionKey
 from ..errors import TrioStreamError
 from ..wire.request import ChatRequest
-
-SessionKey = tuple[str, str]
 
 
 class SharedUnavailable(TrioStreamError):

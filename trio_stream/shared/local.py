@@ -39,7 +39,7 @@ class LocalState(SharedState):
 
     async def release(self, key: SessionKey, run_id: str) -> bool:
         fenced = self.sessions.is_fenced(key, run_id)
-        self.sessions.finish(key, run_id)
+        self.sessions.release(key, run_id)
         if not self.sessions.live(key):
             self._epochs.pop(key, None)
         return fenced

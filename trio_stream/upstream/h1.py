@@ -88,7 +88,7 @@ def failed(exc: BaseException) -> UpstreamError:
     return UpstreamError(f"The upstream request failed: {exc!r}")
 
 
-class Connection:
+class UpstreamConnection:
     """One HTTP/1.1 connection: the trio stream, its socket and its ``h11`` state."""
 
     __slots__ = ("_drained", "eof", "exchange", "key", "received", "sock", "stream", "tls")
@@ -98,7 +98,7 @@ class Connection:
         self.sock = sock  # the stdlib socket under ``stream`` (and under TLS)
         self.tls = isinstance(stream, trio.SSLStream)
         self.key = key
-        self.exchange: Exchange | None = None  # the response being parsed
+        self.exchange: ParsedResponse | None = None  # the response being parsed
         self.received = False  # a byte of the current response arrived
         self.eof = False  # the upstream closed its side (a body read to EOF)
         self._drained = True  # the last read emptied the socket
@@ -159,7 +159,7 @@ class Connection:
         self.sock.close()
 
 
-class Exchange:
+class ParsedResponse:
     """httptools' callbacks for one response: its head, its body pieces, its end.
 
     llhttp (through httptools, the parser uvicorn uses) frames the response:
@@ -221,7 +221,7 @@ class Response:
 
     __slots__ = ("conn", "exchange", "headers", "status")
 
-    def __init__(self, conn: Connection, exchange: Exchange) -> None:
+    def __init__(self, conn: UpstreamConnection, exchange: ParsedResponse) -> None:
         self.conn = conn
         self.exchange = exchange
         self.status = exchange.parser.get_status_code()
@@ -301,7 +301,7 @@ class Pool:
         self.headers = [("user-agent", "trio-stream"), *(headers or [])]
         self.max_idle = max_idle
         self._ssl_context = ssl_context
-        self._idle: dict[Key, list[Connection]] = {}
+        self._idle: dict[Key, list[UpstreamConnection]] = {}
         self._idle_count = 0
         self.closed = False
 
@@ -363,7 +363,7 @@ class Pool:
         except _Stale as exc:
             raise failed(exc.__cause__ or exc) from exc
 
-    async def _exchange(self, conn: Connection, path: str, body: bytes) -> Response:
+    async def _exchange(self, conn: UpstreamConnection, path: str, body: bytes) -> Response:
         """POST ``body`` on ``conn`` and read the response head.  On any error
         the connection is closed; :class:`_Stale` if it died before answering."""
         h = h11.Connection(h11.CLIENT)  # writes and validates the request only
@@ -386,7 +386,7 @@ class Pool:
             except h11.LocalProtocolError as exc:  # a header we cannot send (the API key)
                 raise failed(exc) from exc
             conn.received = False
-            conn.exchange = x = Exchange()
+            conn.exchange = x = ParsedResponse()
             try:
                 with trio.fail_after(self.connect_timeout):
                     await conn.stream.send_all(request)
@@ -416,7 +416,7 @@ class Pool:
             raise
 
     # -- connections -------------------------------------------------------
-    async def _connect(self) -> Connection:
+    async def _connect(self) -> UpstreamConnection:
         """A new connection (TLS for https), within ``--connect-timeout``."""
         stream: trio.abc.Stream | None = None
         try:
@@ -446,7 +446,7 @@ class Pool:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
             raise
-        return Connection(stream, sock, self.key)
+        return UpstreamConnection(stream, sock, self.key)
 
     def _tls(self) -> ssl.SSLContext:
         if self._ssl_context is None:
@@ -454,7 +454,7 @@ class Pool:
             self._ssl_context.set_alpn_protocols(["http/1.1"])
         return self._ssl_context
 
-    def _checkout(self) -> Connection | None:
+    def _checkout(self) -> UpstreamConnection | None:
         """The most recently used idle connection that still looks alive."""
         conns = self._idle.get(self.key)
         while conns:
@@ -465,7 +465,7 @@ class Pool:
             conn.close_now()  # closed by the upstream: nothing to say to it
         return None
 
-    async def _release(self, conn: Connection) -> None:
+    async def _release(self, conn: UpstreamConnection) -> None:
         """Back to the pool if another exchange may follow, else closed."""
         if self.closed or not conn.reusable or self._idle_count >= self.max_idle:
             await conn.aclose()
