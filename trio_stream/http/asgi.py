@@ -44,6 +44,9 @@ async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
     here: the caller puts one around the whole read (``--body-timeout``, see
     :func:`trio_stream.http.chat.read_request`), so that a client dribbling a
     byte at a time is cut as surely as one that stops.
+
+    Cancellation: a checkpoint per ``receive()``.  A ``Cancelled`` (the caller's ``--body-
+    timeout``) leaves the body partly read; the caller answers 408 and closes the connection.
     """
     declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -78,6 +81,9 @@ def close_headers(error: ApiError, http_version: str) -> tuple[tuple[bytes, byte
 async def start(
     send: Send, status: int, content_type: bytes, extra: Iterable[tuple[bytes, bytes]] = ()
 ) -> None:
+    """Sends the response head.  Cancellation: a checkpoint (the ASGI ``send``); a ``Cancelled``
+    may leave the head unsent, and the request then ends without a response.
+    """
     headers = [(b"content-type", content_type), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
 
@@ -86,6 +92,9 @@ async def send_bytes(
     send: Send, status: int, body: bytes, content_type: bytes = JSON,
     extra: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:  # fmt: skip
+    """Sends a whole response: the head, then the body in one message.  Cancellation: checkpoints
+    at each send; a ``Cancelled`` may leave the head sent and the body not.
+    """
     await start(send, status, content_type, extra)
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -93,4 +102,7 @@ async def send_bytes(
 async def send_error(
     send: Send, error: ApiError, extra: Iterable[tuple[bytes, bytes]] = ()
 ) -> None:
+    """Sends ``error`` as its OpenAI error body, with its headers and ``extra``.  Cancellation: as
+    :func:`send_bytes`.
+    """
     await send_bytes(send, error.status, error.body(), JSON, [*error.headers, *extra])

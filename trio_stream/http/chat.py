@@ -62,6 +62,9 @@ async def read_request(settings: Settings, scope: Scope, receive: Receive) -> by
     byte every second for ever is cut at the same moment as one that stopped.
     The call comes as soon as the request's head is read, so the deadline
     counts from the request's start.
+
+    Cancellation: a checkpoint per body chunk; the deadline here is its own (408).  An outer
+    ``Cancelled`` leaves the body partly read.
     """
     s = settings
     with trio.move_on_after(s.body_timeout):
@@ -70,7 +73,12 @@ async def read_request(settings: Settings, scope: Scope, receive: Receive) -> by
 
 
 async def chat_completions(service: Service, scope: Scope, receive: Receive, send: Send) -> None:
-    """``POST /v1/chat/completions``: one run, streamed or answered whole."""
+    """``POST /v1/chat/completions``: one run, streamed or answered whole.
+
+    Cancellation: checkpoints throughout.  A ``Cancelled`` from the server (shutdown, the
+    connection closing) cancels the request nursery: an attached run is cancelled and its
+    shielded cleanup still saves it before this returns; a detached run is not touched.
+    """
     s = service.settings
     try:
         tenant = service.auth.tenant(header(scope, b"authorization"))
@@ -143,7 +151,11 @@ async def _follow(
 async def run_events(
     service: Service, scope: Scope, receive: Receive, send: Send, run_id: str
 ) -> None:
-    """``GET /v1/runs/{id}/events``: replay after a cursor, then follow live."""
+    """``GET /v1/runs/{id}/events``: replay after a cursor, then follow live.
+
+    Cancellation: checkpoints throughout; a ``Cancelled`` ends this subscription only -- the run
+    (local or remote) goes on, and a mirror of a remote run is dropped.
+    """
     s = service.settings
     try:
         tenant = service.auth.tenant(header(scope, b"authorization"))

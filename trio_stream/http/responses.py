@@ -132,7 +132,11 @@ class ResponseSubscriber(Subscriber):
 
 
 async def handle(service: Service, scope: Scope, receive: Receive, send: Send) -> None:
-    """Serve one request to a path under ``/v1/responses``."""
+    """Serve one request to a path under ``/v1/responses``.
+
+    Cancellation: as the handler it routes to (:func:`create`, :func:`retrieve`,
+    :func:`cancel`).
+    """
     path, method = scope["path"], scope["method"]
     allow = b"POST"
     try:
@@ -171,7 +175,11 @@ def _subscriber(service: Service, run: Run, send: Send, scope: Scope, *, cursor:
 
 
 async def create(service: Service, scope: Scope, receive: Receive, send: Send) -> None:
-    """``POST /v1/responses``: a detached run if ``background``, else attached."""
+    """``POST /v1/responses``: a detached run if ``background``, else attached.
+
+    Cancellation: as :func:`~trio_stream.http.chat.chat_completions`: an attached response's run
+    is cancelled and saved in its shielded cleanup; a background one is not touched.
+    """
     s = service.settings
     tenant = service.auth.tenant(header(scope, b"authorization"))
     session_id = parse_session_id(header(scope, b"x-session-id"))
@@ -215,7 +223,11 @@ async def retrieve(
     service: Service, scope: Scope, receive: Receive, send: Send, response_id: str
 ) -> None:
     """``GET /v1/responses/{id}``: the object, or with ``stream=true`` the
-    events after ``starting_after`` and then live ones."""
+    events after ``starting_after`` and then live ones.
+
+    Cancellation: checkpoints throughout; a ``Cancelled`` ends this read or subscription only,
+    never the response's run.
+    """
     tenant = service.auth.tenant(header(scope, b"authorization"))
     stream, after = _query(scope)
     _check_id(response_id)
@@ -275,7 +287,12 @@ async def _remote_object(service: Service, record: RunRecord) -> dict[str, Any]:
 
 async def cancel(service: Service, scope: Scope, send: Send, response_id: str) -> None:
     """``POST /v1/responses/{id}/cancel``: cancel (reason ``stopped``) and
-    answer the object.  Idempotent: an ended response is answered as it is."""
+    answer the object.  Idempotent: an ended response is answered as it is.
+
+    Cancellation: checkpoints while it asks the shared state and waits (bounded) for the owner's
+    cleanup.  A ``Cancelled`` after the cancel was sent leaves the run cancelled; only the
+    answer is lost.
+    """
     tenant = service.auth.tenant(header(scope, b"authorization"))
     _check_id(response_id)
     run = service.runs.get(tenant, response_id)

@@ -111,6 +111,9 @@ class Service:
         self._streams_changed.unpark_all()
 
     async def wait_streams_closed(self) -> None:
+        """Block until no client stream is open.  Cancellation: a checkpoint only when it has to
+        wait; a ``Cancelled`` leaves nothing behind.
+        """
         while self.streams:
             await self._streams_changed.park()
 

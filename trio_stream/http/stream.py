@@ -70,7 +70,11 @@ class Pinger:
         self._subs.pop(sub, None)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Poke due subscribers until cancelled."""
+        """Poke due subscribers until cancelled.
+
+        Cancellation: waits (a checkpoint) between pokes and runs until cancelled; a
+        ``Cancelled`` leaves the registered subscribers registered and un-poked.
+        """
         task_status.started()
         while True:
             if not self._subs:
@@ -318,7 +322,11 @@ class Subscriber:
         return log.read(self.cursor, BATCH)
 
     async def write_json(self) -> None:
-        """``stream: false``: wait for the end, answer one object or an error."""
+        """``stream: false``: wait for the end, answer one object or an error.
+
+        Cancellation: a checkpoint while it waits for the run; a ``Cancelled`` leaves the
+        response unanswered (or half sent) and the run untouched.
+        """
         run = self.run
         while not run.settled:
             await run.wait_changed()
@@ -352,6 +360,9 @@ async def watch_disconnect(receive: Receive, on_disconnect: Callable[[], None]) 
 
     Must be the one task reading ``receive`` after the body is read: a
     disconnect that is already queued is seen at once (hypercorn issue #210).
+
+    Cancellation: a checkpoint per ``receive()``; a ``Cancelled`` (the request nursery ending)
+    returns nothing and calls nothing.
     """
     while True:
         message = await receive()

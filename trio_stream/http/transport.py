@@ -95,6 +95,11 @@ class GuardedStream(trio.abc.HalfCloseableStream):
 
         A write the kernel takes whole at once costs no cancel scope and no
         deadline: only one that has to wait arms the stall deadline.
+
+        Cancellation: a checkpoint (a write the kernel takes at once still makes one, shielded).
+        A write that waits is cut by the stall deadline or :meth:`TransportGuard.abort_all` (the
+        socket is closed, ``BrokenResourceError``); hypercorn shields the call, so the app's own
+        cancel scopes do not reach it.
         """
         view = memoryview(data)
         sent = self.send_nowait(view)
@@ -121,15 +126,25 @@ class GuardedStream(trio.abc.HalfCloseableStream):
             self._send_scope.cancel()
 
     async def wait_send_all_might_not_block(self) -> None:
+        """The inner stream's.  Cancellation: a checkpoint; cancellable while it waits."""
         await self._inner.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
+        """The inner stream's.  Cancellation: a checkpoint; a ``Cancelled`` may leave the FIN
+        unsent.
+        """
         await self._inner.send_eof()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """The inner stream's, with no deadline of ours.  Cancellation: a checkpoint; a
+        ``Cancelled`` loses no data (nothing was received).
+        """
         return await self._inner.receive_some(max_bytes)
 
     async def aclose(self) -> None:
+        """The inner stream's.  Cancellation: closes the socket even when cancelled (trio's
+        ``aclose`` contract).
+        """
         await self._inner.aclose()
 
 
@@ -140,9 +155,13 @@ class GuardedListener(trio.abc.Listener[GuardedStream]):
         self.socket = inner.socket
 
     async def accept(self) -> GuardedStream:
+        """Accept one connection, wrapped and tracked.  Cancellation: a checkpoint; a ``Cancelled``
+        accepts nothing.
+        """
         return self._guard.track(GuardedStream(await self._inner.accept(), self._guard))
 
     async def aclose(self) -> None:
+        """The inner listener's.  Cancellation: closes it even when cancelled."""
         await self._inner.aclose()
 
 
@@ -211,7 +230,12 @@ class DirectBody:
     async def send(self, data: bytes) -> bool:
         """Write ``data`` as one chunk.  False if hypercorn is writing on this
         connection right now: then nothing was written, and the caller sends
-        the chunk through ASGI (which waits for the lock)."""
+        the chunk through ASGI (which waits for the lock).
+
+        Cancellation: a chunk the kernel takes at once costs no checkpoint; one that has to wait
+        is written whole in a shielded scope bounded by the stall deadline, and a ``Cancelled``
+        is delivered right after it (so a chunk is never half written).
+        """
         if not data:
             return True  # an empty chunk would be the body's terminator
         link = self._link

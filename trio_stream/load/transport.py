@@ -55,8 +55,13 @@ class Exchange(Protocol):
     status: int | None
     headers: dict[str, str]
 
-    async def response(self) -> int: ...
-    async def receive(self) -> bytes | None: ...
+    async def response(self) -> int:
+        """Wait for the response head; its status.  Cancellation: a ``Cancelled`` leaves the
+        exchange mid-response.
+        """
+
+    async def receive(self) -> bytes | None:
+        """The next body chunk, ``None`` at the end.  Cancellation: as :meth:`response`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +173,9 @@ class H1Client:
                 await conn.aclose()  # the disconnect: a TCP close
 
     async def aclose(self) -> None:
+        """Close every idle connection.  Cancellation: each close is shielded and bounded; a
+        ``Cancelled`` between two leaves the rest to be collected.
+        """
         while self._idle:
             await self._idle.pop().aclose()
 
@@ -247,6 +255,7 @@ class H2Client:
             pooled.release()
 
     async def aclose(self) -> None:
+        """Let every pooled connection's holder close it.  Cancellation: never checkpoints."""
         for pool in self._pools.values():
             for pooled in pool:
                 pooled.drained.set()
@@ -284,7 +293,11 @@ class _Pooled:
 async def open_client(
     target: Target, *, http2: bool, insecure: bool = False, max_streams: int = 100
 ) -> AsyncIterator[H1Client | H2Client]:
-    """The client for ``target``; every connection is closed when the block exits."""
+    """The client for ``target``; every connection is closed when the block exits.
+
+    Cancellation: leaving the block, however, closes every connection (HTTP/2: by cancelling the
+    holders' nursery).
+    """
     ssl_context = target.ssl_context(http2=http2, insecure=insecure)
     if not http2:
         client = H1Client(target, ssl_context)

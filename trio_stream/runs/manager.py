@@ -145,6 +145,11 @@ class RunManager:
         :class:`~trio_stream.shared.SharedUnavailable` when the shared state is
         unreachable (the HTTP layer answers 503); then nothing of the run
         remains.
+
+        Cancellation: in-process it does not checkpoint; in cluster mode a ``Cancelled`` during
+        the claim may leave the run registered and claimed in the shared state with nothing
+        driving it (its record expires with ``--run-ttl``; the session's next claim supersedes
+        it).
         """
         run = Run(
             new_run_id("run_" if response is None else "resp_"), tenant, session_id, request,
@@ -332,7 +337,10 @@ class RunManager:
 
     async def adopt_lost(self, node: str, records: list[RunRecord]) -> None:
         """End the runs of a lost node (:meth:`Cluster.adopt_lost`), each save
-        within the cleanups' current deadline."""
+        within the cleanups' current deadline.
+
+        Cancellation: as :meth:`Cluster.adopt_lost`.
+        """
         await self.cluster.adopt_lost(node, records, self.cleanup_timeout)
 
     # -- finding ----------------------------------------------------------

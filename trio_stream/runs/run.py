@@ -63,6 +63,9 @@ class Done:
             self._lot.unpark_all()
 
     async def wait(self) -> None:
+        """Block until set.  Cancellation: always a checkpoint (set or not); a ``Cancelled`` leaves
+        nothing behind.
+        """
         if self._flag:
             await trio.lowlevel.checkpoint()
             return
@@ -171,6 +174,8 @@ class Run:
         """Block while the attached writer is ``window`` entries behind.
 
         A checkpoint only when it has to wait; cancellable.
+
+        Cancellation: a ``Cancelled`` leaves the run as it was (the entry is already appended).
         """
         window = self.window
         if window is None:

@@ -67,6 +67,10 @@ class AppInbox:
         self._senders: list[trio.lowlevel.Task] | None = None
 
     async def send(self, message: Any) -> None:
+        """hypercorn's side: queue ``message`` for the app.  Cancellation: a checkpoint (as a trio
+        memory channel's ``send``); a ``Cancelled`` while it waits for room leaves the message
+        unsent.
+        """
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             if self._receivers:
@@ -83,6 +87,9 @@ class AppInbox:
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def receive(self) -> Any:
+        """The app's ``receive()``.  Cancellation: a checkpoint; a ``Cancelled`` while it waits
+        takes no message (the next receive gets it).
+        """
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._items:
             message = self._items.pop(0)
@@ -124,6 +131,9 @@ class LightTaskGroup(TaskGroup):
     async def spawn_app(
         self, app: AppWrapper, config: Config, scope: Any, send: Callable[[Any], Awaitable[None]]
     ) -> Callable[[Any], Awaitable[None]]:
+        """Start the app's request task in this group; returns its inbox's ``send``.  Cancellation:
+        not a checkpoint.
+        """
         inbox = AppInbox(config.max_app_queue_size)
         assert self._nursery is not None  # inside ``async with``, as hypercorn's
         self._nursery.start_soon(
@@ -137,6 +147,12 @@ class LightTCPServer(TCPServer):
     """hypercorn's trio ``TCPServer`` with the read loop and the app inbox above."""
 
     async def run(self) -> None:
+        """Serve one connection until it closes.
+
+        Cancellation: a ``Cancelled`` (the server's shutdown) cancels the
+        connection's request tasks, then its ``finally`` closes the connection
+        (``server.serve.Connection._close`` shields that close, with a deadline).
+        """
         # hypercorn 0.18.0's TCPServer.run, with LightTaskGroup for TaskGroup,
         # and no handshake deadline on a plain connection: hypercorn entered
         # fail_after(ssl_handshake_timeout) before finding out there is no

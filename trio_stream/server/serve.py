@@ -116,7 +116,11 @@ async def open_listeners(
     sockets: Sequence[socket.socket] = (),
 ) -> list[trio.abc.Listener[trio.abc.Stream]]:  # fmt: skip
     """Listen on ``--host``/``--port``, or on ``sockets`` bound by a parent
-    (``--workers``: every worker accepts on the same socket)."""
+    (``--workers``: every worker accepts on the same socket).
+
+    Cancellation: a checkpoint only while resolving ``--host``, before any socket exists, so a
+    ``Cancelled`` leaves nothing open; given ``sockets``, no checkpoint at all.
+    """
     if sockets:
         raw = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
     else:
@@ -168,7 +172,13 @@ async def serve_service(
     sockets: Sequence[socket.socket] = (),
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve an already open :class:`Service` (see :func:`serve`)."""
+    """Serve an already open :class:`Service` (see :func:`serve`).
+
+    Cancellation: an abrupt stop: the connections are cancelled, and with them the attached runs
+    (children of their requests), each saved in its shielded cleanup before this returns;
+    detached runs belong to the service, which the caller owns, and go on.  Set ``shutdown`` for
+    the graceful path.
+    """
     settings = service.settings
     hypercorn_fixes.apply(service.logger)
     app = TrioStreamApp(service)

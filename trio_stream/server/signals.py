@@ -22,7 +22,11 @@ from .serve import serve
 
 
 async def serve_until_signal(settings: Settings, sockets: Sequence[socket.socket] = ()) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    """Serve until SIGTERM or SIGINT, then shut down gracefully.
+
+    Cancellation: as :func:`~trio_stream.server.serve.serve` (an abrupt stop; every run still
+    saves).
+    """
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
 

@@ -111,7 +111,12 @@ class Supervisor:
         return process
 
     async def run(self) -> None:
-        """Supervise until a signal, then drain every worker (rule 3)."""
+        """Supervise until a signal, then drain every worker (rule 3).
+
+        Cancellation: a ``Cancelled`` stops supervising at once: the workers are neither
+        signalled nor killed and the sockets stay open; a worker drains and exits by itself once
+        this process is gone (it polls its parent every ``PARENT_POLL``).
+        """
         async with trio.open_nursery() as nursery:
             for _ in range(self.count):
                 nursery.start_soon(self._keep, self._spawn())

@@ -229,15 +229,25 @@ class Store(abc.ABC):
             raise AlreadySaved(m.run_id)
 
     async def session_messages(self, tenant: str, session_id: str) -> list[Message]:
-        """The session's saved messages, oldest first (ties: in save order)."""
+        """The session's saved messages, oldest first (ties: in save order).
+
+        Cancellation: a checkpoint; a ``Cancelled`` abandons the query in its thread (it still
+        completes there, holding the store's limiter until it does).
+        """
         return await self._call(self._select_session, tenant, session_id)
 
     async def get(self, tenant: str, run_id: str) -> Message | None:
-        """The run's saved message, if it has one and belongs to ``tenant``."""
+        """The run's saved message, if it has one and belongs to ``tenant``.
+
+        Cancellation: as :meth:`session_messages`.
+        """
         return await self._call(self._select_run, tenant, run_id)
 
     async def count(self, run_id: str) -> int:
-        """Rows saved for ``run_id`` (0 or 1: the primary key)."""
+        """Rows saved for ``run_id`` (0 or 1: the primary key).
+
+        Cancellation: as :meth:`session_messages`.
+        """
         return await self._call(self._count, run_id)
 
     # -- group commit -------------------------------------------------------
@@ -245,6 +255,9 @@ class Store(abc.ABC):
         """Commit queued saves in groups until cancelled (one committer per store).
 
         On exit, saves still queued are answered :class:`StoreUnavailable`.
+
+        Cancellation: runs until cancelled; a batch being committed still completes in its
+        thread, and the saves left in the queue are answered as above.
         """
         if self._queue is not None:
             raise RuntimeError("this store's committer is already running")

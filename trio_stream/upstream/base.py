@@ -50,12 +50,23 @@ class Upstream(Protocol):
         ...
 
     async def models(self) -> list[dict[str, Any]]:
-        """The upstream's models in the OpenAI ``model`` object shape."""
+        """The upstream's models in the OpenAI ``model`` object shape.
+
+        Cancellation: cancellable while it waits on the upstream; a ``Cancelled`` leaves nothing
+        behind.
+        """
         ...
 
     async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None:
         """Background work the upstream needs (the mock's timer), in the
-        service's nursery; returns at once after ``started()`` if none."""
+        service's nursery; returns at once after ``started()`` if none.
+
+        Cancellation: runs until cancelled (or returns at once); a ``Cancelled`` leaves nothing
+        behind.
+        """
         ...
 
-    async def aclose(self) -> None: ...
+    async def aclose(self) -> None:
+        """Close the upstream's connections and clients.  Cancellation: the caller shields it with
+        a deadline (``open_service``).
+        """

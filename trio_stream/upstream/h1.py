@@ -108,6 +108,8 @@ class UpstreamConnection:
 
         Raises ``trio.BrokenResourceError``, ``trio.ClosedResourceError`` or
         ``OSError`` if the connection broke.
+
+        Cancellation: a ``Cancelled`` loses no data (nothing was read).
         """
         if self._drained and not self.tls:
             sock = self.sock
@@ -145,7 +147,11 @@ class UpstreamConnection:
         return x is not None and x.complete and x.keep_alive and not self.eof
 
     async def aclose(self) -> None:
-        """Close the connection, even when cancelled; never raises on a broken one."""
+        """Close the connection, even when cancelled; never raises on a broken one.
+
+        Cancellation: shielded, bounded by ``CLOSE_TIMEOUT``; past it the socket is dropped.  A
+        ``Cancelled`` is delivered at the caller's next checkpoint.
+        """
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + CLOSE_TIMEOUT
             with suppress(*_Broken):
@@ -238,6 +244,9 @@ class Response:
         All of the body that one socket read brought comes back at once.
         Raises :class:`UpstreamError` if the connection breaks or the framing
         is wrong (an EOF inside a chunked or ``Content-Length`` body).
+
+        Cancellation: a ``Cancelled`` loses no data (a socket read either happened whole or
+        not); the caller's stream context then closes the connection.
         """
         x = self.exchange
         if not x.body and not x.complete:
@@ -261,7 +270,10 @@ class Response:
         return body[0] if len(body) == 1 else b"".join(body)
 
     async def read_snippet(self, limit: int = ERROR_SNIPPET) -> bytes:
-        """Up to ``limit`` bytes of the body (an error's), what arrived if it breaks."""
+        """Up to ``limit`` bytes of the body (an error's), what arrived if it breaks.
+
+        Cancellation: as :meth:`read`.
+        """
         body = b""
         try:
             while len(body) < limit and (data := await self.read()):
@@ -341,7 +353,11 @@ class Pool:
         await self._release(conn)
 
     async def aclose(self) -> None:
-        """Close every idle connection; later releases close theirs."""
+        """Close every idle connection; later releases close theirs.
+
+        Cancellation: each connection's close is shielded and bounded; a ``Cancelled`` between
+        two closes leaves the rest to be closed when collected.
+        """
         self.closed = True
         idle = [conn for conns in self._idle.values() for conn in conns]
         self._idle.clear()
