@@ -1,8 +1,36 @@
-"""The serving path: hypercorn's trio worker, assembled, patched and owned here.
+"""The serving path: a fork of hypercorn 0.18.0's trio worker, owned here.
 
-Owns everything that copies or patches hypercorn (the connection and task
-group, the HTTP/2 fixes), ``serve()`` and its shutdown, and the multi-process
-supervisor (``--workers``).
+We do not call ``hypercorn.trio.serve``: this package assembles hypercorn's
+pieces itself, copies the few it has to change, and patches two bugs.
+Everything that copies or patches hypercorn lives here, and
+``tests/test_hypercorn_fork.py`` pins every copied or overridden hypercorn
+function by the SHA-256 of its source, so a new hypercorn release fails that
+test until the copies are re-read.  What differs from hypercorn, and why:
+
+* :mod:`.serve` -- ``serve()`` builds the worker from hypercorn's parts
+  (``TCPServer`` per connection, ``trio.serve_listeners``) around our guarded
+  transport, and shuts down as docs/api.md section 3.7 says (503, grace
+  period, cancel and save, cut the transports).  Its ``Connection`` closes a
+  connection in a shielded scope with a deadline (``TCPServer._close`` was
+  cancelled before the FIN when the app's disconnect watcher cancelled the
+  very task that was closing).
+* :mod:`.connection` -- ``LightTCPServer.run`` is ``TCPServer.run`` with a
+  lighter read loop (no ``fail_after(inf)``; on plain TCP it waits for
+  readability itself), no handshake deadline on a plain connection, and a
+  task group (``LightTaskGroup.spawn_app``, calling hypercorn's private
+  ``_handle``) whose app inbox is one slotted object instead of a memory
+  channel: an idle open stream holds kilobytes less.  It also publishes the
+  connection's send lock and stream to its request tasks, for the direct
+  HTTP/1.1 body (``trio_stream.http.transport.DirectBody``, which frames
+  chunks exactly as h11 does: checked by the same test).
+* :mod:`.asgi` -- ``ServerApp`` is hypercorn's ``ASGIWrapper`` without its
+  ``async def``: one coroutine frame fewer per open request.
+* :mod:`.hypercorn_fixes` -- two HTTP/2 bugs of 0.18.0, fixed for the
+  process only on that version: ``StreamBuffer.pop`` (an unbounded buffer
+  behind a zero window) and ``H2Protocol._handle_events`` (a ``KeyError``
+  that stopped the server).
+* :mod:`.signals` and :mod:`.workers` -- serving until SIGTERM/SIGINT, and
+  ``--workers N`` processes on one listening socket.
 
 May import: :mod:`trio_stream.http` and every layer below it.
 """

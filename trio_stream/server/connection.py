@@ -23,9 +23,12 @@ with ``tools/measure_idle.py`` (bytes per open idle stream):
   semantics (bounded, FIFO, blocking, cancellable).
 
 It also publishes the connection's :class:`~trio_stream.http.transport.Link` to
-its request tasks (the direct HTTP/1.1 body path).  Everything else --
-``run`` is hypercorn's, line for line, except the task group it opens and
-the read loop -- is hypercorn's own.
+its request tasks (the direct HTTP/1.1 body path), and opens no handshake
+deadline on a plain connection (hypercorn's ``fail_after`` before it finds
+out there is no TLS left a 60 s deadline-heap entry per connection).
+Everything else -- ``run`` is hypercorn's, line for line, except the task
+group it opens, the handshake and the read loop -- is hypercorn's own; the
+functions it copies are pinned by ``tests/test_hypercorn_fork.py``.
 """
 
 from __future__ import annotations
