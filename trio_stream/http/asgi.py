@@ -42,7 +42,7 @@ async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
     A declared ``Content-Length`` over the limit is refused before reading a
     byte, so an oversized body is never held in memory.  There is no deadline
     here: the caller puts one around the whole read (``--body-timeout``, see
-    :func:`trio_stream.http.chat.read_request`), so that a client dribbling a
+    :func:`trio_stream.http.common.read_request`), so that a client dribbling a
     byte at a time is cut as surely as one that stops.
 
     Cancellation: a checkpoint per ``receive()``.  A ``Cancelled`` (the caller's ``--body-

@@ -1,75 +1,21 @@
-"""The streaming endpoints, as raw ASGI: the per-request ownership tree.
+"""The chat completion and run routes, as raw ASGI.
 
-``POST /v1/chat/completions`` for an **attached** run::
-
-    request task
-    └── request nursery  (one per request)
-        ├── reader   RunManager.drive(run)    upstream -> run log
-        ├── writer   Subscriber.write_*       run log -> client
-        └── watcher  watch_disconnect         ASGI receive() -> run.cancel
-
-The three are siblings that die together: the writer ending (terminal frame
-sent, or the client stalled) cancels the nursery; the watcher seeing
-``http.disconnect`` cancels the run and the nursery; the reader's cleanup is
-shielded with a deadline, so the nursery exits only after the run is saved.
-
-A **detached** run's reader lives in the run manager's nursery instead; the
-request nursery then holds only the writer and the watcher, and the watcher's
-disconnect ends this subscription, never the run.
+``POST /v1/chat/completions`` creates a run and writes it to its client;
+``GET /v1/runs/{id}/events`` replays a run after a cursor and follows it.
+Their ownership trees (the request nursery of an attached run, and of a
+subscription that does not own its run) are in :mod:`.common`, shared with
+the Responses API routes.
 """
 
 from __future__ import annotations
 
-import trio
-
-from ..config import Settings
-from ..errors import ApiError, bad_request, body_timeout, not_found
-from ..runs import Run
+from ..errors import ApiError, bad_request, not_found
 from ..shared import SharedUnavailable
 from ..wire.request import parse_chat_request, parse_session_id
-from .asgi import (
-    ClientGone,
-    Receive,
-    Scope,
-    Send,
-    as_api_error,
-    close_headers,
-    header,
-    read_body,
-    send_error,
-)
+from .asgi import ClientGone, Receive, Scope, Send, as_api_error, close_headers, header, send_error
+from .common import attached, follow, read_request, subscriber
 from .service import Service
-from .stream import ClientStalled, Subscriber, watch_disconnect
-from .transport import direct_body
-
-
-def _is_h2(scope: Scope) -> bool:
-    return scope.get("http_version") == "2"
-
-
-def _response_headers(run: Run) -> tuple[tuple[bytes, bytes], ...]:
-    headers = [(b"x-run-id", run.id.encode())]
-    if run.session_id is not None:
-        headers.append((b"x-session-id", run.session_id.encode()))
-    return tuple(headers)
-
-
-async def read_request(settings: Settings, scope: Scope, receive: Receive) -> bytes:
-    """The request body, all of it within ``--body-timeout`` of this call (else
-    408) and at most ``--max-body-bytes`` (else 413).
-
-    One deadline for the whole body, not one per chunk: a client that sends a
-    byte every second for ever is cut at the same moment as one that stopped.
-    The call comes as soon as the request's head is read, so the deadline
-    counts from the request's start.
-
-    Cancellation: a checkpoint per body chunk; the deadline here is its own (408).  An outer
-    ``Cancelled`` leaves the body partly read.
-    """
-    s = settings
-    with trio.move_on_after(s.body_timeout):
-        return await read_body(receive, scope, s.max_body_bytes)
-    raise body_timeout(s.body_timeout)
+from .stream import Subscriber
 
 
 async def chat_completions(service: Service, scope: Scope, receive: Receive, send: Send) -> None:
@@ -86,66 +32,29 @@ async def chat_completions(service: Service, scope: Scope, receive: Receive, sen
         request = parse_chat_request(await read_request(s, scope, receive))
         with service.stream_slot():
             run = await service.runs.create(tenant, session_id, request)
-            sub = Subscriber(
-                run, send, cursor=0, stall_timeout=s.stall_timeout, pinger=service.pinger,
-                headers=_response_headers(run), flow_controlled=_is_h2(scope),
-                direct=direct_body(scope),
-                drives_backpressure=request.stream and not request.detach,
-                event_interval=s.event_interval_ms / 1000,
-            )  # fmt: skip
-            if request.stream and not request.detach:
+            attached_stream = request.stream and not request.detach
+            sub = subscriber(
+                service,
+                run,
+                send,
+                scope,
+                kind=Subscriber,
+                cursor=0,
+                drives_backpressure=attached_stream,
+            )
+            if attached_stream:
                 run.window = s.window
             if request.detach:
                 service.runs.start_detached(run)
-                await _follow(service, sub, receive, stream=request.stream)
+                await follow(service, sub, receive, stream=request.stream)
             else:
-                await _attached(service, sub, receive, stream=request.stream)
+                await attached(service, sub, receive, stream=request.stream)
                 service.logger.event("stream_end", **run.end_fields())
     except ClientGone:
         return
     except (ApiError, SharedUnavailable) as caught:
         exc = as_api_error(caught)
         await send_error(send, exc, close_headers(exc, scope.get("http_version", "1.1")))
-
-
-async def _attached(service: Service, sub: Subscriber, receive: Receive, *, stream: bool) -> None:
-    run = sub.run
-    async with trio.open_nursery() as nursery:
-
-        def on_disconnect() -> None:
-            reason = "client_stalled" if sub.stalled() else "client_disconnect"
-            service.runs.cancel(run, reason)
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(service.runs.drive, run)
-        nursery.start_soon(watch_disconnect, receive, on_disconnect)
-        # The writer runs in the request task itself, as the nursery's body.
-        try:
-            await (sub.write_sse() if stream else sub.write_json())
-        except ClientStalled:
-            service.runs.cancel(run, "client_stalled")
-        nursery.cancel_scope.cancel()
-
-
-async def _follow(
-    service: Service, sub: Subscriber, receive: Receive | None = None, *, stream: bool = True,
-    start_now: bool = False, remote: bool = False,
-) -> None:  # fmt: skip
-    """Write a run to a subscriber that does not own it (detached or replay).
-
-    ``remote``: ``sub.run`` is a mirror of a run another process owns; a
-    feeder task beside the writer fills it from the shared log.
-    """
-    async with trio.open_nursery() as nursery:
-        if receive is not None:
-            nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope.cancel)
-        if remote:
-            nursery.start_soon(service.runs.cluster.feed, sub.run, 0)
-        try:
-            await (sub.write_sse(start_now=start_now) if stream else sub.write_json())
-        except ClientStalled:
-            service.logger.event("subscriber_stalled", trace=sub.run.id)
-        nursery.cancel_scope.cancel()
 
 
 async def run_events(
@@ -156,7 +65,6 @@ async def run_events(
     Cancellation: checkpoints throughout; a ``Cancelled`` ends this subscription only -- the run
     (local or remote) goes on, and a mirror of a remote run is dropped.
     """
-    s = service.settings
     try:
         tenant = service.auth.tenant(header(scope, b"authorization"))
         run = service.runs.get(tenant, run_id)
@@ -170,14 +78,12 @@ async def run_events(
             run = service.runs.cluster.mirror(record)
         cursor = _cursor(scope)
         with service.stream_slot():
-            sub = Subscriber(
-                run, send, cursor=min(cursor, run.log.last_seq) if run.settled else cursor,
-                stall_timeout=s.stall_timeout, pinger=service.pinger,
-                headers=_response_headers(run), drives_backpressure=False,
-                flow_controlled=_is_h2(scope), direct=direct_body(scope),
-                event_interval=s.event_interval_ms / 1000,
-            )  # fmt: skip
-            await _follow(service, sub, receive, start_now=True, remote=remote)
+            if run.settled:
+                cursor = min(cursor, run.log.last_seq)
+            sub = subscriber(
+                service, run, send, scope, kind=Subscriber, cursor=cursor, drives_backpressure=False
+            )
+            await follow(service, sub, receive, start_now=True, remote=remote)
     except (ApiError, SharedUnavailable) as caught:
         exc = as_api_error(caught)
         await send_error(send, exc, close_headers(exc, scope.get("http_version", "1.1")))

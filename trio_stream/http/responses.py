@@ -4,8 +4,8 @@ A response is a run (:mod:`trio_stream.runs.manager`) whose id starts with ``res
 and which carries a :class:`~trio_stream.wire.responses.ResponseMeta`.  Every
 decision about the run -- sessions, cancellation, saving, expiry, cluster
 mode -- is the run manager's, and the ownership trees are the chat
-endpoint's own (:func:`trio_stream.http.chat._attached` for a foreground
-response, :func:`~trio_stream.http.chat._follow` for a background one or a
+endpoint's own (:func:`trio_stream.http.common.attached` for a foreground
+response, :func:`~trio_stream.http.common.follow` for a background one or a
 replay).  What differs is only rendering: :class:`ResponseSubscriber` writes
 Responses events instead of chat chunks, and the JSON routes answer
 ``response`` objects (:mod:`trio_stream.wire.responses` builds both).
@@ -62,10 +62,9 @@ from .asgi import (
     send_bytes,
     send_error,
 )
-from .chat import _attached, _follow, _is_h2, _response_headers, read_request
+from .common import attached, follow, read_request, subscriber
 from .service import Service
 from .stream import Subscriber
-from .transport import direct_body
 
 _ONE = re.compile(r"/v1/responses/([^/]+)")
 _CANCEL = re.compile(r"/v1/responses/([^/]+)/cancel")
@@ -163,17 +162,6 @@ async def handle(service: Service, scope: Scope, receive: Receive, send: Send) -
         await send_error(send, exc, extra)
 
 
-def _subscriber(service: Service, run: Run, send: Send, scope: Scope, *, cursor: int,
-                starting_after: int, attached_stream: bool) -> ResponseSubscriber:  # fmt: skip
-    s = service.settings
-    return ResponseSubscriber(
-        run, send, starting_after=starting_after, cursor=cursor, stall_timeout=s.stall_timeout,
-        pinger=service.pinger, headers=_response_headers(run), flow_controlled=_is_h2(scope),
-        direct=direct_body(scope),
-        drives_backpressure=attached_stream, event_interval=s.event_interval_ms / 1000,
-    )  # fmt: skip
-
-
 async def create(service: Service, scope: Scope, receive: Receive, send: Send) -> None:
     """``POST /v1/responses``: a detached run if ``background``, else attached.
 
@@ -187,18 +175,18 @@ async def create(service: Service, scope: Scope, receive: Receive, send: Send) -
     with service.stream_slot():
         run = await service.runs.create(tenant, session_id, request, meta)
         attached_stream = request.stream and not meta.background
-        sub = _subscriber(service, run, send, scope, cursor=0, starting_after=-1,
-                          attached_stream=attached_stream)  # fmt: skip
+        sub = subscriber(service, run, send, scope, kind=ResponseSubscriber, cursor=0,
+                         drives_backpressure=attached_stream, starting_after=-1)  # fmt: skip
         if meta.background:
             service.runs.start_detached(run)
             if not request.stream:  # answered at once; poll or stream it by id
                 body = orjson.dumps(run_object(run))
                 return await send_bytes(send, 200, body, JSON, sub.headers)
-            await _follow(service, sub, receive, start_now=True)
+            await follow(service, sub, receive, start_now=True)
             return
         if attached_stream:
             run.window = s.window
-        await _attached(service, sub, receive, stream=request.stream)
+        await attached(service, sub, receive, stream=request.stream)
         service.logger.event("stream_end", **run.end_fields())
 
 
@@ -245,9 +233,9 @@ async def retrieve(
     with service.stream_slot():
         if run.settled:
             cursor = min(cursor, run.log.last_seq)
-        sub = _subscriber(service, run, send, scope, cursor=cursor, starting_after=after,
-                          attached_stream=False)  # fmt: skip
-        await _follow(service, sub, receive, start_now=True, remote=remote)
+        sub = subscriber(service, run, send, scope, kind=ResponseSubscriber, cursor=cursor,
+                         drives_backpressure=False, starting_after=after)  # fmt: skip
+        await follow(service, sub, receive, start_now=True, remote=remote)
 
 
 async def _object(
