@@ -1,9 +1,10 @@
-"""The HTTP application: a quart-trio app with two raw-ASGI streaming routes.
+"""The HTTP application: one routing table, raw-ASGI streams and Quart's JSON routes.
 
-Quart serves the JSON routes.  The two streaming routes
-(``POST /v1/chat/completions`` and ``GET /v1/runs/{id}/events``) are matched in
-:meth:`TrioStreamApp.__call__` before Quart sees the request and run as raw
-ASGI endpoints (:mod:`trio_stream.http.chat`), because:
+Every route is one line of :func:`routes`.  Quart serves the JSON routes and
+the playground.  The streaming routes (chat completions, a run's events, the
+Responses API) are matched in :meth:`TrioStreamApp.__call__` before Quart
+sees the request and run as raw ASGI endpoints (:mod:`trio_stream.http.chat`,
+:mod:`trio_stream.http.responses`), because:
 
 * their writer, upstream reader and disconnect watcher must be sibling tasks
   in a nursery *we* own (quart-trio iterates a body generator in a nursery of
@@ -15,8 +16,8 @@ ASGI endpoints (:mod:`trio_stream.http.chat`), because:
 
 from __future__ import annotations
 
-import re
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any
 
 import trio
@@ -40,10 +41,10 @@ from ..wire.request import parse_session_id
 from . import responses
 from .asgi import Receive, Scope, Send, as_api_error, close_headers, send_error
 from .chat import chat_completions, run_events
-from .playground import add_playground
+from .playground import PREFIX, playground_views
+from .routing import RawRoutes, Route, allow
 from .service import Service
 
-_EVENTS = re.compile(r"/v1/runs/([^/]+)/events")
 _JSON = "application/json"
 
 
@@ -58,8 +59,12 @@ class TrioStreamApp(QuartTrio):
         # A Quart route's body must arrive within --body-timeout of its first
         # read; werkzeug's RequestTimeout then becomes our 408 (http_error).
         self.config["BODY_TIMEOUT"] = service.settings.body_timeout
-        _routes(self)
-        add_playground(self)  # GET /: the browser playground
+        _error_handlers(self)
+        table = routes(self)
+        self.raw_routes = RawRoutes(table)
+        for route in table:
+            if route.view is not None:
+                self.add_url_rule(route.rule, view_func=route.view, methods=[route.method])
 
     def __call__(  # type: ignore[override]
         self, scope: Scope, receive: Receive, send: Send
@@ -71,34 +76,52 @@ class TrioStreamApp(QuartTrio):
         as the request lives (one open stream holds its request task's whole
         chain of frames).
         """
-        if scope["type"] == "http":
-            path, method = scope["path"], scope["method"]
-            if path == "/v1/chat/completions":
-                if method == "POST":
-                    return chat_completions(self.service, scope, receive, send)
-                return send_error(send, method_not_allowed(method, path), _allow(b"POST"))
-            if path == "/v1/responses" or path.startswith("/v1/responses/"):
-                return responses.handle(self.service, scope, receive, send)
-            if m := _EVENTS.fullmatch(path):
-                if method == "GET":
-                    return run_events(self.service, scope, receive, send, m[1])
-                return send_error(send, method_not_allowed(method, path), _allow(b"GET"))
+        if scope["type"] == "http" and (found := self.raw_routes.match(scope["path"])):
+            methods, args = found
+            handler = methods.get(scope["method"])
+            if handler is not None:
+                return handler(self.service, scope, receive, send, *args)
+            error = method_not_allowed(scope["method"], scope["path"])
+            return send_error(send, error, allow(methods))
         return super().__call__(scope, receive, send)  # type: ignore[arg-type]
 
 
-def _allow(methods: bytes) -> tuple[tuple[bytes, bytes]]:
-    return ((b"allow", methods),)
+def routes(app: TrioStreamApp) -> list[Route]:
+    """The app's one routing table: every route, raw or Quart's."""
+    json = _json_views(app.service)
+    page, asset = playground_views()
+    create, retrieve, cancel = (
+        partial(responses.answer, handler)
+        for handler in (responses.create, responses.retrieve, responses.cancel)
+    )
+    return [
+        # Streams, as raw ASGI (matched before Quart: see the module docstring)
+        Route("POST", "/v1/chat/completions", raw=chat_completions),
+        Route("GET", "/v1/runs/<run_id>/events", raw=run_events),
+        Route("POST", "/v1/responses", raw=create),
+        Route("GET", "/v1/responses/<response_id>", raw=retrieve),
+        Route("POST", "/v1/responses/<response_id>/cancel", raw=cancel),
+        # JSON, served by Quart
+        Route("GET", "/healthz", view=json["healthz"]),
+        Route("GET", "/metrics", view=json["metrics"]),
+        Route("GET", "/v1/models", view=json["models"]),
+        Route("GET", "/v1/runs/<run_id>", view=json["get_run"]),
+        Route("POST", "/v1/runs/<run_id>/cancel", view=json["cancel_run"]),
+        Route("POST", "/v1/sessions/<session_id>/interrupt", view=json["interrupt"]),
+        Route("GET", "/v1/sessions/<session_id>/messages", view=json["messages"]),
+        # The browser playground (static files, served by Quart)
+        Route("GET", "/", view=page),
+        Route("GET", PREFIX + "<name>", view=asset),
+    ]  # fmt: skip
 
 
 def _json(body: bytes, status: int = 200) -> Response:
     return Response(body, status=status, content_type=_JSON)
 
 
-def _routes(app: TrioStreamApp) -> None:
+def _error_handlers(app: TrioStreamApp) -> None:
+    """Every error a Quart route raises, answered with the OpenAI error body."""
     service = app.service
-
-    def tenant() -> str:
-        return service.auth.tenant(request.headers.get("authorization"))
 
     @app.errorhandler(ApiError)
     async def api_error(exc: ApiError) -> Response:
@@ -125,17 +148,21 @@ def _routes(app: TrioStreamApp) -> None:
         type_ = "invalid_request_error" if code < 500 else "server_error"
         return _json(error_body(exc.description or exc.name, type_, None), code)
 
-    @app.get("/healthz")
+
+def _json_views(service: Service) -> dict[str, Callable[..., Coroutine[Any, Any, Any]]]:
+    """The JSON routes' views, by name (their rules are in :func:`routes`)."""
+
+    def tenant() -> str:
+        return service.auth.tenant(request.headers.get("authorization"))
+
     async def healthz() -> Response:
         if not service.runs.shared.healthy:  # cluster mode with Redis unreachable
             return _json(b'{"status":"degraded"}', 503)
         return _json(b'{"status":"ok"}')
 
-    @app.get("/metrics")
     async def metrics() -> Response:
         return Response(service.metrics.render(), content_type=metrics_mod.CONTENT_TYPE)
 
-    @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         tenant()
         return {"object": "list", "data": await service.upstream.models()}
@@ -161,7 +188,6 @@ def _routes(app: TrioStreamApp) -> None:
             "detached": saved.detached,
         }
 
-    @app.get("/v1/runs/<run_id>")
     async def get_run(run_id: str) -> dict[str, Any]:
         owner = tenant()
         run = service.runs.get(owner, run_id)
@@ -172,7 +198,6 @@ def _routes(app: TrioStreamApp) -> None:
             return await service.runs.cluster.remote_public(record)
         return await saved_run(owner, run_id)
 
-    @app.post("/v1/runs/<run_id>/cancel")
     async def cancel_run(run_id: str) -> dict[str, Any]:
         """Idempotent: a run that already ended (even one gone from memory) is
         answered as it is, unchanged."""
@@ -212,7 +237,6 @@ def _routes(app: TrioStreamApp) -> None:
             raise not_found(f"No session {session_id!r}.")
         return rows
 
-    @app.post("/v1/sessions/<session_id>/interrupt")
     async def interrupt(session_id: str) -> dict[str, Any]:
         owner = tenant()
         await known_session(owner, session_id)
@@ -220,7 +244,9 @@ def _routes(app: TrioStreamApp) -> None:
         interrupted = run_id is not None and await service.runs.cancel_id(run_id, "interrupted")
         return {"interrupted": interrupted, "run_id": run_id}
 
-    @app.get("/v1/sessions/<session_id>/messages")
     async def messages(session_id: str) -> dict[str, Any]:
         rows = await known_session(tenant(), session_id)
         return {"object": "list", "data": [m.public() for m in rows]}
+
+    views = (healthz, metrics, models, get_run, cancel_run, interrupt, messages)
+    return {view.__name__: view for view in views}

@@ -13,10 +13,11 @@ it makes send the key the user typed in.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
 from importlib import resources
+from typing import Any
 
 from quart import Response
-from quart_trio import QuartTrio
 
 from ..errors import unknown_route
 
@@ -59,19 +60,22 @@ def load() -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in FILES}
 
 
-def add_playground(app: QuartTrio) -> None:
-    """Register ``GET /`` (the page) and ``GET /playground/<name>`` on ``app``."""
+def playground_views() -> tuple[
+    Callable[[], Coroutine[Any, Any, Response]], Callable[[str], Coroutine[Any, Any, Response]]
+]:
+    """The views of ``GET /`` (the page) and ``GET /playground/<name>`` (its
+    files), for the app's routing table."""
     files = load()
 
     def answer(name: str) -> Response:
         return Response(files[name], content_type=FILES[name], headers=HEADERS)
 
-    @app.get("/")
     async def playground_page() -> Response:
         return answer("index.html")
 
-    @app.get(PREFIX + "<name>")
     async def playground_file(name: str) -> Response:
         if name not in files:
             raise unknown_route(PREFIX + name)
         return answer(name)
+
+    return playground_page, playground_file

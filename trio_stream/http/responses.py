@@ -10,8 +10,8 @@ replay).  What differs is only rendering: :class:`ResponseSubscriber` writes
 Responses events instead of chat chunks, and the JSON routes answer
 ``response`` objects (:mod:`trio_stream.wire.responses` builds both).
 
-Routes, all raw ASGI (``TrioStreamApp`` hands over every path under
-``/v1/responses``):
+Routes, all raw ASGI (their rules are in the app's one table,
+:func:`trio_stream.http.app.routes`; each handler runs through :func:`answer`):
 
 * ``POST /v1/responses``
 * ``GET /v1/responses/{id}`` (``?stream=true&starting_after=N`` to replay and follow)
@@ -20,7 +20,7 @@ Routes, all raw ASGI (``TrioStreamApp`` hands over every path under
 
 from __future__ import annotations
 
-import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -31,10 +31,8 @@ from ..core.log import Entry, Outcome, RunStatus
 from ..errors import (
     ApiError,
     bad_request,
-    method_not_allowed,
     not_found,
     unavailable,
-    unknown_route,
 )
 from ..runs import Run, follow_page
 from ..shared import RunRecord, SharedUnavailable
@@ -65,9 +63,6 @@ from .asgi import (
 from .common import attached, follow, read_request, subscriber
 from .service import Service
 from .stream import Subscriber
-
-_ONE = re.compile(r"/v1/responses/([^/]+)")
-_CANCEL = re.compile(r"/v1/responses/([^/]+)/cancel")
 
 
 def meta_of(run: Run) -> ResponseMeta:
@@ -130,36 +125,22 @@ class ResponseSubscriber(Subscriber):
         await send_bytes(self._send, 200, orjson.dumps(run_object(self.run)), JSON, self.headers)
 
 
-async def handle(service: Service, scope: Scope, receive: Receive, send: Send) -> None:
-    """Serve one request to a path under ``/v1/responses``.
+async def answer(
+    handler: Callable[..., Awaitable[None]], service: Service, scope: Scope, receive: Receive,
+    send: Send, *args: str,
+) -> None:  # fmt: skip
+    """Run one of this module's route handlers (the app's routing table
+    names them), answering its errors with the OpenAI error body.
 
-    Cancellation: as the handler it routes to (:func:`create`, :func:`retrieve`,
-    :func:`cancel`).
+    Cancellation: as ``handler``; a ``Cancelled`` propagates unanswered.
     """
-    path, method = scope["path"], scope["method"]
-    allow = b"POST"
     try:
-        if path == "/v1/responses":
-            if method == "POST":
-                return await create(service, scope, receive, send)
-        elif m := _CANCEL.fullmatch(path):
-            if method == "POST":
-                return await cancel(service, scope, send, m[1])
-        elif m := _ONE.fullmatch(path):
-            allow = b"GET"
-            if method == "GET":
-                return await retrieve(service, scope, receive, send, m[1])
-        else:
-            raise unknown_route(path)
-        raise method_not_allowed(method, path)
+        await handler(service, scope, receive, send, *args)
     except ClientGone:
         return
     except (ApiError, SharedUnavailable) as caught:
         exc = as_api_error(caught)
-        extra = close_headers(exc, scope.get("http_version", "1.1"))
-        if exc.status == 405:
-            extra = ((b"allow", allow), *extra)
-        await send_error(send, exc, extra)
+        await send_error(send, exc, close_headers(exc, scope.get("http_version", "1.1")))
 
 
 async def create(service: Service, scope: Scope, receive: Receive, send: Send) -> None:
@@ -273,7 +254,9 @@ async def _remote_object(service: Service, record: RunRecord) -> dict[str, Any]:
     return response_object(state)
 
 
-async def cancel(service: Service, scope: Scope, send: Send, response_id: str) -> None:
+async def cancel(
+    service: Service, scope: Scope, receive: Receive, send: Send, response_id: str
+) -> None:
     """``POST /v1/responses/{id}/cancel``: cancel (reason ``stopped``) and
     answer the object.  Idempotent: an ended response is answered as it is.
 
