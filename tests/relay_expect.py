@@ -210,17 +210,105 @@ def _diff(path: str, want: Any, got: Any, out: list[str]) -> None:
         out.append(f"{path}: {got!r}, upstream sent {want!r}")
 
 
+_TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
+
+
+def merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``a`` then ``b`` as one chunk, when the merge is exact; else None.
+
+    Issue 20 item 1: coalescing may merge entries "only where the merge is
+    exact (text fields concatenate; logprobs lists concatenate; other fields:
+    do not merge across them)".  So: one choice each; every key outside the
+    choice's ``delta`` and ``logprobs`` equal (``finish_reason``, ``usage``,
+    ``stop_reason``, ...); the same delta keys, the text ones (``content``,
+    ``reasoning_content``, ``reasoning``, ``refusal``) strings in both and
+    concatenated, the others equal; ``logprobs`` both null, or both objects
+    with the same keys whose lists concatenate.
+    """
+    if a.keys() != b.keys() or any(a[k] != b[k] for k in a if k != "choices"):
+        return None
+    ca, cb = a.get("choices"), b.get("choices")
+    if not (isinstance(ca, list) and isinstance(cb, list) and len(ca) == len(cb) == 1):
+        return None
+    x, y = ca[0], cb[0]
+    if x.keys() != y.keys() or any(x[k] != y[k] for k in x if k not in ("delta", "logprobs")):
+        return None
+    dx, dy = x.get("delta") or {}, y.get("delta") or {}
+    if dx.keys() != dy.keys():
+        return None
+    delta: dict[str, Any] = {}
+    for key, value in dx.items():
+        if key in _TEXT_FIELDS and isinstance(value, str) and isinstance(dy[key], str):
+            delta[key] = value + dy[key]
+        elif value == dy[key]:
+            delta[key] = value
+        else:
+            return None
+    choice = {**x, "delta": delta}
+    if "logprobs" in x:
+        lx, ly = x["logprobs"], y["logprobs"]
+        if lx is None and ly is None:
+            pass
+        elif isinstance(lx, Mapping) and isinstance(ly, Mapping) and lx.keys() == ly.keys():
+            merged: dict[str, Any] = {}
+            for key in lx:
+                if isinstance(lx[key], list) and isinstance(ly[key], list):
+                    merged[key] = [*lx[key], *ly[key]]
+                elif lx[key] == ly[key]:
+                    merged[key] = lx[key]
+                else:
+                    return None
+            choice["logprobs"] = merged
+        else:
+            return None
+    return {**a, "choices": [choice]}
+
+
+def regroup(
+    expected: list[dict[str, Any]],
+    received: list[dict[str, Any]],
+    rewrites: Iterable[str] = REWRITES,
+) -> list[dict[str, Any]]:
+    """``expected`` with consecutive chunks merged (exactly, :func:`merge`)
+    wherever that makes them line up with ``received``: what a relay that
+    coalesces is allowed to deliver.  Greedy: for each received chunk, the
+    next expected one absorbs its successors while it differs from the
+    received one and the merge stays exact."""
+    drop = tuple(rewrites)
+    out: list[dict[str, Any]] = []
+    i = 0
+    for got in received:
+        if i >= len(expected):
+            break
+        current, i = expected[i], i + 1
+        target = comparable(got, drop)
+        while comparable(current, drop) != target and i < len(expected):
+            merged = merge(current, expected[i])
+            if merged is None:
+                break
+            current, i = merged, i + 1
+        out.append(current)
+    out.extend(expected[i:])
+    return out
+
+
 def chunk_differences(
     expected: list[dict[str, Any]],
     received: list[dict[str, Any]],
     rewrites: Iterable[str] = REWRITES,
+    *,
+    coalescing: bool = False,
 ) -> list[str]:
     """Every field where ``received`` differs from ``expected`` (empty: faithful).
 
     Keys in ``rewrites`` are ignored at the chunk's top level only; a
     ``null`` and an absent key differ (a faithful relay keeps both as sent);
-    ``1`` and ``1.0`` differ, as do ``True`` and ``1``.
+    ``1`` and ``1.0`` differ, as do ``True`` and ``1``; key order is not
+    compared (JSON objects are unordered).  With ``coalescing``, consecutive
+    expected chunks may arrive merged where the merge is exact (:func:`regroup`).
     """
+    if coalescing:
+        expected = regroup(expected, received, rewrites)
     out: list[str] = []
     if len(expected) != len(received):
         out.append(f"{len(received)} chunks received, upstream sent {len(expected)}")
@@ -231,8 +319,6 @@ def chunk_differences(
 
 
 # -- the non-streamed answer ----------------------------------------------------
-
-_TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
 _CHOICE_KNOWN = {"index", "delta", "logprobs", "finish_reason"}
 _CHUNK_KNOWN = {"id", "object", "created", "model", "choices", "usage"}
 
@@ -290,6 +376,10 @@ def aggregate(t: Transcript) -> dict[str, Any]:
     * chunk-level extras (``system_fingerprint``, ``service_tier``, ``provider``):
       the last non-null value; :data:`STREAM_ONLY` keys are left out.
     * ``id``/``created``/``model``: the upstream's (they are in :data:`REWRITES`).
+
+    ``usage`` is None when the upstream sent none; trio-stream then answers
+    with its own counted usage (docs/api.md), so compare usage only when this
+    gives one.
     """
     chunks = expected_chunks(t)
     texts: dict[str, list[str]] = {}

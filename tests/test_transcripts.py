@@ -406,6 +406,38 @@ def test_chunk_differences_sees_every_loss_but_the_rewrites() -> None:
     ]
 
 
+def test_merge_is_exact_or_nothing() -> None:
+    """merge() joins two chunks only as issue 20 allows: text fields and logprobs
+    lists concatenate; it refuses across a role, a finish_reason, different
+    usage, or different delta fields."""
+    lp = rx.expected_chunks(by_name("vllm_logprobs"))
+    joined = rx.merge(lp[1], lp[2])
+    assert joined is not None
+    assert joined["choices"][0]["delta"] == {"content": " Caf\u00e9"}
+    assert [e["token"] for e in joined["choices"][0]["logprobs"]["content"]] == [" Caf", "\u00e9"]
+    assert rx.merge(lp[0], lp[1]) is None  # role chunk
+    assert rx.merge(lp[3], lp[4]) is None  # across the finish
+    usage = rx.expected_chunks(by_name("vllm_continuous_usage"))
+    assert rx.merge(usage[1], usage[2]) is None  # per-chunk usage differs
+    mixed = rx.expected_chunks(by_name("vllm_reasoning_content"))
+    assert rx.merge(mixed[3], mixed[4]) is None  # reasoning_content then both fields
+    assert rx.merge(mixed[1], mixed[2]) is not None  # two reasoning_content deltas
+
+
+def test_chunk_differences_allows_exact_coalescing_only() -> None:
+    """With coalescing=True, chunks merged exactly compare equal; a merge that
+    loses something (here the logprobs) is still reported."""
+    want = rx.expected_chunks(by_name("vllm_logprobs"))
+    joined = rx.merge(want[1], want[2])
+    assert joined is not None
+    got = [want[0], joined, want[3], want[4]]
+    assert rx.chunk_differences(want, got, coalescing=True) == []
+    assert rx.chunk_differences(want, got) != []
+    lossy = orjson.loads(orjson.dumps(got))
+    lossy[1]["choices"][0]["logprobs"]["content"].pop()
+    assert rx.chunk_differences(want, lossy, coalescing=True) != []
+
+
 def test_ollama_lines_become_openai_chunks() -> None:
     """Each Ollama line maps to one chunk: thinking -> reasoning_content, tool
     calls with Ollama's id and index and arguments as JSON text, the done line
