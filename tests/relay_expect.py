@@ -273,7 +273,9 @@ def regroup(
     wherever that makes them line up with ``received``: what a relay that
     coalesces is allowed to deliver.  Greedy: for each received chunk, the
     next expected one absorbs its successors while it differs from the
-    received one and the merge stays exact."""
+    received one and the merge stays exact.  Exact for a faithful relay; for
+    an unfaithful one, the differences after the first real one may be
+    reported against shifted chunks."""
     drop = tuple(rewrites)
     out: list[dict[str, Any]] = []
     i = 0

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import orjson
 import pytest
 import trio
@@ -44,6 +45,7 @@ TRANSCRIPTS = all_transcripts()
 NAMES = [t.name for t in TRANSCRIPTS]
 SSE = [t for t in TRANSCRIPTS if t.body_format == "sse"]
 NDJSON = [t for t in TRANSCRIPTS if t.body_format == "ndjson"]
+OPENAI_STYLE = [t for t in TRANSCRIPTS if t.path == "/v1/chat/completions"]
 
 
 def ids(ts: list[Transcript]) -> list[str]:
@@ -287,6 +289,58 @@ async def test_ollama_transcripts_replay_on_api_chat(nursery: trio.Nursery) -> N
     assert body == t.body
     assert fake.exchanges[0].target == b"/api/chat"
     assert forwarded(fake)[0]["tools"][0]["function"]["name"] == "get_weather"
+
+
+def _sdk_stream(url: str, t: Transcript) -> tuple[list[dict[str, Any]], openai.APIError | None]:
+    """Stream ``t.request`` with the official SDK (sync client: see
+    tests/test_openai_sdk.py for why); the chunks as dicts and the error raised."""
+    extra = {k: v for k, v in t.request.items() if k not in ("model", "messages", "stream")}
+    chunks: list[dict[str, Any]] = []
+    with openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=10) as client:
+        try:
+            stream = client.chat.completions.create(
+                model=t.request["model"], messages=t.request["messages"], stream=True,
+                extra_body=extra,
+            )  # fmt: skip
+            chunks.extend(chunk.to_dict() for chunk in stream)
+        except openai.APIError as exc:
+            return chunks, exc
+    return chunks, None
+
+
+@pytest.mark.parametrize("t", OPENAI_STYLE, ids=ids(OPENAI_STYLE))
+async def test_official_sdk_reads_the_transcript(t: Transcript, nursery: trio.Nursery) -> None:
+    """The official SDK, reading a replayed transcript directly, yields chunks
+    whose to_dict() is exactly expected_chunks() (so a relay's output through
+    the SDK can be compared with them); raises BadRequestError/RateLimitError/
+    APIStatusError with the upstream's status for an HTTP error, and APIError
+    with the upstream's message for an {"error": {...}} event or OpenRouter's
+    error chunk.  vLLM's old flat error event it does not recognise: it yields
+    it as one more chunk and ends quietly (why issue 20 item 5 wants the relay
+    to recognise that shape)."""
+    fake = replaying(t)
+    await nursery.start(fake.serve)
+    chunks, error = await trio.to_thread.run_sync(_sdk_stream, fake.url, t)
+    if t.status >= 400:
+        expected_class = {400: openai.BadRequestError, 429: openai.RateLimitError}.get(
+            t.status, openai.APIStatusError
+        )
+        assert isinstance(error, expected_class)
+        assert isinstance(error, openai.APIStatusError)
+        assert error.status_code == t.status
+        assert chunks == []
+        return
+    upstream = rx.midstream_error(t)
+    if upstream is not None and upstream.dialect == "vllm-flat":
+        assert error is None
+        assert chunks == [*rx.expected_chunks(t), body_objects(t)[-1]]
+        return
+    assert chunks == rx.expected_chunks(t)
+    if upstream is None:
+        assert error is None
+    else:
+        assert isinstance(error, openai.APIError)
+        assert error.message == upstream.message
 
 
 # -- relay_expect: errors ---------------------------------------------------------
