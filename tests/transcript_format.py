@@ -172,8 +172,7 @@ class SSEReading:
 def _lines(text: str) -> list[str]:
     # The spec's line terminators: CRLF, LF, CR.  The text after the last
     # terminator is an incomplete line, which the spec never processes.
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    return lines
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
 def read_sse(body: bytes) -> SSEReading:
