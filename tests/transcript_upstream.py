@@ -8,6 +8,8 @@ line), optionally paced.  The body reaches the client exactly as recorded;
 only the HTTP framing is the fake's (``transfer-encoding: chunked`` unless the
 transcript gives a ``content-length``).
 
+The fake answers every POST with the plan, whatever its path (a GET gets
+its model list); the path each request used is recorded, so a test checks it.
 Every request is recorded by the fake: ``fake.exchanges[i].request`` (parsed
 JSON), ``.raw`` (the body bytes), ``.target`` (the path) and ``.headers``, so
 a test can check what trio-stream forwarded (``stream_options`` and the rest).
