@@ -32,7 +32,7 @@ import trustme
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.worker_context import TrioSingleTask
 
-from tests.conftest import running_server
+from tests.conftest import running_server, tasks_living
 from trio_stream import Settings
 from trio_stream import transport as transport_mod
 from trio_stream.connection import IdleTimer
@@ -211,3 +211,32 @@ async def test_idle_timer_stop_before_the_timer_ran_cancels_it() -> None:
         await trio.testing.wait_all_tasks_blocked()
         assert ran == [3]
         await timer.stop()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+@pytest.mark.parametrize("requests", [0, 1], ids=["silent", "after-a-response"])
+async def test_connection_the_client_closes_is_released_at_once(
+    requests: int, tls: bool, settings: Settings, tmp_path: Path
+) -> None:
+    """A connection the client closes while it is idle -- after a response,
+    or before sending a byte -- is released at once: its connection task
+    (and with it its socket) does not wait for the idle timer, which has
+    nothing left to time.  hypercorn's task group waited for it, up to
+    ``keep_alive_timeout``: a socket held 5 s for every client gone.  (Real
+    clock: all tasks blocked must already mean "released".)"""
+    context = None
+    if tls:
+        settings, context = tls_settings(settings, tmp_path)
+    with trio.fail_after(10):
+        async with running_server(settings) as server:
+            baseline = await tasks_living()
+            stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            if context is not None:
+                stream = trio.SSLStream(stream, context, server_hostname="127.0.0.1")
+                await stream.do_handshake()
+            client = Client(stream)
+            for _ in range(requests):
+                assert (await client.exchange("healthz"))[0] == 200
+            assert await tasks_living() > baseline  # the connection (and its timer)
+            await stream.aclose()
+            assert await tasks_living() == baseline

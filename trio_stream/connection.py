@@ -237,6 +237,7 @@ class LightTCPServer(TCPServer):
                 await self.idle_task.restart(self._task_group, self._idle_timeout)
                 if self.config.read_timeout is not None:
                     await self._read_data()  # hypercorn's loop, with its deadline
+                    await self.idle_task.stop()  # as below
                     return
                 # The read loop (see the module docstring), here rather than
                 # in a method of its own: one frame fewer while it waits.
@@ -252,6 +253,10 @@ class LightTCPServer(TCPServer):
                     if data == b"":
                         break
                 await self.protocol.handle(Closed())
+                # The peer is gone: a running idle timer has nothing left to
+                # time, and the task group would wait for it (up to
+                # keep_alive_timeout) before the socket is closed.
+                await self.idle_task.stop()
         except OSError:
             pass
         finally:
