@@ -204,6 +204,7 @@ class LightTCPServer(TCPServer):
         # fail_after(ssl_handshake_timeout) before finding out there is no
         # handshake, and the exited scope's entry stayed in trio's deadline
         # heap (holding the scope) for that long -- 60 s, per connection.
+        # And once the read loop ends, the idle timer is stopped (see there).
         if isinstance(self.stream, trio.SSLStream):
             try:
                 with trio.fail_after(self.config.ssl_handshake_timeout):
