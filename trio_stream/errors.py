@@ -118,6 +118,18 @@ def body_timeout(seconds: float) -> ApiError:
     )  # fmt: skip
 
 
+def ambiguous_framing() -> ApiError:
+    """400: an HTTP/1.x request with both ``Content-Length`` and
+    ``Transfer-Encoding``.  RFC 9112 section 6.1: a proxy in front may have
+    framed its body the other way, so the rest of the connection cannot be
+    trusted; the connection is closed after the answer."""
+    return ApiError(
+        400, "invalid_request_error",
+        "A request may not carry both Content-Length and Transfer-Encoding.",
+        "ambiguous_framing", closes=True,
+    )  # fmt: skip
+
+
 def too_many_streams(limit: int, retry_after: int = 1) -> ApiError:
     return ApiError(
         429, "rate_limit_error", f"Too many concurrent streams (limit {limit}).",
