@@ -129,8 +129,12 @@ CASES: list[Case] = [
     deep("deep-tools", lambda d: {"messages": MSGS, "tools": [d]}, 251),
     deep("deep-stream-true", lambda d: {"messages": MSGS, "stream": True, "x": d}, 251),
     deep("deep-responses", lambda d: {"input": "hi", "metadata": d}, 251, path=RESPONSES),
-    deep("deep-responses-stream",
-         lambda d: {"input": "hi", "stream": True, "x": d}, 251, path=RESPONSES),
+    deep(
+        "deep-responses-stream",
+        lambda d: {"input": "hi", "stream": True, "x": d},
+        251,
+        path=RESPONSES,
+    ),
     # 400: no messages / empty messages / malformed messages
     chat("no-messages", {"model": "m"}, "missing_required_parameter"),
     chat("messages-null", {"messages": None}, "missing_required_parameter"),
@@ -160,10 +164,16 @@ CASES: list[Case] = [
     typed("max_tokens", 2_000_000, "invalid_value"),
     typed("max_completion_tokens", "10"),
     # ... also beside max_tokens, which wins (issue 18: these answered 200)
-    chat("max_completion_tokens-x-beside-max_tokens",
-         {"messages": MSGS, "max_tokens": 5, "max_completion_tokens": "x"}, "invalid_type"),
-    chat("max_completion_tokens--7-beside-max_tokens",
-         {"messages": MSGS, "max_tokens": 5, "max_completion_tokens": -7}, "invalid_value"),
+    chat(
+        "max_completion_tokens-x-beside-max_tokens",
+        {"messages": MSGS, "max_tokens": 5, "max_completion_tokens": "x"},
+        "invalid_type",
+    ),
+    chat(
+        "max_completion_tokens--7-beside-max_tokens",
+        {"messages": MSGS, "max_tokens": 5, "max_completion_tokens": -7},
+        "invalid_value",
+    ),
     typed("max_completion_tokens", -7, "invalid_value"),
     typed("n", "1"),
     typed("n", 2, "invalid_value"),
@@ -221,15 +231,31 @@ CASES: list[Case] = [
     Case("404-path-typo", "POST", "/v1/chat/completion", GOOD, 404, BAD_REQ, "unknown_url"),
     Case("404-path-runs-deep", "GET", f"{RUN}/events/x", None, 404, BAD_REQ, "unknown_url"),
     # The page is at "/" only (docs/api.md section 9)
-    Case("404-playground-index", "GET", "/playground/index.html", None, 404, BAD_REQ,
-         "unknown_url"),
+    Case(
+        "404-playground-index", "GET", "/playground/index.html", None, 404, BAD_REQ, "unknown_url"
+    ),
     # Routes that read no body do not parse one: a deep body changes nothing
-    Case("404-run-cancel-deep-body", "POST", f"{RUN}/cancel", DEEP_BODY, 404, NOT_FOUND,
-         "not_found"),
-    Case("404-session-interrupt-deep-body", "POST", f"{SESSION}/interrupt", DEEP_BODY, 404,
-         NOT_FOUND, "not_found"),
-    Case("404-response-cancel-deep-body", "POST", "/v1/responses/resp_nope/cancel", DEEP_BODY,
-         404, NOT_FOUND, "not_found"),
+    Case(
+        "404-run-cancel-deep-body", "POST", f"{RUN}/cancel", DEEP_BODY, 404, NOT_FOUND, "not_found"
+    ),
+    Case(
+        "404-session-interrupt-deep-body",
+        "POST",
+        f"{SESSION}/interrupt",
+        DEEP_BODY,
+        404,
+        NOT_FOUND,
+        "not_found",
+    ),
+    Case(
+        "404-response-cancel-deep-body",
+        "POST",
+        "/v1/responses/resp_nope/cancel",
+        DEEP_BODY,
+        404,
+        NOT_FOUND,
+        "not_found",
+    ),
     # 405: wrong method on each route
     wrong_method("GET", CHAT, "chat"),
     wrong_method("PUT", CHAT, "chat"),

@@ -12,7 +12,6 @@ from trio_stream.protocol import (
     MAX_DEPTH,
     nested_too_deep,
     parse_chat_request,
-    parse_json_object,
     parse_session_id,
 )
 from trio_stream.responses_wire import parse_responses_request
@@ -329,7 +328,12 @@ def test_short_bodies_are_never_walked(monkeypatch: pytest.MonkeyPatch) -> None:
     from trio_stream import protocol
 
     calls: list[object] = []
-    monkeypatch.setattr(protocol, "nested_too_deep", lambda v: calls.append(v) or False)
+
+    def counted(value: object) -> bool:
+        calls.append(value)
+        return False
+
+    monkeypatch.setattr(protocol, "nested_too_deep", counted)
     short = body(model="m" * (2 * MAX_DEPTH - len(body(model=""))))
     assert len(short) == 2 * MAX_DEPTH
     parse_chat_request(short)

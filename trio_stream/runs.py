@@ -31,7 +31,7 @@ import trio
 
 from .chunks import ChunkEncoder
 from .config import Settings
-from .errors import UpstreamError, unavailable
+from .errors import INTERNAL_MESSAGE, ApiError, InternalError, UpstreamError, unavailable
 from .lifecycle import ending
 from .logs import EventLogger
 from .metrics import Metrics
@@ -167,7 +167,9 @@ class Run:
             f"chatcmpl-{run_id.removeprefix('run_')}", request.model, int(self.created),
             coalesce=coalesce,
         )  # fmt: skip
-        self.error: UpstreamError | None = None
+        # Why a failed run failed, when that is its HTTP answer (UpstreamError,
+        # InternalError); None for every other ending.
+        self.error: ApiError | None = None
         self.usage: Usage | None = None  # as the upstream reported it, if it did
         # Set for a run the Responses API created: how to render it (chat: None).
         self.response: ResponseMeta | None = None
@@ -419,7 +421,8 @@ class RunManager:
             self._fail(run, exc.message)
         except Exception as exc:  # a bug: keep the server up, and say so
             self.logger.event("run_crashed", trace=run.id, error=repr(exc))
-            self._fail(run, "internal error")
+            run.error = InternalError()
+            self._fail(run, INTERNAL_MESSAGE, "internal_error")
         finally:
             await self._cleanup(run)
 
@@ -512,10 +515,12 @@ class RunManager:
             raise unavailable(str(exc)) from exc
         return True
 
-    def _fail(self, run: Run, message: str) -> None:
-        if run.end(Outcome(RunStatus.FAILED, "upstream_error", message)):
-            self.metrics.cancellations.labels("upstream_error").inc()
-            self.logger.event("stream_cancelled", trace=run.id, reason="upstream_error")
+    def _fail(self, run: Run, message: str, reason: str = "upstream_error") -> None:
+        """End ``run`` as failed: ``upstream_error``, or ``internal_error`` (it
+        crashed).  A run that had already ended keeps its outcome."""
+        if run.end(Outcome(RunStatus.FAILED, reason, message)):
+            self.metrics.cancellations.labels(reason).inc()
+            self.logger.event("stream_cancelled", trace=run.id, reason=reason)
 
     async def _cleanup(self, run: Run) -> None:
         """Save, release, wake: the one place a run ends.  Shielded, bounded.
