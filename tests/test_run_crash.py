@@ -263,3 +263,51 @@ async def test_a_response_that_crashes_is_failed(where: str, stream: bool, tmp_p
             await assert_ended_as_a_crash(server, obj["id"], content)
             assert await tasks_living() == baseline
             await assert_still_serving(client)
+
+
+@pytest.mark.parametrize("detach", [True, False], ids=["detached", "attached"])
+@pytest.mark.parametrize("where", ["save", "release"])
+async def test_a_crash_in_a_runs_cleanup_ends_the_run_not_the_process(
+    where: str, detach: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in a run's cleanup -- its save, or the release of its session in
+    the shared state -- is logged ``run_crashed`` and the run still ends: its
+    client gets its answer, it is counted out, no task is left, and the next
+    request of the same session is served.  Before, the exception left the
+    cleanup: an attached run's request died with a bare 500, and a detached
+    run's crash reached the run manager's nursery and ended the process."""
+    with trio.fail_after(15):
+        async with (
+            running_server(crash_settings(tmp_path), upstream=CrashingUpstream()) as server,
+            httpx.AsyncClient(
+                base_url=server.url, timeout=10, verify=False, headers={"x-session-id": "s1"}
+            ) as client,
+        ):
+            assert (await client.get("/healthz")).status_code == 200
+            baseline = await tasks_living()
+            runs = server.service.runs
+
+            async def broken(*args: Any) -> Any:
+                raise Injected(f"in the {where}")
+
+            if where == "save":
+                monkeypatch.setattr(runs, "_save", broken)
+            else:
+                monkeypatch.setattr(runs.shared, "release", broken)
+            response, raw = await post(client, chat_body("hi", False, detach=detach, max_tokens=4))
+            assert response.status_code == 200, raw
+            assert orjson.loads(raw)["choices"][0]["finish_reason"] == "length"
+            run_id = response.headers["x-run-id"]
+            crashed = server.logs.events("run_crashed", trace=run_id)
+            assert len(crashed) == 1, crashed
+            assert "Injected" in crashed[0]["error"]
+            if detach:
+                run = (await client.get(f"/v1/runs/{run_id}")).json()
+                assert (run["status"], run["reason"]) == ("completed", "length")
+            assert runs.live == 0
+            assert await tasks_living() == baseline
+
+            monkeypatch.undo()
+            await assert_still_serving(client)
+            assert runs.live == 0
+            assert await tasks_living() == baseline

@@ -528,19 +528,32 @@ class RunManager:
         The save gets ``cleanup_timeout``; each shared-state step after it gets
         :data:`SHARED_TIMEOUT` of its own, so a slow save never costs the
         session its release.  What to do is decided by :func:`lifecycle.ending`.
+
+        A bug in the save or the release (an unexpected exception) is logged
+        ``run_crashed`` and skips the rest of that step, never the run's end:
+        it is still counted, woken and dropped or kept, and nothing is raised,
+        so that a detached run's crash cannot reach the manager's nursery (and
+        end the process).  ``Cancelled`` is never caught.
         """
-        with trio.CancelScope(shield=True) as cs:
-            cs.deadline = trio.current_time() + self.cleanup_timeout
-            self._cleanups.add(cs)
-            try:
-                if run.log.status is RunStatus.RUNNING:  # cancelled from outside
-                    self.cancel(run, "shutdown")
-                await self._save(run)
-            finally:
-                self._cleanups.discard(cs)
-        if cs.cancelled_caught:
-            self.logger.event("save_timeout", trace=run.id)
-        fenced = await self._release(run)
+        fenced = run.log.fenced
+        try:
+            with trio.CancelScope(shield=True) as cs:
+                cs.deadline = trio.current_time() + self.cleanup_timeout
+                self._cleanups.add(cs)
+                try:
+                    if run.log.status is RunStatus.RUNNING:  # cancelled from outside
+                        self.cancel(run, "shutdown")
+                    await self._save(run)
+                finally:
+                    self._cleanups.discard(cs)
+            if cs.cancelled_caught:
+                self.logger.event("save_timeout", trace=run.id)
+            fenced = await self._release(run)
+        except Exception as exc:  # a bug: the run still ends, the server goes on
+            self.logger.event("run_crashed", trace=run.id, error=repr(exc))
+            if run.log.outcome is None:
+                self._fail(run, INTERNAL_MESSAGE, "internal_error")
+            fenced = fenced or run.log.fenced
         outcome = run.log.outcome
         assert outcome is not None
         end = ending(outcome, events=run.log.last_seq, detached=run.detached, fenced=fenced)
@@ -574,13 +587,16 @@ class RunManager:
 
     async def _shared_step(self, run: Run, step: Awaitable[T]) -> T | None:
         """Await one shared-state step of a cleanup: shielded, bounded, and a
-        store that is down is logged, not raised (the run still ends)."""
+        store that is down is logged, not raised (the run still ends); so is
+        a bug in it (``run_crashed``)."""
         with trio.CancelScope(shield=True) as cs:
             cs.deadline = trio.current_time() + SHARED_TIMEOUT
             try:
                 return await step
             except SharedUnavailable as exc:
                 self.logger.event("redis_unavailable", trace=run.id, error=str(exc))
+            except Exception as exc:  # a bug: the run still ends, the server goes on
+                self.logger.event("run_crashed", trace=run.id, error=repr(exc))
         if cs.cancelled_caught:
             self.logger.event("redis_unavailable", trace=run.id, error="timeout")
         return None
