@@ -552,6 +552,7 @@ class RunManager:
         except Exception as exc:  # a bug: the run still ends, the server goes on
             self.logger.event("run_crashed", trace=run.id, error=repr(exc))
             if run.log.outcome is None:
+                run.error = InternalError()
                 self._fail(run, INTERNAL_MESSAGE, "internal_error")
             fenced = fenced or run.log.fenced
         outcome = run.log.outcome
