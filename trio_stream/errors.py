@@ -68,6 +68,21 @@ class UpstreamError(ApiError):
         super().__init__(504 if timeout else 502, "upstream_error", message, code)
 
 
+class InternalError(ApiError):
+    """A run crashed on an error of our own (a bug, logged as ``run_crashed``).
+
+    Before anything was sent it is an HTTP 500; after, a ``server_error``
+    event.  Never dressed as a cancellation or an upstream failure.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(500, "server_error", INTERNAL_MESSAGE, "internal_error")
+
+
+#: The message of every :class:`InternalError` (it says nothing of the bug).
+INTERNAL_MESSAGE = "The server failed while running this request; the failure is logged."
+
+
 def error_body(message: str, type_: str, code: str | None) -> bytes:
     """Render ``{"error": {"message", "type", "code"}}``."""
     return orjson.dumps({"error": {"message": message, "type": type_, "code": code}})
