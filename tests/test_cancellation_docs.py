@@ -3,8 +3,9 @@
 A reader of trio-stream must be able to tell, from the docstring alone,
 whether a call checkpoints and what a ``Cancelled`` in it leaves behind
 (docs/design.md section 11 lists the shields).  The check is textual: the
-docstring must state it with a sentence on cancellation (a word starting
-with ``Cancel``: "Cancellation: ...", "Cancelled", "Cancellable").
+docstring must state it in trio's words: "Cancellation: ...", what a
+"Cancelled" does, "cancellable", or whether it is a "checkpoint" (a verb
+such as "Cancel a run" does not count).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "trio_stream"
-STATED = re.compile(r"\bCancel")
+STATED = re.compile(r"Cancellation|Cancelled|[Cc]ancellable|checkpoint")
 
 
 def _public_async_functions() -> list[tuple[str, ast.AsyncFunctionDef]]:

@@ -48,11 +48,20 @@ PINNED = {
     # ServerApp is this wrapper without its coroutine frame (server/asgi.py)
     "hypercorn.app_wrappers.ASGIWrapper.__call__":
         "5d03a825739dd4e84c996dac5a1df4c6ff2e023e58c4abc4554d86d158f16ea4",
-    # replaced for the process by hypercorn_fixes (fix 1, fix 2)
+    # IdleTimer replaces the connection's idle task (server/connection.py)
+    "hypercorn.trio.worker_context.TrioSingleTask.restart":
+        "0170ab8e4418dc0e900c10c9c2730196aecd78920db25aea967991657eed39c8",
+    "hypercorn.trio.worker_context.TrioSingleTask.stop":
+        "044ad384dfd2f56515809b3e0d347a6aabccd50237349b5ddc6a2fdcf5f25a19",
+    # replaced for the process by hypercorn_fixes (fixes 1 to 4)
     "hypercorn.protocol.h2.StreamBuffer.pop":
         "9eb73c8833891346cbd8658fdd2ac29da8336007abab40a711db857f9c7280e6",
     "hypercorn.protocol.h2.H2Protocol._handle_events":
         "3378aef0a2348f0def6e0044697ba0623985794f9b186efb5fbaf12733f4feb5",
+    "hypercorn.protocol.h11.H11Protocol.__init__":
+        "c7c989fd6a352626afee9d339296d51b2db1dfa05ad75ccdc7080799d6d6a5a3",
+    "hypercorn.protocol.h11.H11Protocol._send_error_response":
+        "58c2b47ae295d000c65a2216fa6afd9efb1ea05363a40d5dbf427b1d2b41b4c7",
 }  # fmt: skip
 
 #: The originals of the methods hypercorn_fixes replaces (the class
@@ -60,6 +69,10 @@ PINNED = {
 ORIGINALS = {
     "hypercorn.protocol.h2.StreamBuffer.pop": hypercorn_fixes.original_pop,
     "hypercorn.protocol.h2.H2Protocol._handle_events": hypercorn_fixes.original_handle_events,
+    "hypercorn.protocol.h11.H11Protocol.__init__": hypercorn_fixes.original_h11_init,
+    "hypercorn.protocol.h11.H11Protocol._send_error_response": (
+        hypercorn_fixes.original_send_error_response
+    ),
 }
 
 

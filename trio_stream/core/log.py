@@ -9,7 +9,7 @@ lifecycle around it is the table of :mod:`trio_stream.core.lifecycle`)::
 
     RUNNING --complete--> COMPLETED   (finish_reason "stop" | "length")
     RUNNING --cancel----> CANCELLED   (reason: superseded, interrupted, ...)
-    RUNNING --fail------> FAILED      (reason: upstream_error)
+    RUNNING --fail------> FAILED      (reason: upstream_error, internal_error, ...)
 
 Rule 1: a run leaves RUNNING exactly once; any other move raises
         :class:`IllegalTransition`.

@@ -29,6 +29,7 @@ from .. import metrics as metrics_mod
 from ..core.lifecycle import STATUS_OF_SAVED
 from ..errors import (
     ApiError,
+    ambiguous_framing,
     body_timeout,
     error_body,
     method_not_allowed,
@@ -39,7 +40,15 @@ from ..shared import SharedUnavailable
 from ..store import Message
 from ..wire.request import parse_session_id
 from . import responses
-from .asgi import Receive, Scope, Send, as_api_error, close_headers, send_error
+from .asgi import (
+    Receive,
+    Scope,
+    Send,
+    as_api_error,
+    close_headers,
+    framing_conflict,
+    send_error,
+)
 from .chat import chat_completions, run_events
 from .playground import PREFIX, playground_views
 from .routing import RawRoutes, Route, allow
@@ -76,13 +85,17 @@ class TrioStreamApp(QuartTrio):
         as the request lives (one open stream holds its request task's whole
         chain of frames).
         """
-        if scope["type"] == "http" and (found := self.raw_routes.match(scope["path"])):
-            methods, args = found
-            handler = methods.get(scope["method"])
-            if handler is not None:
-                return handler(self.service, scope, receive, send, *args)
-            error = method_not_allowed(scope["method"], scope["path"])
-            return send_error(send, error, allow(methods))
+        if scope["type"] == "http":
+            if framing_conflict(scope):  # before any route reads a body it cannot trust
+                error = ambiguous_framing()
+                return send_error(send, error, close_headers(error, scope["http_version"]))
+            if found := self.raw_routes.match(scope["path"]):
+                methods, args = found
+                handler = methods.get(scope["method"])
+                if handler is not None:
+                    return handler(self.service, scope, receive, send, *args)
+                error = method_not_allowed(scope["method"], scope["path"])
+                return send_error(send, error, allow(methods))
         return super().__call__(scope, receive, send)  # type: ignore[arg-type]
 
 

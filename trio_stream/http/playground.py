@@ -23,7 +23,8 @@ from ..errors import unknown_route
 
 PREFIX = "/playground/"
 
-# (file in trio_stream/http/playground/, Content-Type); index.html is served at "/".
+# (file in trio_stream/http/playground/, Content-Type); index.html is served at "/"
+# and only there (``/playground/index.html`` is 404, docs/api.md section 9).
 FILES: dict[str, str] = {
     "index.html": "text/html; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
@@ -74,7 +75,8 @@ def playground_views() -> tuple[
         return answer("index.html")
 
     async def playground_file(name: str) -> Response:
-        if name not in files:
+        # The page itself is served at "/" only: one address, as documented.
+        if name not in files or name == "index.html":
             raise unknown_route(PREFIX + name)
         return answer(name)
 

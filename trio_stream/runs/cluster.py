@@ -55,6 +55,19 @@ class Cluster:
         record = await self.shared.lookup(run_id)
         return record if record is not None and record.tenant == tenant else None
 
+    async def cancel_remote(self, run_id: str, reason: str) -> bool:
+        """Ask the owner of a run this node does not hold to cancel it (G4).
+        True if it was running.
+
+        Cancellation: a checkpoint on each shared-state step; a ``Cancelled``
+        leaves the cancel request sent or not (it is one atomic write).
+        """
+        record = await self.shared.lookup(run_id)
+        if record is None or record.status != "running":
+            return False
+        await self.shared.cancel(run_id, reason)
+        return True
+
     async def remote_public(self, record: RunRecord) -> dict[str, Any]:
         """The ``GET /v1/runs/{id}`` object of a run another process owns.
 

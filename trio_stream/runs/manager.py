@@ -29,10 +29,10 @@ from ..config import Settings
 from ..core.lifecycle import ending
 from ..core.log import Outcome, RunStatus
 from ..core.sessions import SessionTable
-from ..errors import UpstreamError
+from ..errors import INTERNAL_MESSAGE, InternalError, UpstreamError
 from ..logs import EventLogger
 from ..metrics import Metrics
-from ..shared import LocalState, RunRecord, SharedState, SharedUnavailable
+from ..shared import LocalState, RunRecord, SharedState
 from ..store import Store
 from ..upstream import Finish, Upstream
 from ..wire.request import ChatRequest
@@ -42,7 +42,7 @@ from .cluster import Cluster
 from .expiry import Expiry
 from .run import Run, new_run_id
 from .saving import save_run
-from .supersede import await_predecessors, release, shared_step
+from .supersede import await_predecessors, claim, release, shared_step
 
 CANCEL_MESSAGES = {
     "superseded": "A newer request of this session superseded this run.",
@@ -85,14 +85,9 @@ class RunManager:
     """
 
     def __init__(
-        self,
-        settings: Settings,
-        upstream: Upstream,
-        store: Store,
-        metrics: Metrics,
-        logger: EventLogger,
-        shared: SharedState | None = None,
-    ) -> None:
+        self, settings: Settings, upstream: Upstream, store: Store, metrics: Metrics,
+        logger: EventLogger, shared: SharedState | None = None,
+    ) -> None:  # fmt: skip
         self.settings = settings
         self.upstream = upstream
         self.store = store
@@ -117,8 +112,8 @@ class RunManager:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own detached runs and expiry until cancelled.
 
-        Cancelling this task cancels every detached run; each still saves in
-        its shielded cleanup before this returns.
+        Cancellation: a ``Cancelled`` cancels every detached run, and each still
+        saves in its shielded cleanup before this returns.
         """
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -140,23 +135,20 @@ class RunManager:
         """Register a run and, if it has a session, supersede the session's runs.
 
         The claim is atomic in the shared state (G1): from then on the new run
-        is the session's current run, wherever its predecessors run.  In-process
-        this does not checkpoint.  Raises
-        :class:`~trio_stream.shared.SharedUnavailable` when the shared state is
-        unreachable (the HTTP layer answers 503); then nothing of the run
-        remains.
+        is the session's current run, wherever its predecessors run.  Raises
+        ``SharedUnavailable`` when the shared state is unreachable (the HTTP
+        layer answers 503); then nothing of the run remains.
 
-        Cancellation: in-process it does not checkpoint; in cluster mode a ``Cancelled`` during
-        the claim may leave the run registered and claimed in the shared state with nothing
-        driving it (its record expires with ``--run-ttl``; the session's next claim supersedes
-        it).
+        Cancellation: in-process no checkpoint; in cluster mode a ``Cancelled``
+        in the claim may leave the run registered and claimed with nothing
+        driving it (the record expires; the session's next claim supersedes it).
         """
         run = Run(
             new_run_id("run_" if response is None else "resp_"), tenant, session_id, request,
             detached=request.detach, coalesce=self.settings.coalesce,
         )  # fmt: skip
         run.response = response
-        await self._claim(run)
+        await claim(run, self.shared)
         self.runs[run.id] = run
         self.live += 1
         self.metrics.active_runs.inc()
@@ -164,14 +156,6 @@ class RunManager:
         for prev in run.predecessors:
             await self.shared.cancel(prev, "superseded")
         return run
-
-    async def _claim(self, run: Run) -> None:
-        if not self.shared.healthy:  # known down: fail now, not at a deadline
-            raise SharedUnavailable("unreachable")
-        await self.shared.register(run)
-        if run.session_key is not None:
-            claim = await self.shared.claim(run.session_key, run.id)
-            run.epoch, run.predecessors = claim.epoch, claim.predecessors
 
     def start_detached(self, run: Run) -> None:
         assert self._nursery is not None, "RunManager.run() is not running"
@@ -208,7 +192,8 @@ class RunManager:
             self._fail(run, exc.message)
         except Exception as exc:  # a bug: keep the server up, and say so
             self.logger.event("run_crashed", trace=run.id, error=repr(exc))
-            self._fail(run, "internal error")
+            run.error = InternalError()
+            self._fail(run, INTERNAL_MESSAGE, "internal_error")
         finally:
             await self._cleanup(run)
 
@@ -272,20 +257,21 @@ class RunManager:
         return True
 
     async def cancel_id(self, run_id: str, reason: str) -> bool:
-        """Cancel a run wherever it runs (G4).  True if it was running."""
-        run = self.runs.get(run_id)
-        if run is not None:
-            return self.cancel(run, reason)
-        record = await self.shared.lookup(run_id)
-        if record is None or record.status != "running":
-            return False
-        await self.shared.cancel(run_id, reason)
-        return True
+        """Cancel a run wherever it runs (G4).  True if it was running.
 
-    def _fail(self, run: Run, message: str) -> None:
-        if run.end(Outcome(RunStatus.FAILED, "upstream_error", message)):
-            self.metrics.cancellations.labels("upstream_error").inc()
-            self.logger.event("stream_cancelled", trace=run.id, reason="upstream_error")
+        Cancellation: a local run is cancelled without a checkpoint; for a
+        remote one (:meth:`Cluster.cancel_remote`) a ``Cancelled`` leaves the
+        request sent or not.
+        """
+        if (run := self.runs.get(run_id)) is not None:
+            return self.cancel(run, reason)
+        return await self.cluster.cancel_remote(run_id, reason)
+
+    def _fail(self, run: Run, message: str, reason: str = "upstream_error") -> None:
+        """End ``run`` as failed (``upstream_error``; ``internal_error``: a bug), unless ended."""
+        if run.end(Outcome(RunStatus.FAILED, reason, message)):
+            self.metrics.cancellations.labels(reason).inc()
+            self.logger.event("stream_cancelled", trace=run.id, reason=reason)
 
     async def _cleanup(self, run: Run) -> None:
         """Save, release, wake: the one place a run ends.  Shielded, bounded.
@@ -293,19 +279,33 @@ class RunManager:
         The save gets ``cleanup_timeout``; each shared-state step after it gets
         :data:`SHARED_TIMEOUT` of its own, so a slow save never costs the
         session its release.  What to do is decided by :func:`lifecycle.ending`.
+
+        A bug in the save or the release (an unexpected exception) is logged
+        ``run_crashed`` and skips the rest of that step, never the run's end:
+        it is still counted, woken and dropped or kept, and nothing is raised,
+        so that a detached run's crash cannot reach the manager's nursery (and
+        end the process).  ``Cancelled`` is never caught.
         """
-        with trio.CancelScope(shield=True) as cs:
-            cs.deadline = trio.current_time() + self.cleanup_timeout
-            self._cleanups.add(cs)
-            try:
-                if run.log.status is RunStatus.RUNNING:  # cancelled from outside
-                    self.cancel(run, "shutdown")
-                await save_run(run, self.store, self.metrics, self.logger)
-            finally:
-                self._cleanups.discard(cs)
-        if cs.cancelled_caught:
-            self.logger.event("save_timeout", trace=run.id)
-        fenced = await release(run, self.shared, self.logger)
+        fenced = run.log.fenced
+        try:
+            with trio.CancelScope(shield=True) as cs:
+                cs.deadline = trio.current_time() + self.cleanup_timeout
+                self._cleanups.add(cs)
+                try:
+                    if run.log.status is RunStatus.RUNNING:  # cancelled from outside
+                        self.cancel(run, "shutdown")
+                    await self._save(run)
+                finally:
+                    self._cleanups.discard(cs)
+            if cs.cancelled_caught:
+                self.logger.event("save_timeout", trace=run.id)
+            fenced = await release(run, self.shared, self.logger)
+        except Exception as exc:  # a bug: the run still ends, the server goes on
+            self.logger.event("run_crashed", trace=run.id, error=repr(exc))
+            if run.log.outcome is None:
+                run.error = InternalError()
+                self._fail(run, INTERNAL_MESSAGE, "internal_error")
+            fenced = fenced or run.log.fenced
         outcome = run.log.outcome
         assert outcome is not None
         end = ending(outcome, events=run.log.last_seq, detached=run.detached, fenced=fenced)
@@ -326,6 +326,9 @@ class RunManager:
         else:
             del self.runs[run.id]  # its only client has it; GET falls back to the store
         self._idle.unpark_all()
+
+    async def _save(self, run: Run) -> None:
+        await save_run(run, self.store, self.metrics, self.logger)
 
     # -- the owner side of the shared state ---------------------------------
     def cancel_local(self, run_id: str, reason: str) -> bool:

@@ -17,7 +17,7 @@ import trio
 
 from ..core.log import Entry, LogClosed, Outcome, RunLog, RunStatus
 from ..core.sessions import SessionKey
-from ..errors import UpstreamError
+from ..errors import InternalError, UpstreamError
 from ..shared import LogPage
 from ..wire.chunks import ChunkEncoder
 from ..wire.request import ChatRequest
@@ -114,7 +114,9 @@ class Run:
             f"chatcmpl-{run_id.removeprefix('run_')}", request.model, int(self.created),
             coalesce=coalesce,
         )  # fmt: skip
-        self.error: UpstreamError | None = None
+        # Why a failed run failed, when that is its HTTP answer (UpstreamError,
+        # InternalError); None for every other ending.
+        self.error: UpstreamError | InternalError | None = None
         self.usage: Usage | None = None  # as the upstream reported it, if it did
         # Set for a run the Responses API created: how to render it (chat: None).
         self.response: ResponseMeta | None = None

@@ -27,6 +27,22 @@ SHARED_TIMEOUT = 1.0
 T = TypeVar("T")
 
 
+async def claim(run: Run, shared: SharedState) -> None:
+    """Register ``run`` and make it its session's current run (G1); its
+    predecessors and epoch go on the run.  Raises ``SharedUnavailable`` at
+    once while the shared state is known to be down.
+
+    Cancellation: in-process no checkpoint; in cluster mode a ``Cancelled``
+    between the two steps leaves the run registered but not claimed.
+    """
+    if not shared.healthy:  # known down: fail now, not at a deadline
+        raise SharedUnavailable("unreachable")
+    await shared.register(run)
+    if run.session_key is not None:
+        claimed = await shared.claim(run.session_key, run.id)
+        run.epoch, run.predecessors = claimed.epoch, claimed.predecessors
+
+
 async def await_predecessors(
     run: Run, shared: SharedState, local: Mapping[str, Run], logger: EventLogger, grace: float
 ) -> None:
@@ -67,7 +83,8 @@ async def release(run: Run, shared: SharedState, logger: EventLogger) -> bool:
 async def shared_step(run_id: str, step: Awaitable[T], logger: EventLogger) -> T | None:
     """Await one shared-state step of a cleanup: shielded, bounded by
     :data:`SHARED_TIMEOUT`, and a store that is down is logged
-    (``redis_unavailable``), not raised: None then.
+    (``redis_unavailable``), not raised: None then; so is a bug in it
+    (``run_crashed``).
 
     Cancellation: shielded; an outer ``Cancelled`` is delivered at the
     caller's next checkpoint, after the step.
@@ -78,6 +95,8 @@ async def shared_step(run_id: str, step: Awaitable[T], logger: EventLogger) -> T
             return await step
         except SharedUnavailable as exc:
             logger.event("redis_unavailable", trace=run_id, error=str(exc))
+        except Exception as exc:  # a bug: the run still ends, the server goes on
+            logger.event("run_crashed", trace=run_id, error=repr(exc))
     if cs.cancelled_caught:
         logger.event("redis_unavailable", trace=run_id, error="timeout")
     return None

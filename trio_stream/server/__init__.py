@@ -19,16 +19,22 @@ test until the copies are re-read.  What differs from hypercorn, and why:
   readability itself), no handshake deadline on a plain connection, and a
   task group (``LightTaskGroup.spawn_app``, calling hypercorn's private
   ``_handle``) whose app inbox is one slotted object instead of a memory
-  channel: an idle open stream holds kilobytes less.  It also publishes the
+  channel: an idle open stream holds kilobytes less.  Its ``IdleTimer``
+  replaces hypercorn's ``TrioSingleTask``, whose restart (from inside the
+  app's last ``send()``) a disconnect watcher's cancel stopped halfway, so an
+  idle keep-alive connection was never closed.  It also publishes the
   connection's send lock and stream to its request tasks, for the direct
   HTTP/1.1 body (``trio_stream.http.transport.DirectBody``, which frames
   chunks exactly as h11 does: checked by the same test).
 * :mod:`.asgi` -- ``ServerApp`` is hypercorn's ``ASGIWrapper`` without its
   ``async def``: one coroutine frame fewer per open request.
-* :mod:`.hypercorn_fixes` -- two HTTP/2 bugs of 0.18.0, fixed for the
-  process only on that version: ``StreamBuffer.pop`` (an unbounded buffer
-  behind a zero window) and ``H2Protocol._handle_events`` (a ``KeyError``
-  that stopped the server).
+* :mod:`.hypercorn_fixes` -- bugs of 0.18.0, fixed for the process only on
+  that version: ``StreamBuffer.pop`` (an unbounded HTTP/2 buffer behind a
+  zero window), ``H2Protocol._handle_events`` (a ``KeyError`` that stopped
+  the server), ``H11Protocol.__init__`` (each connection's h11 state machine
+  caps a complete head at 16 KiB and drops what follows a connection's last
+  request) and ``H11Protocol._send_error_response`` (an error h11 refuses
+  is answered with an OpenAI error body).
 * :mod:`.signals` and :mod:`.workers` -- serving until SIGTERM/SIGINT, and
   ``--workers N`` processes on one listening socket.
 

@@ -23,11 +23,14 @@ with ``tools/measure_idle.py`` (bytes per open idle stream):
   semantics (bounded, FIFO, blocking, cancellable).
 
 It also publishes the connection's :class:`~trio_stream.http.transport.Link` to
-its request tasks (the direct HTTP/1.1 body path), and opens no handshake
-deadline on a plain connection (hypercorn's ``fail_after`` before it finds
-out there is no TLS left a 60 s deadline-heap entry per connection).
-Everything else -- ``run`` is hypercorn's, line for line, except the task
-group it opens, the handshake and the read loop -- is hypercorn's own; the
+its request tasks (the direct HTTP/1.1 body path), keeps its idle timer in an
+:class:`IdleTimer`, whose restart cannot be cancelled halfway (see there:
+with hypercorn's own, an HTTP/1.1 keep-alive connection was never closed once
+it had served a request), and opens no handshake deadline on a plain
+connection (hypercorn's ``fail_after`` before it finds out there is no TLS
+left a 60 s deadline-heap entry per connection).  Everything else -- ``run``
+is hypercorn's, line for line, except the task group it opens, the idle
+timer, the handshake and the read loop -- is hypercorn's own; the hypercorn
 functions it copies are pinned by ``tests/test_hypercorn_fork.py``.
 """
 
@@ -146,8 +149,67 @@ class LightTaskGroup(TaskGroup):
         return inbox.send
 
 
+class IdleTimer:
+    """The connection's idle timer: hypercorn's ``TrioSingleTask``, restarted
+    and stopped without a checkpoint.
+
+    hypercorn restarts the timer when a response ends (``Updated(idle=True)``
+    from the protocol) -- from inside the app's last ``send()``, right after
+    it delivered ``http.disconnect`` to the app's ``receive()``.  The app's
+    disconnect watcher (ours in :mod:`~trio_stream.stream`, quart-trio's for
+    every JSON route) wakes on it and cancels its nursery, which holds the
+    very task that is restarting the timer.  ``TrioSingleTask.restart`` takes
+    a lock and awaits ``nursery.start``: checkpoints, where that ``Cancelled``
+    lands.  The old timer was stopped when the request's head arrived, so no
+    timer ran any more, and an idle keep-alive connection stayed open for
+    ever (HTTP/1.1 and TLS; on HTTP/2 a stream's end restarts it the same
+    way).  The same family as the close that ``server.Connection._close``
+    shields.
+
+    Here both are synchronous underneath (cancel a scope; ``start_soon`` a
+    task into the connection's task group, which the app's scopes do not
+    cover), so there is nothing to cancel, whatever task they run in.  The
+    timer task exists only while the connection is idle, as hypercorn's.
+    """
+
+    __slots__ = ("_scope",)
+
+    def __init__(self) -> None:
+        self._scope: trio.CancelScope | None = None
+
+    async def restart(self, task_group: TaskGroup, action: Callable[[], Awaitable[None]]) -> None:
+        """Stop the running timer, if any, and start ``action`` as the new one.
+
+        Not a checkpoint, on purpose (see the class): it cannot be cancelled,
+        and it never waits.
+        """
+        self._stop()
+        scope = self._scope = trio.CancelScope()
+        task_group.spawn(_timer, scope, action)
+
+    async def stop(self) -> None:
+        """Stop the running timer, if any.  Not a checkpoint (see the class)."""
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()  # also before the task has entered it
+            self._scope = None
+
+
+async def _timer(scope: trio.CancelScope, action: Callable[[], Awaitable[None]]) -> None:
+    with scope:
+        await trio.lowlevel.checkpoint_if_cancelled()  # stopped before it ran: never act
+        await action()
+
+
 class LightTCPServer(TCPServer):
-    """hypercorn's trio ``TCPServer`` with the read loop and the app inbox above."""
+    """hypercorn's trio ``TCPServer`` with the read loop, the app inbox and
+    the idle timer above."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.idle_task = IdleTimer()  # type: ignore[assignment]
 
     async def run(self) -> None:
         """Serve one connection until it closes.
@@ -161,6 +223,7 @@ class LightTCPServer(TCPServer):
         # fail_after(ssl_handshake_timeout) before finding out there is no
         # handshake, and the exited scope's entry stayed in trio's deadline
         # heap (holding the scope) for that long -- 60 s, per connection.
+        # And once the read loop ends, the idle timer is stopped (see there).
         if isinstance(self.stream, trio.SSLStream):
             try:
                 with trio.fail_after(self.config.ssl_handshake_timeout):
@@ -194,6 +257,7 @@ class LightTCPServer(TCPServer):
                 await self.idle_task.restart(self._task_group, self._idle_timeout)
                 if self.config.read_timeout is not None:
                     await self._read_data()  # hypercorn's loop, with its deadline
+                    await self.idle_task.stop()  # as below
                     return
                 # The read loop (see the module docstring), here rather than
                 # in a method of its own: one frame fewer while it waits.
@@ -209,6 +273,10 @@ class LightTCPServer(TCPServer):
                     if data == b"":
                         break
                 await self.protocol.handle(Closed())
+                # The peer is gone: a running idle timer has nothing left to
+                # time, and the task group would wait for it (up to
+                # keep_alive_timeout) before the socket is closed.
+                await self.idle_task.stop()
         except OSError:
             pass
         finally:
