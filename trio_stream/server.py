@@ -31,6 +31,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import trio
 from hypercorn.config import Config
@@ -82,6 +83,10 @@ class Connection(LightTCPServer):
     HTTP/1.1 body can be written without hypercorn's per-message path
     (:class:`~trio_stream.transport.DirectBody`).
     """
+
+    def __init__(self, *args: Any, logger: EventLogger | None = None) -> None:
+        super().__init__(*args)
+        self.logger = logger  # connection_crashed (LightTCPServer._crashed)
 
     async def _close(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
@@ -178,7 +183,7 @@ async def serve_service(
     listeners = await open_listeners(settings, config, guard, sockets)
     context = WorkerContext(None)
     asgi = ServerApp(app)  # like hypercorn's ASGIWrapper, without its coroutine frame
-    handler = partial(Connection, asgi, config, context, ConnectionState({}))
+    handler = partial(Connection, asgi, config, context, ConnectionState({}), logger=service.logger)
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as accepting:
             accept = trio.CancelScope()  # its own scope: _drain runs in this nursery's body
