@@ -185,6 +185,8 @@ class LightTCPServer(TCPServer):
 
     #: Where ``connection_crashed`` is logged (``server.Connection`` sets it).
     logger: EventLogger | None = None
+    #: Whether the read loop is over (set by :meth:`_gone`).
+    _closed = False
 
     async def run(self) -> None:
         # hypercorn 0.18.0's TCPServer.run, with LightTaskGroup for TaskGroup,
@@ -240,12 +242,29 @@ class LightTCPServer(TCPServer):
                     if data == b"":
                         break
                 await self.protocol.handle(Closed())
+                await self._gone()
         except* OSError:
             pass  # hypercorn's: the socket went away under us
         except* Exception as group:
             await self._crashed(group)  # this connection ends; the server goes on
         finally:
             await self._close()
+
+    async def _gone(self) -> None:
+        """The read loop is over: the peer is gone (or we closed), so nothing
+        is left for the idle timer to close.  Stopped here, and never started
+        again (see :meth:`_idle_timeout`), the timer no longer holds the
+        connection's task group -- its task, the request tasks' memory --
+        open for up to ``keep_alive_timeout`` after the close."""
+        self._closed = True
+        await self.idle_task.stop()
+
+    async def _idle_timeout(self) -> None:
+        """hypercorn's idle timer, unless the connection is already closed: a
+        request that ends after the close restarts the timer (hypercorn's
+        ``Updated(idle=True)``), and it then returns at once."""
+        if not self._closed:
+            await super()._idle_timeout()
 
     async def _crashed(self, group: BaseExceptionGroup[Exception]) -> None:
         """What an error out of this connection's handling ends: the connection.
