@@ -14,7 +14,9 @@ with GOAWAY (docs/api.md section 3.9).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import h2.config
@@ -61,7 +63,7 @@ class Peer:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
         )
         self.events: list[h2.events.Event] = []
         self.statuses: dict[int, int] = {}  # stream id -> response status
@@ -103,7 +105,7 @@ class Peer:
             self.events += events
             for e in events:
                 if isinstance(e, h2.events.ResponseReceived):
-                    self.statuses[e.stream_id] = int(dict(e.headers or [])[":status"])
+                    self.statuses[e.stream_id] = int(dict(e.headers or [])[b":status"])
                 elif isinstance(e, h2.events.StreamEnded | h2.events.StreamReset):
                     self.ends.add(e.stream_id)
             await self.flush()  # ACKs h2 owes the server
@@ -148,13 +150,14 @@ def split_headers(encoded: bytes, continuations: int) -> list[Frame]:
     ``continuations`` CONTINUATION frames carrying its header block (the
     HPACK state stays the client's own, so the connection can go on)."""
     frame, length = Frame.parse_frame_header(memoryview(encoded[:9]))
-    assert isinstance(frame, HeadersFrame) and len(encoded) == 9 + length
+    assert isinstance(frame, HeadersFrame)
+    assert len(encoded) == 9 + length
     frame.parse_body(memoryview(encoded[9:]))
     block = frame.data
     size, extra = divmod(len(block), continuations + 1)
     assert size > 0
     cuts = [i * size + min(i, extra) for i in range(continuations + 2)]
-    chunks = [block[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+    chunks = [block[a:b] for a, b in itertools.pairwise(cuts)]
     flags = ["END_STREAM"] if "END_STREAM" in frame.flags else []
     frames: list[Frame] = [HeadersFrame(frame.stream_id, data=chunks[0], flags=flags)]
     for i, chunk in enumerate(chunks[1:], start=2):
@@ -189,7 +192,7 @@ async def priority_of_closed_streams(peer: Peer) -> str:
         for i in ids:
             peer.get(i)
         await peer.flush()
-        await peer.until(lambda: peer.ends.issuperset(ids))
+        await peer.until(partial(peer.ends.issuperset, ids))
         assert [peer.status(i) for i in ids] == [200] * len(ids)
         for i in ids:
             peer.h2.prioritize(i, weight=16)
@@ -315,8 +318,9 @@ async def goaway(peer: Peer) -> str:
 
 FLOODS = [
     priority, priority_of_closed_streams, settings, ping, window_update, unknown_frame_type,
-    headers, continuation, rst_stream_of_a_closed_stream, data_of_a_closed_stream, rst_stream_of_idle_streams,
-    data_of_idle_streams, window_update_of_idle_streams, push_promise_from_a_client, goaway,
+    headers, continuation, rst_stream_of_a_closed_stream, data_of_a_closed_stream,
+    rst_stream_of_idle_streams, data_of_idle_streams, window_update_of_idle_streams,
+    push_promise_from_a_client, goaway,
 ]  # fmt: skip
 
 
@@ -458,7 +462,8 @@ async def test_an_h2c_connection_is_closed_after_keep_alive_once_its_streams_end
         with trio.fail_after(20):
             await peer.until(lambda: peer.ended(1))
             ended = trio.current_time()
-            assert peer.status(1) == 200 and not peer.eof
+            assert peer.status(1) == 200
+            assert not peer.eof
             closed = await idle_until_closed(peer)
         term = peer.goaway()
         assert term is not None
