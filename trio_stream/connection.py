@@ -22,6 +22,11 @@ with ``tools/measure_idle.py`` (bytes per open idle stream):
   parks three frames deep.  The inbox is one slotted object with the same
   semantics (bounded, FIFO, blocking, cancellable).
 
+Four changes are not about memory (issue 18): ``run`` ends only its own
+connection when anything in it raises (:meth:`LightTCPServer._crashed`), a
+connection says GOAWAY before its idle close and stops its idle timer once
+its read loop is over, and the inbox never refuses ``http.disconnect``.
+
 It also publishes the connection's :class:`~trio_stream.transport.Link` to
 its request tasks (the direct HTTP/1.1 body path).  Everything else --
 ``run`` is hypercorn's, line for line, except the task group it opens and
