@@ -97,7 +97,7 @@ class AppInbox:
         self._senders: list[trio.lowlevel.Task] | None = None
 
     async def send(self, message: Any) -> None:
-        if message.get("type") in FINAL:
+        if isinstance(message, dict) and message.get("type") in FINAL:
             self._put_final(message)
             await trio.lowlevel.cancel_shielded_checkpoint()
             return

@@ -31,7 +31,6 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
 
 import trio
 from hypercorn.config import Config
@@ -83,10 +82,6 @@ class Connection(LightTCPServer):
     HTTP/1.1 body can be written without hypercorn's per-message path
     (:class:`~trio_stream.transport.DirectBody`).
     """
-
-    def __init__(self, *args: Any, logger: EventLogger | None = None) -> None:
-        super().__init__(*args)
-        self.logger = logger  # connection_crashed (LightTCPServer._crashed)
 
     async def _close(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
@@ -183,7 +178,11 @@ async def serve_service(
     listeners = await open_listeners(settings, config, guard, sockets)
     context = WorkerContext(None)
     asgi = ServerApp(app)  # like hypercorn's ASGIWrapper, without its coroutine frame
-    handler = partial(Connection, asgi, config, context, ConnectionState({}), logger=service.logger)
+
+    class Logged(Connection):  # built by hypercorn's handler: the logger is the class's
+        logger = service.logger  # for connection_crashed (LightTCPServer._crashed)
+
+    handler = partial(Logged, asgi, config, context, ConnectionState({}))
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as accepting:
             accept = trio.CancelScope()  # its own scope: _drain runs in this nursery's body
