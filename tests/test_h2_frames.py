@@ -41,7 +41,7 @@ from hyperframe.frame import (
 )
 
 from tests.conftest import running_server, tasks_living
-from trio_stream import Settings, connection, mocktext
+from trio_stream import Settings, mocktext
 from trio_stream.load.h2 import open_h2_connection
 from trio_stream.sse import SSEDecoder
 from trio_stream.store import open_store
@@ -446,9 +446,8 @@ async def test_an_h2c_connection_is_closed_after_keep_alive_once_its_streams_end
     """An h2c connection is not closed while a stream is open (here one
     longer than ``keep_alive_timeout``); once its last stream has ended it is
     closed ``keep_alive_timeout`` later, with GOAWAY(NO_ERROR) naming that
-    last stream."""
-    if not hasattr(connection, "IdleTimer"):  # branch h1's fix: restarts that cannot be cancelled
-        pytest.skip("needs the idle timer that a stream's end can restart (branch h1)")
+    last stream.  (The restart after a stream is ``connection.IdleTimer``'s;
+    before it, and before the GOAWAY, the connection stayed open.)"""
     s = Settings(port=0, db=str(tmp_path / "t.db"), mock_delay_ms=100)
     async with running_server(s, store=open_store(s.db, threaded=False)) as server:
         peer = await Peer.open(server.port)

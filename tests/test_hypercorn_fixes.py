@@ -7,6 +7,8 @@ upgrade, it says whether the fix (and its version pin) can go.  The fixed
 ``StreamBuffer.pop`` is tested in ``tests/test_stall.py``; the fixed
 ``H2Protocol._handle_events`` here, in memory (hypercorn's HTTP/2 protocol
 against an h2 client), and in ``tests/test_body_timeout.py`` on a real server;
+the fixed ``H11Protocol`` connection here, in memory, and with the fixed
+error answer in ``tests/test_http1_framing.py`` on a real server;
 the fixed ``_priority_updated`` and ``initiate`` here, in memory, and in
 ``tests/test_h2_frames.py`` on a real server.
 """
@@ -21,6 +23,7 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import h11
 import pytest
 import trio
 import trio.testing
@@ -28,6 +31,7 @@ from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.h2 import BUFFER_HIGH_WATER, H2Protocol, StreamBuffer
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.worker_context import EventWrapper, WorkerContext
 from hypercorn.typing import ConnectionState
@@ -339,12 +343,15 @@ def test_fix_is_not_applied_to_another_hypercorn_version(monkeypatch: pytest.Mon
     assert hypercorn_fixes.apply(logger) is False
     assert StreamBuffer.pop is hypercorn_fixes.original_pop
     assert H2Protocol._handle_events is hypercorn_fixes.original_handle_events
+    assert H11Protocol.__init__ is hypercorn_fixes.original_h11_init
+    assert H11Protocol._send_error_response is hypercorn_fixes.original_send_error_response
     assert H2Protocol._priority_updated is hypercorn_fixes.original_priority_updated
     assert H2Protocol.initiate is hypercorn_fixes.original_initiate
     assert not hypercorn_fixes.applied()
     records = sink.events("hypercorn_fix_skipped")
     assert [r["fix"] for r in records] == [
-        "StreamBuffer.pop", "H2Protocol._handle_events", "H2Protocol._priority_updated",
+        "StreamBuffer.pop", "H2Protocol._handle_events", "H11Protocol.__init__",
+        "H11Protocol._send_error_response", "H2Protocol._priority_updated",
         "H2Protocol.initiate",
     ]  # fmt: skip
     for record in records:
@@ -364,14 +371,118 @@ def test_fix_is_applied_to_its_hypercorn_version(monkeypatch: pytest.MonkeyPatch
     assert hypercorn_fixes.applied()
     assert StreamBuffer.pop is not hypercorn_fixes.original_pop
     assert H2Protocol._handle_events is not hypercorn_fixes.original_handle_events
+    assert H11Protocol.__init__ is not hypercorn_fixes.original_h11_init
+    assert H11Protocol._send_error_response is not hypercorn_fixes.original_send_error_response
     assert H2Protocol._priority_updated is not hypercorn_fixes.original_priority_updated
     assert H2Protocol.initiate is not hypercorn_fixes.original_initiate
     assert not sink.records
 
 
 def unpatch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """hypercorn's own methods back, for this test (the fixes are process-wide)."""
+    """hypercorn's own methods back in place (for this test only)."""
     monkeypatch.setattr(StreamBuffer, "pop", hypercorn_fixes.original_pop)
     monkeypatch.setattr(H2Protocol, "_handle_events", hypercorn_fixes.original_handle_events)
+    monkeypatch.setattr(H11Protocol, "__init__", hypercorn_fixes.original_h11_init)
+    monkeypatch.setattr(
+        H11Protocol, "_send_error_response", hypercorn_fixes.original_send_error_response
+    )
     monkeypatch.setattr(H2Protocol, "_priority_updated", hypercorn_fixes.original_priority_updated)
     monkeypatch.setattr(H2Protocol, "initiate", hypercorn_fixes.original_initiate)
+
+
+# -- H11Protocol: the head cap, bytes after the last request, the error body -----------
+
+
+def h11_protocol(sent: list[Event] | None = None) -> H11Protocol:
+    """A hypercorn HTTP/1.1 protocol (not connected to anything), built by
+    whatever ``H11Protocol.__init__`` is installed; what it sends goes to
+    ``sent``."""
+
+    async def send(event: Event) -> None:
+        if sent is not None:
+            sent.append(event)
+
+    app: Any = None  # nothing here reaches the app
+    task_group: Any = None
+    return H11Protocol(
+        app, Config(), WorkerContext(None), task_group, ConnectionState({}), False, None, None,
+        send,
+    )  # fmt: skip
+
+
+def test_canary_hypercorn_h11_connection_still_lets_a_whole_head_over_the_cap_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """hypercorn's own H11Protocol.__init__ (unpatched) still gives a plain h11
+    connection, which takes a complete head of 60 KB although
+    ``h11_max_incomplete_size`` is 16 KiB: h11 checks it only on an
+    incomplete one.  If this fails, hypercorn (or h11) fixed it: drop that
+    half of fix 3 (or re-pin FIXED_VERSION)."""
+    assert hypercorn_fixes.original_h11_init.__module__ == "hypercorn.protocol.h11"
+    monkeypatch.setattr(H11Protocol, "__init__", hypercorn_fixes.original_h11_init)
+    connection = h11_protocol().connection
+    assert isinstance(connection, h11.Connection)
+    connection.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 60_000 + b"\r\n\r\n")
+    assert isinstance(connection.next_event(), h11.Request)
+
+
+def test_canary_hypercorn_h11_connection_still_raises_on_bytes_after_the_last_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """hypercorn's own connection still raises (which hypercorn answers with
+    400, in place of the app's response) on a request pipelined behind a
+    ``Connection: close`` one.  If this fails: drop that half of fix 3."""
+    monkeypatch.setattr(H11Protocol, "__init__", hypercorn_fixes.original_h11_init)
+    connection = h11_protocol().connection
+    first = b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    connection.receive_data(first + b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert isinstance(connection.next_event(), h11.Request)
+    assert isinstance(connection.next_event(), h11.EndOfMessage)
+    with pytest.raises(h11.RemoteProtocolError):
+        connection.next_event()
+
+
+@pytest.mark.usefixtures("fixed")
+def test_fixed_h11_connection_caps_a_whole_head_and_drops_bytes_after_the_last_request() -> None:
+    """With fix 3: a complete head of exactly the cap is taken, one byte more
+    is refused (431, as h11's own check), and bytes after a closing request
+    are dropped (the connection then waits for the EOF)."""
+    cap = Config().h11_max_incomplete_size
+    start, end = b"GET / HTTP/1.1\r\nhost: x\r\nx-pad: ", b"\r\n\r\n"
+    for size, ok in ((cap, True), (cap + 1, False)):
+        connection = h11_protocol().connection
+        assert isinstance(connection, hypercorn_fixes.ServerH11Connection)
+        connection.receive_data(start + b"a" * (size - len(start) - len(end)) + end)
+        if ok:
+            assert isinstance(connection.next_event(), h11.Request)
+        else:
+            with pytest.raises(h11.RemoteProtocolError) as caught:
+                connection.next_event()
+            assert caught.value.error_status_hint == 431
+            assert connection.their_state is h11.ERROR
+    connection = h11_protocol().connection
+    first = b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    connection.receive_data(first + b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert isinstance(connection.next_event(), h11.Request)
+    assert isinstance(connection.next_event(), h11.EndOfMessage)
+    assert connection.next_event() is h11.NEED_DATA  # the second request is gone
+    connection.receive_data(b"more")
+    assert connection.next_event() is h11.NEED_DATA
+    connection.receive_data(b"")
+    assert isinstance(connection.next_event(), h11.ConnectionClosed)
+
+
+async def test_canary_hypercorn_still_answers_a_refused_request_with_an_empty_body(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """hypercorn's own H11Protocol._send_error_response still answers with an
+    empty body (not the OpenAI error body).  If this fails: look again at fix 4."""
+    original = hypercorn_fixes.original_send_error_response
+    assert original.__module__ == "hypercorn.protocol.h11"
+    monkeypatch.setattr(H11Protocol, "_send_error_response", original)
+    sent: list[Event] = []
+    await h11_protocol(sent)._send_error_response(400)
+    wire = b"".join(e.data for e in sent if isinstance(e, RawData))
+    assert wire.startswith(b"HTTP/1.1 400 ")
+    assert wire.endswith(b"\r\n\r\n")  # the head, and no body
+    assert b"content-length: 0\r\n" in wire

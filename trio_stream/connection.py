@@ -22,15 +22,17 @@ with ``tools/measure_idle.py`` (bytes per open idle stream):
   parks three frames deep.  The inbox is one slotted object with the same
   semantics (bounded, FIFO, blocking, cancellable).
 
-Four changes are not about memory (issue 18): ``run`` ends only its own
-connection when anything in it raises (:meth:`LightTCPServer._crashed`), a
-connection says GOAWAY before its idle close and stops its idle timer once
-its read loop is over, and the inbox never refuses ``http.disconnect``.
-
 It also publishes the connection's :class:`~trio_stream.transport.Link` to
-its request tasks (the direct HTTP/1.1 body path).  Everything else --
-``run`` is hypercorn's, line for line, except the task group it opens and
-the read loop -- is hypercorn's own.
+its request tasks (the direct HTTP/1.1 body path), and keeps its idle timer
+in an :class:`IdleTimer`, whose restart cannot be cancelled halfway (see
+there: with hypercorn's own, an HTTP/1.1 keep-alive connection was never
+closed once it had served a request).  And (issue 18) ``run`` ends only its
+own connection when anything in it raises (:meth:`LightTCPServer._crashed`),
+a connection says GOAWAY before its idle close and keeps its idle timer
+stopped once its read loop is over, and the inbox never refuses
+``http.disconnect``.  Everything else -- ``run`` is hypercorn's, line for
+line, except the task group it opens, the read loop and the error guard --
+is hypercorn's own.
 """
 
 from __future__ import annotations
@@ -183,15 +185,74 @@ def _leaves(group: BaseException) -> list[BaseException]:
     return [group]
 
 
-class LightTCPServer(TCPServer):
-    """hypercorn's trio ``TCPServer`` with the read loop and the app inbox above,
-    which ends only itself when its handling raises (:meth:`_crashed`), and
-    says GOAWAY before it closes an idle HTTP/2 connection."""
+class IdleTimer:
+    """The connection's idle timer: hypercorn's ``TrioSingleTask``, restarted
+    and stopped without a checkpoint.
 
-    #: Where ``connection_crashed`` is logged (``server.Connection`` sets it).
+    hypercorn restarts the timer when a response ends (``Updated(idle=True)``
+    from the protocol) -- from inside the app's last ``send()``, right after
+    it delivered ``http.disconnect`` to the app's ``receive()``.  The app's
+    disconnect watcher (ours in :mod:`~trio_stream.stream`, quart-trio's for
+    every JSON route) wakes on it and cancels its nursery, which holds the
+    very task that is restarting the timer.  ``TrioSingleTask.restart`` takes
+    a lock and awaits ``nursery.start``: checkpoints, where that ``Cancelled``
+    lands.  The old timer was stopped when the request's head arrived, so no
+    timer ran any more, and an idle keep-alive connection stayed open for
+    ever (HTTP/1.1 and TLS; on HTTP/2 a stream's end restarts it the same
+    way).  The same family as the close that ``server.Connection._close``
+    shields.
+
+    Here both are synchronous underneath (cancel a scope; ``start_soon`` a
+    task into the connection's task group, which the app's scopes do not
+    cover), so there is nothing to cancel, whatever task they run in.  The
+    timer task exists only while the connection is idle, as hypercorn's.
+    """
+
+    __slots__ = ("_scope",)
+
+    def __init__(self) -> None:
+        self._scope: trio.CancelScope | None = None
+
+    async def restart(self, task_group: TaskGroup, action: Callable[[], Awaitable[None]]) -> None:
+        """Stop the running timer, if any, and start ``action`` as the new one.
+
+        Not a checkpoint, on purpose (see the class): it cannot be cancelled,
+        and it never waits.
+        """
+        self._stop()
+        scope = self._scope = trio.CancelScope()
+        task_group.spawn(_timer, scope, action)
+
+    async def stop(self) -> None:
+        """Stop the running timer, if any.  Not a checkpoint (see the class)."""
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()  # also before the task has entered it
+            self._scope = None
+
+
+async def _timer(scope: trio.CancelScope, action: Callable[[], Awaitable[None]]) -> None:
+    with scope:
+        await trio.lowlevel.checkpoint_if_cancelled()  # stopped before it ran: never act
+        await action()
+
+
+class LightTCPServer(TCPServer):
+    """hypercorn's trio ``TCPServer`` with the read loop, the app inbox and
+    the idle timer above, which ends only itself when its handling raises
+    (:meth:`_crashed`), and says GOAWAY before it closes an idle HTTP/2
+    connection."""
+
+    #: Where ``connection_crashed`` is logged (``server.serve_service`` sets it).
     logger: EventLogger | None = None
     #: Whether the read loop is over (set by :meth:`_gone`).
     _closed = False
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.idle_task = IdleTimer()  # type: ignore[assignment]
 
     async def run(self) -> None:
         # hypercorn 0.18.0's TCPServer.run, with LightTaskGroup for TaskGroup,
@@ -199,6 +260,7 @@ class LightTCPServer(TCPServer):
         # fail_after(ssl_handshake_timeout) before finding out there is no
         # handshake, and the exited scope's entry stayed in trio's deadline
         # heap (holding the scope) for that long -- 60 s, per connection.
+        # And once the read loop ends, the idle timer is stopped (see there).
         if isinstance(self.stream, trio.SSLStream):
             try:
                 with trio.fail_after(self.config.ssl_handshake_timeout):
@@ -232,6 +294,7 @@ class LightTCPServer(TCPServer):
                 await self.idle_task.restart(self._task_group, self._idle_timeout)
                 if self.config.read_timeout is not None:
                     await self._read_data()  # hypercorn's loop, with its deadline
+                    await self._gone()  # as below
                     return
                 # The read loop (see the module docstring), here rather than
                 # in a method of its own: one frame fewer while it waits.
@@ -247,6 +310,9 @@ class LightTCPServer(TCPServer):
                     if data == b"":
                         break
                 await self.protocol.handle(Closed())
+                # The peer is gone: a running idle timer has nothing left to
+                # time, and the task group would wait for it (up to
+                # keep_alive_timeout) before the socket is closed.
                 await self._gone()
         except* OSError:
             pass  # hypercorn's: the socket went away under us
@@ -258,8 +324,8 @@ class LightTCPServer(TCPServer):
     async def _gone(self) -> None:
         """The read loop is over: the peer is gone (or we closed), so nothing
         is left for the idle timer to close.  Stopped here, and never started
-        again (see :meth:`_idle_timeout`), the timer no longer holds the
-        connection's task group -- its task, the request tasks' memory --
+        again (see :meth:`_idle_timeout`: a request that ends after the close
+        restarts it), the timer no longer holds the connection's task group
         open for up to ``keep_alive_timeout`` after the close."""
         self._closed = True
         await self.idle_task.stop()
