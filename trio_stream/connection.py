@@ -28,8 +28,7 @@ in an :class:`IdleTimer`, whose restart cannot be cancelled halfway (see
 there: with hypercorn's own, an HTTP/1.1 keep-alive connection was never
 closed once it had served a request).  And (issue 18) ``run`` ends only its
 own connection when anything in it raises (:meth:`LightTCPServer._crashed`),
-a connection says GOAWAY before its idle close and keeps its idle timer
-stopped once its read loop is over, and the inbox never refuses
+a connection says GOAWAY before its idle close, and the inbox never refuses
 ``http.disconnect``.  Everything else -- ``run`` is hypercorn's, line for
 line, except the task group it opens, the read loop and the error guard --
 is hypercorn's own.
@@ -247,8 +246,6 @@ class LightTCPServer(TCPServer):
 
     #: Where ``connection_crashed`` is logged (``server.serve_service`` sets it).
     logger: EventLogger | None = None
-    #: Whether the read loop is over (set by :meth:`_gone`).
-    _closed = False
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -294,7 +291,7 @@ class LightTCPServer(TCPServer):
                 await self.idle_task.restart(self._task_group, self._idle_timeout)
                 if self.config.read_timeout is not None:
                     await self._read_data()  # hypercorn's loop, with its deadline
-                    await self._gone()  # as below
+                    await self.idle_task.stop()  # as below
                     return
                 # The read loop (see the module docstring), here rather than
                 # in a method of its own: one frame fewer while it waits.
@@ -313,29 +310,13 @@ class LightTCPServer(TCPServer):
                 # The peer is gone: a running idle timer has nothing left to
                 # time, and the task group would wait for it (up to
                 # keep_alive_timeout) before the socket is closed.
-                await self._gone()
+                await self.idle_task.stop()
         except* OSError:
             pass  # hypercorn's: the socket went away under us
         except* Exception as group:
             await self._crashed(group)  # this connection ends; the server goes on
         finally:
             await self._close()
-
-    async def _gone(self) -> None:
-        """The read loop is over: the peer is gone (or we closed), so nothing
-        is left for the idle timer to close.  Stopped here, and never started
-        again (see :meth:`_idle_timeout`: a request that ends after the close
-        restarts it), the timer no longer holds the connection's task group
-        open for up to ``keep_alive_timeout`` after the close."""
-        self._closed = True
-        await self.idle_task.stop()
-
-    async def _idle_timeout(self) -> None:
-        """hypercorn's idle timer, unless the connection is already closed: a
-        request that ends after the close restarts the timer (hypercorn's
-        ``Updated(idle=True)``), and it then returns at once."""
-        if not self._closed:
-            await super()._idle_timeout()
 
     async def _crashed(self, group: BaseExceptionGroup[Exception]) -> None:
         """What an error out of this connection's handling ends: the connection.
