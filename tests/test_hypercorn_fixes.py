@@ -8,7 +8,9 @@ upgrade, it says whether the fix (and its version pin) can go.  The fixed
 ``H2Protocol._handle_events`` here, in memory (hypercorn's HTTP/2 protocol
 against an h2 client), and in ``tests/test_body_timeout.py`` on a real server;
 the fixed ``H11Protocol`` connection here, in memory, and with the fixed
-error answer in ``tests/test_http1_framing.py`` on a real server.
+error answer in ``tests/test_http1_framing.py`` on a real server;
+the fixed ``_priority_updated`` and ``initiate`` here, in memory, and in
+``tests/test_h2_frames.py`` on a real server.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ import trio
 import trio.testing
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config
-from hypercorn.events import Closed, Event, RawData
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.h2 import BUFFER_HIGH_WATER, H2Protocol, StreamBuffer
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.worker_context import EventWrapper, WorkerContext
 from hypercorn.typing import ConnectionState
+from priority.priority import TooManyStreamsError
 
 from trio_stream import EventLogger, RecordingSink
 from trio_stream.server import hypercorn_fixes
@@ -237,6 +240,100 @@ async def test_body_sent_with_its_headers_reaches_the_app() -> None:
         assert w.response(1) == (200, b"z" * 1000)
 
 
+# -- H2Protocol._priority_updated: PRIORITY frames, without bound -------------------------
+
+
+async def test_canary_hypercorn_priority_updated_still_refuses_the_1001st_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """hypercorn's own H2Protocol._priority_updated (unpatched) still has the
+    bug the fix exists for: a PRIORITY frame for a stream it does not track
+    inserts that stream into its priority tree for good, and the 1,001st
+    raises priority.TooManyStreamsError, which ends the connection's task
+    (and, in trio-stream before the connection guard, the server).  If this
+    fails, hypercorn fixed it: drop the fix (or re-pin FIXED_VERSION)."""
+    original = hypercorn_fixes.original_priority_updated
+    assert original.__module__ == "hypercorn.protocol.h2"
+    monkeypatch.setattr(H2Protocol, "_priority_updated", original)
+    async with wire() as w:
+        for i in range(1001):
+            w.client.prioritize(2 * i + 1, weight=16)
+        with pytest.raises(TooManyStreamsError):
+            await w.exchange()
+
+
+@pytest.mark.usefixtures("fixed")
+async def test_priority_frames_are_ignored_and_streams_are_still_served() -> None:
+    """With the fix, 1,001 PRIORITY frames for streams never opened, then a
+    request, then a PRIORITY frame for its closed stream: nothing is raised,
+    the request is answered, and hypercorn's priority tree holds no stream
+    once it has been (only what hypercorn itself inserts: open streams)."""
+    async with wire() as w:
+        for i in range(1001):
+            w.client.prioritize(2 * i + 1, weight=16)
+        await w.exchange()
+        await w.post(2003, "/echo", b"ok")
+        assert w.response(2003) == (200, b"ok")
+        w.client.prioritize(2003, weight=16)
+        await w.exchange()
+        assert list(w.protocol.priority._streams) == [0]  # the tree's root only
+
+
+# -- H2Protocol.initiate: the idle timer of an h2c connection by prior knowledge ---------
+
+
+async def initiated(upgrade: bool = False) -> list[Event]:
+    """What a fresh ``H2Protocol`` tells its server while it initiates (an
+    ``Upgrade: h2c`` one opens stream 1 with the upgrade request)."""
+    told: list[Event] = []
+
+    async def send(event: Event) -> None:
+        told.append(event)
+
+    with trio.fail_after(5):
+        async with TaskGroup() as task_group:
+            protocol = H2Protocol(
+                ASGIWrapper(app), Config(), WorkerContext(None), task_group,
+                ConnectionState({}), False, None, None, send,
+            )  # fmt: skip
+            if upgrade:
+                request = [(b":method", b"GET"), (b":path", b"/refuse"), (b":scheme", b"http"),
+                           (b":authority", b"x")]  # fmt: skip
+                settings = h2.connection.H2Connection().initiate_upgrade_connection()
+                await protocol.initiate(request, settings)
+            else:
+                await protocol.initiate()
+            await trio.testing.wait_all_tasks_blocked()  # stream 1 answered, if any
+            await protocol.handle(Closed())  # ends hypercorn's send task
+    return told
+
+
+async def test_canary_hypercorn_initiate_still_leaves_the_idle_timer_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """hypercorn's own H2Protocol.initiate (unpatched) still has the bug the
+    fix exists for: it never says the new connection is idle, so on an h2c
+    connection by prior knowledge -- whose HTTP/1.1 protocol stopped the idle
+    timer on reading the preface -- no timer runs until a stream has ended.
+    If this fails, hypercorn fixed it: drop the fix (or re-pin FIXED_VERSION)."""
+    original = hypercorn_fixes.original_initiate
+    assert original.__module__ == "hypercorn.protocol.h2"
+    monkeypatch.setattr(H2Protocol, "initiate", original)
+    assert not [e for e in await initiated() if isinstance(e, Updated)]
+
+
+@pytest.mark.usefixtures("fixed")
+async def test_initiate_arms_the_idle_timer_only_without_a_stream() -> None:
+    """With the fix, a new HTTP/2 connection without a stream says it is idle
+    (``Updated(idle=True)``: the server arms its idle timer); one opened by
+    ``Upgrade: h2c``, which carries stream 1, does not (that stream's end
+    will)."""
+    assert [e for e in await initiated() if isinstance(e, Updated)] == [Updated(idle=True)]
+    assert [e for e in await initiated(upgrade=True) if isinstance(e, Updated)] == [
+        Updated(idle=True)  # from stream 1's end (its app answered at once), not from initiate
+    ]
+
+
 def test_fix_is_not_applied_to_another_hypercorn_version(monkeypatch: pytest.MonkeyPatch) -> None:
     """On any hypercorn other than FIXED_VERSION, apply() leaves hypercorn's
     methods as they are, says so (False), and logs hypercorn_fix_skipped,
@@ -249,11 +346,14 @@ def test_fix_is_not_applied_to_another_hypercorn_version(monkeypatch: pytest.Mon
     assert H2Protocol._handle_events is hypercorn_fixes.original_handle_events
     assert H11Protocol.__init__ is hypercorn_fixes.original_h11_init
     assert H11Protocol._send_error_response is hypercorn_fixes.original_send_error_response
+    assert H2Protocol._priority_updated is hypercorn_fixes.original_priority_updated
+    assert H2Protocol.initiate is hypercorn_fixes.original_initiate
     assert not hypercorn_fixes.applied()
     records = sink.events("hypercorn_fix_skipped")
     assert [r["fix"] for r in records] == [
         "StreamBuffer.pop", "H2Protocol._handle_events", "H11Protocol.__init__",
-        "H11Protocol._send_error_response",
+        "H11Protocol._send_error_response", "H2Protocol._priority_updated",
+        "H2Protocol.initiate",
     ]  # fmt: skip
     for record in records:
         assert (record["hypercorn"], record["written_for"]) == (
@@ -274,6 +374,8 @@ def test_fix_is_applied_to_its_hypercorn_version(monkeypatch: pytest.MonkeyPatch
     assert H2Protocol._handle_events is not hypercorn_fixes.original_handle_events
     assert H11Protocol.__init__ is not hypercorn_fixes.original_h11_init
     assert H11Protocol._send_error_response is not hypercorn_fixes.original_send_error_response
+    assert H2Protocol._priority_updated is not hypercorn_fixes.original_priority_updated
+    assert H2Protocol.initiate is not hypercorn_fixes.original_initiate
     assert not sink.records
 
 
@@ -285,6 +387,8 @@ def unpatch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         H11Protocol, "_send_error_response", hypercorn_fixes.original_send_error_response
     )
+    monkeypatch.setattr(H2Protocol, "_priority_updated", hypercorn_fixes.original_priority_updated)
+    monkeypatch.setattr(H2Protocol, "initiate", hypercorn_fixes.original_initiate)
 
 
 # -- H11Protocol: the head cap, bytes after the last request, the error body -----------

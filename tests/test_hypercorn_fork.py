@@ -1,7 +1,8 @@
 """The canary of the hypercorn fork (``trio_stream/server/``, docs/design.md section 2).
 
 trio-stream copies or overrides a handful of hypercorn 0.18.0's functions
-(listed in the ``trio_stream.server`` docstring).  A copy is only right
+(listed in the ``trio_stream.server`` docstring), and one private method of
+h11 0.16.0.  A copy is only right
 against the code it was copied from, so each of them is pinned here by the
 SHA-256 of its source: any change in a new hypercorn release -- a line, a
 signature, a renamed lock -- fails this test, and the failure names the
@@ -36,6 +37,9 @@ PINNED = {
     # DirectBody writes under this method's send_lock (http/transport.py)
     "hypercorn.trio.tcp_server.TCPServer.protocol_send":
         "225856426bff7be02990c0badb90f51f801db14ac5db0f3d0c210cafbeb528ab",
+    # LightTCPServer._initiate_server_close says GOAWAY first, then calls it
+    "hypercorn.trio.tcp_server.TCPServer._initiate_server_close":
+        "7c1b548a65adc8b1b1358fdacbc860be3070fe99d5b1bdcfcde4c5c73a9cce03",
     # ... which this creates (and LightTCPServer.run reads its attributes)
     "hypercorn.trio.tcp_server.TCPServer.__init__":
         "4c1d42457bc197b22f41b54b7dd6a79e195cdc037f9cc55f50e3e4332ebf6988",
@@ -53,7 +57,7 @@ PINNED = {
         "0170ab8e4418dc0e900c10c9c2730196aecd78920db25aea967991657eed39c8",
     "hypercorn.trio.worker_context.TrioSingleTask.stop":
         "044ad384dfd2f56515809b3e0d347a6aabccd50237349b5ddc6a2fdcf5f25a19",
-    # replaced for the process by hypercorn_fixes (fixes 1 to 4)
+    # replaced for the process by hypercorn_fixes (fixes 1 to 6)
     "hypercorn.protocol.h2.StreamBuffer.pop":
         "9eb73c8833891346cbd8658fdd2ac29da8336007abab40a711db857f9c7280e6",
     "hypercorn.protocol.h2.H2Protocol._handle_events":
@@ -62,6 +66,13 @@ PINNED = {
         "c7c989fd6a352626afee9d339296d51b2db1dfa05ad75ccdc7080799d6d6a5a3",
     "hypercorn.protocol.h11.H11Protocol._send_error_response":
         "58c2b47ae295d000c65a2216fa6afd9efb1ea05363a40d5dbf427b1d2b41b4c7",
+    "hypercorn.protocol.h2.H2Protocol._priority_updated":
+        "a02ffc3670a3292e97bcfb215ac789a4a2bbc5a8f1cbf44c47e4882d19ac47da",
+    "hypercorn.protocol.h2.H2Protocol.initiate":
+        "fc365390735cd1b99fc32b01d8c3eb6e8b2a3d893a92a2793411aac71dcc6035",
+    # ServerH11Connection (hypercorn_fixes) overrides this private method of h11
+    "h11.Connection._extract_next_receive_event":
+        "c0fc7051975f7a5b661f541f55f50bfd52066bffd6a208bdf09d8c54a4184c87",
 }  # fmt: skip
 
 #: The originals of the methods hypercorn_fixes replaces (the class
@@ -73,6 +84,8 @@ ORIGINALS = {
     "hypercorn.protocol.h11.H11Protocol._send_error_response": (
         hypercorn_fixes.original_send_error_response
     ),
+    "hypercorn.protocol.h2.H2Protocol._priority_updated": hypercorn_fixes.original_priority_updated,
+    "hypercorn.protocol.h2.H2Protocol.initiate": hypercorn_fixes.original_initiate,
 }
 
 
@@ -92,8 +105,9 @@ def _resolve(dotted: str) -> Any:
 
 
 def test_the_fork_is_of_the_hypercorn_installed() -> None:
-    """The fork was written against hypercorn 0.18.0, and that is what runs."""
+    """The fork was written against hypercorn 0.18.0 and h11 0.16.0, and that is what runs."""
     assert metadata.version("hypercorn") == hypercorn_fixes.FIXED_VERSION == "0.18.0"
+    assert metadata.version("h11") == "0.16.0"
 
 
 def test_every_copied_or_overridden_hypercorn_function_is_unchanged() -> None:

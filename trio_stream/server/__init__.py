@@ -33,8 +33,16 @@ test until the copies are re-read.  What differs from hypercorn, and why:
   zero window), ``H2Protocol._handle_events`` (a ``KeyError`` that stopped
   the server), ``H11Protocol.__init__`` (each connection's h11 state machine
   caps a complete head at 16 KiB and drops what follows a connection's last
-  request) and ``H11Protocol._send_error_response`` (an error h11 refuses
-  is answered with an OpenAI error body).
+  request; it overrides h11's private ``_extract_next_receive_event``),
+  ``H11Protocol._send_error_response`` (an error h11 refuses is answered
+  with an OpenAI error body), ``H2Protocol._priority_updated`` (PRIORITY
+  frames are ignored: hypercorn put every such stream in its priority tree,
+  which refused the 1,001st with an error nothing caught) and
+  ``H2Protocol.initiate`` (an h2c connection by prior knowledge is armed with
+  the idle timer, so one that never opens a stream is closed).
+  ``LightTCPServer`` also ends only its own connection when anything in it
+  raises, and says GOAWAY before an idle close
+  (``_initiate_server_close``).
 * :mod:`.signals` and :mod:`.workers` -- serving until SIGTERM/SIGINT, and
   ``--workers N`` processes on one listening socket.
 

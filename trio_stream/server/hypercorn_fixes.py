@@ -71,6 +71,36 @@ the new version still needs a fix.
    sends it (code ``invalid_http``, ``request_header_too_large`` or
    ``unsupported_transfer_encoding``), still with ``Connection: close``.
    Tested in ``tests/test_http1_framing.py``.
+
+5. ``H2Protocol._priority_updated`` puts the stream of every PRIORITY frame
+   (and of every HEADERS frame's priority block) into its ``priority`` tree,
+   inserting streams it has never seen -- never opened, or opened, answered
+   and removed long ago -- and never takes those out again.  The tree refuses
+   its 1,001st stream with ``priority.TooManyStreamsError``, which no one
+   catches: one h2c connection sending 1,000 PRIORITY frames (or 1,000
+   ordinary requests, each followed by a PRIORITY frame for its closed
+   stream) ended the connection's task and, through trio's nursery, the whole
+   server.  RFC 9113 section 5.3.2 deprecates the PRIORITY signal and lets a
+   server ignore it, which the fixed method does: streams are sent in
+   hypercorn's default order (equal weights), and the tree holds only the
+   streams hypercorn itself inserts -- each open stream, removed when its
+   response ends -- so at most ``h2_max_concurrent_streams`` of them.  Without
+   it ``tests/test_h2_frames.py`` fails; ``tests/test_hypercorn_fixes.py``
+   fails once hypercorn's own method no longer raises.
+
+6. ``H2Protocol.initiate`` leaves the connection's idle timer stopped on an
+   h2c connection by prior knowledge: the connection starts as HTTP/1.1, whose
+   protocol stops the timer when it reads the HTTP/2 preface as a request
+   head (``Updated(idle=False)``), and hypercorn's HTTP/2 protocol re-arms it
+   only when a stream ends.  So an h2c connection that never opened a stream
+   was never closed (one that did open one is re-armed when its last stream
+   ends).  The fixed method says ``Updated(idle=True)`` after hypercorn's own
+   ``initiate`` when the connection has no stream yet (an ``Upgrade: h2c``
+   connection has stream 1, whose end re-arms it; over TLS the server arms
+   the timer itself right after, which replaces this one).  Without it
+   ``tests/test_h2_frames.py`` (idle h2c) fails;
+   ``tests/test_hypercorn_fixes.py`` fails once hypercorn's own ``initiate``
+   arms the timer.
 """
 
 from __future__ import annotations
@@ -81,6 +111,7 @@ from typing import Any
 import h2.connection
 import h2.events
 import h11
+from hypercorn.events import Updated
 from hypercorn.protocol import h2 as _h2
 from hypercorn.protocol import h11 as _h11
 
@@ -95,6 +126,12 @@ original_pop = _h2.StreamBuffer.pop
 
 #: hypercorn's own ``H2Protocol._handle_events``, as imported (before any patch).
 original_handle_events = _h2.H2Protocol._handle_events
+
+#: hypercorn's own ``H2Protocol._priority_updated``, as imported (before any patch).
+original_priority_updated = _h2.H2Protocol._priority_updated
+
+#: hypercorn's own ``H2Protocol.initiate``, as imported (before any patch).
+original_initiate = _h2.H2Protocol.initiate
 
 #: The h2 events that carry the rest of a request: its body, its end, its
 #: trailers.  They may come after hypercorn has answered and forgotten it.
@@ -208,6 +245,26 @@ async def _send_error_response(self: Any, status_code: int) -> None:
     await self._send_h11_event(h11.EndOfMessage())
 
 
+async def _priority_updated(self: Any, event: h2.events.PriorityUpdated) -> None:
+    """``H2Protocol._priority_updated``, ignoring PRIORITY (RFC 9113 section 5.3.2).
+
+    Not a checkpoint, as hypercorn's own is not: it changes nothing.
+    """
+
+
+async def _initiate(
+    self: Any, headers: list[tuple[bytes, bytes]] | None = None, settings: bytes | None = None
+) -> None:
+    """``H2Protocol.initiate``, then the idle timer armed if no stream is open.
+
+    Cancellation: as hypercorn's ``initiate``, then as the server's handling
+    of ``Updated`` (a ``Cancelled`` there leaves the timer stopped).
+    """
+    await original_initiate(self, headers, settings)
+    if not self.streams:
+        await self.send(Updated(idle=True))
+
+
 #: Every fix: its name (as logged), the class it patches, the method, the fixed method.
 FIXES: tuple[tuple[str, type, str, Any], ...] = (
     ("StreamBuffer.pop", _h2.StreamBuffer, "pop", _pop),
@@ -215,6 +272,8 @@ FIXES: tuple[tuple[str, type, str, Any], ...] = (
     ("H11Protocol.__init__", _h11.H11Protocol, "__init__", _h11_init),
     ("H11Protocol._send_error_response", _h11.H11Protocol, "_send_error_response",
      _send_error_response),
+    ("H2Protocol._priority_updated", _h2.H2Protocol, "_priority_updated", _priority_updated),
+    ("H2Protocol.initiate", _h2.H2Protocol, "initiate", _initiate),
 )  # fmt: skip
 
 

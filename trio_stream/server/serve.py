@@ -192,7 +192,11 @@ async def serve_service(
     listeners = await open_listeners(settings, config, guard, sockets)
     context = WorkerContext(None)
     asgi = ServerApp(app)  # like hypercorn's ASGIWrapper, without its coroutine frame
-    handler = partial(Connection, asgi, config, context, ConnectionState({}))
+
+    class Logged(Connection):  # built by hypercorn's handler: the logger is the class's
+        logger = service.logger  # for connection_crashed (LightTCPServer._crashed)
+
+    handler = partial(Logged, asgi, config, context, ConnectionState({}))
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as accepting:
             accept = trio.CancelScope()  # its own scope: _drain runs in this nursery's body
