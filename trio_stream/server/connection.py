@@ -205,14 +205,14 @@ class IdleTimer:
     hypercorn restarts the timer when a response ends (``Updated(idle=True)``
     from the protocol) -- from inside the app's last ``send()``, right after
     it delivered ``http.disconnect`` to the app's ``receive()``.  The app's
-    disconnect watcher (ours in :mod:`~trio_stream.stream`, quart-trio's for
+    disconnect watcher (ours in :mod:`~trio_stream.http.stream`, quart-trio's for
     every JSON route) wakes on it and cancels its nursery, which holds the
     very task that is restarting the timer.  ``TrioSingleTask.restart`` takes
     a lock and awaits ``nursery.start``: checkpoints, where that ``Cancelled``
     lands.  The old timer was stopped when the request's head arrived, so no
     timer ran any more, and an idle keep-alive connection stayed open for
     ever (HTTP/1.1 and TLS; on HTTP/2 a stream's end restarts it the same
-    way).  The same family as the close that ``server.Connection._close``
+    way).  The same family as the close that ``server.serve.Connection._close``
     shields.
 
     Here both are synchronous underneath (cancel a scope; ``start_soon`` a

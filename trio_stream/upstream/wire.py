@@ -9,7 +9,7 @@ Both map to the same items: content strings, :class:`ToolDelta`, one
 :class:`Finish`, and the upstream's :class:`Usage` where it reports one (a
 malformed usage is dropped: it is advisory).  Anything else malformed raises
 :class:`UpstreamError` -- also a delta nested too deep to be encoded again
-(:data:`~trio_stream.protocol.MAX_DEPTH`), which would otherwise crash the
+(:data:`~trio_stream.wire.request.MAX_DEPTH`), which would otherwise crash the
 writer that relays it (a text delta is never re-encoded as JSON, so only
 the other deltas are checked, and only when their chunk is long enough to be
 that deep: a text token costs nothing more).
