@@ -22,7 +22,7 @@ import orjson
 import trio
 
 from trio_stream import TrioStreamApp
-from trio_stream.sse import SSEDecoder, SSEEvent
+from trio_stream.wire.sse import SSEDecoder, SSEEvent
 
 
 @dataclass

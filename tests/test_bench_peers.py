@@ -21,9 +21,9 @@ import orjson
 import pytest
 import trio
 
-from trio_stream import mocktext
-from trio_stream.chunks import ChunkEncoder
-from trio_stream.sse import SSEDecoder
+from trio_stream.upstream import mocktext
+from trio_stream.wire.chunks import ChunkEncoder
+from trio_stream.wire.sse import SSEDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_DIR = ROOT / "tools" / "peers"

@@ -32,11 +32,11 @@ from quart import request
 from tests.conftest import RawClient, memory_app, running_server, tasks_living
 from tests.memasgi import MemoryClient
 from trio_stream import Settings, TrioStreamApp
-from trio_stream.endpoints import read_request
 from trio_stream.errors import ApiError
+from trio_stream.http.common import read_request
 from trio_stream.load.h2 import H2Connection, H2Stream, open_h2_connection
-from trio_stream.server import hypercorn_config
-from trio_stream.sse import SSEDecoder
+from trio_stream.server.serve import hypercorn_config
+from trio_stream.wire.sse import SSEDecoder
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "slow body"}]

@@ -2,7 +2,7 @@
 that randomly fails, stalls, drops and lies.
 
 The server is a real in-process server on 127.0.0.1; its upstream is a real
-:class:`~tests.fakes.FakeUpstream` whose reply to each request is drawn from a
+:class:`~tools.fakes.FakeUpstream` whose reply to each request is drawn from a
 random generator seeded with the request's messages, so every request meets
 the same fate however the requests interleave.  Each reply streams the mock's
 text (so the load generator can check every token it receives) and then,
@@ -36,9 +36,10 @@ import orjson
 import trio
 
 from tests.conftest import RecordingStore, running_server, tasks_living
-from tests.fakes import FakeUpstream, Plan, Step, openai_chunk
-from trio_stream import Settings, mocktext
+from tools.fakes import FakeUpstream, Plan, Step, openai_chunk
+from trio_stream import Settings
 from trio_stream.load import LoadConfig, run_load
+from trio_stream.upstream import mocktext
 
 SEED = 20261
 REQUESTS = 300

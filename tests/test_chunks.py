@@ -1,4 +1,4 @@
-"""Plain synchronous tests of OpenAI chunk encoding (trio_stream/chunks.py)."""
+"""Plain synchronous tests of OpenAI chunk encoding (trio_stream/wire/chunks.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any
 import orjson
 import pytest
 
-from trio_stream.chunks import ChunkEncoder, cancel_error
+from trio_stream.core.log import Entry, Outcome, RunLog, RunStatus, ToolDelta
 from trio_stream.errors import INTERNAL_MESSAGE
-from trio_stream.runlog import Entry, Outcome, RunLog, RunStatus, ToolDelta
-from trio_stream.sse import SSEDecoder, SSEEvent
+from trio_stream.wire.chunks import ChunkEncoder, cancel_error
+from trio_stream.wire.sse import SSEDecoder, SSEEvent
 
 CID = "chatcmpl-abc"
 MODEL = 'm "quoted"'
@@ -218,7 +218,7 @@ def completed_log(entries: Sequence[Entry], reason: str = "stop") -> RunLog:
     log = RunLog()
     for entry in entries:
         log.append(entry)
-    log.finish(Outcome(RunStatus.COMPLETED, reason))
+    log.end(Outcome(RunStatus.COMPLETED, reason))
     return log
 
 

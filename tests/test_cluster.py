@@ -30,9 +30,9 @@ import orjson
 import trio
 
 from tests.conftest import ServeProcess, serve_process
-from tests.fakes import Connection, FakeUpstream, Plan, Step, token_plan
 from tests.redis_server import RedisServer
-from trio_stream.sse import SSEDecoder, SSEEvent
+from tools.fakes import Connection, FakeUpstream, Plan, Step, token_plan
+from trio_stream.wire.sse import SSEDecoder, SSEEvent
 
 CHAT = "/v1/chat/completions"
 STARTUP = 20.0  # seconds for the nodes of a test to be listening (2 cores, cold imports)

@@ -1,7 +1,7 @@
 """``--workers 2`` + Redis under load: one run per session, nothing lost.
 
 Two worker processes share one port and one Redis; the upstream is a real
-HTTP fake (tests/fakes.py) answering with the mock's deterministic text, so
+HTTP fake (tools/fakes.py) answering with the mock's deterministic text, so
 every token can be checked and every upstream request timed.  Two kinds of
 traffic run at once:
 
@@ -31,9 +31,9 @@ import orjson
 import trio
 
 from tests.conftest import serve_process
-from tests.fakes import Exchange, FakeUpstream, mock_plan
 from tests.redis_server import RedisServer
-from trio_stream import mocktext
+from tools.fakes import Exchange, FakeUpstream, mock_plan
+from trio_stream.upstream import mocktext
 
 SESSIONS = 8
 REQUESTS_PER_SESSION = 5

@@ -9,7 +9,7 @@ open hangs them for ever.
 
 hypercorn closes such a connection from inside the app's final ``send()``,
 after delivering ``http.disconnect``; the app's disconnect watcher used to
-cancel that close halfway (see ``trio_stream.server.Connection``).  So every
+cancel that close halfway (see ``trio_stream.server.serve.Connection``).  So every
 route is tested here, streaming or not, success or error, because each has its
 own watcher (ours, or quart-trio's) and its own last ``send()``.
 
@@ -36,10 +36,10 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
 from tests.conftest import Server, loopback_client, running_server, waitable_server
-from tests.fakes import FakeUpstream, Plan, Step, openai_chunk
+from tools.fakes import FakeUpstream, Plan, Step, openai_chunk
 from trio_stream import Settings
-from trio_stream import server as server_mod
-from trio_stream.sse import SSEDecoder, SSEEvent
+from trio_stream.server import serve as server_mod
+from trio_stream.wire.sse import SSEDecoder, SSEEvent
 
 CHAT = "/v1/chat/completions"
 #: How long after a response's last byte its EOF may come.  The real figure is

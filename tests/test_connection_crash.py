@@ -29,9 +29,11 @@ from hypercorn.protocol.http_stream import HTTPStream
 
 from tests.conftest import RawClient, Server, running_server, tasks_living
 from tests.test_h2_frames import Peer
-from trio_stream import Settings, hypercorn_fixes, mocktext
+from trio_stream import Settings
 from trio_stream.load.h2 import open_h2_connection
-from trio_stream.sse import SSEDecoder
+from trio_stream.server import hypercorn_fixes
+from trio_stream.upstream import mocktext
+from trio_stream.wire.sse import SSEDecoder
 
 CHAT = "/v1/chat/completions"
 BOUND = 10.0  # seconds for one whole exchange (real time)

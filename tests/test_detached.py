@@ -7,7 +7,7 @@ one run, at once, even while its upstream hangs between chunks.
 
 Virtual-time tests use the in-memory driver with ``autojump_clock``; the
 connection-level claims (the upstream connection closes) use a real server and
-a real :class:`~tests.fakes.FakeUpstream`.
+a real :class:`~tools.fakes.FakeUpstream`.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ import trio
 import trio.testing
 
 from tests.conftest import RecordingStore, memory_app, running_server, tasks_living, until_seq
-from tests.fakes import FakeUpstream, Plan, token_plan
 from tests.memasgi import MemoryClient, start_request
-from trio_stream import Settings, mocktext
+from tools.fakes import FakeUpstream, Plan, token_plan
+from trio_stream import Settings
+from trio_stream.http.service import Service
 from trio_stream.runs import Run
-from trio_stream.service import Service
-from trio_stream.sse import SSEDecoder, SSEEvent
+from trio_stream.upstream import mocktext
+from trio_stream.wire.sse import SSEDecoder, SSEEvent
 
 MESSAGES = [{"role": "user", "content": "keep going"}]
 OTHER = [{"role": "user", "content": "the other one"}]

@@ -22,9 +22,18 @@ import trio
 import trio.testing
 
 from tests.conftest import running_server
-from trio_stream import Settings, mocktext, sse
-from trio_stream import transport as transport_mod
-from trio_stream.transport import LINK, DirectBody, GuardedStream, Link, TransportGuard, direct_body
+from trio_stream import Settings
+from trio_stream.http import transport as transport_mod
+from trio_stream.http.transport import (
+    LINK,
+    DirectBody,
+    GuardedStream,
+    Link,
+    TransportGuard,
+    direct_body,
+)
+from trio_stream.upstream import mocktext
+from trio_stream.wire import sse
 
 PROMPT = [{"role": "user", "content": "direct body"}]
 

@@ -21,13 +21,14 @@ import trio.testing
 
 from tests.conftest import RecordingUpstream, memory_app, tasks_living
 from tests.memasgi import MemoryClient, start_request
-from trio_stream import Settings, mocktext
+from trio_stream import Settings
 from trio_stream.errors import ConfigError
-from trio_stream.protocol import ChatRequest
+from trio_stream.http.service import Service
 from trio_stream.runs import Run
-from trio_stream.service import Service
-from trio_stream.sse import SSEDecoder, SSEEvent
+from trio_stream.upstream import mocktext
 from trio_stream.upstream.mock import MockUpstream
+from trio_stream.wire.request import ChatRequest
+from trio_stream.wire.sse import SSEDecoder, SSEEvent
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hold my tokens"}]

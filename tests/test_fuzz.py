@@ -17,15 +17,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trio_stream import mocktext, sse
-from trio_stream.chunks import ChunkEncoder
+from trio_stream.core.log import Entry, RunLog, ToolDelta
 from trio_stream.errors import ApiError, UpstreamError
-from trio_stream.protocol import ChatRequest, parse_chat_request
-from trio_stream.runlog import Entry, RunLog, ToolDelta
-from trio_stream.sse import LineDecoder, SSEDecoder, SSEEvent
-from trio_stream.upstream import Finish, Item
+from trio_stream.upstream import Finish, Item, mocktext
 from trio_stream.upstream.wire import ollama_items, openai_items
-from trio_stream.usage import Usage
+from trio_stream.wire import sse
+from trio_stream.wire.chunks import ChunkEncoder
+from trio_stream.wire.request import ChatRequest, parse_chat_request
+from trio_stream.wire.sse import LineDecoder, SSEDecoder, SSEEvent
+from trio_stream.wire.usage import Usage
 
 FUZZ = settings(
     max_examples=100,

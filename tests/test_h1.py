@@ -1,6 +1,6 @@
 """The upstream's own HTTP/1.1 client (trio_stream/upstream/h1.py) against real servers.
 
-Two kinds of server on 127.0.0.1: :class:`~tests.fakes.FakeUpstream` (OpenAI
+Two kinds of server on 127.0.0.1: :class:`~tools.fakes.FakeUpstream` (OpenAI
 SSE, chunked, notices a client close at once) and :class:`RawServer` below,
 whose answers are raw bytes written by each test, so that it can send
 ``Content-Length`` or read-to-EOF bodies, close a kept-alive connection when
@@ -21,10 +21,10 @@ import pytest
 import trio
 import trustme
 
-from tests.fakes import FakeUpstream, Plan, Step, openai_chunk, token_plan
+from tools.fakes import FakeUpstream, Plan, Step, openai_chunk, token_plan
 from trio_stream.errors import UpstreamError
-from trio_stream.sse import SSEDataDecoder
 from trio_stream.upstream.h1 import ERROR_SNIPPET, MAX_IDLE, Pool, Response
+from trio_stream.wire.sse import SSEDataDecoder
 
 BODY = b'{"model":"m","messages":[],"stream":true}'
 SSE_BODY = (

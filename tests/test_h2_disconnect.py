@@ -40,7 +40,7 @@ from hypercorn.typing import ConnectionState
 
 from tests.conftest import running_server, tasks_living
 from trio_stream import Settings
-from trio_stream.connection import AppInbox, LightTaskGroup
+from trio_stream.server.connection import AppInbox, LightTaskGroup
 
 CHAT = "/v1/chat/completions"
 CONNECTIONS = 5

@@ -41,10 +41,11 @@ from hyperframe.frame import (
 )
 
 from tests.conftest import running_server, tasks_living
-from trio_stream import Settings, mocktext
+from trio_stream import Settings
 from trio_stream.load.h2 import open_h2_connection
-from trio_stream.sse import SSEDecoder
 from trio_stream.store import open_store
+from trio_stream.upstream import mocktext
+from trio_stream.wire.sse import SSEDecoder
 
 BULK = 1000  # frames of one type on one connection
 EXCHANGE_BOUND = 10.0  # seconds for one connection's flood and its answers (real time)

@@ -30,7 +30,7 @@ import trio.testing
 
 from tests.conftest import Server, running_server, tasks_living
 from trio_stream import Settings
-from trio_stream.server import hypercorn_config
+from trio_stream.server.serve import hypercorn_config
 
 CHAT = "/v1/chat/completions"
 #: The bound on one exchange (request sent -> EOF); the real figure is milliseconds.

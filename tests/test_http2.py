@@ -21,10 +21,11 @@ import trio.testing
 import trustme
 
 from tests.conftest import Server, running_server, tasks_living
-from tests.fakes import FakeUpstream, mock_plan
-from trio_stream import Settings, mocktext
+from tools.fakes import FakeUpstream, mock_plan
+from trio_stream import Settings
 from trio_stream.load.h2 import H2Connection, H2Stream, open_h2_connection
-from trio_stream.sse import SSEDecoder
+from trio_stream.upstream import mocktext
+from trio_stream.wire.sse import SSEDecoder
 
 CHAT = "/v1/chat/completions"
 JSON_HEADERS = [("content-type", "application/json")]

@@ -1,4 +1,4 @@
-"""trio_stream.hypercorn_fixes: process-wide patches, applied only where they belong.
+"""trio_stream.server.hypercorn_fixes: process-wide patches, applied only where they belong.
 
 Each patch replaces a private method of hypercorn, so it is applied only to
 the release it was written for.  For each, a canary drives hypercorn's *own*
@@ -37,7 +37,8 @@ from hypercorn.trio.worker_context import EventWrapper, WorkerContext
 from hypercorn.typing import ConnectionState
 from priority.priority import TooManyStreamsError
 
-from trio_stream import EventLogger, RecordingSink, hypercorn_fixes
+from trio_stream import EventLogger, RecordingSink
+from trio_stream.server import hypercorn_fixes
 
 #: The Content-Length of a body sent late: 1 byte, the answer, then the rest.
 DECLARED = 60_000
@@ -71,7 +72,7 @@ async def test_canary_hypercorn_pop_still_resumes_a_writer_on_a_zero_byte_pop() 
             await trio.testing.wait_all_tasks_blocked()
             assert pushed.is_set(), (
                 "hypercorn's StreamBuffer.pop no longer resumes the writer on a 0-byte pop: "
-                "trio_stream.hypercorn_fixes may be unneeded"
+                "trio_stream.server.hypercorn_fixes may be unneeded"
             )
             nursery.cancel_scope.cancel()
     assert len(buffer.buffer) == BUFFER_HIGH_WATER  # resumed, yet nothing drained

@@ -24,11 +24,12 @@ import trio.testing
 from hypercorn.trio.tcp_server import TCPServer
 
 from tests.conftest import RawClient, running_server, tasks_living
-from trio_stream import Settings, hypercorn_fixes
-from trio_stream.asgi import ServerApp
-from trio_stream.connection import AppInbox
+from trio_stream import Settings
+from trio_stream.http.service import _StreamSlot
 from trio_stream.runs import Done, Run
-from trio_stream.service import _StreamSlot
+from trio_stream.server import hypercorn_fixes
+from trio_stream.server.asgi import ServerApp
+from trio_stream.server.connection import AppInbox
 from trio_stream.upstream.mock import _Sleeper
 
 CHAT = "/v1/chat/completions"

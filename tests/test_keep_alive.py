@@ -34,11 +34,11 @@ from hypercorn.trio.worker_context import TrioSingleTask
 
 from tests.conftest import running_server, tasks_living
 from trio_stream import Settings
-from trio_stream import transport as transport_mod
-from trio_stream.connection import IdleTimer
-from trio_stream.server import hypercorn_config
+from trio_stream.http import transport as transport_mod
+from trio_stream.http.transport import DirectBody
+from trio_stream.server.connection import IdleTimer
+from trio_stream.server.serve import hypercorn_config
 from trio_stream.store import open_store
-from trio_stream.transport import DirectBody
 
 CHAT = "/v1/chat/completions"
 PROMPT = [{"role": "user", "content": "keep alive"}]

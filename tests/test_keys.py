@@ -38,12 +38,12 @@ from trio_stream import (
     EventLogger,
     RecordingSink,
     Settings,
-    mocktext,
     open_service,
     serve_service,
 )
-from trio_stream.runlog import RunStatus
-from trio_stream.service import Auth, Service
+from trio_stream.core.log import RunStatus
+from trio_stream.http.service import Auth, Service
+from trio_stream.upstream import mocktext
 
 KEY_A = "sk-alpha-5c0ffee-7d1e4b9a"
 KEY_B = "sk-bravo-0badf00d-93a2c6e1"

@@ -1,11 +1,11 @@
-"""The pure decision of how a run ends (trio_stream.lifecycle), case by case."""
+"""The pure decision of how a run ends (trio_stream.core.lifecycle), case by case."""
 
 from __future__ import annotations
 
 import pytest
 
-from trio_stream.lifecycle import ending
-from trio_stream.runlog import Outcome, RunStatus
+from trio_stream.core.lifecycle import ending
+from trio_stream.core.log import Outcome, RunStatus
 
 DONE = Outcome(RunStatus.COMPLETED, "stop")
 SUPERSEDED = Outcome(RunStatus.CANCELLED, "superseded")

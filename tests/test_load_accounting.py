@@ -2,7 +2,7 @@
 
 ``trio_stream/load/accounting.py`` (replies, outcomes, integrity, the report)
 and ``trio_stream/load/plan.py`` (config, scenario plan, budget).  SSE bodies
-are produced by the server's own encoder (``trio_stream/chunks.py``), so the
+are produced by the server's own encoder (``trio_stream/wire/chunks.py``), so the
 parser is checked against exactly what the server sends, coalesced or not.
 """
 
@@ -17,11 +17,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
-from trio_stream import mocktext, sse
-from trio_stream.chunks import ChunkEncoder
+from trio_stream.core.log import Outcome as RunOutcome
+from trio_stream.core.log import RunStatus
 from trio_stream.load.accounting import (
     Integrity,
-    Outcome,
     Reply,
     RequestRecord,
     ServerFigures,
@@ -33,6 +32,9 @@ from trio_stream.load.accounting import (
     parse_metrics,
     percentile,
 )
+from trio_stream.load.accounting import (
+    RequestOutcome as Outcome,
+)
 from trio_stream.load.display import report_table
 from trio_stream.load.plan import (
     DEFAULT_REQUESTS,
@@ -43,8 +45,9 @@ from trio_stream.load.plan import (
     messages_for,
     plan_unit,
 )
-from trio_stream.runlog import Outcome as RunOutcome
-from trio_stream.runlog import RunStatus
+from trio_stream.upstream import mocktext
+from trio_stream.wire import sse
+from trio_stream.wire.chunks import ChunkEncoder
 
 CONFIG = LoadConfig(max_tokens=40, seed=7)
 MESSAGES = messages_for(CONFIG, 3)

@@ -19,7 +19,7 @@ import trio
 from click.testing import CliRunner
 
 from tests.conftest import Server, running_server, tasks_living
-from tests.fakes import FakeUpstream
+from tools.fakes import FakeUpstream
 from trio_stream import Settings
 from trio_stream.load import LoadConfig, run_load
 from trio_stream.load.cli import load

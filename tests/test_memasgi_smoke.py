@@ -7,7 +7,8 @@ import trio.testing
 
 from tests.conftest import memory_app
 from tests.memasgi import start_request
-from trio_stream import Settings, mocktext
+from trio_stream import Settings
+from trio_stream.upstream import mocktext
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

@@ -1,10 +1,10 @@
-"""Plain synchronous tests of the mock upstream's text (trio_stream/mocktext.py)."""
+"""Plain synchronous tests of the mock upstream's text (trio_stream/upstream/mocktext.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from trio_stream import mocktext
+from trio_stream.upstream import mocktext
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 

@@ -24,8 +24,9 @@ import trio
 import trio.testing
 
 from tests.conftest import Server, loopback_client, running_server
-from tests.fakes import FakeUpstream, Plan, Step, openai_chunk
-from trio_stream import Settings, mocktext
+from tools.fakes import FakeUpstream, Plan, Step, openai_chunk
+from trio_stream import Settings
+from trio_stream.upstream import mocktext
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hello sdk"}]
 

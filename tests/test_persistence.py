@@ -22,12 +22,13 @@ import trio
 import trio.testing
 
 from tests.conftest import RecordingStore, memory_app, running_server, until_seq
-from tests.fakes import FakeUpstream, Plan, Step, openai_chunk
 from tests.memasgi import start_request
-from trio_stream import Settings, mocktext
+from tools.fakes import FakeUpstream, Plan, Step, openai_chunk
+from trio_stream import Settings
+from trio_stream.http.service import Service
 from trio_stream.runs import Run
-from trio_stream.service import Service
 from trio_stream.store import Message, SQLiteStore
+from trio_stream.upstream import mocktext
 
 MESSAGES = [{"role": "user", "content": "save me"}]
 

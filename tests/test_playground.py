@@ -2,7 +2,7 @@
 
 Each test serves trio-stream in process over TLS (a ``trustme`` certificate,
 so Chromium speaks h2 by ALPN) with an ``openai`` upstream that is a
-:class:`~tests.fakes.FakeUpstream`, whose connection log shows when the
+:class:`~tools.fakes.FakeUpstream`, whose connection log shows when the
 upstream request really closed.  One headless Chromium (Debian's
 ``chromium`` + ``chromium-driver``, ``make services``) serves the module; it
 trusts exactly the test certificate's key (``--ignore-certificate-errors-spki-list``).
@@ -40,8 +40,9 @@ from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.common.by import By
 
 from tests.conftest import Server, running_server
-from tests.fakes import FakeUpstream, Plan, Step, mock_plan, openai_chunk, token_plan
-from trio_stream import Settings, mocktext
+from tools.fakes import FakeUpstream, Plan, Step, mock_plan, openai_chunk, token_plan
+from trio_stream import Settings
+from trio_stream.upstream import mocktext
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "playground"
 KEY = "k-playground"

@@ -20,8 +20,9 @@ import trio
 
 from tests.conftest import Server, until_seq, waitable_server
 from tests.postgres_server import PostgresServer
-from trio_stream import Settings, mocktext
-from trio_stream.pgstore import PostgresStore
+from trio_stream import Settings
+from trio_stream.store.postgres import PostgresStore
+from trio_stream.upstream import mocktext
 
 
 def chat(content: str, *, max_tokens: int, detach: bool = False) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Plain synchronous tests of request parsing and validation (trio_stream/protocol.py)."""
+"""Plain synchronous tests of request parsing and validation (trio_stream/wire/request.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import orjson
 import pytest
 
 from trio_stream.errors import ApiError
-from trio_stream.protocol import (
+from trio_stream.wire.request import (
     MAX_DEPTH,
     nested_too_deep,
     parse_chat_request,
     parse_session_id,
 )
-from trio_stream.responses_wire import parse_responses_request
+from trio_stream.wire.responses import parse_responses_request
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -325,7 +325,7 @@ def test_short_bodies_are_never_walked(monkeypatch: pytest.MonkeyPatch) -> None:
     """A body of at most 2 * MAX_DEPTH bytes cannot nest past the limit (each
     level takes two bytes), so it is not checked at all: the limit costs a
     typical request one ``len``.  A longer one is checked."""
-    from trio_stream import protocol
+    from trio_stream.wire import request as protocol
 
     calls: list[object] = []
 

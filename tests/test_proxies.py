@@ -8,7 +8,7 @@ The fake upstream (OpenAI wire format) runs in the test process and records
 when each upstream connection closes, so "the client left, so the upstream
 request ended" is observed where it matters.
 
-Two configurations of each proxy (see :mod:`tests.proxies`):
+Two configurations of each proxy (see :mod:`tools.proxies`):
 
 * **defaults** plus one ``proxy_pass`` line, over plain HTTP/1.1.  nginx's
   defaults speak HTTP/1.0 and ``Connection: close`` to trio-stream and buffer
@@ -37,8 +37,8 @@ import pytest
 import trio
 
 from tests.conftest import RawClient
-from tests.fakes import Plan, mock_plan, token_plan
-from tests.proxies import (
+from tools.fakes import Plan, mock_plan, token_plan
+from tools.proxies import (
     PROXIES,
     Stack,
     Timeline,
@@ -51,9 +51,9 @@ from tests.proxies import (
     upstream_request,
     wait_upstream_closed,
 )
-from trio_stream import mocktext
 from trio_stream.load.h2 import open_h2_connection
-from trio_stream.sse import SSEDecoder
+from trio_stream.upstream import mocktext
+from trio_stream.wire.sse import SSEDecoder
 
 CHAT = "/v1/chat/completions"
 GAP = 0.1  # seconds between two upstream tokens

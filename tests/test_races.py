@@ -25,9 +25,10 @@ import trio.testing
 
 from tests.conftest import RecordingStore, tasks_living
 from tests.memasgi import MemoryClient, start_request
-from trio_stream import EventLogger, Service, Settings, TrioStreamApp, mocktext, open_service
+from trio_stream import EventLogger, Service, Settings, TrioStreamApp, open_service
 from trio_stream.logs import Record
 from trio_stream.runs import Run
+from trio_stream.upstream import mocktext
 
 SEED = 20261104
 CHAINS = 40  # concurrent "users"; each sends RUNS_PER_CHAIN requests

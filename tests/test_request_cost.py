@@ -13,11 +13,11 @@ import orjson
 from trio_stream.config import Settings
 from trio_stream.logs import EventLogger, RecordingSink
 from trio_stream.metrics import Metrics
-from trio_stream.protocol import parse_chat_request
-from trio_stream.runs import Run, RunManager
-from trio_stream.shared import LocalState
+from trio_stream.runs import RunManager
+from trio_stream.shared import LocalState, RunView
 from trio_stream.store import open_store
 from trio_stream.upstream.mock import MockUpstream
+from trio_stream.wire.request import parse_chat_request
 
 BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True,
                      "max_tokens": 3})  # fmt: skip
@@ -30,7 +30,7 @@ class Listening(LocalState):
         super().__init__()
         self.finished_runs: list[str] = []
 
-    async def finished(self, run: Run) -> None:
+    async def finished(self, run: RunView) -> None:
         self.finished_runs.append(run.id)
 
 

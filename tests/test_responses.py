@@ -28,11 +28,12 @@ from tests.conftest import (
     tasks_living,
     waitable_server,
 )
-from tests.fakes import FakeUpstream, mock_plan, token_plan
 from tests.test_openai_sdk import sdk
-from trio_stream import Settings, mocktext
-from trio_stream.service import PUBLIC_TENANT
-from trio_stream.sse import SSEDecoder, SSEEvent
+from tools.fakes import FakeUpstream, mock_plan, token_plan
+from trio_stream import Settings
+from trio_stream.http.service import PUBLIC_TENANT
+from trio_stream.upstream import mocktext
+from trio_stream.wire.sse import SSEDecoder, SSEEvent
 
 PROMPT = "tell me a story"
 MESSAGES = [{"role": "user", "content": PROMPT}]

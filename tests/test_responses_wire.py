@@ -1,4 +1,4 @@
-"""The Responses API's pure seam (:mod:`trio_stream.responses_wire`):
+"""The Responses API's pure seam (:mod:`trio_stream.wire.responses`):
 request translation, event rendering and sequence numbers, the object.
 Synchronous: no trio, no server."""
 
@@ -11,8 +11,9 @@ import pydantic
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 
+from trio_stream.core.log import Outcome, RunStatus, ToolDelta
 from trio_stream.errors import ApiError
-from trio_stream.responses_wire import (
+from trio_stream.wire.responses import (
     PREAMBLE,
     ResponseEvents,
     ResponseMeta,
@@ -21,8 +22,7 @@ from trio_stream.responses_wire import (
     parse_responses_request,
     response_object,
 )
-from trio_stream.runlog import Outcome, RunStatus, ToolDelta
-from trio_stream.sse import SSEDecoder
+from trio_stream.wire.sse import SSEDecoder
 
 EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
 META = ResponseMeta("m", "be brief", 10, background=True)

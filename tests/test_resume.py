@@ -20,10 +20,11 @@ import trio.testing
 
 from tests.conftest import memory_app, running_server, until_seq
 from tests.memasgi import MemoryClient, start_request
-from trio_stream import Settings, mocktext
+from trio_stream import Settings
+from trio_stream.http.service import Service
 from trio_stream.runs import Run
-from trio_stream.service import Service
-from trio_stream.sse import SSEDecoder, SSEEvent
+from trio_stream.upstream import mocktext
+from trio_stream.wire.sse import SSEDecoder, SSEEvent
 
 MESSAGES = [{"role": "user", "content": "resume me"}]
 TOKENS = 40

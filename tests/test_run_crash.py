@@ -32,11 +32,11 @@ import trio
 
 from tests.conftest import Server, running_server, tasks_living
 from trio_stream import Settings
-from trio_stream.protocol import ChatRequest
-from trio_stream.service import PUBLIC_TENANT
-from trio_stream.sse import SSEDecoder
+from trio_stream.http.service import PUBLIC_TENANT
 from trio_stream.upstream import Item
 from trio_stream.upstream.mock import MockUpstream
+from trio_stream.wire.request import ChatRequest
+from trio_stream.wire.sse import SSEDecoder
 
 CHAT = "/v1/chat/completions"
 MIDWAY = 3  # tokens the "mid-stream" crash lets through

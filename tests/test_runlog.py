@@ -1,4 +1,4 @@
-"""Plain synchronous tests of the run log and its state machine (trio_stream/runlog.py)."""
+"""Plain synchronous tests of the run log and its state machine (trio_stream/core/log.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from trio_stream.runlog import (
-    SAVED_STATUS,
+from trio_stream.core.lifecycle import SAVED_STATUS
+from trio_stream.core.log import (
     Entry,
     IllegalTransition,
     LogClosed,
@@ -30,7 +30,7 @@ def log_in(status: RunStatus) -> RunLog:
     log = RunLog()
     log.append("x")
     if status is not RunStatus.RUNNING:
-        log.finish(Outcome(status, REASONS[status]))
+        log.end(Outcome(status, REASONS[status]))
     return log
 
 
@@ -53,7 +53,7 @@ def test_legal_moves(move: tuple[RunStatus, RunStatus]) -> None:
     """Rule 1: RUNNING moves to each terminal state, keeping the outcome."""
     source, target = move
     log = log_in(source)
-    log.finish(outcome(target))
+    log.end(outcome(target))
     assert log.status is target
     assert log.outcome == outcome(target)
 
@@ -67,7 +67,7 @@ def test_illegal_moves_raise_and_change_nothing(move: tuple[RunStatus, RunStatus
     log = log_in(source)
     before = log.outcome
     with pytest.raises(IllegalTransition, match=f"{source.value} -> {target.value}"):
-        log.finish(outcome(target))
+        log.end(outcome(target))
     assert log.outcome == before
     assert log.status is source
 
@@ -102,7 +102,7 @@ def test_append_after_fence_raises_but_finish_is_still_allowed() -> None:
     with pytest.raises(LogClosed):
         log.append("late")
     assert log.last_seq == 1
-    log.finish(outcome(RunStatus.CANCELLED))
+    log.end(outcome(RunStatus.CANCELLED))
     assert log.status is RunStatus.CANCELLED
 
 

@@ -41,10 +41,11 @@ from tests.conftest import (
     tasks_living,
 )
 from tests.memasgi import MemoryClient, start_request
-from trio_stream import Service, Settings, TrioStreamApp, mocktext
-from trio_stream.protocol import ChatRequest
+from trio_stream import Service, Settings, TrioStreamApp
 from trio_stream.store import Message
+from trio_stream.upstream import mocktext
 from trio_stream.upstream.mock import MockUpstream
+from trio_stream.wire.request import ChatRequest
 
 SEED = 20261103
 STEPS = 1000

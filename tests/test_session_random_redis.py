@@ -25,11 +25,12 @@ import trio.testing
 from tests import test_session_random as walk
 from tests.conftest import RecordingUpstream, SlowStore, memory_app, tasks_living
 from tests.redis_server import RedisServer
-from trio_stream import Settings, mocktext
-from trio_stream.protocol import ChatRequest
+from trio_stream import Settings
 from trio_stream.shared.redis import RedisState
 from trio_stream.store import Message
+from trio_stream.upstream import mocktext
 from trio_stream.upstream.mock import MockUpstream
+from trio_stream.wire.request import ChatRequest
 
 STEPS = 300
 SCALE = 0.1  # of the in-memory walk's delays, with --supersede-timeout 2.0 -> 0.2

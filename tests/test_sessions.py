@@ -1,10 +1,10 @@
-"""Plain synchronous tests of the session table (trio_stream/sessions.py)."""
+"""Plain synchronous tests of the session table (trio_stream/core/sessions.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from trio_stream.sessions import SessionKey, SessionTable
+from trio_stream.core.sessions import SessionKey, SessionTable
 
 A: SessionKey = ("tenant-a", "s1")
 B: SessionKey = ("tenant-b", "s1")  # same session id, other API key
@@ -26,7 +26,7 @@ def test_claim_returns_every_unfinished_predecessor() -> None:
     assert table.claim(A, "r2") == ("r1",)
     assert table.claim(A, "r3") == ("r1", "r2")
     assert table.current(A) == "r3"
-    table.finish(A, "r1")
+    table.release(A, "r1")
     assert table.claim(A, "r4") == ("r2", "r3")
 
 
@@ -55,7 +55,7 @@ def test_old_runs_finish_never_removes_its_successor() -> None:
     table = SessionTable()
     table.claim(A, "old")
     table.claim(A, "new")
-    table.finish(A, "old")
+    table.release(A, "old")
     assert table.current(A) == "new"
     assert table.live(A) == {"new": False}
 
@@ -66,11 +66,11 @@ def test_current_runs_finish_leaves_unfinished_predecessors_live() -> None:
     table = SessionTable()
     table.claim(A, "old")
     table.claim(A, "new")
-    table.finish(A, "new")
+    table.release(A, "new")
     assert table.current(A) is None
     assert table.live(A) == {"old": False}
     assert len(table) == 1
-    table.finish(A, "old")
+    table.release(A, "old")
     assert len(table) == 0
 
 
@@ -98,7 +98,7 @@ def test_fence_of_a_run_that_is_not_live(key: SessionKey, run_id: str) -> None:
     table = SessionTable()
     table.claim(A, "finished")
     table.claim(A, "current")
-    table.finish(A, "finished")
+    table.release(A, "finished")
     before = (len(table), table.live(A), table.current(A))
     assert table.fence(key, run_id) is False
     assert (len(table), table.live(A), table.current(A)) == before
@@ -111,7 +111,7 @@ def test_fenced_run_leaves_by_its_own_id() -> None:
     table.claim(A, "old")
     table.claim(A, "new")
     table.fence(A, "old")
-    table.finish(A, "old")
+    table.release(A, "old")
     assert table.current(A) == "new"
     assert table.live(A) == {"new": False}
 
@@ -129,7 +129,7 @@ def test_table_forgets_empty_sessions(finish_order: tuple[str, ...]) -> None:
         table.claim(A, r)
     for i, r in enumerate(finish_order, start=1):
         assert len(table) == 1
-        table.finish(A, r)
+        table.release(A, r)
         assert r not in table.live(A)
         assert (table.current(A) == "r3") == ("r3" not in finish_order[:i])
     assert len(table) == 0
@@ -140,11 +140,11 @@ def test_table_forgets_empty_sessions(finish_order: tuple[str, ...]) -> None:
 def test_finish_is_idempotent_and_tolerates_unknown_keys() -> None:
     """finish of an unknown session or an already finished run is a no-op."""
     table = SessionTable()
-    table.finish(A, "r1")
+    table.release(A, "r1")
     table.claim(A, "r1")
     table.claim(A, "r2")
-    table.finish(A, "r1")
-    table.finish(A, "r1")
+    table.release(A, "r1")
+    table.release(A, "r1")
     assert table.current(A) == "r2"
     assert len(table) == 1
 

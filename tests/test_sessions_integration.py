@@ -3,7 +3,7 @@
 A server we learned from deadlocked when a user sent a new prompt before the
 last answer was done.  These tests replay that story against a real
 in-process hypercorn on 127.0.0.1 (and, where the upstream's connections
-matter, a real :class:`~tests.fakes.FakeUpstream`).  The incident's "100 ms
+matter, a real :class:`~tools.fakes.FakeUpstream`).  The incident's "100 ms
 later" and "50 ms apart" are replaced by ordering on events: the next request
 is sent once the previous one is known to be in flight (its ``stream_start``
 is logged, or its upstream request has arrived), so nothing depends on how
@@ -35,11 +35,12 @@ from tests.conftest import (
     tasks_living,
     waitable_server,
 )
-from tests.fakes import FakeUpstream, Plan, Step, mock_plan
-from trio_stream import EventLogger, Settings, mocktext, open_service, serve_service
-from trio_stream.protocol import ChatRequest
-from trio_stream.sse import SSEDecoder, SSEEvent
+from tools.fakes import FakeUpstream, Plan, Step, mock_plan
+from trio_stream import EventLogger, Settings, open_service, serve_service
+from trio_stream.upstream import mocktext
 from trio_stream.upstream.openai import OpenAIUpstream
+from trio_stream.wire.request import ChatRequest
+from trio_stream.wire.sse import SSEDecoder, SSEEvent
 
 PROMPT_A = [{"role": "user", "content": "prompt A"}]
 PROMPT_B = [{"role": "user", "content": "prompt B"}]

@@ -17,11 +17,11 @@ import trio
 import trio.testing
 
 from tests.redis_server import RedisServer
-from trio_stream.protocol import ChatRequest
-from trio_stream.runlog import Outcome, RunStatus, ToolDelta
+from trio_stream.core.log import Outcome, RunStatus, ToolDelta
 from trio_stream.runs import Run
 from trio_stream.shared import LocalState, RunRecord, SharedState, SharedUnavailable
 from trio_stream.shared.redis import CANCEL_POLL, RedisState
+from trio_stream.wire.request import ChatRequest
 
 KEY = ("tenant", "session")
 

@@ -7,7 +7,7 @@ exits 0 within ``--graceful-timeout`` + 2 s -- stalled clients or not.
 The big test runs 50 client streams against one server process: 45 readers
 over HTTP/1.1 and 5 raw sockets that stop reading after the response head,
 plus 2 detached runs without a subscriber.  Its upstream is a real
-:class:`~tests.fakes.FakeUpstream` in this process, because the two kinds of
+:class:`~tools.fakes.FakeUpstream` in this process, because the two kinds of
 stream need different upstreams (``--mock-delay-ms`` is one per server): the
 readers' runs get a token every 50 ms (long-running, and light enough for a
 loaded CI machine), the stalled ones get 1 KB tokens as fast as the server
@@ -35,9 +35,10 @@ import pytest
 import trio
 
 from tests.conftest import ServeProcess, serve_process
-from tests.fakes import FakeUpstream, Plan, token_plan
-from trio_stream import Settings, mocktext
-from trio_stream.sse import SSEDecoder, SSEEvent
+from tools.fakes import FakeUpstream, Plan, token_plan
+from trio_stream import Settings
+from trio_stream.upstream import mocktext
+from trio_stream.wire.sse import SSEDecoder, SSEEvent
 
 CHAT = "/v1/chat/completions"
 GRACE = 1.0  # --graceful-timeout of the big test

@@ -20,11 +20,12 @@ from hypercorn.trio.worker_context import WorkerContext
 
 from tests.conftest import SlowStore, memory_app
 from tests.memasgi import MemoryClient, start_request
-from trio_stream import Settings, mocktext
+from trio_stream import Settings
+from trio_stream.http.service import Service
 from trio_stream.runs import Run
-from trio_stream.server import SHUTDOWN_CLEANUP, SHUTDOWN_FLUSH, _drain
-from trio_stream.service import Service
+from trio_stream.server.serve import SHUTDOWN_CLEANUP, SHUTDOWN_FLUSH, _drain
 from trio_stream.store import Message
+from trio_stream.upstream import mocktext
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "save me while we shut down"}]

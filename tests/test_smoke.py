@@ -5,8 +5,9 @@ from __future__ import annotations
 import orjson
 
 from tests.conftest import running_server
-from trio_stream import Settings, mocktext
-from trio_stream.sse import SSEDecoder
+from trio_stream import Settings
+from trio_stream.upstream import mocktext
+from trio_stream.wire.sse import SSEDecoder
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 

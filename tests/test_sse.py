@@ -1,4 +1,4 @@
-"""Plain synchronous tests of SSE framing and decoding (trio_stream/sse.py).
+"""Plain synchronous tests of SSE framing and decoding (trio_stream/wire/sse.py).
 
 The decoder follows the WHATWG "server-sent events" parsing rules; each table
 row below names the rule it checks.
@@ -11,8 +11,8 @@ import random
 
 import pytest
 
-from trio_stream import sse
-from trio_stream.sse import LineDecoder, SSEDecoder, SSEEvent
+from trio_stream.wire import sse
+from trio_stream.wire.sse import LineDecoder, SSEDecoder, SSEEvent
 
 
 def feed_all(chunks: list[bytes]) -> list[SSEEvent]:

@@ -8,12 +8,12 @@ How a client stalls here:
 
 * HTTP/1.1: a raw socket with a tiny ``SO_RCVBUF`` sends its request and never
   reads, so the server's socket buffers fill and hypercorn's (shielded)
-  ``send_all`` blocks; :class:`~trio_stream.transport.GuardedStream` bounds it.
+  ``send_all`` blocks; :class:`~trio_stream.http.transport.GuardedStream` bounds it.
 * HTTP/2: :mod:`trio_stream.load.h2` acknowledges data only when a stream is
   read, so a stream that is never read exhausts its flow-control window and
   the app's ``send`` waits for credit.
 
-The upstream is a :class:`~tests.fakes.FakeUpstream` that streams 1 KB tokens
+The upstream is a :class:`~tools.fakes.FakeUpstream` that streams 1 KB tokens
 as fast as it can (20,000 of them), so only backpressure stops it, and whose
 connection records show when the server closed it.  These tests wait in real
 time, because a stall *is* real time on a real socket; every wait is bounded.
@@ -33,10 +33,12 @@ from hypercorn.protocol.h2 import BUFFER_HIGH_WATER, StreamBuffer
 from hypercorn.trio.worker_context import EventWrapper
 
 from tests.conftest import RawClient, Server, WaitableSink, waitable_server
-from tests.fakes import FakeUpstream, Plan, Step, mock_plan, openai_chunk
-from trio_stream import Settings, hypercorn_fixes, mocktext
+from tools.fakes import FakeUpstream, Plan, Step, mock_plan, openai_chunk
+from trio_stream import Settings
 from trio_stream.load.h2 import open_h2_connection
 from trio_stream.runs import Run
+from trio_stream.server import hypercorn_fixes
+from trio_stream.upstream import mocktext
 
 PROMPT_A = [{"role": "user", "content": "a long answer nobody reads"}]
 PROMPT_B = [{"role": "user", "content": "prompt B"}]
@@ -117,7 +119,7 @@ async def cut(server: Server, logs: WaitableSink, fake: FakeUpstream) -> dict[st
 
 
 async def test_h2_stream_buffer_holds_writer_while_nothing_drains() -> None:
-    """hypercorn's HTTP/2 stream buffer, as fixed by trio_stream.hypercorn_fixes,
+    """hypercorn's HTTP/2 stream buffer, as fixed by trio_stream.server.hypercorn_fixes,
     keeps a writer paused while the peer's window is 0 (every pop takes 0
     bytes) and resumes it once the buffer drains below its low-water mark.
     hypercorn 0.18's own pop resumed the writer on any 0-byte pop, so a

@@ -1,7 +1,7 @@
 """One contract for both stores: SQLite and Postgres (docs/design.md section 8).
 
-Every test runs against :class:`~trio_stream.store.SQLiteStore` and
-:class:`~trio_stream.pgstore.PostgresStore` (a real Postgres, started by the
+Every test runs against :class:`~trio_stream.store.sqlite.SQLiteStore` and
+:class:`~trio_stream.store.postgres.PostgresStore` (a real Postgres, started by the
 fixtures of ``tests/postgres_server.py``), threaded as in production.  The
 invariants: the primary key refuses a second save (:class:`AlreadySaved`);
 tenants never see each other's rows; a session lists its messages oldest
@@ -23,7 +23,6 @@ import psycopg
 import pytest
 import trio
 
-from trio_stream import pgstore
 from trio_stream.store import (
     SQLITE_MIGRATIONS,
     AlreadySaved,
@@ -34,6 +33,7 @@ from trio_stream.store import (
     open_store,
     retry_delay,
 )
+from trio_stream.store import postgres as pgstore
 
 BACKENDS = ["sqlite", "postgres"]
 CALLS = [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}]

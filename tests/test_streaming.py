@@ -1,7 +1,7 @@
 """Cancellation of attached streams over real HTTP/1.1 sockets (issue 2).
 
 Each test runs the server in-process on 127.0.0.1 with ``--upstream openai``
-pointing at a real :class:`~tests.fakes.FakeUpstream`, so that "the upstream
+pointing at a real :class:`~tools.fakes.FakeUpstream`, so that "the upstream
 connection closes" is observed by the upstream itself, and "every task of the
 run exits" is trio's ``tasks_living`` back at the baseline taken in the same
 test (tolerance 0).  The client is a raw socket (:class:`tests.conftest.RawClient`):
@@ -19,11 +19,12 @@ import trio
 import trio.testing
 
 from tests.conftest import RawClient, Server, memory_app, running_server, tasks_living
-from tests.fakes import FakeUpstream, mock_plan, token_plan
 from tests.memasgi import start_request
-from trio_stream import Settings, mocktext
-from trio_stream.service import PUBLIC_TENANT
-from trio_stream.sse import SSEEvent
+from tools.fakes import FakeUpstream, mock_plan, token_plan
+from trio_stream import Settings
+from trio_stream.http.service import PUBLIC_TENANT
+from trio_stream.upstream import mocktext
+from trio_stream.wire.sse import SSEEvent
 
 CHAT = "/v1/chat/completions"
 #: A generous bound on "client closed -> upstream connection closed", which

@@ -20,8 +20,9 @@ import trio.testing
 
 from tests.conftest import memory_app, running_server, tasks_living
 from tests.memasgi import start_request
-from trio_stream import Settings, mocktext
-from trio_stream.sse import SSEDecoder
+from trio_stream import Settings
+from trio_stream.upstream import mocktext
+from trio_stream.wire.sse import SSEDecoder
 
 pytestmark = pytest.mark.stress
 

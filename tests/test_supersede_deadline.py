@@ -25,11 +25,12 @@ import trio.testing
 
 from tests.conftest import RecordingUpstream, SlowStore, memory_app, tasks_living
 from tests.memasgi import MemoryClient, start_request
-from trio_stream import RecordingSink, Service, Settings, TrioStreamApp, mocktext
-from trio_stream.protocol import ChatRequest
+from trio_stream import RecordingSink, Service, Settings, TrioStreamApp
 from trio_stream.runs import Run
 from trio_stream.store import Message
+from trio_stream.upstream import mocktext
 from trio_stream.upstream.mock import MockUpstream
+from trio_stream.wire.request import ChatRequest
 
 PROMPT_A = [{"role": "user", "content": "prompt A"}]
 PROMPT_B = [{"role": "user", "content": "prompt B"}]

@@ -16,7 +16,8 @@ import trio.testing
 
 from tests.conftest import RecordingStore, memory_app, until_seq
 from tests.memasgi import MemoryClient, start_request
-from trio_stream import Settings, mocktext
+from trio_stream import Settings
+from trio_stream.upstream import mocktext
 
 MESSAGES = [{"role": "user", "content": "mine, not yours"}]
 K1 = {"authorization": "Bearer k1"}

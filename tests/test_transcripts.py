@@ -39,7 +39,7 @@ from tests.transcript_format import (
     steps,
 )
 from tests.transcript_upstream import forwarded, replay_plan, replaying
-from trio_stream.sse import SSEDecoder
+from trio_stream.wire.sse import SSEDecoder
 
 TRANSCRIPTS = all_transcripts()
 NAMES = [t.name for t in TRANSCRIPTS]
@@ -152,7 +152,7 @@ def test_sse_transcript_is_well_formed(t: Transcript) -> None:
 
 @pytest.mark.parametrize("t", SSE, ids=ids(SSE))
 def test_trio_stream_decoder_reads_transcripts_like_the_spec(t: Transcript) -> None:
-    """trio_stream.sse.SSEDecoder, fed the body one byte at a time, yields the
+    """trio_stream.wire.sse.SSEDecoder, fed the body one byte at a time, yields the
     same data as the strict reader and counts the same comments, so the
     transcripts exercise the product's parser and not a quirk of it."""
     decoder = SSEDecoder()

@@ -1,7 +1,7 @@
 """Upstream faults (issue 6): an upstream that fails, stalls or lies never
 leaves a task or a connection behind.
 
-Every fault is played by a real :class:`~tests.fakes.FakeUpstream` on
+Every fault is played by a real :class:`~tools.fakes.FakeUpstream` on
 127.0.0.1 (OpenAI SSE and Ollama NDJSON), against a real in-process server.
 For each fault the client gets the right answer -- an HTTP 502/504 before the
 first token, an ``upstream_error`` event after it -- and then:
@@ -28,10 +28,10 @@ import pytest
 import trio
 
 from tests.conftest import Server, running_server, tasks_living
-from tests.fakes import FakeUpstream, Plan, Step, ollama_line, openai_chunk
+from tools.fakes import FakeUpstream, Plan, Step, ollama_line, openai_chunk
 from trio_stream import Settings
-from trio_stream.service import PUBLIC_TENANT
-from trio_stream.sse import SSEDecoder
+from trio_stream.http.service import PUBLIC_TENANT
+from trio_stream.wire.sse import SSEDecoder
 
 TIMEOUT = 0.3  # first-token and inter-token timeouts of every server here
 MESSAGES = [{"role": "user", "content": "fault"}]

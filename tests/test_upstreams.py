@@ -1,7 +1,7 @@
 """The HTTP upstreams (``openai``, ``ollama``) against real fake servers.
 
 Every test talks to the in-process server over a real socket, and the server
-talks to a :class:`~tests.fakes.FakeUpstream` on 127.0.0.1 in that upstream's
+talks to a :class:`~tools.fakes.FakeUpstream` on 127.0.0.1 in that upstream's
 own wire format (OpenAI SSE, Ollama NDJSON).  Covered: exact text streamed and
 whole, ``/v1/models``, and the two ways an upstream failure reaches a client:
 an HTTP 502/504 with the OpenAI error body before the first token, an
@@ -19,8 +19,9 @@ import pytest
 import trio
 
 from tests.conftest import RawClient, Server, loopback_client, running_server
-from tests.fakes import FakeUpstream, Plan, Step, token_plan
-from trio_stream import Settings, mocktext
+from tools.fakes import FakeUpstream, Plan, Step, token_plan
+from trio_stream import Settings
+from trio_stream.upstream import mocktext
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "upstream please"}]

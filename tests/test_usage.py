@@ -1,6 +1,6 @@
 """Token usage (docs/api.md section 2.10): ``stream_options.include_usage``
 through the official SDK, the upstream's figures passed through, the counted
-fallback, and the pure rules of :mod:`trio_stream.usage`."""
+fallback, and the pure rules of :mod:`trio_stream.wire.usage`."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import pytest
 import trio
 
 from tests.conftest import loopback_client, running_server
-from tests.fakes import FakeUpstream, Plan, Step, ollama_line, openai_chunk
 from tests.test_openai_sdk import sdk
+from tools.fakes import FakeUpstream, Plan, Step, ollama_line, openai_chunk
 from trio_stream import Settings
-from trio_stream.service import PUBLIC_TENANT
+from trio_stream.http.service import PUBLIC_TENANT
 from trio_stream.upstream import Finish
 from trio_stream.upstream.wire import ollama_items, openai_items
-from trio_stream.usage import Usage, estimate_prompt, settle
+from trio_stream.wire.usage import Usage, estimate_prompt, settle
 
 MESSAGES: list[Any] = [{"role": "user", "content": "count my tokens"}]  # 15 chars: 4 tokens
 UPSTREAM_USAGE = {

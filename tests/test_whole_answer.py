@@ -17,8 +17,9 @@ import pytest
 import trio
 
 from tests.conftest import running_server
-from trio_stream import Settings, transport
-from trio_stream.sse import SSEDecoder
+from trio_stream import Settings
+from trio_stream.http import transport
+from trio_stream.wire.sse import SSEDecoder
 
 BODY = {"messages": [{"role": "user", "content": "whole"}], "stream": True, "max_tokens": 10}
 

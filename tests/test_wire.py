@@ -7,11 +7,11 @@ from typing import Any
 import orjson
 import pytest
 
+from trio_stream.core.log import RunLog, ToolDelta
 from trio_stream.errors import UpstreamError
-from trio_stream.runlog import RunLog, ToolDelta
 from trio_stream.upstream import Finish, Item
 from trio_stream.upstream.wire import ollama_items, openai_items
-from trio_stream.usage import Usage
+from trio_stream.wire.usage import Usage
 
 
 def oa(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: Any) -> str:

@@ -31,7 +31,7 @@ The header's ``headers`` are sent as listed; when they hold neither
 ``content-length`` nor ``transfer-encoding`` the fake upstream adds
 ``transfer-encoding: chunked`` (what a streaming server does).
 
-The SSE reader here is deliberately independent of ``trio_stream.sse``: it is
+The SSE reader here is deliberately independent of ``trio_stream.wire.sse``: it is
 the yardstick the product's decoder is measured against, so it must not share
 its code.  It follows the WHATWG "server-sent events" parsing rules
 (https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation).

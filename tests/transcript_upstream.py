@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.fakes import FakeUpstream, Plan, Step
 from tests.transcript_format import Transcript, steps
+from tools.fakes import FakeUpstream, Plan, Step
 
 
 def replay_plan(t: Transcript, *, delay: float | None = None, piece: int | None = None) -> Plan:

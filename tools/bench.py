@@ -10,7 +10,7 @@ Servers, each started as its own process on 127.0.0.1 for each measurement:
 * ``quart-trio``    -- hypercorn (trio) + quart-trio, naive async-generator body;
 * ``bare-trio``     -- a bare trio socket server writing the same SSE bytes: the ceiling.
 
-All serve the same mock stream (:mod:`trio_stream.mocktext`).  The *proxy*
+All serve the same mock stream (:mod:`trio_stream.upstream.mocktext`).  The *proxy*
 scenarios put a real HTTP upstream behind the server instead: ``tools/fake_openai.py``
 in its own process, streaming the same reply at 20 tokens/s.  There the servers are
 
@@ -983,10 +983,10 @@ METHOD = [
     "in each round every scenario runs once on every server, and the server order rotates "
     "by one each round. Figures are medians over rounds (min-max of the headline figure in "
     "brackets).",
-    "- All servers stream the same mock reply (`trio_stream.mocktext`): one event per token, "
-    "a finish chunk, `[DONE]`; a delay of 0 means one checkpoint per token, and a delay is "
-    "paced by one shared timer in trio-stream and the trio peers (the mock's `Ticker`), by "
-    "`asyncio.sleep` in sse-starlette. The peers write "
+    "- All servers stream the same mock reply (`trio_stream.upstream.mocktext`): one event "
+    "per token, a finish chunk, `[DONE]`; a delay of 0 means one checkpoint per token, "
+    "and a delay is paced by one shared timer in trio-stream and the trio peers (the mock's "
+    "`Ticker`), by `asyncio.sleep` in sse-starlette. The peers write "
     "each event with its own send. trio-stream merges queued tokens into one event when its "
     "writer falls behind (coalescing, on by default); with `--no-coalesce` it still sends "
     "every event on its own `id:`, but writes the events already queued in one send.",

@@ -1,6 +1,6 @@
 """A fake OpenAI server for the benchmark: the mock reply over real HTTP, at a fixed rate.
 
-``POST /v1/chat/completions`` streams the reply of :mod:`trio_stream.mocktext`
+``POST /v1/chat/completions`` streams the reply of :mod:`trio_stream.upstream.mocktext`
 (the bytes of ``tools/peers/_mock.py``: one ``chat.completion.chunk`` event
 per token, a finish chunk, ``data: [DONE]``), one token every ``--delay-ms``
 (20 tokens/s at 50), paced on an absolute schedule from the request's arrival

@@ -1,7 +1,7 @@
 """Measure what a client disconnect costs: latency to the upstream, and leaks.
 
 Everything runs in one process under ``trio.run``: a real
-:class:`~tests.fakes.FakeUpstream` (OpenAI wire format, a slow token plan) on
+:class:`~tools.fakes.FakeUpstream` (OpenAI wire format, a slow token plan) on
 127.0.0.1, and the server (``--upstream openai`` pointing at it) on
 127.0.0.1, talked to by raw HTTP/1.1 sockets.
 
@@ -37,8 +37,8 @@ import trio.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # also as a plain script
 
-from tests.conftest import RawClient, Server, running_server, tasks_living
-from tests.fakes import FakeUpstream, mock_plan
+from tools.fakes import FakeUpstream, mock_plan
+from tools.harness import RawClient, Server, running_server, tasks_living
 from trio_stream import Settings
 
 CHAT = "/v1/chat/completions"

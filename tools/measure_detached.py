@@ -52,10 +52,10 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # also as a plain script
 
 from trio_stream import EventLogger, Service, Settings, open_service, serve_service
-from trio_stream.protocol import parse_chat_request
 from trio_stream.runs import Run
-from trio_stream.sse import SSEDecoder
 from trio_stream.store import SQLiteStore
+from trio_stream.wire.request import parse_chat_request
+from trio_stream.wire.sse import SSEDecoder
 
 TENANT = "public"  # open access: the tenant of every run when no key is configured
 

@@ -41,7 +41,7 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))  # as a plain scrip
 
 from trio_stream import Settings
 from trio_stream.logs import EventLogger
-from trio_stream.server import serve
+from trio_stream.server.serve import serve
 
 CLIENT = r"""
 import json, socket, sys

@@ -1,7 +1,7 @@
 """Measure how streams end through real proxies: nginx's and HAProxy's defaults, and direct.
 
-For each target, one stack runs for all its tries (see ``tests/proxies.py``):
-a :class:`~tests.fakes.FakeUpstream` in this process (one token every
+For each target, one stack runs for all its tries (see ``tools/proxies.py``):
+a :class:`~tools.fakes.FakeUpstream` in this process (one token every
 ``--gap`` seconds), a ``trio-stream serve`` subprocess using it as its OpenAI
 upstream, and the proxy on its defaults plus one ``proxy_pass`` line.  A raw
 HTTP/1.1 client in this process then runs ``--tries`` streams one after
@@ -39,8 +39,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # also as a plain script
 
-from tests.fakes import mock_plan
-from tests.proxies import PROXIES, leave_mid_stream, open_stack, timed_stream
+from tools.fakes import mock_plan
+from tools.proxies import PROXIES, leave_mid_stream, open_stack, timed_stream
 
 TARGETS = ("direct", *PROXIES)
 TRY_TIMEOUT = 30.0

@@ -36,7 +36,7 @@ import orjson
 import trio
 
 from trio_stream import EventLogger, Settings, open_service, serve_service
-from trio_stream.sse import SSEDecoder
+from trio_stream.wire.sse import SSEDecoder
 
 
 @dataclass

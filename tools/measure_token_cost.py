@@ -369,9 +369,9 @@ def inprocess(args: argparse.Namespace) -> dict[str, Any]:
     from trio._core import _run as trio_run  # the counters patch trio internals: measuring only
 
     from trio_stream.config import Settings
-    from trio_stream.server import serve_service
-    from trio_stream.service import Service, open_service
-    from trio_stream.stream import Subscriber
+    from trio_stream.http.service import Service, open_service
+    from trio_stream.http.stream import Subscriber
+    from trio_stream.server.serve import serve_service
 
     counts: collections.Counter[str] = collections.Counter()
     steps_by_task: collections.Counter[str] = collections.Counter()
@@ -534,15 +534,16 @@ def _stage(frame: str, upstream_side: bool) -> str | None:
         return "metrics/logging"
     if "trio_stream/metrics.py" in frame:
         return "metrics/logging"
-    if "trio_stream/stream.py" in frame and fn.startswith("Pinger."):
+    if "trio_stream/http/stream.py" in frame and fn.startswith("Pinger."):
         return "Pinger"
-    if "trio_stream/transport.py" in frame:
+    if "trio_stream/http/transport.py" in frame:
         return "GuardedStream"
-    if "trio_stream/chunks.py" in frame or ("trio_stream/sse.py" in frame and fn == "event"):
+    encoding = "trio_stream/wire/chunks.py" in frame
+    if encoding or ("trio_stream/wire/sse.py" in frame and fn == "event"):
         return "writer: render/encode"
     if "trio_stream/upstream/h1.py" in frame:
         return "reader: h1.py/h11"
-    if "trio_stream/upstream/" in frame or "trio_stream/sse.py" in frame:
+    if "trio_stream/upstream/" in frame or "trio_stream/wire/sse.py" in frame:
         return "reader: SSE decode + wire.py + items"
     if "h11/" in frame and upstream_side:
         return "reader: h1.py/h11"
@@ -550,9 +551,9 @@ def _stage(frame: str, upstream_side: bool) -> str | None:
         return "reader: httpx/httpcore"
     if "hypercorn/" in frame or "h11/" in frame:
         return "client: hypercorn h11/ASGI send"
-    if "trio_stream/runs.py" in frame or "trio_stream/runlog.py" in frame:
+    if "trio_stream/runs/" in frame or "trio_stream/core/log.py" in frame:
         return "Run log hand-off + _pump"
-    if "trio_stream/stream.py" in frame:
+    if "trio_stream/http/stream.py" in frame:
         return "writer: Subscriber loop"
     if "trio_stream/" in frame:
         return "endpoints/app"

@@ -10,12 +10,12 @@ The public API::
 Everything not imported here is private.
 """
 
-from .app import TrioStreamApp
 from .config import Settings
 from .errors import ApiError, ConfigError, TrioStreamError, UpstreamError
+from .http.app import TrioStreamApp
+from .http.service import Service, open_service
 from .logs import EventLogger, RecordingSink
-from .server import serve, serve_service
-from .service import Service, open_service
+from .server.serve import serve, serve_service
 
 __version__ = "0.1.0"
 

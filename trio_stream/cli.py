@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
-import socket
 import sys
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import click
@@ -89,7 +87,24 @@ def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] = os.en
     return Settings(**{**options, "api_keys": keys}).validate()
 
 
-@click.group()
+class _Commands(click.Group):
+    """``serve``, and ``load``, whose module (the load generator, about 2,000
+    lines) is imported only when ``load`` is asked for: serving never loads it."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), "load"})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name != "load":
+            return super().get_command(ctx, cmd_name)
+        try:
+            from .load.cli import load
+        except ImportError:  # pragma: no cover - the load generator is optional
+            return None
+        return load
+
+
+@click.group(cls=_Commands)
 @click.version_option(package_name="trio-stream")
 def main() -> None:
     """trio-stream: leak-free OpenAI-compatible SSE streaming on Trio."""
@@ -104,39 +119,14 @@ def serve(**options: Any) -> None:
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     if settings.workers > 1:
-        from . import workers
+        from .server import workers
 
         workers.run(settings)
         return
+    from .server.signals import serve_until_signal
+
     trio.run(serve_until_signal, settings)
 
-
-async def serve_until_signal(settings: Settings, sockets: Sequence[socket.socket] = ()) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
-    from .server import serve as serve_
-
-    shutdown = trio.Event()
-    async with trio.open_nursery() as nursery:
-
-        async def on_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    shutdown.set()
-
-        nursery.start_soon(on_signal)
-        await serve_(settings, shutdown=shutdown, sockets=sockets)
-        nursery.cancel_scope.cancel()
-
-
-def _register_load() -> None:
-    try:
-        from .load.cli import load
-    except ImportError:  # pragma: no cover - the load generator is optional
-        return
-    main.add_command(load)
-
-
-_register_load()
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -31,7 +31,7 @@ class ApiError(TrioStreamError):
     ``closes``: the connection must not carry another request after this
     answer (its request was never read to the end).  How that is said depends
     on the HTTP version, so the layer that answers adds it
-    (:func:`trio_stream.asgi.close_headers`).
+    (:func:`trio_stream.http.asgi.close_headers`).
     """
 
     def __init__(

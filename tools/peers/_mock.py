@@ -1,7 +1,7 @@
 """The mock reply every peer serves: the same text and SSE bytes as trio-stream's mock.
 
 A request ``{"messages": [...], "max_tokens": n}`` is answered with the tokens
-of :func:`trio_stream.mocktext.tokens`, one ``chat.completion.chunk`` event per
+of :func:`trio_stream.upstream.mocktext.tokens`, one ``chat.completion.chunk`` event per
 token (``id: 1`` upwards, the first delta carries ``"role": "assistant"``),
 then a chunk with ``finish_reason`` and no id, then ``data: [DONE]``.  With
 the same completion id and ``created``, the bytes are exactly those of
@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from trio_stream import mocktext
+from trio_stream.upstream import mocktext
 
 DONE = b"data: [DONE]\n\n"
 

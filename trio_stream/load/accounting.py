@@ -46,8 +46,8 @@ from typing import Any, Literal
 
 import orjson
 
-from .. import mocktext
-from ..sse import SSEDecoder
+from ..upstream import mocktext
+from ..wire.sse import SSEDecoder
 
 OutcomeKind = Literal["ok", "failed", "cancelled"]
 DISCONNECT = "client_disconnect"
@@ -229,33 +229,37 @@ class RequestRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class RequestOutcome:
     kind: OutcomeKind
     key: str | None = None
 
 
-def classify(record: RequestRecord) -> Outcome:
+def classify(record: RequestRecord) -> RequestOutcome:
     """Apply the outcome table of this module's docstring."""
     reply = record.reply
     if record.problem is not None:
-        return Outcome("failed", record.problem)
+        return RequestOutcome("failed", record.problem)
     if record.status is None:
-        return Outcome("cancelled", DISCONNECT) if record.cut else Outcome("failed", "no_response")
+        return (
+            RequestOutcome("cancelled", DISCONNECT)
+            if record.cut
+            else RequestOutcome("failed", "no_response")
+        )
     if record.status != 200:
-        return Outcome("failed", f"http_{record.status}")
+        return RequestOutcome("failed", f"http_{record.status}")
     if reply.done:
-        return Outcome("ok")
+        return RequestOutcome("ok")
     if reply.error is not None:
         code = reply.error.get("code") or reply.error.get("type") or "error"
         kind: OutcomeKind = (
             "cancelled" if reply.error.get("type") == "stream_cancelled" else "failed"
         )
-        return Outcome(kind, str(code))
+        return RequestOutcome(kind, str(code))
     if reply.protocol_error is not None:
-        return Outcome("failed", reply.protocol_error)
+        return RequestOutcome("failed", reply.protocol_error)
     if record.cut:
-        return Outcome("cancelled", DISCONNECT)
-    return Outcome("failed", "truncated")
+        return RequestOutcome("cancelled", DISCONNECT)
+    return RequestOutcome("failed", "truncated")
 
 
 # -- all requests ------------------------------------------------------------
@@ -280,7 +284,7 @@ class Tally:
     def total(self) -> int:
         return self.ok + self.failed + self.cancelled
 
-    def finish(self, record: RequestRecord) -> Outcome:
+    def finish(self, record: RequestRecord) -> RequestOutcome:
         """Count a finished request: its outcome, first-token time, integrity."""
         outcome = classify(record)
         if outcome.kind == "ok":

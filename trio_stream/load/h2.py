@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import h2.config
@@ -33,7 +33,7 @@ import h2.exceptions
 import h2.settings
 import trio
 
-Headers = Sequence[tuple[str, str]]
+from .http1 import Headers
 
 DEFAULT_STREAM_WINDOW = 65_535  # the protocol's initial per-stream window
 CONNECTION_WINDOW = 16 * 1024 * 1024
@@ -113,6 +113,8 @@ class H2Stream:
         Idempotent; a no-op on a stream that already ended.  The frame is
         queued before the first checkpoint, so it goes out even if this call is
         cancelled while waiting for the writer.
+
+        Cancellation: see above: the frame is queued even if the wait is cancelled.
         """
         if self.ended:
             await trio.lowlevel.checkpoint()
@@ -210,6 +212,8 @@ class H2Connection:
         Returns once the request is on the wire.  Raises :class:`StreamReset`
         if the connection is closed or going away.  If cancelled, the stream
         may be half sent: :meth:`H2Stream.reset` it.
+
+        Cancellation: see above.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         if self.closed or self.goaway is not None:
@@ -364,6 +368,9 @@ async def open_h2_connection(
     (``SETTINGS_INITIAL_WINDOW_SIZE``).  Leaving the block cancels both tasks
     and closes the socket, which the server sees as every open stream going
     away at once.
+
+    Cancellation: a ``Cancelled`` while connecting closes the stream; inside the block it ends
+    both tasks and the socket is closed, shielded and bounded.
     """
     stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
     try:

@@ -37,6 +37,9 @@ async def connect(
     ``rcvbuf`` sets ``SO_RCVBUF`` before connecting, so that a slow reader's
     small receive window is what the server's TCP stack sees.
     Raises ``OSError`` if the connection fails.
+
+    Cancellation: a ``Cancelled`` closes whatever was opened (the socket, or the TLS stream
+    forcefully).
     """
     stream: trio.abc.Stream
     if rcvbuf is None:
@@ -91,6 +94,8 @@ class H1Connection:
         """Send one whole request.  Raises :class:`ConnectionLost`.
 
         If cancelled part-way the connection is unusable: close it.
+
+        Cancellation: see above: a ``Cancelled`` part-way leaves the connection unusable.
         """
         all_headers = [("host", self.authority), *headers]
         if body or method in ("POST", "PUT", "PATCH"):
@@ -108,6 +113,8 @@ class H1Connection:
         """The next response event, reading from the socket only when needed.
 
         A checkpoint.  Raises :class:`ConnectionLost` on EOF or garbage.
+
+        Cancellation: see above: a ``Cancelled`` loses no event.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         scheduled = False
@@ -132,7 +139,10 @@ class H1Connection:
             return event
 
     async def aclose(self) -> None:
-        """Close the socket (bounded, even when cancelled)."""
+        """Close the socket (bounded, even when cancelled).
+
+        Cancellation: shielded and bounded by ``CLOSE_TIMEOUT``.
+        """
         if self.closed:
             return
         self.closed = True
@@ -153,7 +163,11 @@ class H1Exchange:
         self.complete = False
 
     async def response(self) -> int:
-        """Wait for the response head; returns the status.  Raises ConnectionLost."""
+        """Wait for the response head; returns the status.  Raises ConnectionLost.
+
+        Cancellation: a checkpoint per event read; a ``Cancelled`` leaves the connection mid-
+        response (close it).
+        """
         while self.status is None:
             event = await self.conn.next_event()
             if isinstance(event, h11.Response):
@@ -162,7 +176,10 @@ class H1Exchange:
         return self.status
 
     async def receive(self) -> bytes | None:
-        """The next body chunk, ``None`` at the end.  Raises ConnectionLost."""
+        """The next body chunk, ``None`` at the end.  Raises ConnectionLost.
+
+        Cancellation: as :meth:`response`.
+        """
         if self.complete:
             await trio.lowlevel.checkpoint()
             return None

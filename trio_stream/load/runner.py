@@ -69,7 +69,11 @@ class _Run:
         return self.client.exchange("POST", CHAT, headers, body, slow=slow)
 
     async def attempt(self, record: RequestRecord, body: Callable[[], Awaitable[None]]) -> None:
-        """Run one request's I/O under ``--timeout`` and count it."""
+        """Run one request's I/O under ``--timeout`` and count it.
+
+        Cancellation: its own ``--timeout`` is counted as ``timeout``; an outer ``Cancelled``
+        propagates after ``in_flight`` is put back.
+        """
         self.tally.in_flight += 1
         try:
             with trio.move_on_after(self.config.timeout) as scope:
@@ -248,7 +252,11 @@ async def _worker(run: _Run) -> None:
 
 # -- the server's figures ---------------------------------------------------------
 async def scrape(target: Target, config: LoadConfig) -> ServerFigures:
-    """``GET /metrics`` on a fresh HTTP/1.1 connection; empty figures if there are none."""
+    """``GET /metrics`` on a fresh HTTP/1.1 connection; empty figures if there are none.
+
+    Cancellation: bounded by ``SCRAPE_TIMEOUT`` (empty figures past it); the connection is
+    closed in all cases, shielded.
+    """
     ssl_context = target.ssl_context(http2=False, insecure=config.insecure)
     with trio.move_on_after(SCRAPE_TIMEOUT):
         try:

@@ -22,7 +22,7 @@ Transport failures of either kind are translated at this seam into
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -32,9 +32,7 @@ import h2.exceptions
 import trio
 
 from .h2 import H2Connection, StreamReset, open_h2_connection
-from .http1 import ConnectionLost, H1Connection, H1Exchange, connect
-
-Headers = Sequence[tuple[str, str]]
+from .http1 import ConnectionLost, H1Connection, H1Exchange, Headers, connect
 
 #: A slow reader's receive buffer (HTTP/1.1 ``SO_RCVBUF``) and stream window
 #: (HTTP/2): small, so that the server has to hold back instead of the kernel.
@@ -57,8 +55,13 @@ class Exchange(Protocol):
     status: int | None
     headers: dict[str, str]
 
-    async def response(self) -> int: ...
-    async def receive(self) -> bytes | None: ...
+    async def response(self) -> int:
+        """Wait for the response head; its status.  Cancellation: a ``Cancelled`` leaves the
+        exchange mid-response.
+        """
+
+    async def receive(self) -> bytes | None:
+        """The next body chunk, ``None`` at the end.  Cancellation: as :meth:`response`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +173,9 @@ class H1Client:
                 await conn.aclose()  # the disconnect: a TCP close
 
     async def aclose(self) -> None:
+        """Close every idle connection.  Cancellation: each close is shielded and bounded; a
+        ``Cancelled`` between two leaves the rest to be collected.
+        """
         while self._idle:
             await self._idle.pop().aclose()
 
@@ -249,6 +255,7 @@ class H2Client:
             pooled.release()
 
     async def aclose(self) -> None:
+        """Let every pooled connection's holder close it.  Cancellation: never checkpoints."""
         for pool in self._pools.values():
             for pooled in pool:
                 pooled.drained.set()
@@ -286,7 +293,11 @@ class _Pooled:
 async def open_client(
     target: Target, *, http2: bool, insecure: bool = False, max_streams: int = 100
 ) -> AsyncIterator[H1Client | H2Client]:
-    """The client for ``target``; every connection is closed when the block exits."""
+    """The client for ``target``; every connection is closed when the block exits.
+
+    Cancellation: leaving the block, however, closes every connection (HTTP/2: by cancelling the
+    holders' nursery).
+    """
     ssl_context = target.ssl_context(http2=http2, insecure=insecure)
     if not http2:
         client = H1Client(target, ssl_context)

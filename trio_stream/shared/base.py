@@ -42,19 +42,16 @@ raises :class:`SharedUnavailable`, which the HTTP layer answers with 503 and
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import trio
 
+from ..core.log import Entry, Outcome, RunLog
+from ..core.sessions import SessionKey as SessionKey
 from ..errors import TrioStreamError
-from ..runlog import Entry, Outcome
-
-if TYPE_CHECKING:
-    from ..runs import Run
-
-SessionKey = tuple[str, str]
+from ..wire.request import ChatRequest
 
 
 class SharedUnavailable(TrioStreamError):
@@ -93,17 +90,66 @@ class LogPage:
     error: dict[str, Any] | None = None
 
 
+class Flag(Protocol):
+    """A set-once flag with a wait (a run's ``done``)."""
+
+    def is_set(self) -> bool: ...
+
+    async def wait(self) -> None:
+        """Cancellation: a checkpoint; a ``Cancelled`` leaves nothing behind."""
+
+
+class RunView(Protocol):
+    """What the shared state reads of a run.  The runs layer's ``Run`` has
+    this shape; the shared state sits below that layer, so it names the
+    shape rather than importing the class."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def tenant(self) -> str: ...
+    @property
+    def session_id(self) -> str | None: ...
+    @property
+    def session_key(self) -> SessionKey | None: ...
+    @property
+    def request(self) -> ChatRequest: ...
+    @property
+    def detached(self) -> bool: ...
+    @property
+    def created(self) -> float: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def log(self) -> RunLog: ...
+    @property
+    def done(self) -> Flag: ...
+
+    def fence(self) -> None:
+        """Stop the run's log for good: it appends and emits nothing more."""
+
+    def poke(self) -> None:
+        """Wake whoever waits on the run's log (:meth:`wait_changed`)."""
+
+    def wait_changed(self) -> Awaitable[None]:
+        """Wait until the log grows, the run ends or :meth:`poke` is called."""
+
+
 class Owner(Protocol):
     """The node-local side a backend calls back into (the run manager)."""
 
     def cancel_local(self, run_id: str, reason: str) -> bool:
         """Cancel a run this node owns; False if unknown here or already ended."""
 
-    def local_run(self, run_id: str) -> Run | None:
+    def local_run(self, run_id: str) -> RunView | None:
         """The run, if this node owns it and still holds it."""
 
     async def adopt_lost(self, node: str, records: list[RunRecord]) -> None:
-        """End the runs of a node that was lost (saving what can be saved)."""
+        """End the runs of a node that was lost (saving what can be saved).
+
+        Cancellation: the saves are shielded; a ``Cancelled`` between runs leaves the rest to a
+        later takeover.
+        """
 
 
 class SharedState(abc.ABC):
@@ -123,7 +169,11 @@ class SharedState(abc.ABC):
         self.owner = owner
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Background work (listeners, leases) until cancelled."""
+        """Background work (listeners, leases) until cancelled.
+
+        Cancellation: runs until cancelled; a ``Cancelled`` stops the background work and leaves
+        the shared store as it was.
+        """
         task_status.started()
         await trio.sleep_forever()
 
@@ -134,57 +184,94 @@ class SharedState(abc.ABC):
 
     # -- sessions (G1-G3) ---------------------------------------------------
     @abc.abstractmethod
-    async def claim(self, key: SessionKey, run_id: str) -> Claim: ...
+    async def claim(self, key: SessionKey, run_id: str) -> Claim:
+        """G1.  Cancellation: see the class: a ``Cancelled`` leaves the claim made or not made,
+        never half made.
+        """
 
     @abc.abstractmethod
-    async def fence(self, key: SessionKey, run_id: str) -> None: ...
+    async def fence(self, key: SessionKey, run_id: str) -> None:
+        """G3.  Cancellation: see the class (atomic)."""
 
     @abc.abstractmethod
     async def release(self, key: SessionKey, run_id: str) -> bool:
         """Remove ``run_id`` from its session (G2).  Returns True if it had
-        been fenced (G3)."""
+        been fenced (G3).
+
+        Cancellation: see the class (atomic).
+        """
 
     @abc.abstractmethod
-    async def current(self, key: SessionKey) -> str | None: ...
+    async def current(self, key: SessionKey) -> str | None:
+        """The session's current run.  Cancellation: see the class (a read)."""
 
     @abc.abstractmethod
     async def live(self, key: SessionKey) -> dict[str, bool]:
-        """The session's live runs, id -> fenced."""
+        """The session's live runs, id -> fenced.
+
+        Cancellation: see the class (a read).
+        """
 
     # -- cancel and completion (G4, G5) ---------------------------------------
     @abc.abstractmethod
-    async def cancel(self, run_id: str, reason: str) -> None: ...
+    async def cancel(self, run_id: str, reason: str) -> None:
+        """G4.  Cancellation: see the class: the cancel request is sent or not."""
 
     @abc.abstractmethod
     async def wait_finished(self, run_ids: Sequence[str], grace: float) -> tuple[str, ...]:
-        """Wait up to ``grace`` seconds; return the ids that have not finished."""
+        """Wait up to ``grace`` seconds; return the ids that have not finished.
+
+        Cancellation: cancellable while it waits; a ``Cancelled`` leaves nothing behind.
+        """
 
     # -- registry and logs (G6, G7) -------------------------------------------
-    async def register(self, run: Run) -> None:
-        """Publish a new run (a no-op where every run is local)."""
+    async def register(self, run: RunView) -> None:
+        """Publish a new run (a no-op where every run is local).
+
+        Cancellation: see the class (atomic).
+        """
         return None
 
-    async def finished(self, run: Run) -> None:
-        """The owner's cleanup of ``run`` is over (after its save)."""
+    async def finished(self, run: RunView) -> None:
+        """The owner's cleanup of ``run`` is over (after its save).
+
+        Cancellation: see the class (atomic).
+        """
         return None
 
     async def lookup(self, run_id: str) -> RunRecord | None:
-        """A run owned elsewhere, or None (always None in-process)."""
+        """A run owned elsewhere, or None (always None in-process).
+
+        Cancellation: see the class (a read).
+        """
         return None
 
     async def read_log(self, run_id: str, cursor: int, *, wait: bool) -> LogPage:
         """A remote detached run's log after ``cursor``; with ``wait``, block
-        a while for more when there is none yet."""
+        a while for more when there is none yet.
+
+        Cancellation: see the class (a read).
+        """
         return LogPage((), None)
 
-    async def ship(self, run: Run) -> None:
-        """Copy a detached run's log to the shared store until it ends."""
+    async def ship(self, run: RunView) -> None:
+        """Copy a detached run's log to the shared store until it ends.
+
+        Cancellation: a ``Cancelled`` stops the copy; what was shipped stays.
+        """
         return None
 
     async def end_lost(self, record: RunRecord, last_seq: int) -> None:
-        """End a lost node's run in the shared store (its log, record, session)."""
+        """End a lost node's run in the shared store (its log, record, session).
+
+        Cancellation: each step is atomic and idempotent; a ``Cancelled`` between them is
+        finished by the next takeover.
+        """
         return None
 
     async def leave(self) -> None:
-        """This node stops (after its runs ended): give up its lease now."""
+        """This node stops (after its runs ended): give up its lease now.
+
+        Cancellation: a ``Cancelled`` leaves the lease to expire by itself (``--node-lease``).
+        """
         return None

@@ -1,6 +1,6 @@
 """The in-process backend: today's single-process behaviour, at no extra cost.
 
-The session table is the pure :class:`~trio_stream.sessions.SessionTable`;
+The session table is the pure :class:`~trio_stream.core.sessions.SessionTable`;
 cancel signals are direct calls into the run manager; "finished" is the run's
 own ``done`` event.  No method checkpoints unless it has to wait, so the
 embedded default keeps the exact scheduling it had before the seam existed:
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import trio
 
-from ..sessions import SessionTable
+from ..core.sessions import SessionTable
 from .base import Claim, SessionKey, SharedState
 
 
@@ -24,6 +24,9 @@ class LocalState(SharedState):
         self._epochs: dict[SessionKey, int] = {}
 
     async def claim(self, key: SessionKey, run_id: str) -> Claim:
+        """Cancellation: never checkpoints (the in-process state never waits), so it cannot be
+        cancelled part-way: the table is changed entirely or not at all.
+        """
         predecessors = self.sessions.claim(key, run_id)
         # The epoch only has to grow while the session is known: a forgotten
         # session (rule 4 of the table) has no run left to be fenced against.
@@ -32,28 +35,43 @@ class LocalState(SharedState):
         return Claim(epoch, predecessors)
 
     async def fence(self, key: SessionKey, run_id: str) -> None:
+        """Cancellation: never checkpoints (the in-process state never waits), so it cannot be
+        cancelled part-way: the table is changed entirely or not at all.
+        """
         if self.sessions.fence(key, run_id):
             run = self.owner.local_run(run_id)
             if run is not None:
                 run.fence()
 
     async def release(self, key: SessionKey, run_id: str) -> bool:
+        """Cancellation: never checkpoints (the in-process state never waits), so it cannot be
+        cancelled part-way: the table is changed entirely or not at all.
+        """
         fenced = self.sessions.is_fenced(key, run_id)
-        self.sessions.finish(key, run_id)
+        self.sessions.release(key, run_id)
         if not self.sessions.live(key):
             self._epochs.pop(key, None)
         return fenced
 
     async def current(self, key: SessionKey) -> str | None:
+        """Cancellation: never checkpoints (the in-process state never waits)."""
         return self.sessions.current(key)
 
     async def live(self, key: SessionKey) -> dict[str, bool]:
+        """Cancellation: never checkpoints (the in-process state never waits)."""
         return self.sessions.live(key)
 
     async def cancel(self, run_id: str, reason: str) -> None:
+        """Cancellation: never checkpoints (the in-process state never waits): the run is cancelled
+        (a direct call into the run manager) or was not running.
+        """
         self.owner.cancel_local(run_id, reason)
 
     async def wait_finished(self, run_ids: Sequence[str], grace: float) -> tuple[str, ...]:
+        """The one method that waits: it checkpoints for each run given that
+        this node holds (``Run.done.wait`` always does), and not at all when it
+        holds none.  Cancellation: a ``Cancelled`` leaves nothing behind.
+        """
         runs = [r for r in map(self.owner.local_run, run_ids) if r is not None]
         with trio.move_on_after(grace):
             for run in runs:

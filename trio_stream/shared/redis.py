@@ -64,7 +64,7 @@ import math
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import coredis
@@ -73,11 +73,16 @@ import orjson
 import trio
 from coredis.tokens import PureToken
 
-from ..runlog import Entry, Outcome, RunStatus, ToolDelta
-from .base import Claim, LogPage, RunRecord, SessionKey, SharedState, SharedUnavailable
-
-if TYPE_CHECKING:
-    from ..runs import Run
+from ..core.log import Entry, Outcome, RunStatus, ToolDelta
+from .base import (
+    Claim,
+    LogPage,
+    RunRecord,
+    RunView,
+    SessionKey,
+    SharedState,
+    SharedUnavailable,
+)
 
 T = TypeVar("T")
 
@@ -191,11 +196,9 @@ def _entry_of(raw: str) -> Entry:
     return value if isinstance(value, str) else ToolDelta(value["tool"])
 
 
-class RedisState(SharedState):
-    """The shared state in Redis (or Valkey), through coredis (AnyIO: native
-    under trio).  ``lease`` is ``--node-lease``; ``ttl`` is ``--run-ttl``."""
-
-    ships_logs = True
+class _RedisBase(SharedState):
+    """The connection, the scripts and the keys: what every part of
+    :class:`RedisState` calls Redis through."""
 
     def __init__(
         self, url: str, *, lease: float = 10.0, ttl: float = 300.0, prefix: str = "ts:"
@@ -255,9 +258,213 @@ class RedisState(SharedState):
     def healthy(self) -> bool:
         return self._healthy
 
+    async def _cleanup_step(self, name: str, step: Callable[[], Awaitable[T]]) -> T:
+        """A step of a run's cleanup (its release, its end).  One that Redis
+        missed -- it failed, or the caller's deadline cut it -- is kept and
+        done again by :meth:`_resync` once Redis answers: otherwise a Redis
+        that was only unreachable (not restarted) would keep the ended run as
+        its session's run, and its record ``running``, for ever.  Every step is
+        idempotent (compare-and-delete, hash sets)."""
+        done = False
+        try:
+            result = await self._call(step())
+            done = True
+            return result
+        finally:
+            # Only a step that did not land is kept: one still in flight is
+            # not redone by the heartbeat meanwhile.
+            if done:
+                self._missed.pop(name, None)
+            else:
+                self._missed[name] = step
+
+
+class _RedisLogs(_RedisBase):
+    """G7 in Redis: a detached run's log as the stream ``ts:l:{run}``, shipped
+    by its owner and read by any node."""
+
+    async def ship(self, run: RunView) -> None:
+        """Copy ``run``'s log to ``ts:l:{run}`` in batches until its end is
+        there.  The end is shipped after the run's cleanup, so a remote
+        follower's ``[DONE]`` still means saved.  Retries while Redis is down.
+        Each batch goes right after the log's last entry in Redis (``_APPEND``),
+        so after an outage -- maybe a restart that lost the log -- shipping goes
+        on from wherever the log in Redis is, from its first entry if need be.
+
+        Cancellation: a checkpoint per batch and per wait; a ``Cancelled`` stops shipping, and
+        the batches already appended stay (a later ship goes on from the log's top).
+        """
+        shipped, resyncs = 0, self._resyncs
+        while True:
+            reship = self._reship
+            entries = run.log.read(shipped, 256)
+            ending = run.done.is_set() and shipped + len(entries) == run.log.last_seq
+            if not (entries or ending or resyncs != self._resyncs):
+                await run.wait_changed()
+                continue
+            resyncs = self._resyncs
+            outcome = run.log.outcome if ending else None
+            try:
+                last = await self._append_log(run.id, shipped, entries, outcome)
+            except SharedUnavailable:
+                with trio.move_on_after(0.2):
+                    await reship.wait()
+                resyncs = -1  # the log may be gone: ask Redis where it is
+                continue
+            if last < 0:
+                return  # the log has its end
+            shipped = last
+
+    async def _append_log(
+        self, run_id: str, shipped: int, entries: Sequence[Entry], outcome: Outcome | None
+    ) -> int:
+        """Append ``entries`` (seqs from ``shipped + 1``), then the end if
+        ``outcome``, right after the log's last entry (``_APPEND``).  Returns
+        -1 once the log has its end, else its last seq."""
+        end = b""
+        if outcome is not None:
+            fields = {"status": outcome.status.value, "reason": outcome.reason,
+                      "message": outcome.message}  # fmt: skip
+            end = orjson.dumps(fields)
+        args: list[str | bytes] = [str(shipped + 1), str(self.ttl), end, *map(_entry_json, entries)]
+        raw: Any = await self._call(self._append(keys=[self._l(run_id)], args=args))
+        return int(raw)
+
+    async def write_end(self, run_id: str, last_seq: int, outcome: Outcome) -> None:
+        """End the log after its entry ``last_seq`` (a no-op if that is not its top).
+
+        Cancellation: one atomic script; a ``Cancelled`` leaves the end written or not.
+        """
+        await self._append_log(run_id, last_seq, (), outcome)
+
+    async def read_log(self, run_id: str, cursor: int, *, wait: bool) -> LogPage:
+        """Entries after ``cursor``, then the end if it is there; with ``wait``, block up to
+        ``FOLLOW_BLOCK_MS`` for more.  Cancellation: a checkpoint; a ``Cancelled`` reads nothing
+        and changes nothing.
+        """
+        key = self._l(run_id)
+        after = f"{cursor}-0" if cursor else "0-0"
+        if wait:
+            found = await self._call(
+                self.client.xread({key: after}, count=1024, block=FOLLOW_BLOCK_MS)
+            )
+            items = (found or {}).get(key, ())
+        else:
+            items = await self._call(self.client.xrange(key, f"({after}", "+"))
+        entries: list[Entry] = []
+        outcome: Outcome | None = None
+        for item in items:
+            values = item.field_values
+            if "end" in values:
+                end = orjson.loads(str(values["end"]))
+                outcome = Outcome(RunStatus(end["status"]), end["reason"], end["message"])
+                break
+            entries.append(_entry_of(str(values["e"])))
+        return LogPage(entries, outcome)
+
+
+class _RedisSessions(_RedisLogs):
+    """G1-G5 in Redis: the session hash and its scripts, cancel requests, and
+    waiting for other nodes' cleanups."""
+
+    # -- sessions ---------------------------------------------------------
+    async def claim(self, key: SessionKey, run_id: str) -> Claim:
+        """One script (G1).  Cancellation: a checkpoint; the claim happened or did not."""
+        raw: Any = await self._call(self._claim(keys=[self._s(key)], args=[run_id]))
+        epoch, predecessors = raw
+        return Claim(int(epoch), tuple(str(p) for p in predecessors))
+
+    async def fence(self, key: SessionKey, run_id: str) -> None:
+        """One script (G3).  Cancellation: a checkpoint; atomic."""
+        await self._call(self._fence(keys=[self._s(key)], args=[run_id]))
+
+    async def release(self, key: SessionKey, run_id: str) -> bool:
+        """One script (G2), kept to be redone after an outage if it did not land.  Cancellation: a
+        checkpoint; a release that a ``Cancelled`` cut is redone once Redis answers.
+        """
+        step = partial(self._release, keys=[self._s(key)], args=[run_id])
+        raw: Any = await self._cleanup_step(f"release:{run_id}", step)
+        return bool(raw)
+
+    async def current(self, key: SessionKey) -> str | None:
+        """Cancellation: a checkpoint; a read."""
+        return await self._call(self.client.hget(self._s(key), "cur"))
+
+    async def live(self, key: SessionKey) -> dict[str, bool]:
+        """Cancellation: a checkpoint; a read."""
+        fields = await self._call(self.client.hgetall(self._s(key)))
+        return {k[2:]: v == "1" for k, v in fields.items() if k.startswith("r:")}
+
+    # -- cancel and completion --------------------------------------------
+    async def cancel(self, run_id: str, reason: str) -> None:
+        """A local run is cancelled directly (no checkpoint); a remote one by one script.
+        Cancellation: the cancel request is written or not.
+        """
+        if self.owner.cancel_local(run_id, reason):
+            return
+        args = [reason, str(self.ttl), self.prefix, run_id]
+        await self._call(self._cancel(keys=[self._r(run_id), self._c(run_id)], args=args))
+
+    async def wait_finished(self, run_ids: Sequence[str], grace: float) -> tuple[str, ...]:
+        """G5.  Several requests may wait on one run at once (successors in
+        quick succession): they share its event, which lives while any waits.
+
+        Cancellation: a checkpoint while it waits; a ``Cancelled`` leaves nothing behind (its
+        share of the events is given back).
+        """
+        waiting = {r: self._finished.setdefault(r, trio.Event()) for r in run_ids}
+        self._waiters.update(run_ids)
+        try:
+            with trio.move_on_after(grace):
+                while pending := [r for r, e in waiting.items() if not e.is_set()]:
+                    await self._check_finished(pending, waiting)
+                    if any(not waiting[r].is_set() for r in pending):
+                        with trio.move_on_after(FINISH_POLL):
+                            await waiting[pending[0]].wait()
+            return tuple(r for r, e in waiting.items() if not e.is_set())
+        finally:
+            self._waiters.subtract(run_ids)
+            for r in run_ids:
+                if self._waiters[r] <= 0:
+                    del self._waiters[r]
+                    self._finished.pop(r, None)
+
+    async def _check_finished(self, run_ids: list[str], events: dict[str, trio.Event]) -> None:
+        local = [self.owner.local_run(r) for r in run_ids]
+        remote = [r for r, run in zip(run_ids, local, strict=True) if run is None]
+        for run in local:
+            if run is not None and run.done.is_set():
+                events[run.id].set()
+        if not remote:
+            return
+        try:
+            for run_id in remote:
+                status = await self._call(self.client.hget(self._r(run_id), "status"))
+                if status != "running":
+                    events[run_id].set()
+        except SharedUnavailable:
+            pass  # keep waiting: the deadline still bounds it
+
+
+class RedisState(_RedisSessions):
+    """The shared state in Redis (or Valkey), through coredis (AnyIO: native
+    under trio).  ``lease`` is ``--node-lease``; ``ttl`` is ``--run-ttl``.
+
+    Its parts: the connection, scripts and keys (:class:`_RedisBase`), the
+    detached logs (:class:`_RedisLogs`, G7), sessions, cancel and completion
+    (:class:`_RedisSessions`, G1-G5), and here the lease and background
+    tasks, the registry (G6) and node loss.
+    """
+
+    ships_logs = True
+
     # -- background -------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Hold the client, the lease, the listeners and the pollers."""
+        """Hold the client, the lease, the listeners and the pollers.
+
+        Cancellation: a ``Cancelled`` stops the heartbeat, listeners and pollers and closes the
+        client; the lease then expires by itself unless :meth:`leave` ran.
+        """
         async with self.client, trio.open_nursery() as nursery:
             nursery.start_soon(self._heartbeat)
             nursery.start_soon(self._listen)
@@ -266,7 +473,11 @@ class RedisState(SharedState):
             task_status.started()
 
     async def leave(self) -> None:
-        """Leave the cluster cleanly (shutdown, after every run ended)."""
+        """Leave the cluster cleanly (shutdown, after every run ended).
+
+        Cancellation: a ``Cancelled`` between its two steps leaves the rest to the lease's
+        expiry.
+        """
         n = self.prefix
         with contextlib.suppress(SharedUnavailable):
             await self._call(self.client.srem(f"{n}nodes", [self.node]))
@@ -317,8 +528,8 @@ class RedisState(SharedState):
             if self._missed.get(name) is step:
                 del self._missed[name]
 
-    def owner_runs(self) -> list[Run]:
-        runs: dict[str, Run] = getattr(self.owner, "runs", {})
+    def owner_runs(self) -> list[RunView]:
+        runs: dict[str, RunView] = getattr(self.owner, "runs", {})
         return [r for r in runs.values() if not r.done.is_set()]
 
     async def _listen(self) -> None:
@@ -366,72 +577,9 @@ class RedisState(SharedState):
                 if reason is not None:
                     self.owner.cancel_local(run_id, reason)
 
-    # -- sessions ---------------------------------------------------------
-    async def claim(self, key: SessionKey, run_id: str) -> Claim:
-        raw: Any = await self._call(self._claim(keys=[self._s(key)], args=[run_id]))
-        epoch, predecessors = raw
-        return Claim(int(epoch), tuple(str(p) for p in predecessors))
-
-    async def fence(self, key: SessionKey, run_id: str) -> None:
-        await self._call(self._fence(keys=[self._s(key)], args=[run_id]))
-
-    async def release(self, key: SessionKey, run_id: str) -> bool:
-        step = partial(self._release, keys=[self._s(key)], args=[run_id])
-        raw: Any = await self._cleanup_step(f"release:{run_id}", step)
-        return bool(raw)
-
-    async def current(self, key: SessionKey) -> str | None:
-        return await self._call(self.client.hget(self._s(key), "cur"))
-
-    async def live(self, key: SessionKey) -> dict[str, bool]:
-        fields = await self._call(self.client.hgetall(self._s(key)))
-        return {k[2:]: v == "1" for k, v in fields.items() if k.startswith("r:")}
-
-    # -- cancel and completion --------------------------------------------
-    async def cancel(self, run_id: str, reason: str) -> None:
-        if self.owner.cancel_local(run_id, reason):
-            return
-        args = [reason, str(self.ttl), self.prefix, run_id]
-        await self._call(self._cancel(keys=[self._r(run_id), self._c(run_id)], args=args))
-
-    async def wait_finished(self, run_ids: Sequence[str], grace: float) -> tuple[str, ...]:
-        """G5.  Several requests may wait on one run at once (successors in
-        quick succession): they share its event, which lives while any waits."""
-        waiting = {r: self._finished.setdefault(r, trio.Event()) for r in run_ids}
-        self._waiters.update(run_ids)
-        try:
-            with trio.move_on_after(grace):
-                while pending := [r for r, e in waiting.items() if not e.is_set()]:
-                    await self._check_finished(pending, waiting)
-                    if any(not waiting[r].is_set() for r in pending):
-                        with trio.move_on_after(FINISH_POLL):
-                            await waiting[pending[0]].wait()
-            return tuple(r for r, e in waiting.items() if not e.is_set())
-        finally:
-            self._waiters.subtract(run_ids)
-            for r in run_ids:
-                if self._waiters[r] <= 0:
-                    del self._waiters[r]
-                    self._finished.pop(r, None)
-
-    async def _check_finished(self, run_ids: list[str], events: dict[str, trio.Event]) -> None:
-        local = [self.owner.local_run(r) for r in run_ids]
-        remote = [r for r, run in zip(run_ids, local, strict=True) if run is None]
-        for run in local:
-            if run is not None and run.done.is_set():
-                events[run.id].set()
-        if not remote:
-            return
-        try:
-            for run_id in remote:
-                status = await self._call(self.client.hget(self._r(run_id), "status"))
-                if status != "running":
-                    events[run_id].set()
-        except SharedUnavailable:
-            pass  # keep waiting: the deadline still bounds it
-
     # -- registry ---------------------------------------------------------
-    async def register(self, run: Run) -> None:
+    async def register(self, run: RunView) -> None:
+        """Cancellation: a checkpoint; one pipeline, written or not."""
         fields = {
             "tenant": run.tenant, "session": run.session_id or "", "node": self.node,
             "detached": "1" if run.detached else "0", "status": "running", "reason": "",
@@ -446,32 +594,15 @@ class RedisState(SharedState):
 
         await self._call(write())
 
-    async def finished(self, run: Run) -> None:
+    async def finished(self, run: RunView) -> None:
+        """Cancellation: a checkpoint; a notice that a ``Cancelled`` cut is redone once Redis
+        answers (as :meth:`release`).
+        """
         outcome = run.log.outcome
         assert outcome is not None
         await self._cleanup_step(
             f"finished:{run.id}", partial(self._end_record, self.node, run.id, outcome)
         )
-
-    async def _cleanup_step(self, name: str, step: Callable[[], Awaitable[T]]) -> T:
-        """A step of a run's cleanup (its release, its end).  One that Redis
-        missed -- it failed, or the caller's deadline cut it -- is kept and
-        done again by :meth:`_resync` once Redis answers: otherwise a Redis
-        that was only unreachable (not restarted) would keep the ended run as
-        its session's run, and its record ``running``, for ever.  Every step is
-        idempotent (compare-and-delete, hash sets)."""
-        done = False
-        try:
-            result = await self._call(step())
-            done = True
-            return result
-        finally:
-            # Only a step that did not land is kept: one still in flight is
-            # not redone by the heartbeat meanwhile.
-            if done:
-                self._missed.pop(name, None)
-            else:
-                self._missed[name] = step
 
     async def _end_record(self, node: str, run_id: str, outcome: Outcome) -> None:
         n = self.prefix
@@ -486,6 +617,7 @@ class RedisState(SharedState):
         await self._call(write())
 
     async def lookup(self, run_id: str) -> RunRecord | None:
+        """Cancellation: a checkpoint; a read."""
         fields = await self._call(self.client.hgetall(self._r(run_id)))
         if not fields or "tenant" not in fields:
             return None
@@ -495,75 +627,6 @@ class RedisState(SharedState):
             status=fields.get("status", "running"), reason=fields.get("reason") or None,
             model=fields.get("model", ""), created=float(fields.get("created", "0")),
         )  # fmt: skip
-
-    # -- logs of detached runs --------------------------------------------
-    async def ship(self, run: Run) -> None:
-        """Copy ``run``'s log to ``ts:l:{run}`` in batches until its end is
-        there.  The end is shipped after the run's cleanup, so a remote
-        follower's ``[DONE]`` still means saved.  Retries while Redis is down.
-        Each batch goes right after the log's last entry in Redis (``_APPEND``),
-        so after an outage -- maybe a restart that lost the log -- shipping goes
-        on from wherever the log in Redis is, from its first entry if need be."""
-        shipped, resyncs = 0, self._resyncs
-        while True:
-            reship = self._reship
-            entries = run.log.read(shipped, 256)
-            ending = run.done.is_set() and shipped + len(entries) == run.log.last_seq
-            if not (entries or ending or resyncs != self._resyncs):
-                await run.wait_changed()
-                continue
-            resyncs = self._resyncs
-            outcome = run.log.outcome if ending else None
-            try:
-                last = await self._append_log(run.id, shipped, entries, outcome)
-            except SharedUnavailable:
-                with trio.move_on_after(0.2):
-                    await reship.wait()
-                resyncs = -1  # the log may be gone: ask Redis where it is
-                continue
-            if last < 0:
-                return  # the log has its end
-            shipped = last
-
-    async def _append_log(
-        self, run_id: str, shipped: int, entries: Sequence[Entry], outcome: Outcome | None
-    ) -> int:
-        """Append ``entries`` (seqs from ``shipped + 1``), then the end if
-        ``outcome``, right after the log's last entry (``_APPEND``).  Returns
-        -1 once the log has its end, else its last seq."""
-        end = b""
-        if outcome is not None:
-            fields = {"status": outcome.status.value, "reason": outcome.reason,
-                      "message": outcome.message}  # fmt: skip
-            end = orjson.dumps(fields)
-        args: list[str | bytes] = [str(shipped + 1), str(self.ttl), end, *map(_entry_json, entries)]
-        raw: Any = await self._call(self._append(keys=[self._l(run_id)], args=args))
-        return int(raw)
-
-    async def write_end(self, run_id: str, last_seq: int, outcome: Outcome) -> None:
-        """End the log after its entry ``last_seq`` (a no-op if that is not its top)."""
-        await self._append_log(run_id, last_seq, (), outcome)
-
-    async def read_log(self, run_id: str, cursor: int, *, wait: bool) -> LogPage:
-        key = self._l(run_id)
-        after = f"{cursor}-0" if cursor else "0-0"
-        if wait:
-            found = await self._call(
-                self.client.xread({key: after}, count=1024, block=FOLLOW_BLOCK_MS)
-            )
-            items = (found or {}).get(key, ())
-        else:
-            items = await self._call(self.client.xrange(key, f"({after}", "+"))
-        entries: list[Entry] = []
-        outcome: Outcome | None = None
-        for item in items:
-            values = item.field_values
-            if "end" in values:
-                end = orjson.loads(str(values["end"]))
-                outcome = Outcome(RunStatus(end["status"]), end["reason"], end["message"])
-                break
-            entries.append(_entry_of(str(values["e"])))
-        return LogPage(entries, outcome)
 
     # -- node loss --------------------------------------------------------
     async def _reap(self) -> None:
@@ -602,7 +665,11 @@ class RedisState(SharedState):
         await self._call(self.client.srem(f"{n}nodes", [node]))
 
     async def end_lost(self, record: RunRecord, last_seq: int) -> None:
-        """End a dead node's run: its log's end, its record, its session."""
+        """End a dead node's run: its log's end, its record, its session.
+
+        Cancellation: a checkpoint at each step; every step is idempotent, so a ``Cancelled``
+        between them is finished by the next takeover.
+        """
         outcome = Outcome(RunStatus.FAILED, "node_lost", "The node running this run was lost.")
         if record.detached:
             await self.write_end(record.id, last_seq, outcome)

@@ -1,65 +1,21 @@
 """Upstreams: where completions come from.
 
-An :class:`Upstream` turns a :class:`~trio_stream.protocol.ChatRequest` into an
-async iterator of log entries (content strings or tool deltas) ended by one
-:class:`Finish`, with the upstream's token counts as a :class:`Usage` item
-wherever it reports them (before or after the ``Finish``).  Every adapter
-translates its transport's errors into
-:class:`~trio_stream.errors.UpstreamError` at this seam; ``trio.Cancelled``
-passes through untouched.
+The seam's types and its cancellation contract are in :mod:`.base`
+(:class:`~.base.Upstream`, :class:`~.base.Item`, :class:`~.base.Finish`); the
+adapters (:mod:`.mock`, :mod:`.openai`, :mod:`.ollama`) import only
+:mod:`.base` and their transport, and this package's :func:`create_upstream`
+imports the one ``--upstream`` names, when it is called.
 
-Cancellation contract of :meth:`Upstream.stream`: the context manager owns the
-upstream connection.  Leaving it by an exception or by ``Cancelled``, or
-before the body's end, closes the connection before ``__aexit__`` returns
-(:class:`~trio_stream.upstream.h1.Pool` closes it in a shielded block with a
-deadline, and re-raises), so a cancelled run never leaves a connection
-behind; only a response read to its end goes back to the keep-alive pool.
-Timeouts between items are the caller's (:mod:`trio_stream.runs`), not the
-adapter's.
+May import: :mod:`trio_stream.wire`, :mod:`trio_stream.core`, the top-level
+:mod:`~trio_stream.config` and :mod:`~trio_stream.errors`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
-from typing import Any, Protocol
-
-import trio
-
 from ..config import Settings
-from ..protocol import ChatRequest
-from ..runlog import Entry
-from ..usage import Usage
+from .base import Finish, Item, Upstream
 
-
-@dataclass(frozen=True, slots=True)
-class Finish:
-    """The upstream's last word: ``finish_reason`` (``stop``, ``length``, ...)."""
-
-    reason: str
-
-
-Item = Entry | Finish | Usage
-
-
-class Upstream(Protocol):
-    name: str
-
-    def stream(self, request: ChatRequest) -> AbstractAsyncContextManager[AsyncIterator[Item]]:
-        """Open one completion.  See the module docstring for cancellation."""
-        ...
-
-    async def models(self) -> list[dict[str, Any]]:
-        """The upstream's models in the OpenAI ``model`` object shape."""
-        ...
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None:
-        """Background work the upstream needs (the mock's timer), in the
-        service's nursery; returns at once after ``started()`` if none."""
-        ...
-
-    async def aclose(self) -> None: ...
+__all__ = ["Finish", "Item", "Upstream", "create_upstream"]
 
 
 def create_upstream(settings: Settings) -> Upstream:

@@ -61,6 +61,9 @@ def map_errors() -> Iterator[None]:
 
 
 async def get_json(client: httpx.AsyncClient, path: str) -> Any:
+    """``GET path`` on the upstream, its JSON body.  Raises :class:`UpstreamError`.  Cancellation:
+    a checkpoint; a ``Cancelled`` propagates untouched and httpx closes the request.
+    """
     with map_errors():
         response = await client.get(path)
         if response.status_code >= 400:

@@ -22,7 +22,7 @@ carries one exchange at a time:
 
 * **Timeouts.** ``--connect-timeout`` bounds connecting, the TLS handshake and
   writing the request.  Nothing here times the response (its head included):
-  :mod:`trio_stream.runs` times the first token and every next one, so an
+  :mod:`trio_stream.runs.manager` times the first token and every next one, so an
   upstream that sends its head only with the first token (Ollama loading a
   model) gets ``--first-token-timeout``, as it did with httpx.
 * **Pool.** Idle connections are kept per ``(scheme, host, port)``, at most
@@ -88,7 +88,7 @@ def failed(exc: BaseException) -> UpstreamError:
     return UpstreamError(f"The upstream request failed: {exc!r}")
 
 
-class Connection:
+class UpstreamConnection:
     """One HTTP/1.1 connection: the trio stream, its socket and its ``h11`` state."""
 
     __slots__ = ("_drained", "eof", "exchange", "key", "received", "sock", "stream", "tls")
@@ -98,7 +98,7 @@ class Connection:
         self.sock = sock  # the stdlib socket under ``stream`` (and under TLS)
         self.tls = isinstance(stream, trio.SSLStream)
         self.key = key
-        self.exchange: Exchange | None = None  # the response being parsed
+        self.exchange: ParsedResponse | None = None  # the response being parsed
         self.received = False  # a byte of the current response arrived
         self.eof = False  # the upstream closed its side (a body read to EOF)
         self._drained = True  # the last read emptied the socket
@@ -108,6 +108,8 @@ class Connection:
 
         Raises ``trio.BrokenResourceError``, ``trio.ClosedResourceError`` or
         ``OSError`` if the connection broke.
+
+        Cancellation: a ``Cancelled`` loses no data (nothing was read).
         """
         if self._drained and not self.tls:
             sock = self.sock
@@ -145,7 +147,11 @@ class Connection:
         return x is not None and x.complete and x.keep_alive and not self.eof
 
     async def aclose(self) -> None:
-        """Close the connection, even when cancelled; never raises on a broken one."""
+        """Close the connection, even when cancelled; never raises on a broken one.
+
+        Cancellation: shielded, bounded by ``CLOSE_TIMEOUT``; past it the socket is dropped.  A
+        ``Cancelled`` is delivered at the caller's next checkpoint.
+        """
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + CLOSE_TIMEOUT
             with suppress(*_Broken):
@@ -159,7 +165,7 @@ class Connection:
         self.sock.close()
 
 
-class Exchange:
+class ParsedResponse:
     """httptools' callbacks for one response: its head, its body pieces, its end.
 
     llhttp (through httptools, the parser uvicorn uses) frames the response:
@@ -221,7 +227,7 @@ class Response:
 
     __slots__ = ("conn", "exchange", "headers", "status")
 
-    def __init__(self, conn: Connection, exchange: Exchange) -> None:
+    def __init__(self, conn: UpstreamConnection, exchange: ParsedResponse) -> None:
         self.conn = conn
         self.exchange = exchange
         self.status = exchange.parser.get_status_code()
@@ -238,6 +244,9 @@ class Response:
         All of the body that one socket read brought comes back at once.
         Raises :class:`UpstreamError` if the connection breaks or the framing
         is wrong (an EOF inside a chunked or ``Content-Length`` body).
+
+        Cancellation: a ``Cancelled`` loses no data (a socket read either happened whole or
+        not); the caller's stream context then closes the connection.
         """
         x = self.exchange
         if not x.body and not x.complete:
@@ -261,7 +270,10 @@ class Response:
         return body[0] if len(body) == 1 else b"".join(body)
 
     async def read_snippet(self, limit: int = ERROR_SNIPPET) -> bytes:
-        """Up to ``limit`` bytes of the body (an error's), what arrived if it breaks."""
+        """Up to ``limit`` bytes of the body (an error's), what arrived if it breaks.
+
+        Cancellation: as :meth:`read`.
+        """
         body = b""
         try:
             while len(body) < limit and (data := await self.read()):
@@ -301,7 +313,7 @@ class Pool:
         self.headers = [("user-agent", "trio-stream"), *(headers or [])]
         self.max_idle = max_idle
         self._ssl_context = ssl_context
-        self._idle: dict[Key, list[Connection]] = {}
+        self._idle: dict[Key, list[UpstreamConnection]] = {}
         self._idle_count = 0
         self.closed = False
 
@@ -341,7 +353,11 @@ class Pool:
         await self._release(conn)
 
     async def aclose(self) -> None:
-        """Close every idle connection; later releases close theirs."""
+        """Close every idle connection; later releases close theirs.
+
+        Cancellation: each connection's close is shielded and bounded; a ``Cancelled`` between
+        two closes leaves the rest to be closed when collected.
+        """
         self.closed = True
         idle = [conn for conns in self._idle.values() for conn in conns]
         self._idle.clear()
@@ -363,7 +379,7 @@ class Pool:
         except _Stale as exc:
             raise failed(exc.__cause__ or exc) from exc
 
-    async def _exchange(self, conn: Connection, path: str, body: bytes) -> Response:
+    async def _exchange(self, conn: UpstreamConnection, path: str, body: bytes) -> Response:
         """POST ``body`` on ``conn`` and read the response head.  On any error
         the connection is closed; :class:`_Stale` if it died before answering."""
         h = h11.Connection(h11.CLIENT)  # writes and validates the request only
@@ -386,7 +402,7 @@ class Pool:
             except h11.LocalProtocolError as exc:  # a header we cannot send (the API key)
                 raise failed(exc) from exc
             conn.received = False
-            conn.exchange = x = Exchange()
+            conn.exchange = x = ParsedResponse()
             try:
                 with trio.fail_after(self.connect_timeout):
                     await conn.stream.send_all(request)
@@ -416,7 +432,7 @@ class Pool:
             raise
 
     # -- connections -------------------------------------------------------
-    async def _connect(self) -> Connection:
+    async def _connect(self) -> UpstreamConnection:
         """A new connection (TLS for https), within ``--connect-timeout``."""
         stream: trio.abc.Stream | None = None
         try:
@@ -446,7 +462,7 @@ class Pool:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
             raise
-        return Connection(stream, sock, self.key)
+        return UpstreamConnection(stream, sock, self.key)
 
     def _tls(self) -> ssl.SSLContext:
         if self._ssl_context is None:
@@ -454,7 +470,7 @@ class Pool:
             self._ssl_context.set_alpn_protocols(["http/1.1"])
         return self._ssl_context
 
-    def _checkout(self) -> Connection | None:
+    def _checkout(self) -> UpstreamConnection | None:
         """The most recently used idle connection that still looks alive."""
         conns = self._idle.get(self.key)
         while conns:
@@ -465,7 +481,7 @@ class Pool:
             conn.close_now()  # closed by the upstream: nothing to say to it
         return None
 
-    async def _release(self, conn: Connection) -> None:
+    async def _release(self, conn: UpstreamConnection) -> None:
         """Back to the pool if another exchange may follow, else closed."""
         if self.closed or not conn.reusable or self._idle_count >= self.max_idle:
             await conn.aclose()

@@ -1,6 +1,6 @@
 """The built-in mock upstream: no network, a deterministic reply (docs/api.md section 5).
 
-The text is :func:`trio_stream.mocktext.tokens`; the gap before each token is
+The text is :func:`trio_stream.upstream.mocktext.tokens`; the gap before each token is
 ``--mock-delay-ms``.  With a delay of 0 it still checkpoints once per token so
 that a cancel lands between any two tokens.
 
@@ -23,9 +23,9 @@ from typing import Any
 
 import trio
 
-from .. import mocktext
-from ..protocol import ChatRequest
-from . import Finish, Item
+from ..wire.request import ChatRequest
+from . import mocktext
+from .base import Finish, Item
 
 TICK = 0.001
 
@@ -64,6 +64,9 @@ class Ticker:
         self._added = trio.lowlevel.ParkingLot()
 
     async def sleep(self, delay: float) -> None:
+        """Sleep until the first tick at or after ``delay`` from now.  Cancellation: a checkpoint;
+        a ``Cancelled`` removes this sleeper (its heap entry is skipped).
+        """
         # Round up to the tick, without float noise turning an exact tick late.
         due = math.ceil((trio.current_time() + delay) / TICK - 1e-6) * TICK
         self._count += 1
@@ -73,7 +76,11 @@ class Ticker:
         await trio.lowlevel.wait_task_rescheduled(sleeper.abort)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Release due sleepers until cancelled."""
+        """Release due sleepers until cancelled.
+
+        Cancellation: runs until cancelled; a ``Cancelled`` leaves the sleepers asleep (each
+        one's own cancel scope still wakes it).
+        """
         task_status.started()
         heap = self._heap
         while True:
@@ -110,10 +117,13 @@ class MockUpstream:
         yield Finish(mocktext.reply_length(request.max_tokens)[1])
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The ticker.  Cancellation: as :meth:`Ticker.run`."""
         await self.ticker.run(task_status=task_status)
 
     async def models(self) -> list[dict[str, Any]]:
+        """Cancellation: never checkpoints."""
         return [{"id": "mock", "object": "model", "created": 0, "owned_by": "trio-stream"}]
 
     async def aclose(self) -> None:
+        """Nothing to close.  Cancellation: never checkpoints."""
         pass

@@ -14,10 +14,10 @@ import orjson
 import trio
 
 from ..config import Settings
-from ..protocol import ChatRequest
-from ..sse import LineDecoder
-from . import Item
+from ..wire.request import ChatRequest
+from ..wire.sse import LineDecoder
 from ._http import get_json, make_client, make_pool
+from .base import Item
 from .h1 import Response
 from .wire import ollama_items
 
@@ -42,6 +42,7 @@ class OllamaUpstream:
             yield items
 
     async def models(self) -> list[dict[str, Any]]:
+        """``GET /api/tags``.  Cancellation: a checkpoint; a ``Cancelled`` leaves nothing behind."""
         body = await get_json(self.client, "/api/tags")
         models = body.get("models") if isinstance(body, dict) else None
         return [
@@ -51,9 +52,15 @@ class OllamaUpstream:
         ]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """No background work.  Cancellation: returns at once after ``started()``, without a
+        checkpoint.
+        """
         task_status.started()  # no background work: the pools need none
 
     async def aclose(self) -> None:
+        """Close the pool, then the httpx client.  Cancellation: the pool's closes are shielded;
+        the caller shields the whole with a deadline.
+        """
         await self.pool.aclose()
         await self.client.aclose()
 

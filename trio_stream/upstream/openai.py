@@ -1,7 +1,7 @@
 """Any OpenAI-compatible server: ``POST {url}/chat/completions`` with SSE.
 
 The completion streams through :class:`~trio_stream.upstream.h1.Pool`; per
-token: one socket read, one llhttp parse, :class:`~trio_stream.sse.SSEDataDecoder`
+token: one socket read, one llhttp parse, :class:`~trio_stream.wire.sse.SSEDataDecoder`
 and ``orjson`` on the event's bytes, in one async generator (:func:`_items`).
 """
 
@@ -15,10 +15,10 @@ import orjson
 import trio
 
 from ..config import Settings
-from ..protocol import ChatRequest
-from ..sse import SSEDataDecoder
-from . import Item
+from ..wire.request import ChatRequest
+from ..wire.sse import SSEDataDecoder
 from ._http import get_json, make_client, make_pool
+from .base import Item
 from .h1 import Response
 from .wire import DONE_BYTES, openai_items
 
@@ -45,14 +45,21 @@ class OpenAIUpstream:
             yield items
 
     async def models(self) -> list[dict[str, Any]]:
+        """``GET /models``.  Cancellation: a checkpoint; a ``Cancelled`` leaves nothing behind."""
         body = await get_json(self.client, "/models")
         data = body.get("data") if isinstance(body, dict) else None
         return data if isinstance(data, list) else []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """No background work.  Cancellation: returns at once after ``started()``, without a
+        checkpoint.
+        """
         task_status.started()  # no background work: the pools need none
 
     async def aclose(self) -> None:
+        """Close the pool, then the httpx client.  Cancellation: the pool's closes are shielded;
+        the caller shields the whole with a deadline.
+        """
         await self.pool.aclose()
         await self.client.aclose()
 

@@ -9,7 +9,7 @@ Both map to the same items: content strings, :class:`ToolDelta`, one
 :class:`Finish`, and the upstream's :class:`Usage` where it reports one (a
 malformed usage is dropped: it is advisory).  Anything else malformed raises
 :class:`UpstreamError` -- also a delta nested too deep to be encoded again
-(:data:`~trio_stream.protocol.MAX_DEPTH`), which would otherwise crash the
+(:data:`~trio_stream.wire.request.MAX_DEPTH`), which would otherwise crash the
 writer that relays it (a text delta is never re-encoded as JSON, so only
 the other deltas are checked, and only when their chunk is long enough to be
 that deep: a text token costs nothing more).
@@ -23,11 +23,11 @@ from typing import Any
 
 import orjson
 
+from ..core.log import ToolDelta
 from ..errors import UpstreamError
-from ..protocol import MAX_DEPTH, nested_too_deep
-from ..runlog import ToolDelta
-from ..usage import Usage
-from . import Finish, Item
+from ..wire.request import MAX_DEPTH, nested_too_deep
+from ..wire.usage import Usage
+from .base import Finish, Item
 
 DONE = "[DONE]"
 DONE_BYTES = b"[DONE]"
@@ -69,7 +69,7 @@ def _json(data: str | bytes | bytearray, what: str, replace: bool = False) -> di
 
 def openai_items(data: str | bytes | bytearray) -> list[Item]:
     """Items from one SSE ``data`` field of an OpenAI-compatible stream (the
-    bytes of :class:`~trio_stream.sse.SSEDataDecoder`, or a ``str``)."""
+    bytes of :class:`~trio_stream.wire.sse.SSEDataDecoder`, or a ``str``)."""
     chunk = _json(data, "chunk", replace=True)
     usage = Usage.from_openai(chunk.get("usage"))
     choices = chunk.get("choices")

@@ -1,0 +1,184 @@
+"""The service: everything one server instance owns, and its lifetime.
+
+:func:`open_service` builds the store, the upstream, the metrics and the run
+manager, starts the manager's long-lived nursery, and tears it all down in
+reverse order.  The HTTP layer (:mod:`trio_stream.http.app`) and the server
+(:mod:`trio_stream.server.serve`) only borrow it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+from prometheus_client import Gauge
+
+from ..config import Settings
+from ..errors import shutting_down, too_many_streams, unauthorized
+from ..logs import EventLogger
+from ..metrics import Metrics
+from ..runs import SHARED_TIMEOUT, RunManager
+from ..shared import SharedState, create_shared
+from ..store import Store, open_store
+from ..upstream import Upstream, create_upstream
+from .stream import Pinger
+
+PUBLIC_TENANT = "public"
+
+
+class Auth:
+    """Bearer keys.  Each key is its own tenant; the tenant id is a hash, so
+    the key itself is never stored, logged or compared in variable time."""
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self._keys = [(k.encode(), _tenant_of(k)) for k in keys]
+
+    @property
+    def open(self) -> bool:
+        return not self._keys
+
+    def tenant(self, authorization: str | None) -> str:
+        """The caller's tenant, or :func:`~trio_stream.errors.unauthorized`."""
+        if self.open:
+            return PUBLIC_TENANT
+        scheme, _, token = (authorization or "").partition(" ")
+        given = token.strip().encode()
+        found: str | None = None
+        for key, tenant in self._keys:  # no early exit: constant time in the keys
+            if hmac.compare_digest(key, given) and scheme.lower() == "bearer":
+                found = tenant
+        if found is None:
+            raise unauthorized()
+        return found
+
+
+def _tenant_of(key: str) -> str:
+    return "k_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class Service:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        logger: EventLogger,
+        metrics: Metrics,
+        store: Store,
+        upstream: Upstream,
+        shared: SharedState | None = None,
+    ) -> None:
+        self.settings = settings
+        self.logger = logger
+        self.metrics = metrics
+        self.store = store
+        self.upstream = upstream
+        self.auth = Auth(settings.api_keys)
+        self.runs = RunManager(settings, upstream, store, metrics, logger, shared)
+        # Which process answered a scrape: with --workers, one port, N nodes.
+        Gauge(
+            "trio_stream_node_info", "This process's node id (cluster mode; 'local' embedded).",
+            ["node"], registry=metrics.registry,
+        ).labels(self.runs.shared.node).set(1)  # fmt: skip
+        self.pinger = Pinger(settings.ping_interval)
+        self.shutting_down = False
+        self.streams = 0
+        self._streams_changed = trio.lowlevel.ParkingLot()
+        self._slot = _StreamSlot(self)
+
+    def stream_slot(self) -> _StreamSlot:
+        """Admit one client stream (503 while shutting down, 429 when full):
+        ``with service.stream_slot(): ...``.
+
+        The context manager holds no state of its own, so every stream shares
+        one: an open stream holds no generator frame for its slot.
+        """
+        return self._slot
+
+    def _admit(self) -> None:
+        if self.shutting_down:
+            raise shutting_down()
+        if self.streams >= self.settings.max_streams:
+            raise too_many_streams(self.settings.max_streams)
+        self.streams += 1
+        self.metrics.active_streams.inc()
+
+    def _release(self) -> None:
+        self.streams -= 1
+        self.metrics.active_streams.dec()
+        self._streams_changed.unpark_all()
+
+    async def wait_streams_closed(self) -> None:
+        """Block until no client stream is open.  Cancellation: a checkpoint only when it has to
+        wait; a ``Cancelled`` leaves nothing behind.
+        """
+        while self.streams:
+            await self._streams_changed.park()
+
+
+class _StreamSlot:
+    """:meth:`Service.stream_slot`: admit on entry, release on exit."""
+
+    __slots__ = ("_service",)
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+
+    def __enter__(self) -> None:
+        self._service._admit()
+
+    def __exit__(self, *exc: object) -> None:
+        self._service._release()
+
+
+def _open_store(settings: Settings) -> Store:
+    return open_store(settings.db, timeout=settings.save_timeout)
+
+
+@asynccontextmanager
+async def open_service(
+    settings: Settings,
+    *,
+    logger: EventLogger | None = None,
+    store: Store | None = None,
+    upstream: Upstream | None = None,
+) -> AsyncIterator[Service]:
+    """Build a :class:`Service` and run its manager until the block exits.
+
+    On exit (normal or ``Cancelled``) every live run is cancelled and saved
+    (each save shielded with ``--save-timeout``) before the upstream client and
+    the database close.
+    """
+    settings.validate()
+    logger = logger or EventLogger(settings.log_format)
+    db = store if store is not None else await trio.to_thread.run_sync(_open_store, settings)
+    upstream = upstream or create_upstream(settings)
+    shared = create_shared(settings)
+    service = Service(
+        settings, logger=logger, metrics=Metrics(), store=db, upstream=upstream, shared=shared
+    )
+    try:
+        # The shared state and the store's committer outlive the runs: their
+        # cleanups save, release sessions and publish their ends through them.
+        async with trio.open_nursery() as outer:
+            await outer.start(shared.run)
+            await outer.start(db.run)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(service.runs.run)
+                await nursery.start(service.pinger.run)
+                await nursery.start(upstream.run)
+                try:
+                    yield service
+                finally:
+                    nursery.cancel_scope.cancel()
+            with trio.CancelScope(shield=True) as cs:
+                cs.deadline = trio.current_time() + SHARED_TIMEOUT
+                await shared.leave()
+            outer.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True) as cs:
+            cs.deadline = trio.current_time() + settings.save_timeout
+            await upstream.aclose()
+        db.close()

@@ -1,0 +1,262 @@
+"""A transport whose writes have a deadline that hypercorn's shield cannot hide.
+
+hypercorn's trio worker writes every byte with::
+
+    with trio.CancelScope(shield=True):
+        await self.stream.send_all(data)
+
+so on HTTP/1.1 a client that stops reading blocks the app's ``send()`` for
+ever: no cancel scope of the app can reach it, and graceful shutdown hangs on
+it (measured with hypercorn 0.18.0 and no guard: behind a client that never
+read, a worker with a 3 s graceful timeout took 12.8 s to exit;
+``tests/test_stall.py`` checks the guarded path).
+
+The fix is to put a cancel scope *inside* the shield.  :class:`GuardedStream`
+wraps each accepted socket; its ``send_all`` runs under its own deadline of
+``--stall-timeout``.  When the deadline passes -- or :meth:`TransportGuard.abort_all`
+cancels it at shutdown -- the socket is closed and ``BrokenResourceError`` is
+raised, which hypercorn already treats as "the client went away": it delivers
+``http.disconnect`` to the app, whose watcher cancels the run.
+
+TLS wraps *around* this stream (``SSLListener(GuardedListener(...))``), so the
+deadline bounds the raw socket writes of HTTP/1.1 and HTTP/2 alike.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any
+
+import trio
+
+
+class TransportGuard:
+    """Tracks live guarded streams so that shutdown can cut their writes."""
+
+    def __init__(self, stall_timeout: float) -> None:
+        self.stall_timeout = stall_timeout
+        self.aborting = False
+        self._streams: weakref.WeakSet[GuardedStream] = weakref.WeakSet()
+
+    def track(self, stream: GuardedStream) -> GuardedStream:
+        self._streams.add(stream)
+        return stream
+
+    def abort_all(self) -> None:
+        """Cut every blocked write now, and make later writes fail at once."""
+        self.aborting = True
+        for stream in list(self._streams):
+            stream.abort()
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+
+class GuardedStream(trio.abc.HalfCloseableStream):
+    """A :class:`trio.SocketStream` with a deadline on every ``send_all``."""
+
+    def __init__(self, inner: trio.SocketStream, guard: TransportGuard) -> None:
+        self._inner = inner
+        self._guard = guard
+        self._send_scope: trio.CancelScope | None = None
+        self.socket = inner.socket  # hypercorn reads peer/sock names from it
+
+    @property
+    def aborting(self) -> bool:
+        return self._guard.aborting
+
+    def send_nowait(self, data: bytes | memoryview) -> int:
+        """Write what the kernel takes at once, without waiting or checkpointing:
+        the number of bytes written (0 if the socket buffer is full, or the guard
+        is aborting: then :meth:`send_all` is the way to fail).
+
+        The socket's file descriptor is looked up on every call, never kept: a
+        closed trio socket reports -1 (``ClosedResourceError`` here), so a write
+        can never reach a descriptor number reused by another connection.
+        """
+        if self._guard.aborting:
+            return 0
+        fd = self.socket.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("the connection is closed")
+        try:
+            return os.write(fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:  # EPIPE, ECONNRESET: the peer is gone
+            raise trio.BrokenResourceError(f"the peer is gone: {exc!r}") from exc
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send, or close the socket and raise ``BrokenResourceError`` when the
+        peer refused data for ``stall_timeout`` (or the guard aborts).
+
+        A write the kernel takes whole at once costs no cancel scope and no
+        deadline: only one that has to wait arms the stall deadline.
+
+        Cancellation: a checkpoint (a write the kernel takes at once still makes one, shielded).
+        A write that waits is cut by the stall deadline or :meth:`TransportGuard.abort_all` (the
+        socket is closed, ``BrokenResourceError``); hypercorn shields the call, so the app's own
+        cancel scopes do not reach it.
+        """
+        view = memoryview(data)
+        sent = self.send_nowait(view)
+        if sent == len(view):
+            await trio.lowlevel.cancel_shielded_checkpoint()  # send_all is a checkpoint
+            return
+        await self._send_guarded(view[sent:])
+
+    async def _send_guarded(self, data: memoryview) -> None:
+        with trio.CancelScope(deadline=trio.current_time() + self._guard.stall_timeout) as scope:
+            self._send_scope = scope
+            if self._guard.aborting:
+                scope.cancel()
+            try:
+                await self._inner.send_all(data)
+            finally:
+                self._send_scope = None
+        if scope.cancelled_caught:
+            await self._inner.aclose()
+            raise trio.BrokenResourceError("the peer stopped reading")
+
+    def abort(self) -> None:
+        if self._send_scope is not None:
+            self._send_scope.cancel()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """The inner stream's.  Cancellation: a checkpoint; cancellable while it waits."""
+        await self._inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        """The inner stream's.  Cancellation: a checkpoint; a ``Cancelled`` may leave the FIN
+        unsent.
+        """
+        await self._inner.send_eof()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """The inner stream's, with no deadline of ours.  Cancellation: a checkpoint; a
+        ``Cancelled`` loses no data (nothing was received).
+        """
+        return await self._inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        """The inner stream's.  Cancellation: closes the socket even when cancelled (trio's
+        ``aclose`` contract).
+        """
+        await self._inner.aclose()
+
+
+class GuardedListener(trio.abc.Listener[GuardedStream]):
+    def __init__(self, inner: trio.SocketListener, guard: TransportGuard) -> None:
+        self._inner = inner
+        self._guard = guard
+        self.socket = inner.socket
+
+    async def accept(self) -> GuardedStream:
+        """Accept one connection, wrapped and tracked.  Cancellation: a checkpoint; a ``Cancelled``
+        accepts nothing.
+        """
+        return self._guard.track(GuardedStream(await self._inner.accept(), self._guard))
+
+    async def aclose(self) -> None:
+        """The inner listener's.  Cancellation: closes it even when cancelled."""
+        await self._inner.aclose()
+
+
+class Link:
+    """What a response on an HTTP/1.1 connection needs to write its body itself:
+    the connection's guarded stream, hypercorn's send lock, and how to tell
+    hypercorn that the connection broke.  Set by ``server.serve.Connection`` for
+    each plain (non-TLS) connection, in :data:`LINK`, which every request
+    task of the connection inherits (hypercorn spawns them from the
+    connection's task, and trio copies the spawner's context)."""
+
+    __slots__ = ("broken", "lock", "stream")
+
+    def __init__(
+        self, stream: GuardedStream, lock: trio.Lock, broken: Callable[[], Awaitable[None]]
+    ) -> None:
+        self.stream = stream
+        self.lock = lock
+        self.broken = broken
+
+
+LINK: ContextVar[Link] = ContextVar("trio_stream_link")
+
+
+def direct_body(scope: Any) -> DirectBody | None:
+    """The direct body writer for this request, if it can have one: HTTP/1.1
+    (chunked: the response to an HTTP/1.0 request is close-delimited, and on
+    HTTP/2 hypercorn owns the framing and flow control) on a plain connection
+    served by ``server.serve.Connection``."""
+    if scope.get("http_version") != "1.1":
+        return None
+    link = LINK.get(None)
+    return None if link is None else DirectBody(link)
+
+
+class DirectBody:
+    """Writes the chunks of one HTTP/1.1 chunked response body straight to the socket.
+
+    hypercorn sends a body chunk through its ASGI message, the response's
+    state machine, an h11 ``Data`` event, the connection's send lock (a
+    schedule point) and a shielded ``send_all`` (another one) -- about a
+    third of a streamed token's CPU (docs/design.md section 15).  Once the
+    response head is out (the caller sends the head and its first chunk
+    through ASGI), the rest of a chunked body is only bytes: ``<size hex>
+    CRLF <data> CRLF`` per chunk.  :meth:`send` frames the chunk and writes
+    it under hypercorn's own send lock, taken without waiting, so it never
+    interleaves with a write of hypercorn's.  The end of the body (the
+    terminator, and keep-alive) stays with hypercorn: the caller sends the
+    last chunk through ASGI, and h11 -- which keeps no count of chunked
+    bytes -- writes ``0 CRLF CRLF`` as usual.
+
+    Same guarantees as hypercorn's path: a chunk goes out whole or the
+    connection is closed (a write that has to wait finishes in a shielded
+    scope, bounded by the guarded stream's stall deadline, which closes the
+    socket when it passes); a broken connection is reported to hypercorn,
+    which delivers ``http.disconnect`` to the app.  A chunk the kernel takes
+    at once costs no checkpoint and no cancel scope.
+    """
+
+    __slots__ = ("_broken", "_link")
+
+    def __init__(self, link: Link) -> None:
+        self._link = link
+        self._broken = False
+
+    async def send(self, data: bytes) -> bool:
+        """Write ``data`` as one chunk.  False if hypercorn is writing on this
+        connection right now: then nothing was written, and the caller sends
+        the chunk through ASGI (which waits for the lock).
+
+        Cancellation: a chunk the kernel takes at once costs no checkpoint; one that has to wait
+        is written whole in a shielded scope bounded by the stall deadline, and a ``Cancelled``
+        is delivered right after it (so a chunk is never half written).
+        """
+        if not data:
+            return True  # an empty chunk would be the body's terminator
+        link = self._link
+        try:
+            link.lock.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        try:
+            if self._broken:
+                return True  # the client is gone; hypercorn drops sends the same way
+            frame = b"%x\r\n%b\r\n" % (len(data), data)
+            stream = link.stream
+            try:
+                sent = stream.send_nowait(frame)
+                if sent < len(frame):
+                    with trio.CancelScope(shield=True):  # whole chunks only
+                        await stream.send_all(memoryview(frame)[sent:])
+                    await trio.lowlevel.checkpoint_if_cancelled()  # it waited: a checkpoint
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._broken = True
+                await link.broken()
+        finally:
+            link.lock.release()
+        return True
