@@ -34,12 +34,13 @@ from .errors import (
     error_body,
     method_not_allowed,
     not_found,
+    store_unavailable,
     unknown_route,
 )
 from .playground import add_playground
 from .protocol import parse_session_id
 from .service import Service
-from .store import Message
+from .store import Message, StoreUnavailable
 
 _EVENTS = re.compile(r"/v1/runs/([^/]+)/events")
 _JSON = "application/json"
@@ -104,6 +105,12 @@ def _routes(app: TrioStreamApp) -> None:
         for name, value in (*exc.headers, *close_headers(exc, request.http_version)):
             response.headers[name.decode()] = value.decode()
         return response
+
+    @app.errorhandler(StoreUnavailable)
+    async def store_error(exc: StoreUnavailable) -> Response:
+        """Any route that reads saved messages: 503 + Retry-After, never 500."""
+        service.logger.event("store_unavailable", path=request.path, error=str(exc))
+        return await api_error(store_unavailable())
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

@@ -38,7 +38,15 @@ from .asgi import (
     send_error,
 )
 from .endpoints import _attached, _follow, _is_h2, _response_headers, read_request
-from .errors import ApiError, bad_request, method_not_allowed, not_found, unavailable, unknown_route
+from .errors import (
+    ApiError,
+    bad_request,
+    method_not_allowed,
+    not_found,
+    store_unavailable,
+    unavailable,
+    unknown_route,
+)
 from .protocol import parse_session_id
 from .responses_wire import (
     ResponseEvents,
@@ -53,7 +61,7 @@ from .runlog import Entry, Outcome, RunStatus
 from .runs import Run, follow_page
 from .service import Service
 from .shared import RunRecord, SharedUnavailable
-from .store import Message
+from .store import Message, StoreUnavailable
 from .stream import Subscriber
 from .transport import direct_body
 from .usage import Usage
@@ -146,6 +154,9 @@ async def handle(service: Service, scope: Scope, receive: Receive, send: Send) -
         raise method_not_allowed(method, path)
     except ClientGone:
         return
+    except StoreUnavailable as exc:  # a saved response could not be read: 503, never 500
+        service.logger.event("store_unavailable", path=path, error=str(exc))
+        await send_error(send, store_unavailable())
     except ApiError as exc:
         extra = close_headers(exc, scope.get("http_version", "1.1"))
         if exc.status == 405:

@@ -95,7 +95,9 @@ class AlreadySaved(TrioStreamError):
 class StoreUnavailable(TrioStreamError):
     """The database could not be reached (or the connection dropped) and the
     statement's effect is unknown.  A save may be retried: if the first
-    attempt landed, the retry raises :class:`AlreadySaved`."""
+    attempt landed, the retry raises :class:`AlreadySaved`.  A read raising
+    it is answered 503 ``store_unavailable`` with ``Retry-After`` by every
+    route (:func:`~trio_stream.errors.store_unavailable`), never 500."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +256,13 @@ class Store(abc.ABC):
             raise AlreadySaved(m.run_id)
 
     async def session_messages(self, tenant: str, session_id: str) -> list[Message]:
-        """The session's saved messages, oldest first (ties: in save order)."""
+        """The session's saved messages, oldest first (ties: in save order).
+
+        Reads (this, :meth:`get`, :meth:`count`) are checkpoints; a read
+        cancelled meanwhile still completes in its thread.  They raise
+        :class:`StoreUnavailable` if the database cannot be reached (Postgres
+        first retries a read whose pooled connection had died, once).
+        """
         return await self._call(self._select_session, tenant, session_id)
 
     async def get(self, tenant: str, run_id: str) -> Message | None:
