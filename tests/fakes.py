@@ -38,6 +38,10 @@ class Plan:
     status: int = 200
     steps: list[Step] = field(default_factory=list)
     content_type: str = "text/event-stream"
+    #: The response head as sent, in order, replacing ``content_type`` when set
+    #: (transcript replay).  ``transfer-encoding: chunked`` is added when it
+    #: holds neither that nor ``content-length``.
+    headers: list[tuple[str, str]] | None = None
 
 
 @dataclass
@@ -56,6 +60,9 @@ class Exchange:
     request: dict[str, Any]
     started: float
     ended: float | None = None
+    target: bytes = b""  # the request line's path, e.g. b"/v1/chat/completions"
+    raw: bytes = b""  # the request body as received
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # names lowercased
 
 
 def openai_chunk(content: str | None = None, finish: str | None = None, **delta: Any) -> bytes:
@@ -184,13 +191,17 @@ class FakeUpstream:
             if isinstance(event, h11.ConnectionClosed):
                 return
             assert isinstance(event, h11.Request), event
+            head = event
             body = b""
             while not isinstance(event := await self._next_event(stream, h), h11.EndOfMessage):
                 body += event.data
             request = orjson.loads(body) if body else {}
             conn.requests.append(request)
             conn.busy = True
-            exchange = Exchange(request, trio.current_time())
+            exchange = Exchange(
+                request, trio.current_time(), target=head.target, raw=body,
+                headers=list(head.headers),
+            )  # fmt: skip
             self.exchanges.append(exchange)
             self._notify()
             try:
@@ -217,7 +228,10 @@ class FakeUpstream:
             await stream.send_all(h.send(h11.Data(data=body)) + h.send(h11.EndOfMessage()))
             return True
         plan = self.plan(request)
-        headers = [("content-type", plan.content_type), ("transfer-encoding", "chunked")]
+        headers = [("content-type", plan.content_type)] if plan.headers is None else plan.headers
+        framed = {name.lower() for name, _ in headers} & {"content-length", "transfer-encoding"}
+        if not framed:
+            headers = [*headers, ("transfer-encoding", "chunked")]
         await stream.send_all(h.send(h11.Response(status_code=plan.status, headers=headers)))
         peer_closed = trio.Event()
         async with trio.open_nursery() as nursery:

@@ -83,6 +83,26 @@ def wrong_method(method: str, path: str, name: str) -> Case:
 
 
 GOOD = orjson.dumps({"messages": MSGS, "stream": True})
+RESPONSES = "/v1/responses"
+
+
+def nest(levels: int) -> bytes:
+    """``levels`` arrays, one in the other."""
+    return b"[" * levels + b"]" * levels
+
+
+def deep(id_: str, shape: Any, depth: int, path: str = CHAT) -> Case:
+    """A body nested ``depth`` levels deep in all (the body is level 1):
+    ``shape(d)`` builds it around one placeholder, replaced by as many arrays
+    as it takes.  Answered 400 invalid_json before any run starts."""
+    raw = orjson.dumps(shape("@NEST@"))
+    head = raw[: raw.index(b'"@NEST@"')]  # no string of these shapes holds a bracket
+    around = head.count(b"[") + head.count(b"{") - head.count(b"]") - head.count(b"}")
+    raw = raw.replace(b'"@NEST@"', nest(depth - around))
+    return Case(id_, "POST", path, raw, 400, BAD_REQ, "invalid_json")
+
+
+DEEP_BODY = orjson.dumps({"messages": MSGS}).replace(b'"hi"', nest(300))
 
 CASES: list[Case] = [
     # 400: malformed JSON
@@ -101,6 +121,20 @@ CASES: list[Case] = [
     # 400: empty body
     chat("empty-body", b"", "invalid_json"),
     chat("whitespace-body", b" \r\n\t ", "invalid_json"),
+    # 400: nested deeper than 250 levels (docs/api.md section 2.2), wherever:
+    # before issue 18 each of these started a run that crashed re-encoding it
+    deep("deep-content-251", lambda d: {"messages": [{"role": "user", "content": d}]}, 251),
+    deep("deep-content-257", lambda d: {"messages": [{"role": "user", "content": d}]}, 257),
+    deep("deep-name", lambda d: {"messages": [{"role": "user", "content": "x", "name": d}]}, 251),
+    deep("deep-tools", lambda d: {"messages": MSGS, "tools": [d]}, 251),
+    deep("deep-stream-true", lambda d: {"messages": MSGS, "stream": True, "x": d}, 251),
+    deep("deep-responses", lambda d: {"input": "hi", "metadata": d}, 251, path=RESPONSES),
+    deep(
+        "deep-responses-stream",
+        lambda d: {"input": "hi", "stream": True, "x": d},
+        251,
+        path=RESPONSES,
+    ),
     # 400: no messages / empty messages / malformed messages
     chat("no-messages", {"model": "m"}, "missing_required_parameter"),
     chat("messages-null", {"messages": None}, "missing_required_parameter"),
@@ -129,6 +163,18 @@ CASES: list[Case] = [
     typed("max_tokens", -1, "invalid_value"),
     typed("max_tokens", 2_000_000, "invalid_value"),
     typed("max_completion_tokens", "10"),
+    # ... also beside max_tokens, which wins (issue 18: these answered 200)
+    chat(
+        "max_completion_tokens-x-beside-max_tokens",
+        {"messages": MSGS, "max_tokens": 5, "max_completion_tokens": "x"},
+        "invalid_type",
+    ),
+    chat(
+        "max_completion_tokens--7-beside-max_tokens",
+        {"messages": MSGS, "max_tokens": 5, "max_completion_tokens": -7},
+        "invalid_value",
+    ),
+    typed("max_completion_tokens", -7, "invalid_value"),
     typed("n", "1"),
     typed("n", 2, "invalid_value"),
     # 400: bad X-Session-Id (header) and bad session ids in paths
@@ -184,6 +230,32 @@ CASES: list[Case] = [
     Case("404-path-v1-nope", "GET", "/v1/nope", None, 404, BAD_REQ, "unknown_url"),
     Case("404-path-typo", "POST", "/v1/chat/completion", GOOD, 404, BAD_REQ, "unknown_url"),
     Case("404-path-runs-deep", "GET", f"{RUN}/events/x", None, 404, BAD_REQ, "unknown_url"),
+    # The page is at "/" only (docs/api.md section 9)
+    Case(
+        "404-playground-index", "GET", "/playground/index.html", None, 404, BAD_REQ, "unknown_url"
+    ),
+    # Routes that read no body do not parse one: a deep body changes nothing
+    Case(
+        "404-run-cancel-deep-body", "POST", f"{RUN}/cancel", DEEP_BODY, 404, NOT_FOUND, "not_found"
+    ),
+    Case(
+        "404-session-interrupt-deep-body",
+        "POST",
+        f"{SESSION}/interrupt",
+        DEEP_BODY,
+        404,
+        NOT_FOUND,
+        "not_found",
+    ),
+    Case(
+        "404-response-cancel-deep-body",
+        "POST",
+        "/v1/responses/resp_nope/cancel",
+        DEEP_BODY,
+        404,
+        NOT_FOUND,
+        "not_found",
+    ),
     # 405: wrong method on each route
     wrong_method("GET", CHAT, "chat"),
     wrong_method("PUT", CHAT, "chat"),

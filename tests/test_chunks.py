@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from trio_stream.chunks import ChunkEncoder, cancel_error
+from trio_stream.errors import INTERNAL_MESSAGE
 from trio_stream.runlog import Entry, Outcome, RunLog, RunStatus, ToolDelta
 from trio_stream.sse import SSEDecoder, SSEEvent
 
@@ -183,9 +184,21 @@ def test_finish(reason: str) -> None:
             Outcome(RunStatus.FAILED, "upstream_error", "HTTP 500"),
             ("upstream_error", "upstream_error", "HTTP 500"),
         ),
+        # A crash is the server's fault: never an upstream error (issue 18).
+        (
+            Outcome(RunStatus.FAILED, "internal_error", INTERNAL_MESSAGE),
+            ("server_error", "internal_error", INTERNAL_MESSAGE),
+        ),
+        (
+            Outcome(RunStatus.FAILED, "internal_error"),
+            ("server_error", "internal_error", INTERNAL_MESSAGE),
+        ),
     ],
-    ids=["cancelled-default", "cancelled-message", "failed-default", "failed-message"],
-)
+    ids=[
+        "cancelled-default", "cancelled-message", "failed-default", "failed-message",
+        "crashed", "crashed-default",
+    ],
+)  # fmt: skip
 def test_terminal_error_event(outcome: Outcome, error: tuple[str, str, str]) -> None:
     """A run that ended early ends its stream with exactly one OpenAI error
     event (type, code, message) and no [DONE]."""

@@ -33,6 +33,7 @@ FACTORIES: list[tuple[str, Callable[[], ApiError], int, str, str | None]] = [
     ("504", lambda: UpstreamError("slow", timeout=True), 504, "upstream_error", None),
     ("502-code", lambda: UpstreamError("x", code="malformed_chunk"), 502, "upstream_error",
      "malformed_chunk"),
+    ("500-internal", errors.InternalError, 500, "server_error", "internal_error"),
     ("503", errors.shutting_down, 503, "unavailable_error", "shutting_down"),
     ("503-shared-state", lambda: errors.unavailable("connection refused"), 503,
      "unavailable_error", "shared_state_unavailable"),
@@ -133,6 +134,8 @@ def test_one_small_exception_tree() -> None:
     UpstreamError is an ApiError (it can become an HTTP answer); ConfigError is not."""
     assert issubclass(ApiError, TrioStreamError)
     assert issubclass(UpstreamError, ApiError)
+    assert issubclass(errors.InternalError, ApiError)
+    assert not issubclass(errors.InternalError, UpstreamError)  # a crash is not the upstream's
     assert issubclass(ConfigError, TrioStreamError)
     assert not issubclass(ConfigError, ApiError)
     assert issubclass(TrioStreamError, Exception)

@@ -212,6 +212,7 @@ def check_parse(raw: bytes) -> None:
     assert "detach" not in body
     assert "stream_options" not in body
     orjson.dumps(body)
+    orjson.dumps({"options": body})  # an ollama upstream nests some fields one level deeper
     mocktext.prompt_base(request.messages)  # the mock can answer it
 
 
@@ -222,6 +223,39 @@ def test_parse_chat_request_on_json_values(body: Any) -> None:
     whose upstream body drops our extensions) or an ApiError 400 with an
     OpenAI error body -- never another exception."""
     check_parse(orjson.dumps(body))
+
+
+def nested_in(leaf: Any, kinds: list[bool]) -> bytes:
+    """JSON of ``leaf`` inside one array (True) or object (False) per entry
+    of ``kinds``: written by hand, since no encoder writes past its limit."""
+    head = b"".join(b"[" if is_array else b'{"k":' for is_array in kinds)
+    tail = b"".join(b"]" if is_array else b"}" for is_array in reversed(kinds))
+    return head + orjson.dumps(leaf) + tail
+
+
+#: Where deep nesting can hide in a body that is otherwise valid (issue 18).
+DEEP_SHAPES = {
+    "content": b'{"messages": [{"role": "user", "content": [@]}]}',
+    "name": b'{"messages": [{"role": "user", "content": "x", "name": @}]}',
+    "tools": b'{"messages": [{"role": "user"}], "tools": @}',
+    "top_p": b'{"messages": [{"role": "user"}], "top_p": @}',
+}
+deep_bodies = st.builds(
+    lambda shape, kinds, leaf: DEEP_SHAPES[shape].replace(b"@", nested_in(leaf, kinds)),
+    st.sampled_from(sorted(DEEP_SHAPES)),
+    st.lists(st.booleans(), min_size=240, max_size=260),
+    json_scalars,
+)
+
+
+@FUZZ
+@given(raw=deep_bodies)
+def test_parse_chat_request_on_deep_nesting(raw: bytes) -> None:
+    """Nesting around the limit (250 levels), in any field: a request that
+    parses can be encoded again for every upstream and hashed by the mock;
+    any other is a 400 (before issue 18, parsing let through bodies that no
+    encoder could write back)."""
+    check_parse(raw)
 
 
 @FUZZ

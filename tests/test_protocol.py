@@ -8,7 +8,13 @@ import orjson
 import pytest
 
 from trio_stream.errors import ApiError
-from trio_stream.protocol import parse_chat_request, parse_session_id
+from trio_stream.protocol import (
+    MAX_DEPTH,
+    nested_too_deep,
+    parse_chat_request,
+    parse_session_id,
+)
+from trio_stream.responses_wire import parse_responses_request
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -77,6 +83,38 @@ INVALID = [
     (
         "max-completion-tokens-string",
         body(max_completion_tokens="9"),
+        "invalid_type",
+        "'max_completion_tokens'",
+    ),
+    # max_completion_tokens is checked also when max_tokens is set (it won, and
+    # the other went unchecked), and its range error names it.
+    (
+        "max-completion-tokens-string-beside-max-tokens",
+        body(max_tokens=5, max_completion_tokens="x"),
+        "invalid_type",
+        "'max_completion_tokens' must be an integer",
+    ),
+    (
+        "max-completion-tokens-negative-beside-max-tokens",
+        body(max_tokens=5, max_completion_tokens=-7),
+        "invalid_value",
+        "'max_completion_tokens' must be between 1 and 1000000",
+    ),
+    (
+        "max-completion-tokens-negative",
+        body(max_completion_tokens=-7),
+        "invalid_value",
+        "'max_completion_tokens' must be between 1 and 1000000",
+    ),
+    (
+        "max-completion-tokens-float",
+        body(max_completion_tokens=2.5),
+        "invalid_type",
+        "'max_completion_tokens' must be an integer",
+    ),
+    (
+        "max-completion-tokens-bool",
+        body(max_tokens=5, max_completion_tokens=True),
         "invalid_type",
         "'max_completion_tokens'",
     ),
@@ -201,3 +239,104 @@ def test_invalid_session_ids(value: str) -> None:
     with pytest.raises(ApiError) as info:
         parse_session_id(value)
     assert_openai_400(info.value, "invalid_session_id", "X-Session-Id")
+
+
+# -- nesting depth (docs/api.md section 2.2) -------------------------------------
+
+
+def nested(depth: int, kind: str = "array") -> bytes:
+    """A chat body nested exactly ``depth`` levels deep (the body is level 1),
+    the nesting in its one message's ``content``: ``{"messages": [{"role":
+    "user", "content": X}]}`` is 3 levels around X."""
+    inner = depth - 3
+    if kind == "array":
+        content = b"[" * inner + b"]" * inner
+    else:  # objects, in an array (content must be a string, an array or null)
+        content = b"[" + b'{"a":' * (inner - 1) + b"1" + b"}" * (inner - 1) + b"]"
+    return b'{"messages": [{"role": "user", "content": ' + content + b"}]}"
+
+
+@pytest.mark.parametrize("kind", ["array", "object"])
+def test_the_nesting_limit_is_exact(kind: str) -> None:
+    """A body nested MAX_DEPTH (250) levels deep is accepted and can be
+    encoded again with room to spare (the upstream body); one level deeper is
+    a 400 invalid_json whose message names the limit, for arrays and objects
+    alike.  This also pins orjson's encoder limit that the check relies on."""
+    req = parse_chat_request(nested(MAX_DEPTH, kind))
+    orjson.dumps({"options": req.upstream_body()})  # re-encodable, one level deeper too
+    orjson.dumps(req.messages)  # the mock upstream hashes these
+    err = rejected(nested(MAX_DEPTH + 1, kind))
+    assert_openai_400(err, "invalid_json", f"more than {MAX_DEPTH} levels deep")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"name": "NESTED"},  # a message's name, passed through
+        {"tools": ["NESTED"]},  # tools, passed through
+        {"top_p": "NESTED"},  # an ollama upstream nests it one level deeper
+        {"anything": "NESTED"},  # any field passed through to the upstream
+    ],
+    ids=["message-name", "tools", "top_p", "unknown-field"],
+)
+def test_nesting_is_limited_in_every_field(fields: dict[str, Any]) -> None:
+    """Wherever the deep nesting hides -- a message's ``name``, ``tools``, a
+    passed-through field -- parsing refuses it (before: the run crashed when
+    the body was encoded for the upstream).  The raw body of 1,024 levels,
+    past orjson's decoder limit (1,024 levels), is refused with the same message."""
+    for depth in (300, 1100):
+        deep = b"[" * depth + b"]" * depth
+        raw = orjson.dumps({"messages": MSG, **fields}).replace(b'"NESTED"', deep)
+        assert_openai_400(rejected(raw), "invalid_json", f"more than {MAX_DEPTH} levels deep")
+
+
+def test_responses_bodies_have_the_same_limit() -> None:
+    """POST /v1/responses parses through the same function: a field it
+    ignores does not let a too-deep body through, and 250 levels pass."""
+    deep = b"[" * (MAX_DEPTH) + b"]" * (MAX_DEPTH)
+    with pytest.raises(ApiError) as info:
+        parse_responses_request(b'{"input": "hi", "metadata": ' + deep + b"}")
+    assert_openai_400(info.value, "invalid_json", f"more than {MAX_DEPTH} levels deep")
+    fits = b"[" * (MAX_DEPTH - 1) + b"]" * (MAX_DEPTH - 1)
+    chat, _ = parse_responses_request(b'{"input": "hi", "metadata": ' + fits + b"}")
+    assert chat.messages == [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("value", "too_deep"),
+    [
+        (1, False),
+        ("x" * 10, False),
+        ({}, False),
+        ([[[]]], False),
+        (orjson.loads(b"[" * MAX_DEPTH + b"]" * MAX_DEPTH), False),
+        (orjson.loads(b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1)), True),
+        ([[1], [[[2]]]] * 100, False),  # wide, not deep: many brackets, 4 levels
+    ],
+    ids=["scalar", "string", "empty-object", "three", "at-limit", "past-limit", "wide"],
+)
+def test_nested_too_deep(value: Any, too_deep: bool) -> None:
+    """nested_too_deep counts levels of objects and arrays, the value itself
+    the first, and is false for anything within MAX_DEPTH however wide."""
+    assert nested_too_deep(value) is too_deep
+
+
+def test_short_bodies_are_never_walked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body of at most 2 * MAX_DEPTH bytes cannot nest past the limit (each
+    level takes two bytes), so it is not checked at all: the limit costs a
+    typical request one ``len``.  A longer one is checked."""
+    from trio_stream import protocol
+
+    calls: list[object] = []
+
+    def counted(value: object) -> bool:
+        calls.append(value)
+        return False
+
+    monkeypatch.setattr(protocol, "nested_too_deep", counted)
+    short = body(model="m" * (2 * MAX_DEPTH - len(body(model=""))))
+    assert len(short) == 2 * MAX_DEPTH
+    parse_chat_request(short)
+    assert calls == []
+    parse_chat_request(body(model="m" * (2 * MAX_DEPTH)))
+    assert len(calls) == 1

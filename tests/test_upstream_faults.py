@@ -78,6 +78,18 @@ def error_object(fmt: str) -> Step:
     return raw(fmt, b'data: {"error": {"message": "overloaded"}}\n\n', b'{"error": "overloaded"}\n')
 
 
+def too_deep(fmt: str) -> Step:
+    """A non-text delta nested 300 levels deep: orjson reads it (up to 1,024)
+    but cannot write it again (254), so relaying it crashed the writer."""
+    nest = b"[" * 300 + b"]" * 300
+    return raw(
+        fmt,
+        b'data: {"choices": [{"index": 0, "delta": {"refusal": ' + nest + b"}}]}\n\n",
+        b'{"message": {"role": "assistant", "content": "", "tool_calls": [{"function": '
+        b'{"name": "f", "arguments": ' + nest + b"}}]}}\n",
+    )
+
+
 HELLO = ["Hel", "lo"]
 
 
@@ -115,6 +127,13 @@ FAULTS = [
         502,
         "upstream_reported",
         "overloaded",
+    ),
+    Fault(
+        "too-deep-first-delta",
+        lambda f: [too_deep(f), Step(hang=True)],
+        502,
+        "malformed_chunk",
+        "nested more than 250 levels deep",
     ),
     Fault(
         "http-400",
@@ -167,6 +186,14 @@ FAULTS = [
         200,
         "upstream_error",
         "overloaded",
+        "Hello",
+    ),
+    Fault(
+        "too-deep-delta-mid-stream",
+        lambda f: [token(f, "Hel"), token(f, "lo"), too_deep(f), Step(hang=True)],
+        200,
+        "upstream_error",
+        "nested more than 250 levels deep",
         "Hello",
     ),
     Fault(

@@ -26,10 +26,11 @@ from werkzeug.exceptions import HTTPException
 
 from . import metrics as metrics_mod
 from . import responses
-from .asgi import Receive, Scope, Send, close_headers, send_error
+from .asgi import Receive, Scope, Send, close_headers, framing_conflict, send_error
 from .endpoints import chat_completions, run_events
 from .errors import (
     ApiError,
+    ambiguous_framing,
     body_timeout,
     error_body,
     method_not_allowed,
@@ -71,6 +72,9 @@ class TrioStreamApp(QuartTrio):
         chain of frames).
         """
         if scope["type"] == "http":
+            if framing_conflict(scope):  # before any route reads a body it cannot trust
+                error = ambiguous_framing()
+                return send_error(send, error, close_headers(error, scope["http_version"]))
             path, method = scope["path"], scope["method"]
             if path == "/v1/chat/completions":
                 if method == "POST":

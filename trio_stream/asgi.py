@@ -73,6 +73,19 @@ async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
             return b"".join(parts)
 
 
+def framing_conflict(scope: Scope) -> bool:
+    """Whether the request carries both ``Content-Length`` and
+    ``Transfer-Encoding`` (RFC 9112 section 6.1; h11 frames such a body by
+    ``Transfer-Encoding`` alone and would keep the connection)."""
+    length = encoding = False
+    for key, _ in scope["headers"]:
+        if key == b"content-length":
+            length = True
+        elif key == b"transfer-encoding":
+            encoding = True
+    return length and encoding
+
+
 def close_headers(error: ApiError, http_version: str) -> tuple[tuple[bytes, bytes], ...]:
     """``Connection: close`` for an error that ends its connection, on HTTP/1.x.
 

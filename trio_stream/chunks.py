@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from . import sse
-from .errors import error_body
+from .errors import INTERNAL_MESSAGE, error_body
 from .runlog import Entry, Outcome, RunLog, RunStatus, ToolDelta
 
 _ROLE_DELTA = {"role": "assistant"}
@@ -29,6 +29,8 @@ _ROLE_DELTA = {"role": "assistant"}
 def cancel_error(outcome: Outcome) -> tuple[str, str, str]:
     """``(type, code, message)`` of the error event for a run that ended early."""
     if outcome.status is RunStatus.FAILED:
+        if outcome.reason == "internal_error":  # the run crashed: our fault, not the upstream's
+            return "server_error", outcome.reason, outcome.message or INTERNAL_MESSAGE
         return "upstream_error", outcome.reason, outcome.message or "The upstream failed."
     message = outcome.message or f"The run was cancelled ({outcome.reason})."
     return "stream_cancelled", outcome.reason, message

@@ -23,27 +23,45 @@ with ``tools/measure_idle.py`` (bytes per open idle stream):
   semantics (bounded, FIFO, blocking, cancellable).
 
 It also publishes the connection's :class:`~trio_stream.transport.Link` to
-its request tasks (the direct HTTP/1.1 body path).  Everything else --
-``run`` is hypercorn's, line for line, except the task group it opens and
-the read loop -- is hypercorn's own.
+its request tasks (the direct HTTP/1.1 body path), and keeps its idle timer
+in an :class:`IdleTimer`, whose restart cannot be cancelled halfway (see
+there: with hypercorn's own, an HTTP/1.1 keep-alive connection was never
+closed once it had served a request).  And (issue 18) ``run`` ends only its
+own connection when anything in it raises (:meth:`LightTCPServer._crashed`),
+a connection says GOAWAY before its idle close, and the inbox never refuses
+``http.disconnect``.  Everything else -- ``run`` is hypercorn's, line for
+line, except the task group it opens, the read loop and the error guard --
+is hypercorn's own.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import h2.errors
+import h2.exceptions
 import outcome
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, RawData
 from hypercorn.protocol import ProtocolWrapper
+from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.typing import AppWrapper, ConnectionState
 from hypercorn.utils import parse_socket_addr
 
+from .logs import EventLogger
 from .transport import LINK, GuardedStream, Link
+
+#: How long a GOAWAY may take to write before the connection is closed anyway.
+GOAWAY_TIMEOUT = 1.0
+
+
+#: The message types that end a request's events: never refused by :class:`AppInbox`.
+FINAL = frozenset({"http.disconnect", "websocket.disconnect"})
 
 
 class AppInbox:
@@ -54,6 +72,19 @@ class AppInbox:
     (``capacity`` queued) waits for room.  ``receive`` takes the oldest
     message, else waits.  Both are checkpoints and cancellable, and waiters
     are served first come, first served -- as with the channel.
+
+    Except for the last message of a request, ``http.disconnect`` (or
+    ``websocket.disconnect``): ``send`` delivers it whatever the sending task
+    is -- cancelled, or facing a full inbox (it is queued one over
+    ``capacity``; hypercorn sends it at most once per request) -- and is
+    then a schedule point that cannot raise ``Cancelled``.  hypercorn tells
+    every stream of a closing HTTP/2 connection in one loop, from whichever
+    task found the connection closed: when that was a request task writing
+    its response head, the disconnect it had just delivered to its own
+    stream woke its own watcher, which cancelled that very task, and the
+    next stream's ``send`` raised ``Cancelled`` after hypercorn had already
+    marked that stream closed: that stream was never told, and its request
+    ran on until ``--stall-timeout`` (issue 18, item 4).
     """
 
     __slots__ = ("_capacity", "_items", "_receivers", "_senders")
@@ -67,6 +98,10 @@ class AppInbox:
         self._senders: list[trio.lowlevel.Task] | None = None
 
     async def send(self, message: Any) -> None:
+        if isinstance(message, dict) and message.get("type") in FINAL:
+            self._put_final(message)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             if self._receivers:
@@ -81,6 +116,15 @@ class AppInbox:
                 self._senders = []
             await _park(self._senders)  # woken by a receive: look again
         await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _put_final(self, message: Any) -> None:
+        """Hand ``message`` to a waiting receiver, else queue it, room or not."""
+        if self._receivers:
+            trio.lowlevel.reschedule(self._receivers.pop(0), outcome.Value(message))
+            return
+        if self._items is None:
+            self._items = []
+        self._items.append(message)
 
     async def receive(self) -> Any:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -133,8 +177,79 @@ class LightTaskGroup(TaskGroup):
         return inbox.send
 
 
+def _leaves(group: BaseException) -> list[BaseException]:
+    """The exceptions in ``group`` (nested groups flattened), or ``group`` itself."""
+    if isinstance(group, BaseExceptionGroup):
+        return [leaf for e in group.exceptions for leaf in _leaves(e)]
+    return [group]
+
+
+class IdleTimer:
+    """The connection's idle timer: hypercorn's ``TrioSingleTask``, restarted
+    and stopped without a checkpoint.
+
+    hypercorn restarts the timer when a response ends (``Updated(idle=True)``
+    from the protocol) -- from inside the app's last ``send()``, right after
+    it delivered ``http.disconnect`` to the app's ``receive()``.  The app's
+    disconnect watcher (ours in :mod:`~trio_stream.stream`, quart-trio's for
+    every JSON route) wakes on it and cancels its nursery, which holds the
+    very task that is restarting the timer.  ``TrioSingleTask.restart`` takes
+    a lock and awaits ``nursery.start``: checkpoints, where that ``Cancelled``
+    lands.  The old timer was stopped when the request's head arrived, so no
+    timer ran any more, and an idle keep-alive connection stayed open for
+    ever (HTTP/1.1 and TLS; on HTTP/2 a stream's end restarts it the same
+    way).  The same family as the close that ``server.Connection._close``
+    shields.
+
+    Here both are synchronous underneath (cancel a scope; ``start_soon`` a
+    task into the connection's task group, which the app's scopes do not
+    cover), so there is nothing to cancel, whatever task they run in.  The
+    timer task exists only while the connection is idle, as hypercorn's.
+    """
+
+    __slots__ = ("_scope",)
+
+    def __init__(self) -> None:
+        self._scope: trio.CancelScope | None = None
+
+    async def restart(self, task_group: TaskGroup, action: Callable[[], Awaitable[None]]) -> None:
+        """Stop the running timer, if any, and start ``action`` as the new one.
+
+        Not a checkpoint, on purpose (see the class): it cannot be cancelled,
+        and it never waits.
+        """
+        self._stop()
+        scope = self._scope = trio.CancelScope()
+        task_group.spawn(_timer, scope, action)
+
+    async def stop(self) -> None:
+        """Stop the running timer, if any.  Not a checkpoint (see the class)."""
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()  # also before the task has entered it
+            self._scope = None
+
+
+async def _timer(scope: trio.CancelScope, action: Callable[[], Awaitable[None]]) -> None:
+    with scope:
+        await trio.lowlevel.checkpoint_if_cancelled()  # stopped before it ran: never act
+        await action()
+
+
 class LightTCPServer(TCPServer):
-    """hypercorn's trio ``TCPServer`` with the read loop and the app inbox above."""
+    """hypercorn's trio ``TCPServer`` with the read loop, the app inbox and
+    the idle timer above, which ends only itself when its handling raises
+    (:meth:`_crashed`), and says GOAWAY before it closes an idle HTTP/2
+    connection."""
+
+    #: Where ``connection_crashed`` is logged (``server.serve_service`` sets it).
+    logger: EventLogger | None = None
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.idle_task = IdleTimer()  # type: ignore[assignment]
 
     async def run(self) -> None:
         # hypercorn 0.18.0's TCPServer.run, with LightTaskGroup for TaskGroup,
@@ -142,6 +257,7 @@ class LightTCPServer(TCPServer):
         # fail_after(ssl_handshake_timeout) before finding out there is no
         # handshake, and the exited scope's entry stayed in trio's deadline
         # heap (holding the scope) for that long -- 60 s, per connection.
+        # And once the read loop ends, the idle timer is stopped (see there).
         if isinstance(self.stream, trio.SSLStream):
             try:
                 with trio.fail_after(self.config.ssl_handshake_timeout):
@@ -175,6 +291,7 @@ class LightTCPServer(TCPServer):
                 await self.idle_task.restart(self._task_group, self._idle_timeout)
                 if self.config.read_timeout is not None:
                     await self._read_data()  # hypercorn's loop, with its deadline
+                    await self.idle_task.stop()  # as below
                     return
                 # The read loop (see the module docstring), here rather than
                 # in a method of its own: one frame fewer while it waits.
@@ -190,10 +307,66 @@ class LightTCPServer(TCPServer):
                     if data == b"":
                         break
                 await self.protocol.handle(Closed())
-        except OSError:
-            pass
+                # The peer is gone: a running idle timer has nothing left to
+                # time, and the task group would wait for it (up to
+                # keep_alive_timeout) before the socket is closed.
+                await self.idle_task.stop()
+        except* OSError:
+            pass  # hypercorn's: the socket went away under us
+        except* Exception as group:
+            await self._crashed(group)  # this connection ends; the server goes on
         finally:
             await self._close()
+
+    async def _crashed(self, group: BaseExceptionGroup[Exception]) -> None:
+        """What an error out of this connection's handling ends: the connection.
+
+        Any exception that is not ``Cancelled`` -- from the read loop, from
+        hypercorn's protocol (an ``h2``, ``priority`` or ``KeyError`` it does
+        not catch), from its send task or idle timer, or from a request task
+        outside the app (hypercorn's ``_handle`` logs the app's own errors) --
+        has by now cancelled and awaited every other task of this connection,
+        and would next end ``serve_service``'s connections nursery: the whole
+        server.  It ends here instead: ``connection_crashed`` is logged, an
+        HTTP/2 peer gets ``GOAWAY(INTERNAL_ERROR)`` if the write goes through
+        within ``GOAWAY_TIMEOUT``, and the caller closes the socket.
+
+        Cancellation: the GOAWAY write is shielded (cleanup, with its deadline).
+        """
+        if self.logger is not None:
+            errors = ", ".join(repr(e) for e in _leaves(group))
+            self.logger.event("connection_crashed", http=self._http_version(), error=errors)
+        await self._goaway(h2.errors.ErrorCodes.INTERNAL_ERROR, shield=True)
+
+    async def _initiate_server_close(self) -> None:
+        """hypercorn's close of an idle connection (``keep_alive_timeout``, or
+        the shutdown), with ``GOAWAY(NO_ERROR)`` first on HTTP/2: the peer
+        then knows that no stream was lost (RFC 9113 section 6.8).  hypercorn
+        runs it shielded; the GOAWAY write has ``GOAWAY_TIMEOUT``."""
+        await self._goaway(h2.errors.ErrorCodes.NO_ERROR, shield=False)
+        await super()._initiate_server_close()
+
+    async def _goaway(self, code: h2.errors.ErrorCodes, *, shield: bool) -> None:
+        """Send GOAWAY with ``code`` on an HTTP/2 connection; a no-op on
+        HTTP/1.x, on a connection already closed, or when ``h2`` refuses.
+        The write takes hypercorn's send lock and at most ``GOAWAY_TIMEOUT``."""
+        wrapper = getattr(self, "protocol", None)  # none if the crash came before it
+        protocol = getattr(wrapper, "protocol", None)
+        if not isinstance(protocol, H2Protocol) or protocol.closed:
+            return
+        try:
+            protocol.connection.close_connection(error_code=code)
+        except h2.exceptions.H2Error:
+            return
+        data = protocol.connection.data_to_send()
+        with trio.CancelScope(shield=shield), trio.move_on_after(GOAWAY_TIMEOUT):
+            async with self.send_lock:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self.stream.send_all(data)
+
+    def _http_version(self) -> str:
+        protocol = getattr(getattr(self, "protocol", None), "protocol", None)
+        return "2" if isinstance(protocol, H2Protocol) else "1.1"
 
     async def _broken(self) -> None:
         """A direct body write failed: what hypercorn does when its own fails

@@ -68,6 +68,21 @@ class UpstreamError(ApiError):
         super().__init__(504 if timeout else 502, "upstream_error", message, code)
 
 
+class InternalError(ApiError):
+    """A run crashed on an error of our own (a bug, logged as ``run_crashed``).
+
+    Before anything was sent it is an HTTP 500; after, a ``server_error``
+    event.  Never dressed as a cancellation or an upstream failure.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(500, "server_error", INTERNAL_MESSAGE, "internal_error")
+
+
+#: The message of every :class:`InternalError` (it says nothing of the bug).
+INTERNAL_MESSAGE = "The server failed while running this request; the failure is logged."
+
+
 def error_body(message: str, type_: str, code: str | None) -> bytes:
     """Render ``{"error": {"message", "type", "code"}}``."""
     return orjson.dumps({"error": {"message": message, "type": type_, "code": code}})
@@ -115,6 +130,18 @@ def body_timeout(seconds: float) -> ApiError:
         408, "invalid_request_error",
         f"The request body did not arrive within {seconds:g} seconds.", "body_timeout",
         closes=True,
+    )  # fmt: skip
+
+
+def ambiguous_framing() -> ApiError:
+    """400: an HTTP/1.x request with both ``Content-Length`` and
+    ``Transfer-Encoding``.  RFC 9112 section 6.1: a proxy in front may have
+    framed its body the other way, so the rest of the connection cannot be
+    trusted; the connection is closed after the answer."""
+    return ApiError(
+        400, "invalid_request_error",
+        "A request may not carry both Content-Length and Transfer-Encoding.",
+        "ambiguous_framing", closes=True,
     )  # fmt: skip
 
 

@@ -34,6 +34,73 @@ the new version still needs a fix.
    ``tests/test_body_timeout.py`` (HTTP/2 body bytes after the answer) fails;
    ``tests/test_hypercorn_fixes.py`` fails once hypercorn's own method no
    longer raises.
+
+3. ``H11Protocol.__init__`` (``hypercorn/protocol/h11.py``) gives each
+   HTTP/1.1 connection a plain ``h11.Connection``, which gets two things
+   wrong for a server; the fixed ``__init__`` gives it a
+   :class:`ServerH11Connection` instead (same arguments):
+
+   * **the head cap.**  hypercorn documents ``h11_max_incomplete_size`` as
+     the cap on a request line and headers, but h11 checks it only while an
+     event is *incomplete*, and hypercorn reads 64 KiB at a time: a head
+     that arrives in one read is never checked (measured: a 60 KB header
+     value answered 200).  The fixed connection also refuses a complete
+     head over the cap, so a head over 16 KiB is refused (431, as h11's
+     own check) however it arrives.
+   * **bytes after a request on a connection that closes.**  Once a request
+     was the last one of its connection (HTTP/1.0, ``Connection: close`` on
+     either side), h11 raises on any byte the client sends after it, and
+     hypercorn takes that for a malformed request: it answers 400 *in place
+     of* the app's response, or -- if the app's response has begun -- closes
+     the connection halfway through it.  A client that pipelines a request
+     after a ``Connection: close`` one got that 400 every time; a request
+     answered ``Connection: close`` by the app (``ambiguous_framing``,
+     ``body_timeout``) with more bytes behind it was cut at random.  RFC 9112
+     section 9.6: the server must not process further requests on such a
+     connection, and closes it after the response.  The fixed connection
+     discards those bytes, and the response ends before the close.
+
+   Without it ``tests/test_http1_framing.py`` fails;
+   ``tests/test_hypercorn_fixes.py`` fails once hypercorn's own connection
+   no longer has either fault.
+
+4. ``H11Protocol._send_error_response`` answers a request h11 refuses
+   (malformed: 400, head over the cap: 431, an unsupported
+   ``Transfer-Encoding``: 501) with an empty body.  docs/api.md section 2.2
+   promises the OpenAI error body for every error answer; the fixed method
+   sends it (code ``invalid_http``, ``request_header_too_large`` or
+   ``unsupported_transfer_encoding``), still with ``Connection: close``.
+   Tested in ``tests/test_http1_framing.py``.
+
+5. ``H2Protocol._priority_updated`` puts the stream of every PRIORITY frame
+   (and of every HEADERS frame's priority block) into its ``priority`` tree,
+   inserting streams it has never seen -- never opened, or opened, answered
+   and removed long ago -- and never takes those out again.  The tree refuses
+   its 1,001st stream with ``priority.TooManyStreamsError``, which no one
+   catches: one h2c connection sending 1,000 PRIORITY frames (or 1,000
+   ordinary requests, each followed by a PRIORITY frame for its closed
+   stream) ended the connection's task and, through trio's nursery, the whole
+   server.  RFC 9113 section 5.3.2 deprecates the PRIORITY signal and lets a
+   server ignore it, which the fixed method does: streams are sent in
+   hypercorn's default order (equal weights), and the tree holds only the
+   streams hypercorn itself inserts -- each open stream, removed when its
+   response ends -- so at most ``h2_max_concurrent_streams`` of them.  Without
+   it ``tests/test_h2_frames.py`` fails; ``tests/test_hypercorn_fixes.py``
+   fails once hypercorn's own method no longer raises.
+
+6. ``H2Protocol.initiate`` leaves the connection's idle timer stopped on an
+   h2c connection by prior knowledge: the connection starts as HTTP/1.1, whose
+   protocol stops the timer when it reads the HTTP/2 preface as a request
+   head (``Updated(idle=False)``), and hypercorn's HTTP/2 protocol re-arms it
+   only when a stream ends.  So an h2c connection that never opened a stream
+   was never closed (one that did open one is re-armed when its last stream
+   ends).  The fixed method says ``Updated(idle=True)`` after hypercorn's own
+   ``initiate`` when the connection has no stream yet (an ``Upgrade: h2c``
+   connection has stream 1, whose end re-arms it; over TLS the server arms
+   the timer itself right after, which replaces this one).  Without it
+   ``tests/test_h2_frames.py`` (idle h2c) fails;
+   ``tests/test_hypercorn_fixes.py`` fails once hypercorn's own ``initiate``
+   arms the timer.
 """
 
 from __future__ import annotations
@@ -43,8 +110,12 @@ from typing import Any
 
 import h2.connection
 import h2.events
+import h11
+from hypercorn.events import Updated
 from hypercorn.protocol import h2 as _h2
+from hypercorn.protocol import h11 as _h11
 
+from .errors import error_body
 from .logs import EventLogger
 
 #: The hypercorn release whose code these fixes replace.
@@ -55,6 +126,12 @@ original_pop = _h2.StreamBuffer.pop
 
 #: hypercorn's own ``H2Protocol._handle_events``, as imported (before any patch).
 original_handle_events = _h2.H2Protocol._handle_events
+
+#: hypercorn's own ``H2Protocol._priority_updated``, as imported (before any patch).
+original_priority_updated = _h2.H2Protocol._priority_updated
+
+#: hypercorn's own ``H2Protocol.initiate``, as imported (before any patch).
+original_initiate = _h2.H2Protocol.initiate
 
 #: The h2 events that carry the rest of a request: its body, its end, its
 #: trailers.  They may come after hypercorn has answered and forgotten it.
@@ -101,11 +178,103 @@ def _drop(connection: h2.connection.H2Connection, event: h2.events.Event) -> Non
         connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
 
 
+#: hypercorn's own ``H11Protocol.__init__``, as imported (before any patch).
+original_h11_init = _h11.H11Protocol.__init__
+
+#: hypercorn's own ``H11Protocol._send_error_response``, as imported (before any patch).
+original_send_error_response = _h11.H11Protocol._send_error_response
+
+
+class ServerH11Connection(h11.Connection):
+    """h11's server connection, with the two corrections of fix 3.
+
+    Both are made where h11 takes the next event out of its receive buffer,
+    so that h11's own error handling (the peer's state becomes ``ERROR``,
+    ``RemoteProtocolError`` is raised to hypercorn) applies unchanged.
+    """
+
+    def _extract_next_receive_event(
+        self,
+    ) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        buffer = self._receive_buffer
+        if self.their_state is h11.MUST_CLOSE and buffer:
+            # Sent after the connection's last request: never read, never
+            # answered (RFC 9112 section 9.6).  h11 would raise on them.
+            buffer.maybe_extract_at_most(len(buffer))
+            return super()._extract_next_receive_event()
+        before = len(buffer)
+        event = super()._extract_next_receive_event()
+        if type(event) is h11.Request and before - len(buffer) > self._max_incomplete_event_size:
+            raise h11.RemoteProtocolError(
+                f"request head larger than {self._max_incomplete_event_size} bytes",
+                error_status_hint=431,
+            )
+        return event
+
+
+def _h11_init(self: Any, *args: Any, **kwargs: Any) -> None:
+    """``H11Protocol.__init__``, with a :class:`ServerH11Connection`."""
+    original_h11_init(self, *args, **kwargs)
+    self.connection = ServerH11Connection(
+        h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size
+    )
+
+
+#: What a request h11 refused is answered, by status (h11's ``error_status_hint``).
+PROTOCOL_ERRORS = {
+    400: ("The request is not valid HTTP/1.1.", "invalid_http"),
+    431: ("The request head is larger than {limit} bytes.", "request_header_too_large"),
+    501: ("The request's Transfer-Encoding is not supported.", "unsupported_transfer_encoding"),
+}
+
+
+async def _send_error_response(self: Any, status_code: int) -> None:
+    """``H11Protocol._send_error_response``, with the OpenAI error body."""
+    message, code = PROTOCOL_ERRORS.get(status_code, PROTOCOL_ERRORS[400])
+    body = error_body(
+        message.format(limit=self.config.h11_max_incomplete_size), "invalid_request_error", code
+    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+        (b"connection", b"close"),
+        *self.config.response_headers("h11"),
+    ]
+    await self._send_h11_event(h11.Response(status_code=status_code, headers=headers))
+    await self._send_h11_event(h11.Data(data=body))
+    await self._send_h11_event(h11.EndOfMessage())
+
+
+async def _priority_updated(self: Any, event: h2.events.PriorityUpdated) -> None:
+    """``H2Protocol._priority_updated``, ignoring PRIORITY (RFC 9113 section 5.3.2).
+
+    Not a checkpoint, as hypercorn's own is not: it changes nothing.
+    """
+
+
+async def _initiate(
+    self: Any, headers: list[tuple[bytes, bytes]] | None = None, settings: bytes | None = None
+) -> None:
+    """``H2Protocol.initiate``, then the idle timer armed if no stream is open.
+
+    Cancellation: as hypercorn's ``initiate``, then as the server's handling
+    of ``Updated`` (a ``Cancelled`` there leaves the timer stopped).
+    """
+    await original_initiate(self, headers, settings)
+    if not self.streams:
+        await self.send(Updated(idle=True))
+
+
 #: Every fix: its name (as logged), the class it patches, the method, the fixed method.
 FIXES: tuple[tuple[str, type, str, Any], ...] = (
     ("StreamBuffer.pop", _h2.StreamBuffer, "pop", _pop),
     ("H2Protocol._handle_events", _h2.H2Protocol, "_handle_events", _handle_events),
-)
+    ("H11Protocol.__init__", _h11.H11Protocol, "__init__", _h11_init),
+    ("H11Protocol._send_error_response", _h11.H11Protocol, "_send_error_response",
+     _send_error_response),
+    ("H2Protocol._priority_updated", _h2.H2Protocol, "_priority_updated", _priority_updated),
+    ("H2Protocol.initiate", _h2.H2Protocol, "initiate", _initiate),
+)  # fmt: skip
 
 
 def hypercorn_version() -> str:

@@ -22,7 +22,8 @@ from .errors import unknown_route
 
 PREFIX = "/playground/"
 
-# (file in trio_stream/playground/, Content-Type); index.html is served at "/".
+# (file in trio_stream/playground/, Content-Type); index.html is served at "/"
+# and only there (``/playground/index.html`` is 404, docs/api.md section 9).
 FILES: dict[str, str] = {
     "index.html": "text/html; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
@@ -72,6 +73,7 @@ def add_playground(app: QuartTrio) -> None:
 
     @app.get(PREFIX + "<name>")
     async def playground_file(name: str) -> Response:
-        if name not in files:
+        # The page itself is served at "/" only: one address, as documented.
+        if name not in files or name == "index.html":
             raise unknown_route(PREFIX + name)
         return answer(name)

@@ -16,9 +16,15 @@ from typing import Any
 
 import orjson
 
-from .errors import bad_request
+from .errors import ApiError, bad_request
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+#: The deepest nesting of objects and arrays a request body may have, the body
+#: itself counting as 1 (``{"a": [1]}`` is 2 deep).  A body is encoded again
+#: for the upstream, and orjson encodes at most 254 levels: a body that passes
+#: has room for 4 more around it (an ``ollama`` upstream puts ``top_p`` one
+#: level deeper, in ``options``).  docs/api.md section 2.2.
+MAX_DEPTH = 250
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
@@ -57,15 +63,48 @@ def parse_session_id(value: str | None) -> str | None:
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object nested at most :data:`MAX_DEPTH` deep,
+    else a 400 ``invalid_json``.  Every route that reads a JSON body parses
+    it here, so a body that could not be encoded again never starts a run."""
     if not raw.strip():
         raise bad_request("The request body is empty; expected a JSON object.", "invalid_json")
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):  # orjson decodes 1,024 levels at most
+            raise too_deep() from exc
         raise bad_request(f"The request body is not valid JSON: {exc}", "invalid_json") from exc
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.", "invalid_json")
+    # Each level takes two bytes at least ("[]"): a short body is never too deep.
+    if len(raw) > 2 * MAX_DEPTH and nested_too_deep(body):
+        raise too_deep()
     return body
+
+
+def too_deep() -> ApiError:
+    return bad_request(
+        f"The request body nests objects and arrays more than {MAX_DEPTH} levels deep.",
+        "invalid_json",
+    )
+
+
+def nested_too_deep(value: Any) -> bool:
+    """Whether a parsed JSON value nests objects and arrays more than
+    :data:`MAX_DEPTH` levels deep (``value`` itself counting as the first).
+
+    The test is the one that matters -- can it be encoded again, with
+    4 levels to spare? -- made by orjson's own encoder, whose
+    limit is 254 levels: one encoding in C costs less than a walk in Python
+    or even a count of the brackets (``tests/test_protocol.py`` pins the
+    boundary, so an orjson that moved its limit is noticed).  Anything else
+    orjson's decoder produces can be encoded again.
+    """
+    try:
+        orjson.dumps([[[[value]]]])  # 254 - MAX_DEPTH levels around it
+    except orjson.JSONEncodeError:
+        return True
+    return False
 
 
 def _field(body: dict[str, Any], name: str, types: type | tuple[type, ...], what: str) -> Any:
@@ -100,6 +139,15 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
     return messages
 
 
+def _token_limit(body: dict[str, Any], name: str) -> int | None:
+    """An optional integer field in 1..1,000,000 (``max_tokens`` and its
+    newer name ``max_completion_tokens``)."""
+    value: int | None = _field(body, name, int, "an integer")
+    if value is not None and not 1 <= value <= 1_000_000:
+        raise bad_request(f"'{name}' must be between 1 and 1000000.", "invalid_value")
+    return value
+
+
 def parse_chat_request(raw: bytes) -> ChatRequest:
     """Validate a ``POST /v1/chat/completions`` body."""
     body = parse_json_object(raw)
@@ -108,11 +156,11 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     stream = _field(body, "stream", bool, "a boolean") or False
     detach = _field(body, "detach", bool, "a boolean") or False
     _field(body, "temperature", (int, float), "a number")
-    max_tokens = _field(body, "max_tokens", int, "an integer")
+    # Both are checked, wherever they come from; max_tokens wins when both are set.
+    max_tokens = _token_limit(body, "max_tokens")
+    completion_tokens = _token_limit(body, "max_completion_tokens")
     if max_tokens is None:
-        max_tokens = _field(body, "max_completion_tokens", int, "an integer")
-    if max_tokens is not None and not 1 <= max_tokens <= 1_000_000:
-        raise bad_request("'max_tokens' must be between 1 and 1000000.", "invalid_value")
+        max_tokens = completion_tokens
     options = _field(body, "stream_options", dict, "an object")
     if options is not None:
         _field(options, "include_usage", bool, "a boolean")

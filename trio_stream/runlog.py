@@ -8,7 +8,7 @@ State machine (one table, checked on every move)::
 
     RUNNING --complete--> COMPLETED   (finish_reason "stop" | "length")
     RUNNING --cancel----> CANCELLED   (reason: superseded, interrupted, ...)
-    RUNNING --fail------> FAILED      (reason: upstream_error)
+    RUNNING --fail------> FAILED      (reason: upstream_error, internal_error, ...)
 
 Rule 1: a run leaves RUNNING exactly once; any other move raises
         :class:`IllegalTransition`.

@@ -31,7 +31,7 @@ import trio
 
 from .chunks import ChunkEncoder
 from .config import Settings
-from .errors import UpstreamError, unavailable
+from .errors import INTERNAL_MESSAGE, ApiError, InternalError, UpstreamError, unavailable
 from .lifecycle import ending
 from .logs import EventLogger
 from .metrics import Metrics
@@ -167,7 +167,9 @@ class Run:
             f"chatcmpl-{run_id.removeprefix('run_')}", request.model, int(self.created),
             coalesce=coalesce,
         )  # fmt: skip
-        self.error: UpstreamError | None = None
+        # Why a failed run failed, when that is its HTTP answer (UpstreamError,
+        # InternalError); None for every other ending.
+        self.error: ApiError | None = None
         self.usage: Usage | None = None  # as the upstream reported it, if it did
         # Set for a run the Responses API created: how to render it (chat: None).
         self.response: ResponseMeta | None = None
@@ -419,7 +421,8 @@ class RunManager:
             self._fail(run, exc.message)
         except Exception as exc:  # a bug: keep the server up, and say so
             self.logger.event("run_crashed", trace=run.id, error=repr(exc))
-            self._fail(run, "internal error")
+            run.error = InternalError()
+            self._fail(run, INTERNAL_MESSAGE, "internal_error")
         finally:
             await self._cleanup(run)
 
@@ -512,10 +515,12 @@ class RunManager:
             raise unavailable(str(exc)) from exc
         return True
 
-    def _fail(self, run: Run, message: str) -> None:
-        if run.end(Outcome(RunStatus.FAILED, "upstream_error", message)):
-            self.metrics.cancellations.labels("upstream_error").inc()
-            self.logger.event("stream_cancelled", trace=run.id, reason="upstream_error")
+    def _fail(self, run: Run, message: str, reason: str = "upstream_error") -> None:
+        """End ``run`` as failed: ``upstream_error``, or ``internal_error`` (it
+        crashed).  A run that had already ended keeps its outcome."""
+        if run.end(Outcome(RunStatus.FAILED, reason, message)):
+            self.metrics.cancellations.labels(reason).inc()
+            self.logger.event("stream_cancelled", trace=run.id, reason=reason)
 
     async def _cleanup(self, run: Run) -> None:
         """Save, release, wake: the one place a run ends.  Shielded, bounded.
@@ -523,19 +528,33 @@ class RunManager:
         The save gets ``cleanup_timeout``; each shared-state step after it gets
         :data:`SHARED_TIMEOUT` of its own, so a slow save never costs the
         session its release.  What to do is decided by :func:`lifecycle.ending`.
+
+        A bug in the save or the release (an unexpected exception) is logged
+        ``run_crashed`` and skips the rest of that step, never the run's end:
+        it is still counted, woken and dropped or kept, and nothing is raised,
+        so that a detached run's crash cannot reach the manager's nursery (and
+        end the process).  ``Cancelled`` is never caught.
         """
-        with trio.CancelScope(shield=True) as cs:
-            cs.deadline = trio.current_time() + self.cleanup_timeout
-            self._cleanups.add(cs)
-            try:
-                if run.log.status is RunStatus.RUNNING:  # cancelled from outside
-                    self.cancel(run, "shutdown")
-                await self._save(run)
-            finally:
-                self._cleanups.discard(cs)
-        if cs.cancelled_caught:
-            self.logger.event("save_timeout", trace=run.id)
-        fenced = await self._release(run)
+        fenced = run.log.fenced
+        try:
+            with trio.CancelScope(shield=True) as cs:
+                cs.deadline = trio.current_time() + self.cleanup_timeout
+                self._cleanups.add(cs)
+                try:
+                    if run.log.status is RunStatus.RUNNING:  # cancelled from outside
+                        self.cancel(run, "shutdown")
+                    await self._save(run)
+                finally:
+                    self._cleanups.discard(cs)
+            if cs.cancelled_caught:
+                self.logger.event("save_timeout", trace=run.id)
+            fenced = await self._release(run)
+        except Exception as exc:  # a bug: the run still ends, the server goes on
+            self.logger.event("run_crashed", trace=run.id, error=repr(exc))
+            if run.log.outcome is None:
+                run.error = InternalError()
+                self._fail(run, INTERNAL_MESSAGE, "internal_error")
+            fenced = fenced or run.log.fenced
         outcome = run.log.outcome
         assert outcome is not None
         end = ending(outcome, events=run.log.last_seq, detached=run.detached, fenced=fenced)
@@ -569,13 +588,16 @@ class RunManager:
 
     async def _shared_step(self, run: Run, step: Awaitable[T]) -> T | None:
         """Await one shared-state step of a cleanup: shielded, bounded, and a
-        store that is down is logged, not raised (the run still ends)."""
+        store that is down is logged, not raised (the run still ends); so is
+        a bug in it (``run_crashed``)."""
         with trio.CancelScope(shield=True) as cs:
             cs.deadline = trio.current_time() + SHARED_TIMEOUT
             try:
                 return await step
             except SharedUnavailable as exc:
                 self.logger.event("redis_unavailable", trace=run.id, error=str(exc))
+            except Exception as exc:  # a bug: the run still ends, the server goes on
+                self.logger.event("run_crashed", trace=run.id, error=repr(exc))
         if cs.cancelled_caught:
             self.logger.event("redis_unavailable", trace=run.id, error="timeout")
         return None

@@ -98,10 +98,14 @@ def hypercorn_config(settings: Settings) -> Config:
     # a keep-alive response ends), is stopped only by a complete request head,
     # and is not re-armed by bytes.  So it closes idle keep-alive connections
     # *and* connections whose head never completes (stopped or dribbled) after
-    # this many seconds; a head is also capped at 16 KiB (h11_max_incomplete_size).
-    # From the head on, --body-timeout bounds the body.  Set here, not
-    # inherited, because docs/api.md section 3.9 promises these 5 s.
+    # this many seconds.  From the head on, --body-timeout bounds the body.
+    # Set here, not inherited, because docs/api.md section 3.9 promises these 5 s.
     config.keep_alive_timeout = 5.0
+    # An HTTP/1.x request head (request line and headers) over 16 KiB is
+    # answered 431 and its connection closed (docs/api.md section 3.10).  h11
+    # checks this only on a head still incomplete, so a head that arrived in
+    # one read went through: hypercorn_fixes fix 3 checks the complete one too.
+    config.h11_max_incomplete_size = 16 * 1024
     config.graceful_timeout = settings.graceful_timeout
     config.accesslog = None
     # hypercorn ends a connection after 1,000 requests by default; on HTTP/2 it
@@ -178,7 +182,11 @@ async def serve_service(
     listeners = await open_listeners(settings, config, guard, sockets)
     context = WorkerContext(None)
     asgi = ServerApp(app)  # like hypercorn's ASGIWrapper, without its coroutine frame
-    handler = partial(Connection, asgi, config, context, ConnectionState({}))
+
+    class Logged(Connection):  # built by hypercorn's handler: the logger is the class's
+        logger = service.logger  # for connection_crashed (LightTCPServer._crashed)
+
+    handler = partial(Logged, asgi, config, context, ConnectionState({}))
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as accepting:
             accept = trio.CancelScope()  # its own scope: _drain runs in this nursery's body

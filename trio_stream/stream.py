@@ -30,7 +30,7 @@ import trio
 
 from . import sse
 from .asgi import JSON, Receive, Send, send_bytes, send_error, start
-from .errors import UpstreamError, error_body
+from .errors import error_body
 from .runlog import Entry, Outcome, RunStatus
 from .runs import Run
 from .transport import DirectBody
@@ -233,7 +233,7 @@ class Subscriber:
             return  # sessions rule 3: a fenced run emits nothing more
         outcome = log.outcome
         assert outcome is not None
-        if not self.started and isinstance(run.error, UpstreamError) and log.last_seq == 0:
+        if not self.started and run.error is not None and log.last_seq == 0:
             await send_error(self._send, run.error, self.headers)
             self.started = True
             return
@@ -339,7 +339,7 @@ class Subscriber:
         if outcome.status is RunStatus.COMPLETED:
             body = run.encoder.completion(run.log, run.final_usage().chat())
             await send_bytes(self._send, 200, body, JSON, self.headers)
-        elif isinstance(run.error, UpstreamError):
+        elif run.error is not None:  # the upstream failed (502/504), or we did (500)
             await send_error(self._send, run.error, self.headers)
         else:
             status = 503 if outcome.reason == "shutdown" else 409

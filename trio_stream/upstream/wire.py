@@ -8,7 +8,11 @@
 Both map to the same items: content strings, :class:`ToolDelta`, one
 :class:`Finish`, and the upstream's :class:`Usage` where it reports one (a
 malformed usage is dropped: it is advisory).  Anything else malformed raises
-:class:`UpstreamError`.
+:class:`UpstreamError` -- also a delta nested too deep to be encoded again
+(:data:`~trio_stream.protocol.MAX_DEPTH`), which would otherwise crash the
+writer that relays it (a text delta is never re-encoded as JSON, so only
+the other deltas are checked, and only when their chunk is long enough to be
+that deep: a text token costs nothing more).
 
 This module never imports trio.
 """
@@ -20,6 +24,7 @@ from typing import Any
 import orjson
 
 from ..errors import UpstreamError
+from ..protocol import MAX_DEPTH, nested_too_deep
 from ..runlog import ToolDelta
 from ..usage import Usage
 from . import Finish, Item
@@ -84,6 +89,8 @@ def openai_items(data: str | bytes | bytearray) -> list[Item]:
     if "tool_calls" in rest:
         _check_tool_calls(rest["tool_calls"])
     if rest:
+        if len(data) > 2 * MAX_DEPTH and nested_too_deep(rest):
+            raise _too_deep()
         items.append(ToolDelta(rest))
     if usage is not None:
         items.append(usage)
@@ -107,12 +114,21 @@ def ollama_items(line: bytes) -> list[Item]:
     if calls := message.get("tool_calls"):
         if not isinstance(calls, list):
             raise _malformed_tool_calls()
+        if len(line) > 2 * MAX_DEPTH and nested_too_deep(calls):  # its arguments are re-encoded
+            raise _too_deep()
         items.append(ToolDelta({"tool_calls": [_ollama_call(i, c) for i, c in enumerate(calls)]}))
     if obj.get("done"):
         if (usage := Usage.from_ollama(obj)) is not None:
             items.append(usage)
         items.append(Finish("length" if obj.get("done_reason") == "length" else "stop"))
     return items
+
+
+def _too_deep() -> UpstreamError:
+    return UpstreamError(
+        f"The upstream sent a delta nested more than {MAX_DEPTH} levels deep",
+        code="malformed_chunk",
+    )
 
 
 def _malformed_tool_calls() -> UpstreamError:
