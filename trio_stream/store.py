@@ -32,6 +32,14 @@ waiting; its row is still committed with its batch, so a batch is all or
 nothing whoever gives up.  A statement abandoned on cancel still completes in
 its thread, and holds the store's limiter until it does.
 
+Unreachable: a statement that cannot reach the database raises
+:class:`StoreUnavailable` -- a save is retried by its run's cleanup, a read
+is answered 503 ``store_unavailable`` with ``Retry-After`` by every route.
+Postgres does a read once more first if its pooled connection had died (a
+restarted server).  SQLite's reads do not raise it: they read a local
+file through the store's one connection (in WAL mode a reader does not wait
+on a writer).
+
 Schema versions: each store applies its ``MIGRATIONS`` it has not applied
 yet, in one transaction, on open (SQLite: ``PRAGMA user_version``; Postgres:
 a ``schema_version`` table under an advisory lock), so any number of nodes
