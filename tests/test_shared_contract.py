@@ -8,7 +8,11 @@ it has one process by definition), each with its own owner.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import secrets
+import socket
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -214,7 +218,7 @@ async def test_a_takeover_that_fails_midway_is_done_again(
     dead.attach(dead_owner)
     run = Node(dead, dead_owner).new_run()
     async with trio.open_nursery() as dying:
-        await dying.start(dead.run)
+        await dying.start(dead.run)  # returns once the node is in the node set, listening
         await dead.register(run)
         dying.cancel_scope.cancel()  # the node stops renewing its lease: it is dead
 
@@ -238,3 +242,76 @@ async def test_a_takeover_that_fails_midway_is_done_again(
     with trio.fail_after(5):
         while dead.node in await survivor.client.smembers(f"{prefix}nodes"):  # noqa: ASYNC110
             await trio.sleep(0.05)
+
+
+async def test_a_node_joins_the_node_set_before_it_reports_started(
+    redis_server: RedisServer, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``RedisState.run`` reports started only after the node's first
+    heartbeat has put it in the node set with a lease, and its listener has
+    subscribed: a run it registers after that is found by a survivor if the
+    node dies, and a cancel request published to it is heard.  (Before, the
+    first heartbeat ran only after started: a node that registered a run and
+    died in between was never taken over -- the takeover test timed out.)"""
+    beating = trio.Event()
+    release = trio.Event()
+    real_beat = RedisState._beat
+
+    async def held_beat(self: RedisState, n: str) -> None:
+        beating.set()
+        await release.wait()
+        await real_beat(self, n)
+
+    monkeypatch.setattr(RedisState, "_beat", held_beat)
+    prefix = f"t{secrets.token_hex(4)}:"
+    state = RedisState(redis_server.url, lease=1.0, prefix=prefix)
+    state.attach(FakeOwner())
+    started = trio.Event()
+
+    async def start() -> None:
+        await nursery.start(state.run)
+        started.set()
+
+    nursery.start_soon(start)
+    with trio.fail_after(5):
+        await beating.wait()
+    await trio.testing.wait_all_tasks_blocked()
+    assert not started.is_set(), "started before the first heartbeat landed"
+    release.set()
+    with trio.fail_after(5):
+        await started.wait()
+    assert state.node in await state.client.smembers(f"{prefix}nodes")
+    assert await state.client.exists([f"{prefix}n:{state.node}"]) == 1
+    channel = f"{prefix}cancel:{state.node}"
+    assert await state.client.pubsub_numsub(channel) == {channel: 1}
+
+
+async def test_a_redis_connection_cut_while_connecting_leaves_nothing_unclosed() -> None:
+    """A Redis call cancelled while its connection is still connecting (its
+    TCP connect not answered yet) leaves no unclosed buffer behind.  coredis 6.9 alone leaves the
+    connection's six anyio memory streams unclosed, and each warns when
+    collected -- under ``filterwarnings = error`` a failure of whichever test
+    is running then (this is what a node stopped mid-connect did)."""
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket())
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # never accepts: once its queue is full, a connect hangs
+        port = listener.getsockname()[1]
+        for _ in range(4):
+            filler = stack.enter_context(socket.socket())
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        state = RedisState(f"redis://127.0.0.1:{port}/0", prefix="cut:")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+
+            async def ping() -> None:
+                await state.client.ping()
+
+            async with state.client, trio.open_nursery() as nursery:
+                nursery.start_soon(ping)
+                await trio.testing.wait_all_tasks_blocked()  # waiting for the TCP connect
+                nursery.cancel_scope.cancel()
+            gc.collect()
+    unclosed = [str(w.message) for w in caught if "Unclosed <MemoryObject" in str(w.message)]
+    assert unclosed == []

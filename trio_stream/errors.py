@@ -162,3 +162,14 @@ def unavailable(detail: str, retry_after: int = 1) -> ApiError:
         503, "unavailable_error", f"Shared state unavailable, retry shortly ({detail}).",
         "shared_state_unavailable", ((b"retry-after", str(retry_after).encode()),),
     )  # fmt: skip
+
+
+def store_unavailable(retry_after: int = 1) -> ApiError:
+    """503: the database of saved messages (``--db``) cannot be reached now.
+
+    The driver's message is logged, not sent: it names hosts and ports.
+    """
+    return ApiError(
+        503, "unavailable_error", "The message store is unavailable, retry shortly.",
+        "store_unavailable", ((b"retry-after", str(retry_after).encode()),),
+    )  # fmt: skip

@@ -37,7 +37,7 @@ from ..errors import (
     unknown_route,
 )
 from ..shared import SharedUnavailable
-from ..store import Message
+from ..store import Message, StoreUnavailable
 from ..wire.request import parse_session_id
 from . import responses
 from .asgi import (
@@ -145,6 +145,12 @@ def _error_handlers(app: TrioStreamApp) -> None:
 
     @app.errorhandler(SharedUnavailable)
     async def shared_unavailable(exc: SharedUnavailable) -> Response:
+        return await api_error(as_api_error(exc))
+
+    @app.errorhandler(StoreUnavailable)
+    async def store_error(exc: StoreUnavailable) -> Response:
+        """Any route that reads saved messages: 503 + Retry-After, never 500."""
+        service.logger.event("store_unavailable", path=request.path, error=str(exc))
         return await api_error(as_api_error(exc))
 
     @app.errorhandler(HTTPException)

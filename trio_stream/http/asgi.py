@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-from ..errors import ApiError, too_large, unavailable
+from ..errors import ApiError, store_unavailable, too_large, unavailable
 from ..shared import SharedUnavailable
+from ..store import StoreUnavailable
 
 Scope = MutableMapping[str, Any]
 AsgiMessage = MutableMapping[str, Any]
@@ -16,12 +17,16 @@ Send = Callable[[AsgiMessage], Awaitable[None]]
 JSON = b"application/json"
 
 
-def as_api_error(exc: ApiError | SharedUnavailable) -> ApiError:
+def as_api_error(exc: ApiError | SharedUnavailable | StoreUnavailable) -> ApiError:
     """The HTTP answer to an error: the seam where the words of the layers
-    below become HTTP.  The shared state out of reach (cluster mode) is a 503
-    with ``Retry-After``; an :class:`ApiError` is its own answer."""
+    below become HTTP.  The shared state out of reach (cluster mode) and the
+    database out of reach are each a 503 with ``Retry-After`` (the driver's
+    message names hosts and ports, so the store's is not passed on); an
+    :class:`ApiError` is its own answer."""
     if isinstance(exc, SharedUnavailable):
         return unavailable(str(exc))
+    if isinstance(exc, StoreUnavailable):
+        return store_unavailable()
     return exc
 
 

@@ -36,7 +36,7 @@ from ..errors import (
 )
 from ..runs import Run, follow_page
 from ..shared import RunRecord, SharedUnavailable
-from ..store import Message
+from ..store import Message, StoreUnavailable
 from ..wire.request import parse_session_id
 from ..wire.responses import (
     ResponseEvents,
@@ -138,6 +138,9 @@ async def answer(
         await handler(service, scope, receive, send, *args)
     except ClientGone:
         return
+    except StoreUnavailable as caught:  # a saved response could not be read: 503, never 500
+        service.logger.event("store_unavailable", path=scope.get("path", ""), error=str(caught))
+        await send_error(send, as_api_error(caught))
     except (ApiError, SharedUnavailable) as caught:
         exc = as_api_error(caught)
         await send_error(send, exc, close_headers(exc, scope.get("http_version", "1.1")))

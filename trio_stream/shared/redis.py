@@ -67,6 +67,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import anyio
+import anyio.abc
 import coredis
 import coredis.exceptions
 import orjson
@@ -187,6 +188,35 @@ return 1
 """
 
 
+class _TCPConnection(coredis.TCPConnection):
+    """coredis 6.9's TCP connection, closing its buffers however ``run`` ends.
+
+    A connection whose ``run`` is cancelled while it connects (its caller's
+    deadline, a poller cancelled when the node stops) never enters the
+    context that closes its six memory buffers, and each then warns when
+    collected (``ResourceWarning: Unclosed <MemoryObject...Stream>``).
+    Closing them again after a normal end is a no-op.
+    """
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """coredis's connection task, closing its six buffers however it ends.
+
+        Cancellation: as coredis's own ``run``; a ``Cancelled`` (also one that
+        lands during the TCP connect) leaves no buffer open.
+        """
+        try:
+            await super().run(task_status=task_status)
+        finally:
+            for buffer in (
+                self._write_buffer_in, self._write_buffer_out,
+                self._push_message_buffer_in, self._push_message_buffer_out,
+                self._streamed_message_buffer_in, self._streamed_message_buffer_out,
+            ):  # fmt: skip
+                buffer.close()
+
+
 def _entry_json(entry: Entry) -> bytes:
     return orjson.dumps(entry if isinstance(entry, str) else {"tool": entry.delta})
 
@@ -215,6 +245,9 @@ class _RedisBase(SharedState):
             # node holds what its heartbeat uses (every lease / 3) and no more.
             max_idle_time=max(1, math.ceil(lease)),
         )  # fmt: skip
+        pool = self.client.connection_pool
+        if pool.connection_class is coredis.TCPConnection:  # not a unix:// socket
+            pool.connection_class = _TCPConnection
         self._claim = self.client.register_script(_CLAIM)
         self._release = self.client.register_script(_RELEASE)
         self._fence = self.client.register_script(_FENCE)
@@ -464,10 +497,20 @@ class RedisState(_RedisSessions):
 
         Cancellation: a ``Cancelled`` stops the heartbeat, listeners and pollers and closes the
         client; the lease then expires by itself unless :meth:`leave` ran.
+
+        Started once the node's first heartbeat is done (:meth:`_heartbeat`)
+        and its listener subscribed (:meth:`_listen`): a node registers runs
+        only after it is in ``ts:nodes`` with a lease, so a survivor can
+        always find the runs of a node that dies, and it hears cancel
+        requests from the start.  Each first step is bounded (the heartbeat
+        by :data:`CALL_TIMEOUT`, the subscription by coredis's connect and
+        subscription timeouts); if the heartbeat fails the node starts
+        unhealthy (new streams get 503) and joins when Redis answers.  Runs
+        until cancelled.
         """
         async with self.client, trio.open_nursery() as nursery:
-            nursery.start_soon(self._heartbeat)
-            nursery.start_soon(self._listen)
+            await nursery.start(self._heartbeat)
+            await nursery.start(self._listen)
             nursery.start_soon(self._poll_cancels)
             nursery.start_soon(self._reap)
             task_status.started()
@@ -483,8 +526,17 @@ class RedisState(_RedisSessions):
             await self._call(self.client.srem(f"{n}nodes", [self.node]))
             await self._call(self.client.delete([f"{n}n:{self.node}", f"{n}nr:{self.node}"]))
 
-    async def _heartbeat(self) -> None:
+    async def _heartbeat(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Renew the lease (and membership of ``ts:nodes``) until cancelled.
+
+        Reports started after the first renewal landed or failed: before it,
+        the node is not in ``ts:nodes``, and a run it registered then would
+        be nobody's to take over if the node died.
+        """
         n = self.prefix
+        first = True
         while True:
             was = self._healthy
             try:
@@ -496,6 +548,9 @@ class RedisState(_RedisSessions):
                 self._healthy = True
             except SharedUnavailable:
                 self._healthy = False
+            if first:
+                first = False
+                task_status.started()
             await trio.sleep(min(self.lease / 3, HEARTBEAT) if self._healthy else 0.2)
 
     async def _beat(self, n: str) -> None:
@@ -532,15 +587,25 @@ class RedisState(_RedisSessions):
         runs: dict[str, RunView] = getattr(self.owner, "runs", {})
         return [r for r in runs.values() if not r.done.is_set()]
 
-    async def _listen(self) -> None:
-        """Deliver cancel requests and "finished" notices as they come."""
+    async def _listen(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Deliver cancel requests and "finished" notices as they come.
+
+        Reports started once subscribed, or once the first attempt failed
+        (the pollers find what pub/sub misses meanwhile).
+        """
         n = self.prefix
+        first = True
         while True:
             try:
                 async with self.client.pubsub(
                     channels=[f"{n}cancel:{self.node}", f"{n}finished"],
                     ignore_subscribe_messages=True,
                 ) as pubsub:
+                    if first:
+                        first = False
+                        task_status.started()
                     async for message in pubsub:
                         self._deliver(str(message["channel"]), str(message["data"]))
             except* (coredis.exceptions.RedisError, OSError):
@@ -550,6 +615,9 @@ class RedisState(_RedisSessions):
                 # UNSUBSCRIBE on the closed connection.  The Cancelled that
                 # caused it is not in this split and propagates unchanged.
                 pass
+            if first:
+                first = False
+                task_status.started()
             await trio.sleep(0.2)
 
     def _deliver(self, channel: str, data: str) -> None:

@@ -32,6 +32,14 @@ waiting; its row is still committed with its batch, so a batch is all or
 nothing whoever gives up.  A statement abandoned on cancel still completes in
 its thread, and holds the store's limiter until it does.
 
+Unreachable: a statement that cannot reach the database raises
+:class:`StoreUnavailable` -- a save is retried by its run's cleanup, a read
+is answered 503 ``store_unavailable`` with ``Retry-After`` by every route.
+Postgres does a read once more first if its pooled connection had died (a
+restarted server).  SQLite's reads do not raise it: they read a local
+file through the store's one connection (in WAL mode a reader does not wait
+on a writer).
+
 Schema versions: each store applies its ``MIGRATIONS`` it has not applied
 yet, in one transaction, on open (SQLite: ``PRAGMA user_version``; Postgres:
 a ``schema_version`` table under an advisory lock), so any number of nodes
@@ -70,7 +78,9 @@ class AlreadySaved(TrioStreamError):
 class StoreUnavailable(TrioStreamError):
     """The database could not be reached (or the connection dropped) and the
     statement's effect is unknown.  A save may be retried: if the first
-    attempt landed, the retry raises :class:`AlreadySaved`."""
+    attempt landed, the retry raises :class:`AlreadySaved`.  A read raising
+    it is answered 503 ``store_unavailable`` with ``Retry-After`` by every
+    route (:func:`~trio_stream.errors.store_unavailable`), never 500."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,8 +241,12 @@ class Store(abc.ABC):
     async def session_messages(self, tenant: str, session_id: str) -> list[Message]:
         """The session's saved messages, oldest first (ties: in save order).
 
-        Cancellation: a checkpoint; a ``Cancelled`` abandons the query in its thread (it still
-        completes there, holding the store's limiter until it does).
+        Reads (this, :meth:`get`, :meth:`count`) raise
+        :class:`StoreUnavailable` if the database cannot be reached (Postgres
+        first retries a read whose pooled connection had died, once).
+
+        Cancellation: a checkpoint; a ``Cancelled`` abandons the query in its
+        thread (it still completes there, holding the store's limiter until it does).
         """
         return await self._call(self._select_session, tenant, session_id)
 

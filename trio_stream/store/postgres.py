@@ -15,6 +15,12 @@ event loop never waits on the network.
   :class:`~trio_stream.store.base.StoreUnavailable`; the pool replaces the broken
   connection, and the caller may retry: a retried insert that had landed
   finds its row and reports it as already saved.
+* A read whose pooled connection turns out dead (the server restarted, or
+  an administrator ended the backend) is done once more, on a connection
+  that works: the first failure has swept the pool's idle connections.  A
+  read that cannot get a connection at all (the server is down) is not
+  retried: it raises :class:`~trio_stream.store.StoreUnavailable` after
+  :data:`CONNECT_WAIT`.
 * Migrations run in one transaction under ``pg_advisory_xact_lock``, so nodes
   that start together apply each version once, one after the other.
 """
@@ -26,7 +32,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import ConfigError
 from .base import COLUMNS, Message, RowResult, Store, StoreUnavailable, first_of_each
@@ -94,6 +100,13 @@ class PostgresStore(Store):
     backoff would wait 1 s, 2 s, 4 s ... after the database is back), and a
     statement waits at most :data:`CONNECT_WAIT` for a connection, so each
     retry of a save asks for a fresh one.
+
+    Connections are not tested on checkout (psycopg-pool's ``check=``): it
+    costs a round trip per statement, and psycopg-pool 3.3 sleeps about 1 s
+    after the second failed check, so with two or more dead idle connections
+    (a restarted server) a checkout waits out :data:`CONNECT_WAIT` and fails.
+    A read retries once instead (:meth:`_select`), after the failure has
+    swept the idle connections; a save is retried by its caller.
     """
 
     PARAM = "%s"
@@ -166,6 +179,21 @@ class PostgresStore(Store):
         return out
 
     def _select(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Run a read; once more if its connection broke (a read is idempotent).
+
+        The failed attempt has swept the pool's idle connections
+        (:meth:`_connection`), so the second gets a live one or a new one.  A
+        read that got no connection at all (``PoolTimeout``: the server is
+        down) has waited :data:`CONNECT_WAIT` already and is not retried.
+        """
+        try:
+            return self._select_once(sql, args)
+        except StoreUnavailable as exc:
+            if isinstance(exc.__cause__, PoolTimeout):
+                raise
+        return self._select_once(sql, args)
+
+    def _select_once(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         with self._connection() as conn:
             return conn.execute(sql, args).fetchall()
 
