@@ -14,11 +14,10 @@ from openai.types.responses import Response, ResponseStreamEvent
 from trio_stream.core.log import Outcome, RunStatus, ToolDelta
 from trio_stream.errors import ApiError
 from trio_stream.wire.responses import (
-    PREAMBLE,
     ResponseEvents,
     ResponseMeta,
     ResponseState,
-    log_cursor,
+    fold,
     parse_responses_request,
     response_object,
 )
@@ -108,30 +107,40 @@ def events_of(raw: bytes) -> list[Any]:
     return out
 
 
-def whole_stream(outcome: Outcome, entries: list[Any], after: int = -1) -> list[Any]:
+def whole_stream(
+    outcome: Outcome, entries: list[Any], after: int = -1, batch: int = 1
+) -> list[Any]:
+    """Every event of a run with ``entries`` and ``outcome`` numbered above
+    ``after``, the log given to the renderer ``batch`` entries at a time."""
     ev = ResponseEvents("resp_abc", META, 1.0, after)
-    content = "".join(e for e in entries if isinstance(e, str))
-    cursor = log_cursor(after)
-    raw = ev.preamble() + ev.deltas(entries[cursor:], cursor + 1)
-    return events_of(raw + ev.trailing(content, len(entries), outcome, USAGE))
+    raw = ev.preamble()
+    for i in range(0, len(entries), batch):
+        raw += ev.deltas(entries[i : i + batch], i + 1)
+    return events_of(raw + ev.trailing(outcome, USAGE))
 
 
 @pytest.mark.parametrize("outcome", ENDINGS, ids=lambda o: f"{o.status.value}-{o.reason}")
 def test_sequence_numbers_are_a_pure_function_of_the_log(outcome: Outcome) -> None:
-    """Preamble 0-3, log entry n is n + 3, the trailing events follow the last
-    entry; a replay after any N yields exactly the events numbered above N
-    (a tool delta keeps its number but is not sent)."""
-    entries: list[Any] = ["a", "b", ToolDelta({"refusal": "r"}), "c"]
-    full = whole_stream(outcome, entries)
+    """Numbers start at 0 and have no gaps; for text, log entry n is n + 3
+    (the message item and its part open at 2 and 3); the trailing events
+    follow the last entry; a delta with nothing to show makes no event; a
+    replay after any N, however the log is batched, yields exactly the
+    events numbered above N."""
+    text = ["a", "b", "c"]
+    full = whole_stream(outcome, text)
     numbers = [e.sequence_number for e in full]
-    assert numbers[: PREAMBLE + 2] == [0, 1, 2, 3, 4, 5]
-    assert 6 not in numbers  # the tool delta's number
-    assert numbers == sorted(numbers)
-    for after in range(-1, numbers[-1] + 1):
-        replay = whole_stream(outcome, entries, after)
-        assert [e.model_dump() for e in replay] == [
-            e.model_dump() for e in full if e.sequence_number > after
-        ], after
+    assert numbers == list(range(len(full)))
+    assert [e.delta for e in full if e.type == "response.output_text.delta"] == text
+    assert [e.sequence_number for e in full if hasattr(e, "delta")] == [4, 5, 6]
+    entries: list[Any] = ["a", "b", ToolDelta({"audio": {"id": "x"}}), "c"]
+    full = whole_stream(outcome, entries)
+    assert [e.sequence_number for e in full] == list(range(len(full)))
+    for after in range(-1, len(full)):
+        for batch in (1, 3):
+            replay = whole_stream(outcome, entries, after, batch)
+            assert [e.model_dump() for e in replay] == [
+                e.model_dump() for e in full if e.sequence_number > after
+            ], (after, batch)
     kinds = {
         "stop": "response.completed", "length": "response.incomplete",
         "stopped": "error", "upstream_error": "response.failed",
@@ -145,7 +154,8 @@ def test_the_object_by_status() -> None:
     in_progress, and each ending; ``output_text`` is the text received."""
 
     def obj(outcome: Outcome | None, deltas: int, content: str) -> Response:
-        state = ResponseState("resp_abc", META, 1.5, content, deltas, outcome,
+        entries = list(content) if deltas else []
+        state = ResponseState("resp_abc", META, 1.5, fold("resp_abc", entries), outcome,
                               USAGE if outcome else None)  # fmt: skip
         return Response.model_validate(response_object(state))
 
