@@ -373,8 +373,9 @@ async def test_failed_and_cancelled_streams_end_with_their_events(
 async def test_bad_requests_and_routes(settings: Settings) -> None:
     """Requests the translation cannot serve (an input item or a tool type
     it does not carry, a function tool or call without its fields) are
-    refused with 400 before any run; unknown paths under /v1/responses are 404, wrong methods 405 with
-    ``Allow``; a malformed ``starting_after`` is 400."""
+    refused with 400 before any run; unknown paths under /v1/responses are
+    404, wrong methods 405 with ``Allow``; a malformed ``starting_after`` is
+    400."""
     async with running_server(settings) as server, loopback_client(server) as http:
         for body, code in [
             ({}, "missing_required_parameter"),
