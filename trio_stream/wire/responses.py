@@ -44,7 +44,7 @@ from typing import Any
 
 import orjson
 
-from ..core.log import Entry, Outcome, RunStatus, ToolDelta
+from ..core.log import Entry, Outcome, RunStatus
 from ..errors import bad_request
 from .request import ChatRequest, _field, parse_json_object
 
@@ -352,6 +352,13 @@ def _part(kind: str, text: str) -> dict[str, Any]:
     return {"type": "reasoning_text", "text": text}
 
 
+def delta_of(entry: Entry) -> dict[str, Any]:
+    """A log entry's chat delta: a ``str`` is content, a
+    :class:`~trio_stream.core.log.ToolDelta` its delta.  The fold reads
+    entries only through this function."""
+    return {"content": entry} if isinstance(entry, str) else entry.delta
+
+
 def reasoning_of(delta: dict[str, Any]) -> str:
     """The reasoning text of a chat delta: ``reasoning_content`` (vLLM,
     DeepSeek) or else ``reasoning`` (OpenRouter, newer vLLM); never both,
@@ -502,19 +509,22 @@ class Output:
 
     def feed(self, entry: Entry) -> list[Event]:
         """Fold one log entry in; the events it makes."""
-        events: list[Event] = []
         self.entries += 1
-        if isinstance(entry, str):
-            self._write(self._sequential("message", events), "output_text", entry, events)
-            return events
-        delta = entry.delta
+        return self.feed_delta(delta_of(entry))
+
+    def feed_delta(self, delta: dict[str, Any]) -> list[Event]:
+        """Fold one chat delta in; the events it makes.  Its reasoning comes
+        first, then its text, its refusal, its tool calls (an upstream that
+        sends reasoning and text in one chunk ends its reasoning there)."""
+        events: list[Event] = []
         if reasoning := reasoning_of(delta):
             self._write(self._sequential("reasoning", events), "reasoning_text", reasoning, events)
-        refusal = delta.get("refusal")
-        if isinstance(refusal, str) and refusal:
-            self._write(self._sequential("message", events), "refusal", refusal, events)
-        for part in delta.get("tool_calls") or ():
-            self._call(part, events)
+        for key, part in (("content", "output_text"), ("refusal", "refusal")):
+            text = delta.get(key)
+            if isinstance(text, str) and text:
+                self._write(self._sequential("message", events), part, text, events)
+        for call in delta.get("tool_calls") or ():
+            self._call(call, events)
         return events
 
     def finish(self, status: str) -> list[Event]:
@@ -549,11 +559,10 @@ def fold(response_id: str, entries: Sequence[Entry]) -> Output:
 
 def saved_output(response_id: str, content: str, tool_calls: Sequence[dict[str, Any]]) -> Output:
     """The :class:`Output` of a saved row: its text, then its tool calls."""
-    entries: list[Entry] = [content] if content else []
-    if tool_calls:
-        calls = [{**c, "index": i} for i, c in enumerate(tool_calls)]
-        entries.append(ToolDelta({"tool_calls": calls}))
-    return fold(response_id, entries)
+    output = Output(response_id)
+    output.feed_delta({"content": content})
+    output.feed_delta({"tool_calls": [{**c, "index": i} for i, c in enumerate(tool_calls)]})
+    return output
 
 
 # -- out: the response object ----------------------------------------------
