@@ -58,9 +58,10 @@ async def serving(settings: Settings, nursery: trio.Nursery, *ts: Transcript) ->
 
 async def events_of(server: Any, body: dict[str, Any]) -> list[Any]:
     """Every event of one streamed response, strictly validated, numbers gapless."""
-    async with loopback_client(server) as http, http.stream(
-        "POST", "/v1/responses", json={**body, "stream": True}
-    ) as r:
+    async with (
+        loopback_client(server) as http,
+        http.stream("POST", "/v1/responses", json={**body, "stream": True}) as r,
+    ):
         assert r.status_code == 200
         raw = await r.aread()
     events = []
