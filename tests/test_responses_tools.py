@@ -187,11 +187,12 @@ async def test_reasoning_and_refusal_reach_the_output(
                         streamed[key] = streamed.get(key, "") + delta[key]
     reasoning = streamed.get("reasoning_content") or streamed.get("reasoning") or ""
     for response in (final, whole):
-        got = "".join(c.text for o in response.output if o.type == "reasoning"
-                      for c in o.content or ())  # fmt: skip
+        output = response.model_dump()["output"]
+        got = "".join(c["text"] for o in output if o["type"] == "reasoning"
+                      for c in o["content"])  # fmt: skip
         assert got == reasoning
-        refusals = [p.refusal for o in response.output if o.type == "message"
-                    for p in o.content if p.type == "refusal"]  # fmt: skip
+        refusals = [p["refusal"] for o in output if o["type"] == "message"
+                    for p in o["content"] if p["type"] == "refusal"]  # fmt: skip
         assert "".join(refusals) == streamed.get("refusal", "")
         assert response.output_text == streamed.get("content", "")
     if "refusal" in streamed:
