@@ -33,7 +33,8 @@ TOOL = {
                    "required": ["city"]},
     "strict": None,
 }  # fmt: skip
-ASK = {"model": "m", "input": "What is the weather in Tokyo?", "tools": [TOOL]}
+QUESTION = "What is the weather in Tokyo?"
+ASK = {"model": "m", "input": QUESTION, "tools": [TOOL]}
 
 
 def the_call(t: Transcript) -> tuple[str, str, str]:
@@ -215,12 +216,12 @@ async def test_the_sdk_parses_function_calls_streamed_and_not(
     def use_sdk(server: Any) -> tuple[Response, list[Any], Response]:
         with sdk(server) as client:
             tools: Any = [TOOL]
-            whole = client.responses.create(model="m", input=ASK["input"], tools=tools)
+            whole = client.responses.create(model="m", input=QUESTION, tools=tools)
             with client.responses.create(
-                model="m", input=ASK["input"], tools=tools, stream=True
+                model="m", input=QUESTION, tools=tools, stream=True
             ) as stream:
                 events = list(stream)
-            with client.responses.stream(model="m", input=ASK["input"], tools=tools) as helper:
+            with client.responses.stream(model="m", input=QUESTION, tools=tools) as helper:
                 for _ in helper:
                     pass
                 accumulated = helper.get_final_response()
