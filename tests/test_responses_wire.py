@@ -11,7 +11,7 @@ import pydantic
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 
-from trio_stream.core.log import Outcome, RunStatus, ToolDelta
+from trio_stream.core.log import Entry, Outcome, RunStatus, ToolDelta
 from trio_stream.errors import ApiError
 from trio_stream.wire.responses import (
     ResponseEvents,
@@ -35,6 +35,12 @@ ENDINGS = [
     Outcome(RunStatus.CANCELLED, "stopped", "The run was stopped."),
     Outcome(RunStatus.FAILED, "upstream_error", "boom"),
 ]
+
+
+def entry(delta: dict[str, Any]) -> Entry:
+    """A log entry carrying ``delta`` (the only place these tests build one:
+    the renderer reads entries through ``wire.responses.delta_of``)."""
+    return ToolDelta(delta)
 
 
 def parse(body: dict[str, Any]) -> Any:
@@ -132,7 +138,7 @@ def test_sequence_numbers_are_a_pure_function_of_the_log(outcome: Outcome) -> No
     assert numbers == list(range(len(full)))
     assert [e.delta for e in full if e.type == "response.output_text.delta"] == text
     assert [e.sequence_number for e in full if hasattr(e, "delta")] == [4, 5, 6]
-    entries: list[Any] = ["a", "b", ToolDelta({"audio": {"id": "x"}}), "c"]
+    entries: list[Any] = ["a", "b", entry({"audio": {"id": "x"}}), "c"]
     full = whole_stream(outcome, entries)
     assert [e.sequence_number for e in full] == list(range(len(full)))
     for after in range(-1, len(full)):
@@ -300,7 +306,7 @@ def openai_call(index: int, *pieces: str, call_id: str = "call_1", name: str = "
     first = {"index": index, "id": call_id, "type": "function",
              "function": {"name": name, "arguments": ""}}  # fmt: skip
     rest = [{"index": index, "function": {"arguments": p}} for p in pieces]
-    return [ToolDelta({"tool_calls": [d]}) for d in [first, *rest]]
+    return [entry({"tool_calls": [d]}) for d in [first, *rest]]
 
 
 def kinds(events: list[Any]) -> list[tuple[str, int | None]]:
@@ -357,8 +363,8 @@ def test_a_tool_call_only_answer_has_no_message_item() -> None:
     the object shows the call ``in_progress`` with the arguments so far."""
     first = {"index": 0, "id": "chatcmpl-tool-1", "type": "function",
              "function": {"name": "get_weather"}}  # fmt: skip
-    entries: list[Any] = [ToolDelta({"tool_calls": [first]})] + [
-        ToolDelta({"tool_calls": [{"index": 0, "function": {"arguments": p}}]})
+    entries: list[Any] = [entry({"tool_calls": [first]})] + [
+        entry({"tool_calls": [{"index": 0, "function": {"arguments": p}}]})
         for p in ('{"city": "', "Tokyo", '"}')
     ]
     events = whole_stream(DONE, entries)
@@ -380,10 +386,11 @@ def test_reasoning_is_an_item_before_the_message_and_a_refusal_a_part() -> None:
     """``reasoning_content`` (or ``reasoning``) deltas make a ``reasoning``
     item with a ``reasoning_text`` part, closed when the answer starts; a
     ``refusal`` delta is a ``refusal`` content part of the message with
-    ``response.refusal.delta``/``.done``; numbers stay gapless and replays
-    exact."""
-    entries: list[Any] = [ToolDelta({"reasoning_content": "Think"}),
-                          ToolDelta({"reasoning_content": "ing."}), "Hi"]  # fmt: skip
+    ``response.refusal.delta``/``.done``; a delta with both reasoning and
+    text ends its reasoning before the text; numbers stay gapless and
+    replays exact."""
+    entries: list[Any] = [entry({"reasoning_content": "Think"}),
+                          entry({"reasoning_content": "ing."}), "Hi"]  # fmt: skip
     events = whole_stream(Outcome(RunStatus.COMPLETED, "stop"), entries)
     assert kinds(events)[2:] == [
         ("response.output_item.added", 0), ("response.content_part.added", 0),
@@ -404,7 +411,7 @@ def test_reasoning_is_an_item_before_the_message_and_a_refusal_a_part() -> None:
 
     refused = whole_stream(
         Outcome(RunStatus.COMPLETED, "stop"),
-        [ToolDelta({"refusal": "I can"}), ToolDelta({"refusal": "'t."})],
+        [entry({"refusal": "I can"}), entry({"refusal": "'t."})],
     )
     assert [e.type for e in refused][2:] == [
         "response.output_item.added", "response.content_part.added",
@@ -414,8 +421,12 @@ def test_reasoning_is_an_item_before_the_message_and_a_refusal_a_part() -> None:
     (message,) = refused[-1].response.output
     assert message.type == "message"
     assert [(p.type, p.refusal) for p in message.content] == [("refusal", "I can't.")]
-    for entries in ([ToolDelta({"reasoning": "r"}), ToolDelta({"refusal": "no"})],
-                    ["a", ToolDelta({"refusal": "b"}), "c"]):  # fmt: skip
+    both = whole_stream(DONE, [entry({"reasoning_content": "56.", "content": "7"}), "!"])
+    output = both[-1].response.model_dump()["output"]  # one chunk: its reasoning ends first
+    assert [(o["type"], [p["text"] for p in o["content"]]) for o in output] == [
+        ("reasoning", ["56."]), ("message", ["7!"])]  # fmt: skip
+    for entries in ([entry({"reasoning": "r"}), entry({"refusal": "no"})],
+                    ["a", entry({"refusal": "b"}), "c"]):  # fmt: skip
         full = whole_stream(DONE, entries)
         assert [e.sequence_number for e in full] == list(range(len(full)))
         for after in range(-1, len(full)):
