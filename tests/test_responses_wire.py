@@ -344,7 +344,7 @@ def test_text_then_tool_calls_stream_as_items_in_order() -> None:
     added = events[9].item
     assert (added.type, added.call_id, added.name, added.arguments) == (
         "function_call", "call_1", "f", "")  # fmt: skip
-    assert events[14].arguments == '{"a":1}'
+    assert (events[14].arguments, events[14].model_dump()["name"]) == ('{"a":1}', "f")
     final = events[-1].response
     assert final.status == "completed"
     assert final.output_text == "Let me."

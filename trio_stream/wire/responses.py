@@ -480,7 +480,8 @@ class Output:
         if item.kind == "function_call":
             arguments = "".join(item.arguments)
             events.append(("response.function_call_arguments.done",
-                           {**item.where(), "arguments": arguments}))  # fmt: skip
+                           {**item.where(), "name": item.name,
+                            "arguments": arguments}))  # fmt: skip
         elif item.parts:
             self._close_part(item, events)
         item.status = status
