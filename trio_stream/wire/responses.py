@@ -71,7 +71,7 @@ class ResponseMeta:
     tool_choice: str | dict[str, Any] = "auto"
     parallel_tool_calls: bool = True
     #: ``text.format`` as given (None: plain text).
-    text_format: dict[str, Any] | None = field(default=None)
+    text_format: dict[str, Any] | None = None
 
 
 # -- in ---------------------------------------------------------------------
@@ -333,11 +333,6 @@ _DONE = {
 }
 
 
-def item_id(response_id: str) -> str:
-    """The id of a response's first output message."""
-    return "msg_" + response_id.removeprefix("resp_")
-
-
 def _text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
@@ -452,15 +447,21 @@ class Output:
             self._added(item, events)
         return item
 
-    def _write(self, item: _Item, kind: str, delta: str, events: list[Event]) -> None:
+    def _part_of(self, item: _Item, kind: str, events: list[Event]) -> int:
+        """The index of ``item``'s open part of ``kind``: the last one, or a
+        new one (the one before it closed)."""
         if not item.parts or item.parts[-1][0] != kind:
             if item.parts:
                 self._close_part(item, events)
             item.parts.append((kind, []))
             where = {**item.where(), "content_index": len(item.parts) - 1}
             events.append(("response.content_part.added", {**where, "part": _part(kind, "")}))
-        item.parts[-1][1].append(delta)
-        fields = {**item.where(), "content_index": len(item.parts) - 1, "delta": delta}
+        return len(item.parts) - 1
+
+    def _write(self, item: _Item, kind: str, delta: str, events: list[Event]) -> None:
+        index = self._part_of(item, kind, events)
+        item.parts[index][1].append(delta)
+        fields = {**item.where(), "content_index": index, "delta": delta}
         if kind == "output_text":
             fields["logprobs"] = []
         events.append((_DELTA[kind], fields))
@@ -533,9 +534,7 @@ class Output:
         with no output at all is one empty message, as OpenAI's."""
         events: list[Event] = []
         if not self.items:
-            self._write(self._sequential("message", events), "output_text", "", events)
-            events.pop()  # the part, opened empty, gets no delta
-            self.items[0].parts[0][1].clear()
+            self._part_of(self._sequential("message", events), "output_text", events)
         for item in self.items:
             if item.status is None:
                 self._close(item, _item_status(status), events)
