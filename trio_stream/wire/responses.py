@@ -512,6 +512,15 @@ class Output:
     def feed(self, entry: Entry) -> list[Event]:
         """Fold one log entry in; the events it makes."""
         self.entries += 1
+        item = self._open
+        if isinstance(entry, str) and entry and item is not None and item.kind == "message":
+            part = item.parts[-1] if item.parts else None
+            if part is not None and part[0] == "output_text":  # the common case, kept short
+                part[1].append(entry)
+                fields = {"item_id": item.id, "output_index": item.index,
+                          "content_index": len(item.parts) - 1, "delta": entry,
+                          "logprobs": []}  # fmt: skip
+                return [("response.output_text.delta", fields)]
         return self.feed_delta(delta_of(entry))
 
     def feed_delta(self, delta: dict[str, Any]) -> list[Event]:
@@ -649,12 +658,10 @@ class ResponseEvents:
         return response_object(state)
 
     def _number(self, events: Sequence[Event]) -> bytes:
-        out = []
-        for kind, fields in events:
-            if self.seq > self.after:
-                out.append(_event(kind, self.seq, fields))
-            self.seq += 1
-        return b"".join(out)
+        seq, after = self.seq, self.after
+        self.seq += len(events)
+        return b"".join([_event(kind, n, fields) for n, (kind, fields) in enumerate(events, seq)
+                         if n > after])  # fmt: skip
 
     def preamble(self) -> bytes:
         """``response.created`` and ``response.in_progress`` (0 and 1)."""
@@ -667,7 +674,8 @@ class ResponseEvents:
     def deltas(self, entries: Sequence[Entry], first_seq: int) -> bytes:
         """The events of ``entries``, whose first is log entry ``first_seq``."""
         assert first_seq == self.output.entries + 1, "entries must come in order from the first"
-        return b"".join(self._number(self.output.feed(entry)) for entry in entries)
+        feed = self.output.feed
+        return self._number([event for entry in entries for event in feed(entry)])
 
     def trailing(self, outcome: Outcome, usage: dict[str, Any]) -> bytes:
         """The events after the last entry."""
