@@ -447,3 +447,14 @@ def test_an_empty_answer_is_one_empty_message_and_a_failure_leaves_items_open() 
     assert not any(e.type.endswith(".done") for e in failed)
     (call,) = failed[-1].response.output
     assert (call.status, call.arguments) == ("incomplete", "{")
+
+
+def test_a_tool_call_without_an_id_gets_one() -> None:
+    """An upstream that sends no tool-call ``id`` still gives each
+    ``function_call`` item a ``call_id`` (unique in the response), so the
+    client can answer it with a ``function_call_output``."""
+    calls = [{"index": i, "function": {"name": "f", "arguments": "{}"}} for i in (0, 1)]
+    events = whole_stream(DONE, [entry({"tool_calls": calls})])
+    output = events[-1].response.output
+    assert [o.call_id for o in output] == ["call_abc_0", "call_abc_1"]
+    assert [o.id for o in output] == ["fc_abc_0", "fc_abc_1"]
