@@ -371,15 +371,20 @@ async def test_failed_and_cancelled_streams_end_with_their_events(
 
 
 async def test_bad_requests_and_routes(settings: Settings) -> None:
-    """Requests the translation cannot serve are refused with 400 before any
-    run; unknown paths under /v1/responses are 404, wrong methods 405 with
-    ``Allow``; a malformed ``starting_after`` is 400."""
+    """Requests the translation cannot serve (an input item or a tool type
+    it does not carry, a function tool or call without its fields) are
+    refused with 400 before any run; unknown paths under /v1/responses are
+    404, wrong methods 405 with ``Allow``; a malformed ``starting_after`` is
+    400."""
     async with running_server(settings) as server, loopback_client(server) as http:
         for body, code in [
             ({}, "missing_required_parameter"),
             ({"input": 5}, "invalid_type"),
-            ({"input": [{"type": "function_call"}]}, "unsupported_input"),
-            ({"input": "x", "tools": [{"type": "function"}]}, "unsupported_parameter"),
+            ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "unsupported_input"),
+            ({"input": [{"type": "function_call"}]}, "invalid_type"),
+            ({"input": "x", "tools": [{"type": "function"}]}, "invalid_type"),
+            ({"input": "x", "tools": [{"type": "web_search"}]}, "unsupported_tool"),
+            ({"input": "x", "previous_response_id": "resp_1"}, "unsupported_parameter"),
             ({"input": "x", "background": True, "store": False}, "invalid_value"),
             ({"input": "x", "max_output_tokens": 0}, "invalid_value"),
         ]:

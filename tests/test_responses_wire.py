@@ -11,14 +11,13 @@ import pydantic
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 
-from trio_stream.core.log import Outcome, RunStatus, ToolDelta
+from trio_stream.core.log import Entry, Outcome, RunStatus, ToolDelta
 from trio_stream.errors import ApiError
 from trio_stream.wire.responses import (
-    PREAMBLE,
     ResponseEvents,
     ResponseMeta,
     ResponseState,
-    log_cursor,
+    fold,
     parse_responses_request,
     response_object,
 )
@@ -36,6 +35,12 @@ ENDINGS = [
     Outcome(RunStatus.CANCELLED, "stopped", "The run was stopped."),
     Outcome(RunStatus.FAILED, "upstream_error", "boom"),
 ]
+
+
+def entry(delta: dict[str, Any]) -> Entry:
+    """A log entry carrying ``delta`` (the only place these tests build one:
+    the renderer reads entries through ``wire.responses.delta_of``)."""
+    return ToolDelta(delta)
 
 
 def parse(body: dict[str, Any]) -> Any:
@@ -108,30 +113,40 @@ def events_of(raw: bytes) -> list[Any]:
     return out
 
 
-def whole_stream(outcome: Outcome, entries: list[Any], after: int = -1) -> list[Any]:
+def whole_stream(
+    outcome: Outcome, entries: list[Any], after: int = -1, batch: int = 1
+) -> list[Any]:
+    """Every event of a run with ``entries`` and ``outcome`` numbered above
+    ``after``, the log given to the renderer ``batch`` entries at a time."""
     ev = ResponseEvents("resp_abc", META, 1.0, after)
-    content = "".join(e for e in entries if isinstance(e, str))
-    cursor = log_cursor(after)
-    raw = ev.preamble() + ev.deltas(entries[cursor:], cursor + 1)
-    return events_of(raw + ev.trailing(content, len(entries), outcome, USAGE))
+    raw = ev.preamble()
+    for i in range(0, len(entries), batch):
+        raw += ev.deltas(entries[i : i + batch], i + 1)
+    return events_of(raw + ev.trailing(outcome, USAGE))
 
 
 @pytest.mark.parametrize("outcome", ENDINGS, ids=lambda o: f"{o.status.value}-{o.reason}")
 def test_sequence_numbers_are_a_pure_function_of_the_log(outcome: Outcome) -> None:
-    """Preamble 0-3, log entry n is n + 3, the trailing events follow the last
-    entry; a replay after any N yields exactly the events numbered above N
-    (a tool delta keeps its number but is not sent)."""
-    entries: list[Any] = ["a", "b", ToolDelta({"refusal": "r"}), "c"]
-    full = whole_stream(outcome, entries)
+    """Numbers start at 0 and have no gaps; for text, log entry n is n + 3
+    (the message item and its part open at 2 and 3); the trailing events
+    follow the last entry; a delta with nothing to show makes no event; a
+    replay after any N, however the log is batched, yields exactly the
+    events numbered above N."""
+    text = ["a", "b", "c"]
+    full = whole_stream(outcome, text)
     numbers = [e.sequence_number for e in full]
-    assert numbers[: PREAMBLE + 2] == [0, 1, 2, 3, 4, 5]
-    assert 6 not in numbers  # the tool delta's number
-    assert numbers == sorted(numbers)
-    for after in range(-1, numbers[-1] + 1):
-        replay = whole_stream(outcome, entries, after)
-        assert [e.model_dump() for e in replay] == [
-            e.model_dump() for e in full if e.sequence_number > after
-        ], after
+    assert numbers == list(range(len(full)))
+    assert [e.delta for e in full if e.type == "response.output_text.delta"] == text
+    assert [e.sequence_number for e in full if hasattr(e, "delta")] == [4, 5, 6]
+    entries: list[Any] = ["a", "b", entry({"audio": {"id": "x"}}), "c"]
+    full = whole_stream(outcome, entries)
+    assert [e.sequence_number for e in full] == list(range(len(full)))
+    for after in range(-1, len(full)):
+        for batch in (1, 3):
+            replay = whole_stream(outcome, entries, after, batch)
+            assert [e.model_dump() for e in replay] == [
+                e.model_dump() for e in full if e.sequence_number > after
+            ], (after, batch)
     kinds = {
         "stop": "response.completed", "length": "response.incomplete",
         "stopped": "error", "upstream_error": "response.failed",
@@ -145,7 +160,8 @@ def test_the_object_by_status() -> None:
     in_progress, and each ending; ``output_text`` is the text received."""
 
     def obj(outcome: Outcome | None, deltas: int, content: str) -> Response:
-        state = ResponseState("resp_abc", META, 1.5, content, deltas, outcome,
+        entries = list(content) if deltas else []
+        state = ResponseState("resp_abc", META, 1.5, fold("resp_abc", entries), outcome,
                               USAGE if outcome else None)  # fmt: skip
         return Response.model_validate(response_object(state))
 
@@ -160,3 +176,285 @@ def test_the_object_by_status() -> None:
     assert statuses[3].error.message == "boom"
     assert statuses[0].usage is not None
     assert statuses[0].usage.total_tokens == 4
+
+
+# -- function calling, reasoning, refusal (issue 20 item 6) -------------------
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}}
+
+
+def test_function_tools_tool_choice_and_text_format_become_their_chat_shapes() -> None:
+    """A flat Responses function tool becomes chat's nested ``function``;
+    ``tool_choice`` (a string or a named function), ``parallel_tool_calls``,
+    ``text.format`` (json_schema, json_object) and ``reasoning.effort`` reach
+    the upstream in their chat shapes, and the object echoes what was asked."""
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    chat, meta = parse({
+        "input": "hi", "parallel_tool_calls": False,
+        "tools": [{"type": "function", "name": "get_weather", "description": "d",
+                   "parameters": WEATHER, "strict": True},
+                  {"type": "function", "name": "noop", "parameters": None, "strict": None}],
+        "tool_choice": {"type": "function", "name": "get_weather"},
+        "text": {"format": {"type": "json_schema", "name": "out", "schema": schema,
+                            "strict": True}},
+        "reasoning": {"effort": "low"},
+    })  # fmt: skip
+    body = chat.upstream_body()
+    assert body["tools"] == [
+        {"type": "function", "function": {"name": "get_weather", "description": "d",
+                                          "parameters": WEATHER, "strict": True}},
+        {"type": "function", "function": {"name": "noop"}},
+    ]  # fmt: skip
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert body["parallel_tool_calls"] is False
+    assert body["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "out", "schema": schema, "strict": True},
+    }  # fmt: skip
+    assert body["reasoning_effort"] == "low"
+    state = ResponseState("resp_abc", meta, 1.0, fold("resp_abc", []), None, None)
+    shown = Response.model_validate(response_object(state))
+    assert [t.name for t in shown.tools] == ["get_weather", "noop"]  # type: ignore[union-attr]
+    assert shown.tool_choice.name == "get_weather"  # type: ignore[union-attr]
+    assert shown.parallel_tool_calls is False
+    assert shown.text is not None
+    assert shown.text.format is not None
+    assert shown.text.format.type == "json_schema"
+    for choice in ("auto", "none", "required"):
+        assert parse({"input": "x", "tool_choice": choice})[0].body["tool_choice"] == choice
+    chat, _ = parse({"input": "x", "text": {"format": {"type": "json_object"}}})
+    assert chat.body["response_format"] == {"type": "json_object"}
+    chat, _ = parse({"input": "x", "text": {"format": {"type": "text"}}, "tools": []})
+    assert "response_format" not in chat.body
+    assert "tools" not in chat.body
+
+
+def test_function_call_items_round_trip_as_assistant_tool_calls_and_tool_messages() -> None:
+    """Echoed ``function_call`` items join the assistant message before them
+    (or make one), ``function_call_output`` items become ``tool`` messages
+    (text parts joined), ``reasoning`` items are not sent, an echoed refusal
+    stays a refusal."""
+    chat, _ = parse({"input": [
+        {"role": "user", "content": "weather?"},
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "message", "role": "assistant", "content": [
+            {"type": "output_text", "text": "Let me look.", "annotations": []}]},
+        {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "get_weather",
+         "arguments": "{\"city\":\"Tokyo\"}", "status": "completed"},
+        {"type": "function_call", "call_id": "call_2", "name": "get_weather",
+         "arguments": "{\"city\":\"Oslo\"}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "22C"},
+        {"type": "function_call_output", "call_id": "call_2",
+         "output": [{"type": "input_text", "text": "3"}, {"type": "input_text", "text": "C"}]},
+        {"type": "function_call", "call_id": "call_3", "name": "noop", "arguments": ""},
+        {"type": "message", "role": "assistant", "content": [
+            {"type": "refusal", "refusal": "I can't."}]},
+    ]})  # fmt: skip
+
+    def call(i: str, name: str, args: str) -> dict[str, Any]:
+        return {"id": i, "type": "function", "function": {"name": name, "arguments": args}}
+
+    assert chat.messages == [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [
+            call("call_1", "get_weather", '{"city":"Tokyo"}'),
+            call("call_2", "get_weather", '{"city":"Oslo"}')]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "22C"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "3C"},
+        {"role": "assistant", "content": None, "tool_calls": [call("call_3", "noop", "")]},
+        {"role": "assistant", "content": None, "refusal": "I can't."},
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"tools": [{"type": "web_search"}]}, "tools[0]"),
+        ({"tools": [{"type": "function", "name": "f"}, {"type": "file_search"}]}, "tools[1]"),
+        ({"tools": [{"type": "computer_use_preview"}]}, "tools[0]"),
+        ({"tools": [{"type": "mcp", "server_label": "x"}]}, "tools[0]"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": "x"}]},
+         "tools[0].parameters"),
+        ({"tools": {"type": "function"}}, "tools"),
+        ({"tool_choice": {"type": "file_search"}}, "tool_choice"),
+        ({"tool_choice": "sometimes"}, "tool_choice"),
+        ({"text": {"format": {"type": "grammar"}}}, "text.format"),
+        ({"text": {"format": {"type": "json_schema", "name": "n"}}}, "text.format.schema"),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),
+        ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
+        ({"input": [{"type": "function_call_output", "call_id": "c",
+                     "output": [{"type": "input_image", "image_url": "http://i"}]}]},
+         "input[0].output"),
+        ({"input": [{"type": "function_call", "call_id": "c", "name": "f"}]},
+         "input[0].arguments"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+    ],
+)  # fmt: skip
+def test_what_the_translation_cannot_carry_is_a_400_naming_the_field(
+    body: dict[str, Any], field: str
+) -> None:
+    """Tools of other types, other tool choices and formats, item references
+    and malformed function items are refused (400, the field named in the
+    message), never dropped."""
+    with pytest.raises(ApiError) as info:
+        parse({"input": "x", **body})
+    assert info.value.status == 400
+    assert f"'{field}'" in info.value.message
+
+
+def openai_call(index: int, *pieces: str, call_id: str = "call_1", name: str = "f") -> list[Any]:
+    """OpenAI's tool-call deltas: id, name and ``""`` first, then fragments."""
+    first = {"index": index, "id": call_id, "type": "function",
+             "function": {"name": name, "arguments": ""}}  # fmt: skip
+    rest = [{"index": index, "function": {"arguments": p}} for p in pieces]
+    return [entry({"tool_calls": [d]}) for d in [first, *rest]]
+
+
+def kinds(events: list[Any]) -> list[tuple[str, int | None]]:
+    return [(e.type, getattr(e, "output_index", None)) for e in events]
+
+
+DONE = Outcome(RunStatus.COMPLETED, "tool_calls")
+
+
+def test_text_then_tool_calls_stream_as_items_in_order() -> None:
+    """Text then two tool calls: the message item (index 0) is closed when
+    the first call opens; each call is a ``function_call`` item with its
+    ``call_id``, ``name`` and argument deltas, closed at the end with
+    ``function_call_arguments.done``; the response is ``completed`` and its
+    output lists the message and both calls."""
+    entries = ["Let ", "me.", *openai_call(0, '{"a":', "1}"),
+               *openai_call(1, "{}", call_id="call_2", name="g")]  # fmt: skip
+    events = whole_stream(DONE, entries)
+    assert kinds(events) == [
+        ("response.created", None), ("response.in_progress", None),
+        ("response.output_item.added", 0), ("response.content_part.added", 0),
+        ("response.output_text.delta", 0), ("response.output_text.delta", 0),
+        ("response.output_text.done", 0), ("response.content_part.done", 0),
+        ("response.output_item.done", 0),
+        ("response.output_item.added", 1),
+        ("response.function_call_arguments.delta", 1),
+        ("response.function_call_arguments.delta", 1),
+        ("response.output_item.added", 2),
+        ("response.function_call_arguments.delta", 2),
+        ("response.function_call_arguments.done", 1), ("response.output_item.done", 1),
+        ("response.function_call_arguments.done", 2), ("response.output_item.done", 2),
+        ("response.completed", None),
+    ]  # fmt: skip
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    added = events[9].item
+    assert (added.type, added.call_id, added.name, added.arguments) == (
+        "function_call", "call_1", "f", "")  # fmt: skip
+    assert (events[14].arguments, events[14].model_dump()["name"]) == ('{"a":1}', "f")
+    final = events[-1].response
+    assert final.status == "completed"
+    assert final.output_text == "Let me."
+    calls = [o for o in final.output if o.type == "function_call"]
+    assert [(c.call_id, c.name, c.arguments, c.status) for c in calls] == [
+        ("call_1", "f", '{"a":1}', "completed"), ("call_2", "g", "{}", "completed")]  # fmt: skip
+    assert len({o.id for o in final.output}) == 3
+    for after in range(-1, len(events)):
+        replay = whole_stream(DONE, entries, after, batch=2)
+        assert [e.model_dump() for e in replay] == [e.model_dump() for e in events[after + 1 :]]
+
+
+def test_a_tool_call_only_answer_has_no_message_item() -> None:
+    """vLLM's shape (name first, no ``arguments`` key, then fragments): one
+    ``function_call`` item at index 0 and no empty message; while running
+    the object shows the call ``in_progress`` with the arguments so far."""
+    first = {"index": 0, "id": "chatcmpl-tool-1", "type": "function",
+             "function": {"name": "get_weather"}}  # fmt: skip
+    entries: list[Any] = [entry({"tool_calls": [first]})] + [
+        entry({"tool_calls": [{"index": 0, "function": {"arguments": p}}]})
+        for p in ('{"city": "', "Tokyo", '"}')
+    ]
+    events = whole_stream(DONE, entries)
+    assert [e.type for e in events][2:] == [
+        "response.output_item.added", *["response.function_call_arguments.delta"] * 3,
+        "response.function_call_arguments.done", "response.output_item.done",
+        "response.completed",
+    ]  # fmt: skip
+    assert [o.type for o in events[-1].response.output] == ["function_call"]
+    running = ResponseState("resp_abc", META, 1.0, fold("resp_abc", entries[:2]), None, None)
+    shown = Response.model_validate(response_object(running))
+    assert shown.status == "in_progress"
+    (call,) = shown.output
+    assert (call.type, call.status, call.arguments) == (  # type: ignore[union-attr]
+        "function_call", "in_progress", '{"city": "')  # fmt: skip
+
+
+def test_reasoning_is_an_item_before_the_message_and_a_refusal_a_part() -> None:
+    """``reasoning_content`` (or ``reasoning``) deltas make a ``reasoning``
+    item with a ``reasoning_text`` part, closed when the answer starts; a
+    ``refusal`` delta is a ``refusal`` content part of the message with
+    ``response.refusal.delta``/``.done``; a delta with both reasoning and
+    text ends its reasoning before the text; numbers stay gapless and
+    replays exact."""
+    entries: list[Any] = [entry({"reasoning_content": "Think"}),
+                          entry({"reasoning_content": "ing."}), "Hi"]  # fmt: skip
+    events = whole_stream(Outcome(RunStatus.COMPLETED, "stop"), entries)
+    assert kinds(events)[2:] == [
+        ("response.output_item.added", 0), ("response.content_part.added", 0),
+        ("response.reasoning_text.delta", 0), ("response.reasoning_text.delta", 0),
+        ("response.reasoning_text.done", 0), ("response.content_part.done", 0),
+        ("response.output_item.done", 0),
+        ("response.output_item.added", 1), ("response.content_part.added", 1),
+        ("response.output_text.delta", 1),
+        ("response.output_text.done", 1), ("response.content_part.done", 1),
+        ("response.output_item.done", 1), ("response.completed", None),
+    ]  # fmt: skip
+    reasoning, message = events[-1].response.output
+    assert reasoning.type == "reasoning"
+    assert reasoning.summary == []
+    assert [c.text for c in reasoning.content] == ["Thinking."]
+    assert message.content[0].text == "Hi"
+    assert message.id == "msg_abc"
+
+    refused = whole_stream(
+        Outcome(RunStatus.COMPLETED, "stop"),
+        [entry({"refusal": "I can"}), entry({"refusal": "'t."})],
+    )
+    assert [e.type for e in refused][2:] == [
+        "response.output_item.added", "response.content_part.added",
+        "response.refusal.delta", "response.refusal.delta", "response.refusal.done",
+        "response.content_part.done", "response.output_item.done", "response.completed",
+    ]  # fmt: skip
+    (message,) = refused[-1].response.output
+    assert message.type == "message"
+    assert [(p.type, p.refusal) for p in message.content] == [("refusal", "I can't.")]
+    both = whole_stream(DONE, [entry({"reasoning_content": "56.", "content": "7"}), "!"])
+    output = both[-1].response.model_dump()["output"]  # one chunk: its reasoning ends first
+    assert [(o["type"], [p["text"] for p in o["content"]]) for o in output] == [
+        ("reasoning", ["56."]), ("message", ["7!"])]  # fmt: skip
+    for entries in ([entry({"reasoning": "r"}), entry({"refusal": "no"})],
+                    ["a", entry({"refusal": "b"}), "c"]):  # fmt: skip
+        full = whole_stream(DONE, entries)
+        assert [e.sequence_number for e in full] == list(range(len(full)))
+        for after in range(-1, len(full)):
+            replay = whole_stream(DONE, entries, after)
+            assert [e.model_dump() for e in replay] == [e.model_dump() for e in full[after + 1 :]]
+
+
+def test_an_empty_answer_is_one_empty_message_and_a_failure_leaves_items_open() -> None:
+    """A completed run with no delta answers one empty message (as before);
+    a failed one after a tool-call delta ends with ``response.failed``, its
+    call ``incomplete``, no ``.done`` events."""
+    empty = whole_stream(Outcome(RunStatus.COMPLETED, "stop"), [])
+    assert [e.sequence_number for e in empty] == list(range(8))
+    assert empty[-1].response.output_text == ""
+    assert [o.type for o in empty[-1].response.output] == ["message"]
+    failed = whole_stream(ENDINGS[3], openai_call(0, "{"))
+    assert [e.type for e in failed][-1] == "response.failed"
+    assert not any(e.type.endswith(".done") for e in failed)
+    (call,) = failed[-1].response.output
+    assert (call.status, call.arguments) == ("incomplete", "{")
+
+
+def test_a_tool_call_without_an_id_gets_one() -> None:
+    """An upstream that sends no tool-call ``id`` still gives each
+    ``function_call`` item a ``call_id`` (unique in the response), so the
+    client can answer it with a ``function_call_output``."""
+    calls = [{"index": i, "function": {"name": "f", "arguments": "{}"}} for i in (0, 1)]
+    events = whole_stream(DONE, [entry({"tool_calls": calls})])
+    output = events[-1].response.output
+    assert [o.call_id for o in output] == ["call_abc_0", "call_abc_1"]
+    assert [o.id for o in output] == ["fc_abc_0", "fc_abc_1"]

@@ -42,9 +42,10 @@ from ..wire.responses import (
     ResponseEvents,
     ResponseMeta,
     ResponseState,
-    log_cursor,
+    fold,
     parse_responses_request,
     response_object,
+    saved_output,
     status_of,
 )
 from ..wire.usage import Usage
@@ -77,11 +78,8 @@ def run_object(run: Run) -> dict[str, Any]:
     if outcome is not None and outcome.status is RunStatus.COMPLETED and not run.done.is_set():
         outcome = None
     usage = run.final_usage().responses() if outcome is not None else None
-    log = run.log
-    state = ResponseState(
-        run.id, meta_of(run), run.created, log.content, log.last_seq, outcome, usage
-    )
-    return response_object(state)
+    output = fold(run.id, run.log.read(0))
+    return response_object(ResponseState(run.id, meta_of(run), run.created, output, outcome, usage))
 
 
 def saved_object(m: Message) -> dict[str, Any]:
@@ -93,16 +91,16 @@ def saved_object(m: Message) -> dict[str, Any]:
     meta = ResponseMeta(model if isinstance(model, str) else "", background=m.detached)
     outcome = Outcome(STATUS_OF_SAVED[m.status], m.reason or "")
     figures = usage.responses() if usage else None
-    return response_object(
-        ResponseState(m.run_id, meta, m.created, m.content, m.events, outcome, figures)
-    )
+    output = saved_output(m.run_id, m.content, m.tool_calls or ())
+    return response_object(ResponseState(m.run_id, meta, m.created, output, outcome, figures))
 
 
 class ResponseSubscriber(Subscriber):
     """A :class:`~trio_stream.http.stream.Subscriber` that writes Responses events.
 
     ``starting_after``: the sequence number after which to write (-1: all);
-    the log cursor must be :func:`~trio_stream.wire.responses.log_cursor` of it.
+    the log cursor must be 0 (the events are numbered by folding the log
+    from its start, see :class:`~trio_stream.wire.responses.ResponseEvents`).
     """
 
     def __init__(self, run: Run, send: Send, *, starting_after: int = -1, **kw: Any) -> None:
@@ -117,8 +115,7 @@ class ResponseSubscriber(Subscriber):
 
     def terminal(self, outcome: Outcome) -> bytes:
         run = self.run
-        usage = run.final_usage().responses()
-        return self.events.trailing(run.log.content, run.log.last_seq, outcome, usage)
+        return self.events.trailing(outcome, run.final_usage().responses())
 
     async def _answer_json(self, outcome: Outcome) -> None:
         """``stream: false``: the final object, whatever the outcome."""
@@ -213,11 +210,8 @@ async def retrieve(
         if record is None or not record.detached:
             raise not_found(f"No response {response_id!r} in memory to stream.")
         run = service.runs.cluster.mirror(record)
-    cursor = log_cursor(after)
-    with service.stream_slot():
-        if run.settled:
-            cursor = min(cursor, run.log.last_seq)
-        sub = subscriber(service, run, send, scope, kind=ResponseSubscriber, cursor=cursor,
+    with service.stream_slot():  # from the log's start: the numbers depend on all before them
+        sub = subscriber(service, run, send, scope, kind=ResponseSubscriber, cursor=0,
                          drives_backpressure=False, starting_after=after)  # fmt: skip
         await follow(service, sub, receive, start_now=True, remote=remote)
 
@@ -251,9 +245,9 @@ async def _remote_object(service: Service, record: RunRecord) -> dict[str, Any]:
         outcome = Outcome(RunStatus(record.status), record.reason or "")
     usage = mirror.final_usage().responses() if outcome is not None else None
     status = status_of(outcome, mirror.log.last_seq, record.detached)
-    log = mirror.log
-    state = ResponseState(record.id, meta_of(mirror), record.created, log.content, log.last_seq,
-                          outcome, usage, status)  # fmt: skip
+    output = fold(record.id, mirror.log.read(0))
+    state = ResponseState(record.id, meta_of(mirror), record.created, output, outcome, usage,
+                          status)  # fmt: skip
     return response_object(state)
 
 

@@ -5,26 +5,33 @@ Upstreams speak chat completions, and a response is a run like any other
 
 * **In**: a ``POST /v1/responses`` body becomes a
   :class:`~trio_stream.wire.request.ChatRequest` (``instructions`` a system
-  message first, ``input`` the messages, ``max_output_tokens`` the
-  ``max_tokens``, ``background`` the detach flag) plus the
-  :class:`ResponseMeta` that rendering needs.
+  message first, ``input`` the messages -- ``function_call`` items an
+  assistant message's ``tool_calls``, ``function_call_output`` items ``tool``
+  messages --, ``tools``/``tool_choice``/``text.format`` their chat shapes,
+  ``max_output_tokens`` the ``max_tokens``, ``background`` the detach flag)
+  plus the :class:`ResponseMeta` that rendering needs.
 * **Out**: a run's log and outcome become the ``response`` object and its
-  stream events.
+  stream events.  :class:`Output` folds the log's entries into output items
+  (``reasoning``, ``message`` with ``output_text``/``refusal`` parts,
+  ``function_call``) and says which events each entry makes; the object
+  and the events are both rendered from that one fold, so they agree.
 
 Sequence numbers are a pure function of the run's log, so that any event can
 be replayed from its number (``GET /v1/responses/{id}?stream=true&starting_after=N``)::
 
     0 response.created   1 response.in_progress
-    2 response.output_item.added   3 response.content_part.added
-    n + 3              response.output_text.delta of log entry n (n >= 1)
-    L + 4 ...          the trailing events, after the last entry L:
-                       completed or incomplete: output_text.done,
-                       content_part.done, output_item.done, then
-                       response.completed | response.incomplete;
-                       failed: response.failed; cancelled: error.
+    then, entry by entry, the events each log entry makes (an item opens
+    with output_item.added, a part with content_part.added, then its delta;
+    opening an item closes the reasoning or message item before it);
+    then the trailing events: completed or incomplete: the open items'
+    .done events, then response.completed | response.incomplete;
+    failed: response.failed; cancelled: error.
 
-Each log entry is one delta event (never coalesced), so the mapping holds
-however a subscriber was batched.  The SSE ``id:`` is the sequence number.
+For a log of text only, entry ``n`` is sequence number ``n + 3`` (the
+message item and its part open with the first entry, at 2 and 3).  A
+replay renders the log from its start and sends only the events numbered
+above ``N``, so the mapping holds however a subscriber was batched.  The
+SSE ``id:`` is the sequence number.
 
 This module never imports trio.
 """
@@ -32,7 +39,7 @@ This module never imports trio.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -41,13 +48,11 @@ from ..core.log import Entry, Outcome, RunStatus
 from ..errors import bad_request
 from .request import ChatRequest, _field, parse_json_object
 
-#: Events before the first delta: created, in_progress, output_item.added,
-#: content_part.added (sequence numbers 0 to 3).
-PREAMBLE = 4
 _ROLES = frozenset({"user", "assistant", "system", "developer"})
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 #: Fields that would change the answer and are not served: refused, not ignored.
-_UNSUPPORTED = ("previous_response_id", "conversation", "prompt", "tools")
+_UNSUPPORTED = ("previous_response_id", "conversation", "prompt")
+_TOOL_CHOICES = frozenset({"auto", "none", "required"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +66,12 @@ class ResponseMeta:
     store: bool = True
     temperature: float | None = None
     top_p: float | None = None
+    #: The function tools as the response object lists them (Responses shape).
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: str | dict[str, Any] = "auto"
+    parallel_tool_calls: bool = True
+    #: ``text.format`` as given (None: plain text).
+    text_format: dict[str, Any] | None = None
 
 
 # -- in ---------------------------------------------------------------------
@@ -90,24 +101,172 @@ def _content(content: Any, where: str) -> str | list[dict[str, Any]]:
     return parts
 
 
+def _string(item: dict[str, Any], name: str, where: str) -> str:
+    value = item.get(name)
+    if not isinstance(value, str) or (name != "arguments" and not value):
+        raise bad_request(f"'{where}.{name}' must be a non-empty string.", "invalid_type")
+    return value
+
+
+def _function_call(item: dict[str, Any], where: str) -> dict[str, Any]:
+    """A ``function_call`` input item as a chat ``tool_calls`` entry."""
+    call_id = _string(item, "call_id", where)
+    function = {
+        "name": _string(item, "name", where),
+        "arguments": _string(item, "arguments", where),
+    }
+    return {"id": call_id, "type": "function", "function": function}
+
+
+def _tool_output(item: dict[str, Any], where: str) -> dict[str, Any]:
+    """A ``function_call_output`` input item as a chat ``tool`` message."""
+    call_id = _string(item, "call_id", where)
+    output = item.get("output")
+    if isinstance(output, list):  # text parts only: a chat tool message is text
+        texts = [p.get("text") if isinstance(p, dict) and p.get("type") in _TEXT_PARTS else None
+                 for p in output]  # fmt: skip
+        if not all(isinstance(t, str) for t in texts):
+            raise bad_request(f"'{where}.output' may hold text parts only.", "unsupported_content")
+        output = "".join(t for t in texts if t is not None)
+    if not isinstance(output, str):
+        raise bad_request(f"'{where}.output' must be a string or an array.", "invalid_type")
+    return {"role": "tool", "tool_call_id": call_id, "content": output}
+
+
+def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
+    role = item.get("role")
+    if role not in _ROLES:
+        raise bad_request(f"'{where}.role' must be one of {sorted(_ROLES)}.", "invalid_type")
+    content = item.get("content")
+    if role == "assistant" and isinstance(content, list):  # an echoed refusal stays one
+        refusals = [p for p in content if isinstance(p, dict) and p.get("type") == "refusal"]
+        if refusals and all(isinstance(p.get("refusal"), str) for p in refusals):
+            rest = [p for p in content if p not in refusals]
+            message: dict[str, Any] = {"role": role, "content": _content(rest, where) or None}
+            message["refusal"] = "".join(p["refusal"] for p in refusals)
+            return message
+    return {"role": role, "content": _content(content, where)}
+
+
 def _messages(input_: Any) -> list[dict[str, Any]]:
+    """The chat messages of ``input``.  ``function_call`` items join the
+    assistant message just before them (or make one); ``reasoning`` items
+    are not sent (a chat upstream takes no reasoning as input)."""
     if input_ is None:
         raise bad_request("'input' is required.", "missing_required_parameter")
     if isinstance(input_, str):
         return [{"role": "user", "content": input_}]
     if not isinstance(input_, list) or not input_:
         raise bad_request("'input' must be a string or a non-empty array.", "invalid_type")
-    messages = []
+    messages: list[dict[str, Any]] = []
     for i, item in enumerate(input_):
         where = f"input[{i}]"
-        if not isinstance(item, dict) or item.get("type", "message") != "message":
-            raise bad_request(f"'{where}' must be a message (other items are not served).",
-                              "unsupported_input")  # fmt: skip
-        role = item.get("role")
-        if role not in _ROLES:
-            raise bad_request(f"'{where}.role' must be one of {sorted(_ROLES)}.", "invalid_type")
-        messages.append({"role": role, "content": _content(item.get("content"), where)})
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "message":
+            messages.append(_message(item, where))
+        elif kind == "function_call":
+            call = _function_call(item, where)
+            last = messages[-1] if messages else None
+            if last is None or last["role"] != "assistant" or last.get("refusal") is not None:
+                last = {"role": "assistant", "content": None}
+                messages.append(last)
+            last.setdefault("tool_calls", []).append(call)
+        elif kind == "function_call_output":
+            messages.append(_tool_output(item, where))
+        elif kind == "reasoning":
+            continue
+        else:
+            raise bad_request(
+                f"'{where}' must be a message, function_call, function_call_output or "
+                f"reasoning item (type {kind!r} is not served).",
+                "unsupported_input",
+            )  # fmt: skip
+    if not messages:
+        raise bad_request("'input' has no message to send.", "invalid_value")
     return messages
+
+
+def _tools(tools: Any) -> tuple[list[dict[str, Any]], tuple[dict[str, Any], ...]]:
+    """``tools``: the chat upstream's list and the object's list.  Only
+    ``function`` tools are served; any other type is a 400 naming it."""
+    if tools is None:
+        return [], ()
+    if not isinstance(tools, list):
+        raise bad_request("'tools' must be an array.", "invalid_type")
+    chat, shown = [], []
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind != "function":
+            raise bad_request(
+                f"'tools[{i}]' has type {kind!r}: only 'function' tools are served "
+                "(web_search, file_search, computer_use, mcp, ... are not).",
+                "unsupported_tool",
+            )
+        assert isinstance(tool, dict)
+        name = _string(tool, "name", f"tools[{i}]")
+        parameters = tool.get("parameters")
+        strict = tool.get("strict")
+        description = tool.get("description")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise bad_request(f"'tools[{i}].parameters' must be an object.", "invalid_type")
+        if strict is not None and not isinstance(strict, bool):
+            raise bad_request(f"'tools[{i}].strict' must be a boolean.", "invalid_type")
+        if description is not None and not isinstance(description, str):
+            raise bad_request(f"'tools[{i}].description' must be a string.", "invalid_type")
+        function: dict[str, Any] = {"name": name}
+        for key, value in (("description", description), ("parameters", parameters),
+                           ("strict", strict)):  # fmt: skip
+            if value is not None:
+                function[key] = value
+        chat.append({"type": "function", "function": function})
+        shown.append({"type": "function", "name": name, "description": description,
+                      "parameters": parameters, "strict": strict})  # fmt: skip
+    return chat, tuple(shown)
+
+
+def _tool_choice(choice: Any) -> tuple[str | dict[str, Any], str | dict[str, Any]]:
+    """``tool_choice``: its chat shape and the object's."""
+    if isinstance(choice, str) and choice in _TOOL_CHOICES:
+        return choice, choice
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        name = _string(choice, "name", "tool_choice")
+        return {"type": "function", "function": {"name": name}}, {"type": "function", "name": name}
+    raise bad_request(
+        "'tool_choice' must be 'auto', 'none', 'required' or "
+        "{'type': 'function', 'name': ...} (other tool choices are not served).",
+        "unsupported_tool_choice",
+    )
+
+
+def _response_format(text: Any) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """``text.format``: the chat ``response_format`` and the object's format."""
+    if text is None:
+        return None, None
+    if not isinstance(text, dict):
+        raise bad_request("'text' must be an object.", "invalid_type")
+    fmt = text.get("format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if fmt is None or kind == "text":
+        return None, None
+    assert isinstance(fmt, dict)
+    if kind == "json_object":
+        return {"type": "json_object"}, {"type": "json_object"}
+    if kind == "json_schema":
+        name = _string(fmt, "name", "text.format")
+        if not isinstance(fmt.get("schema"), dict):
+            raise bad_request("'text.format.schema' must be an object.", "invalid_type")
+        schema = {"name": name, "schema": fmt["schema"]}
+        for key in ("description", "strict"):
+            if fmt.get(key) is not None:
+                schema[key] = fmt[key]
+        shown = {"type": "json_schema", "name": name, "schema": fmt["schema"],
+                 "description": fmt.get("description"), "strict": fmt.get("strict")}  # fmt: skip
+        return {"type": "json_schema", "json_schema": schema}, shown
+    raise bad_request(
+        f"'text.format' has type {kind!r}: only 'text', 'json_object' and 'json_schema' "
+        "are served.",
+        "unsupported_parameter",
+    )
 
 
 def parse_responses_request(raw: bytes) -> tuple[ChatRequest, ResponseMeta]:
@@ -132,21 +291,290 @@ def parse_responses_request(raw: bytes) -> tuple[ChatRequest, ResponseMeta]:
         raise bad_request("'max_output_tokens' must be between 1 and 1000000.", "invalid_value")
     temperature = _field(body, "temperature", (int, float), "a number")
     top_p = _field(body, "top_p", (int, float), "a number")
+    tools, shown_tools = _tools(body.get("tools"))
+    choice: Any = None
+    shown_choice: str | dict[str, Any] = "auto"
+    if body.get("tool_choice") is not None:
+        choice, shown_choice = _tool_choice(body["tool_choice"])
+    parallel = _field(body, "parallel_tool_calls", bool, "a boolean")
+    response_format, shown_format = _response_format(body.get("text"))
+    reasoning = _field(body, "reasoning", dict, "an object") or {}
+    effort = reasoning.get("effort")
+    if effort is not None and not isinstance(effort, str):
+        raise bad_request("'reasoning.effort' must be a string.", "invalid_type")
     chat: dict[str, Any] = {"model": model, "messages": messages, "stream": stream}
-    for name, value in (("max_tokens", limit), ("temperature", temperature), ("top_p", top_p)):
+    for name, value in (
+        ("max_tokens", limit), ("temperature", temperature), ("top_p", top_p),
+        ("tools", tools or None), ("tool_choice", choice), ("parallel_tool_calls", parallel),
+        ("response_format", response_format), ("reasoning_effort", effort),
+    ):  # fmt: skip
         if value is not None:
             chat[name] = value
     meta = ResponseMeta(model, instructions, limit, background, store is not False,
-                        temperature, top_p)  # fmt: skip
+                        temperature, top_p, shown_tools, shown_choice, parallel is not False,
+                        shown_format)  # fmt: skip
     return ChatRequest(chat, model, messages, stream, limit, background), meta
 
 
+# -- out: the output items ---------------------------------------------------
+#: An event before numbering: its ``type`` and its other fields.
+Event = tuple[str, dict[str, Any]]
+
+_PREFIX = {"message": "msg_", "reasoning": "rs_", "function_call": "fc_"}
+_DELTA = {
+    "output_text": "response.output_text.delta",
+    "refusal": "response.refusal.delta",
+    "reasoning_text": "response.reasoning_text.delta",
+}
+_DONE = {
+    "output_text": ("response.output_text.done", "text"),
+    "refusal": ("response.refusal.done", "refusal"),
+    "reasoning_text": ("response.reasoning_text.done", "text"),
+}
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _part(kind: str, text: str) -> dict[str, Any]:
+    """A content part: ``output_text`` or ``refusal`` (a message's),
+    ``reasoning_text`` (a reasoning item's)."""
+    if kind == "output_text":
+        return _text_part(text)
+    if kind == "refusal":
+        return {"type": "refusal", "refusal": text}
+    return {"type": "reasoning_text", "text": text}
+
+
+def delta_of(entry: Entry) -> dict[str, Any]:
+    """A log entry's chat delta: a ``str`` is content, a
+    :class:`~trio_stream.core.log.ToolDelta` its delta.  The fold reads
+    entries only through this function."""
+    return {"content": entry} if isinstance(entry, str) else entry.delta
+
+
+def reasoning_of(delta: dict[str, Any]) -> str:
+    """The reasoning text of a chat delta: ``reasoning_content`` (vLLM,
+    DeepSeek) or else ``reasoning`` (OpenRouter, newer vLLM); never both,
+    as an upstream that sends both sends the same text twice."""
+    for name in ("reasoning_content", "reasoning"):
+        value = delta.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
+def _item_status(status: str) -> str:
+    return {"queued": "in_progress", "in_progress": "in_progress", "completed": "completed"}.get(
+        status, "incomplete"
+    )
+
+
+@dataclass(slots=True)
+class _Item:
+    """One output item being built: ``message``, ``reasoning`` or ``function_call``."""
+
+    kind: str
+    index: int
+    id: str
+    parts: list[tuple[str, list[str]]] = field(default_factory=list)  # (part type, pieces)
+    call_id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+    status: str | None = None  # set when it is done
+
+    def where(self) -> dict[str, Any]:
+        return {"item_id": self.id, "output_index": self.index}
+
+    def json(self, status: str) -> dict[str, Any]:
+        status = self.status or status
+        if self.kind == "function_call":
+            return {"type": "function_call", "id": self.id, "call_id": self.call_id,
+                    "name": self.name, "arguments": "".join(self.arguments),
+                    "status": status}  # fmt: skip
+        content = [_part(kind, "".join(pieces)) for kind, pieces in self.parts]
+        if self.kind == "reasoning":
+            return {"type": "reasoning", "id": self.id, "summary": [], "content": content,
+                    "status": status}  # fmt: skip
+        return {"type": "message", "id": self.id, "role": "assistant", "status": status,
+                "content": content}  # fmt: skip
+
+
+class Output:
+    """The output items of one response, folded from its log entries in
+    order.  Each step returns the events it makes, unnumbered.
+
+    Text deltas go to a ``message`` item's ``output_text`` part, refusal
+    deltas to its ``refusal`` part, reasoning deltas (:func:`reasoning_of`)
+    to a ``reasoning`` item's ``reasoning_text`` part, tool-call deltas to
+    one ``function_call`` item per tool-call index.  A message or reasoning
+    item is closed when another item opens (as OpenAI streams them, one
+    after the other); function calls stay open to the end, since an
+    upstream may interleave the deltas of parallel calls.
+    """
+
+    __slots__ = ("_calls", "_messages", "_open", "_rid", "entries", "items")
+
+    def __init__(self, response_id: str) -> None:
+        self._rid = response_id.removeprefix("resp_")
+        self.items: list[_Item] = []
+        self.entries = 0
+        self._open: _Item | None = None  # the open message or reasoning item
+        self._calls: dict[int, _Item] = {}  # tool-call index -> its item
+        self._messages = 0
+
+    def _new(self, kind: str) -> _Item:
+        index = len(self.items)
+        suffix = f"_{index}"
+        if kind == "message":  # the first message keeps the id it always had
+            suffix = "" if self._messages == 0 else suffix
+            self._messages += 1
+        item = _Item(kind, index, _PREFIX[kind] + self._rid + suffix)
+        self.items.append(item)
+        return item
+
+    def _added(self, item: _Item, events: list[Event]) -> None:
+        events.append(("response.output_item.added",
+                       {"output_index": item.index, "item": item.json("in_progress")}))  # fmt: skip
+
+    def _sequential(self, kind: str, events: list[Event]) -> _Item:
+        item = self._open
+        if item is None or item.kind != kind:
+            if item is not None:
+                self._close(item, "completed", events)
+            item = self._open = self._new(kind)
+            self._added(item, events)
+        return item
+
+    def _part_of(self, item: _Item, kind: str, events: list[Event]) -> int:
+        """The index of ``item``'s open part of ``kind``: the last one, or a
+        new one (the one before it closed)."""
+        if not item.parts or item.parts[-1][0] != kind:
+            if item.parts:
+                self._close_part(item, events)
+            item.parts.append((kind, []))
+            where = {**item.where(), "content_index": len(item.parts) - 1}
+            events.append(("response.content_part.added", {**where, "part": _part(kind, "")}))
+        return len(item.parts) - 1
+
+    def _write(self, item: _Item, kind: str, delta: str, events: list[Event]) -> None:
+        index = self._part_of(item, kind, events)
+        item.parts[index][1].append(delta)
+        fields = {**item.where(), "content_index": index, "delta": delta}
+        if kind == "output_text":
+            fields["logprobs"] = []
+        events.append((_DELTA[kind], fields))
+
+    def _close_part(self, item: _Item, events: list[Event]) -> None:
+        kind, pieces = item.parts[-1]
+        text = "".join(pieces)
+        where = {**item.where(), "content_index": len(item.parts) - 1}
+        done, key = _DONE[kind]
+        fields = {**where, key: text}
+        if kind == "output_text":
+            fields["logprobs"] = []
+        events.append((done, fields))
+        events.append(("response.content_part.done", {**where, "part": _part(kind, text)}))
+
+    def _close(self, item: _Item, status: str, events: list[Event]) -> None:
+        if item.kind == "function_call":
+            arguments = "".join(item.arguments)
+            events.append(("response.function_call_arguments.done",
+                           {**item.where(), "name": item.name,
+                            "arguments": arguments}))  # fmt: skip
+        elif item.parts:
+            self._close_part(item, events)
+        item.status = status
+        if item is self._open:
+            self._open = None
+        events.append(("response.output_item.done",
+                       {"output_index": item.index, "item": item.json(status)}))  # fmt: skip
+
+    def _call(self, part: dict[str, Any], events: list[Event]) -> None:
+        index = int(part.get("index", 0))
+        fn = part.get("function") or {}
+        item = self._calls.get(index)
+        if item is None:
+            if self._open is not None:
+                self._close(self._open, "completed", events)
+            item = self._calls[index] = self._new("function_call")
+            item.call_id = part.get("id") or f"call_{self._rid}_{item.index}"
+            item.name = fn.get("name") or ""
+            self._added(item, events)
+        elif fn.get("name"):
+            item.name += fn["name"]
+        if arguments := fn.get("arguments"):
+            item.arguments.append(arguments)
+            events.append(("response.function_call_arguments.delta",
+                           {**item.where(), "delta": arguments}))  # fmt: skip
+
+    def feed(self, entry: Entry) -> list[Event]:
+        """Fold one log entry in; the events it makes."""
+        self.entries += 1
+        item = self._open
+        if isinstance(entry, str) and entry and item is not None and item.kind == "message":
+            part = item.parts[-1] if item.parts else None
+            if part is not None and part[0] == "output_text":  # the common case, kept short
+                part[1].append(entry)
+                fields = {"item_id": item.id, "output_index": item.index,
+                          "content_index": len(item.parts) - 1, "delta": entry,
+                          "logprobs": []}  # fmt: skip
+                return [("response.output_text.delta", fields)]
+        return self.feed_delta(delta_of(entry))
+
+    def feed_delta(self, delta: dict[str, Any]) -> list[Event]:
+        """Fold one chat delta in; the events it makes.  Its reasoning comes
+        first, then its text, its refusal, its tool calls (an upstream that
+        sends reasoning and text in one chunk ends its reasoning there)."""
+        events: list[Event] = []
+        if reasoning := reasoning_of(delta):
+            self._write(self._sequential("reasoning", events), "reasoning_text", reasoning, events)
+        for key, part in (("content", "output_text"), ("refusal", "refusal")):
+            text = delta.get(key)
+            if isinstance(text, str) and text:
+                self._write(self._sequential("message", events), part, text, events)
+        for call in delta.get("tool_calls") or ():
+            self._call(call, events)
+        return events
+
+    def finish(self, status: str) -> list[Event]:
+        """Close every open item (``completed`` or ``incomplete``); an answer
+        with no output at all is one empty message, as OpenAI's."""
+        events: list[Event] = []
+        if not self.items:
+            self._part_of(self._sequential("message", events), "output_text", events)
+        for item in self.items:
+            if item.status is None:
+                self._close(item, _item_status(status), events)
+        return events
+
+    def json(self, status: str) -> list[dict[str, Any]]:
+        """The ``output`` list of a response in ``status``."""
+        if not self.items and status in ("completed", "incomplete"):
+            return [{"type": "message", "id": "msg_" + self._rid, "role": "assistant",
+                     "status": status, "content": [_text_part("")]}]  # fmt: skip
+        default = _item_status(status)
+        return [item.json(default) for item in self.items]
+
+
+def fold(response_id: str, entries: Sequence[Entry]) -> Output:
+    """The :class:`Output` of a log's entries."""
+    output = Output(response_id)
+    for entry in entries:
+        output.feed(entry)
+    return output
+
+
+def saved_output(response_id: str, content: str, tool_calls: Sequence[dict[str, Any]]) -> Output:
+    """The :class:`Output` of a saved row: its text, then its tool calls."""
+    output = Output(response_id)
+    output.feed_delta({"content": content})
+    output.feed_delta({"tool_calls": [{**c, "index": i} for i, c in enumerate(tool_calls)]})
+    return output
+
+
 # -- out: the response object ----------------------------------------------
-def item_id(response_id: str) -> str:
-    """The id of a response's one output message."""
-    return "msg_" + response_id.removeprefix("resp_")
-
-
 def status_of(outcome: Outcome | None, deltas: int, background: bool) -> str:
     """The response ``status``: ``queued`` (a background response with no
     delta yet), ``in_progress``, or how it ended."""
@@ -157,23 +585,6 @@ def status_of(outcome: Outcome | None, deltas: int, background: bool) -> str:
     return "cancelled" if outcome.status is RunStatus.CANCELLED else "failed"
 
 
-def _text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-
-def _message(response_id: str, text: str, status: str) -> dict[str, Any]:
-    return {
-        "type": "message", "id": item_id(response_id), "role": "assistant", "status": status,
-        "content": [_text_part(text)],
-    }  # fmt: skip
-
-
-def _item_status(status: str) -> str:
-    return {"queued": "in_progress", "in_progress": "in_progress", "completed": "completed"}.get(
-        status, "incomplete"
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class ResponseState:
     """What the response object shows of a run at one moment."""
@@ -181,8 +592,7 @@ class ResponseState:
     id: str
     meta: ResponseMeta
     created: float
-    content: str
-    deltas: int
+    output: Output
     outcome: Outcome | None
     usage: dict[str, Any] | None  # the Responses ``usage`` (None while running)
     status: str | None = None  # overrides status_of (a row or a remote record)
@@ -190,15 +600,13 @@ class ResponseState:
 
 def response_object(s: ResponseState) -> dict[str, Any]:
     """The ``response`` object (``GET /v1/responses/{id}``, the events)."""
-    status = s.status or status_of(s.outcome, s.deltas, s.meta.background)
-    started = s.deltas > 0 or status in ("completed", "incomplete")
-    output = [_message(s.id, s.content, _item_status(status))] if started else []
+    status = s.status or status_of(s.outcome, s.output.entries, s.meta.background)
     error = None
     if status == "failed":
         message = s.outcome.message if s.outcome is not None else ""
         error = {"code": "server_error", "message": message or "The upstream failed."}
     incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
-    return {
+    obj = {
         "id": s.id,
         "object": "response",
         "created_at": int(s.created),
@@ -207,17 +615,20 @@ def response_object(s: ResponseState) -> dict[str, Any]:
         "model": s.meta.model,
         "instructions": s.meta.instructions,
         "max_output_tokens": s.meta.max_output_tokens,
-        "output": output,
+        "output": s.output.json(status),
         "error": error,
         "incomplete_details": incomplete,
         "usage": s.usage,
-        "parallel_tool_calls": True,
-        "tool_choice": "auto",
-        "tools": [],
+        "parallel_tool_calls": s.meta.parallel_tool_calls,
+        "tool_choice": s.meta.tool_choice,
+        "tools": list(s.meta.tools),
         "temperature": s.meta.temperature,
         "top_p": s.meta.top_p,
         "metadata": {},
     }
+    if s.meta.text_format is not None:
+        obj["text"] = {"format": s.meta.text_format}
+    return obj
 
 
 # -- out: the events ---------------------------------------------------------
@@ -226,15 +637,11 @@ def _event(kind: str, seq: int, fields: dict[str, Any]) -> bytes:
     return b"event: %s\nid: %d\ndata: %s\n\n" % (kind.encode(), seq, data)
 
 
-def log_cursor(starting_after: int) -> int:
-    """The run-log cursor of a replay after sequence number ``starting_after``
-    (-1: from the start): the deltas numbered above it."""
-    return max(0, starting_after - (PREAMBLE - 1))
-
-
 class ResponseEvents:
     """Renders one subscriber's events of one response, skipping those at or
-    below ``starting_after``."""
+    below ``starting_after``.  It folds the log from its first entry (a
+    replay too: the numbers depend on everything before them), so
+    :meth:`deltas` must be given every entry, in order."""
 
     def __init__(self, response_id: str, meta: ResponseMeta, created: float,
                  starting_after: int = -1) -> None:  # fmt: skip
@@ -242,63 +649,43 @@ class ResponseEvents:
         self.meta = meta
         self.created = created
         self.after = starting_after
-        self._item = item_id(response_id)
+        self.output = Output(response_id)
+        self.seq = 0  # the next event's sequence number
 
-    def _state(self, **kw: Any) -> dict[str, Any]:
-        kw.setdefault("content", "")
-        kw.setdefault("deltas", 0)
-        kw.setdefault("outcome", None)
-        kw.setdefault("usage", None)
-        return response_object(ResponseState(self.id, self.meta, self.created, **kw))
+    def _state(self, outcome: Outcome | None = None, usage: dict[str, Any] | None = None,
+               status: str | None = None) -> dict[str, Any]:  # fmt: skip
+        state = ResponseState(self.id, self.meta, self.created, self.output, outcome, usage, status)
+        return response_object(state)
 
-    def _part(self, seq: int, kind: str, **fields: Any) -> bytes:
-        where = {"item_id": self._item, "output_index": 0, "content_index": 0}
-        return _event(kind, seq, {**where, **fields}) if seq > self.after else b""
+    def _number(self, events: Sequence[Event]) -> bytes:
+        seq, after = self.seq, self.after
+        self.seq += len(events)
+        return b"".join([_event(kind, n, fields) for n, (kind, fields) in enumerate(events, seq)
+                         if n > after])  # fmt: skip
 
     def preamble(self) -> bytes:
-        """Events 0-3 (those after ``starting_after``)."""
-        out = []
-        if self.after < 0:
-            created = self._state(status="queued" if self.meta.background else "in_progress")
-            out.append(_event("response.created", 0, {"response": created}))
-        if self.after < 1:
-            progress = self._state(status="in_progress")
-            out.append(_event("response.in_progress", 1, {"response": progress}))
-        if self.after < 2:
-            item = {**_message(self.id, "", "in_progress"), "content": []}
-            out.append(_event("response.output_item.added", 2, {"output_index": 0, "item": item}))
-        out.append(self._part(3, "response.content_part.added", part=_text_part("")))
-        return b"".join(out)
+        """``response.created`` and ``response.in_progress`` (0 and 1)."""
+        created = self._state(status="queued" if self.meta.background else "in_progress")
+        progress = self._state(status="in_progress")
+        events = [("response.created", {"response": created}),
+                  ("response.in_progress", {"response": progress})]  # fmt: skip
+        return self._number(events)
 
     def deltas(self, entries: Sequence[Entry], first_seq: int) -> bytes:
-        """One ``response.output_text.delta`` per text entry (log seq ``n`` is
-        sequence number ``n + 3``); a tool delta keeps its number, unsent."""
-        out = []
-        for n, entry in enumerate(entries, first_seq):
-            if isinstance(entry, str):
-                out.append(self._part(n + PREAMBLE - 1, "response.output_text.delta",
-                                      delta=entry, logprobs=[]))  # fmt: skip
-        return b"".join(out)
+        """The events of ``entries``, whose first is log entry ``first_seq``."""
+        assert first_seq == self.output.entries + 1, "entries must come in order from the first"
+        feed = self.output.feed
+        return self._number([event for entry in entries for event in feed(entry)])
 
-    def trailing(self, content: str, deltas: int, outcome: Outcome, usage: dict[str, Any]) -> bytes:
-        """The events after the last delta (``deltas`` of them in the log)."""
-        seq = deltas + PREAMBLE
-        final = self._state(content=content, deltas=deltas, outcome=outcome, usage=usage)
-        status = final["status"]
+    def trailing(self, outcome: Outcome, usage: dict[str, Any]) -> bytes:
+        """The events after the last entry."""
+        status = status_of(outcome, self.output.entries, self.meta.background)
         if status == "cancelled":
             message = outcome.message or f"The response was cancelled ({outcome.reason})."
-            fields = {"code": outcome.reason, "message": message, "param": None}
-            return _event("error", seq, fields) if seq > self.after else b""
+            return self._number([("error", {"code": outcome.reason, "message": message,
+                                            "param": None})])  # fmt: skip
         if status == "failed":
-            return _event("response.failed", seq, {"response": final}) if seq > self.after else b""
-        item = _message(self.id, content, _item_status(status))
-        out = [
-            self._part(seq, "response.output_text.done", text=content, logprobs=[]),
-            self._part(seq + 1, "response.content_part.done", part=_text_part(content)),
-        ]
-        if seq + 2 > self.after:
-            out.append(_event("response.output_item.done", seq + 2,
-                              {"output_index": 0, "item": item}))  # fmt: skip
-        if seq + 3 > self.after:
-            out.append(_event(f"response.{status}", seq + 3, {"response": final}))
-        return b"".join(out)
+            return self._number([("response.failed", {"response": self._state(outcome, usage)})])
+        events = self.output.finish(status)
+        events.append((f"response.{status}", {"response": self._state(outcome, usage)}))
+        return self._number(events)
