@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("wire",),  # sans-IO: SSE, request parsing, chunks, Responses events, usage
     ("upstream",),
     ("store",),
-    ("shared",),
+    ("shared", "limits"),  # limits/ uses shared/redis.py's Redis connection
     ("runs",),
     ("http",),
     ("server",),
@@ -215,7 +215,7 @@ HTTP_ERRORS = frozenset(
 #: Layers that speak no HTTP: they raise their own exceptions, which the HTTP
 #: layer answers.  (``wire/`` is the protocol itself: its request parser's
 #: errors are the OpenAI 400 bodies.)
-NO_HTTP = ("core", "upstream", "store", "shared", "runs")
+NO_HTTP = ("core", "upstream", "store", "shared", "limits", "runs")
 MAX_CLASS_LINES = 300
 
 
