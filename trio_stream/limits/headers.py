@@ -17,7 +17,7 @@ import math
 
 from .base import Verdict, Window
 
-Headers = tuple[tuple[bytes, bytes], ...]
+RateHeaders = tuple[tuple[bytes, bytes], ...]
 
 
 def duration(seconds: float) -> str:
@@ -36,7 +36,7 @@ def duration(seconds: float) -> str:
     return text
 
 
-def _window(kind: str, window: Window) -> Headers:
+def _window(kind: str, window: Window) -> RateHeaders:
     return (
         (b"x-ratelimit-limit-" + kind.encode(), str(window.limit).encode()),
         (b"x-ratelimit-remaining-" + kind.encode(), str(window.remaining).encode()),
@@ -44,10 +44,10 @@ def _window(kind: str, window: Window) -> Headers:
     )
 
 
-def rate_headers(verdict: Verdict) -> Headers:
+def rate_headers(verdict: Verdict) -> RateHeaders:
     """The ``x-ratelimit-*`` headers of a verdict, and ``retry-after`` on a
     refusal for requests or tokens."""
-    headers: Headers = ()
+    headers: RateHeaders = ()
     if verdict.requests is not None:
         headers += _window("requests", verdict.requests)
     if verdict.tokens is not None:
