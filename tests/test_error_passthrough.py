@@ -30,8 +30,10 @@ from typing import Any
 import httpx2
 import openai
 import orjson
+import pydantic
 import pytest
 import trio
+from openai.types.responses import Response, ResponseStreamEvent
 
 from tests import relay_expect as rx
 from tests.conftest import Server, loopback_client, running_server
@@ -390,3 +392,94 @@ async def test_usage_chunk_withheld_and_usage_still_counted(settings: Settings) 
     assert saved.usage["source"] == "upstream"
     assert saved.usage["prompt_tokens"] == upstream_usage["prompt_tokens"]
     assert saved.usage["completion_tokens"] == upstream_usage["completion_tokens"]
+
+
+# -- the Responses API (docs/api.md section 8) -------------------------------------
+
+EVENT: Any = pydantic.TypeAdapter(ResponseStreamEvent)
+
+#: The Responses ``error.code`` each upstream error maps to (its list is fixed).
+RESPONSES_CODE = {
+    "openai_400_context_length": "invalid_prompt",
+    "openai_429_rate_limit": "rate_limit_exceeded",
+    "vllm_error_400_flat": "invalid_prompt",
+    "vllm_error_400_nested": "invalid_prompt",
+    "openrouter_error_402": "server_error",
+    "ollama_error_404": "server_error",
+    "vllm_error_midstream_flat": "invalid_prompt",
+    "vllm_error_midstream_nested": "server_error",
+    "openai_error_midstream": "server_error",
+    "openrouter_error_midstream": "server_error",
+    "ollama_error_midstream": "server_error",
+}
+
+
+def responses_body(t: Transcript, stream: bool) -> dict[str, Any]:
+    return {"model": t.request["model"], "input": t.request["messages"], "stream": stream}
+
+
+def responses_error(name: str, err: rx.UpstreamError | None) -> dict[str, Any]:
+    assert err is not None
+    param = err.param if isinstance(err.param, str) else None
+    return {"code": RESPONSES_CODE[name], "message": err.message, "param": param, "type": err.type}
+
+
+@pytest.mark.parametrize("name", HTTP_ERRORS + MIDSTREAM_ERRORS)
+async def test_responses_stream_fails_with_the_upstreams_error(
+    settings: Settings, name: str
+) -> None:
+    """A streamed response (whose first events go out at once) that the
+    upstream refused or failed ends with ``response.failed``, whose
+    ``error`` keeps the upstream's message, param and type, with the
+    Responses code the upstream's error maps to; every event validates with
+    the SDK's models.  (Before: ``server_error`` with trio-stream's message.)"""
+    t = by_name(name)
+    err = rx.http_error(t) or rx.midstream_error(t)
+    with trio.fail_after(20):
+        async with relaying(settings, t) as (server, _), loopback_client(server) as client:
+            r = await client.post("/v1/responses", json=responses_body(t, True))
+    assert r.status_code == 200
+    events = [EVENT.validate_json(e.data) for e in read_sse(r.content).events]
+    last = events[-1]
+    assert last.type == "response.failed"
+    assert last.response.status == "failed"
+    assert last.response.error.model_dump(exclude_none=False, exclude_unset=True) == (
+        responses_error(name, err)
+    )
+    assert last.response.output_text == upstream_text(t)
+
+
+@pytest.mark.parametrize("name", HTTP_ERRORS)
+async def test_responses_whole_answers_the_upstreams_http_error(
+    settings: Settings, name: str
+) -> None:
+    """``stream: false`` (foreground): an upstream HTTP 4xx is answered with
+    its status, the upstream's error body and its headers, as in chat (the
+    response never started; OpenAI's Responses API answers a request it
+    refuses the same way).  (Before: 200 with a failed object.)"""
+    t = by_name(name)
+    with trio.fail_after(20):
+        async with relaying(settings, t) as (server, _), loopback_client(server) as client:
+            r = await client.post("/v1/responses", json=responses_body(t, False))
+    assert r.status_code == t.status
+    assert r.json() == {"error": expected_error(rx.http_error(t))}
+    got = [(k.decode(), v.decode()) for k, v in r.headers.raw]
+    assert [h for h in got if h in passed_headers(t)] == passed_headers(t)
+
+
+@pytest.mark.parametrize("name", MIDSTREAM_ERRORS)
+async def test_responses_whole_midstream_error_is_a_failed_object(
+    settings: Settings, name: str
+) -> None:
+    """``stream: false``: a response the upstream failed after it started is
+    answered 200 with the ``failed`` object, its ``error`` the upstream's
+    (as in the stream); the object validates with the SDK's model."""
+    t = by_name(name)
+    err = rx.midstream_error(t)
+    with trio.fail_after(20):
+        async with relaying(settings, t) as (server, _), loopback_client(server) as client:
+            r = await client.post("/v1/responses", json=responses_body(t, False))
+    assert r.status_code == 200
+    obj = Response.model_validate(r.json())
+    assert obj.status == "failed"
+    assert r.json()["error"] == responses_error(name, err)
