@@ -70,8 +70,11 @@ class UpstreamError(ApiError):
 
     Before the first token it becomes an HTTP 502 (or 504 for a timeout);
     after it, an ``upstream_error`` event on the stream.  ``headers`` are
-    answered with it (an upstream 5xx's ``Retry-After``, say).
+    answered with it (an upstream 5xx's ``Retry-After``, say).  ``error`` is
+    ``None``: trio-stream's own account (see :class:`UpstreamReported`).
     """
+
+    error: dict[str, Any] | None = None
 
     def __init__(
         self, message: str, *, timeout: bool = False, code: str | None = None,

@@ -30,7 +30,7 @@ from ..config import Settings
 from ..core.lifecycle import ending
 from ..core.log import Outcome, RunStatus
 from ..core.sessions import SessionTable
-from ..errors import INTERNAL_MESSAGE, InternalError, UpstreamError, UpstreamReported
+from ..errors import INTERNAL_MESSAGE, InternalError, UpstreamError
 from ..logs import EventLogger
 from ..metrics import Metrics
 from ..shared import LocalState, RunRecord, SharedState
@@ -190,9 +190,7 @@ class RunManager:
                 raise UpstreamError(f"The upstream sent no {which} in time.", timeout=True)
         except UpstreamError as exc:
             run.error = exc
-            self._fail(
-                run, exc.message, error=exc.error if isinstance(exc, UpstreamReported) else None
-            )
+            self._fail(run, exc.message, error=exc.error)  # the upstream's own, if it said
         except Exception as exc:  # a bug: keep the server up, and say so
             self.logger.event("run_crashed", trace=run.id, error=repr(exc))
             run.error = InternalError()
@@ -271,11 +269,9 @@ class RunManager:
         return await self.cluster.cancel_remote(run_id, reason)
 
     def _fail(
-        self, run: Run, message: str, reason: str = "upstream_error",
-        error: dict[str, Any] | None = None,
-    ) -> None:  # fmt: skip
-        """End ``run`` as failed (``upstream_error``; ``internal_error``: a bug), unless ended.
-        ``error``: the upstream's own error (:attr:`Outcome.error`)."""
+        self, run: Run, message: str, reason: str = "upstream_error", error: Any = None
+    ) -> None:
+        """End ``run`` as failed (``upstream_error``; ``internal_error``: a bug), unless ended."""
         if run.end(Outcome(RunStatus.FAILED, reason, message, error)):
             self.metrics.cancellations.labels(reason).inc()
             self.logger.event("stream_cancelled", trace=run.id, reason=reason)
