@@ -41,7 +41,9 @@ from tests.transcript_format import Transcript, by_name, read_sse
 from tests.transcript_upstream import forwarded, replaying
 from tools.fakes import FakeUpstream
 from trio_stream import Settings
+from trio_stream.errors import UpstreamError, UpstreamReported
 from trio_stream.http.service import PUBLIC_TENANT
+from trio_stream.upstream.wire import http_error, reported_error
 
 CHAT = "/v1/chat/completions"
 
@@ -483,3 +485,86 @@ async def test_responses_whole_midstream_error_is_a_failed_object(
     obj = Response.model_validate(r.json())
     assert obj.status == "failed"
     assert r.json()["error"] == responses_error(name, err)
+
+
+# -- the recognising and the normalising, sans-IO ---------------------------------
+
+
+def test_error_shapes_are_recognised_and_normalised() -> None:
+    """reported_error() reads each dialect into OpenAI's four keys (null when
+    absent, values as sent), keeps the upstream's other keys (OpenRouter's
+    ``metadata``) and adds ``source: upstream`` last; a chunk whose ``error``
+    is null, or that has none, is no error."""
+    src = {"source": "upstream"}
+    assert reported_error({"object": "error", "message": "m", "type": "T", "param": None,
+                           "code": 400}) == {
+        "message": "m", "type": "T", "param": None, "code": 400, **src}  # fmt: skip
+    assert reported_error({"error": "gone"}) == {
+        "message": "gone", "type": None, "param": None, "code": None, **src}  # fmt: skip
+    meta = {"provider_name": "X", "raw": {"detail": [1]}}
+    assert reported_error({"error": {"code": 403, "message": "flagged", "metadata": meta}}) == {
+        "message": "flagged",
+        "type": None,
+        "param": None,
+        "code": 403,
+        "metadata": meta,
+        **src,
+    }
+    assert reported_error({"id": "c", "choices": [], "error": None}) is None
+    assert reported_error({"id": "c", "choices": []}) is None
+    assert reported_error({"object": "chat.completion.chunk", "message": "x"}) is None
+
+
+def test_odd_error_values_are_made_encodable() -> None:
+    """A message that is not a string becomes its JSON text (none: says so);
+    an upstream key named ``source`` is replaced; a value nested too deep to
+    be encoded again is dropped (a standard key: null), so the frame can
+    always be written."""
+    deep: Any = []
+    for _ in range(300):
+        deep = [deep]
+    got = reported_error({"error": {"message": {"a": 1}, "source": "x", "code": deep,
+                                    "extra": deep}})  # fmt: skip
+    assert got == {"message": '{"a":1}', "type": None, "param": None, "code": None,
+                   "source": "upstream"}  # fmt: skip
+    orjson.dumps({"error": got})
+    assert reported_error({"error": {}}) == {
+        "message": "The upstream reported an error without a message.", "type": None,
+        "param": None, "code": None, "source": "upstream",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "answer", "kind"),
+    [
+        (400, b'{"error": {"message": "bad"}}', 400, UpstreamReported),
+        (422, b'{"object": "error", "message": "bad"}', 422, UpstreamReported),
+        (401, b'{"error": {"message": "bad key"}}', 502, UpstreamError),
+        (407, b'{"error": "proxy"}', 502, UpstreamError),
+        (404, b"<html>Not Found</html>", 502, UpstreamError),
+        (404, b'{"detail": "Not Found"}', 502, UpstreamError),
+        (500, b'{"error": {"message": "boom"}}', 502, UpstreamError),
+        (503, b"", 502, UpstreamError),
+    ],
+)
+def test_http_error_status_and_headers(
+    status: int, body: bytes, answer: int, kind: type[UpstreamError]
+) -> None:
+    """A 4xx with an error object keeps its status (but 401/407, about
+    trio-stream's own credentials); a 4xx without one (a proxy's page, a
+    framework's 404) and any 5xx is trio-stream's 502 naming the status.
+    Either way only Retry-After, Retry-After-Ms, X-Should-Retry,
+    X-Request-Id and x-ratelimit-* are answered with it, in order."""
+    headers = [(b"content-type", b"application/json"), (b"retry-after", b"3"),
+               (b"set-cookie", b"a=b"), (b"x-ratelimit-remaining-tokens", b"5"),
+               (b"x-should-retry", b"false"), (b"openai-organization", b"o")]  # fmt: skip
+    exc = http_error(status, headers, body)
+    assert type(exc) is kind
+    assert exc.status == answer
+    assert exc.headers == (
+        (b"retry-after", b"3"), (b"x-ratelimit-remaining-tokens", b"5"),
+        (b"x-should-retry", b"false"),
+    )  # fmt: skip
+    if kind is UpstreamError:
+        assert exc.code == f"upstream_http_{status}"
+        assert exc.message.startswith(f"The upstream answered HTTP {status}")

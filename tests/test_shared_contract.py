@@ -328,9 +328,10 @@ async def test_the_upstreams_error_crosses_nodes(nodes: tuple[Node, Node]) -> No
         return  # in-process: every follower reads the run itself
     run = a.new_run(detached=True)
     await a.state.register(run)
-    error = {"message": "Provider disconnected unexpectedly", "type": None, "param": None,
-             "code": "server_error", "source": "upstream"}  # fmt: skip
-    outcome = Outcome(RunStatus.FAILED, "upstream_error", error["message"], error)
+    message = "Provider disconnected unexpectedly"
+    error = {"message": message, "type": None, "param": None, "code": "server_error",
+             "source": "upstream"}  # fmt: skip
+    outcome = Outcome(RunStatus.FAILED, "upstream_error", message, error)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(a.state.ship, run)
         run.append("Seven")
