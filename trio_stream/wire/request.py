@@ -120,8 +120,9 @@ def _field(
     body: dict[str, Any], name: str, types: type | tuple[type, ...], what: str,
     param: str | None = None,
 ) -> Any:  # fmt: skip
-    """``body[name]`` if absent, ``null`` or of ``types`` (a boolean is never a
-    number), else 400 ``invalid_type`` naming it (``param``: its full path)."""
+    """``body[name]`` (``None`` when absent or ``null``) if it is of ``types``
+    (a boolean is never a number), else a 400 ``invalid_type`` whose ``param``
+    names it (``param``: its full path, default ``name``)."""
     value = body.get(name)
     if value is None:
         return None
