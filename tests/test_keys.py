@@ -13,6 +13,7 @@ on a network.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import io
 import logging
@@ -247,9 +248,10 @@ async def test_cli_takes_keys_from_the_environment(tmp_path: Path) -> None:
 
 
 def test_auth_compares_every_key_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Auth compares the token with hmac.compare_digest against every
-    configured key, whichever key matches and whether any does (no early
-    exit), and only a Bearer token of exactly one key is accepted."""
+    """Auth compares the token's SHA-256 with hmac.compare_digest against
+    every configured key's, whichever key matches and whether any does (no
+    early exit; equal lengths whatever was sent), and only a Bearer token of
+    exactly one key is accepted."""
     keys = ("key-one-aaaa", "key-two-bbbb", "key-three-cc")
     auth = Auth(keys)
     calls: list[tuple[bytes, bytes]] = []
@@ -269,7 +271,7 @@ def test_auth_compares_every_key_in_constant_time(monkeypatch: pytest.MonkeyPatc
             with pytest.raises(ApiError, match="Missing or invalid API key"):
                 auth.tenant(f"Bearer {given}")
         assert len(calls) == len(keys), given  # every key compared: no early exit
-        assert {b for _, b in calls} == {given.encode()}
+        assert {b for _, b in calls} == {hashlib.sha256(given.encode()).digest()}
     assert len(tenants) == len(keys)  # each key is its own tenant
     assert auth.tenant(f"bearer {keys[1]}") == auth.tenant(f"Bearer {keys[1]}")
     for header in [None, keys[0], f"Basic {keys[0]}", f"Token {keys[0]}"]:

@@ -22,6 +22,7 @@ from .errors import ConfigError
 
 UPSTREAMS = ("mock", "openai", "ollama")
 LOG_FORMATS = ("text", "json")
+OUTAGE = ("closed", "open")
 
 
 def is_loopback(host: str) -> bool:
@@ -109,6 +110,13 @@ class Settings:
         None, "redis://host:port/db: shared state for cluster mode (none: in-process)."
     )
     node_lease: float = setting(10.0, "Seconds after which a silent node's runs are taken over.")
+    # Per-key limits (docs/api.md section 2.11).
+    limits_on_outage: str = setting(
+        "closed",
+        "With --redis unreachable, requests of limited keys are refused (closed: 503) "
+        "or admitted unchecked (open).",
+        choices=OUTAGE,
+    )
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -139,6 +147,8 @@ class Settings:
             p.append("--api-key values must be non-empty, without surrounding spaces")
         if bool(self.certfile) != bool(self.keyfile):
             p.append("--certfile and --keyfile go together")
+        if self.limits_on_outage not in OUTAGE:
+            p.append("--limits-on-outage must be closed or open")
         if self.log_format not in LOG_FORMATS:
             p.append("--log-format must be text or json")
         for name in (

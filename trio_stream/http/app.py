@@ -21,7 +21,7 @@ from functools import partial
 from typing import Any
 
 import trio
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -36,6 +36,7 @@ from ..errors import (
     not_found,
     unknown_route,
 )
+from ..limits import LimitsUnavailable
 from ..shared import SharedUnavailable
 from ..store import Message, StoreUnavailable
 from ..wire.request import parse_session_id
@@ -50,6 +51,7 @@ from .asgi import (
     send_error,
 )
 from .chat import chat_completions, run_events
+from .limits import limits_unavailable, usage_row
 from .playground import PREFIX, playground_views
 from .routing import RawRoutes, Route, allow
 from .service import Service
@@ -118,6 +120,7 @@ def routes(app: TrioStreamApp) -> list[Route]:
         Route("GET", "/healthz", view=json["healthz"]),
         Route("GET", "/metrics", view=json["metrics"]),
         Route("GET", "/v1/models", view=json["models"]),
+        Route("GET", "/v1/usage", view=json["usage"]),
         Route("GET", "/v1/runs/<run_id>", view=json["get_run"]),
         Route("POST", "/v1/runs/<run_id>/cancel", view=json["cancel_run"]),
         Route("POST", "/v1/sessions/<session_id>/interrupt", view=json["interrupt"]),
@@ -135,6 +138,13 @@ def _json(body: bytes, status: int = 200) -> Response:
 def _error_handlers(app: TrioStreamApp) -> None:
     """Every error a Quart route raises, answered with the OpenAI error body."""
     service = app.service
+
+    @app.after_request
+    async def rate_headers(response: Response) -> Response:
+        """Every answer to a limited key carries its ``x-ratelimit-*`` headers."""
+        for name, value in await service.limits.headers(g.get("key")):
+            response.headers[name.decode()] = value.decode()
+        return response
 
     @app.errorhandler(ApiError)
     async def api_error(exc: ApiError) -> Response:
@@ -172,7 +182,9 @@ def _json_views(service: Service) -> dict[str, Callable[..., Coroutine[Any, Any,
     """The JSON routes' views, by name (their rules are in :func:`routes`)."""
 
     def tenant() -> str:
-        return service.auth.tenant(request.headers.get("authorization"))
+        caller = service.auth.caller(request.headers.get("authorization"))
+        g.key = caller.key  # a limited key's answer gets its x-ratelimit-* headers
+        return caller.tenant
 
     async def healthz() -> Response:
         if not service.runs.shared.healthy:  # cluster mode with Redis unreachable
@@ -267,5 +279,18 @@ def _json_views(service: Service) -> dict[str, Callable[..., Coroutine[Any, Any,
         rows = await known_session(tenant(), session_id)
         return {"object": "list", "data": [m.public() for m in rows]}
 
-    views = (healthz, metrics, models, get_run, cancel_run, interrupt, messages)
+    async def usage() -> dict[str, Any]:
+        """The caller's own usage by UTC day and model (a ``[[key]]`` key's;
+        an ``--api-key`` key has no name to keep it under: an empty list)."""
+        tenant()
+        key = g.key
+        if key is None:
+            return {"object": "list", "key": None, "data": []}
+        try:
+            rows = await service.limits.limiter.usage(key.name)
+        except LimitsUnavailable as exc:
+            raise limits_unavailable() from exc
+        return {"object": "list", "key": key.name, "data": [usage_row(r) for r in rows]}
+
+    views = (healthz, metrics, models, get_run, cancel_run, interrupt, messages, usage)
     return {view.__name__: view for view in views}

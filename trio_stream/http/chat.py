@@ -12,6 +12,7 @@ from __future__ import annotations
 from ..errors import ApiError, bad_request, not_found
 from ..shared import SharedUnavailable
 from ..wire.request import parse_chat_request, parse_session_id
+from ..wire.usage import estimate_prompt
 from .asgi import ClientGone, Receive, Scope, Send, as_api_error, close_headers, header, send_error
 from .common import attached, follow, read_request, subscriber
 from .service import Service
@@ -27,29 +28,28 @@ async def chat_completions(service: Service, scope: Scope, receive: Receive, sen
     """
     s = service.settings
     try:
-        tenant = service.auth.tenant(header(scope, b"authorization"))
+        caller = service.auth.caller(header(scope, b"authorization"))
         session_id = parse_session_id(header(scope, b"x-session-id"))
         request = parse_chat_request(await read_request(s, scope, receive))
         with service.stream_slot():
-            run = await service.runs.create(tenant, session_id, request)
-            attached_stream = request.stream and not request.detach
-            sub = subscriber(
-                service,
-                run,
-                send,
-                scope,
-                kind=Subscriber,
-                cursor=0,
-                drives_backpressure=attached_stream,
-            )
-            if attached_stream:
-                run.window = s.window
-            if request.detach:
-                service.runs.start_detached(run)
-                await follow(service, sub, receive, stream=request.stream)
-            else:
-                await attached(service, sub, receive, stream=request.stream)
-                service.logger.event("stream_end", **run.end_fields())
+            async with service.limits.admission(caller.key, request.model) as rate:
+                run = await service.runs.create(caller.tenant, session_id, request)
+                run.meter = service.limits.meter(
+                    caller.key, request.model, estimate_prompt(request.messages)
+                )
+                attached_stream = request.stream and not request.detach
+                sub = subscriber(
+                    service, run, send, scope, kind=Subscriber, cursor=0,
+                    drives_backpressure=attached_stream, rate=rate,
+                )  # fmt: skip
+                if attached_stream:
+                    run.window = s.window
+                if request.detach:
+                    service.runs.start_detached(run)
+                    await follow(service, sub, receive, stream=request.stream)
+                else:
+                    await attached(service, sub, receive, stream=request.stream)
+                    service.logger.event("stream_end", **run.end_fields())
     except ClientGone:
         return
     except (ApiError, SharedUnavailable) as caught:

@@ -23,6 +23,7 @@ import trio
 
 from ..config import Settings
 from ..errors import body_timeout
+from ..limits.headers import RateHeaders
 from ..runs import Run
 from .asgi import Receive, Scope, Send, read_body
 from .service import Service
@@ -65,16 +66,18 @@ async def read_request(settings: Settings, scope: Scope, receive: Receive) -> by
 
 def subscriber(
     service: Service, run: Run, send: Send, scope: Scope, *, cursor: int,
-    drives_backpressure: bool, kind: type[S], **extra: Any,
+    drives_backpressure: bool, kind: type[S], rate: RateHeaders = (), **extra: Any,
 ) -> S:  # fmt: skip
     """The writer of ``run`` to this request's client: the one place a
     subscriber (``kind``: :class:`~trio_stream.http.stream.Subscriber` or a
     subclass; ``extra``: the subclass's own arguments) is built from the
-    service's settings and the request's scope."""
+    service's settings and the request's scope.  ``rate``: a limited key's
+    ``x-ratelimit-*`` headers, sent with the run's answer."""
     s = service.settings
     return kind(
         run, send, cursor=cursor, stall_timeout=s.stall_timeout, pinger=service.pinger,
-        headers=response_headers(run), flow_controlled=is_h2(scope), direct=direct_body(scope),
+        headers=response_headers(run) + rate, flow_controlled=is_h2(scope),
+        direct=direct_body(scope),
         drives_backpressure=drives_backpressure, event_interval=s.event_interval_ms / 1000,
         **extra,
     )  # fmt: skip

@@ -12,10 +12,18 @@ store that cannot be reached, with ``limits_on_outage = "closed"``, is 503
 
 from __future__ import annotations
 
+import secrets
+
+import trio
+from prometheus_client import Counter
+
 from ..errors import ApiError
-from ..limits.base import Verdict
-from ..limits.headers import rate_headers
+from ..limits.base import CALL_TIMEOUT, Limiter, LimitsUnavailable, UsageRow, Verdict
+from ..limits.headers import RateHeaders, rate_headers
 from ..limits.keys import KeyDef
+from ..limits.meter import NO_METER, Charger, Meter
+from ..logs import EventLogger
+from ..metrics import Metrics
 
 
 def refusal(key: KeyDef, verdict: Verdict) -> ApiError:
@@ -47,6 +55,15 @@ def refusal(key: KeyDef, verdict: Verdict) -> ApiError:
     )  # fmt: skip
 
 
+def usage_row(row: UsageRow) -> dict[str, object]:
+    """One row of ``GET /v1/usage``."""
+    return {
+        "day": row.day, "model": row.model, "requests": row.requests,
+        "prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens,
+        "total_tokens": row.prompt_tokens + row.completion_tokens,
+    }  # fmt: skip
+
+
 def limits_unavailable() -> ApiError:
     """503: the limits' store cannot be reached and the outage setting is closed."""
     return ApiError(
@@ -61,3 +78,136 @@ def model_not_allowed(model: str) -> ApiError:
         f"The model {model!r} does not exist or you do not have access to it.",
         "model_not_found",
     )  # fmt: skip
+
+
+class KeyLimits:
+    """The service's side of per-key limits: admission, metering, metrics.
+
+    ``closed``: with the limits' store unreachable, refuse (503) rather than
+    admit unchecked (``limits_on_outage``).
+    """
+
+    def __init__(
+        self, limiter: Limiter, *, closed: bool, metrics: Metrics, logger: EventLogger
+    ) -> None:
+        self.limiter = limiter
+        self.closed = closed
+        self.logger = logger
+        r = metrics.registry
+        self.decisions = Counter(
+            "trio_stream_key_requests", "Requests of limited keys by key name and decision.",
+            ["key", "decision"], registry=r,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "trio_stream_key_tokens", "Tokens charged to limited keys by key name and kind.",
+            ["key", "kind"], registry=r,
+        )  # fmt: skip
+        self.charger = Charger(limiter, self._charge_failed)
+
+    def _charge_failed(self, error: str) -> None:
+        self.logger.event("limits_unavailable", step="charge", error=error)
+
+    def admission(self, key: KeyDef | None, model: str) -> Admission | _Unlimited:
+        """``async with limits.admission(key, model) as rate_headers: ...``:
+        admit one stream of ``key`` (404 for a model it may not use, 429 when
+        refused, 503 when the store is down and the setting is closed), hold
+        its stream slot for the block.  An unlimited key costs nothing."""
+        if key is None:
+            return _UNLIMITED
+        if not key.allows(model):
+            self.decisions.labels(key.name, "model").inc()
+            raise model_not_allowed(model)
+        if not key.limits.limited:
+            return _UNLIMITED
+        return Admission(self, key)
+
+    def meter(self, key: KeyDef | None, model: str, prompt: int) -> Meter:
+        """The meter of a run of ``key`` (every ``[[key]]`` key's usage is kept)."""
+        if key is None:
+            return NO_METER
+        return Meter(self.charger, key.name, model, prompt)
+
+    async def headers(self, key: KeyDef | None) -> RateHeaders:
+        """The key's ``x-ratelimit-*`` headers now (for a JSON answer); none
+        for an unlimited key or while the store is unreachable.
+
+        Cancellation: a checkpoint for a limited key; a read.
+        """
+        if key is None or not (key.limits.rpm or key.limits.tpm):
+            return ()
+        try:
+            verdict = await self.limiter.peek(key.name, key.limits)
+        except LimitsUnavailable:
+            return ()
+        return rate_headers(Verdict(None, 0.0, verdict.requests, verdict.tokens))
+
+
+class _Unlimited:
+    """The admission of an unlimited key: nothing to check or hold."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> RateHeaders:
+        return ()
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_UNLIMITED = _Unlimited()
+
+
+class Admission:
+    """One admitted stream of a limited key: its slot, released on exit."""
+
+    __slots__ = ("_key", "_limits", "_slot")
+
+    def __init__(self, limits: KeyLimits, key: KeyDef) -> None:
+        self._limits = limits
+        self._key = key
+        self._slot: str | None = None
+
+    async def __aenter__(self) -> RateHeaders:
+        """Cancellation: a checkpoint (the limiter's call).  A ``Cancelled``
+        releases whatever slot the call may have taken (shielded, bounded)
+        before it propagates."""
+        limits, key = self._limits, self._key
+        self._slot = "st_" + secrets.token_hex(8)
+        try:
+            verdict = await limits.limiter.admit(key.name, key.limits, self._slot)
+        except LimitsUnavailable as exc:
+            self._slot = None
+            limits.logger.event("limits_unavailable", step="admit", key=key.name, error=str(exc))
+            limits.decisions.labels(
+                key.name, "outage_closed" if limits.closed else "outage_open"
+            ).inc()
+            if limits.closed:
+                raise limits_unavailable() from exc
+            return ()
+        except BaseException:
+            await self._release()
+            raise
+        if not verdict.admitted:
+            self._slot = None
+            limits.decisions.labels(key.name, verdict.refused or "").inc()
+            raise refusal(key, verdict)
+        limits.decisions.labels(key.name, "admitted").inc()
+        return rate_headers(verdict)
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Cancellation: the release is shielded and bounded; a ``Cancelled``
+        never interrupts it."""
+        await self._release()
+
+    async def _release(self) -> None:
+        slot, self._slot = self._slot, None
+        if slot is None:
+            return
+        with trio.CancelScope(shield=True) as cs:
+            cs.deadline = trio.current_time() + CALL_TIMEOUT + 0.5
+            try:
+                await self._limits.limiter.release(self._key.name, slot)
+            except LimitsUnavailable as exc:  # the slot's lease expires by itself
+                self._limits.logger.event(
+                    "limits_unavailable", step="release", key=self._key.name, error=str(exc)
+                )

@@ -49,7 +49,7 @@ from ..wire.responses import (
     saved_output,
     status_of,
 )
-from ..wire.usage import Usage
+from ..wire.usage import Usage, estimate_prompt
 from .asgi import (
     JSON,
     ClientGone,
@@ -160,25 +160,30 @@ async def create(service: Service, scope: Scope, receive: Receive, send: Send) -
     is cancelled and saved in its shielded cleanup; a background one is not touched.
     """
     s = service.settings
-    tenant = service.auth.tenant(header(scope, b"authorization"))
+    caller = service.auth.caller(header(scope, b"authorization"))
     session_id = parse_session_id(header(scope, b"x-session-id"))
     request, meta = parse_responses_request(await read_request(s, scope, receive))
     with service.stream_slot():
-        run = await service.runs.create(tenant, session_id, request, meta)
-        attached_stream = request.stream and not meta.background
-        sub = subscriber(service, run, send, scope, kind=ResponseSubscriber, cursor=0,
-                         drives_backpressure=attached_stream, starting_after=-1)  # fmt: skip
-        if meta.background:
-            service.runs.start_detached(run)
-            if not request.stream:  # answered at once; poll or stream it by id
-                body = orjson.dumps(run_object(run))
-                return await send_bytes(send, 200, body, JSON, sub.headers)
-            await follow(service, sub, receive, start_now=True)
-            return
-        if attached_stream:
-            run.window = s.window
-        await attached(service, sub, receive, stream=request.stream)
-        service.logger.event("stream_end", **run.end_fields())
+        async with service.limits.admission(caller.key, request.model) as rate:
+            run = await service.runs.create(caller.tenant, session_id, request, meta)
+            run.meter = service.limits.meter(
+                caller.key, request.model, estimate_prompt(request.messages)
+            )
+            attached_stream = request.stream and not meta.background
+            sub = subscriber(service, run, send, scope, kind=ResponseSubscriber, cursor=0,
+                             drives_backpressure=attached_stream, starting_after=-1,
+                             rate=rate)  # fmt: skip
+            if meta.background:
+                service.runs.start_detached(run)
+                if not request.stream:  # answered at once; poll or stream it by id
+                    body = orjson.dumps(run_object(run))
+                    return await send_bytes(send, 200, body, JSON, sub.headers)
+                await follow(service, sub, receive, start_now=True)
+                return
+            if attached_stream:
+                run.window = s.window
+            await attached(service, sub, receive, stream=request.stream)
+            service.logger.event("stream_end", **run.end_fields())
 
 
 def _query(scope: Scope) -> tuple[bool, int]:

@@ -10,49 +10,89 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import trio
 from prometheus_client import Gauge
 
 from ..config import Settings
-from ..errors import shutting_down, too_many_streams, unauthorized
+from ..errors import ConfigError, shutting_down, too_many_streams, unauthorized
+from ..limits import create_limiter
+from ..limits.keys import KeyDef, digest_of
 from ..logs import EventLogger
 from ..metrics import Metrics
 from ..runs import SHARED_TIMEOUT, RunManager
 from ..shared import SharedState, create_shared
 from ..store import Store, open_store
 from ..upstream import Upstream, create_upstream
+from .limits import KeyLimits
 from .stream import Pinger
 
 PUBLIC_TENANT = "public"
 
 
-class Auth:
-    """Bearer keys.  Each key is its own tenant; the tenant id is a hash, so
-    the key itself is never stored, logged or compared in variable time."""
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a request: its tenant, and its ``[[key]]`` (``None`` for an
+    ``--api-key`` key, unlimited, and for open access)."""
 
-    def __init__(self, keys: tuple[str, ...]) -> None:
-        self._keys = [(k.encode(), _tenant_of(k)) for k in keys]
+    tenant: str
+    key: KeyDef | None = None
+
+
+class Auth:
+    """Bearer keys: the ``--api-key`` keys (each its own tenant, a hash of
+    the key) and the ``[[key]]`` tables of the configuration file (their
+    tenant, name and limits).  Only SHA-256 digests are kept; a presented
+    key is hashed and compared with every digest, in constant time in the
+    keys, so a key is never stored, logged or compared in variable time."""
+
+    def __init__(self, keys: tuple[str, ...], defs: Sequence[KeyDef] = ()) -> None:
+        self._api = [(digest_of(k), Caller(_tenant_of(k))) for k in keys]
+        self._all: list[tuple[bytes, Caller]] = []
+        self.reload(defs)
+
+    def reload(self, defs: Sequence[KeyDef]) -> None:
+        """Replace the ``[[key]]`` keys at once (``SIGHUP``); the ``--api-key``
+        keys stay.  A request already admitted keeps the key it was admitted
+        with.  Raises :class:`ConfigError` (nothing replaced) for a secret that
+        is also an ``--api-key`` key."""
+        api = {digest for digest, _ in self._api}
+        if any(d.digest in api for d in defs):
+            raise ConfigError("a [[key]] secret is also given with --api-key")
+        self._all = [*self._api, *((d.digest, Caller(d.tenant, d)) for d in defs)]
 
     @property
     def open(self) -> bool:
-        return not self._keys
+        return not self._all
 
-    def tenant(self, authorization: str | None) -> str:
-        """The caller's tenant, or :func:`~trio_stream.errors.unauthorized`."""
+    @property
+    def names(self) -> list[str]:
+        """The names of the ``[[key]]`` keys now."""
+        return [c.key.name for _, c in self._all if c.key is not None]
+
+    def caller(self, authorization: str | None) -> Caller:
+        """The caller, or :func:`~trio_stream.errors.unauthorized`."""
         if self.open:
-            return PUBLIC_TENANT
+            return _PUBLIC
         scheme, _, token = (authorization or "").partition(" ")
-        given = token.strip().encode()
-        found: str | None = None
-        for key, tenant in self._keys:  # no early exit: constant time in the keys
-            if hmac.compare_digest(key, given) and scheme.lower() == "bearer":
-                found = tenant
+        given = hashlib.sha256(token.strip().encode()).digest()
+        found: Caller | None = None
+        for digest, caller in self._all:  # no early exit: constant time in the keys
+            if hmac.compare_digest(digest, given) and scheme.lower() == "bearer":
+                found = caller
         if found is None:
             raise unauthorized()
         return found
+
+    def tenant(self, authorization: str | None) -> str:
+        """The caller's tenant, or :func:`~trio_stream.errors.unauthorized`."""
+        return self.caller(authorization).tenant
+
+
+_PUBLIC = Caller(PUBLIC_TENANT)
 
 
 def _tenant_of(key: str) -> str:
@@ -69,13 +109,18 @@ class Service:
         store: Store,
         upstream: Upstream,
         shared: SharedState | None = None,
+        keys: Sequence[KeyDef] = (),
+        limits: KeyLimits | None = None,
     ) -> None:
         self.settings = settings
         self.logger = logger
         self.metrics = metrics
         self.store = store
         self.upstream = upstream
-        self.auth = Auth(settings.api_keys)
+        self.auth = Auth(settings.api_keys, keys)
+        self.limits = limits or KeyLimits(
+            create_limiter(None), closed=True, metrics=metrics, logger=logger
+        )
         self.runs = RunManager(settings, upstream, store, metrics, logger, shared)
         # Which process answered a scrape: with --workers, one port, N nodes.
         Gauge(
@@ -144,6 +189,7 @@ async def open_service(
     logger: EventLogger | None = None,
     store: Store | None = None,
     upstream: Upstream | None = None,
+    keys: Sequence[KeyDef] = (),
 ) -> AsyncIterator[Service]:
     """Build a :class:`Service` and run its manager until the block exits.
 
@@ -156,15 +202,25 @@ async def open_service(
     db = store if store is not None else await trio.to_thread.run_sync(_open_store, settings)
     upstream = upstream or create_upstream(settings)
     shared = create_shared(settings)
-    service = Service(
-        settings, logger=logger, metrics=Metrics(), store=db, upstream=upstream, shared=shared
+    metrics = Metrics()
+    limiter = create_limiter(settings.redis)
+    limits = KeyLimits(
+        limiter, closed=settings.limits_on_outage == "closed", metrics=metrics, logger=logger
     )
+    service = Service(
+        settings, logger=logger, metrics=metrics, store=db, upstream=upstream, shared=shared,
+        keys=keys, limits=limits,
+    )  # fmt: skip
     try:
         # The shared state and the store's committer outlive the runs: their
         # cleanups save, release sessions and publish their ends through them.
         async with trio.open_nursery() as outer:
             await outer.start(shared.run)
             await outer.start(db.run)
+            # The limiter outlives the runs too: each run's cleanup charges
+            # its last tokens; the charger's last flush follows the last run.
+            await outer.start(limiter.run)
+            await outer.start(limits.charger.run)
             async with trio.open_nursery() as nursery:
                 await nursery.start(service.runs.run)
                 await nursery.start(service.pinger.run)

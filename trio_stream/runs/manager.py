@@ -31,6 +31,8 @@ from ..core.lifecycle import ending
 from ..core.log import Outcome, RunStatus
 from ..core.sessions import SessionTable
 from ..errors import INTERNAL_MESSAGE, InternalError, UpstreamError
+from ..limits.base import CALL_TIMEOUT as LIMITS_TIMEOUT
+from ..limits.meter import NO_METER
 from ..logs import EventLogger
 from ..metrics import Metrics
 from ..shared import LocalState, RunRecord, SharedState
@@ -58,6 +60,16 @@ CANCEL_MESSAGES = {
 #: After ``finish_reason``, how long to read the rest of the upstream body
 #: (``[DONE]``, the chunked terminator) so its connection can be reused.
 DRAIN_TIMEOUT = 0.5
+
+
+async def _settle(run: Run) -> None:
+    """Charge a limited key's run in full before it is FINISHED, so the key's
+    next request sees its tokens (shielded, bounded by the limiter's deadline)."""
+    if run.meter is NO_METER:
+        return
+    with trio.CancelScope(shield=True) as cs:
+        cs.deadline = trio.current_time() + LIMITS_TIMEOUT + 0.5
+        await run.meter.settle(run.final_usage())
 
 
 async def _read_to_end(items: AsyncIterator[object]) -> Usage | None:
@@ -239,6 +251,7 @@ class RunManager:
                         guard.deadline, armed = now + s.token_timeout, now
                         self.metrics.tokens.inc(run.log.last_seq - counted)
                         counted = run.log.last_seq
+                        run.meter.stream(counted)
         finally:
             self.metrics.tokens.inc(run.log.last_seq - counted)
 
@@ -302,6 +315,7 @@ class RunManager:
                     self._cleanups.discard(cs)
             if cs.cancelled_caught:
                 self.logger.event("save_timeout", trace=run.id)
+            await _settle(run)
             fenced = await release(run, self.shared, self.logger)
         except Exception as exc:  # a bug: the run still ends, the server goes on
             self.logger.event("run_crashed", trace=run.id, error=repr(exc))

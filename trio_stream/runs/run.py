@@ -18,6 +18,7 @@ import trio
 from ..core.log import Entry, LogClosed, Outcome, RunLog, RunStatus
 from ..core.sessions import SessionKey
 from ..errors import InternalError, UpstreamError
+from ..limits.meter import NO_METER, Meter
 from ..shared import LogPage
 from ..wire.chunks import ChunkEncoder
 from ..wire.request import ChatRequest
@@ -86,8 +87,8 @@ class Run:
 
     __slots__ = (
         "_changed", "_held", "_room", "cancelled_at", "created", "detached", "done", "encoder",
-        "epoch", "error", "first_token_at", "id", "log", "predecessors", "request", "response",
-        "scope", "session_id", "started", "tenant", "usage", "window", "writer_cursor",
+        "epoch", "error", "first_token_at", "id", "log", "meter", "predecessors", "request",
+        "response", "scope", "session_id", "started", "tenant", "usage", "window", "writer_cursor",
     )  # fmt: skip
 
     def __init__(
@@ -118,6 +119,8 @@ class Run:
         # InternalError); None for every other ending.
         self.error: UpstreamError | InternalError | None = None
         self.usage: Usage | None = None  # as the upstream reported it, if it did
+        # Charges the run's tokens to a limited key as they stream.
+        self.meter: Meter = NO_METER
         # Set for a run the Responses API created: how to render it (chat: None).
         self.response: ResponseMeta | None = None
         self.predecessors: tuple[str, ...] = ()

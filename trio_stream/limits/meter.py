@@ -1,0 +1,134 @@
+"""Charging a stream's tokens to its key while it streams.
+
+The reader of a run never waits for the limiter.  Its :class:`Meter` only
+adds to the :class:`Charger`'s pending sums (no checkpoint, no I/O), at the
+moments the reader already bumps its token counter (every 1/64 of
+``--token-timeout``, and at its end); the charger sends the sums to the
+limiter every :data:`FLUSH` seconds, one charge per key and model.  When the
+run ends, its cleanup :meth:`Meter.settle` s it: the difference between the
+run's final usage (the upstream's when it reported one, the counted fallback
+otherwise: docs/api.md section 2.10) and what was already charged is added,
+and the key's sums are sent before the run is FINISHED -- so once a client
+has the stream's end, the next request of its key sees every token.
+
+A stream in progress is never cut by its own tokens: a charge is never
+refused (L2 of :mod:`.base`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from ..wire.usage import Usage
+from .base import Limiter, LimitsUnavailable
+
+#: Seconds between two sends of the pending sums.
+FLUSH = 0.25
+
+_Pending = dict[tuple[str, str], list[int]]  # (key, model) -> [requests, prompt, completion]
+
+
+class Charger:
+    """The pending charges of every metered run, sent in the background."""
+
+    def __init__(self, limiter: Limiter, on_error: Callable[[str], None] | None = None) -> None:
+        self.limiter = limiter
+        self.pending: _Pending = {}
+        self._on_error = on_error
+
+    def add(self, name: str, model: str, requests: int, prompt: int, completion: int) -> None:
+        """Add to a key's pending sums.  Not a checkpoint."""
+        if not (requests or prompt or completion):
+            return
+        sums = self.pending.setdefault((name, model), [0, 0, 0])
+        sums[0] += requests
+        sums[1] += prompt
+        sums[2] += completion
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Send the pending sums every :data:`FLUSH` seconds until cancelled.
+
+        Cancellation: a ``Cancelled`` stops the sends; what is pending then
+        is sent by a last, shielded :meth:`flush` (bounded by the limiter's
+        call deadline) before this returns.
+        """
+        task_status.started()
+        try:
+            while True:
+                await trio.sleep(FLUSH)
+                await self.flush()
+        finally:
+            with trio.CancelScope(shield=True) as cs:
+                cs.deadline = trio.current_time() + 2 * FLUSH + 2.0
+                await self.flush()
+
+    async def flush(self, name: str | None = None) -> None:
+        """Send the pending sums (of key ``name``, or all).  A sum that did not
+        land (the limiter is unreachable) stays pending for the next round.
+
+        Cancellation: a checkpoint per sum sent; a ``Cancelled`` puts the sum
+        in flight back (it is sent again later, so if its charge had landed
+        it counts twice: an over-charge, never an under-charge).
+        """
+        for key in [k for k in self.pending if name is None or k[0] == name]:
+            sums = self.pending.pop(key, None)
+            if sums is None:
+                continue
+            try:
+                await self.limiter.charge(key[0], key[1], sums[1], sums[2], requests=sums[0])
+            except LimitsUnavailable as exc:
+                self.add(key[0], key[1], *sums)
+                if self._on_error is not None:
+                    self._on_error(str(exc))
+                return  # the store is down: the other sums wait for the next round
+            except BaseException:
+                self.add(key[0], key[1], *sums)
+                raise
+
+
+class Meter:
+    """One run's charges (its key ``name``, its ``model``).  :data:`NO_METER`
+    is the meter of a run with nothing to charge."""
+
+    __slots__ = ("_charger", "_completion", "_model", "_name", "_prompt", "_started")
+
+    def __init__(self, charger: Charger | None, name: str, model: str, prompt: int) -> None:
+        self._charger = charger
+        self._name = name
+        self._model = model
+        self._prompt = prompt  # the counted estimate, charged with the first delta
+        self._started = False
+        self._completion = 0  # deltas charged so far
+
+    def stream(self, deltas: int) -> None:
+        """The run has received ``deltas`` deltas in all.  Not a checkpoint."""
+        if self._charger is None:
+            return
+        if not self._started:
+            self._started = True
+            self._charger.add(self._name, self._model, 1, self._prompt, 0)
+        self._charger.add(self._name, self._model, 0, 0, deltas - self._completion)
+        self._completion = deltas
+
+    async def settle(self, usage: Usage) -> None:
+        """Charge the rest of the run's final ``usage`` and send the key's sums.
+
+        Cancellation: as :meth:`Charger.flush`; what is not sent stays
+        pending for the charger's next round.
+        """
+        if self._charger is None:
+            return
+        prompt = self._prompt if self._started else 0
+        self._charger.add(
+            self._name, self._model, 0 if self._started else 1,
+            usage.prompt_tokens - prompt, usage.completion_tokens - self._completion,
+        )  # fmt: skip
+        self._started = True
+        self._prompt, self._completion = usage.prompt_tokens, usage.completion_tokens
+        await self._charger.flush(self._name)
+
+
+#: The meter of every run that charges nothing.
+NO_METER = Meter(None, "", "", 0)
