@@ -111,6 +111,9 @@ class Settings:
     )
     node_lease: float = setting(10.0, "Seconds after which a silent node's runs are taken over.")
     # Per-key limits (docs/api.md section 2.11).
+    limits_redis: str | None = setting(
+        None, "redis://host:port/db for the per-key limits alone (default: --redis)."
+    )
     limits_on_outage: str = setting(
         "closed",
         "With --redis unreachable, requests of limited keys are refused (closed: 503) "
@@ -167,6 +170,10 @@ class Settings:
             )
         if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
             p.append("--redis must be a redis://, rediss:// or unix:// URL")
+        if self.limits_redis and not self.limits_redis.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            p.append("--limits-redis must be a redis://, rediss:// or unix:// URL")
         if self.mock_delay_ms < 0:
             p.append("--mock-delay-ms must be >= 0")
         if not self.event_interval_ms >= 0:  # also refuses NaN

@@ -20,6 +20,7 @@ from prometheus_client import Gauge
 from ..config import Settings
 from ..errors import ConfigError, shutting_down, too_many_streams, unauthorized
 from ..limits import create_limiter
+from ..limits.base import CALL_TIMEOUT as LIMITS_TIMEOUT
 from ..limits.keys import KeyDef, digest_of
 from ..logs import EventLogger
 from ..metrics import Metrics
@@ -203,7 +204,7 @@ async def open_service(
     upstream = upstream or create_upstream(settings)
     shared = create_shared(settings)
     metrics = Metrics()
-    limiter = create_limiter(settings.redis)
+    limiter = create_limiter(settings.limits_redis or settings.redis)
     limits = KeyLimits(
         limiter, closed=settings.limits_on_outage == "closed", metrics=metrics, logger=logger
     )
@@ -232,6 +233,9 @@ async def open_service(
             with trio.CancelScope(shield=True) as cs:
                 cs.deadline = trio.current_time() + SHARED_TIMEOUT
                 await shared.leave()
+            with trio.CancelScope(shield=True) as cs:  # the charges of the last runs
+                cs.deadline = trio.current_time() + LIMITS_TIMEOUT + 0.5
+                await limits.charger.flush()
             outer.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True) as cs:

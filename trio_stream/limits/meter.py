@@ -51,18 +51,14 @@ class Charger:
         """Send the pending sums every :data:`FLUSH` seconds until cancelled.
 
         Cancellation: a ``Cancelled`` stops the sends; what is pending then
-        is sent by a last, shielded :meth:`flush` (bounded by the limiter's
-        call deadline) before this returns.
+        is left for a last :meth:`flush`, which the service does after its
+        last run and before the limiter's client closes
+        (:func:`trio_stream.http.service.open_service`).
         """
         task_status.started()
-        try:
-            while True:
-                await trio.sleep(FLUSH)
-                await self.flush()
-        finally:
-            with trio.CancelScope(shield=True) as cs:
-                cs.deadline = trio.current_time() + 2 * FLUSH + 2.0
-                await self.flush()
+        while True:
+            await trio.sleep(FLUSH)
+            await self.flush()
 
     async def flush(self, name: str | None = None) -> None:
         """Send the pending sums (of key ``name``, or all).  A sum that did not
