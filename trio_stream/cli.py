@@ -116,6 +116,10 @@ def serve(**options: Any) -> None:
     """Run the server (hypercorn trio worker, quart-trio app)."""
     try:
         settings = settings_from(options)
+        if settings.config:  # a bad key file is refused before anything starts
+            from .limits.file import load_keys
+
+            load_keys(settings.config)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     if settings.workers > 1:

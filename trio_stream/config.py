@@ -110,6 +110,10 @@ class Settings:
         None, "redis://host:port/db: shared state for cluster mode (none: in-process)."
     )
     node_lease: float = setting(10.0, "Seconds after which a silent node's runs are taken over.")
+    # The configuration file: [[key]] tables (docs/api.md section 2.11).
+    config: str | None = setting(
+        None, "A TOML file of [[key]] tables: client keys and their limits; SIGHUP reloads them."
+    )
     # Per-key limits (docs/api.md section 2.11).
     limits_redis: str | None = setting(
         None, "redis://host:port/db for the per-key limits alone (default: --redis)."
@@ -141,7 +145,7 @@ class Settings:
             p.append(f"--upstream {self.upstream} needs --upstream-url")
         if self.upstream_url and not self.upstream_url.startswith(("http://", "https://")):
             p.append("--upstream-url must start with http:// or https://")
-        if not self.api_keys and not is_loopback(self.host):
+        if not self.api_keys and not self.config and not is_loopback(self.host):
             p.append(
                 f"refusing to serve {self.host} without an API key: "
                 "pass --api-key or bind a loopback address"

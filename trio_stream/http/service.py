@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import trio
 from prometheus_client import Gauge
 
-from ..config import Settings
+from ..config import Settings, is_loopback
 from ..errors import ConfigError, shutting_down, too_many_streams, unauthorized
 from ..limits import create_limiter
 from ..limits.base import CALL_TIMEOUT as LIMITS_TIMEOUT
+from ..limits.file import load_keys
 from ..limits.keys import KeyDef, digest_of
 from ..logs import EventLogger
 from ..metrics import Metrics
@@ -156,6 +157,29 @@ class Service:
         self.metrics.active_streams.dec()
         self._streams_changed.unpark_all()
 
+    async def reload_keys(self) -> bool:
+        """Read the configuration file's ``[[key]]`` tables again (``SIGHUP``)
+        and put them in force at once.  A file that cannot be read or has a
+        bad key is refused whole, logged ``keys_reload_refused``, and the keys
+        in force stay; returns whether the new keys are in force.  Streams in
+        flight keep the key they were admitted with: none is dropped.
+
+        Cancellation: a checkpoint (the file is read in a worker thread); a
+        ``Cancelled`` leaves the keys as they were.
+        """
+        path = self.settings.config
+        if path is None:
+            self.logger.event("keys_reload_refused", error="no --config file")
+            return False
+        try:
+            keys = await trio.to_thread.run_sync(load_keys, path)
+            self.auth.reload(keys)
+        except ConfigError as exc:
+            self.logger.event("keys_reload_refused", error=str(exc))
+            return False
+        self.logger.event("keys_reloaded", keys=len(keys))
+        return True
+
     async def wait_streams_closed(self) -> None:
         """Block until no client stream is open.  Cancellation: a checkpoint only when it has to
         wait; a ``Cancelled`` leaves nothing behind.
@@ -190,7 +214,7 @@ async def open_service(
     logger: EventLogger | None = None,
     store: Store | None = None,
     upstream: Upstream | None = None,
-    keys: Sequence[KeyDef] = (),
+    keys: Sequence[KeyDef] | None = None,
 ) -> AsyncIterator[Service]:
     """Build a :class:`Service` and run its manager until the block exits.
 
@@ -199,6 +223,13 @@ async def open_service(
     the database close.
     """
     settings.validate()
+    if keys is None:  # the configuration file's [[key]] tables
+        keys = load_keys(settings.config) if settings.config else ()
+    if not keys and not settings.api_keys and not is_loopback(settings.host):
+        raise ConfigError(
+            f"refusing to serve {settings.host} without an API key: "
+            "give --api-key or [[key]] tables, or bind a loopback address"
+        )
     logger = logger or EventLogger(settings.log_format)
     db = store if store is not None else await trio.to_thread.run_sync(_open_store, settings)
     upstream = upstream or create_upstream(settings)

@@ -150,9 +150,13 @@ async def serve(
     store: Store | None = None,
     upstream: Upstream | None = None,
     sockets: Sequence[socket.socket] = (),
+    reloads: trio.MemoryReceiveChannel[None] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``settings`` until ``shutdown`` is set, then shut down gracefully.
+
+    ``reloads``: each message reloads the configuration file's keys
+    (:meth:`Service.reload_keys`; ``SIGHUP`` sends one).
 
     ``sockets``: already bound listening sockets to accept on instead of
     binding ``--host``/``--port`` (how ``--workers`` shares one port).
@@ -166,7 +170,23 @@ async def serve(
     graceful path.
     """
     async with open_service(settings, logger=logger, store=store, upstream=upstream) as service:
-        await serve_service(service, shutdown=shutdown, sockets=sockets, task_status=task_status)
+        if reloads is None:
+            await serve_service(
+                service, shutdown=shutdown, sockets=sockets, task_status=task_status
+            )
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_reload_keys_on, service, reloads)
+            await serve_service(
+                service, shutdown=shutdown, sockets=sockets, task_status=task_status
+            )
+            nursery.cancel_scope.cancel()
+
+
+async def _reload_keys_on(service: Service, reloads: trio.MemoryReceiveChannel[None]) -> None:
+    """Reload the configuration file's keys on each message (``SIGHUP``)."""
+    async for _ in reloads:
+        await service.reload_keys()
 
 
 async def serve_service(

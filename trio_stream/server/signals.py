@@ -3,7 +3,7 @@
 Ownership::
 
     serve_until_signal(settings)      one nursery
-    ├── on_signal                     SIGTERM/SIGINT -> shutdown.set()
+    ├── on_signal                     SIGTERM/SIGINT -> shutdown.set(); SIGHUP -> a reload
     └── serve(settings, shutdown)     (its body) returns after the graceful shutdown
 
 Used by ``trio-stream serve`` and by each ``--workers`` worker process.
@@ -11,6 +11,7 @@ Used by ``trio-stream serve`` and by each ``--workers`` worker process.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 from collections.abc import Sequence
@@ -28,13 +29,20 @@ async def serve_until_signal(settings: Settings, sockets: Sequence[socket.socket
     saves).
     """
     shutdown = trio.Event()
+    # SIGHUP: reload the configuration file's keys.  One pending reload is
+    # enough: it reads the file as it is when it runs.
+    reload_send, reloads = trio.open_memory_channel[None](1)
     async with trio.open_nursery() as nursery:
 
         async def on_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    shutdown.set()
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for signum in signals:
+                    if signum != signal.SIGHUP:
+                        shutdown.set()
+                    else:
+                        with contextlib.suppress(trio.WouldBlock):
+                            reload_send.send_nowait(None)
 
         nursery.start_soon(on_signal)
-        await serve(settings, shutdown=shutdown, sockets=sockets)
+        await serve(settings, shutdown=shutdown, sockets=sockets, reloads=reloads)
         nursery.cancel_scope.cancel()

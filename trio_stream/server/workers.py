@@ -120,9 +120,11 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             for _ in range(self.count):
                 nursery.start_soon(self._keep, self._spawn())
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    break
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for signum in signals:
+                    if signum != signal.SIGHUP:
+                        break
+                    self._forward(signal.SIGHUP)  # each worker reloads its keys
             self.stopping = True
             self._forward(signal.SIGTERM)
             with trio.move_on_after(self.settings.graceful_timeout + KILL_MARGIN):
