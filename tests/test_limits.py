@@ -214,3 +214,44 @@ async def test_models_usage_and_headers_on_json_answers(
         assert theirs.json()["data"] == []  # bob has used nothing
         assert "x-ratelimit-limit-requests" not in theirs.headers
         assert service.runs.live == 0
+
+
+async def test_a_cancelled_stream_is_charged_for_what_was_sent(
+    settings: Settings, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A stream cut by its client is charged what it received (the counted
+    usage), not what it asked for; the limits leave no task behind."""
+    from tests.conftest import tasks_living
+
+    settings = settings.replace(mock_delay_ms=100)
+    async with memory_app(settings, keys=keys(tpm=1000)) as (service, app):
+        baseline = await tasks_living()
+        async with trio.open_nursery() as nursery:
+            cut = post(nursery, app, stream=True, max_tokens=100)
+            await cut.wait_until(lambda c: len(c.events()) >= 10)
+            await cut.disconnect()
+        rows = await service.limits.limiter.usage("alice")
+        [row] = rows
+        assert 10 <= row.completion_tokens < 15
+        assert row.requests == 1
+        assert await tasks_living() == baseline
+
+
+async def test_metrics_count_per_key_name_never_the_secret(
+    settings: Settings, autojump_clock: trio.testing.MockClock
+) -> None:
+    """``/metrics`` counts each limited key's decisions and tokens under its
+    name; the secret appears nowhere in it."""
+    async with memory_app(settings, keys=keys(rpm=1)) as (_, app):
+        async with trio.open_nursery() as nursery:
+            first = post(nursery, app)
+        async with trio.open_nursery() as nursery:
+            second = post(nursery, app)
+        assert (first.status, second.status) == (200, 429)
+        async with trio.open_nursery() as nursery:
+            scrape = start_request(nursery, app, "GET", "/metrics")
+        text = bytes(scrape.body).decode()
+        assert 'trio_stream_key_requests_total{decision="admitted",key="alice"} 1.0' in text
+        assert 'trio_stream_key_requests_total{decision="requests",key="alice"} 1.0' in text
+        assert 'trio_stream_key_tokens_total{key="alice",kind="completion"} 3.0' in text
+        assert "sk-alice" not in text

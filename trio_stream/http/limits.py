@@ -102,10 +102,14 @@ class KeyLimits:
             "trio_stream_key_tokens", "Tokens charged to limited keys by key name and kind.",
             ["key", "kind"], registry=r,
         )  # fmt: skip
-        self.charger = Charger(limiter, self._charge_failed)
+        self.charger = Charger(limiter, self._charge_failed, self._charged)
 
     def _charge_failed(self, error: str) -> None:
         self.logger.event("limits_unavailable", step="charge", error=error)
+
+    def _charged(self, name: str, prompt: int, completion: int) -> None:
+        self.tokens.labels(name, "prompt").inc(max(0, prompt))
+        self.tokens.labels(name, "completion").inc(max(0, completion))
 
     def admission(self, key: KeyDef | None, model: str) -> Admission | _Unlimited:
         """``async with limits.admission(key, model) as rate_headers: ...``:

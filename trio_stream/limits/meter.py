@@ -33,10 +33,16 @@ _Pending = dict[tuple[str, str], list[int]]  # (key, model) -> [requests, prompt
 class Charger:
     """The pending charges of every metered run, sent in the background."""
 
-    def __init__(self, limiter: Limiter, on_error: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        limiter: Limiter,
+        on_error: Callable[[str], None] | None = None,
+        on_charged: Callable[[str, int, int], None] | None = None,
+    ) -> None:
         self.limiter = limiter
         self.pending: _Pending = {}
-        self._on_error = on_error
+        self._on_error = on_error  # (message): a send that did not land
+        self._on_charged = on_charged  # (key, prompt, completion): a send that did
 
     def add(self, name: str, model: str, requests: int, prompt: int, completion: int) -> None:
         """Add to a key's pending sums.  Not a checkpoint."""
@@ -82,6 +88,8 @@ class Charger:
             except BaseException:
                 self.add(key[0], key[1], *sums)
                 raise
+            if self._on_charged is not None:
+                self._on_charged(key[0], sums[1], sums[2])
 
 
 class Meter:
