@@ -24,9 +24,11 @@ Failure modes:
 * **A node dies holding stream slots.**  Each slot is a lease renewed by its
   node every :data:`SLOT_RENEW`; the admission script drops expired ones, so
   a dead node's slots are free after at most :data:`SLOT_LEASE`.
-* **A charge is lost** (Redis down while a stream ends).  It is not retried:
-  the key is under-charged by that amount (logged by the caller).  Over-
-  charging is never possible: a script lands once or not at all.
+* **A charge does not land** (Redis down while a stream runs or ends).  The
+  caller (:class:`~trio_stream.limits.meter.Charger`) keeps it pending and
+  sends it again once Redis answers.  A charge whose script landed but whose
+  answer was lost is sent again too: a key may be over-charged by it, never
+  under-charged.
 """
 
 from __future__ import annotations
