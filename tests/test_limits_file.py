@@ -15,11 +15,25 @@ import trio
 
 from tests.conftest import serve_process
 from trio_stream.errors import ConfigError
+from trio_stream.http.service import Auth
 from trio_stream.limits.file import load_keys, read_keys
 from trio_stream.limits.keys import digest_of
 
 ALICE = '[[key]]\nname = "alice"\nsecret = "sk-alice"\nrpm = 1000\n'
 CAROL = '[[key]]\nname = "carol"\nsecret = "sk-carol"\ntenant = "c"\n'
+
+
+def test_a_reload_never_opens_access_or_shares_an_api_key() -> None:
+    """A reload that would leave no key at all (no ``--api-key``) is refused,
+    so is a ``[[key]]`` whose secret is also an ``--api-key`` key; the keys
+    in force stay."""
+    auth = Auth((), read_keys(ALICE, "k.toml"))
+    with pytest.raises(ConfigError, match="refusing to open access"):
+        auth.reload(())
+    assert auth.tenant("Bearer sk-alice") == "alice"
+    with pytest.raises(ConfigError, match="also given with --api-key"):
+        Auth(("sk-alice",), read_keys(ALICE, "k.toml"))
+    assert Auth((), ()).open  # no key ever: open (loopback only, checked at start)
 
 
 def test_the_file_is_read_and_a_bad_one_named() -> None:

@@ -117,9 +117,10 @@ def serve(**options: Any) -> None:
     try:
         settings = settings_from(options)
         if settings.config:  # a bad key file is refused before anything starts
+            from .http.service import Auth
             from .limits.file import load_keys
 
-            load_keys(settings.config)
+            Auth(settings.api_keys, load_keys(settings.config))
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     if settings.workers > 1:

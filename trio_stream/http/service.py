@@ -64,6 +64,8 @@ class Auth:
         api = {digest for digest, _ in self._api}
         if any(d.digest in api for d in defs):
             raise ConfigError("a [[key]] secret is also given with --api-key")
+        if not defs and not self._api and self._all:
+            raise ConfigError("no [[key]] left and no --api-key: refusing to open access")
         self._all = [*self._api, *((d.digest, Caller(d.tenant, d)) for d in defs)]
 
     @property
