@@ -13,7 +13,8 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import serve_process
+from tests.conftest import ServeProcess, serve_process
+from tests.redis_server import RedisServer
 from trio_stream.errors import ConfigError
 from trio_stream.http.service import Auth
 from trio_stream.limits.file import load_keys, read_keys
@@ -123,3 +124,47 @@ async def test_sighup_reloads_keys_under_load_and_refuses_a_bad_file(tmp_path: P
         assert await proc.wait_exit() == 0
     assert "sk-carol" not in "\n".join(proc.lines)
     assert "sk-alice" not in "\n".join(proc.lines)
+
+
+async def lines(proc: ServeProcess, event: str, count: int) -> None:
+    """Wait until ``count`` stderr lines of ``event`` were written."""
+    while sum(line.startswith(event) for line in proc.lines) < count:
+        assert not proc.eof.is_set(), "\n".join(proc.lines)
+        await proc._changed.wait()
+
+
+async def test_workers_share_the_limits_and_each_reloads_on_sighup(
+    tmp_path: Path, own_redis: RedisServer
+) -> None:
+    """``--workers 2`` with ``--redis`` and a key with ``rpm = 60``: 100
+    requests on fresh connections (spread over the workers by the kernel)
+    are admitted exactly 60 times; ``SIGHUP`` to the supervisor reaches every
+    worker, each of which reloads its keys."""
+    path = tmp_path / "keys.toml"
+    path.write_text('[[key]]\nname = "alice"\nsecret = "sk-alice"\nrpm = 60\n')
+    args = ("--workers", "2", "--redis", own_redis.url, "--port", "0", "--config", str(path),
+            "--db", str(tmp_path / "w.db"), "--mock-delay-ms", "1",
+            "--graceful-timeout", "1")  # fmt: skip
+    with trio.fail_after(60):
+        async with serve_process(*args) as proc:
+            await lines(proc, "worker_started", 2)
+            url = f"http://127.0.0.1:{proc.port}/v1/chat/completions"
+            body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+            statuses: list[int] = []
+            fresh = httpx.Limits(max_keepalive_connections=0)
+            async with httpx.AsyncClient(timeout=30, limits=fresh) as client:
+
+                async def send() -> None:
+                    answer = await client.post(
+                        url, json=body, headers={"authorization": "Bearer sk-alice"}
+                    )
+                    statuses.append(answer.status_code)
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(100):
+                        nursery.start_soon(send)
+            assert sorted(statuses) == [200] * 60 + [429] * 40
+            proc.process.send_signal(signal.SIGHUP)
+            await lines(proc, "keys_reloaded", 2)
+            proc.process.send_signal(signal.SIGTERM)
+            assert await proc.wait_exit() == 0
