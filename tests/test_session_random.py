@@ -25,6 +25,7 @@ once, and every client saw a prefix of what its run saved.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -42,6 +43,8 @@ from tests.conftest import (
 )
 from tests.memasgi import MemoryClient, start_request
 from trio_stream import Service, Settings, TrioStreamApp
+from trio_stream.limits import Limiter, Limits, LocalLimiter, Verdict
+from trio_stream.limits.keys import parse_keys
 from trio_stream.store import Message
 from trio_stream.upstream import mocktext
 from trio_stream.upstream.mock import MockUpstream
@@ -53,6 +56,7 @@ SESSIONS = [f"s{i}" for i in range(20)]
 TENANT = "public"
 STUCK = (0.0, 0.0, 0.0, 0.0, 0.01, 0.5, 3.0)  # 3.0 > --supersede-timeout
 PAUSES = (0.0, 0.0, 0.001, 0.005, 0.02, 0.1)
+KEY_NAME = "walker"
 
 
 @dataclass
@@ -78,6 +82,9 @@ class Harness:
     interrupts: list[MemoryClient] = field(default_factory=list)
     newest: dict[str, str] = field(default_factory=dict)  # session -> newest run id
     violations: list[str] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)  # the key, with limits on
+    limits: Limits | None = None
+    admitted: list[float] = field(default_factory=list)  # when each was admitted
     _seen_records: int = 0
 
     def new_request(self, step: int) -> None:
@@ -91,7 +98,7 @@ class Harness:
         }  # fmt: skip
         req.client = start_request(
             self.nursery, self.app, "POST", "/v1/chat/completions", json=body,
-            headers={"X-Session-Id": session},
+            headers={"X-Session-Id": session, **self.headers},
         )  # fmt: skip
         self.requests.append(req)
 
@@ -108,7 +115,9 @@ class Harness:
             await victim.client.disconnect()
         elif action < 0.75:
             path = f"/v1/sessions/{self.rng.choice(SESSIONS)}/interrupt"
-            self.interrupts.append(start_request(self.nursery, self.app, "POST", path))
+            self.interrupts.append(
+                start_request(self.nursery, self.app, "POST", path, headers=self.headers)
+            )
         # else: only time passes (a waiting successor may reach its deadline)
         await trio.testing.wait_all_tasks_blocked()
         self.check()
@@ -144,6 +153,15 @@ class Harness:
             assert len(holders) <= 1, (session, live)
             newest = self.newest.get(session)
             assert table.current((TENANT, session)) == (newest if newest in live else None)
+        if self.limits is not None:
+            assert self.limits.max_streams is not None
+            assert self.limits.rpm is not None
+            limiter = self.service.limits.limiter
+            assert isinstance(limiter, LocalLimiter)
+            assert len(limiter._keys[KEY_NAME].slots) <= self.limits.max_streams
+            now = math.floor(trio.current_time())
+            in_window = [t for t in self.admitted if math.floor(t) > now - 60]
+            assert len(in_window) <= self.limits.rpm
 
 
 def received(req: Request) -> str:
@@ -218,3 +236,52 @@ async def test_random_interleavings_keep_one_run_per_session(
     assert app.logs.events("prev_stream_finished_cleanly")
     assert len(app.logs.events("prev_stream_timeout_on_cancel")) >= 3
     assert any(c.json()["interrupted"] for c in h.interrupts if c.status == 200)
+
+
+async def test_random_interleavings_with_limits_on(
+    settings: Settings, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same walk by one key with ``max_streams = 3``, ``rpm = 200`` and
+    ``tpm = 100000``: after every step no more than 3 of its streams hold a
+    slot and no minute's window (of whole seconds) has more than 200 admissions;
+    some requests are refused (429), none of them starts a run; at the end
+    every slot is released, no run is live and no task leaked."""
+    limits = Limits(rpm=200, tpm=100000, max_streams=3)
+    keys = parse_keys([{"name": KEY_NAME, "secret": "sk-walk", "tenant": TENANT, "rpm": 200,
+                        "tpm": 100000, "max_streams": 3}])  # fmt: skip
+    admitted: list[float] = []
+    real_admit = LocalLimiter.admit
+
+    async def admit(self: Limiter, name: str, lim: Limits, slot: str) -> Verdict:
+        verdict = await real_admit(self, name, lim, slot)  # type: ignore[arg-type]
+        if verdict.admitted:
+            admitted.append(trio.current_time())
+        return verdict
+
+    monkeypatch.setattr(LocalLimiter, "admit", admit)
+    upstream = RecordingUpstream(MockUpstream(0.01), stuck_close=lambda _: 0.0)
+    with trio.fail_after(120):
+        async with memory_app(settings, upstream=upstream, keys=keys) as (service, app):
+            baseline = await tasks_living()
+            async with trio.open_nursery() as nursery:
+                h = Harness(random.Random(SEED), nursery, app, service, upstream, {},
+                            headers={"authorization": "Bearer sk-walk"}, limits=limits,
+                            admitted=admitted)  # fmt: skip
+                for step in range(STEPS // 2):
+                    await h.step(step)
+            await service.runs.wait_idle()
+            assert all(r.client.finished.is_set() for r in h.requests)
+            assert service.runs.live == 0
+            limiter = service.limits.limiter
+            assert isinstance(limiter, LocalLimiter)
+            assert limiter._keys[KEY_NAME].slots == set()
+            assert await tasks_living() == baseline
+    assert h.violations == []
+    statuses = [r.client.status for r in h.requests]
+    refused = [r for r in h.requests if r.client.status == 429]
+    assert refused, statuses
+    assert {r.client.json()["error"]["code"] for r in refused} == {
+        "rate_limit_exceeded", "too_many_streams",
+    }  # fmt: skip
+    assert len(app.logs.events("stream_start")) == len(h.requests) - len(refused)
+    assert len(admitted) == len(h.requests) - len(refused)
