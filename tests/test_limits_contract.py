@@ -213,10 +213,11 @@ async def test_redis_unreachable_fails_fast(own_redis: RedisServer, nursery: tri
     own_redis.kill()
     start = trio.current_time()
     with pytest.raises(LimitsUnavailable):
-        await limiter.admit("k", Limits(rpm=1), slot())
+        await limiter.admit("k", Limits(rpm=1, max_streams=1), slot())
     with pytest.raises(LimitsUnavailable):
         await limiter.charge("k", "m", 1, 1)
     assert trio.current_time() - start < CALL_TIMEOUT
+    assert limiter._held == {}  # nothing left to renew: no slot held by a failed call
     with contextlib.ExitStack() as stack:
         listener = stack.enter_context(socket.socket())
         listener.bind(("127.0.0.1", 0))

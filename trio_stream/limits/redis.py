@@ -293,10 +293,18 @@ class RedisLimiter(Limiter):
 
     async def admit(self, name: str, limits: Limits, slot: str) -> Verdict:
         """Cancellation: a checkpoint; one script, run or not.  A ``Cancelled``
-        after it ran leaves the slot held until the caller's :meth:`release`."""
+        after it ran leaves the slot held until the caller's :meth:`release`;
+        :class:`LimitsUnavailable` leaves none renewed (a slot the script took
+        all the same expires after :data:`SLOT_LEASE`)."""
         if limits.max_streams is not None:
             self._held[slot] = name  # renewed from now on, released by the caller
-        verdict = await self._decide(name, limits, slot, True)
+        try:
+            verdict = await self._decide(name, limits, slot, True)
+        except LimitsUnavailable:
+            # No answer: the caller holds nothing.  Were the slot taken all the
+            # same, it is no longer renewed and expires after SLOT_LEASE.
+            self._held.pop(slot, None)
+            raise
         if not verdict.admitted:
             self._held.pop(slot, None)
         return verdict
