@@ -129,7 +129,9 @@ class KeyLimits:
         """The meter of a run of ``key`` (every ``[[key]]`` key's usage is kept)."""
         if key is None:
             return NO_METER
-        return Meter(self.charger, key.name, model, prompt)
+        lim = key.limits
+        urgent = any(v is not None for v in (lim.tpm, lim.tokens_per_day, lim.tokens_per_month))
+        return Meter(self.charger, key.name, model, prompt, urgent=urgent)
 
     async def headers(self, key: KeyDef | None) -> RateHeaders:
         """The key's ``x-ratelimit-*`` headers now (for a JSON answer); none

@@ -96,10 +96,16 @@ class Meter:
     """One run's charges (its key ``name``, its ``model``).  :data:`NO_METER`
     is the meter of a run with nothing to charge."""
 
-    __slots__ = ("_charger", "_completion", "_model", "_name", "_prompt", "_started")
+    __slots__ = ("_charger", "_completion", "_model", "_name", "_prompt", "_started", "_urgent")
 
-    def __init__(self, charger: Charger | None, name: str, model: str, prompt: int) -> None:
+    def __init__(
+        self, charger: Charger | None, name: str, model: str, prompt: int, *, urgent: bool = True
+    ) -> None:
+        """``urgent``: send the key's sums as the run ends (its key has a
+        token limit or budget, which the next request must see); otherwise
+        the charger's next round sends them."""
         self._charger = charger
+        self._urgent = urgent
         self._name = name
         self._model = model
         self._prompt = prompt  # the counted estimate, charged with the first delta
@@ -117,7 +123,8 @@ class Meter:
         self._completion = deltas
 
     async def settle(self, usage: Usage) -> None:
-        """Charge the rest of the run's final ``usage`` and send the key's sums.
+        """Charge the rest of the run's final ``usage`` and (``urgent``) send
+        the key's sums.
 
         Cancellation: as :meth:`Charger.flush`; what is not sent stays
         pending for the charger's next round.
@@ -131,7 +138,8 @@ class Meter:
         )  # fmt: skip
         self._started = True
         self._prompt, self._completion = usage.prompt_tokens, usage.completion_tokens
-        await self._charger.flush(self._name)
+        if self._urgent:
+            await self._charger.flush(self._name)
 
 
 #: The meter of every run that charges nothing.
