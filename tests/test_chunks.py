@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from trio_stream.core.log import Entry, Outcome, RunLog, RunStatus, ToolDelta
+from trio_stream.core.log import Entry, Outcome, RunLog, RunStatus, Chunk
 from trio_stream.errors import INTERNAL_MESSAGE
 from trio_stream.wire.chunks import ChunkEncoder, cancel_error
 from trio_stream.wire.sse import SSEDecoder, SSEEvent
@@ -17,10 +17,10 @@ CID = "chatcmpl-abc"
 MODEL = 'm "quoted"'
 CREATED = 1_700_000_000
 
-CALL_START = ToolDelta(
+CALL_START = Chunk.of(
     {"tool_calls": [{"index": 0, "id": "c1", "type": "function", "function": {"name": "f"}}]}
 )
-CALL_ARGS = ToolDelta({"tool_calls": [{"index": 0, "function": {"arguments": '{"x":'}}]})
+CALL_ARGS = Chunk.of({"tool_calls": [{"index": 0, "function": {"arguments": '{"x":'}}]})
 
 
 def encoder(coalesce: bool) -> ChunkEncoder:

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trio_stream.core.log import Entry, RunLog, ToolDelta
+from trio_stream.core.log import Entry, RunLog, Chunk
 from trio_stream.errors import ApiError, UpstreamError
 from trio_stream.upstream import Finish, Item, mocktext
 from trio_stream.upstream.wire import ollama_items, openai_items
@@ -363,7 +363,7 @@ def check_items(items: list[Item]) -> None:
         if isinstance(item, Usage):
             assert min(item.prompt_tokens, item.completion_tokens, item.total_tokens) >= 0
             continue
-        assert isinstance(item, ToolDelta) or (isinstance(item, str) and item)
+        assert isinstance(item, Chunk) or (isinstance(item, str) and item)
         log.append(item)
     assert isinstance(log.tool_calls, list)
     rendered = ChunkEncoder("c", "m", 0, coalesce=True).render(log.read(0), 1)
@@ -445,7 +445,7 @@ def check_render(entries: list[Entry], batch_sizes: list[int]) -> None:
             for _, delta in events
             if "content" not in delta
         ]
-        assert tool_events == [e.delta for e in entries if isinstance(e, ToolDelta)], (
+        assert tool_events == [e.delta for e in entries if isinstance(e, Chunk)], (
             "tool deltas pass one per event, never merged"
         )
     contents = {c: "".join(d.get("content", "") for _, d in ev) for c, ev in results.items()}
@@ -469,7 +469,7 @@ def test_render_coalesce_preserves_content(entries: list[str], batch_sizes: list
 @FUZZ
 @given(
     entries=st.lists(
-        text.filter(bool) | st.builds(lambda s: ToolDelta({"refusal": s}), text), max_size=20
+        text.filter(bool) | st.builds(lambda s: Chunk.of({"refusal": s}), text), max_size=20
     ),
     batch_sizes=batches,
 )

@@ -11,7 +11,7 @@ import pydantic
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 
-from trio_stream.core.log import Outcome, RunStatus, ToolDelta
+from trio_stream.core.log import Outcome, RunStatus, Chunk
 from trio_stream.errors import ApiError
 from trio_stream.wire.responses import (
     PREAMBLE,
@@ -121,7 +121,7 @@ def test_sequence_numbers_are_a_pure_function_of_the_log(outcome: Outcome) -> No
     """Preamble 0-3, log entry n is n + 3, the trailing events follow the last
     entry; a replay after any N yields exactly the events numbered above N
     (a tool delta keeps its number but is not sent)."""
-    entries: list[Any] = ["a", "b", ToolDelta({"refusal": "r"}), "c"]
+    entries: list[Any] = ["a", "b", Chunk.of({"refusal": "r"}), "c"]
     full = whole_stream(outcome, entries)
     numbers = [e.sequence_number for e in full]
     assert numbers[: PREAMBLE + 2] == [0, 1, 2, 3, 4, 5]

@@ -14,7 +14,7 @@ from trio_stream.core.log import (
     Outcome,
     RunLog,
     RunStatus,
-    ToolDelta,
+    Chunk,
 )
 
 TERMINAL = (RunStatus.COMPLETED, RunStatus.CANCELLED, RunStatus.FAILED)
@@ -88,7 +88,7 @@ def test_append_after_end_raises(status: RunStatus) -> None:
     with pytest.raises(LogClosed):
         log.append("late")
     with pytest.raises(LogClosed):
-        log.append(ToolDelta({"refusal": "no"}))
+        log.append(Chunk.of({"refusal": "no"}))
     assert log.content == "x"
     assert log.last_seq == 1
 
@@ -109,7 +109,7 @@ def test_append_after_fence_raises_but_finish_is_still_allowed() -> None:
 def test_sequence_numbers_start_at_one_without_gaps() -> None:
     """Rule 3: append returns 1, 2, 3 ...; entry n is read(n - 1)[0]."""
     log = RunLog()
-    entries: list[Entry] = ["a", ToolDelta({"refusal": "r"}), "b", "c"]
+    entries: list[Entry] = ["a", Chunk.of({"refusal": "r"}), "b", "c"]
     assert [log.append(e) for e in entries] == [1, 2, 3, 4]
     assert log.last_seq == 4
     for n, entry in enumerate(entries, start=1):
@@ -163,14 +163,14 @@ def test_read_works_after_end() -> None:
 def test_content_is_text_entries_only() -> None:
     """content joins the text deltas in order and skips tool deltas."""
     log = RunLog()
-    entries: list[Entry] = ["Hel", ToolDelta({"refusal": "?"}), "lo", " world"]
+    entries: list[Entry] = ["Hel", Chunk.of({"refusal": "?"}), "lo", " world"]
     for e in entries:
         log.append(e)
     assert log.content == "Hello world"
 
 
-def call(index: int, **fields: object) -> ToolDelta:
-    return ToolDelta({"tool_calls": [{"index": index, **fields}]})
+def call(index: int, **fields: object) -> Chunk:
+    return Chunk.of({"tool_calls": [{"index": index, **fields}]})
 
 
 def test_tool_calls_are_merged_by_index() -> None:
@@ -197,7 +197,7 @@ def test_tool_calls_are_merged_by_index() -> None:
 def test_tool_call_defaults() -> None:
     """A call without index is index 0; without type it is a "function" call."""
     log = RunLog()
-    log.append(ToolDelta({"tool_calls": [{"function": {"name": "f"}}]}))
+    log.append(Chunk.of({"tool_calls": [{"function": {"name": "f"}}]}))
     assert log.tool_calls == [
         {"id": None, "type": "function", "function": {"name": "f", "arguments": ""}}
     ]
@@ -207,5 +207,5 @@ def test_no_tool_calls() -> None:
     """A run without tool deltas (or with non-call deltas) has no tool calls."""
     log = RunLog()
     log.append("a")
-    log.append(ToolDelta({"refusal": "no"}))
+    log.append(Chunk.of({"refusal": "no"}))
     assert log.tool_calls == []

@@ -21,7 +21,7 @@ import trio
 import trio.testing
 
 from tests.redis_server import RedisServer
-from trio_stream.core.log import Outcome, RunStatus, ToolDelta
+from trio_stream.core.log import Outcome, RunStatus, Chunk
 from trio_stream.runs import Run
 from trio_stream.shared import LocalState, RunRecord, SharedState, SharedUnavailable
 from trio_stream.shared.redis import CANCEL_POLL, RedisState
@@ -185,7 +185,7 @@ async def test_registry_and_logs_cross_nodes(nodes: tuple[Node, Node]) -> None:
         nursery.start_soon(a.state.ship, run)
         for i in range(10):
             run.append(f"w{i} ")
-        run.append(ToolDelta({"tool_calls": [{"index": 0, "id": "c"}]}))
+        run.append(Chunk.of({"tool_calls": [{"index": 0, "id": "c"}]}))
         seen: list[object] = []
         with trio.fail_after(2):
             while len(seen) < 11:  # a live follower reads as it is shipped
@@ -198,7 +198,7 @@ async def test_registry_and_logs_cross_nodes(nodes: tuple[Node, Node]) -> None:
         "w7 ",
         "w8 ",
         "w9 ",
-        ToolDelta({"tool_calls": [{"index": 0, "id": "c"}]}),
+        Chunk.of({"tool_calls": [{"index": 0, "id": "c"}]}),
     ]
     assert page.outcome == Outcome(RunStatus.COMPLETED, "stop")
 

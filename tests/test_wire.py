@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from trio_stream.core.log import RunLog, ToolDelta
+from trio_stream.core.log import RunLog, Chunk
 from trio_stream.errors import UpstreamError
 from trio_stream.upstream import Finish, Item
 from trio_stream.upstream.wire import ollama_items, openai_items
@@ -35,12 +35,12 @@ CALL = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f"
         (oa({"content": None}), []),
         (oa({}, "stop"), [Finish("stop")]),
         (oa({"content": "end"}, "length"), ["end", Finish("length")]),
-        (oa({"tool_calls": [CALL]}), [ToolDelta({"tool_calls": [CALL]})]),
+        (oa({"tool_calls": [CALL]}), [Chunk.of({"tool_calls": [CALL]})]),
         (
             oa({"content": "a", "tool_calls": [CALL], "refusal": None}, "tool_calls"),
-            ["a", ToolDelta({"tool_calls": [CALL]}), Finish("tool_calls")],
+            ["a", Chunk.of({"tool_calls": [CALL]}), Finish("tool_calls")],
         ),
-        (oa({"refusal": "no"}), [ToolDelta({"refusal": "no"})]),
+        (oa({"refusal": "no"}), [Chunk.of({"refusal": "no"})]),
         ('{"choices": [], "usage": {"total_tokens": 3}}', []),
         ('{"usage": {"total_tokens": 3}}', []),
         ('{"choices": null}', []),
@@ -184,7 +184,7 @@ def ollama_call(index: int, name: str, arguments: str) -> dict[str, Any]:
         (ol(done=True, done_reason="load"), [Finish("stop")]),
         (
             ol({"tool_calls": [{"function": {"name": "f", "arguments": {"x": 1}}}]}),
-            [ToolDelta({"tool_calls": [ollama_call(0, "f", '{"x":1}')]})],
+            [Chunk.of({"tool_calls": [ollama_call(0, "f", '{"x":1}')]})],
         ),
         (
             ol(
@@ -195,7 +195,7 @@ def ollama_call(index: int, name: str, arguments: str) -> dict[str, Any]:
                     ]
                 }
             ),
-            [ToolDelta({"tool_calls": [ollama_call(0, "f", "raw"), ollama_call(1, "g", "{}")]})],
+            [Chunk.of({"tool_calls": [ollama_call(0, "f", "raw"), ollama_call(1, "g", "{}")]})],
         ),
         (b"", []),
         (b"  \r", []),

@@ -241,7 +241,9 @@ class _ToolCall:
 class RunLog:
     """The append-only log of one run."""
 
-    __slots__ = ("_calls", "_entries", "_outcome", "fenced", "finished", "shape", "tail", "usage")
+    __slots__ = (
+        "_calls", "_entries", "_outcome", "deltas", "fenced", "finished", "shape", "tail", "usage",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self._entries: list[Entry] = []
@@ -257,6 +259,9 @@ class RunLog:
         self.tail: tuple[Chunk, ...] = ()
         #: The last non-null ``usage`` object an entry carried, as sent.
         self.usage: dict[str, Any] | None = None
+        #: Entries that carried something (text, a tool call, ...; not a bare
+        #: role or finish): what counted usage counts (wire/usage.py).
+        self.deltas = 0
 
     # -- producing --------------------------------------------------------
     def append(self, entry: Entry) -> int:
@@ -264,7 +269,9 @@ class RunLog:
         if self._outcome is not None or self.fenced:
             raise LogClosed("the run has ended; nothing more can be appended")
         self._entries.append(entry)
-        if not isinstance(entry, str):
+        if isinstance(entry, str):
+            self.deltas += 1
+        else:
             self._note(entry)
         return len(self._entries)
 
@@ -281,8 +288,11 @@ class RunLog:
         if choice.get("finish_reason") is not None:
             self.finished = True
         delta = choice.get("delta")
-        if isinstance(delta, dict) and "tool_calls" in delta:
-            self._merge_tool_calls(delta)
+        if isinstance(delta, dict):
+            if any(value for key, value in delta.items() if key != "role"):
+                self.deltas += 1
+            if "tool_calls" in delta:
+                self._merge_tool_calls(delta)
 
     def set_tail(self, tail: tuple[Chunk, ...]) -> None:
         """The chunks after the upstream's finish chunk (once, before the cleanup ends)."""

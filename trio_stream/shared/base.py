@@ -48,7 +48,7 @@ from typing import Any, Protocol
 
 import trio
 
-from ..core.log import Entry, Outcome, RunLog
+from ..core.log import Chunk, Entry, Outcome, RunLog
 from ..core.sessions import SessionKey as SessionKey
 from ..errors import TrioStreamError
 from ..wire.request import ChatRequest
@@ -88,6 +88,8 @@ class LogPage:
     entries: Sequence[Entry]
     outcome: Outcome | None
     error: dict[str, Any] | None = None
+    #: With the end: the chunks after the upstream's finish chunk (RunLog.tail).
+    tail: Sequence[Chunk] = ()
 
 
 class Flag(Protocol):

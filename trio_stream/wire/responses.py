@@ -271,13 +271,15 @@ class ResponseEvents:
         return b"".join(out)
 
     def deltas(self, entries: Sequence[Entry], first_seq: int) -> bytes:
-        """One ``response.output_text.delta`` per text entry (log seq ``n`` is
-        sequence number ``n + 3``); a tool delta keeps its number, unsent."""
+        """One ``response.output_text.delta`` per entry with non-empty content
+        (log seq ``n`` is sequence number ``n + 3``); any other entry keeps its
+        number, unsent."""
         out = []
         for n, entry in enumerate(entries, first_seq):
-            if isinstance(entry, str):
+            text = entry if isinstance(entry, str) else entry.delta.get("content")
+            if isinstance(text, str) and text:
                 out.append(self._part(n + PREAMBLE - 1, "response.output_text.delta",
-                                      delta=entry, logprobs=[]))  # fmt: skip
+                                      delta=text, logprobs=[]))  # fmt: skip
         return b"".join(out)
 
     def trailing(self, content: str, deltas: int, outcome: Outcome, usage: dict[str, Any]) -> bytes:

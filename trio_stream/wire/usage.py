@@ -30,6 +30,9 @@ from typing import Any
 CHARS_PER_TOKEN = 4
 
 
+_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
 def _count(value: Any) -> int | None:
     return value if type(value) is int and value >= 0 else None
 
@@ -37,7 +40,8 @@ def _count(value: Any) -> int | None:
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Token counts of one run.  ``source`` is ``upstream`` or ``counted``;
-    ``extra`` holds the upstream's other usage fields (``*_details``), passed
+    ``extra`` holds every other field of the upstream's usage object
+    (``*_details``, OpenRouter's ``cost`` and ``is_byok``, ...), passed
     through as they came."""
 
     prompt_tokens: int
@@ -56,7 +60,7 @@ class Usage:
         if prompt is None or completion is None:
             return None
         total = _count(raw.get("total_tokens"))
-        extra = {k: v for k, v in raw.items() if k.endswith("_details") and isinstance(v, dict)}
+        extra = {k: v for k, v in raw.items() if k not in _COUNTS and k != "source"}
         return cls(prompt, completion, prompt + completion if total is None else total,
                    extra=extra)  # fmt: skip
 
@@ -81,8 +85,10 @@ class Usage:
 
     def responses(self) -> dict[str, Any]:
         """The Responses API ``usage`` object."""
-        prompt_details = self.extra.get("prompt_tokens_details") or {}
-        completion_details = self.extra.get("completion_tokens_details") or {}
+        prompt_details = self.extra.get("prompt_tokens_details")
+        completion_details = self.extra.get("completion_tokens_details")
+        prompt_details = prompt_details if isinstance(prompt_details, dict) else {}
+        completion_details = completion_details if isinstance(completion_details, dict) else {}
         cached = _count(prompt_details.get("cached_tokens")) or 0
         reasoning = _count(completion_details.get("reasoning_tokens")) or 0
         return {
