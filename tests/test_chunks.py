@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from trio_stream.core.log import Entry, Outcome, RunLog, RunStatus, Chunk
+from trio_stream.core.log import Chunk, Entry, Outcome, RunLog, RunStatus
 from trio_stream.errors import INTERNAL_MESSAGE
 from trio_stream.wire.chunks import ChunkEncoder, cancel_error
 from trio_stream.wire.sse import SSEDecoder, SSEEvent
@@ -223,7 +223,8 @@ def completed_log(entries: Sequence[Entry], reason: str = "stop") -> RunLog:
 
 
 def test_completion_object_text() -> None:
-    """stream:false answers one chat.completion object with the whole text."""
+    """stream:false answers one chat.completion object with the whole text
+    (and logprobs null, as OpenAI's non-streamed answer has it)."""
     obj = orjson.loads(encoder(True).completion(completed_log(["Hel", "lo"], "length")))
     assert obj == {
         "id": CID,
@@ -234,6 +235,7 @@ def test_completion_object_text() -> None:
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": "Hello"},
+                "logprobs": None,
                 "finish_reason": "length",
             }
         ],

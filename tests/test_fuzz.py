@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trio_stream.core.log import Entry, RunLog, Chunk
+from trio_stream.core.log import Chunk, Entry, RunLog
 from trio_stream.errors import ApiError, UpstreamError
 from trio_stream.upstream import Finish, Item, mocktext
 from trio_stream.upstream.wire import ollama_items, openai_items

@@ -11,7 +11,7 @@ import pydantic
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 
-from trio_stream.core.log import Outcome, RunStatus, Chunk
+from trio_stream.core.log import Chunk, Outcome, RunStatus
 from trio_stream.errors import ApiError
 from trio_stream.wire.responses import (
     PREAMBLE,

@@ -8,13 +8,13 @@ import pytest
 
 from trio_stream.core.lifecycle import SAVED_STATUS
 from trio_stream.core.log import (
+    Chunk,
     Entry,
     IllegalTransition,
     LogClosed,
     Outcome,
     RunLog,
     RunStatus,
-    Chunk,
 )
 
 TERMINAL = (RunStatus.COMPLETED, RunStatus.CANCELLED, RunStatus.FAILED)

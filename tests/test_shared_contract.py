@@ -21,7 +21,7 @@ import trio
 import trio.testing
 
 from tests.redis_server import RedisServer
-from trio_stream.core.log import Outcome, RunStatus, Chunk
+from trio_stream.core.log import Chunk, Outcome, RunStatus
 from trio_stream.runs import Run
 from trio_stream.shared import LocalState, RunRecord, SharedState, SharedUnavailable
 from trio_stream.shared.redis import CANCEL_POLL, RedisState

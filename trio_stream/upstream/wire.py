@@ -224,16 +224,20 @@ def _check_tool_calls(calls: Any) -> None:
 
 def _ollama_call(position: int, call: Any) -> dict[str, Any]:
     """One Ollama tool call as an OpenAI tool-call delta: its own ``id`` and
-    ``function.index`` kept (``position`` when it sends no index)."""
+    ``function.index`` kept (``position`` when it sends no index; ``call_<index>``
+    when it sends no id, as Ollama before 0.12 did: a client needs one to
+    answer the call)."""
     fn = call.get("function", {}) if isinstance(call, dict) else {}
     if not isinstance(fn, dict) or not isinstance(fn.get("name", ""), str):
         raise _malformed_tool_calls()
     index = fn.get("index", position)
     if type(index) is not int:
         raise _malformed_tool_calls()
-    out: dict[str, Any] = {"index": index}
-    if isinstance(call_id := call.get("id"), str):
-        out["id"] = call_id
+    call_id = call.get("id")
+    out: dict[str, Any] = {
+        "index": index,
+        "id": call_id if isinstance(call_id, str) else f"call_{index}",
+    }
     args = fn.get("arguments", {})
     out["type"] = "function"
     out["function"] = {
