@@ -79,6 +79,9 @@ class RunRecord:
     reason: str | None
     model: str = ""
     created: float = 0.0
+    #: The request asked for ``stream_options.include_usage`` (a follower then
+    #: gets the usage chunks as the starter's client does).
+    include_usage: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -671,6 +671,7 @@ class RedisState(_RedisSessions):
             "tenant": run.tenant, "session": run.session_id or "", "node": self.node,
             "detached": "1" if run.detached else "0", "status": "running", "reason": "",
             "model": run.request.model, "created": repr(run.created),
+            "usage": "1" if run.request.include_usage else "0",
         }  # fmt: skip
         n = self.prefix
 
@@ -713,6 +714,7 @@ class RedisState(_RedisSessions):
             node=fields.get("node", ""), detached=fields.get("detached") == "1",
             status=fields.get("status", "running"), reason=fields.get("reason") or None,
             model=fields.get("model", ""), created=float(fields.get("created", "0")),
+            include_usage=fields.get("usage") == "1",
         )  # fmt: skip
 
     # -- node loss --------------------------------------------------------

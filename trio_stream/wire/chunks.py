@@ -112,7 +112,9 @@ class ChunkEncoder:
         while i < n:
             entry: Entry = entries[i]
             j = i + 1
-            if self.coalesce:
+            if self.coalesce and not (seq == 1 and _gets_role(entry)):
+                # (an event that gets the role added stays alone: the role
+                # belongs to the upstream's first chunk, not to what follows)
                 if isinstance(entry, str) or (entry is shape and shape is not None):
                     while j < n and isinstance(entries[j], str):
                         j += 1
@@ -159,21 +161,24 @@ class ChunkEncoder:
         """What ends the stream, or one error event for a run that did not complete.
 
         A completed run: trio-stream's finish chunk unless an entry carried
-        the upstream's; then, for a client that asked for usage (``usage`` is
-        not None), the upstream's chunks after its finish chunk
-        (:attr:`~trio_stream.core.log.RunLog.tail`) as sent, or trio-stream's
-        usage chunk when nothing relayed carried a usage; then ``[DONE]``."""
+        the upstream's; then the upstream's chunks after its finish chunk
+        (:attr:`~trio_stream.core.log.RunLog.tail`) as sent -- a usage-only one
+        (``choices: []``) only for a client that asked for usage (``usage`` is
+        not None); then, for such a client, trio-stream's usage chunk if
+        nothing relayed carried a usage; then ``[DONE]``."""
         if outcome.status is not RunStatus.COMPLETED:
             return sse.event(error_body(*_reorder(cancel_error(outcome))))
         if log is None or not log.finished:
             out = sse.event(self._chunk(b"{}", orjson.dumps(outcome.reason)))
         else:
             out = b""
-        if usage is not None:
-            if log is not None and log.tail:
-                out += b"".join(sse.event(self._body(chunk.body)) for chunk in log.tail)
-            if log is None or log.usage is None:
-                out += sse.event(self.usage_chunk(usage))
+        if log is not None and log.tail:
+            # A usage-only chunk (``choices: []``) only for a client that
+            # asked for usage: trio-stream may have asked for it itself.
+            tail = [c for c in log.tail if usage is not None or c.body.get("choices")]
+            out += b"".join(sse.event(self._body(chunk.body)) for chunk in tail)
+        if usage is not None and (log is None or log.usage is None):
+            out += sse.event(self.usage_chunk(usage))
         return out + sse.DONE
 
     def completion(self, log: RunLog, usage: dict[str, Any] | None = None) -> bytes:
@@ -201,6 +206,15 @@ class ChunkEncoder:
                 **({} if usage is None else {"usage": usage}),
             }
         )
+
+
+def _gets_role(entry: Entry) -> bool:
+    """Whether ``entry``, as the run's first event, gets ``role`` added."""
+    if isinstance(entry, str):
+        return True
+    choice = entry.choice
+    delta = choice.get("delta") if choice is not None else None
+    return isinstance(delta, dict) and "role" not in delta
 
 
 def _reorder(t: tuple[str, str, str]) -> tuple[str, str, str]:
