@@ -433,7 +433,7 @@ def render_batches(
 
 def check_render(entries: list[Entry], batch_sizes: list[int]) -> None:
     results = {c: render_batches(entries, batch_sizes, c) for c in (True, False)}
-    for events in results.values():
+    for coalesce, events in results.items():
         ids = [seq for seq, _ in events]
         assert ids == sorted(set(ids)), "event ids strictly increase"
         assert ids[-1:] == ([len(entries)] if entries else [])
@@ -445,9 +445,12 @@ def check_render(entries: list[Entry], batch_sizes: list[int]) -> None:
             for _, delta in events
             if "content" not in delta
         ]
-        assert tool_events == [e.delta for e in entries if isinstance(e, Chunk)], (
-            "tool deltas pass one per event, never merged"
-        )
+        chunks = [e.delta for e in entries if isinstance(e, Chunk)]
+        if not coalesce:
+            assert tool_events == chunks, "without coalescing, one event per chunk"
+        assert "".join(d["refusal"] for d in tool_events) == "".join(
+            d["refusal"] for d in chunks
+        ), "coalesced chunks only merge exactly: their texts concatenate, in order"
     contents = {c: "".join(d.get("content", "") for _, d in ev) for c, ev in results.items()}
     expected = "".join(e for e in entries if isinstance(e, str))
     assert contents[True] == contents[False] == expected
@@ -474,8 +477,9 @@ def test_render_coalesce_preserves_content(entries: list[str], batch_sizes: list
     batch_sizes=batches,
 )
 def test_render_with_tool_deltas(entries: list[Entry], batch_sizes: list[int]) -> None:
-    """Mixed with tool deltas, the same holds and every tool delta is its own
-    event, unmerged, in order."""
+    """Mixed with other chunks (refusal deltas), the same holds; without
+    coalescing every chunk is its own event, and with it consecutive chunks
+    merge only exactly (their refusal texts concatenate, in order)."""
     check_render(entries, batch_sizes)
 
 

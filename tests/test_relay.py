@@ -226,3 +226,55 @@ async def test_followers_on_another_node_relay_what_the_upstream_sent(
                         assert errors == []
                         assert done
         nursery.cancel_scope.cancel()
+
+
+# -- the saved message ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "fields"),
+    [
+        ("openai_refusal", {"refusal"}),
+        ("vllm_reasoning_content", {"reasoning_content"}),
+        ("openrouter_reasoning", {"reasoning_content"}),
+        ("vllm_logprobs", {"logprobs"}),
+        ("ollama_thinking", {"reasoning_content"}),
+    ],
+)
+async def test_the_saved_message_keeps_what_the_answer_carried(name: str, fields: set[str]) -> None:
+    """Issue 20 item 3: ``GET /v1/sessions/{id}/messages`` returns what the
+    stream carried besides the text -- the reasoning (under
+    ``reasoning_content``, whichever field the upstream used), the refusal
+    (saved as a refusal: ``refusal`` set, not an empty complete answer),
+    whether logprobs came -- with the finish reason and the upstream's usage."""
+    t = next(t for t in COMPLETE if t.name == name)
+    answer = rx.aggregate(t)
+    message = answer["choices"][0]["message"]
+    headers = {"X-Session-Id": "s1"}
+    async with relay(t) as server, httpx.AsyncClient(base_url=server.url, timeout=10) as c:
+        r = await c.post("/v1/chat/completions", json=request(t), headers=headers)
+        assert r.status_code == 200
+        saved: list[dict[str, Any]] = []
+        with trio.fail_after(5):
+            while not saved:  # the save lands in the run's cleanup, just after the stream
+                r = await c.get("/v1/sessions/s1/messages")
+                saved = r.json()["data"] if r.status_code == 200 else []
+                if not saved:
+                    await trio.sleep(0.01)
+    (row,) = saved
+    assert row["status"] == "complete"
+    assert row["reason"] == answer["choices"][0]["finish_reason"]
+    assert row["content"] == (message["content"] or "")
+    extra = {"reasoning_content", "refusal", "logprobs"} & row.keys()
+    assert extra == fields
+    if "refusal" in fields:
+        assert row["refusal"] == message["refusal"]
+    if "reasoning_content" in fields:
+        assert row["reasoning_content"] == message.get(
+            "reasoning_content", message.get("reasoning")
+        )
+    if "logprobs" in fields:
+        assert row["logprobs"] is True
+    if answer["usage"] is not None:
+        usage = {k: v for k, v in row["usage"].items() if k not in ("source", "model")}
+        assert usage == answer["usage"]

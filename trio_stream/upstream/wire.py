@@ -79,11 +79,12 @@ class StreamState:
     tool call (its ``done_reason`` ``stop`` then reads ``tool_calls``).
     """
 
-    __slots__ = ("key", "tool_called")
+    __slots__ = ("key", "started", "tool_called")
 
     def __init__(self) -> None:
         self.key: dict[str, Any] | None = None
         self.tool_called = False
+        self.started = False  # Ollama: its first line was read
 
 
 def openai_items(data: str | bytes | bytearray, shape: StreamState | None = None) -> list[Item]:
@@ -153,6 +154,7 @@ def ollama_items(line: bytes, state: StreamState | None = None) -> list[Item]:
     ``delta.reasoning_content`` (the name vLLM and DeepSeek use; Ollama's own
     OpenAI layer says ``reasoning``), ``message.tool_calls`` ->
     ``delta.tool_calls`` with Ollama's own ``id`` and ``function.index``, the
+    first line's ``message.role`` -> ``delta.role``, the
     ``arguments`` object as JSON text; the ``done`` line -> ``finish_reason``
     (``done_reason`` as sent, ``stop`` read as ``tool_calls`` after a tool
     call, as Ollama's OpenAI layer does) and ``usage`` from its counts.
@@ -179,6 +181,10 @@ def ollama_items(line: bytes, state: StreamState | None = None) -> list[Item]:
         delta["tool_calls"] = [_ollama_call(i, c) for i, c in enumerate(calls)]
         if state is not None:
             state.tool_called = True
+    if state is not None and not state.started:
+        state.started = True
+        if isinstance(role := message.get("role"), str):
+            delta = {"role": role, **delta}  # the first chunk says who speaks, as OpenAI's does
     if not obj.get("done"):
         if len(delta) == 1 and "content" in delta:
             return [content]  # type: ignore[list-item]  # a str: checked above
@@ -227,7 +233,9 @@ def _ollama_call(position: int, call: Any) -> dict[str, Any]:
     ``function.index`` kept (``position`` when it sends no index; ``call_<index>``
     when it sends no id, as Ollama before 0.12 did: a client needs one to
     answer the call)."""
-    fn = call.get("function", {}) if isinstance(call, dict) else {}
+    if not isinstance(call, dict):
+        raise _malformed_tool_calls()
+    fn = call.get("function", {})
     if not isinstance(fn, dict) or not isinstance(fn.get("name", ""), str):
         raise _malformed_tool_calls()
     index = fn.get("index", position)

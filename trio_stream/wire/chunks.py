@@ -112,9 +112,7 @@ class ChunkEncoder:
         while i < n:
             entry: Entry = entries[i]
             j = i + 1
-            if self.coalesce and not (seq == 1 and _gets_role(entry)):
-                # (an event that gets the role added stays alone: the role
-                # belongs to the upstream's first chunk, not to what follows)
+            if self.coalesce:
                 if isinstance(entry, str) or (entry is shape and shape is not None):
                     while j < n and isinstance(entries[j], str):
                         j += 1
@@ -206,15 +204,6 @@ class ChunkEncoder:
                 **({} if usage is None else {"usage": usage}),
             }
         )
-
-
-def _gets_role(entry: Entry) -> bool:
-    """Whether ``entry``, as the run's first event, gets ``role`` added."""
-    if isinstance(entry, str):
-        return True
-    choice = entry.choice
-    delta = choice.get("delta") if choice is not None else None
-    return isinstance(delta, dict) and "role" not in delta
 
 
 def _reorder(t: tuple[str, str, str]) -> tuple[str, str, str]:
