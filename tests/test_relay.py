@@ -36,7 +36,7 @@ from tests import relay_expect as rx
 from tests.conftest import Server, running_server, serve_process
 from tests.redis_server import RedisServer
 from tests.transcript_format import Transcript, all_transcripts, read_sse
-from tests.transcript_upstream import replaying
+from tests.transcript_upstream import forwarded, replaying
 from trio_stream import Settings
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "api.md"
@@ -278,3 +278,46 @@ async def test_the_saved_message_keeps_what_the_answer_carried(name: str, fields
     if answer["usage"] is not None:
         usage = {k: v for k, v in row["usage"].items() if k not in ("source", "model")}
         assert usage == answer["usage"]
+
+
+# -- Ollama's request -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sent", "options", "top"),
+    [
+        ({"response_format": {"type": "json_object"}, "stop": "x"}, {"stop": ["x"]},
+         {"format": "json"}),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "n",
+          "schema": {"type": "object"}}}, "stop": ["a", "b"], "max_tokens": 5},
+         {"stop": ["a", "b"], "num_predict": 5}, {"format": {"type": "object"}}),
+        ({"response_format": {"type": "text"}, "think": True}, None, {"think": True}),
+    ],
+    ids=["json-object-and-stop-string", "json-schema-and-stop-list", "text-and-think"],
+)  # fmt: skip
+async def test_ollama_gets_format_stop_and_think(
+    sent: dict[str, Any], options: dict[str, Any] | None, top: dict[str, Any]
+) -> None:
+    """Issue 20 item 7: an Ollama upstream is sent ``response_format`` as its
+    ``format`` (json_object -> "json", json_schema -> the schema, text ->
+    nothing), ``stop`` as ``options.stop`` (a string as a one-item list), and
+    its own ``think`` as given (they were dropped)."""
+    t = next(t for t in COMPLETE if t.name == "ollama_thinking")
+    async with trio.open_nursery() as nursery:
+        fake = replaying(t)
+        await nursery.start(fake.serve)
+        with tempfile.TemporaryDirectory() as d:
+            settings = Settings(port=0, db=f"{d}/relay.db").replace(
+                upstream=fake.fmt, upstream_url=fake.url
+            )
+            async with (
+                running_server(settings) as server,
+                httpx.AsyncClient(base_url=server.url, timeout=10) as c,
+            ):
+                r = await c.post("/v1/chat/completions", json=request(t, stream=False, **sent))
+                assert r.status_code == 200
+        nursery.cancel_scope.cancel()
+    (body,) = forwarded(fake)
+    assert body.get("options") == options
+    assert {k: body[k] for k in top} == top
+    assert "format" in top or "format" not in body
