@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 
 import pytest
 
@@ -15,6 +16,7 @@ from trio_stream.core.log import (
     Outcome,
     RunLog,
     RunStatus,
+    merge,
 )
 
 TERMINAL = (RunStatus.COMPLETED, RunStatus.CANCELLED, RunStatus.FAILED)
@@ -209,3 +211,67 @@ def test_no_tool_calls() -> None:
     log.append("a")
     log.append(Chunk.of({"refusal": "no"}))
     assert log.tool_calls == []
+
+
+def lp(*tokens: str) -> dict[str, list[dict[str, object]]]:
+    return {"content": [{"token": t, "logprob": -1.0} for t in tokens]}
+
+
+def chunk(delta: Mapping[str, object], **choice: object) -> Chunk:
+    body = {"object": "chat.completion.chunk", "system_fingerprint": "fp",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None,
+                         **choice}]}  # fmt: skip
+    return Chunk(body)
+
+
+def test_merge_is_exact_or_nothing() -> None:
+    """Issue 20 item 1's coalescing rule: two entries merge only when nothing
+    is lost -- text fields concatenate, logprobs lists concatenate, every
+    other field must be equal in both (finish_reason, usage, obfuscation,
+    a tool-call fragment, a different delta key: never merged across)."""
+    a = chunk({"reasoning_content": "Hm"}, logprobs=lp("H"))
+    b = chunk({"reasoning_content": "m."}, logprobs=lp("m"))
+    merged = merge(a, b, None)
+    assert isinstance(merged, Chunk)
+    assert merged.delta == {"reasoning_content": "Hmm."}
+    assert merged.choice is not None
+    assert merged.choice["logprobs"] == lp("H", "m")
+    assert merged.body["system_fingerprint"] == "fp"
+    assert merge("a", "b", None) == "ab"
+    shape = chunk({"content": "He"})
+    shape = Chunk(shape.body, shape=True)
+    assert merge(shape, "llo", shape) == "Hello"
+    text = chunk({"content": "x"})
+    for other in (
+        chunk({"content": "y"}, finish_reason="stop"),
+        chunk({"content": "y"}, stop_reason=None),
+        chunk({"refusal": "y"}),
+        chunk({"content": "y"}, logprobs=lp("y")),
+        Chunk({**chunk({"content": "y"}).body, "obfuscation": "abc"}),
+        Chunk({**chunk({"content": "y"}).body, "usage": {"prompt_tokens": 1}}),
+        "y",
+    ):
+        assert merge(text, other, None) is None, other
+    call = {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}
+    other_call = {"tool_calls": [{"index": 0, "function": {"arguments": "}"}}]}
+    assert merge(chunk(call), chunk(other_call), None) is None
+
+
+def test_answer_aggregates_what_the_chunks_carried() -> None:
+    """RunLog.answer(): texts per field concatenated, logprobs lists joined,
+    the refusal kept (content null), other choice/chunk fields their last
+    non-null value, the tail's fields too."""
+    log = RunLog()
+    log.append(chunk({"role": "assistant", "content": ""}))
+    log.append(chunk({"refusal": "I can"}, logprobs=lp("I")))
+    log.append(chunk({"refusal": "not."}, logprobs=lp("not")))
+    log.append(chunk({}, finish_reason="stop", stop_reason=None))
+    log.set_tail((Chunk({"choices": [], "usage": {"prompt_tokens": 1}, "service_tier": "x"}),))
+    answer = log.answer()
+    assert answer.message == {"role": "assistant", "content": None, "refusal": "I cannot."}
+    assert answer.logprobs == lp("I", "not")
+    assert answer.finish_reason == "stop"
+    assert answer.choice_extra == {"stop_reason": None}
+    assert answer.chunk_extra == {"system_fingerprint": "fp", "service_tier": "x"}
+    assert log.usage == {"prompt_tokens": 1}
+    assert log.finished

@@ -5,10 +5,11 @@ Every finished run has one :class:`Usage`.  If the upstream reported figures
 and ``eval_count``) they are passed through unchanged; otherwise they are
 counted here (docs/api.md section 2.10):
 
-* ``completion_tokens``: the number of deltas the run received (content and
-  tool deltas alike).  Exact for the mock upstream, which sends one token per
-  delta; for a real model it is the number of chunks, which is usually one
-  token each.
+* ``completion_tokens``: the number of chunks the run received that carried
+  something (text, reasoning, a tool call, ...; not a bare role or finish
+  chunk: :attr:`~trio_stream.core.log.RunLog.deltas`).  Exact for the mock
+  upstream, which sends one token per chunk; for a real model it is the
+  number of chunks, which is usually one token each.
 * ``prompt_tokens``: the characters of the request's message texts (string
   contents, and the ``text`` of content parts), divided by 4, rounded up --
   the usual rule of thumb for English text.  Roles and images count nothing.
