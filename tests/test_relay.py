@@ -192,21 +192,26 @@ async def test_each_documented_rewrite_happens(key: str) -> None:
 # -- a follower on another node ---------------------------------------------------
 
 
+OLLAMA = [t for t in COMPLETE if t.body_format == "ndjson"]
+
+
+@pytest.mark.parametrize("api", ["openai", "ollama"])
 async def test_followers_on_another_node_relay_what_the_upstream_sent(
-    own_redis: RedisServer, tmp_path: Path
+    api: str, own_redis: RedisServer, tmp_path: Path
 ) -> None:
     """Cluster mode: a detached run started on node 1 and followed from node 2
-    (which reads the Redis log) delivers, for every OpenAI-style transcript,
+    (which reads the Redis log) delivers, for every transcript of the API,
     the upstream's chunks field by field except the documented rewrites,
     from the start and resumed after entry 1 -- the Redis log carries every
     field, the shape of text entries and the chunks after the finish."""
+    transcripts = OPENAI_STYLE if api == "openai" else OLLAMA
     async with trio.open_nursery() as nursery:
-        fake = replaying(*OPENAI_STYLE)
+        fake = replaying(*transcripts)
         await nursery.start(fake.serve)
         args = ("--port", "0", "--redis", own_redis.url, "--db", str(tmp_path / "c.db"),
-                "--upstream", "openai", "--upstream-url", fake.url)  # fmt: skip
+                "--upstream", fake.fmt, "--upstream-url", fake.url)  # fmt: skip
         async with serve_process(*args) as one, serve_process(*args) as two:
-            for t in OPENAI_STYLE:
+            for t in transcripts:
                 expected = rx.expected_chunks(t)
                 async with httpx.AsyncClient(timeout=15) as c:
                     r = await c.post(
