@@ -8,13 +8,17 @@ Upstreams speak chat completions, and a response is a run like any other
   message first, ``input`` the messages -- ``function_call`` items an
   assistant message's ``tool_calls``, ``function_call_output`` items ``tool``
   messages --, ``tools``/``tool_choice``/``text.format`` their chat shapes,
-  ``max_output_tokens`` the ``max_tokens``, ``background`` the detach flag)
+  ``max_output_tokens`` the ``max_tokens``, ``include`` of the output
+  text's logprobs and ``top_logprobs`` chat's ``logprobs``/``top_logprobs``,
+  ``background`` the detach flag)
   plus the :class:`ResponseMeta` that rendering needs.
 * **Out**: a run's log and outcome become the ``response`` object and its
   stream events.  :class:`Output` folds the log's entries into output items
   (``reasoning``, ``message`` with ``output_text``/``refusal`` parts,
-  ``function_call``) and says which events each entry makes; the object
-  and the events are both rendered from that one fold, so they agree.
+  ``function_call``; an ``output_text`` part carries its chunks' token
+  logprobs, :func:`logprobs_of`) and says which events each entry makes;
+  the object and the events are both rendered from that one fold, so they
+  agree.
 
 Sequence numbers are a pure function of the run's log, so that any event can
 be replayed from its number (``GET /v1/responses/{id}?stream=true&starting_after=N``)::
@@ -76,6 +80,7 @@ class ResponseMeta:
     parallel_tool_calls: bool = True
     #: ``text.format`` as given (None: plain text).
     text_format: dict[str, Any] | None = None
+    #: ``top_logprobs`` as asked (None: not asked), echoed on the object.
     top_logprobs: int | None = None
 
 
@@ -398,10 +403,9 @@ def _logprob(token: Any) -> Any:
     sent (an entry that is not an object too)."""
     if not isinstance(token, dict):
         return token
-    out = {**token, "bytes": token.get("bytes") or [], "top_logprobs": [
+    return {**token, "bytes": token.get("bytes") or [], "top_logprobs": [
         {**top, "bytes": top.get("bytes") or []} if isinstance(top, dict) else top
         for top in token.get("top_logprobs") or ()]}  # fmt: skip
-    return out
 
 
 def logprobs_of(entry: Entry, shape: Chunk | None) -> list[Any]:
