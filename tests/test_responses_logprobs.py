@@ -153,3 +153,28 @@ async def test_the_sdk_parses_the_logprobs(settings: Settings, nursery: trio.Nur
     final = events[-1]
     assert final.type == "response.completed"
     assert [x.model_dump() for x in final.response.output[0].content[0].logprobs] == joined
+
+
+async def test_a_background_response_keeps_its_logprobs_on_replay(
+    settings: Settings, nursery: trio.Nursery
+) -> None:
+    """A background response's logprobs are in the log, so the object read
+    back from memory carries them and a replay from every
+    ``starting_after`` is exactly the events numbered above it, logprobs
+    included."""
+    t = by_name("vllm_logprobs")
+    joined = [token for _, tokens in sent_deltas(t) for token in tokens]
+    fake = await serving(settings, nursery, t)
+    s = settings.replace(upstream="openai", upstream_url=fake.url)
+    async with running_server(s) as server, loopback_client(server) as http:
+        events = await raw_events(server, {**ASK, "background": True})
+        rid = events[0]["response"]["id"]
+        assert events[-1]["type"] == "response.completed"
+        stored = (await http.get(f"/v1/responses/{rid}")).json()
+        assert text_part(stored)["logprobs"] == joined
+        for after in range(-1, len(events)):
+            query = f"stream=true&starting_after={after}" if after >= 0 else "stream=true"
+            async with http.stream("GET", f"/v1/responses/{rid}?{query}") as r:
+                raw = await r.aread()
+            replay = [orjson.loads(e.data) for e in SSEDecoder().feed(raw)]
+            assert replay == events[after + 1 :], after
