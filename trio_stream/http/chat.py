@@ -12,7 +12,6 @@ from __future__ import annotations
 from ..errors import ApiError, bad_request, not_found
 from ..shared import SharedUnavailable
 from ..wire.request import parse_chat_request, parse_session_id
-from ..wire.usage import estimate_prompt
 from .asgi import ClientGone, Receive, Scope, Send, as_api_error, close_headers, header, send_error
 from .common import attached, follow, read_request, subscriber
 from .service import Service
@@ -34,9 +33,7 @@ async def chat_completions(service: Service, scope: Scope, receive: Receive, sen
         with service.stream_slot():
             async with service.limits.admission(caller.key, request.model) as rate:
                 run = await service.runs.create(caller.tenant, session_id, request)
-                run.meter = service.limits.meter(
-                    caller.key, request.model, estimate_prompt(request.messages)
-                )
+                run.meter = service.limits.meter(caller.key, run)
                 attached_stream = request.stream and not request.detach
                 sub = subscriber(
                     service, run, send, scope, kind=Subscriber, cursor=0,

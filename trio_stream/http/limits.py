@@ -24,6 +24,8 @@ from ..limits.keys import KeyDef
 from ..limits.meter import NO_METER, Charger, Meter
 from ..logs import EventLogger
 from ..metrics import Metrics
+from ..runs import Run
+from ..wire.usage import estimate_prompt
 
 
 def refusal(key: KeyDef, verdict: Verdict) -> ApiError:
@@ -125,13 +127,18 @@ class KeyLimits:
             return _UNLIMITED
         return Admission(self, key)
 
-    def meter(self, key: KeyDef | None, model: str, prompt: int) -> Meter:
-        """The meter of a run of ``key`` (every ``[[key]]`` key's usage is kept)."""
+    def meter(self, key: KeyDef | None, run: Run) -> Meter:
+        """The meter of ``run``, of ``key`` (every ``[[key]]`` key's usage is
+        kept; an ``--api-key`` key's is not).  Charged from now on: the run
+        must be driven (its cleanup settles the meter)."""
         if key is None:
             return NO_METER
         lim = key.limits
         urgent = any(v is not None for v in (lim.tpm, lim.tokens_per_day, lim.tokens_per_month))
-        return Meter(self.charger, key.name, model, prompt, urgent=urgent)
+        model, prompt = run.request.model, estimate_prompt(run.request.messages)
+        return Meter(
+            self.charger, key.name, model, prompt, count=lambda: run.log.last_seq, urgent=urgent
+        )
 
     async def headers(self, key: KeyDef | None) -> RateHeaders:
         """The key's ``x-ratelimit-*`` headers now (for a JSON answer); none

@@ -49,7 +49,7 @@ from ..wire.responses import (
     saved_output,
     status_of,
 )
-from ..wire.usage import Usage, estimate_prompt
+from ..wire.usage import Usage
 from .asgi import (
     JSON,
     ClientGone,
@@ -166,9 +166,7 @@ async def create(service: Service, scope: Scope, receive: Receive, send: Send) -
     with service.stream_slot():
         async with service.limits.admission(caller.key, request.model) as rate:
             run = await service.runs.create(caller.tenant, session_id, request, meta)
-            run.meter = service.limits.meter(
-                caller.key, request.model, estimate_prompt(request.messages)
-            )
+            run.meter = service.limits.meter(caller.key, run)
             attached_stream = request.stream and not meta.background
             sub = subscriber(service, run, send, scope, kind=ResponseSubscriber, cursor=0,
                              drives_backpressure=attached_stream, starting_after=-1,

@@ -1,10 +1,10 @@
 """Charging a stream's tokens to its key while it streams.
 
-The reader of a run never waits for the limiter.  Its :class:`Meter` only
-adds to the :class:`Charger`'s pending sums (no checkpoint, no I/O), at the
-moments the reader already bumps its token counter (every 1/64 of
-``--token-timeout``, and at its end); the charger sends the sums to the
-limiter every :data:`FLUSH` seconds, one charge per key and model.  When the
+The reader of a run does nothing for it, per token or otherwise.  Every
+:data:`FLUSH` seconds the :class:`Charger` asks each running run's
+:class:`Meter` how many deltas its run has received (``count``: the run
+log's length), adds what is new to its pending sums (no checkpoint), and
+sends the sums to the limiter, one charge per key and model.  When the
 run ends, its cleanup :meth:`Meter.settle` s it: the difference between the
 run's final usage (the upstream's when it reported one, the counted fallback
 otherwise: docs/api.md section 2.10) and what was already charged is added,
@@ -41,6 +41,7 @@ class Charger:
     ) -> None:
         self.limiter = limiter
         self.pending: _Pending = {}
+        self.meters: set[Meter] = set()  # of the runs not settled yet
         self._on_error = on_error  # (message): a send that did not land
         self._on_charged = on_charged  # (key, prompt, completion): a send that did
 
@@ -64,6 +65,8 @@ class Charger:
         task_status.started()
         while True:
             await trio.sleep(FLUSH)
+            for meter in self.meters:
+                meter.poll()
             await self.flush()
 
     async def flush(self, name: str | None = None) -> None:
@@ -96,21 +99,32 @@ class Meter:
     """One run's charges (its key ``name``, its ``model``).  :data:`NO_METER`
     is the meter of a run with nothing to charge."""
 
-    __slots__ = ("_charger", "_completion", "_model", "_name", "_prompt", "_started", "_urgent")
+    __slots__ = (
+        "_charger", "_completion", "_count", "_model", "_name", "_prompt", "_started", "_urgent",
+    )  # fmt: skip
 
     def __init__(
-        self, charger: Charger | None, name: str, model: str, prompt: int, *, urgent: bool = True
-    ) -> None:
-        """``urgent``: send the key's sums as the run ends (its key has a
-        token limit or budget, which the next request must see); otherwise
-        the charger's next round sends them."""
+        self, charger: Charger | None, name: str, model: str, prompt: int, *,
+        count: Callable[[], int] = lambda: 0, urgent: bool = True,
+    ) -> None:  # fmt: skip
+        """``count``: the deltas the run has received so far.  ``urgent``:
+        send the key's sums as the run ends (its key has a token limit or
+        budget, which the next request must see); otherwise the charger's
+        next round sends them.  Charged from now on until :meth:`settle`."""
         self._charger = charger
+        self._count = count
         self._urgent = urgent
         self._name = name
         self._model = model
         self._prompt = prompt  # the counted estimate, charged with the first delta
         self._started = False
         self._completion = 0  # deltas charged so far
+        if charger is not None:
+            charger.meters.add(self)
+
+    def poll(self) -> None:
+        """Charge what the run received since the last poll.  Not a checkpoint."""
+        self.stream(self._count())
 
     def stream(self, deltas: int) -> None:
         """The run has received ``deltas`` deltas in all.  Not a checkpoint."""
@@ -131,6 +145,7 @@ class Meter:
         """
         if self._charger is None:
             return
+        self._charger.meters.discard(self)
         prompt = self._prompt if self._started else 0
         self._charger.add(
             self._name, self._model, 0 if self._started else 1,

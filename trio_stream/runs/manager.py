@@ -28,7 +28,7 @@ import trio
 
 from ..config import Settings
 from ..core.lifecycle import ending
-from ..core.log import Outcome, RunStatus
+from ..core.log import Chunk, Outcome, RunStatus, with_text
 from ..core.sessions import SessionTable
 from ..errors import INTERNAL_MESSAGE, InternalError, UpstreamError
 from ..limits.base import CALL_TIMEOUT as LIMITS_TIMEOUT
@@ -62,30 +62,44 @@ CANCEL_MESSAGES = {
 DRAIN_TIMEOUT = 0.5
 
 
-async def _settle(run: Run) -> None:
-    """Charge a limited key's run in full before it is FINISHED, so the key's
-    next request sees its tokens (shielded, bounded by the limiter's deadline)."""
-    if run.meter is NO_METER:
-        return
-    with trio.CancelScope(shield=True) as cs:
-        cs.deadline = trio.current_time() + LIMITS_TIMEOUT + 0.5
-        await run.meter.settle(run.final_usage())
+async def _settle_and_release(run: Run, shared: SharedState, logger: EventLogger) -> bool:
+    """After the save: charge a ``[[key]]``'s run in full (its meter;
+    shielded, bounded by the limiter's deadline) before it is FINISHED, so the
+    key's next request sees its tokens; then release its session (returns
+    whether it had been fenced: :func:`~.supersede.release`)."""
+    if run.meter is not NO_METER:
+        with trio.CancelScope(shield=True) as cs:
+            cs.deadline = trio.current_time() + LIMITS_TIMEOUT + 0.5
+            await run.meter.settle(run.final_usage())
+    return await release(run, shared, logger)
 
 
-async def _read_to_end(items: AsyncIterator[object]) -> Usage | None:
-    """Read an upstream stream to its end within a bound; the last
-    :class:`Usage` it reports (an OpenAI upstream's comes after the finish).
+async def _read_to_end(
+    items: AsyncIterator[object], shape: Chunk | None
+) -> tuple[Usage | None, list[Chunk]]:
+    """Read an upstream stream to its end within a bound: the last
+    :class:`Usage` it reports and the chunks it sends after its finish chunk
+    (an OpenAI upstream's usage chunk, :attr:`~trio_stream.core.log.RunLog.tail`).
 
     The run has already completed: an error or a timeout here only means the
-    connection is closed instead of returned to the pool.  Its subscribers
-    write the run's ending only after its cleanup, so they see this usage.
+    connection is closed instead of returned to the pool (and what came
+    until then is kept).  Its subscribers write the run's ending only after
+    its cleanup, so they see this usage and these chunks.
+
+    Cancellation: a checkpoint; bounded by :data:`DRAIN_TIMEOUT`; a ``Cancelled``
+    from outside propagates and leaves nothing behind.
     """
     usage = None
+    tail: list[Chunk] = []
     with trio.move_on_after(DRAIN_TIMEOUT), contextlib.suppress(UpstreamError):
         async for item in items:
             if isinstance(item, Usage):
                 usage = item
-    return usage
+            elif isinstance(item, Chunk):
+                tail.append(item)
+            elif isinstance(item, str):
+                tail.append(Chunk(with_text(shape, item)))
+    return usage, tail
 
 
 class RunManager:
@@ -235,7 +249,9 @@ class RunManager:
                         continue
                     if isinstance(item, Finish):
                         run.end(Outcome(RunStatus.COMPLETED, item.reason))
-                        run.usage = await _read_to_end(items) or run.usage
+                        usage, tail = await _read_to_end(items, run.log.shape)
+                        run.usage = usage or run.usage
+                        run.log.set_tail(tuple(tail))
                         return
                     if not run.append(item):
                         return  # ended meanwhile; run.scope's cancel lands on exit
@@ -251,7 +267,6 @@ class RunManager:
                         guard.deadline, armed = now + s.token_timeout, now
                         self.metrics.tokens.inc(run.log.last_seq - counted)
                         counted = run.log.last_seq
-                        run.meter.stream(counted)
         finally:
             self.metrics.tokens.inc(run.log.last_seq - counted)
 
@@ -315,8 +330,7 @@ class RunManager:
                     self._cleanups.discard(cs)
             if cs.cancelled_caught:
                 self.logger.event("save_timeout", trace=run.id)
-            await _settle(run)
-            fenced = await release(run, self.shared, self.logger)
+            fenced = await _settle_and_release(run, self.shared, self.logger)
         except Exception as exc:  # a bug: the run still ends, the server goes on
             self.logger.event("run_crashed", trace=run.id, error=repr(exc))
             if run.log.outcome is None:

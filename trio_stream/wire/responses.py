@@ -8,13 +8,17 @@ Upstreams speak chat completions, and a response is a run like any other
   message first, ``input`` the messages -- ``function_call`` items an
   assistant message's ``tool_calls``, ``function_call_output`` items ``tool``
   messages --, ``tools``/``tool_choice``/``text.format`` their chat shapes,
-  ``max_output_tokens`` the ``max_tokens``, ``background`` the detach flag)
+  ``max_output_tokens`` the ``max_tokens``, ``include`` of the output
+  text's logprobs and ``top_logprobs`` chat's ``logprobs``/``top_logprobs``,
+  ``background`` the detach flag)
   plus the :class:`ResponseMeta` that rendering needs.
 * **Out**: a run's log and outcome become the ``response`` object and its
   stream events.  :class:`Output` folds the log's entries into output items
   (``reasoning``, ``message`` with ``output_text``/``refusal`` parts,
-  ``function_call``) and says which events each entry makes; the object
-  and the events are both rendered from that one fold, so they agree.
+  ``function_call``; an ``output_text`` part carries its chunks' token
+  logprobs, :func:`logprobs_of`) and says which events each entry makes;
+  the object and the events are both rendered from that one fold, so they
+  agree.
 
 Sequence numbers are a pure function of the run's log, so that any event can
 be replayed from its number (``GET /v1/responses/{id}?stream=true&starting_after=N``)::
@@ -44,7 +48,7 @@ from typing import Any
 
 import orjson
 
-from ..core.log import Entry, Outcome, RunStatus
+from ..core.log import Chunk, Entry, Outcome, RunStatus
 from ..errors import bad_request
 from .request import ChatRequest, _field, parse_json_object
 
@@ -53,6 +57,10 @@ _TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 #: Fields that would change the answer and are not served: refused, not ignored.
 _UNSUPPORTED = ("previous_response_id", "conversation", "prompt")
 _TOOL_CHOICES = frozenset({"auto", "none", "required"})
+#: The ``include`` value served: the output text's token logprobs.  The
+#: others name hosted tools' results, input echoes or encrypted reasoning,
+#: which this server does not have.
+_LOGPROBS = "message.output_text.logprobs"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +80,8 @@ class ResponseMeta:
     parallel_tool_calls: bool = True
     #: ``text.format`` as given (None: plain text).
     text_format: dict[str, Any] | None = None
+    #: ``top_logprobs`` as asked (None: not asked), echoed on the object.
+    top_logprobs: int | None = None
 
 
 # -- in ---------------------------------------------------------------------
@@ -269,6 +279,35 @@ def _response_format(text: Any) -> tuple[dict[str, Any] | None, dict[str, Any] |
     )
 
 
+def _logprobs(body: dict[str, Any]) -> dict[str, Any]:
+    """``include`` and ``top_logprobs``: the chat fields that ask the upstream
+    for token logprobs (``logprobs: true``, ``top_logprobs``), if any.
+    ``include`` may name only :data:`_LOGPROBS`; any other value is refused
+    (it asks for something this server cannot give), never ignored."""
+    include = body.get("include")
+    if include is not None and not (
+        isinstance(include, list) and all(isinstance(v, str) for v in include)
+    ):
+        raise bad_request("'include' must be an array of strings.", "invalid_type", "include")
+    for i, value in enumerate(include or ()):
+        if value != _LOGPROBS:
+            raise bad_request(
+                f"'include[{i}]' is {value[:100]!r}: only {_LOGPROBS!r} is served.",
+                "unsupported_parameter", f"include[{i}]",
+            )  # fmt: skip
+    top = _field(body, "top_logprobs", int, "an integer")
+    if top is not None and not 0 <= top <= 20:
+        raise bad_request(
+            "'top_logprobs' must be between 0 and 20.", "invalid_value", "top_logprobs"
+        )
+    chat: dict[str, Any] = {}
+    if include or top is not None:
+        chat["logprobs"] = True
+    if top is not None:
+        chat["top_logprobs"] = top
+    return chat
+
+
 def parse_responses_request(raw: bytes) -> tuple[ChatRequest, ResponseMeta]:
     """Validate a ``POST /v1/responses`` body; the chat request to run and
     what the response object shows.  Unknown fields are ignored, not sent on."""
@@ -310,9 +349,10 @@ def parse_responses_request(raw: bytes) -> tuple[ChatRequest, ResponseMeta]:
     ):  # fmt: skip
         if value is not None:
             chat[name] = value
+    chat.update(logprobs := _logprobs(body))
     meta = ResponseMeta(model, instructions, limit, background, store is not False,
                         temperature, top_p, shown_tools, shown_choice, parallel is not False,
-                        shown_format)  # fmt: skip
+                        shown_format, logprobs.get("top_logprobs"))  # fmt: skip
     return ChatRequest(chat, model, messages, stream, limit, background), meta
 
 
@@ -333,15 +373,15 @@ _DONE = {
 }
 
 
-def _text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_part(text: str, logprobs: list[Any] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
-def _part(kind: str, text: str) -> dict[str, Any]:
-    """A content part: ``output_text`` or ``refusal`` (a message's),
-    ``reasoning_text`` (a reasoning item's)."""
+def _part(kind: str, text: str, logprobs: list[Any] | None = None) -> dict[str, Any]:
+    """A content part: ``output_text`` (with its token ``logprobs``) or
+    ``refusal`` (a message's), ``reasoning_text`` (a reasoning item's)."""
     if kind == "output_text":
-        return _text_part(text)
+        return _text_part(text, logprobs)
     if kind == "refusal":
         return {"type": "refusal", "refusal": text}
     return {"type": "reasoning_text", "text": text}
@@ -349,9 +389,42 @@ def _part(kind: str, text: str) -> dict[str, Any]:
 
 def delta_of(entry: Entry) -> dict[str, Any]:
     """A log entry's chat delta: a ``str`` is content, a
-    :class:`~trio_stream.core.log.ToolDelta` its delta.  The fold reads
+    :class:`~trio_stream.core.log.Chunk` its delta.  The fold reads
     entries only through this function."""
     return {"content": entry} if isinstance(entry, str) else entry.delta
+
+
+def _logprob(token: Any) -> Any:
+    """One chat ``logprobs.content`` entry as a Responses ``Logprob``.  The
+    fields are the same (``token``, ``logprob``, ``bytes``, ``top_logprobs``
+    of ``{token, logprob, bytes}``) but chat's ``bytes`` may be ``null`` (no
+    bytes representation) where the Responses API has a list: ``[]`` then;
+    ``top_logprobs`` absent or ``null`` is ``[]``.  Anything else is kept as
+    sent (an entry that is not an object too)."""
+    if not isinstance(token, dict):
+        return token
+    return {**token, "bytes": token.get("bytes") or [], "top_logprobs": [
+        {**top, "bytes": top.get("bytes") or []} if isinstance(top, dict) else top
+        for top in token.get("top_logprobs") or ()]}  # fmt: skip
+
+
+def logprobs_of(entry: Entry, shape: Chunk | None) -> list[Any]:
+    """A log entry's token logprobs (its choice's ``logprobs.content``) as
+    Responses ``Logprob`` objects (:func:`_logprob`); ``[]`` if it has none.
+    A ``str`` entry stands for the log's ``shape`` chunk with its text
+    (core/log.py), so it carries the shape's logprobs; ``shape`` is the
+    first entry :func:`shape_of` found, None before it.  The fold reads
+    logprobs only through this function."""
+    chunk = shape if isinstance(entry, str) else entry
+    choice = chunk.choice if chunk is not None else None
+    logprobs = choice.get("logprobs") if choice is not None else None
+    tokens = logprobs.get("content") if isinstance(logprobs, dict) else None
+    return [_logprob(t) for t in tokens] if isinstance(tokens, list) else []
+
+
+def shape_of(entry: Entry) -> Chunk | None:
+    """The entry if it sets its log's shape (core/log.py), else None."""
+    return entry if isinstance(entry, Chunk) and entry.shape else None
 
 
 def reasoning_of(delta: dict[str, Any]) -> str:
@@ -379,6 +452,8 @@ class _Item:
     index: int
     id: str
     parts: list[tuple[str, list[str]]] = field(default_factory=list)  # (part type, pieces)
+    #: Part index -> its token logprobs so far (output_text parts that have some).
+    logprobs: dict[int, list[Any]] = field(default_factory=dict)
     call_id: str = ""
     name: str = ""
     arguments: list[str] = field(default_factory=list)
@@ -393,7 +468,8 @@ class _Item:
             return {"type": "function_call", "id": self.id, "call_id": self.call_id,
                     "name": self.name, "arguments": "".join(self.arguments),
                     "status": status}  # fmt: skip
-        content = [_part(kind, "".join(pieces)) for kind, pieces in self.parts]
+        content = [_part(kind, "".join(pieces), self.logprobs.get(i))
+                   for i, (kind, pieces) in enumerate(self.parts)]  # fmt: skip
         if self.kind == "reasoning":
             return {"type": "reasoning", "id": self.id, "summary": [], "content": content,
                     "status": status}  # fmt: skip
@@ -414,7 +490,7 @@ class Output:
     upstream may interleave the deltas of parallel calls.
     """
 
-    __slots__ = ("_calls", "_messages", "_open", "_rid", "entries", "items")
+    __slots__ = ("_calls", "_messages", "_open", "_rid", "_shape", "_shaped", "entries", "items")
 
     def __init__(self, response_id: str) -> None:
         self._rid = response_id.removeprefix("resp_")
@@ -423,6 +499,8 @@ class Output:
         self._open: _Item | None = None  # the open message or reasoning item
         self._calls: dict[int, _Item] = {}  # tool-call index -> its item
         self._messages = 0
+        self._shape: Chunk | None = None  # the log's shape chunk, once seen
+        self._shaped: list[Any] = []  # the logprobs a str entry carries (the shape's)
 
     def _new(self, kind: str) -> _Item:
         index = len(self.items)
@@ -458,12 +536,16 @@ class Output:
             events.append(("response.content_part.added", {**where, "part": _part(kind, "")}))
         return len(item.parts) - 1
 
-    def _write(self, item: _Item, kind: str, delta: str, events: list[Event]) -> None:
+    def _write(
+        self, item: _Item, kind: str, delta: str, events: list[Event], logprobs: list[Any]
+    ) -> None:
         index = self._part_of(item, kind, events)
         item.parts[index][1].append(delta)
         fields = {**item.where(), "content_index": index, "delta": delta}
         if kind == "output_text":
-            fields["logprobs"] = []
+            fields["logprobs"] = logprobs
+            if logprobs:
+                item.logprobs.setdefault(index, []).extend(logprobs)
         events.append((_DELTA[kind], fields))
 
     def _close_part(self, item: _Item, events: list[Event]) -> None:
@@ -472,10 +554,12 @@ class Output:
         where = {**item.where(), "content_index": len(item.parts) - 1}
         done, key = _DONE[kind]
         fields = {**where, key: text}
+        logprobs = item.logprobs.get(len(item.parts) - 1)
         if kind == "output_text":
-            fields["logprobs"] = []
+            fields["logprobs"] = logprobs or []
         events.append((done, fields))
-        events.append(("response.content_part.done", {**where, "part": _part(kind, text)}))
+        part = _part(kind, text, logprobs)
+        events.append(("response.content_part.done", {**where, "part": part}))
 
     def _close(self, item: _Item, status: str, events: list[Event]) -> None:
         if item.kind == "function_call":
@@ -516,24 +600,38 @@ class Output:
         if isinstance(entry, str) and entry and item is not None and item.kind == "message":
             part = item.parts[-1] if item.parts else None
             if part is not None and part[0] == "output_text":  # the common case, kept short
+                index = len(item.parts) - 1
                 part[1].append(entry)
+                if logprobs := self._shaped:
+                    item.logprobs.setdefault(index, []).extend(logprobs)
                 fields = {"item_id": item.id, "output_index": item.index,
-                          "content_index": len(item.parts) - 1, "delta": entry,
-                          "logprobs": []}  # fmt: skip
+                          "content_index": index, "delta": entry,
+                          "logprobs": logprobs}  # fmt: skip
                 return [("response.output_text.delta", fields)]
-        return self.feed_delta(delta_of(entry))
+        if (shape := shape_of(entry)) is not None and self._shape is None:
+            self._shape = shape
+            self._shaped = logprobs_of(shape, None)
+        return self.feed_delta(delta_of(entry), logprobs_of(entry, self._shape))
 
-    def feed_delta(self, delta: dict[str, Any]) -> list[Event]:
+    def feed_delta(self, delta: dict[str, Any], logprobs: list[Any] | None = None) -> list[Event]:
         """Fold one chat delta in; the events it makes.  Its reasoning comes
-        first, then its text, its refusal, its tool calls (an upstream that
-        sends reasoning and text in one chunk ends its reasoning there)."""
+        first, then its text (with the chunk's token ``logprobs``), its
+        refusal, its tool calls (an upstream that sends reasoning and text in
+        one chunk ends its reasoning there).  Logprobs go with the text only:
+        a chunk without text shows none (the Responses API has no place for
+        them), unless its ``content`` is ``""`` and it has no reasoning (a
+        token with no text yet): then an empty text delta carries them."""
         events: list[Event] = []
         if reasoning := reasoning_of(delta):
-            self._write(self._sequential("reasoning", events), "reasoning_text", reasoning, events)
+            self._write(self._sequential("reasoning", events), "reasoning_text", reasoning, events,
+                        [])  # fmt: skip
         for key, part in (("content", "output_text"), ("refusal", "refusal")):
             text = delta.get(key)
-            if isinstance(text, str) and text:
-                self._write(self._sequential("message", events), part, text, events)
+            if not isinstance(text, str):
+                continue
+            tokens = (logprobs or []) if key == "content" else []
+            if text or (tokens and not reasoning):
+                self._write(self._sequential("message", events), part, text, events, tokens)
         for call in delta.get("tool_calls") or ():
             self._call(call, events)
         return events
@@ -665,6 +763,7 @@ def response_object(s: ResponseState) -> dict[str, Any]:
         "tools": list(s.meta.tools),
         "temperature": s.meta.temperature,
         "top_p": s.meta.top_p,
+        "top_logprobs": s.meta.top_logprobs,
         "metadata": {},
     }
     if s.meta.text_format is not None:
