@@ -173,3 +173,27 @@ def store_unavailable(retry_after: int = 1) -> ApiError:
         503, "unavailable_error", "The message store is unavailable, retry shortly.",
         "store_unavailable", ((b"retry-after", str(retry_after).encode()),),
     )  # fmt: skip
+
+
+def model_not_found(model: str) -> ApiError:
+    """404: no upstream member serves ``model`` (OpenAI's own code for it)."""
+    return ApiError(
+        404, "invalid_request_error", f"The model {model!r} does not exist.", "model_not_found"
+    )
+
+
+def members_full(retry_after: int = 1) -> ApiError:
+    """429: every upstream member of the model is at its ``max_streams``."""
+    return ApiError(
+        429, "rate_limit_error", "Every upstream serving this model is at its stream limit.",
+        "upstreams_busy", ((b"retry-after", str(retry_after).encode()),),
+    )  # fmt: skip
+
+
+def members_cooling(retry_after: int) -> ApiError:
+    """503: every upstream member of the model is cooling down after failures."""
+    return ApiError(
+        503, "unavailable_error",
+        "Every upstream serving this model is cooling down after failures; retry shortly.",
+        "upstreams_cooling_down", ((b"retry-after", str(retry_after).encode()),),
+    )  # fmt: skip
