@@ -2,7 +2,7 @@
 
 One table: every row is a request (method, path, headers, body) and the answer
 it must get (status, OpenAI error ``type`` and ``code``).  Every answer must be
-the OpenAI error body ``{"error": {"message", "type", "code"}}`` and no row may
+the OpenAI error body ``{"error": {"message", "type", "param", "code"}}`` and no row may
 start a run.  Two oversized bodies are sent on raw sockets, because the point
 there is *when* the server answers: before the body has been sent (and so
 before it could have been buffered).
@@ -53,6 +53,11 @@ class Case:
     # "plain", "full" (one stream holds --max-streams=1), "draining", or
     # "slow-body" (the body stops after its first bytes: see slow_body)
     setup: str = "plain"
+    # the "param" the error names; ANY: not checked (rows written before it)
+    param: str | None = "*"
+
+
+ANY = "*"
 
 
 def chat(id_: str, body: Any, code: str, **kw: Any) -> Case:
@@ -61,10 +66,11 @@ def chat(id_: str, body: Any, code: str, **kw: Any) -> Case:
     return Case(id_, "POST", CHAT, raw, 400, BAD_REQ, code, **kw)
 
 
-def typed(field_: str, value: Any, code: str = "invalid_type") -> Case:
-    """A chat body whose ``field_`` has a wrong type (or value)."""
+def typed(field_: str, value: Any, code: str = "invalid_type", param: str | None = None) -> Case:
+    """A chat body whose ``field_`` has a wrong type (or value); the error
+    names ``param`` (default ``field_``)."""
     name = f"{field_}={orjson.dumps(value).decode()}"
-    return chat(name, {"messages": MSGS, field_: value}, code)
+    return chat(name, {"messages": MSGS, field_: value}, code, param=param or field_)
 
 
 def session(id_: str, value: str | bytes) -> Case:
@@ -177,6 +183,32 @@ CASES: list[Case] = [
     typed("max_completion_tokens", -7, "invalid_value"),
     typed("n", "1"),
     typed("n", 2, "invalid_value"),
+    # the standard fields passed on to the upstream, checked by type (issue 20 item 4)
+    typed("top_p", "x"),
+    typed("top_p", True),
+    typed("presence_penalty", "x"),
+    typed("frequency_penalty", [0]),
+    typed("seed", 1.5),
+    typed("seed", "1"),
+    typed("stop", 3),
+    typed("stop", ["a", 1]),
+    typed("logprobs", "yes"),
+    typed("logprobs", 1),
+    typed("top_logprobs", "5"),
+    typed("top_logprobs", 21, "invalid_value"),
+    typed("top_logprobs", -1, "invalid_value"),
+    typed("logit_bias", [1]),
+    typed("user", 7),
+    typed("stream_options", "usage"),
+    typed("stream_options", {"include_usage": "yes"}, param="stream_options.include_usage"),
+    typed("response_format", "json"),
+    typed("tools", {"type": "function"}),
+    typed("tools", ["get_weather"], param="tools[0]"),
+    typed("tools", [{"function": {"name": "f"}}], "missing_required_parameter", "tools[0].type"),
+    typed("tools", [{"type": "function", "function": "f"}], param="tools[0].function"),
+    typed("tools", [{"type": "function", "function": {}}], param="tools[0].function.name"),
+    typed("tool_choice", 1),
+    typed("parallel_tool_calls", "no"),
     # 400: bad X-Session-Id (header) and bad session ids in paths
     session("session-too-long", "s" * 129),
     session("session-space", "a b"),
@@ -362,15 +394,22 @@ def raw_headers(headers: dict[str, str | bytes]) -> list[tuple[bytes, bytes]]:
     return [(k.encode(), v if isinstance(v, bytes) else v.encode()) for k, v in headers.items()]
 
 
-def assert_openai_error(response: httpx.Response, type_: str, code: str | None) -> None:
+def assert_openai_error(
+    response: httpx.Response, type_: str, code: str | None, param: str | None = ANY
+) -> None:
+    """The OpenAI error body, its four keys in OpenAI's order, with this
+    ``type`` and ``code`` (and ``param``, unless ANY)."""
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
     assert list(body) == ["error"]
     error = body["error"]
-    assert set(error) == {"message", "type", "code"}
+    assert list(error) == ["message", "type", "param", "code"]
     assert isinstance(error["message"], str)
     assert error["message"]
     assert (error["type"], error["code"]) == (type_, code), error
+    assert error["param"] is None or isinstance(error["param"], str)
+    if param != ANY:
+        assert error["param"] == param, error
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -396,7 +435,7 @@ async def test_bad_input_gets_its_error_and_costs_nothing(case: Case, tmp_path: 
                 case.method, case.path, headers=raw_headers(case.headers), content=content
             )
             assert response.status_code == case.status, response.text
-            assert_openai_error(response, case.type, case.code)
+            assert_openai_error(response, case.type, case.code, case.param)
             if case.status == 429:
                 assert int(response.headers["retry-after"]) >= 1
             if case.status == 405:

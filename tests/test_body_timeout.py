@@ -52,7 +52,7 @@ def chat_body(stream: bool = False, max_tokens: int = 5) -> bytes:
 def assert_body_timeout(body: bytes | bytearray) -> None:
     """``body`` is the OpenAI error body of a 408 for a late request body."""
     error = orjson.loads(bytes(body))["error"]
-    assert set(error) == {"message", "type", "code"}
+    assert set(error) == {"message", "type", "param", "code"}
     assert (error["type"], error["code"]) == ("invalid_request_error", "body_timeout")
     assert "did not arrive within" in error["message"]
 

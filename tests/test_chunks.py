@@ -205,7 +205,9 @@ def test_terminal_error_event(outcome: Outcome, error: tuple[str, str, str]) -> 
     assert cancel_error(outcome) == error
     (ev,) = decode(encoder(True).terminal(outcome))
     type_, code, message = error
-    assert orjson.loads(ev.data) == {"error": {"message": message, "type": type_, "code": code}}
+    assert orjson.loads(ev.data) == {
+        "error": {"message": message, "type": type_, "param": None, "code": code}
+    }
 
 
 def test_terminal_completed_is_finish() -> None:

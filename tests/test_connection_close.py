@@ -89,7 +89,7 @@ class Response:
     def error(self) -> dict[str, Any]:
         """The OpenAI error body's ``error`` object."""
         error = orjson.loads(self.body)["error"]
-        assert set(error) == {"message", "type", "code"}
+        assert set(error) == {"message", "type", "param", "code"}
         return dict(error)
 
 

@@ -58,7 +58,7 @@ def test_status_type_code_and_body(
     assert err.message
     assert str(err) == err.message
     assert orjson.loads(err.body()) == {
-        "error": {"message": err.message, "type": type_, "code": code}
+        "error": {"message": err.message, "type": type_, "param": None, "code": code}
     }
 
 
@@ -125,7 +125,7 @@ def test_error_body_escapes() -> None:
     """error_body is valid JSON whatever the message holds; a null code stays null."""
     message = 'quote " backslash \\ newline \n é'
     assert orjson.loads(error_body(message, "t", None)) == {
-        "error": {"message": message, "type": "t", "code": None}
+        "error": {"message": message, "type": "t", "param": None, "code": None}
     }
 
 

@@ -210,7 +210,8 @@ def check_parse(raw: bytes) -> None:
     body = request.upstream_body()
     assert body["stream"] is True
     assert "detach" not in body
-    assert "stream_options" not in body
+    options = request.body.get("stream_options") or {}
+    assert body["stream_options"] == {**options, "include_usage": True}
     orjson.dumps(body)
     orjson.dumps({"options": body})  # an ollama upstream nests some fields one level deeper
     mocktext.prompt_base(request.messages)  # the mock can answer it

@@ -22,8 +22,9 @@ import trio
 import trustme
 
 from tools.fakes import FakeUpstream, Plan, Step, openai_chunk, token_plan
-from trio_stream.errors import UpstreamError
-from trio_stream.upstream.h1 import ERROR_SNIPPET, MAX_IDLE, Pool, Response
+from trio_stream.errors import UpstreamError, UpstreamReported
+from trio_stream.upstream.h1 import MAX_IDLE, Pool, Response
+from trio_stream.upstream.wire import ERROR_BODY_LIMIT, ERROR_SNIPPET
 from trio_stream.wire.sse import SSEDataDecoder
 
 BODY = b'{"model":"m","messages":[],"stream":true}'
@@ -424,30 +425,57 @@ async def test_body_left_unread_closes_the_connection(nursery: trio.Nursery) -> 
     await fake.wait_for(lambda: fake.open_connections == 0)
 
 
-@pytest.mark.parametrize("status", [400, 429, 500, 503])
-async def test_http_error_status_is_an_upstream_error(nursery: trio.Nursery, status: int) -> None:
-    """An HTTP 4xx/5xx answer is an UpstreamError (502) with code
-    ``upstream_http_NNN`` quoting the body, and its connection is closed."""
+@pytest.mark.parametrize("status", [500, 503])
+async def test_http_5xx_is_an_upstream_error(nursery: trio.Nursery, status: int) -> None:
+    """An HTTP 5xx answer is trio-stream's UpstreamError (502) with code
+    ``upstream_http_NNN`` quoting the upstream's error message, and its
+    connection is closed."""
     fake = FakeUpstream("openai", lambda _: Plan(status=status, steps=[Step(b'{"error":"no"}')]))
     await nursery.start(fake.serve)
     pool = pool_for(fake.port)
     with pytest.raises(UpstreamError) as info:
         await post_all(pool)
     err = info.value
+    assert not isinstance(err, UpstreamReported)
     assert (err.status, err.code) == (502, f"upstream_http_{status}")
-    assert err.message == f'The upstream answered HTTP {status}: {{"error":"no"}}'
+    assert err.message == f"The upstream answered HTTP {status}: no"
     await fake.wait_for(lambda: fake.open_connections == 0)
     assert pool.idle == 0
 
 
-async def test_http_error_quotes_only_the_start_of_a_long_body() -> None:
-    """An error body is quoted up to ERROR_SNIPPET bytes; the rest is not
-    waited for (the upstream never sends it) and the connection is closed."""
+@pytest.mark.parametrize("status", [400, 404, 429])
+async def test_http_4xx_keeps_its_status_and_error(nursery: trio.Nursery, status: int) -> None:
+    """An HTTP 4xx answer with an error object is UpstreamReported: the
+    upstream's status and error object (issue 20 item 5); the connection is
+    closed."""
+    fake = FakeUpstream("openai", lambda _: Plan(status=status, steps=[Step(b'{"error":"no"}')]))
+    await nursery.start(fake.serve)
+    pool = pool_for(fake.port)
+    with pytest.raises(UpstreamReported) as info:
+        await post_all(pool)
+    err = info.value
+    assert (err.status, err.upstream_status) == (status, status)
+    assert err.error == {
+        "message": "no",
+        "type": None,
+        "param": None,
+        "code": None,
+        "source": "upstream",
+    }
+    await fake.wait_for(lambda: fake.open_connections == 0)
+    assert pool.idle == 0
+
+
+async def test_http_error_reads_only_the_start_of_a_long_body() -> None:
+    """An error body is read up to ERROR_BODY_LIMIT bytes and quoted up to
+    ERROR_SNIPPET bytes; the rest is not waited for (the upstream never sends
+    it) and the connection is closed."""
 
     async def answer(stream: trio.abc.Stream, conn: int, n: int) -> bool:
-        head = b"HTTP/1.1 500 Oops\r\ncontent-length: 100000\r\n\r\n"
-        await stream.send_all(head + b"x" * (ERROR_SNIPPET + 10))
-        assert await stream.receive_some(65536) == b""  # the rest never comes: the client closes
+        head = b"HTTP/1.1 500 Oops\r\ncontent-length: 200000\r\n\r\n"
+        await stream.send_all(head + b"x" * (ERROR_BODY_LIMIT + 10))
+        while await stream.receive_some(65536):  # the rest never comes: the client closes
+            pass
         return False
 
     async with raw_server(answer) as server:

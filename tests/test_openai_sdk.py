@@ -155,6 +155,7 @@ async def test_sdk_raises_api_error_on_a_superseded_stream(settings: Settings) -
     assert error.body == {
         "message": "A newer request of this session superseded this run.",
         "type": "stream_cancelled",
+        "param": None,
         "code": "superseded",
     }
     assert (error.type, error.code) == ("stream_cancelled", "superseded")

@@ -37,8 +37,11 @@ def assert_openai_400(err: ApiError, code: str, fragment: str) -> None:
     assert err.code == code
     assert fragment in err.message
     assert orjson.loads(err.body()) == {
-        "error": {"message": err.message, "type": "invalid_request_error", "code": code}
-    }
+        "error": {
+            "message": err.message, "type": "invalid_request_error", "param": err.param,
+            "code": code,
+        }
+    }  # fmt: skip
 
 
 INVALID = [
@@ -185,7 +188,7 @@ def test_full_request_is_parsed_and_kept() -> None:
         "max_tokens": 3,
         "n": 1,
         "top_p": None,
-        "tools": [{"type": "function"}],
+        "tools": [{"type": "function", "function": {"name": "f"}}],
     }
     req = parse_chat_request(orjson.dumps(fields))
     assert (req.model, req.stream, req.detach, req.max_tokens) == ("gpt", True, True, 3)
@@ -194,18 +197,37 @@ def test_full_request_is_parsed_and_kept() -> None:
 
 
 @pytest.mark.parametrize(
-    "fields",
-    [{}, {"stream": False}, {"detach": True, "stream_options": {"include_usage": True}}],
-    ids=["plain", "non-streaming", "with-extensions"],
+    ("fields", "options"),
+    [
+        ({}, {"include_usage": True}),
+        ({"stream": False}, {"include_usage": True}),
+        ({"detach": True, "stream_options": {"include_usage": True}}, {"include_usage": True}),
+        (
+            {"stream_options": {"include_usage": False, "continuous_usage_stats": True}},
+            {"include_usage": True, "continuous_usage_stats": True},
+        ),
+        (
+            {"stream_options": {"include_obfuscation": False}},
+            {"include_obfuscation": False, "include_usage": True},
+        ),
+    ],
+    ids=["plain", "non-streaming", "with-extensions", "usage-off", "obfuscation"],
 )
-def test_upstream_body_strips_extensions_and_always_streams(fields: dict[str, Any]) -> None:
-    """The upstream never sees `detach` or `stream_options`, always gets
-    stream=true, and gets every other field untouched; the request's own body
-    is not modified."""
+def test_upstream_body_strips_detach_keeps_stream_options_and_always_streams(
+    fields: dict[str, Any], options: dict[str, Any]
+) -> None:
+    """The upstream never sees `detach`, always gets stream=true, gets the
+    client's `stream_options` with `include_usage: true` set (trio-stream
+    needs the usage: issue 20 item 4), and every other field untouched; the
+    request's own body is not modified."""
     raw = body(model="m", top_p=0.9, **fields)
     req = parse_chat_request(raw)
-    assert req.upstream_body() == {"messages": MSG, "model": "m", "top_p": 0.9, "stream": True}
+    assert req.upstream_body() == {
+        "messages": MSG, "model": "m", "top_p": 0.9, "stream": True, "stream_options": options
+    }  # fmt: skip
     assert req.body == orjson.loads(raw)
+    client_asked = bool((fields.get("stream_options") or {}).get("include_usage"))
+    assert req.client_wants_usage is client_asked
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,8 @@ def parse(body: dict[str, Any]) -> Any:
 def test_a_string_input_and_instructions_become_chat_messages() -> None:
     """``instructions`` is a system message first, a string ``input`` one user
     message; ``max_output_tokens`` is ``max_tokens``; ``background`` is the
-    detach flag; unknown fields do not reach the upstream."""
+    detach flag; unknown fields do not reach the upstream (``stream_options``
+    is trio-stream's own request for usage)."""
     chat, meta = parse({"model": "m", "input": "hi", "instructions": "be brief",
                         "max_output_tokens": 7, "background": True, "stream": True,
                         "temperature": 0.5, "metadata": {"k": "v"}})  # fmt: skip
@@ -60,7 +61,7 @@ def test_a_string_input_and_instructions_become_chat_messages() -> None:
     assert (chat.max_tokens, chat.detach, chat.stream, chat.model) == (7, True, True, "m")
     assert chat.upstream_body() == {
         "model": "m", "messages": chat.messages, "stream": True, "max_tokens": 7,
-        "temperature": 0.5,
+        "temperature": 0.5, "stream_options": {"include_usage": True},
     }  # fmt: skip
     assert meta == ResponseMeta("m", "be brief", 7, True, True, 0.5, None)
 

@@ -315,3 +315,28 @@ async def test_a_redis_connection_cut_while_connecting_leaves_nothing_unclosed()
             gc.collect()
     unclosed = [str(w.message) for w in caught if "Unclosed <MemoryObject" in str(w.message)]
     assert unclosed == []
+
+
+async def test_the_upstreams_error_crosses_nodes(nodes: tuple[Node, Node]) -> None:
+    """A detached run that failed on the upstream's own error ends its shared
+    log with that error (``Outcome.error``), so a follower on another node
+    ends its stream with the same error frame as the owner's clients
+    (issue 20 item 5).  Before, the end carried status, reason and message
+    only: a follower's frame said ``code: upstream_error``."""
+    a, b = nodes
+    if not a.state.ships_logs:
+        return  # in-process: every follower reads the run itself
+    run = a.new_run(detached=True)
+    await a.state.register(run)
+    message = "Provider disconnected unexpectedly"
+    error = {"message": message, "type": None, "param": None, "code": "server_error",
+             "source": "upstream"}  # fmt: skip
+    outcome = Outcome(RunStatus.FAILED, "upstream_error", message, error)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.state.ship, run)
+        run.append("Seven")
+        run.end(outcome)
+        run.finished()
+    page = await b.state.read_log(run.id, 0, wait=False)
+    assert list(page.entries) == ["Seven"]
+    assert page.outcome == outcome

@@ -75,7 +75,7 @@ async def assert_unavailable(client: httpx.AsyncClient, routes: Sequence[tuple[s
         assert r.headers["retry-after"] == "1", (method, path)
         assert r.json() == {"error": {
             "message": "The message store is unavailable, retry shortly.",
-            "type": "unavailable_error", "code": "store_unavailable",
+            "type": "unavailable_error", "param": None, "code": "store_unavailable",
         }}, (method, path)  # fmt: skip
 
 

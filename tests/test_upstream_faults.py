@@ -103,6 +103,10 @@ class Fault:
     content: str = ""  # what the client receives, and the server saves, before the fault
     upstream_status: int = 200
     closes: bool = True  # the upstream connection must end up closed
+    # the error's type: trio-stream's, or None for the upstream's own error
+    # (which also says "source": "upstream"; issue 20 item 5)
+    type: str | None = "upstream_error"
+    completes: bool = False  # not a fault: the run completes
 
 
 FAULTS = [
@@ -125,8 +129,9 @@ FAULTS = [
         "error-object-first",
         lambda f: [error_object(f), Step(hang=True)],
         502,
-        "upstream_reported",
+        None,
         "overloaded",
+        type=None,
     ),
     Fault(
         "too-deep-first-delta",
@@ -138,20 +143,22 @@ FAULTS = [
     Fault(
         "http-400",
         lambda f: [Step(b'{"error": "bad model"}')],
-        502,
-        "upstream_http_400",
-        "HTTP 400",
+        400,
+        None,
+        "bad model",
         upstream_status=400,
         closes=False,
+        type=None,
     ),
     Fault(
         "http-429",
         lambda f: [Step(b'{"error": "slow down"}')],
-        502,
-        "upstream_http_429",
-        "HTTP 429",
+        429,
+        None,
+        "slow down",
         upstream_status=429,
         closes=False,
+        type=None,
     ),
     Fault(
         "http-500",
@@ -184,9 +191,10 @@ FAULTS = [
         "error-object-mid-stream",
         lambda f: [token(f, "Hel"), token(f, "lo"), error_object(f), Step(hang=True)],
         200,
-        "upstream_error",
+        None,
         "overloaded",
         "Hello",
+        type=None,
     ),
     Fault(
         "too-deep-delta-mid-stream",
@@ -236,6 +244,7 @@ FAULTS = [
         "",
         "Hello",
         closes=False,
+        completes=True,
     ),
 ]
 
@@ -293,7 +302,9 @@ async def test_upstream_fault_is_answered_saved_and_leaves_nothing(
     fault: Fault, fmt: str, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
     """An upstream fault before the first token is an HTTP 502/504
-    ``upstream_error``; after it, one ``upstream_error`` event ends the stream
+    ``upstream_error`` (an HTTP 4xx of the upstream keeps its status, and an
+    error the upstream reported its own identity, ``source: upstream``);
+    after it, one ``upstream_error`` event (or the upstream's error) ends the stream
     (no [DONE]) and the partial is saved once as failed.  Afterwards no
     upstream request is in flight, an abandoned upstream connection is
     closed, and no task is left."""
@@ -313,13 +324,13 @@ async def test_upstream_fault_is_answered_saved_and_leaves_nothing(
             assert response.status_code == fault.status, raw_body
             if fault.status != 200:
                 error = orjson.loads(raw_body)["error"]
-                assert (error["type"], error["code"]) == ("upstream_error", fault.code)
-            elif fault.code is None:
+            elif fault.completes:
                 assert data[-1] == "[DONE]"
             else:
                 error = orjson.loads(data[-1])["error"]
-                assert (error["type"], error["code"]) == ("upstream_error", fault.code)
-            if fault.code is not None or fault.status != 200:
+            if not fault.completes:
+                assert (error["type"], error["code"]) == (fault.type, fault.code)
+                assert (error.get("source") == "upstream") is (fault.type is None)
                 assert fault.message in error["message"]
                 assert "[DONE]" not in data
                 assert server.logs.events("stream_cancelled", trace=run_id, reason="upstream_error")
@@ -329,7 +340,7 @@ async def test_upstream_fault_is_answered_saved_and_leaves_nothing(
             if fault.closes:
                 await fake.wait_for(lambda: fake.open_connections == 0)
             assert len(fake.requests) == 1
-            saved_status = "complete" if fault.code is None and fault.status == 200 else "failed"
+            saved_status = "complete" if fault.completes else "failed"
             await assert_saved(server, run_id, fault.content, saved_status)
             # A response read to its end may stay in the pool: its fake handler
             # task is then the only task beyond the baseline.

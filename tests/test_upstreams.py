@@ -130,7 +130,7 @@ async def test_models_of_the_mock(settings: Settings) -> None:
 
 def _assert_upstream_error(body: Any, code: str | None = None) -> None:
     assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "code"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["type"] == "upstream_error"
     assert isinstance(body["error"]["message"], str)
     if code is not None:
@@ -197,9 +197,10 @@ def _two_tokens_then(fmt: str, how: str) -> Plan:
 async def test_failure_after_first_token_is_an_error_event(
     settings: Settings, fake_openai: FakeUpstream, how: str
 ) -> None:
-    """Once tokens flowed (status 200 sent), an upstream that drops, stalls past
-    --token-timeout or reports an error ends the stream with one
-    ``upstream_error`` event after the tokens received, and no [DONE]."""
+    """Once tokens flowed (status 200 sent), an upstream that drops or stalls
+    past --token-timeout ends the stream with one ``upstream_error`` event
+    after the tokens received, and no [DONE]; one that reports an error, with
+    that error (``source: upstream``)."""
     fake_openai.plan = lambda _: _two_tokens_then("openai", how)
     with trio.fail_after(10):
         async with serving(settings, fake_openai, token_timeout=0.2) as server:
@@ -212,7 +213,11 @@ async def test_failure_after_first_token_is_an_error_event(
             await server.service.wait_streams_closed()
     assert delta_text(events) == "one two"
     error = orjson.loads(events[-1].data)
-    _assert_upstream_error(error)
+    if how == "error":  # the upstream's own error, as it sent it (issue 20 item 5)
+        assert error == {"error": {"message": "overloaded", "type": None, "param": None,
+                                   "code": None, "source": "upstream"}}  # fmt: skip
+    else:
+        _assert_upstream_error(error)
     assert all(e.data != "[DONE]" for e in events)
     (end,) = server.logs.events("stream_end")
     assert end["status"] == "failed"

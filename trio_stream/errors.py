@@ -1,9 +1,13 @@
 """The project's exception tree, and the OpenAI error body.
 
 Every error a client can see is an :class:`ApiError`; it knows its HTTP status,
-its OpenAI ``type`` and ``code``, and renders the OpenAI error body::
+its OpenAI ``type``, ``param`` and ``code``, and renders the OpenAI error body::
 
-    {"error": {"message": "...", "type": "...", "code": "..." | null}}
+    {"error": {"message": "...", "type": "...", "param": "..." | null, "code": "..." | null}}
+
+``param`` names the request field at fault (``null`` when none), as OpenAI's
+does.  An error the upstream reported (:class:`UpstreamReported`) is rendered
+as the upstream sent it, in this same shape (docs/api.md section 2.2.1).
 
 Errors from trio, httpx or sqlite are translated into these types at the seam
 where they are caught (``raise ApiError(...) from exc``).  ``trio.Cancelled``
@@ -13,6 +17,8 @@ This module never imports trio.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import orjson
 
@@ -43,6 +49,7 @@ class ApiError(TrioStreamError):
         headers: tuple[tuple[bytes, bytes], ...] = (),
         *,
         closes: bool = False,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -51,21 +58,58 @@ class ApiError(TrioStreamError):
         self.code = code
         self.headers = headers
         self.closes = closes
+        self.param = param
 
     def body(self) -> bytes:
         """The OpenAI error body, as JSON bytes."""
-        return error_body(self.message, self.type, self.code)
+        return error_body(self.message, self.type, self.code, self.param)
 
 
 class UpstreamError(ApiError):
     """The upstream refused, failed, timed out or sent something unreadable.
 
     Before the first token it becomes an HTTP 502 (or 504 for a timeout);
-    after it, an ``upstream_error`` event on the stream.
+    after it, an ``upstream_error`` event on the stream.  ``headers`` are
+    answered with it (an upstream 5xx's ``Retry-After``, say).  ``error`` is
+    ``None``: trio-stream's own account (see :class:`UpstreamReported`).
     """
 
-    def __init__(self, message: str, *, timeout: bool = False, code: str | None = None) -> None:
-        super().__init__(504 if timeout else 502, "upstream_error", message, code)
+    error: dict[str, Any] | None = None
+
+    def __init__(
+        self, message: str, *, timeout: bool = False, code: str | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:  # fmt: skip
+        super().__init__(504 if timeout else 502, "upstream_error", message, code, headers)
+
+
+class UpstreamReported(UpstreamError):
+    """An error the upstream itself reported, kept as it sent it.
+
+    ``error`` is the upstream's error object in OpenAI's shape -- ``message``,
+    ``type``, ``param``, ``code`` (each ``null`` if the upstream sent none,
+    ``code`` a number if it sent one), any other key the upstream put in it
+    (OpenRouter's ``metadata``) -- plus ``"source": "upstream"``.  It is what
+    the client receives: as the body of an HTTP answer (``status``: the
+    upstream's own for a 4xx it answered, else 502) or as the stream's error
+    frame once the stream has started.  ``upstream_status`` is the HTTP status
+    the upstream answered (``None`` for an error event inside a stream).
+    ``type``/``code`` of the :class:`ApiError` stay trio-stream's
+    (``upstream_error``/``upstream_reported``) for logs; the client sees
+    ``error``.
+    """
+
+    def __init__(
+        self, error: dict[str, Any], *, status: int = 502, upstream_status: int | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:  # fmt: skip
+        super().__init__(str(error["message"]), code="upstream_reported", headers=headers)
+        self.status = status
+        self.error = error
+        self.upstream_status = upstream_status
+
+    def body(self) -> bytes:
+        return orjson.dumps({"error": self.error})
 
 
 class InternalError(ApiError):
@@ -83,13 +127,16 @@ class InternalError(ApiError):
 INTERNAL_MESSAGE = "The server failed while running this request; the failure is logged."
 
 
-def error_body(message: str, type_: str, code: str | None) -> bytes:
-    """Render ``{"error": {"message", "type", "code"}}``."""
-    return orjson.dumps({"error": {"message": message, "type": type_, "code": code}})
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    """Render ``{"error": {"message", "type", "param", "code"}}``."""
+    return orjson.dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    )
 
 
-def bad_request(message: str, code: str | None = None) -> ApiError:
-    return ApiError(400, "invalid_request_error", message, code)
+def bad_request(message: str, code: str | None = None, param: str | None = None) -> ApiError:
+    """400 ``invalid_request_error``; ``param`` names the request field at fault."""
+    return ApiError(400, "invalid_request_error", message, code, param=param)
 
 
 def unauthorized() -> ApiError:

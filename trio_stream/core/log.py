@@ -75,11 +75,16 @@ Entry = str | ToolDelta
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """How a run ended.  ``reason`` is the ``finish_reason`` for a completed
-    run and the cancel/failure reason otherwise; ``message`` is for humans."""
+    run and the cancel/failure reason otherwise; ``message`` is for humans.
+    ``error``: for a run that failed because the upstream reported an error,
+    that error as the upstream sent it, in OpenAI's shape
+    (:class:`~trio_stream.errors.UpstreamReported`): the stream's error frame
+    carries it, on every replay and every node."""
 
     status: RunStatus
     reason: str
     message: str = ""
+    error: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)

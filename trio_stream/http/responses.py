@@ -30,6 +30,7 @@ from ..core.lifecycle import STATUS_OF_SAVED
 from ..core.log import Entry, Outcome, RunStatus
 from ..errors import (
     ApiError,
+    UpstreamReported,
     bad_request,
     not_found,
     unavailable,
@@ -118,8 +119,17 @@ class ResponseSubscriber(Subscriber):
         return self.events.trailing(outcome, run.final_usage().responses())
 
     async def _answer_json(self, outcome: Outcome) -> None:
-        """``stream: false``: the final object, whatever the outcome."""
-        await send_bytes(self._send, 200, orjson.dumps(run_object(self.run)), JSON, self.headers)
+        """``stream: false``: the final object, whatever the outcome -- but an
+        upstream that refused the request with an HTTP 4xx (before the
+        response started) is answered with that status, error and headers,
+        as in chat and as OpenAI's Responses API answers a request it
+        refuses (docs/api.md section 8.1)."""
+        run = self.run
+        error = run.error
+        if isinstance(error, UpstreamReported) and error.upstream_status and run.log.last_seq == 0:
+            await send_error(self._send, error, self.headers)
+            return
+        await send_bytes(self._send, 200, orjson.dumps(run_object(run)), JSON, self.headers)
 
 
 async def answer(

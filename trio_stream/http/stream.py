@@ -271,9 +271,13 @@ class Subscriber:
 
     def terminal(self, outcome: Outcome) -> bytes:
         """The ending frame(s); the usage chunk first if the request asked
-        for it (``stream_options.include_usage``)."""
+        for it (``stream_options.include_usage``).
+
+        The hook that withholds usage from a client that did not ask for it
+        (trio-stream always asks the upstream: ``ChatRequest.upstream_body``)
+        is ``run.request.client_wants_usage``, consulted here."""
         run = self.run
-        usage = run.final_usage().chat() if run.request.include_usage else None
+        usage = run.final_usage().chat() if run.request.client_wants_usage else None
         return run.encoder.terminal(outcome, usage)
 
     async def _hold(self, deadline: float) -> None:

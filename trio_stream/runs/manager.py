@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import AsyncIterator
+from typing import Any
 
 import trio
 
@@ -189,7 +190,7 @@ class RunManager:
                 raise UpstreamError(f"The upstream sent no {which} in time.", timeout=True)
         except UpstreamError as exc:
             run.error = exc
-            self._fail(run, exc.message)
+            self._fail(run, exc.message, error=exc.error)  # the upstream's own, if it said
         except Exception as exc:  # a bug: keep the server up, and say so
             self.logger.event("run_crashed", trace=run.id, error=repr(exc))
             run.error = InternalError()
@@ -267,9 +268,11 @@ class RunManager:
             return self.cancel(run, reason)
         return await self.cluster.cancel_remote(run_id, reason)
 
-    def _fail(self, run: Run, message: str, reason: str = "upstream_error") -> None:
+    def _fail(
+        self, run: Run, message: str, reason: str = "upstream_error", error: Any = None
+    ) -> None:
         """End ``run`` as failed (``upstream_error``; ``internal_error``: a bug), unless ended."""
-        if run.end(Outcome(RunStatus.FAILED, reason, message)):
+        if run.end(Outcome(RunStatus.FAILED, reason, message, error)):
             self.metrics.cancellations.labels(reason).inc()
             self.logger.event("stream_cancelled", trace=run.id, reason=reason)
 

@@ -356,8 +356,13 @@ class _RedisLogs(_RedisBase):
         -1 once the log has its end, else its last seq."""
         end = b""
         if outcome is not None:
-            fields = {"status": outcome.status.value, "reason": outcome.reason,
-                      "message": outcome.message}  # fmt: skip
+            fields: dict[str, Any] = {
+                "status": outcome.status.value,
+                "reason": outcome.reason,
+                "message": outcome.message,
+            }
+            if outcome.error is not None:  # the upstream's own error, for followers' frames
+                fields["error"] = outcome.error
             end = orjson.dumps(fields)
         args: list[str | bytes] = [str(shipped + 1), str(self.ttl), end, *map(_entry_json, entries)]
         raw: Any = await self._call(self._append(keys=[self._l(run_id)], args=args))
@@ -390,7 +395,9 @@ class _RedisLogs(_RedisBase):
             values = item.field_values
             if "end" in values:
                 end = orjson.loads(str(values["end"]))
-                outcome = Outcome(RunStatus(end["status"]), end["reason"], end["message"])
+                outcome = Outcome(
+                    RunStatus(end["status"]), end["reason"], end["message"], end.get("error")
+                )
                 break
             entries.append(_entry_of(str(values["e"])))
         return LogPage(entries, outcome)

@@ -60,6 +60,7 @@ import httptools
 import trio
 
 from ..errors import UpstreamError
+from .wire import ERROR_BODY_LIMIT, http_error
 
 #: Bytes asked for per read.
 READ_SIZE = 65536
@@ -72,8 +73,6 @@ READ_SIZE = 65536
 MAX_IDLE = 1024
 #: Seconds a close may take (a TLS ``close_notify`` to a peer that reads nothing).
 CLOSE_TIMEOUT = 1.0
-#: Bytes of an HTTP error's body quoted in the error message.
-ERROR_SNIPPET = 512
 
 Key = tuple[str, str, int]
 
@@ -269,7 +268,7 @@ class Response:
         x.body = []
         return body[0] if len(body) == 1 else b"".join(body)
 
-    async def read_snippet(self, limit: int = ERROR_SNIPPET) -> bytes:
+    async def read_snippet(self, limit: int = ERROR_BODY_LIMIT) -> bytes:
         """Up to ``limit`` bytes of the body (an error's), what arrived if it breaks.
 
         Cancellation: as :meth:`read`.
@@ -329,8 +328,10 @@ class Pool:
     @asynccontextmanager
     async def post(self, path: str, body: bytes) -> AsyncIterator[Response]:
         """POST ``body`` (JSON) to ``base_url + path``; yields the response once
-        its head arrived.  HTTP 4xx/5xx raise :class:`UpstreamError`
-        (``upstream_http_NNN``, with the start of the body).
+        its head arrived.  HTTP 4xx/5xx raise :class:`UpstreamError`, made
+        from the status, the headers and the body's error object by
+        :func:`~trio_stream.upstream.wire.http_error` (an upstream 4xx's own
+        error is answered as such: docs/api.md section 2.2.1).
 
         Leaving the block returns the connection to the pool if the body was
         read to its end, and closes it otherwise (an exception, ``Cancelled``,
@@ -340,12 +341,8 @@ class Pool:
         conn = response.conn
         try:
             if response.status >= 400:
-                raw = await response.read_snippet()
-                text = raw.decode("utf-8", errors="replace")
-                raise UpstreamError(
-                    f"The upstream answered HTTP {response.status}: {text}",
-                    code=f"upstream_http_{response.status}",
-                )
+                raw = await response.read_snippet(ERROR_BODY_LIMIT)
+                raise http_error(response.status, response.headers, raw)
             yield response
         except BaseException:
             await conn.aclose()

@@ -36,8 +36,7 @@ class OpenAIUpstream:
 
     @asynccontextmanager
     async def _stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[Item]]:
-        body = request.upstream_body()
-        body["stream_options"] = {"include_usage": True}  # the last chunk carries usage
+        body = request.upstream_body()  # stream_options with include_usage: usage comes
         async with (
             self.pool.post("/chat/completions", orjson.dumps(body)) as response,
             aclosing(_items(response)) as items,

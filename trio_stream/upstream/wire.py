@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from ..core.log import ToolDelta
-from ..errors import UpstreamError
+from ..errors import UpstreamError, UpstreamReported
 from ..wire.request import MAX_DEPTH, nested_too_deep
 from ..wire.usage import Usage
 from .base import Finish, Item
@@ -60,11 +60,111 @@ def _json(data: str | bytes | bytearray, what: str, replace: bool = False) -> di
         raise UpstreamError(
             f"The upstream sent a {what} that is not an object", code="malformed_chunk"
         )
-    if "error" in obj:
-        err = obj["error"]
-        message = err.get("message") if isinstance(err, dict) else err
-        raise UpstreamError(f"The upstream reported an error: {message}", code="upstream_reported")
+    if (error := reported_error(obj)) is not None:
+        raise UpstreamReported(error)
     return obj
+
+
+# -- the upstream's own errors (issue 20 item 5) -------------------------------
+# Kept in these few functions, apart from the chunk decoding above, on purpose.
+
+#: The keys of OpenAI's error object, in OpenAI's order.
+ERROR_KEYS = ("message", "type", "param", "code")
+#: Headers of an upstream's HTTP error answered with it to the client: what
+#: clients' back-off reads (``retry-after-ms`` and ``x-should-retry`` are the
+#: official SDK's), the rate-limit state, and the upstream's request id.
+PASSED_HEADERS = frozenset({b"retry-after", b"retry-after-ms", b"x-should-retry", b"x-request-id"})
+PASSED_PREFIX = b"x-ratelimit-"
+#: Upstream HTTP statuses never answered as such: they are about trio-stream's
+#: own credentials for the upstream, not about the client's request.
+NOT_PASSED = frozenset({401, 407})
+#: The most of an HTTP error's body that is read to find its error object.
+ERROR_BODY_LIMIT = 65536
+#: The most of it quoted in trio-stream's own 502 message.
+ERROR_SNIPPET = 512
+
+
+def reported_error(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The error that an upstream object carries, in OpenAI's shape, or None.
+
+    Recognised, whatever arrives (an HTTP error's body, an SSE event, an
+    NDJSON line): ``{"error": {...}}`` (OpenAI, vLLM >= 0.10.1, OpenRouter --
+    also OpenRouter's error chunk, which has ``choices`` with
+    ``finish_reason: "error"`` next to its ``error``), vLLM's older flat
+    ``{"object": "error", "message", "type", "param", "code"}``, and
+    Ollama's ``{"error": "text"}``.  See :func:`openai_error`.
+    """
+    if obj.get("object") == "error" and "message" in obj:  # vLLM <= 0.10.0
+        return openai_error({k: v for k, v in obj.items() if k != "object"})
+    err = obj.get("error")
+    if isinstance(err, dict):
+        return openai_error(err)
+    if err is not None:  # Ollama: {"error": "model 'x' not found"}
+        return openai_error({"message": err})
+    return None
+
+
+def openai_error(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` as OpenAI's error object: ``message`` (a string: a missing
+    one says so, another value is its JSON), ``type``, ``param``, ``code`` as
+    sent (``null`` when absent), the upstream's other keys as sent, and
+    ``"source": "upstream"`` last.  A value nested too deep to be encoded
+    again (:data:`~trio_stream.wire.request.MAX_DEPTH`) is dropped."""
+    message = fields.get("message")
+    if not isinstance(message, str):
+        message = (
+            "The upstream reported an error without a message."
+            if message is None
+            else orjson.dumps(message).decode()
+            if not nested_too_deep(message)
+            else "The upstream reported an error."
+        )
+    out: dict[str, Any] = {"message": message}
+    for key in ERROR_KEYS[1:]:
+        out[key] = fields.get(key)
+    out.update((k, v) for k, v in fields.items() if k not in ERROR_KEYS)
+    out["source"] = "upstream"
+    for key in [k for k, v in out.items() if k != "message" and nested_too_deep(v)]:
+        if key in ERROR_KEYS:
+            out[key] = None
+        else:
+            del out[key]
+    return out
+
+
+def http_error(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> UpstreamError:
+    """The error to answer for an upstream's HTTP error (``status`` >= 400).
+
+    A 4xx whose body carries an error object (:func:`reported_error`) is
+    answered with the same status and that object (:class:`UpstreamReported`),
+    except 401 and 407 (:data:`NOT_PASSED`).  Anything else -- a 5xx, a body
+    that is no error object (an HTML page of a proxy) -- is trio-stream's 502
+    naming the status, code ``upstream_http_<status>``.  Either way the
+    headers of :data:`PASSED_HEADERS` and ``x-ratelimit-*`` go with it.
+    """
+    passed = tuple(
+        (name, value)
+        for name, value in headers
+        if name in PASSED_HEADERS or name.startswith(PASSED_PREFIX)
+    )
+    error: dict[str, Any] | None = None
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        obj = None
+    if isinstance(obj, dict):
+        error = reported_error(obj)
+    if error is not None and 400 <= status < 500 and status not in NOT_PASSED:
+        return UpstreamReported(error, status=status, upstream_status=status, headers=passed)
+    if error is not None:
+        detail = error["message"]
+    else:
+        detail = body[:ERROR_SNIPPET].decode("utf-8", errors="replace")
+    return UpstreamError(
+        f"The upstream answered HTTP {status}: {detail}",
+        code=f"upstream_http_{status}",
+        headers=passed,
+    )
 
 
 def openai_items(data: str | bytes | bytearray) -> list[Item]:

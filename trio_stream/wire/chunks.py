@@ -104,6 +104,8 @@ class ChunkEncoder:
         or one error event."""
         if outcome.status is RunStatus.COMPLETED:
             return self.finish(outcome.reason, usage)
+        if outcome.error is not None:  # the upstream's own error, as it sent it
+            return sse.event(orjson.dumps({"error": outcome.error}))
         return sse.event(error_body(*_reorder(cancel_error(outcome))))
 
     def completion(self, log: RunLog, usage: dict[str, Any] | None = None) -> bytes:

@@ -585,6 +585,50 @@ def status_of(outcome: Outcome | None, deltas: int, background: bool) -> str:
     return "cancelled" if outcome.status is RunStatus.CANCELLED else "failed"
 
 
+#: The values the Responses API's ``error.code`` may take (OpenAI's
+#: ``ResponseError``), of those an upstream error can mean.
+RESPONSE_ERROR_CODES = frozenset({
+    "server_error", "rate_limit_exceeded", "invalid_prompt", "vector_store_timeout",
+    "invalid_image", "invalid_image_format", "invalid_base64_image", "invalid_image_url",
+    "image_too_large", "image_too_small", "image_parse_error", "image_content_policy_violation",
+    "invalid_image_mode", "image_file_too_large", "unsupported_image_media_type",
+    "empty_image_file", "failed_to_download_image", "image_file_not_found",
+})  # fmt: skip
+
+
+def response_error(outcome: Outcome | None) -> dict[str, Any]:
+    """The ``error`` of a failed response.
+
+    An error the upstream reported (:attr:`Outcome.error`) keeps its
+    ``message``, ``param`` and ``type``; its ``code`` is the upstream's when
+    the Responses API has that code, else ``rate_limit_exceeded`` for a rate
+    limit (code ``rate_limit_exceeded`` or ``429``), ``invalid_prompt`` for
+    a bad request (code ``400``, ``413`` or ``422``, or a type that says
+    ``invalid_request``), else ``server_error``: the Responses API's ``code``
+    is one of a fixed list (docs/api.md section 8.2).  Any other failure is
+    ``server_error`` with trio-stream's message.
+    """
+    upstream = outcome.error if outcome is not None else None
+    if upstream is None:
+        message = outcome.message if outcome is not None else ""
+        return {"code": "server_error", "message": message or "The upstream failed."}
+    code, type_ = upstream.get("code"), upstream.get("type")
+    if isinstance(code, str) and code in RESPONSE_ERROR_CODES:
+        mapped = str(code)
+    elif code in ("rate_limit_exceeded", 429) or type_ == "rate_limit_error":
+        mapped = "rate_limit_exceeded"
+    elif code in (400, 413, 422) or "invalid_request" in str(type_):
+        mapped = "invalid_prompt"
+    else:
+        mapped = "server_error"
+    param, kind = upstream.get("param"), type_
+    return {
+        "code": mapped, "message": upstream["message"],
+        "param": param if isinstance(param, str) else None,
+        "type": kind if isinstance(kind, str) else None,
+    }  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class ResponseState:
     """What the response object shows of a run at one moment."""
@@ -601,10 +645,7 @@ class ResponseState:
 def response_object(s: ResponseState) -> dict[str, Any]:
     """The ``response`` object (``GET /v1/responses/{id}``, the events)."""
     status = s.status or status_of(s.outcome, s.output.entries, s.meta.background)
-    error = None
-    if status == "failed":
-        message = s.outcome.message if s.outcome is not None else ""
-        error = {"code": "server_error", "message": message or "The upstream failed."}
+    error = response_error(s.outcome) if status == "failed" else None
     incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
     obj = {
         "id": s.id,
