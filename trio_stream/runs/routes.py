@@ -165,14 +165,20 @@ class Routes:
         return self.settings.token_timeout if own is None else own
 
     # -- choosing and recording ----------------------------------------------------
-    def _acquire(self, run: Run, tried: list[str], last: UpstreamError | None) -> Lease:
+    def _acquire(
+        self, run: Run, tried: list[str], last: UpstreamError | None = None,
+        failed: Lease | None = None,
+    ) -> Lease:  # fmt: skip
         """The next member (B2); B3's refusal on the first choice, else the
-        last attempt's error (B4)."""
+        last attempt's error (B4).  ``failed``: the member the request moves
+        on from (a failover, counted once it has somewhere to go)."""
         got = self.router.acquire(run.request.model, trio.current_time(), tried)
         if isinstance(got, Refusal):
             if last is not None:
                 raise last
             raise UpstreamsUnavailable(got.status, got.retry_after)
+        if failed is not None:
+            self.metrics.upstream_failovers.labels(failed.member.name).inc()
         tried.append(got.member.name)
         self.metrics.upstream_in_flight.labels(got.member.name).inc()
         return got
@@ -210,12 +216,9 @@ class Routes:
         )  # fmt: skip
         return failure
 
-    def _fails_over(self, run: Run, lease: Lease, failure: Failure) -> bool:
+    def _fails_over(self, run: Run, failure: Failure) -> bool:
         """F1: move on, or end with this error?"""
-        if not fails_over(failure, trio.current_time(), run.scope.deadline):
-            return False
-        self.metrics.upstream_failovers.labels(lease.member.name).inc()
-        return True
+        return fails_over(failure, trio.current_time(), run.scope.deadline)
 
     def _within(self, run: Run, lease: Lease) -> trio.CancelScope | None:
         """F2: the attempt's own deadline, as a cancel scope only if it comes
@@ -253,14 +256,14 @@ class Routes:
         ``hedge_after`` without a token, the next member after each failure
         (F1).  The winner's items."""
         tried: list[str] = []
-        self._start(run, race, nursery, self._acquire(run, tried, None))
+        self._start(run, race, nursery, self._acquire(run, tried))
         hedge_at = trio.current_time() + hedge_after
         while race.items is None:
             if not race.running:  # every attempt failed before its first token
                 lease, exc, failure = race.failures[-1]
-                if not self._fails_over(run, lease, failure):
+                if not self._fails_over(run, failure):
                     raise exc
-                self._start(run, race, nursery, self._acquire(run, tried, exc))
+                self._start(run, race, nursery, self._acquire(run, tried, exc, lease))
                 continue
             with trio.move_on_at(hedge_at):
                 await race.changed.park()
@@ -346,8 +349,9 @@ class _Sequential:
         routes, run = self._routes, self._run
         tried: list[str] = []
         last: UpstreamError | None = None
+        failed: Lease | None = None
         while True:
-            lease = self._lease = routes._acquire(run, tried, last)
+            lease = self._lease = routes._acquire(run, tried, last, failed)
             began = trio.current_time()
             opened = routes.clients[lease.member.name].stream(routes._request(run, lease))
             own = routes._within(run, lease)
@@ -371,9 +375,9 @@ class _Sequential:
                 if not isinstance(exc, UpstreamError):
                     raise
                 failure = routes._failed(run, lease, exc, started=False)
-                if not routes._fails_over(run, lease, failure):
+                if not routes._fails_over(run, failure):
                     raise
-                last = exc
+                last, failed = exc, lease
                 continue
             self._opened = opened
             routes._won(run, lease, began)
