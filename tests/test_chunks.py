@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from trio_stream.core.log import Entry, Outcome, RunLog, RunStatus, ToolDelta
+from trio_stream.core.log import Chunk, Entry, Outcome, RunLog, RunStatus
 from trio_stream.errors import INTERNAL_MESSAGE
 from trio_stream.wire.chunks import ChunkEncoder, cancel_error
 from trio_stream.wire.sse import SSEDecoder, SSEEvent
@@ -17,10 +17,10 @@ CID = "chatcmpl-abc"
 MODEL = 'm "quoted"'
 CREATED = 1_700_000_000
 
-CALL_START = ToolDelta(
+CALL_START = Chunk.of(
     {"tool_calls": [{"index": 0, "id": "c1", "type": "function", "function": {"name": "f"}}]}
 )
-CALL_ARGS = ToolDelta({"tool_calls": [{"index": 0, "function": {"arguments": '{"x":'}}]})
+CALL_ARGS = Chunk.of({"tool_calls": [{"index": 0, "function": {"arguments": '{"x":'}}]})
 
 
 def encoder(coalesce: bool) -> ChunkEncoder:
@@ -225,7 +225,8 @@ def completed_log(entries: Sequence[Entry], reason: str = "stop") -> RunLog:
 
 
 def test_completion_object_text() -> None:
-    """stream:false answers one chat.completion object with the whole text."""
+    """stream:false answers one chat.completion object with the whole text
+    (and logprobs null, as OpenAI's non-streamed answer has it)."""
     obj = orjson.loads(encoder(True).completion(completed_log(["Hel", "lo"], "length")))
     assert obj == {
         "id": CID,
@@ -236,6 +237,7 @@ def test_completion_object_text() -> None:
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": "Hello"},
+                "logprobs": None,
                 "finish_reason": "length",
             }
         ],

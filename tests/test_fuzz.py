@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trio_stream.core.log import Entry, RunLog, ToolDelta
+from trio_stream.core.log import Chunk, Entry, RunLog
 from trio_stream.errors import ApiError, UpstreamError
 from trio_stream.upstream import Finish, Item, mocktext
 from trio_stream.upstream.wire import ollama_items, openai_items
@@ -364,7 +364,7 @@ def check_items(items: list[Item]) -> None:
         if isinstance(item, Usage):
             assert min(item.prompt_tokens, item.completion_tokens, item.total_tokens) >= 0
             continue
-        assert isinstance(item, ToolDelta) or (isinstance(item, str) and item)
+        assert isinstance(item, Chunk) or (isinstance(item, str) and item)
         log.append(item)
     assert isinstance(log.tool_calls, list)
     rendered = ChunkEncoder("c", "m", 0, coalesce=True).render(log.read(0), 1)
@@ -434,7 +434,7 @@ def render_batches(
 
 def check_render(entries: list[Entry], batch_sizes: list[int]) -> None:
     results = {c: render_batches(entries, batch_sizes, c) for c in (True, False)}
-    for events in results.values():
+    for coalesce, events in results.items():
         ids = [seq for seq, _ in events]
         assert ids == sorted(set(ids)), "event ids strictly increase"
         assert ids[-1:] == ([len(entries)] if entries else [])
@@ -446,9 +446,12 @@ def check_render(entries: list[Entry], batch_sizes: list[int]) -> None:
             for _, delta in events
             if "content" not in delta
         ]
-        assert tool_events == [e.delta for e in entries if isinstance(e, ToolDelta)], (
-            "tool deltas pass one per event, never merged"
-        )
+        chunks = [e.delta for e in entries if isinstance(e, Chunk)]
+        if not coalesce:
+            assert tool_events == chunks, "without coalescing, one event per chunk"
+        assert "".join(d["refusal"] for d in tool_events) == "".join(
+            d["refusal"] for d in chunks
+        ), "coalesced chunks only merge exactly: their texts concatenate, in order"
     contents = {c: "".join(d.get("content", "") for _, d in ev) for c, ev in results.items()}
     expected = "".join(e for e in entries if isinstance(e, str))
     assert contents[True] == contents[False] == expected
@@ -470,13 +473,14 @@ def test_render_coalesce_preserves_content(entries: list[str], batch_sizes: list
 @FUZZ
 @given(
     entries=st.lists(
-        text.filter(bool) | st.builds(lambda s: ToolDelta({"refusal": s}), text), max_size=20
+        text.filter(bool) | st.builds(lambda s: Chunk.of({"refusal": s}), text), max_size=20
     ),
     batch_sizes=batches,
 )
 def test_render_with_tool_deltas(entries: list[Entry], batch_sizes: list[int]) -> None:
-    """Mixed with tool deltas, the same holds and every tool delta is its own
-    event, unmerged, in order."""
+    """Mixed with other chunks (refusal deltas), the same holds; without
+    coalescing every chunk is its own event, and with it consecutive chunks
+    merge only exactly (their refusal texts concatenate, in order)."""
     check_render(entries, batch_sizes)
 
 

@@ -152,8 +152,8 @@ async def test_the_model_picks_the_group_and_models_is_the_union(settings: Setti
 async def test_failover_before_the_first_token(settings: Settings, how: str) -> None:
     """A connect refusal, a 5xx or a 429 on the member chosen first moves
     the request to the next member: the client sees one complete response,
-    the run names the member that served it (stream_end's served_by) and
-    is saved once; the failed member is counted (attempts, failovers)."""
+    the run names the member that served it (stream_end, the run object,
+    the saved message) and is saved once; the failed member is counted (attempts, failovers)."""
     async with fakes(2) as (bad, good):
         bad.plan = first_time(error_plan(int(how))) if how != "refused" else bad.plan
         first = member("first", refused_url() if how == "refused" else bad, weight=10.0)
@@ -177,7 +177,11 @@ async def test_failover_before_the_first_token(settings: Settings, how: str) -> 
                 assert end["served_by"] == "second"
                 async with loopback_client(server) as http:
                     saved = (await http.get("/v1/sessions/s1/messages")).json()["data"]
+                    run_id = client.headers["x-run-id"]
+                    run = (await http.get(f"/v1/runs/{run_id}")).json()
                 assert [m["content"] for m in saved] == [TEXT]
+                assert saved[0]["served_by"] == "second"
+                assert run["served_by"] == "second"
                 assert len(good.requests) == 1
                 assert len(bad.requests) == (0 if how == "refused" else 1)
                 outcome = {"refused": "connect", "429": "rate_limited"}.get(how, "server")
@@ -186,6 +190,29 @@ async def test_failover_before_the_first_token(settings: Settings, how: str) -> 
                 assert metric(server, "trio_stream_upstream_failovers_total", member="first") == 1
                 # The fake's task serving the pooled connection is the only one more.
                 assert await tasks_living() == baseline + good.open_connections
+
+
+async def test_a_members_own_first_token_timeout_fails_over(
+    settings: Settings, autojump_clock: trio.testing.MockClock
+) -> None:
+    """F2: a member silent past its own first_token_timeout (0.5 s) is given
+    up -- its connection closed -- and the request moves on at that moment,
+    well within the request's --first-token-timeout."""
+    async with fakes(2) as (slow, fast):
+        slow.plan = slow_plan(5.0)
+        specs = (member("slow", slow, weight=10.0, first_token_timeout=0.5), member("fast", fast))
+        async with serving(settings, *specs) as server:
+            start = trio.current_time()
+            response = await post(server, chat())
+            assert response.status_code == 200
+            assert response.json()["choices"][0]["message"]["content"] == TEXT
+            (exchange,) = fast.exchanges
+            assert exchange.started - start == pytest.approx(0.5, abs=0.01)
+            (conn,) = slow.connections
+            assert conn.closed is not None
+            assert conn.closed - start == pytest.approx(0.5, abs=0.01)
+            assert metric(server, "trio_stream_upstream_attempts_total", member="slow",
+                          outcome="timeout") == 1  # fmt: skip
 
 
 async def test_a_client_error_is_not_failed_over(settings: Settings) -> None:

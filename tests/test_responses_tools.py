@@ -156,18 +156,20 @@ async def test_a_function_call_output_round_trip(settings: Settings, nursery: tr
 @pytest.mark.parametrize(
     ("name", "kinds"),
     [
-        ("vllm_reasoning_content", {"reasoning", "message"}),
-        ("openrouter_reasoning", {"reasoning", "message"}),
-        ("openai_refusal", {"message"}),
+        ("vllm_reasoning_content", ["reasoning", "message"]),
+        ("openrouter_reasoning", ["reasoning", "message"]),
+        ("openai_refusal", ["message"]),
     ],
 )
 async def test_reasoning_and_refusal_reach_the_output(
-    settings: Settings, nursery: trio.Nursery, name: str, kinds: set[str]
+    settings: Settings, nursery: trio.Nursery, name: str, kinds: list[str]
 ) -> None:
-    """Reasoning the upstream streams is a ``reasoning`` item (its
-    ``reasoning_text`` deltas join to the upstream's reasoning); a refusal
-    is a ``refusal`` part with ``response.refusal.delta``/``.done`` -- not
-    dropped as before, in the stream and in the stored object."""
+    """Reasoning the upstream streams is one ``reasoning`` item (its
+    ``reasoning_text`` deltas join to the upstream's reasoning), followed by
+    one message item -- also when one chunk ends the reasoning and starts the
+    answer; a refusal is a ``refusal`` part with
+    ``response.refusal.delta``/``.done`` -- not dropped as before, in the
+    stream and in the stored object."""
     t = by_name(name)
     fake = await serving(settings, nursery, t, t)
     s = settings.replace(upstream="openai", upstream_url=fake.url)
@@ -177,7 +179,7 @@ async def test_reasoning_and_refusal_reach_the_output(
             "/v1/responses", json={"input": "7 times 8?"})).json())  # fmt: skip
     final = events[-1].response
     assert final.status == "completed"
-    assert {o.type for o in final.output} == kinds
+    assert [o.type for o in final.output] == kinds
     streamed: dict[str, str] = {}
     for chunk in t.body.decode().splitlines():
         if chunk.startswith("data: {"):

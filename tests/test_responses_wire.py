@@ -11,7 +11,7 @@ import pydantic
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 
-from trio_stream.core.log import Entry, Outcome, RunStatus, ToolDelta
+from trio_stream.core.log import Chunk, Entry, Outcome, RunStatus
 from trio_stream.errors import ApiError
 from trio_stream.wire.responses import (
     ResponseEvents,
@@ -40,7 +40,7 @@ ENDINGS = [
 def entry(delta: dict[str, Any]) -> Entry:
     """A log entry carrying ``delta`` (the only place these tests build one:
     the renderer reads entries through ``wire.responses.delta_of``)."""
-    return ToolDelta(delta)
+    return Chunk.of(delta)
 
 
 def parse(body: dict[str, Any]) -> Any:

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 
 import pytest
 
 from trio_stream.core.lifecycle import SAVED_STATUS
 from trio_stream.core.log import (
+    Chunk,
     Entry,
     IllegalTransition,
     LogClosed,
     Outcome,
     RunLog,
     RunStatus,
-    ToolDelta,
+    merge,
 )
 
 TERMINAL = (RunStatus.COMPLETED, RunStatus.CANCELLED, RunStatus.FAILED)
@@ -88,7 +90,7 @@ def test_append_after_end_raises(status: RunStatus) -> None:
     with pytest.raises(LogClosed):
         log.append("late")
     with pytest.raises(LogClosed):
-        log.append(ToolDelta({"refusal": "no"}))
+        log.append(Chunk.of({"refusal": "no"}))
     assert log.content == "x"
     assert log.last_seq == 1
 
@@ -109,7 +111,7 @@ def test_append_after_fence_raises_but_finish_is_still_allowed() -> None:
 def test_sequence_numbers_start_at_one_without_gaps() -> None:
     """Rule 3: append returns 1, 2, 3 ...; entry n is read(n - 1)[0]."""
     log = RunLog()
-    entries: list[Entry] = ["a", ToolDelta({"refusal": "r"}), "b", "c"]
+    entries: list[Entry] = ["a", Chunk.of({"refusal": "r"}), "b", "c"]
     assert [log.append(e) for e in entries] == [1, 2, 3, 4]
     assert log.last_seq == 4
     for n, entry in enumerate(entries, start=1):
@@ -163,14 +165,14 @@ def test_read_works_after_end() -> None:
 def test_content_is_text_entries_only() -> None:
     """content joins the text deltas in order and skips tool deltas."""
     log = RunLog()
-    entries: list[Entry] = ["Hel", ToolDelta({"refusal": "?"}), "lo", " world"]
+    entries: list[Entry] = ["Hel", Chunk.of({"refusal": "?"}), "lo", " world"]
     for e in entries:
         log.append(e)
     assert log.content == "Hello world"
 
 
-def call(index: int, **fields: object) -> ToolDelta:
-    return ToolDelta({"tool_calls": [{"index": index, **fields}]})
+def call(index: int, **fields: object) -> Chunk:
+    return Chunk.of({"tool_calls": [{"index": index, **fields}]})
 
 
 def test_tool_calls_are_merged_by_index() -> None:
@@ -197,7 +199,7 @@ def test_tool_calls_are_merged_by_index() -> None:
 def test_tool_call_defaults() -> None:
     """A call without index is index 0; without type it is a "function" call."""
     log = RunLog()
-    log.append(ToolDelta({"tool_calls": [{"function": {"name": "f"}}]}))
+    log.append(Chunk.of({"tool_calls": [{"function": {"name": "f"}}]}))
     assert log.tool_calls == [
         {"id": None, "type": "function", "function": {"name": "f", "arguments": ""}}
     ]
@@ -207,5 +209,69 @@ def test_no_tool_calls() -> None:
     """A run without tool deltas (or with non-call deltas) has no tool calls."""
     log = RunLog()
     log.append("a")
-    log.append(ToolDelta({"refusal": "no"}))
+    log.append(Chunk.of({"refusal": "no"}))
     assert log.tool_calls == []
+
+
+def lp(*tokens: str) -> dict[str, list[dict[str, object]]]:
+    return {"content": [{"token": t, "logprob": -1.0} for t in tokens]}
+
+
+def chunk(delta: Mapping[str, object], **choice: object) -> Chunk:
+    body = {"object": "chat.completion.chunk", "system_fingerprint": "fp",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None,
+                         **choice}]}  # fmt: skip
+    return Chunk(body)
+
+
+def test_merge_is_exact_or_nothing() -> None:
+    """Issue 20 item 1's coalescing rule: two entries merge only when nothing
+    is lost -- text fields concatenate, logprobs lists concatenate, every
+    other field must be equal in both (finish_reason, usage, obfuscation,
+    a tool-call fragment, a different delta key: never merged across)."""
+    a = chunk({"reasoning_content": "Hm"}, logprobs=lp("H"))
+    b = chunk({"reasoning_content": "m."}, logprobs=lp("m"))
+    merged = merge(a, b, None)
+    assert isinstance(merged, Chunk)
+    assert merged.delta == {"reasoning_content": "Hmm."}
+    assert merged.choice is not None
+    assert merged.choice["logprobs"] == lp("H", "m")
+    assert merged.body["system_fingerprint"] == "fp"
+    assert merge("a", "b", None) == "ab"
+    shape = chunk({"content": "He"})
+    shape = Chunk(shape.body, shape=True)
+    assert merge(shape, "llo", shape) == "Hello"
+    text = chunk({"content": "x"})
+    for other in (
+        chunk({"content": "y"}, finish_reason="stop"),
+        chunk({"content": "y"}, stop_reason=None),
+        chunk({"refusal": "y"}),
+        chunk({"content": "y"}, logprobs=lp("y")),
+        Chunk({**chunk({"content": "y"}).body, "obfuscation": "abc"}),
+        Chunk({**chunk({"content": "y"}).body, "usage": {"prompt_tokens": 1}}),
+        "y",
+    ):
+        assert merge(text, other, None) is None, other
+    call = {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}
+    other_call = {"tool_calls": [{"index": 0, "function": {"arguments": "}"}}]}
+    assert merge(chunk(call), chunk(other_call), None) is None
+
+
+def test_answer_aggregates_what_the_chunks_carried() -> None:
+    """RunLog.answer(): texts per field concatenated, logprobs lists joined,
+    the refusal kept (content null), other choice/chunk fields their last
+    non-null value, the tail's fields too."""
+    log = RunLog()
+    log.append(chunk({"role": "assistant", "content": ""}))
+    log.append(chunk({"refusal": "I can"}, logprobs=lp("I")))
+    log.append(chunk({"refusal": "not."}, logprobs=lp("not")))
+    log.append(chunk({}, finish_reason="stop", stop_reason=None))
+    log.set_tail((Chunk({"choices": [], "usage": {"prompt_tokens": 1}, "service_tier": "x"}),))
+    answer = log.answer()
+    assert answer.message == {"role": "assistant", "content": None, "refusal": "I cannot."}
+    assert answer.logprobs == lp("I", "not")
+    assert answer.finish_reason == "stop"
+    assert answer.choice_extra == {"stop_reason": None}
+    assert answer.chunk_extra == {"system_fingerprint": "fp", "service_tier": "x"}
+    assert log.usage == {"prompt_tokens": 1}
+    assert log.finished

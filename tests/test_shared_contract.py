@@ -21,7 +21,7 @@ import trio
 import trio.testing
 
 from tests.redis_server import RedisServer
-from trio_stream.core.log import Outcome, RunStatus, ToolDelta
+from trio_stream.core.log import Chunk, Outcome, RunStatus
 from trio_stream.runs import Run
 from trio_stream.shared import LocalState, RunRecord, SharedState, SharedUnavailable
 from trio_stream.shared.redis import CANCEL_POLL, RedisState
@@ -169,7 +169,9 @@ async def test_wait_finished_returns_when_the_owner_cleans_up(nodes: tuple[Node,
 
 async def test_registry_and_logs_cross_nodes(nodes: tuple[Node, Node]) -> None:
     """G6, G7: another node sees the run's record, and reads a detached
-    run's log with the same entries and sequence numbers, then its end."""
+    run's log with the same entries and sequence numbers, then its end --
+    every entry as it was (a Chunk's whole body and its shape flag) and the
+    chunks after the finish with the end (issue 20 item 1)."""
     a, b = nodes
     if not a.state.ships_logs:
         assert await b.state.lookup("any") is None  # in-process: every run is local
@@ -185,12 +187,17 @@ async def test_registry_and_logs_cross_nodes(nodes: tuple[Node, Node]) -> None:
         nursery.start_soon(a.state.ship, run)
         for i in range(10):
             run.append(f"w{i} ")
-        run.append(ToolDelta({"tool_calls": [{"index": 0, "id": "c"}]}))
+        run.append(Chunk.of({"tool_calls": [{"index": 0, "id": "c"}]}))
+        shape = Chunk({"choices": [{"index": 0, "delta": {"content": "x"}, "logprobs": None}],
+                       "system_fingerprint": "fp"}, shape=True)  # fmt: skip
+        run.append(shape)
         seen: list[object] = []
         with trio.fail_after(2):
-            while len(seen) < 11:  # a live follower reads as it is shipped
+            while len(seen) < 12:  # a live follower reads as it is shipped
                 seen += (await b.state.read_log(run.id, len(seen), wait=True)).entries
         assert seen[:3] == ["w0 ", "w1 ", "w2 "]
+        tail = (Chunk({"choices": [], "usage": {"prompt_tokens": 1, "cost": 0.1}}),)
+        run.log.set_tail(tail)
         run.end(Outcome(RunStatus.COMPLETED, "stop"))
         run.finished()
     page = await b.state.read_log(run.id, 7, wait=False)
@@ -198,9 +205,12 @@ async def test_registry_and_logs_cross_nodes(nodes: tuple[Node, Node]) -> None:
         "w7 ",
         "w8 ",
         "w9 ",
-        ToolDelta({"tool_calls": [{"index": 0, "id": "c"}]}),
+        Chunk.of({"tool_calls": [{"index": 0, "id": "c"}]}),
+        shape,
     ]
+    assert page.entries[-1].shape  # type: ignore[union-attr]  # issue 20: the shape travels
     assert page.outcome == Outcome(RunStatus.COMPLETED, "stop")
+    assert tuple(page.tail) == tail  # the chunks after the finish travel with the end
 
 
 async def test_a_takeover_that_fails_midway_is_done_again(

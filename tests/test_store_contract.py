@@ -68,12 +68,14 @@ async def committing(store: Store, nursery: trio.Nursery) -> Store:
 
 async def test_a_saved_message_reads_back_equal(store: Store) -> None:
     """What save() wrote, get() and session_messages() return unchanged --
-    tool calls, usage, a missing session, the float timestamp -- and count()
-    is 1."""
-    usage = {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5, "model": "m"}
+    tool calls, usage (every field), reasoning, refusal, logprobs presence, a
+    missing session, the float timestamp -- and count() is 1."""
+    usage = {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5, "cost": 0.5,
+             "model": "m"}  # fmt: skip
     with_calls = replace(message("run_a", created=1700000000.123456), tool_calls=CALLS,
-                         usage=usage)  # fmt: skip
-    no_session = replace(message("run_b", session=None), status="partial", reason=None)
+                         usage=usage, reasoning="think", logprobs=True)  # fmt: skip
+    no_session = replace(message("run_b", session=None, content=""), status="partial",
+                         reason=None, refusal="I can't help with that.")  # fmt: skip
     await store.save(with_calls)
     await store.save(no_session)
     assert await store.get("t1", "run_a") == with_calls
@@ -244,6 +246,51 @@ async def test_migrations_run_twice_and_by_several_nodes_at_once(db: str) -> Non
     again = open_store(db)
     assert await again.count("run_kept") == 1
     again.close()
+    assert schema_of(db) == (expected_versions(db), 1)
+
+
+def _version_2(db: str) -> None:
+    """Bring a fresh database to schema version 2 and save one row the way a
+    trio-stream of that version did (no reasoning/refusal/logprobs columns)."""
+    old = ("run_old", "t1", "s1", "hi", None, "complete", "stop", 1, False, 1.0, None)
+    if db.startswith("postgresql://"):
+        with psycopg.connect(db) as conn:
+            conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY)")
+            for version, statements in enumerate(pgstore.MIGRATIONS[:2], start=1):
+                for sql in statements:
+                    conn.execute(sql)
+                conn.execute("INSERT INTO schema_version VALUES (%s)", (version,))
+            conn.execute(
+                "INSERT INTO messages (run_id, tenant, session_id, content, tool_calls, status,"
+                " reason, events, detached, created, usage) VALUES"
+                " (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                old,
+            )
+        return
+    with sqlite3.connect(db) as conn:
+        for statements in SQLITE_MIGRATIONS[:2]:
+            for sql in statements:
+                conn.execute(sql)
+        conn.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", old)
+        conn.execute("PRAGMA user_version = 2")
+
+
+async def test_a_version_2_database_migrates_and_keeps_its_rows(db: str) -> None:
+    """Issue 20 item 3, both stores: a database saved by the previous schema
+    (version 2) gets the reasoning/refusal/logprobs columns when a newer
+    trio-stream opens it (append-only migration 3); its old rows read back
+    with none of them, and new rows keep them."""
+    _version_2(db)
+    store = open_store(db)
+    try:
+        old = await store.get("t1", "run_old")
+        assert old is not None
+        assert (old.content, old.reasoning, old.refusal, old.logprobs) == ("hi", None, None, False)
+        new = replace(message("run_new"), reasoning="r", refusal="no", logprobs=True)
+        await store.save(new)
+        assert await store.get("t1", "run_new") == new
+    finally:
+        store.close()
     assert schema_of(db) == (expected_versions(db), 1)
 
 

@@ -14,6 +14,7 @@ from tests.conftest import loopback_client, running_server
 from tests.test_openai_sdk import sdk
 from tools.fakes import FakeUpstream, Plan, Step, ollama_line, openai_chunk
 from trio_stream import Settings
+from trio_stream.core.log import Chunk
 from trio_stream.http.service import PUBLIC_TENANT
 from trio_stream.upstream import Finish
 from trio_stream.upstream.wire import ollama_items, openai_items
@@ -131,18 +132,22 @@ async def test_ollama_counts_are_passed_through(
 
 def test_wire_maps_usage_to_an_item() -> None:
     """An OpenAI usage chunk (alone, or on the finish chunk) and Ollama's
-    counts become a ``Usage`` item, before the ``Finish``; a malformed usage
-    is dropped, never an error (usage is advisory)."""
+    counts become a ``Usage`` item after the chunk that carries it (relayed as
+    sent) and before the ``Finish``; a malformed usage counts nothing, never
+    an error (usage is advisory)."""
     alone = usage_chunk(UPSTREAM_USAGE).removeprefix(b"data: ").decode()
-    assert openai_items(alone) == [Usage(11, 3, 14, extra={"prompt_tokens_details":
-                                                           {"cached_tokens": 2}})]  # fmt: skip
+    (chunk, usage) = openai_items(alone)
+    assert isinstance(chunk, Chunk)
+    assert chunk.body["usage"] == UPSTREAM_USAGE
+    assert usage == Usage(11, 3, 14, extra={"prompt_tokens_details": {"cached_tokens": 2}})
     both = orjson.loads(openai_chunk("x", finish="stop").removeprefix(b"data: "))
     both["usage"] = {"prompt_tokens": 1, "completion_tokens": 1}
-    assert openai_items(orjson.dumps(both).decode()) == ["x", Usage(1, 1, 2), Finish("stop")]
+    items = openai_items(orjson.dumps(both).decode())
+    assert items[1:] == [Usage(1, 1, 2), Finish("stop")]
     for bad in ({"prompt_tokens": "1", "completion_tokens": 1}, {"total_tokens": 3}, 5, None):
         assert openai_items(orjson.dumps({"choices": [], "usage": bad}).decode()) == []
     line = orjson.dumps({"message": {"content": ""}, "done": True, "eval_count": 4})
-    assert ollama_items(line) == [Usage(0, 4, 4), Finish("stop")]
+    assert ollama_items(line)[1:] == [Usage(0, 4, 4), Finish("stop")]
 
 
 def test_counting_rules() -> None:

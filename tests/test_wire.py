@@ -7,10 +7,10 @@ from typing import Any
 import orjson
 import pytest
 
-from trio_stream.core.log import RunLog, ToolDelta
+from trio_stream.core.log import Chunk, RunLog
 from trio_stream.errors import UpstreamError
 from trio_stream.upstream import Finish, Item
-from trio_stream.upstream.wire import ollama_items, openai_items
+from trio_stream.upstream.wire import StreamState, ollama_items, openai_items
 from trio_stream.wire.usage import Usage
 
 
@@ -25,27 +25,31 @@ def oa(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: 
 CALL = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}
 
 
+def body(data: str) -> dict[str, Any]:
+    """A chunk as the log keeps it: as sent, minus id/created/model."""
+    obj = orjson.loads(data)
+    return {k: v for k, v in obj.items() if k not in ("id", "created", "model")}
+
+
 @pytest.mark.parametrize(
-    ("data", "items"),
+    ("data", "after"),
     [
-        (oa({"role": "assistant", "content": "Hi"}), ["Hi"]),
-        (oa({"content": " there"}), [" there"]),
+        (oa({"role": "assistant", "content": "Hi"}), []),
+        (oa({"content": " there"}), []),
         (oa({"role": "assistant", "content": ""}), []),
         (oa({"role": "assistant"}), []),
         (oa({"content": None}), []),
         (oa({}, "stop"), [Finish("stop")]),
-        (oa({"content": "end"}, "length"), ["end", Finish("length")]),
-        (oa({"tool_calls": [CALL]}), [ToolDelta({"tool_calls": [CALL]})]),
+        (oa({"content": "end"}, "length"), [Finish("length")]),
+        (oa({"tool_calls": [CALL]}), []),
         (
             oa({"content": "a", "tool_calls": [CALL], "refusal": None}, "tool_calls"),
-            ["a", ToolDelta({"tool_calls": [CALL]}), Finish("tool_calls")],
+            [Finish("tool_calls")],
         ),
-        (oa({"refusal": "no"}), [ToolDelta({"refusal": "no"})]),
-        ('{"choices": [], "usage": {"total_tokens": 3}}', []),
-        ('{"usage": {"total_tokens": 3}}', []),
-        ('{"choices": null}', []),
+        (oa({"refusal": "no"}), []),
         ('{"choices": [{"delta": null}]}', []),
         ('{"choices": [{"delta": {"content": 5}}]}', []),
+        (oa({"content": "x"}, logprobs={"content": []}, system_fingerprint="fp"), []),
     ],
     ids=[
         "first-content",
@@ -58,17 +62,61 @@ CALL = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f"
         "tool-call",
         "content-tool-finish",
         "refusal",
-        "usage-only-empty-choices",
-        "usage-only-no-choices",
-        "null-choices",
         "null-delta",
-        "non-string-content-ignored",
+        "non-string-content-kept",
+        "extra-fields-kept",
     ],
 )
-def test_openai_items(data: str, items: list[Item]) -> None:
-    """One SSE data field maps to its content, its non-content delta (role and
-    nulls dropped) and its finish, in that order; usage-only chunks map to nothing."""
-    assert openai_items(data) == items
+def test_openai_items(data: str, after: list[Item]) -> None:
+    """Issue 20 item 1: one SSE data field is one entry, the upstream's chunk as
+    sent (role, nulls, every field) minus id/created/model, then its finish."""
+    assert openai_items(data) == [Chunk(body(data)), *after]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        '{"choices": [], "usage": {"total_tokens": 3}}',
+        '{"usage": {"total_tokens": 3}}',
+        '{"choices": null}',
+        '{"choices": []}',
+    ],
+    ids=["unusable-usage-empty-choices", "unusable-usage-no-choices", "null-choices", "empty"],
+)
+def test_openai_items_without_a_choice_or_usage(data: str) -> None:
+    """A chunk with no choice and no usable usage carries nothing to relay."""
+    assert openai_items(data) == []
+
+
+def test_openai_items_text_fast_path() -> None:
+    """The first text-only chunk of a stream sets its shape (a Chunk with
+    shape=True); later text-only chunks with the same other fields are bare
+    strings; one that differs in any field (here logprobs) stays a Chunk."""
+    state = StreamState()
+    role = oa({"role": "assistant", "content": ""})
+    first, second = oa({"content": "He"}), oa({"content": "llo"})
+    other = oa({"content": "!"}, logprobs={"content": []})
+    assert openai_items(role, state) == [Chunk(body(role))]
+    assert openai_items(first, state) == [Chunk(body(first), shape=True)]
+    assert openai_items(second, state) == ["llo"]
+    assert openai_items(other, state) == [Chunk(body(other))]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        '{"choices": [{"index": 1, "delta": {"content": "x"}}]}',
+        '{"choices": [{"index": 0, "delta": {}}, {"index": 1, "delta": {}}]}',
+    ],
+    ids=["index-1", "two-choices"],
+)
+def test_openai_items_other_choice_is_malformed(data: str) -> None:
+    """Issue 20 item 8: trio-stream asks for n = 1, so a choice index other
+    than 0 (or a second choice) is the upstream's protocol error, never text
+    merged into choice 0."""
+    with pytest.raises(UpstreamError) as info:
+        openai_items(data)
+    assert info.value.code == "malformed_chunk"
 
 
 @pytest.mark.parametrize(
@@ -153,7 +201,7 @@ def test_openai_items_invalid_utf8_bytes_are_replaced() -> None:
     """Data bytes that are not UTF-8 read as if decoded with U+FFFD (what the
     str-based SSE decoder did), not as a malformed chunk."""
     raw = b'{"choices": [{"delta": {"content": "a\xffb"}}]}'
-    assert openai_items(raw) == ["a\ufffdb"]
+    assert openai_items(raw) == [Chunk({"choices": [{"delta": {"content": "a\ufffdb"}}]})]
 
 
 def ol(message: dict[str, Any] | None = None, **fields: Any) -> bytes:
@@ -177,14 +225,24 @@ def ollama_call(index: int, name: str, arguments: str) -> dict[str, Any]:
     ("line", "items"),
     [
         (ol({"content": "Hi"}), ["Hi"]),
-        (ol({"content": ""}), []),
-        (ol({"content": ""}, done=True, done_reason="stop"), [Finish("stop")]),
-        (ol({"content": "x"}, done=True, done_reason="length"), ["x", Finish("length")]),
-        (ol(done=True), [Finish("stop")]),
-        (ol(done=True, done_reason="load"), [Finish("stop")]),
+        (ol({"content": ""}), [Chunk.of({})]),
+        (
+            ol({"content": ""}, done=True, done_reason="stop"),
+            [Chunk.of({}, "stop"), Finish("stop")],
+        ),
+        (
+            ol({"content": "x"}, done=True, done_reason="length"),
+            [Chunk.of({"content": "x"}, "length"), Finish("length")],
+        ),
+        (ol(done=True), [Chunk.of({}, "stop"), Finish("stop")]),
+        (ol(done=True, done_reason="load"), [Chunk.of({}, "load"), Finish("load")]),
+        (
+            ol({"content": "", "thinking": "hm"}),
+            [Chunk.of({"reasoning_content": "hm"})],
+        ),
         (
             ol({"tool_calls": [{"function": {"name": "f", "arguments": {"x": 1}}}]}),
-            [ToolDelta({"tool_calls": [ollama_call(0, "f", '{"x":1}')]})],
+            [Chunk.of({"tool_calls": [ollama_call(0, "f", '{"x":1}')]})],
         ),
         (
             ol(
@@ -195,11 +253,11 @@ def ollama_call(index: int, name: str, arguments: str) -> dict[str, Any]:
                     ]
                 }
             ),
-            [ToolDelta({"tool_calls": [ollama_call(0, "f", "raw"), ollama_call(1, "g", "{}")]})],
+            [Chunk.of({"tool_calls": [ollama_call(0, "f", "raw"), ollama_call(1, "g", "{}")]})],
         ),
         (b"", []),
         (b"  \r", []),
-        (b'{"message": null}', []),
+        (b'{"message": null}', [Chunk.of({})]),
     ],
     ids=[
         "content",
@@ -207,7 +265,8 @@ def ollama_call(index: int, name: str, arguments: str) -> dict[str, Any]:
         "done-stop",
         "done-length",
         "done-without-message",
-        "other-done-reason-is-stop",
+        "other-done-reason-kept",
+        "thinking-is-reasoning-content",
         "tool-call-object-arguments",
         "tool-calls-string-and-missing-arguments",
         "empty-line",
@@ -216,8 +275,9 @@ def ollama_call(index: int, name: str, arguments: str) -> dict[str, Any]:
     ],
 )
 def test_ollama_items(line: bytes, items: list[Item]) -> None:
-    """One NDJSON line maps to content, tool calls in OpenAI delta shape (with
-    index, id and JSON-string arguments) and a finish when done."""
+    """Issue 20 item 7: one NDJSON line is one entry in the OpenAI chunk shape
+    (thinking as reasoning_content, tool calls with index, id and JSON-string
+    arguments, done_reason as sent) and a finish when done."""
     assert ollama_items(line) == items
 
 
@@ -256,6 +316,24 @@ def test_ollama_malformed_or_error(line: bytes, code: str, fragment: str) -> Non
         ollama_items(line)
     assert info.value.code == code
     assert fragment in info.value.message
+
+
+def test_ollama_tool_call_keeps_its_id_and_finishes_tool_calls() -> None:
+    """Issue 20 item 7: Ollama's own tool-call id and function.index are kept
+    (they were rewritten to call_<position>), and its done_reason "stop" after
+    a tool call reads "tool_calls", as Ollama's own OpenAI layer says."""
+    state = StreamState()
+    call = {"id": "call_k3x9q2m7", "function": {"index": 2, "name": "f", "arguments": {}}}
+    (item,) = ollama_items(ol({"content": "", "tool_calls": [call]}), state)
+    assert isinstance(item, Chunk)
+    assert item.delta["tool_calls"] == [
+        {"index": 2, "id": "call_k3x9q2m7", "type": "function",
+         "function": {"name": "f", "arguments": "{}"}}
+    ]  # fmt: skip
+    items = ollama_items(ol({"content": ""}, done=True, done_reason="stop"), state)
+    assert items[-1] == Finish("tool_calls")
+    assert isinstance(items[0], Chunk)
+    assert items[0].finish_reason == "tool_calls"
 
 
 def test_decoded_tool_calls_merge_in_the_run_log() -> None:

@@ -205,6 +205,7 @@ def _json_views(service: Service) -> dict[str, Callable[..., Coroutine[Any, Any,
             "content": saved.content,
             "events": saved.events,
             "detached": saved.detached,
+            "served_by": saved.served_by,
         }
 
     async def get_run(run_id: str) -> dict[str, Any]:

@@ -267,7 +267,7 @@ class Subscriber:
 
     def render(self, entries: list[Entry], first_seq: int) -> bytes:
         """SSE bytes for ``entries``, the first numbered ``first_seq``."""
-        return self.run.encoder.render(entries, first_seq)
+        return self.run.encoder.render(entries, first_seq, self.run.log.shape)
 
     def terminal(self, outcome: Outcome) -> bytes:
         """The ending frame(s); the usage chunk first if the request asked
@@ -278,7 +278,7 @@ class Subscriber:
         is ``run.request.client_wants_usage``, consulted here."""
         run = self.run
         usage = run.final_usage().chat() if run.request.client_wants_usage else None
-        return run.encoder.terminal(outcome, usage)
+        return run.encoder.terminal(outcome, usage, run.log)
 
     async def _hold(self, deadline: float) -> None:
         """``--event-interval-ms``: after an event, let tokens gather until

@@ -23,6 +23,7 @@ from ..logs import EventLogger
 from ..metrics import Metrics
 from ..shared import RunRecord, SharedState, SharedUnavailable
 from ..store import Store
+from ..wire.chunks import ChunkEncoder
 from ..wire.request import ChatRequest
 from .run import Run, follow_page
 from .saving import save_run
@@ -84,14 +85,19 @@ class Cluster:
 
     def mirror(self, record: RunRecord) -> Run:
         """A local, read-only copy of a remote detached run, fed by :meth:`feed`."""
-        body = {"model": record.model, "messages": [], "stream": True}
+        body: dict[str, Any] = {"model": record.model, "messages": [], "stream": True}
+        if record.include_usage:
+            body["stream_options"] = {"include_usage": True}
         request = ChatRequest(body, record.model, [], True, None, record.detached)
         run = Run(
             record.id, record.tenant, record.session_id, request,
             detached=record.detached, coalesce=self.coalesce,
         )  # fmt: skip
         run.created = record.created
-        run.encoder.created = int(record.created)
+        # The chunks' ``created`` is the run's start on the node that runs it.
+        run.encoder = ChunkEncoder(
+            run.encoder.completion_id, record.model, int(record.created), coalesce=self.coalesce
+        )
         return run
 
     async def feed(self, mirror: Run, cursor: int) -> None:

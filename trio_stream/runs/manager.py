@@ -28,7 +28,7 @@ import trio
 
 from ..config import Settings
 from ..core.lifecycle import ending
-from ..core.log import Outcome, RunStatus
+from ..core.log import Chunk, Outcome, RunStatus, with_text
 from ..core.sessions import SessionTable
 from ..errors import INTERNAL_MESSAGE, InternalError, UpstreamError
 from ..logs import EventLogger
@@ -61,20 +61,32 @@ CANCEL_MESSAGES = {
 DRAIN_TIMEOUT = 0.5
 
 
-async def _read_to_end(items: AsyncIterator[object]) -> Usage | None:
-    """Read an upstream stream to its end within a bound; the last
-    :class:`Usage` it reports (an OpenAI upstream's comes after the finish).
+async def _read_to_end(
+    items: AsyncIterator[object], shape: Chunk | None
+) -> tuple[Usage | None, list[Chunk]]:
+    """Read an upstream stream to its end within a bound: the last
+    :class:`Usage` it reports and the chunks it sends after its finish chunk
+    (an OpenAI upstream's usage chunk, :attr:`~trio_stream.core.log.RunLog.tail`).
 
     The run has already completed: an error or a timeout here only means the
-    connection is closed instead of returned to the pool.  Its subscribers
-    write the run's ending only after its cleanup, so they see this usage.
+    connection is closed instead of returned to the pool (and what came
+    until then is kept).  Its subscribers write the run's ending only after
+    its cleanup, so they see this usage and these chunks.
+
+    Cancellation: a checkpoint; bounded by :data:`DRAIN_TIMEOUT`; a ``Cancelled``
+    from outside propagates and leaves nothing behind.
     """
     usage = None
+    tail: list[Chunk] = []
     with trio.move_on_after(DRAIN_TIMEOUT), contextlib.suppress(UpstreamError):
         async for item in items:
             if isinstance(item, Usage):
                 usage = item
-    return usage
+            elif isinstance(item, Chunk):
+                tail.append(item)
+            elif isinstance(item, str):
+                tail.append(Chunk(with_text(shape, item)))
+    return usage, tail
 
 
 class RunManager:
@@ -202,13 +214,12 @@ class RunManager:
     async def _pump(self, run: Run) -> None:
         """Upstream items -> the run's log, until ``finish_reason`` or an error.
 
-        Per-token work is kept small: the inter-token deadline is re-armed (a
-        heap push) at most once per 1/64 of ``--token-timeout`` -- so the
-        upstream may stay silent for at least 63/64 of it and never more than
-        all of it -- and the token counter is bumped at those same moments.
+        Per-token work is kept small: the inter-token deadline (the serving
+        member's ``token_timeout``) is re-armed (a heap push) at most once per
+        1/64 of it -- so the upstream may stay silent for at least 63/64 of it
+        and never more than all of it -- and the token counter is bumped then.
         """
         s = self.settings
-        rearm = (token_timeout := s.token_timeout) / 64  # then the serving member's
         armed = -math.inf
         counted = 0
         guard = run.scope  # its deadline is the upstream's (see drive)
@@ -224,14 +235,16 @@ class RunManager:
                         continue
                     if isinstance(item, Finish):
                         run.end(Outcome(RunStatus.COMPLETED, item.reason))
-                        run.usage = await _read_to_end(items) or run.usage
+                        usage, tail = await _read_to_end(items, run.log.shape)
+                        run.usage = usage or run.usage
+                        run.log.set_tail(tuple(tail))
                         return
                     if not run.append(item):
                         return  # ended meanwhile; run.scope's cancel lands on exit
                     if run.first_token_at is None:
                         run.first_token_at = trio.current_time()
                         self.metrics.ttft.observe(run.first_token_at - run.started)
-                        rearm = (token_timeout := self.routes.token_timeout(run)) / 64
+                        rearm = (token_timeout := self.routes.token_timeout(run)) / 64  # member's
                     if run.must_wait_for_room():
                         guard.deadline = math.inf  # a slow client is not a slow upstream
                         await run.wait_for_room()

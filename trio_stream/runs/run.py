@@ -30,6 +30,7 @@ def follow_page(mirror: Run, page: LogPage) -> None:
     for entry in page.entries:
         mirror.append(entry)
     if page.outcome is not None:
+        mirror.log.set_tail(tuple(page.tail))
         mirror.end(page.outcome)
 
 
@@ -141,7 +142,8 @@ class Run:
     def final_usage(self) -> Usage:
         """The usage of what this run received (docs/api.md section 2.10)."""
         complete = self.log.status is RunStatus.COMPLETED
-        return settle(self.usage, self.request.messages, self.log.last_seq, complete=complete)
+        reported = self.usage or Usage.from_openai(self.log.usage)  # a mirror: the log's
+        return settle(reported, self.request.messages, self.log.deltas, complete=complete)
 
     @property
     def session_key(self) -> SessionKey | None:
@@ -158,6 +160,7 @@ class Run:
             "content": self.log.content,
             "events": self.log.last_seq,
             "detached": self.detached,
+            "served_by": self.served_by,
         }
 
     # -- producer side ----------------------------------------------------

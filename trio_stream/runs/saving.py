@@ -39,12 +39,13 @@ async def save_run(run: Run, store: Store, metrics: Metrics, logger: EventLogger
     if run.response is not None and not run.response.store:
         return  # a response created with "store": false
     usage = {**run.final_usage().record(), "model": run.request.model}
-    if run.served_by is not None:  # the upstream member (docs/api.md section 1.3)
-        usage["served_by"] = run.served_by
+    answer = run.log.answer()
+    reasoning = answer.message.get("reasoning_content", answer.message.get("reasoning"))
     message = Message(
         run.id, run.tenant, run.session_id, run.log.content, run.log.tool_calls or None,
         status.save_status, outcome.reason, run.log.last_seq, run.detached, run.created,
-        usage,
+        usage, reasoning, answer.message.get("refusal"), answer.logprobs is not None,
+        run.served_by,
     )  # fmt: skip
     settled = False
     error = "no answer within --save-timeout"

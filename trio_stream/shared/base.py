@@ -48,7 +48,7 @@ from typing import Any, Protocol
 
 import trio
 
-from ..core.log import Entry, Outcome, RunLog
+from ..core.log import Chunk, Entry, Outcome, RunLog
 from ..core.sessions import SessionKey as SessionKey
 from ..errors import TrioStreamError
 from ..wire.request import ChatRequest
@@ -79,6 +79,9 @@ class RunRecord:
     reason: str | None
     model: str = ""
     created: float = 0.0
+    #: The request asked for ``stream_options.include_usage`` (a follower then
+    #: gets the usage chunks as the starter's client does).
+    include_usage: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +91,8 @@ class LogPage:
     entries: Sequence[Entry]
     outcome: Outcome | None
     error: dict[str, Any] | None = None
+    #: With the end: the chunks after the upstream's finish chunk (RunLog.tail).
+    tail: Sequence[Chunk] = ()
 
 
 class Flag(Protocol):

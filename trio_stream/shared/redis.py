@@ -74,7 +74,7 @@ import orjson
 import trio
 from coredis.tokens import PureToken
 
-from ..core.log import Entry, Outcome, RunStatus, ToolDelta
+from ..core.log import Chunk, Entry, Outcome, RunStatus
 from .base import (
     Claim,
     LogPage,
@@ -218,12 +218,20 @@ class _TCPConnection(coredis.TCPConnection):
 
 
 def _entry_json(entry: Entry) -> bytes:
-    return orjson.dumps(entry if isinstance(entry, str) else {"tool": entry.delta})
+    """An entry as stored in a Redis log: a ``str`` as a JSON string, a
+    :class:`Chunk` as ``{"c": body}`` (``"s": 1`` added for the shape chunk)."""
+    if isinstance(entry, str):
+        return orjson.dumps(entry)
+    return orjson.dumps({"c": entry.body, "s": 1} if entry.shape else {"c": entry.body})
 
 
 def _entry_of(raw: str) -> Entry:
     value = orjson.loads(raw)
-    return value if isinstance(value, str) else ToolDelta(value["tool"])
+    if isinstance(value, str):
+        return value
+    if "tool" in value:  # written by a node from before issue 20 (a bare delta)
+        return Chunk.of(value["tool"])
+    return Chunk(value["c"], bool(value.get("s")))
 
 
 class _RedisBase(SharedState):
@@ -337,8 +345,9 @@ class _RedisLogs(_RedisBase):
                 continue
             resyncs = self._resyncs
             outcome = run.log.outcome if ending else None
+            tail = run.log.tail if ending else ()
             try:
-                last = await self._append_log(run.id, shipped, entries, outcome)
+                last = await self._append_log(run.id, shipped, entries, outcome, tail)
             except SharedUnavailable:
                 with trio.move_on_after(0.2):
                     await reship.wait()
@@ -349,11 +358,17 @@ class _RedisLogs(_RedisBase):
             shipped = last
 
     async def _append_log(
-        self, run_id: str, shipped: int, entries: Sequence[Entry], outcome: Outcome | None
+        self,
+        run_id: str,
+        shipped: int,
+        entries: Sequence[Entry],
+        outcome: Outcome | None,
+        tail: Sequence[Chunk] = (),
     ) -> int:
         """Append ``entries`` (seqs from ``shipped + 1``), then the end if
-        ``outcome``, right after the log's last entry (``_APPEND``).  Returns
-        -1 once the log has its end, else its last seq."""
+        ``outcome`` (with the log's ``tail``: the chunks after the upstream's
+        finish chunk), right after the log's last entry (``_APPEND``).
+        Returns -1 once the log has its end, else its last seq."""
         end = b""
         if outcome is not None:
             fields: dict[str, Any] = {
@@ -363,6 +378,8 @@ class _RedisLogs(_RedisBase):
             }
             if outcome.error is not None:  # the upstream's own error, for followers' frames
                 fields["error"] = outcome.error
+            if tail:
+                fields["tail"] = [chunk.body for chunk in tail]
             end = orjson.dumps(fields)
         args: list[str | bytes] = [str(shipped + 1), str(self.ttl), end, *map(_entry_json, entries)]
         raw: Any = await self._call(self._append(keys=[self._l(run_id)], args=args))
@@ -391,6 +408,7 @@ class _RedisLogs(_RedisBase):
             items = await self._call(self.client.xrange(key, f"({after}", "+"))
         entries: list[Entry] = []
         outcome: Outcome | None = None
+        tail: tuple[Chunk, ...] = ()
         for item in items:
             values = item.field_values
             if "end" in values:
@@ -398,9 +416,10 @@ class _RedisLogs(_RedisBase):
                 outcome = Outcome(
                     RunStatus(end["status"]), end["reason"], end["message"], end.get("error")
                 )
+                tail = tuple(Chunk(body) for body in end.get("tail", ()))
                 break
             entries.append(_entry_of(str(values["e"])))
-        return LogPage(entries, outcome)
+        return LogPage(entries, outcome, tail=tail)
 
 
 class _RedisSessions(_RedisLogs):
@@ -659,6 +678,7 @@ class RedisState(_RedisSessions):
             "tenant": run.tenant, "session": run.session_id or "", "node": self.node,
             "detached": "1" if run.detached else "0", "status": "running", "reason": "",
             "model": run.request.model, "created": repr(run.created),
+            "usage": "1" if run.request.client_wants_usage else "0",
         }  # fmt: skip
         n = self.prefix
 
@@ -701,6 +721,7 @@ class RedisState(_RedisSessions):
             node=fields.get("node", ""), detached=fields.get("detached") == "1",
             status=fields.get("status", "running"), reason=fields.get("reason") or None,
             model=fields.get("model", ""), created=float(fields.get("created", "0")),
+            include_usage=fields.get("usage") == "1",
         )  # fmt: skip
 
     # -- node loss --------------------------------------------------------

@@ -64,7 +64,7 @@ T = TypeVar("T")
 #: The columns of ``messages``, in the order of :class:`Message`'s fields.
 COLUMNS = (
     "run_id", "tenant", "session_id", "content", "tool_calls", "status", "reason", "events",
-    "detached", "created", "usage",
+    "detached", "created", "usage", "reasoning", "refusal", "logprobs", "served_by",
 )  # fmt: skip
 SELECT = f"SELECT {', '.join(COLUMNS)} FROM messages"
 #: The most saves one transaction takes (the rest wait for the next one).
@@ -97,8 +97,19 @@ class Message:
     created: float
     #: Token usage and model (``Usage.record()`` plus ``model``); None in old rows.
     usage: dict[str, Any] | None = None
+    #: The reasoning text (``reasoning_content`` or ``reasoning``), if the upstream sent one.
+    reasoning: str | None = None
+    #: The refusal text, if the answer was a refusal (``content`` is then usually empty).
+    refusal: str | None = None
+    #: Whether the upstream sent logprobs (the lists themselves are not saved).
+    logprobs: bool = False
+    #: The upstream member that served the run (docs/api.md section 1.3), if one did.
+    served_by: str | None = None
 
     def public(self) -> dict[str, Any]:
+        """The ``GET /v1/sessions/{id}/messages`` item: ``reason`` is the
+        finish reason of a completed run; ``reasoning_content``, ``refusal``,
+        ``logprobs``, ``usage`` and ``served_by`` only when there is one."""
         out: dict[str, Any] = {
             "run_id": self.run_id,
             "content": self.content,
@@ -108,6 +119,16 @@ class Message:
         }
         if self.tool_calls:
             out["tool_calls"] = self.tool_calls
+        if self.reasoning is not None:
+            out["reasoning_content"] = self.reasoning
+        if self.refusal is not None:
+            out["refusal"] = self.refusal
+        if self.logprobs:
+            out["logprobs"] = True
+        if self.usage is not None:
+            out["usage"] = self.usage
+        if self.served_by is not None:
+            out["served_by"] = self.served_by
         return out
 
     def row(self) -> tuple[Any, ...]:
@@ -115,14 +136,15 @@ class Message:
         calls = orjson.dumps(self.tool_calls).decode() if self.tool_calls else None
         usage = orjson.dumps(self.usage).decode() if self.usage is not None else None
         return (self.run_id, self.tenant, self.session_id, self.content, calls, self.status,
-                self.reason, self.events, self.detached, self.created, usage)  # fmt: skip
+                self.reason, self.events, self.detached, self.created, usage, self.reasoning,
+                self.refusal, self.logprobs, self.served_by)  # fmt: skip
 
     @classmethod
     def from_row(cls, r: Sequence[Any]) -> Message:
         calls = orjson.loads(r[4]) if r[4] else None
         usage = orjson.loads(r[10]) if r[10] else None
         return cls(r[0], r[1], r[2], r[3], calls, r[5], r[6], int(r[7]), bool(r[8]), float(r[9]),
-                   usage)  # fmt: skip
+                   usage, r[11], r[12], bool(r[13]), r[14])  # fmt: skip
 
 
 #: What one row of a batch came to: new (True), already there (False), or the

@@ -64,6 +64,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 2: token usage of each saved run (NULL in rows saved before it)
     ("ALTER TABLE messages ADD COLUMN IF NOT EXISTS usage TEXT",),
+    # 3: what else the answer carried (issue 20): reasoning, refusal, logprobs presence
+    (
+        "ALTER TABLE messages ADD COLUMN IF NOT EXISTS reasoning TEXT",
+        "ALTER TABLE messages ADD COLUMN IF NOT EXISTS refusal TEXT",
+        "ALTER TABLE messages ADD COLUMN IF NOT EXISTS logprobs BOOLEAN NOT NULL DEFAULT FALSE",
+    ),
+    # 4: the upstream member that served the run (docs/api.md section 1.3)
+    ("ALTER TABLE messages ADD COLUMN IF NOT EXISTS served_by TEXT",),
 )
 
 _ROW = f"({', '.join(['%s'] * len(COLUMNS))})"

@@ -34,6 +34,14 @@ SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 2: token usage of each saved run (NULL in rows saved before it)
     ("ALTER TABLE messages ADD COLUMN usage TEXT",),
+    # 3: what else the answer carried (issue 20): reasoning, refusal, logprobs presence
+    (
+        "ALTER TABLE messages ADD COLUMN reasoning TEXT",
+        "ALTER TABLE messages ADD COLUMN refusal TEXT",
+        "ALTER TABLE messages ADD COLUMN logprobs INTEGER NOT NULL DEFAULT 0",
+    ),
+    # 4: the upstream member that served the run (docs/api.md section 1.3)
+    ("ALTER TABLE messages ADD COLUMN served_by TEXT",),
 )
 
 

@@ -1,7 +1,8 @@
 """The upstream seam: the types every adapter speaks (sans transport).
 
 An :class:`Upstream` turns a :class:`~trio_stream.wire.request.ChatRequest` into an
-async iterator of log entries (content strings or tool deltas) ended by one
+async iterator of log entries (one per upstream chunk: a text-only ``str`` or
+a :class:`~trio_stream.core.log.Chunk`, see :mod:`trio_stream.core.log`) ended by one
 :class:`Finish`, with the upstream's token counts as a :class:`Usage` item
 wherever it reports them (before or after the ``Finish``).  Every adapter
 translates its transport's errors into

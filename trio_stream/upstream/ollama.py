@@ -19,7 +19,7 @@ from ..wire.sse import LineDecoder
 from ._http import get_json, make_client, make_pool
 from .base import Item
 from .h1 import Response
-from .wire import ollama_items
+from .wire import StreamState, ollama_items
 
 
 class OllamaUpstream:
@@ -73,19 +73,46 @@ def _body(request: ChatRequest) -> dict[str, Any]:
         if request.body.get(name) is not None:
             options[name] = request.body[name]
     body: dict[str, Any] = {"model": request.model, "messages": request.messages, "stream": True}
+    stop = request.body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop:
+        options["stop"] = stop
     if options:
         body["options"] = options
     if request.body.get("tools"):
         body["tools"] = request.body["tools"]
+    if (fmt := _format(request.body.get("response_format"))) is not None:
+        body["format"] = fmt
+    for name in ("think", "keep_alive"):  # Ollama's own fields, passed on as sent
+        if request.body.get(name) is not None:
+            body[name] = request.body[name]
     return body
+
+
+def _format(response_format: Any) -> Any:
+    """OpenAI's ``response_format`` as Ollama's ``format``: ``json_object`` ->
+    ``"json"``, ``json_schema`` -> its schema; ``text`` (or none) -> None."""
+    if not isinstance(response_format, dict):
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return "json"
+    if kind == "json_schema":
+        schema = response_format.get("json_schema")
+        if isinstance(schema, dict) and isinstance(schema.get("schema"), dict):
+            return schema["schema"]
+        return "json"
+    return None
 
 
 async def _items(response: Response) -> AsyncGenerator[Item, None]:
     lines = LineDecoder()
+    state = StreamState()
     while raw := await response.read():
         for line in lines.feed(raw):
-            for item in ollama_items(line):
+            for item in ollama_items(line, state):
                 yield item
     for line in lines.flush():
-        for item in ollama_items(line):
+        for item in ollama_items(line, state):
             yield item

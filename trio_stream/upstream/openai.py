@@ -20,7 +20,7 @@ from ..wire.sse import SSEDataDecoder
 from ._http import get_json, make_client, make_pool
 from .base import Item
 from .h1 import Response
-from .wire import DONE_BYTES, openai_items
+from .wire import DONE_BYTES, StreamState, openai_items
 
 
 class OpenAIUpstream:
@@ -67,11 +67,12 @@ async def _items(response: Response) -> AsyncGenerator[Item, None]:
     """Items until ``[DONE]``; then the body is read to its end (and ignored),
     so that a completed response leaves its connection reusable."""
     decoder = SSEDataDecoder()
+    state = StreamState()
     done = False
     while raw := await response.read():
         for data in decoder.feed(raw):
             if done or data == DONE_BYTES:
                 done = True
                 continue
-            for item in openai_items(data):
+            for item in openai_items(data, state):
                 yield item

@@ -5,9 +5,12 @@
 * Ollama's ``/api/chat`` sends NDJSON: one object per line with a
   ``message`` and ``done``.
 
-Both map to the same items: content strings, :class:`ToolDelta`, one
-:class:`Finish`, and the upstream's :class:`Usage` where it reports one (a
-malformed usage is dropped: it is advisory).  Anything else malformed raises
+Both map to the same items: one log entry per chunk or line (a ``str`` for a
+text-only one, else a :class:`~trio_stream.core.log.Chunk` carrying
+everything the upstream sent but ``id``/``created``/``model``: see
+:mod:`trio_stream.core.log`), one :class:`Finish`, and the upstream's
+:class:`Usage` where it reports one (a malformed usage is not counted: it is
+advisory; it is still relayed as sent).  Anything else malformed raises
 :class:`UpstreamError` -- also a delta nested too deep to be encoded again
 (:data:`~trio_stream.wire.request.MAX_DEPTH`), which would otherwise crash the
 writer that relays it (a text delta is never re-encoded as JSON, so only
@@ -23,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from ..core.log import ToolDelta
+from ..core.log import REWRITTEN, Chunk
 from ..errors import UpstreamError, UpstreamReported
 from ..wire.request import MAX_DEPTH, nested_too_deep
 from ..wire.usage import Usage
@@ -169,60 +172,134 @@ def http_error(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> 
     return exc
 
 
-def openai_items(data: str | bytes | bytearray) -> list[Item]:
+class StreamState:
+    """What decoding one upstream stream remembers between its chunks.
+
+    ``key``: the shape its text-only chunks are compared with
+    (:attr:`~trio_stream.core.log.RunLog.shape`), the first text-only
+    chunk's body with its content blanked.  ``tool_called``: Ollama sent a
+    tool call (its ``done_reason`` ``stop`` then reads ``tool_calls``).
+    """
+
+    __slots__ = ("key", "started", "tool_called")
+
+    def __init__(self) -> None:
+        self.key: dict[str, Any] | None = None
+        self.tool_called = False
+        self.started = False  # Ollama: its first line was read
+
+
+def openai_items(data: str | bytes | bytearray, shape: StreamState | None = None) -> list[Item]:
     """Items from one SSE ``data`` field of an OpenAI-compatible stream (the
-    bytes of :class:`~trio_stream.wire.sse.SSEDataDecoder`, or a ``str``)."""
+    bytes of :class:`~trio_stream.wire.sse.SSEDataDecoder`, or a ``str``).
+
+    One chunk is one entry (core/log's module docstring): a ``str`` when it
+    is text-only and has the stream's ``shape``, else a :class:`Chunk` with
+    everything but ``id``/``created``/``model``; then its :class:`Usage`
+    and :class:`Finish`.  A choice whose ``index`` is not 0, or more than one
+    choice, is a protocol error (trio-stream asks for ``n = 1``).
+    """
     chunk = _json(data, "chunk", replace=True)
-    usage = Usage.from_openai(chunk.get("usage"))
+    for key in REWRITTEN:
+        chunk.pop(key, None)
+    raw_usage = chunk.get("usage")
+    usage = None if raw_usage is None else Usage.from_openai(raw_usage)
     choices = chunk.get("choices")
     if not choices:
-        return [] if usage is None else [usage]  # a usage-only chunk
-    if not isinstance(choices, list) or not isinstance(choices[0], dict):
+        if usage is None:
+            return []  # nothing a client could use
+        return [Chunk(chunk), usage]  # a usage-only chunk
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
         raise UpstreamError("The upstream sent malformed choices", code="malformed_chunk")
     choice = choices[0]
-    delta = choice.get("delta") or {}
-    if not isinstance(delta, dict):
+    if choice.get("index", 0) != 0:
+        raise UpstreamError(
+            "The upstream sent a choice with index "
+            f"{str(choice.get('index'))[:20]} (trio-stream asks for one choice, index 0)",
+            code="malformed_chunk",
+        )
+    delta = choice.get("delta")
+    if delta is None:
+        delta = {}
+    elif not isinstance(delta, dict):
         raise UpstreamError("The upstream sent a malformed delta", code="malformed_chunk")
-    items: list[Item] = []
     content = delta.get("content")
-    if isinstance(content, str) and content:
-        items.append(content)
-    rest = {k: v for k, v in delta.items() if k not in ("role", "content") and v is not None}
-    if "tool_calls" in rest:
-        _check_tool_calls(rest["tool_calls"])
-    if rest:
-        if len(data) > 2 * MAX_DEPTH and nested_too_deep(rest):
-            raise _too_deep()
-        items.append(ToolDelta(rest))
+    reason = choice.get("finish_reason")
+    if len(delta) == 1 and type(content) is str and shape is not None:
+        # The common case: a text-only chunk.  Blank its text and compare
+        # the rest with the stream's shape (a C-level dict comparison).
+        delta["content"] = ""
+        if shape.key is None and reason is None and usage is None:
+            shape.key = chunk
+            entry = Chunk({**chunk, "choices": [{**choice, "delta": {"content": content}}]}, True)
+            return [entry]
+        if chunk == shape.key:
+            return [content]
+        delta["content"] = content
+    if "tool_calls" in delta and delta["tool_calls"] is not None:
+        _check_tool_calls(delta["tool_calls"])
+    if len(data) > 2 * MAX_DEPTH and nested_too_deep(chunk):
+        raise _too_deep()
+    items: list[Item] = [Chunk(chunk)]
     if usage is not None:
         items.append(usage)
-    if reason := choice.get("finish_reason"):
+    if reason:
         items.append(Finish(str(reason)))
     return items
 
 
-def ollama_items(line: bytes) -> list[Item]:
-    """Items from one NDJSON line of Ollama's ``/api/chat`` stream."""
+def ollama_items(line: bytes, state: StreamState | None = None) -> list[Item]:
+    """Items from one NDJSON line of Ollama's ``/api/chat`` stream.
+
+    One line is one entry, in the OpenAI chunk shape (docs/api.md, Ollama):
+    ``message.content`` -> ``delta.content``, ``message.thinking`` ->
+    ``delta.reasoning_content`` (the name vLLM and DeepSeek use; Ollama's own
+    OpenAI layer says ``reasoning``), ``message.tool_calls`` ->
+    ``delta.tool_calls`` with Ollama's own ``id`` and ``function.index``, the
+    first line's ``message.role`` -> ``delta.role``, the
+    ``arguments`` object as JSON text; the ``done`` line -> ``finish_reason``
+    (``done_reason`` as sent, ``stop`` read as ``tool_calls`` after a tool
+    call, as Ollama's OpenAI layer does) and ``usage`` from its counts.
+    A text-only line is a ``str``.
+    """
     if not line.strip():
         return []
     obj = _json(line, "line")
     message = obj.get("message") or {}
     if not isinstance(message, dict):
         raise UpstreamError("The upstream sent a malformed message", code="malformed_chunk")
-    items: list[Item] = []
+    delta: dict[str, Any] = {}
     content = message.get("content")
     if isinstance(content, str) and content:
-        items.append(content)
+        delta["content"] = content
+    thinking = message.get("thinking")
+    if isinstance(thinking, str) and thinking:
+        delta["reasoning_content"] = thinking
     if calls := message.get("tool_calls"):
         if not isinstance(calls, list):
             raise _malformed_tool_calls()
         if len(line) > 2 * MAX_DEPTH and nested_too_deep(calls):  # its arguments are re-encoded
             raise _too_deep()
-        items.append(ToolDelta({"tool_calls": [_ollama_call(i, c) for i, c in enumerate(calls)]}))
-    if obj.get("done"):
-        if (usage := Usage.from_ollama(obj)) is not None:
-            items.append(usage)
-        items.append(Finish("length" if obj.get("done_reason") == "length" else "stop"))
+        delta["tool_calls"] = [_ollama_call(i, c) for i, c in enumerate(calls)]
+        if state is not None:
+            state.tool_called = True
+    if state is not None and not state.started:
+        state.started = True
+        if isinstance(role := message.get("role"), str):
+            delta = {"role": role, **delta}  # the first chunk says who speaks, as OpenAI's does
+    if not obj.get("done"):
+        if len(delta) == 1 and "content" in delta:
+            return [content]  # type: ignore[list-item]  # a str: checked above
+        return [Chunk.of(delta)]
+    reason = str(obj.get("done_reason") or "stop")
+    if reason == "stop" and state is not None and state.tool_called:
+        reason = "tool_calls"
+    chunk = Chunk.of(delta, reason)
+    items: list[Item] = [chunk]
+    if (usage := Usage.from_ollama(obj)) is not None:
+        chunk.body["usage"] = usage.chat()
+        items.append(usage)
+    items.append(Finish(reason))
     return items
 
 
@@ -253,17 +330,28 @@ def _check_tool_calls(calls: Any) -> None:
             raise _malformed_tool_calls()
 
 
-def _ollama_call(index: int, call: Any) -> dict[str, Any]:
-    fn = call.get("function", {}) if isinstance(call, dict) else {}
+def _ollama_call(position: int, call: Any) -> dict[str, Any]:
+    """One Ollama tool call as an OpenAI tool-call delta: its own ``id`` and
+    ``function.index`` kept (``position`` when it sends no index; ``call_<index>``
+    when it sends no id, as Ollama before 0.12 did: a client needs one to
+    answer the call)."""
+    if not isinstance(call, dict):
+        raise _malformed_tool_calls()
+    fn = call.get("function", {})
     if not isinstance(fn, dict) or not isinstance(fn.get("name", ""), str):
         raise _malformed_tool_calls()
-    args = fn.get("arguments", {})
-    return {
+    index = fn.get("index", position)
+    if type(index) is not int:
+        raise _malformed_tool_calls()
+    call_id = call.get("id")
+    out: dict[str, Any] = {
         "index": index,
-        "id": f"call_{index}",
-        "type": "function",
-        "function": {
-            "name": fn.get("name", ""),
-            "arguments": args if isinstance(args, str) else orjson.dumps(args).decode(),
-        },
+        "id": call_id if isinstance(call_id, str) else f"call_{index}",
     }
+    args = fn.get("arguments", {})
+    out["type"] = "function"
+    out["function"] = {
+        "name": fn.get("name", ""),
+        "arguments": args if isinstance(args, str) else orjson.dumps(args).decode(),
+    }
+    return out

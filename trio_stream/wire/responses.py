@@ -349,7 +349,7 @@ def _part(kind: str, text: str) -> dict[str, Any]:
 
 def delta_of(entry: Entry) -> dict[str, Any]:
     """A log entry's chat delta: a ``str`` is content, a
-    :class:`~trio_stream.core.log.ToolDelta` its delta.  The fold reads
+    :class:`~trio_stream.core.log.Chunk` its delta.  The fold reads
     entries only through this function."""
     return {"content": entry} if isinstance(entry, str) else entry.delta
 

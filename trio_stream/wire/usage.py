@@ -5,10 +5,11 @@ Every finished run has one :class:`Usage`.  If the upstream reported figures
 and ``eval_count``) they are passed through unchanged; otherwise they are
 counted here (docs/api.md section 2.10):
 
-* ``completion_tokens``: the number of deltas the run received (content and
-  tool deltas alike).  Exact for the mock upstream, which sends one token per
-  delta; for a real model it is the number of chunks, which is usually one
-  token each.
+* ``completion_tokens``: the number of chunks the run received that carried
+  something (text, reasoning, a tool call, ...; not a bare role or finish
+  chunk: :attr:`~trio_stream.core.log.RunLog.deltas`).  Exact for the mock
+  upstream, which sends one token per chunk; for a real model it is the
+  number of chunks, which is usually one token each.
 * ``prompt_tokens``: the characters of the request's message texts (string
   contents, and the ``text`` of content parts), divided by 4, rounded up --
   the usual rule of thumb for English text.  Roles and images count nothing.
@@ -30,6 +31,9 @@ from typing import Any
 CHARS_PER_TOKEN = 4
 
 
+_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
 def _count(value: Any) -> int | None:
     return value if type(value) is int and value >= 0 else None
 
@@ -37,7 +41,8 @@ def _count(value: Any) -> int | None:
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Token counts of one run.  ``source`` is ``upstream`` or ``counted``;
-    ``extra`` holds the upstream's other usage fields (``*_details``), passed
+    ``extra`` holds every other field of the upstream's usage object
+    (``*_details``, OpenRouter's ``cost`` and ``is_byok``, ...), passed
     through as they came."""
 
     prompt_tokens: int
@@ -56,7 +61,7 @@ class Usage:
         if prompt is None or completion is None:
             return None
         total = _count(raw.get("total_tokens"))
-        extra = {k: v for k, v in raw.items() if k.endswith("_details") and isinstance(v, dict)}
+        extra = {k: v for k, v in raw.items() if k not in _COUNTS and k != "source"}
         return cls(prompt, completion, prompt + completion if total is None else total,
                    extra=extra)  # fmt: skip
 
@@ -81,8 +86,10 @@ class Usage:
 
     def responses(self) -> dict[str, Any]:
         """The Responses API ``usage`` object."""
-        prompt_details = self.extra.get("prompt_tokens_details") or {}
-        completion_details = self.extra.get("completion_tokens_details") or {}
+        prompt_details = self.extra.get("prompt_tokens_details")
+        completion_details = self.extra.get("completion_tokens_details")
+        prompt_details = prompt_details if isinstance(prompt_details, dict) else {}
+        completion_details = completion_details if isinstance(completion_details, dict) else {}
         cached = _count(prompt_details.get("cached_tokens")) or 0
         reasoning = _count(completion_details.get("reasoning_tokens")) or 0
         return {
