@@ -369,3 +369,32 @@ async def test_a_supersede_during_a_hedge_closes_both_members(
             assert [m["status"] for m in saved] == ["complete"]  # the old run had no content
             assert server.logs.events("stream_cancelled", reason="superseded")
             assert await tasks_living() == baseline + a.open_connections + b.open_connections
+
+
+async def test_a_hedged_group_fails_over_and_hedges_only_the_slow(
+    settings: Settings, autojump_clock: trio.testing.MockClock
+) -> None:
+    """In a hedged group a failure before the first token still fails over
+    (within the race), and a member that answers before hedge_after_ms is
+    never hedged: no second upstream request, no hedge counted."""
+    async with fakes(2) as (bad, good):
+        bad.plan = first_time(error_plan(502))
+        specs = (member("bad", bad, weight=10.0), member("good", good))
+        async with serving(settings, *specs, groups=(GroupSpec("m", 200.0),)) as server:
+            baseline = await tasks_living()
+            response = await post(server, chat())
+            assert response.status_code == 200
+            assert response.json()["choices"][0]["message"]["content"] == TEXT
+            assert (len(bad.requests), len(good.requests)) == (1, 1)
+            assert metric(server, "trio_stream_upstream_failovers_total", member="bad") == 1
+            assert metric(server, "trio_stream_upstream_hedges_total", member="good",
+                          event="started") == 0  # fmt: skip
+            bad.plan = mock_plan("openai")
+            await trio.sleep(5)  # bad's cooldown (1 s) is over: it is the heavier member again
+            assert (await post(server, chat())).status_code == 200
+            assert (len(bad.requests), len(good.requests)) == (2, 1)
+            for name in ("bad", "good"):
+                assert metric(server, "trio_stream_upstream_hedges_total", member=name,
+                              event="started") == 0  # fmt: skip
+            open_ = bad.open_connections + good.open_connections
+            assert await tasks_living() == baseline + open_
