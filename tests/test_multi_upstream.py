@@ -21,6 +21,7 @@ import trio
 import trio.testing
 
 from tests.conftest import RawClient, Server, loopback_client, running_server, tasks_living
+from tests.redis_server import RedisServer
 from tools.fakes import FakeUpstream, Plan, Step, mock_plan, token_plan
 from trio_stream import Settings
 from trio_stream.config.members import GroupSpec, MemberSpec, ModelName, Upstreams
@@ -398,3 +399,33 @@ async def test_a_hedged_group_fails_over_and_hedges_only_the_slow(
                               event="started") == 0  # fmt: skip
             open_ = bad.open_connections + good.open_connections
             assert await tasks_living() == baseline + open_
+
+
+async def test_cluster_mode_every_node_skips_a_cooling_member(
+    settings: Settings, own_redis: RedisServer
+) -> None:
+    """Cluster mode (H6): a 429 with Retry-After on node A cools the member
+    on node B too, within one heartbeat (node_lease / 3, at most 1 s), and
+    B's requests then never reach it."""
+    async with fakes(2) as (limited, other):
+        limited.plan = first_time(error_plan(429, retry_after="30"))
+        members = Upstreams((member("limited", limited, weight=10.0), member("other", other)))
+        cfg = settings.replace(redis=own_redis.url, node_lease=1.5, upstreams=members)
+        node_a = running_server(cfg.replace(db=cfg.db + ".a"))
+        node_b = running_server(cfg.replace(db=cfg.db + ".b"))
+        with trio.fail_after(30):
+            async with node_a as a, node_b as b:
+                assert (await post(a, chat())).status_code == 200
+                told = trio.current_time()
+                assert len(limited.requests) == 1
+                cooling = b.service.router.members["limited"]
+                for _ in range(100):  # bounded: 100 x 20 ms
+                    if cooling.cooling(trio.current_time()):
+                        break
+                    await trio.sleep(0.02)
+                assert cooling.cooling(trio.current_time())
+                assert trio.current_time() - told <= 0.5 + 0.3  # one heartbeat, and slack
+                for _ in range(3):
+                    assert (await post(b, chat())).status_code == 200
+                assert len(limited.requests) == 1
+                assert len(other.requests) == 4

@@ -293,3 +293,18 @@ def test_retry_after_seconds(value: str | None, seconds: float | None) -> None:
     """Retry-After as delta-seconds or an HTTP date (against the wall clock
     passed in: 60 s here), never negative; unreadable is None."""
     assert retry_after_seconds(value, 60.0) == seconds
+
+
+def test_h6_a_cooldown_from_another_node_applies_and_never_shortens() -> None:
+    """H6: a cooldown learnt from another node keeps the member out here
+    until it ends; a shorter one changes nothing, nor does one for an
+    unknown member or a member that never cools (the shorthand)."""
+    r = router(member("a"), member("b", cool_after_failures=0))
+    assert r.cool("a", 5.0) is True
+    assert r.acquire("m", 4.9, exclude=("b",)) == Refusal(503, 1)
+    assert r.cool("a", 3.0) is False
+    assert r.members["a"].cool_until == 5.0
+    assert r.members["a"].failures == 0
+    assert r.cool("nobody", 9.0) is False
+    assert r.cool("b", 9.0) is False
+    assert lease(r, "m", 5.0, exclude=("b",)).member.name == "a"

@@ -58,6 +58,9 @@ H4    A first token, or a ``CLIENT`` answer (the member is up; the request was
       failure cools it again, twice as long.
 H5    ``cool_after_failures = 0`` (the one-upstream shorthand): the member
       never cools down; H2 and H3 count nothing.
+H6    A cooldown another node started (cluster mode, :meth:`Router.cool`)
+      applies here too, never shortening one under way; the failure count is
+      each node's own.
 ====  ==========================================================================
 
 Failover before the first token (:func:`fails_over`):
@@ -266,6 +269,15 @@ class Router:
     def succeeded(self, lease: Lease) -> None:
         """H4: the member sent a first token."""
         lease.member.failures = 0
+
+    def cool(self, name: str, until: float) -> bool:
+        """H6: ``name`` cools down until ``until`` (learnt from another node);
+        False if that changes nothing (an unknown member, a longer cooldown)."""
+        member = self.members.get(name)
+        if member is None or member.spec.cool_after_failures == 0 or until <= member.cool_until:
+            return False
+        member.cool_until = until
+        return True
 
     def failed(
         self, lease: Lease, failure: Failure, now: float, retry_after: float | None = None

@@ -220,6 +220,9 @@ async def open_service(
                 await nursery.start(service.pinger.run)
                 for client in members.values():
                     await nursery.start(client.run)
+                if shared.shares_cooldowns:  # cluster mode: cooldowns are every node's
+                    interval = min(settings.node_lease / 3, 1.0)  # the shared state's heartbeat
+                    await nursery.start(service.routes.share_cooldowns, shared, interval)
                 try:
                     yield service
                 finally:

@@ -61,6 +61,7 @@ from ..core.router import retry_after_seconds as parse_retry_after
 from ..errors import UpstreamError, UpstreamsUnavailable
 from ..logs import EventLogger
 from ..metrics import Metrics
+from ..shared import SharedState, SharedUnavailable
 from ..upstream import Item, Upstream
 from ..wire.request import ChatRequest
 from ..wire.usage import Usage
@@ -143,6 +144,38 @@ class Routes:
         for name, member in router.members.items():
             metrics.upstream_in_flight.labels(name).set(0)
             metrics.upstream_cooling.labels(name).set_function(_cooling(member))
+        #: Cooldowns this node started, not yet told to the others (cluster mode).
+        self._to_share: dict[str, float] = {}
+        self._started_cooling = trio.lowlevel.ParkingLot()
+
+    async def share_cooldowns(
+        self, shared: SharedState, interval: float,
+        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:  # fmt: skip
+        """Cluster mode (H6): tell the other nodes each cooldown this node
+        starts, at once, and learn theirs every ``interval`` (the heartbeat),
+        until cancelled.  The shared state out of reach skips a round (it is
+        degraded and says so).  Runs in the service's nursery.
+
+        Cancellation: runs until cancelled; a ``Cancelled`` may leave a
+        cooldown untold (the others then learn of the member's failures by
+        their own requests).
+        """
+        task_status.started()
+        names = list(self.router.members)
+        while True:
+            with trio.move_on_after(interval):
+                await self._started_cooling.park()
+            told, self._to_share = self._to_share, {}
+            try:
+                if told:
+                    await shared.share_cooldowns(told)
+                left = await shared.cooldowns(names)
+            except SharedUnavailable:
+                continue
+            now = trio.current_time()
+            for name, seconds in left.items():
+                self.router.cool(name, now + seconds)
 
     def stream(self, run: Run) -> AbstractAsyncContextManager[AsyncIterator[Item]]:
         """Open ``run``'s upstream stream on a member (see the module docstring).
@@ -209,6 +242,9 @@ class Routes:
         retry_after = _retry_after(exc) if failure is Failure.RATE_LIMITED else None
         name = lease.member.name
         cooldown = self.router.failed(lease, failure, trio.current_time(), retry_after)
+        if cooldown is not None:
+            self._to_share[name] = max(cooldown, self._to_share.get(name, 0.0))
+            self._started_cooling.unpark_all()
         self.metrics.upstream_attempts.labels(name, failure.value).inc()
         self.logger.event(
             "upstream_failed", trace=run.id, member=name, failure=failure.value,
