@@ -429,3 +429,24 @@ async def test_cluster_mode_every_node_skips_a_cooling_member(
                     assert (await post(b, chat())).status_code == 200
                 assert len(limited.requests) == 1
                 assert len(other.requests) == 4
+
+
+async def test_a_member_silent_past_the_requests_deadline_cools_down(
+    settings: Settings, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A member with no first_token_timeout of its own that stays silent
+    past --first-token-timeout fails that request (504, no time left to
+    fail over) and is counted a timeout (H1/H2): it cools down, and the next
+    request goes to the other member."""
+    async with fakes(2) as (hung, other):
+        hung.plan = lambda body: Plan(steps=[Step(hang=True)])
+        specs = (member("hung", hung, weight=10.0), member("other", other))
+        async with serving(settings.replace(first_token_timeout=2.0), *specs) as server:
+            timed_out = await post(server, chat())
+            assert timed_out.status_code == 504
+            assert metric(server, "trio_stream_upstream_attempts_total", member="hung",
+                          outcome="timeout") == 1  # fmt: skip
+            assert metric(server, "trio_stream_upstream_cooling", member="hung") == 1
+            assert hung.open_connections == 0
+            assert (await post(server, chat())).status_code == 200
+            assert (len(hung.requests), len(other.requests)) == (1, 1)

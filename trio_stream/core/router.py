@@ -43,8 +43,10 @@ Health (:meth:`Router.failed`, :meth:`Router.succeeded`):
 ====  ==========================================================================
 H1    :func:`classify` names a failure: ``CONNECT`` (no HTTP answer: refused,
       reset, bad framing), ``TIMEOUT`` (connect or first-token deadline, or
-      HTTP 408), ``SERVER`` (5xx), ``RATE_LIMITED`` (429), ``CLIENT`` (any
-      other 4xx), ``BROKEN`` (the stream failed after its first token).
+      HTTP 408; the request's own first-token deadline counts too),
+      ``SERVER`` (5xx), ``RATE_LIMITED`` (429), ``CLIENT`` (any other 4xx),
+      ``BROKEN`` (the stream failed, or went silent past its token timeout,
+      after its first token).
 H2    ``CONNECT``, ``TIMEOUT``, ``SERVER``, ``BROKEN`` and a 429 without
       ``Retry-After`` add one to the member's consecutive failures; from the
       ``cool_after_failures``-th on, each puts it in cooldown for

@@ -252,6 +252,20 @@ class Routes:
         )  # fmt: skip
         return failure
 
+    def _timed_out(self, run: Run, lease: Lease, exc: BaseException, *, started: bool) -> None:
+        """``exc`` is the request's own deadline (``run.scope``'s: the first
+        token's, then the next token's) cancelling an attempt: a timeout of
+        its member (H1/H2; ``BROKEN`` once started).  Any other cancel (the
+        run ended for a reason, shutdown) says nothing of the member."""
+        if (
+            isinstance(exc, trio.Cancelled)
+            and run.log.outcome is None
+            and trio.current_time() >= run.scope.deadline
+        ):
+            which = "next" if started else "first"
+            error = UpstreamError(f"The upstream sent no {which} token in time.", timeout=True)
+            self._failed(run, lease, error, started=started)
+
     def _fails_over(self, run: Run, failure: Failure) -> bool:
         """F1: move on, or end with this error?"""
         return fails_over(failure, trio.current_time(), run.scope.deadline)
@@ -353,6 +367,10 @@ class Routes:
                 return
             failure = self._failed(run, lease, exc, started=False)
             race.failed(lease, exc, failure)
+        except trio.Cancelled as exc:
+            if not won:
+                self._timed_out(run, lease, exc, started=False)
+            raise
         finally:
             race.running.pop(name, None)
             race.changed.unpark_all()
@@ -408,6 +426,7 @@ class _Sequential:
                 if entered:
                     await opened.__aexit__(type(exc), exc, exc.__traceback__)
                 routes._release(lease)
+                routes._timed_out(run, lease, exc, started=False)
                 if not isinstance(exc, UpstreamError):
                     raise
                 failure = routes._failed(run, lease, exc, started=False)
@@ -430,6 +449,8 @@ class _Sequential:
         try:
             if isinstance(exc, UpstreamError):
                 self._routes._failed(self._run, self._lease, exc, started=True)
+            elif exc is not None:
+                self._routes._timed_out(self._run, self._lease, exc, started=True)
             await self._opened.__aexit__(kind, exc, tb)
         finally:
             self._routes._release(self._lease)
