@@ -186,10 +186,12 @@ def _query(scope: Scope) -> tuple[bool, int]:
     query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
     stream = (query.get("stream") or ["false"])[-1].lower()
     if stream not in ("true", "false"):
-        raise bad_request("'stream' must be true or false.", "invalid_value")
+        raise bad_request("'stream' must be true or false.", "invalid_value", "stream")
     raw = (query.get("starting_after") or [""])[-1]
     if raw and (not raw.isdigit() or len(raw) > 12):
-        raise bad_request("'starting_after' must be a non-negative integer.", "invalid_value")
+        raise bad_request(
+            "'starting_after' must be a non-negative integer.", "invalid_value", "starting_after"
+        )
     return stream == "true", int(raw) if raw else -1
 
 
