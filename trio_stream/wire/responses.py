@@ -695,10 +695,21 @@ def fold(response_id: str, entries: Sequence[Entry]) -> Output:
     return output
 
 
-def saved_output(response_id: str, content: str, tool_calls: Sequence[dict[str, Any]]) -> Output:
-    """The :class:`Output` of a saved row: its text, then its tool calls."""
+def saved_output(
+    response_id: str, content: str, tool_calls: Sequence[dict[str, Any]],
+    reasoning: str | None = None, refusal: str | None = None,
+) -> Output:  # fmt: skip
+    """The :class:`Output` of a saved row, folded by :meth:`Output.feed_delta`
+    as the live log is: its reasoning (a ``reasoning`` item), its text and its
+    refusal (the message's ``output_text`` and ``refusal`` parts), then its
+    tool calls.  The same items as live for an answer that streamed them in
+    this order (the common one); a row keeps each text whole, so a live
+    answer that went back to reasoning after its text shows one reasoning
+    item here, not two."""
     output = Output(response_id)
+    output.feed_delta({"reasoning_content": reasoning or ""})
     output.feed_delta({"content": content})
+    output.feed_delta({"refusal": refusal or ""})
     output.feed_delta({"tool_calls": [{**c, "index": i} for i, c in enumerate(tool_calls)]})
     return output
 
