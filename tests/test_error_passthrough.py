@@ -494,6 +494,33 @@ async def test_responses_whole_midstream_error_is_a_failed_object(
     assert r.json()["error"] == responses_error(name, err)
 
 
+@pytest.mark.parametrize("name", MIDSTREAM_ERRORS)
+async def test_a_failed_response_read_back_keeps_the_upstreams_error(
+    settings: Settings, name: str
+) -> None:
+    """A response the upstream failed mid-stream, read back from its saved
+    row once its run has left memory, shows the same ``error`` as the live
+    object -- the upstream's message, param, type and mapped code -- and the
+    same output.  (Before: the row kept no error, so it read back as
+    ``server_error`` "The upstream failed.")"""
+    t = by_name(name)
+    with trio.fail_after(20):
+        async with relaying(settings, t) as (server, _), loopback_client(server) as client:
+            r = await client.post("/v1/responses", json=responses_body(t, False))
+            live = r.json()
+            assert server.service.runs.runs == {}  # attached: gone from memory once answered
+            saved = await server.service.store.get(PUBLIC_TENANT, live["id"])
+            got = await client.get(f"/v1/responses/{live['id']}")
+    assert saved is not None
+    assert saved.status == "failed"
+    assert got.status_code == 200
+    again = got.json()
+    Response.model_validate(again)
+    assert live["status"] == again["status"] == "failed"
+    assert again["error"] == live["error"] == responses_error(name, rx.midstream_error(t))
+    assert again["output"] == live["output"]
+
+
 # -- the recognising and the normalising, sans-IO ---------------------------------
 
 

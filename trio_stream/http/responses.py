@@ -86,13 +86,16 @@ def run_object(run: Run) -> dict[str, Any]:
 def saved_object(m: Message) -> dict[str, Any]:
     """The ``response`` object of a response known only by its saved row.
     ``model`` comes from the row's usage record; ``instructions`` and
-    ``max_output_tokens`` are not saved (null); ``output`` is the row's
+    ``max_output_tokens`` are not saved (null); a failed one's ``error`` is
+    rebuilt from the saved outcome (its message, the upstream's error) as the
+    live one is (:func:`~trio_stream.wire.responses.response_error`);
+    ``output`` is the row's
     reasoning, text, refusal and tool calls folded as the live log is
     (:func:`~trio_stream.wire.responses.saved_output`)."""
     usage = Usage.from_record(m.usage)
     model = (m.usage or {}).get("model")
     meta = ResponseMeta(model if isinstance(model, str) else "", background=m.detached)
-    outcome = Outcome(STATUS_OF_SAVED[m.status], m.reason or "")
+    outcome = Outcome(STATUS_OF_SAVED[m.status], m.reason or "", m.outcome_message or "", m.error)
     figures = usage.responses() if usage else None
     output = saved_output(m.run_id, m.content, m.tool_calls or (), m.reasoning, m.refusal)
     return response_object(ResponseState(m.run_id, meta, m.created, output, outcome, figures))
