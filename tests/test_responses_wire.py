@@ -168,6 +168,10 @@ def test_what_cannot_be_served_is_refused(body: dict[str, Any], code: str) -> No
         ({"top_p": "x"}, "invalid_type", "top_p"),
         ({"reasoning": "x"}, "invalid_type", "reasoning"),
         ({"reasoning": {"effort": 5}}, "invalid_type", "reasoning.effort"),
+        ({"include": "x"}, "invalid_type", "include"),
+        ({"include": ["file_search_call.results"]}, "unsupported_parameter", "include[0]"),
+        ({"top_logprobs": "x"}, "invalid_type", "top_logprobs"),
+        ({"top_logprobs": 21}, "invalid_value", "top_logprobs"),
     ],
 )  # fmt: skip
 def test_every_400_names_its_field_in_param(body: dict[str, Any], code: str, param: str) -> None:
