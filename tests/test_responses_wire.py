@@ -9,7 +9,12 @@ from typing import Any
 import orjson
 import pydantic
 import pytest
-from openai.types.responses import Response, ResponseStreamEvent
+from openai.types.responses import (
+    Response,
+    ResponseOutputMessage,
+    ResponseOutputText,
+    ResponseStreamEvent,
+)
 
 from trio_stream.core.log import Chunk, Entry, Outcome, RunStatus
 from trio_stream.errors import ApiError
@@ -101,6 +106,83 @@ def test_what_cannot_be_served_is_refused(body: dict[str, Any], code: str) -> No
     with pytest.raises(ApiError) as info:
         parse(body)
     assert (info.value.status, info.value.code) == (400, code)
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "param"),
+    [
+        ({"input": None}, "missing_required_parameter", "input"),
+        ({"input": 5}, "invalid_type", "input"),
+        ({"input": []}, "invalid_type", "input"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "invalid_value", "input"),
+        ({"input": [{"role": "user", "content": 5}]}, "invalid_type", "input[0].content"),
+        ({"input": [{"role": "user", "content": [{"type": "input_file"}]}]},
+         "unsupported_content", "input[0].content[0]"),
+        ({"input": ["x", {"role": "tool", "content": "x"}]}, "unsupported_input", "input[0]"),
+        ({"input": [{"role": "tool", "content": "x"}]}, "invalid_type", "input[0].role"),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]},
+         "unsupported_input", "input[0].type"),
+        ({"input": [{"type": "function_call_output", "output": "x"}]},
+         "invalid_type", "input[0].call_id"),
+        ({"input": [{"type": "function_call_output", "call_id": "c",
+                     "output": [{"type": "input_image", "image_url": "http://i"}]}]},
+         "unsupported_content", "input[0].output"),
+        ({"input": [{"type": "function_call_output", "call_id": "c", "output": 5}]},
+         "invalid_type", "input[0].output"),
+        ({"input": [{"role": "user", "content": "x"},
+                    {"type": "function_call", "call_id": "c", "name": "f"}]},
+         "invalid_type", "input[1].arguments"),
+        ({"tools": {"type": "function"}}, "invalid_type", "tools"),
+        ({"tools": [{"type": "web_search"}]}, "unsupported_tool", "tools[0].type"),
+        ({"tools": [{"type": "function", "name": "f"}, "x"]}, "unsupported_tool", "tools[1]"),
+        ({"tools": [{"type": "function"}]}, "invalid_type", "tools[0].name"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": "x"}]},
+         "invalid_type", "tools[0].parameters"),
+        ({"tools": [{"type": "function", "name": "f", "strict": "x"}]},
+         "invalid_type", "tools[0].strict"),
+        ({"tools": [{"type": "function", "name": "f", "description": 5}]},
+         "invalid_type", "tools[0].description"),
+        ({"tool_choice": "sometimes"}, "unsupported_tool_choice", "tool_choice"),
+        ({"tool_choice": {"type": "file_search"}}, "unsupported_tool_choice", "tool_choice"),
+        ({"tool_choice": {"type": "function"}}, "invalid_type", "tool_choice.name"),
+        ({"parallel_tool_calls": "x"}, "invalid_type", "parallel_tool_calls"),
+        ({"text": "x"}, "invalid_type", "text"),
+        ({"text": {"format": "x"}}, "invalid_type", "text.format"),
+        ({"text": {"format": {"type": "grammar"}}}, "unsupported_parameter", "text.format.type"),
+        ({"text": {"format": {"type": "json_schema", "schema": {}}}},
+         "invalid_type", "text.format.name"),
+        ({"text": {"format": {"type": "json_schema", "name": "n"}}},
+         "invalid_type", "text.format.schema"),
+        ({"previous_response_id": "resp_1"}, "unsupported_parameter", "previous_response_id"),
+        ({"conversation": "conv_1"}, "unsupported_parameter", "conversation"),
+        ({"prompt": {"id": "pmpt_1"}}, "unsupported_parameter", "prompt"),
+        ({"model": 5}, "invalid_type", "model"),
+        ({"instructions": 5}, "invalid_type", "instructions"),
+        ({"stream": "yes"}, "invalid_type", "stream"),
+        ({"background": "yes"}, "invalid_type", "background"),
+        ({"store": "yes"}, "invalid_type", "store"),
+        ({"background": True, "store": False}, "invalid_value", "store"),
+        ({"max_output_tokens": "x"}, "invalid_type", "max_output_tokens"),
+        ({"max_output_tokens": 0}, "invalid_value", "max_output_tokens"),
+        ({"temperature": "x"}, "invalid_type", "temperature"),
+        ({"top_p": "x"}, "invalid_type", "top_p"),
+        ({"reasoning": "x"}, "invalid_type", "reasoning"),
+        ({"reasoning": {"effort": 5}}, "invalid_type", "reasoning.effort"),
+        ({"include": "x"}, "invalid_type", "include"),
+        ({"include": ["file_search_call.results"]}, "unsupported_parameter", "include[0]"),
+        ({"top_logprobs": "x"}, "invalid_type", "top_logprobs"),
+        ({"top_logprobs": 21}, "invalid_value", "top_logprobs"),
+    ],
+)  # fmt: skip
+def test_every_400_names_its_field_in_param(body: dict[str, Any], code: str, param: str) -> None:
+    """Every 400 of the Responses request parser carries ``param``, the path
+    of the field at fault, as OpenAI's error body does and as the chat
+    parser's 400s do (docs/api.md section 2.2): a client or SDK can point
+    at the field without parsing the message.  One case per raise site."""
+    with pytest.raises(ApiError) as info:
+        parse({"input": "x", **body})
+    assert (info.value.status, info.value.code, info.value.param) == (400, code, param)
+    assert orjson.loads(info.value.body())["error"]["param"] == param
 
 
 def events_of(raw: bytes) -> list[Any]:
@@ -459,3 +541,125 @@ def test_a_tool_call_without_an_id_gets_one() -> None:
     output = events[-1].response.output
     assert [o.call_id for o in output] == ["call_abc_0", "call_abc_1"]
     assert [o.id for o in output] == ["fc_abc_0", "fc_abc_1"]
+
+
+def test_include_and_top_logprobs_ask_the_chat_upstream_for_logprobs() -> None:
+    """``include: ["message.output_text.logprobs"]`` is the upstream's
+    ``logprobs: true``; ``top_logprobs`` (with or without it) is
+    ``logprobs: true`` and ``top_logprobs``, echoed on the object; without
+    either nothing about logprobs is sent."""
+    include = {"include": ["message.output_text.logprobs"]}
+    asked: list[tuple[dict[str, Any], dict[str, Any], int | None]] = [
+        (include, {"logprobs": True}, None),
+        ({**include, "top_logprobs": 2}, {"logprobs": True, "top_logprobs": 2}, 2),
+        ({"top_logprobs": 0}, {"logprobs": True, "top_logprobs": 0}, 0),
+        ({"include": [], "top_logprobs": None}, {}, None),
+        ({}, {}, None),
+    ]  # fmt: skip
+    for extra, sent, top in asked:
+        chat, meta = parse({"model": "m", "input": "hi", **extra})
+        body = chat.upstream_body()
+        assert {k: body[k] for k in ("logprobs", "top_logprobs") if k in body} == sent, extra
+        assert meta.top_logprobs == top
+        state = ResponseState("resp_abc", meta, 1.0, fold("resp_abc", []), None, None)
+        assert Response.model_validate(response_object(state)).top_logprobs == top
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "param"),
+    [
+        ({"include": "message.output_text.logprobs"}, "invalid_type", "include"),
+        ({"include": [1]}, "invalid_type", "include"),
+        ({"include": ["message.output_text.logprobs", "reasoning.encrypted_content"]},
+         "unsupported_parameter", "include[1]"),
+        ({"include": ["file_search_call.results"]}, "unsupported_parameter", "include[0]"),
+        ({"top_logprobs": "2"}, "invalid_type", "top_logprobs"),
+        ({"top_logprobs": True}, "invalid_type", "top_logprobs"),
+        ({"top_logprobs": 1.5}, "invalid_type", "top_logprobs"),
+        ({"top_logprobs": 21}, "invalid_value", "top_logprobs"),
+        ({"top_logprobs": -1}, "invalid_value", "top_logprobs"),
+    ],
+)  # fmt: skip
+def test_include_and_top_logprobs_are_validated(
+    body: dict[str, Any], code: str, param: str
+) -> None:
+    """``include`` is an array of strings naming only what this server can
+    give (the output text's logprobs): anything else is a 400
+    ``unsupported_parameter`` naming the value's place, never ignored;
+    ``top_logprobs`` is an integer in 0..20 (``invalid_type`` /
+    ``invalid_value``)."""
+    with pytest.raises(ApiError) as info:
+        parse({"input": "x", **body})
+    assert (info.value.status, info.value.code, info.value.param) == (400, code, param)
+    assert f"'{param}'" in info.value.message
+
+
+def lp(token: str, logprob: float, top: list[Any] | None, raw: bytes | None = b"") -> Any:
+    """A chat ``logprobs.content`` entry (``raw``: its bytes; b"" means the
+    token's UTF-8, None a ``null``)."""
+    data = list(token.encode()) if raw == b"" else None if raw is None else list(raw)
+    return {"token": token, "logprob": logprob, "bytes": data, "top_logprobs": top}
+
+
+def with_logprobs(delta: dict[str, Any], tokens: list[Any], shape: bool = False) -> Chunk:
+    """A log entry as vLLM streams it with ``logprobs: true``: ``delta`` and
+    its choice's ``logprobs.content``."""
+    choice = {"index": 0, "delta": delta, "logprobs": {"content": tokens}, "finish_reason": None}
+    return Chunk({"object": "chat.completion.chunk", "choices": [choice]}, shape)
+
+
+def as_responses(token: dict[str, Any]) -> dict[str, Any]:
+    """The Responses ``Logprob`` of a chat entry: ``null`` bytes are ``[]``."""
+    tops = [{**t, "bytes": t["bytes"] or []} for t in token["top_logprobs"] or ()]
+    return {**token, "bytes": token["bytes"] or [], "top_logprobs": tops}
+
+
+def test_token_logprobs_ride_the_text_deltas_and_join_in_the_part() -> None:
+    """Each ``response.output_text.delta`` carries its chunk's
+    ``logprobs.content`` field by field (chat's ``null`` bytes as ``[]``,
+    the Responses type having a list); ``output_text.done``, the
+    ``output_text`` part, the item and the final object carry the
+    concatenation.  A ``str`` entry carries its shape's logprobs (it stands
+    for that chunk with its text), a reasoning chunk's logprobs have no
+    place (none shown), a chunk with no text but tokens makes an empty text
+    delta with them.  The SDK's types parse every event and the object, and
+    replays from any N are exact."""
+    t1 = lp(" Caf", -0.5, [lp(" Caf", -0.5, None), lp(" The", -8.0, None, None)])
+    t2 = lp("é", -0.1, [lp("é", -0.1, None)], raw=None)
+    t3 = lp("\ufffd", -1.0, [], raw=b"\xe2")
+    entries: list[Any] = [
+        with_logprobs({"reasoning_content": "hm"}, [lp("hm", -2.0, [])]),
+        with_logprobs({"content": " Caf"}, [t1], shape=True),
+        " Caf",  # the same chunk again: its text and the shape's logprobs
+        with_logprobs({"content": "é"}, [t2]),
+        with_logprobs({"content": ""}, [t3]),
+        entry({"content": "!"}),
+        with_logprobs({"content": ""}, []),
+    ]  # fmt: skip
+    done = Outcome(RunStatus.COMPLETED, "stop")
+    events = whole_stream(done, entries)
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert [e.delta for e in deltas] == [" Caf", " Caf", "é", "", "!"]
+    expected = [[as_responses(t1)], [as_responses(t1)], [as_responses(t2)], [as_responses(t3)], []]
+    assert [[x.model_dump() for x in e.logprobs] for e in deltas] == expected
+    assert expected[2][0]["bytes"] == []
+    assert expected[0][0]["top_logprobs"][1]["bytes"] == []
+    joined = [token for tokens in expected for token in tokens]
+    (text_done,) = [e for e in events if e.type == "response.output_text.done"]
+    assert [x.model_dump() for x in text_done.logprobs] == joined
+    (reasoning_done,) = [e for e in events if e.type == "response.reasoning_text.done"]
+    assert reasoning_done.text == "hm"
+    parts = [e.part for e in events if e.type == "response.content_part.done"]
+    assert [p.model_dump().get("logprobs") for p in parts] == [None, joined]
+    final = events[-1].response
+    assert final.output_text == " Caf Café!"
+    for response in (final, Response.model_validate(response_object(ResponseState(
+            "resp_abc", META, 1.0, fold("resp_abc", entries), done, USAGE)))):  # fmt: skip
+        message = response.output[1]
+        assert isinstance(message, ResponseOutputMessage)
+        (part,) = message.content
+        assert isinstance(part, ResponseOutputText)
+        assert [x.model_dump() for x in part.logprobs or ()] == joined
+    for after in range(-1, len(events)):
+        replay = whole_stream(done, entries, after, batch=2)
+        assert [e.model_dump() for e in replay] == [e.model_dump() for e in events[after + 1 :]]

@@ -8,13 +8,17 @@ Upstreams speak chat completions, and a response is a run like any other
   message first, ``input`` the messages -- ``function_call`` items an
   assistant message's ``tool_calls``, ``function_call_output`` items ``tool``
   messages --, ``tools``/``tool_choice``/``text.format`` their chat shapes,
-  ``max_output_tokens`` the ``max_tokens``, ``background`` the detach flag)
+  ``max_output_tokens`` the ``max_tokens``, ``include`` of the output
+  text's logprobs and ``top_logprobs`` chat's ``logprobs``/``top_logprobs``,
+  ``background`` the detach flag)
   plus the :class:`ResponseMeta` that rendering needs.
 * **Out**: a run's log and outcome become the ``response`` object and its
   stream events.  :class:`Output` folds the log's entries into output items
   (``reasoning``, ``message`` with ``output_text``/``refusal`` parts,
-  ``function_call``) and says which events each entry makes; the object
-  and the events are both rendered from that one fold, so they agree.
+  ``function_call``; an ``output_text`` part carries its chunks' token
+  logprobs, :func:`logprobs_of`) and says which events each entry makes;
+  the object and the events are both rendered from that one fold, so they
+  agree.
 
 Sequence numbers are a pure function of the run's log, so that any event can
 be replayed from its number (``GET /v1/responses/{id}?stream=true&starting_after=N``)::
@@ -44,7 +48,7 @@ from typing import Any
 
 import orjson
 
-from ..core.log import Entry, Outcome, RunStatus
+from ..core.log import Chunk, Entry, Outcome, RunStatus
 from ..errors import bad_request
 from .request import ChatRequest, _field, parse_json_object
 
@@ -53,6 +57,10 @@ _TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 #: Fields that would change the answer and are not served: refused, not ignored.
 _UNSUPPORTED = ("previous_response_id", "conversation", "prompt")
 _TOOL_CHOICES = frozenset({"auto", "none", "required"})
+#: The ``include`` value served: the output text's token logprobs.  The
+#: others name hosted tools' results, input echoes or encrypted reasoning,
+#: which this server does not have.
+_LOGPROBS = "message.output_text.logprobs"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +80,8 @@ class ResponseMeta:
     parallel_tool_calls: bool = True
     #: ``text.format`` as given (None: plain text).
     text_format: dict[str, Any] | None = None
+    #: ``top_logprobs`` as asked (None: not asked), echoed on the object.
+    top_logprobs: int | None = None
 
 
 # -- in ---------------------------------------------------------------------
@@ -81,7 +91,9 @@ def _content(content: Any, where: str) -> str | list[dict[str, Any]]:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise bad_request(f"'{where}.content' must be a string or an array.", "invalid_type")
+        raise bad_request(
+            f"'{where}.content' must be a string or an array.", "invalid_type", f"{where}.content"
+        )
     parts: list[dict[str, Any]] = []
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -95,6 +107,7 @@ def _content(content: Any, where: str) -> str | list[dict[str, Any]]:
                 f"'{where}.content[{i}]' must be an input_text, output_text or input_image "
                 "part with an image_url.",
                 "unsupported_content",
+                f"{where}.content[{i}]",
             )
     if all(p["type"] == "text" for p in parts):
         return "".join(p["text"] for p in parts)
@@ -104,7 +117,8 @@ def _content(content: Any, where: str) -> str | list[dict[str, Any]]:
 def _string(item: dict[str, Any], name: str, where: str) -> str:
     value = item.get(name)
     if not isinstance(value, str) or (name != "arguments" and not value):
-        raise bad_request(f"'{where}.{name}' must be a non-empty string.", "invalid_type")
+        param = f"{where}.{name}"
+        raise bad_request(f"'{param}' must be a non-empty string.", "invalid_type", param)
     return value
 
 
@@ -126,17 +140,25 @@ def _tool_output(item: dict[str, Any], where: str) -> dict[str, Any]:
         texts = [p.get("text") if isinstance(p, dict) and p.get("type") in _TEXT_PARTS else None
                  for p in output]  # fmt: skip
         if not all(isinstance(t, str) for t in texts):
-            raise bad_request(f"'{where}.output' may hold text parts only.", "unsupported_content")
+            raise bad_request(
+                f"'{where}.output' may hold text parts only.",
+                "unsupported_content",
+                f"{where}.output",
+            )
         output = "".join(t for t in texts if t is not None)
     if not isinstance(output, str):
-        raise bad_request(f"'{where}.output' must be a string or an array.", "invalid_type")
+        raise bad_request(
+            f"'{where}.output' must be a string or an array.", "invalid_type", f"{where}.output"
+        )
     return {"role": "tool", "tool_call_id": call_id, "content": output}
 
 
 def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
     role = item.get("role")
     if role not in _ROLES:
-        raise bad_request(f"'{where}.role' must be one of {sorted(_ROLES)}.", "invalid_type")
+        raise bad_request(
+            f"'{where}.role' must be one of {sorted(_ROLES)}.", "invalid_type", f"{where}.role"
+        )
     content = item.get("content")
     if role == "assistant" and isinstance(content, list):  # an echoed refusal stays one
         refusals = [p for p in content if isinstance(p, dict) and p.get("type") == "refusal"]
@@ -153,11 +175,11 @@ def _messages(input_: Any) -> list[dict[str, Any]]:
     assistant message just before them (or make one); ``reasoning`` items
     are not sent (a chat upstream takes no reasoning as input)."""
     if input_ is None:
-        raise bad_request("'input' is required.", "missing_required_parameter")
+        raise bad_request("'input' is required.", "missing_required_parameter", "input")
     if isinstance(input_, str):
         return [{"role": "user", "content": input_}]
     if not isinstance(input_, list) or not input_:
-        raise bad_request("'input' must be a string or a non-empty array.", "invalid_type")
+        raise bad_request("'input' must be a string or a non-empty array.", "invalid_type", "input")
     messages: list[dict[str, Any]] = []
     for i, item in enumerate(input_):
         where = f"input[{i}]"
@@ -180,9 +202,10 @@ def _messages(input_: Any) -> list[dict[str, Any]]:
                 f"'{where}' must be a message, function_call, function_call_output or "
                 f"reasoning item (type {kind!r} is not served).",
                 "unsupported_input",
+                f"{where}.type" if isinstance(item, dict) else where,
             )  # fmt: skip
     if not messages:
-        raise bad_request("'input' has no message to send.", "invalid_value")
+        raise bad_request("'input' has no message to send.", "invalid_value", "input")
     return messages
 
 
@@ -192,7 +215,7 @@ def _tools(tools: Any) -> tuple[list[dict[str, Any]], tuple[dict[str, Any], ...]
     if tools is None:
         return [], ()
     if not isinstance(tools, list):
-        raise bad_request("'tools' must be an array.", "invalid_type")
+        raise bad_request("'tools' must be an array.", "invalid_type", "tools")
     chat, shown = [], []
     for i, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
@@ -201,18 +224,21 @@ def _tools(tools: Any) -> tuple[list[dict[str, Any]], tuple[dict[str, Any], ...]
                 f"'tools[{i}]' has type {kind!r}: only 'function' tools are served "
                 "(web_search, file_search, computer_use, mcp, ... are not).",
                 "unsupported_tool",
+                f"tools[{i}].type" if isinstance(tool, dict) else f"tools[{i}]",
             )
         assert isinstance(tool, dict)
         name = _string(tool, "name", f"tools[{i}]")
         parameters = tool.get("parameters")
         strict = tool.get("strict")
         description = tool.get("description")
-        if parameters is not None and not isinstance(parameters, dict):
-            raise bad_request(f"'tools[{i}].parameters' must be an object.", "invalid_type")
-        if strict is not None and not isinstance(strict, bool):
-            raise bad_request(f"'tools[{i}].strict' must be a boolean.", "invalid_type")
-        if description is not None and not isinstance(description, str):
-            raise bad_request(f"'tools[{i}].description' must be a string.", "invalid_type")
+        for key, value, types, what in (
+            ("parameters", parameters, dict, "an object"),
+            ("strict", strict, bool, "a boolean"),
+            ("description", description, str, "a string"),
+        ):
+            if value is not None and not isinstance(value, types):
+                param = f"tools[{i}].{key}"
+                raise bad_request(f"'{param}' must be {what}.", "invalid_type", param)
         function: dict[str, Any] = {"name": name}
         for key, value in (("description", description), ("parameters", parameters),
                            ("strict", strict)):  # fmt: skip
@@ -235,6 +261,7 @@ def _tool_choice(choice: Any) -> tuple[str | dict[str, Any], str | dict[str, Any
         "'tool_choice' must be 'auto', 'none', 'required' or "
         "{'type': 'function', 'name': ...} (other tool choices are not served).",
         "unsupported_tool_choice",
+        "tool_choice",
     )
 
 
@@ -243,18 +270,23 @@ def _response_format(text: Any) -> tuple[dict[str, Any] | None, dict[str, Any] |
     if text is None:
         return None, None
     if not isinstance(text, dict):
-        raise bad_request("'text' must be an object.", "invalid_type")
+        raise bad_request("'text' must be an object.", "invalid_type", "text")
     fmt = text.get("format")
-    kind = fmt.get("type") if isinstance(fmt, dict) else None
-    if fmt is None or kind == "text":
+    if fmt is None:
         return None, None
-    assert isinstance(fmt, dict)
+    if not isinstance(fmt, dict):
+        raise bad_request("'text.format' must be an object.", "invalid_type", "text.format")
+    kind = fmt.get("type")
+    if kind == "text":
+        return None, None
     if kind == "json_object":
         return {"type": "json_object"}, {"type": "json_object"}
     if kind == "json_schema":
         name = _string(fmt, "name", "text.format")
         if not isinstance(fmt.get("schema"), dict):
-            raise bad_request("'text.format.schema' must be an object.", "invalid_type")
+            raise bad_request(
+                "'text.format.schema' must be an object.", "invalid_type", "text.format.schema"
+            )
         schema = {"name": name, "schema": fmt["schema"]}
         for key in ("description", "strict"):
             if fmt.get(key) is not None:
@@ -266,7 +298,37 @@ def _response_format(text: Any) -> tuple[dict[str, Any] | None, dict[str, Any] |
         f"'text.format' has type {kind!r}: only 'text', 'json_object' and 'json_schema' "
         "are served.",
         "unsupported_parameter",
+        "text.format.type",
     )
+
+
+def _logprobs(body: dict[str, Any]) -> dict[str, Any]:
+    """``include`` and ``top_logprobs``: the chat fields that ask the upstream
+    for token logprobs (``logprobs: true``, ``top_logprobs``), if any.
+    ``include`` may name only :data:`_LOGPROBS`; any other value is refused
+    (it asks for something this server cannot give), never ignored."""
+    include = body.get("include")
+    if include is not None and not (
+        isinstance(include, list) and all(isinstance(v, str) for v in include)
+    ):
+        raise bad_request("'include' must be an array of strings.", "invalid_type", "include")
+    for i, value in enumerate(include or ()):
+        if value != _LOGPROBS:
+            raise bad_request(
+                f"'include[{i}]' is {value[:100]!r}: only {_LOGPROBS!r} is served.",
+                "unsupported_parameter", f"include[{i}]",
+            )  # fmt: skip
+    top = _field(body, "top_logprobs", int, "an integer")
+    if top is not None and not 0 <= top <= 20:
+        raise bad_request(
+            "'top_logprobs' must be between 0 and 20.", "invalid_value", "top_logprobs"
+        )
+    chat: dict[str, Any] = {}
+    if include or top is not None:
+        chat["logprobs"] = True
+    if top is not None:
+        chat["top_logprobs"] = top
+    return chat
 
 
 def parse_responses_request(raw: bytes) -> tuple[ChatRequest, ResponseMeta]:
@@ -275,7 +337,9 @@ def parse_responses_request(raw: bytes) -> tuple[ChatRequest, ResponseMeta]:
     body = parse_json_object(raw)
     for name in _UNSUPPORTED:
         if body.get(name):
-            raise bad_request(f"'{name}' is not supported by this server.", "unsupported_parameter")
+            raise bad_request(
+                f"'{name}' is not supported by this server.", "unsupported_parameter", name
+            )
     model = _field(body, "model", str, "a string") or "mock"
     instructions = _field(body, "instructions", str, "a string")
     messages = _messages(body.get("input"))
@@ -285,10 +349,14 @@ def parse_responses_request(raw: bytes) -> tuple[ChatRequest, ResponseMeta]:
     background = _field(body, "background", bool, "a boolean") or False
     store = _field(body, "store", bool, "a boolean")
     if background and store is False:
-        raise bad_request("'background' requires 'store' to be true.", "invalid_value")
+        raise bad_request("'background' requires 'store' to be true.", "invalid_value", "store")
     limit = _field(body, "max_output_tokens", int, "an integer")
     if limit is not None and not 1 <= limit <= 1_000_000:
-        raise bad_request("'max_output_tokens' must be between 1 and 1000000.", "invalid_value")
+        raise bad_request(
+            "'max_output_tokens' must be between 1 and 1000000.",
+            "invalid_value",
+            "max_output_tokens",
+        )
     temperature = _field(body, "temperature", (int, float), "a number")
     top_p = _field(body, "top_p", (int, float), "a number")
     tools, shown_tools = _tools(body.get("tools"))
@@ -301,7 +369,9 @@ def parse_responses_request(raw: bytes) -> tuple[ChatRequest, ResponseMeta]:
     reasoning = _field(body, "reasoning", dict, "an object") or {}
     effort = reasoning.get("effort")
     if effort is not None and not isinstance(effort, str):
-        raise bad_request("'reasoning.effort' must be a string.", "invalid_type")
+        raise bad_request(
+            "'reasoning.effort' must be a string.", "invalid_type", "reasoning.effort"
+        )
     chat: dict[str, Any] = {"model": model, "messages": messages, "stream": stream}
     for name, value in (
         ("max_tokens", limit), ("temperature", temperature), ("top_p", top_p),
@@ -310,9 +380,10 @@ def parse_responses_request(raw: bytes) -> tuple[ChatRequest, ResponseMeta]:
     ):  # fmt: skip
         if value is not None:
             chat[name] = value
+    chat.update(logprobs := _logprobs(body))
     meta = ResponseMeta(model, instructions, limit, background, store is not False,
                         temperature, top_p, shown_tools, shown_choice, parallel is not False,
-                        shown_format)  # fmt: skip
+                        shown_format, logprobs.get("top_logprobs"))  # fmt: skip
     return ChatRequest(chat, model, messages, stream, limit, background), meta
 
 
@@ -333,15 +404,15 @@ _DONE = {
 }
 
 
-def _text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_part(text: str, logprobs: list[Any] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
-def _part(kind: str, text: str) -> dict[str, Any]:
-    """A content part: ``output_text`` or ``refusal`` (a message's),
-    ``reasoning_text`` (a reasoning item's)."""
+def _part(kind: str, text: str, logprobs: list[Any] | None = None) -> dict[str, Any]:
+    """A content part: ``output_text`` (with its token ``logprobs``) or
+    ``refusal`` (a message's), ``reasoning_text`` (a reasoning item's)."""
     if kind == "output_text":
-        return _text_part(text)
+        return _text_part(text, logprobs)
     if kind == "refusal":
         return {"type": "refusal", "refusal": text}
     return {"type": "reasoning_text", "text": text}
@@ -352,6 +423,39 @@ def delta_of(entry: Entry) -> dict[str, Any]:
     :class:`~trio_stream.core.log.Chunk` its delta.  The fold reads
     entries only through this function."""
     return {"content": entry} if isinstance(entry, str) else entry.delta
+
+
+def _logprob(token: Any) -> Any:
+    """One chat ``logprobs.content`` entry as a Responses ``Logprob``.  The
+    fields are the same (``token``, ``logprob``, ``bytes``, ``top_logprobs``
+    of ``{token, logprob, bytes}``) but chat's ``bytes`` may be ``null`` (no
+    bytes representation) where the Responses API has a list: ``[]`` then;
+    ``top_logprobs`` absent or ``null`` is ``[]``.  Anything else is kept as
+    sent (an entry that is not an object too)."""
+    if not isinstance(token, dict):
+        return token
+    return {**token, "bytes": token.get("bytes") or [], "top_logprobs": [
+        {**top, "bytes": top.get("bytes") or []} if isinstance(top, dict) else top
+        for top in token.get("top_logprobs") or ()]}  # fmt: skip
+
+
+def logprobs_of(entry: Entry, shape: Chunk | None) -> list[Any]:
+    """A log entry's token logprobs (its choice's ``logprobs.content``) as
+    Responses ``Logprob`` objects (:func:`_logprob`); ``[]`` if it has none.
+    A ``str`` entry stands for the log's ``shape`` chunk with its text
+    (core/log.py), so it carries the shape's logprobs; ``shape`` is the
+    first entry :func:`shape_of` found, None before it.  The fold reads
+    logprobs only through this function."""
+    chunk = shape if isinstance(entry, str) else entry
+    choice = chunk.choice if chunk is not None else None
+    logprobs = choice.get("logprobs") if choice is not None else None
+    tokens = logprobs.get("content") if isinstance(logprobs, dict) else None
+    return [_logprob(t) for t in tokens] if isinstance(tokens, list) else []
+
+
+def shape_of(entry: Entry) -> Chunk | None:
+    """The entry if it sets its log's shape (core/log.py), else None."""
+    return entry if isinstance(entry, Chunk) and entry.shape else None
 
 
 def reasoning_of(delta: dict[str, Any]) -> str:
@@ -379,6 +483,8 @@ class _Item:
     index: int
     id: str
     parts: list[tuple[str, list[str]]] = field(default_factory=list)  # (part type, pieces)
+    #: Part index -> its token logprobs so far (output_text parts that have some).
+    logprobs: dict[int, list[Any]] = field(default_factory=dict)
     call_id: str = ""
     name: str = ""
     arguments: list[str] = field(default_factory=list)
@@ -393,7 +499,8 @@ class _Item:
             return {"type": "function_call", "id": self.id, "call_id": self.call_id,
                     "name": self.name, "arguments": "".join(self.arguments),
                     "status": status}  # fmt: skip
-        content = [_part(kind, "".join(pieces)) for kind, pieces in self.parts]
+        content = [_part(kind, "".join(pieces), self.logprobs.get(i))
+                   for i, (kind, pieces) in enumerate(self.parts)]  # fmt: skip
         if self.kind == "reasoning":
             return {"type": "reasoning", "id": self.id, "summary": [], "content": content,
                     "status": status}  # fmt: skip
@@ -414,7 +521,7 @@ class Output:
     upstream may interleave the deltas of parallel calls.
     """
 
-    __slots__ = ("_calls", "_messages", "_open", "_rid", "entries", "items")
+    __slots__ = ("_calls", "_messages", "_open", "_rid", "_shape", "_shaped", "entries", "items")
 
     def __init__(self, response_id: str) -> None:
         self._rid = response_id.removeprefix("resp_")
@@ -423,6 +530,8 @@ class Output:
         self._open: _Item | None = None  # the open message or reasoning item
         self._calls: dict[int, _Item] = {}  # tool-call index -> its item
         self._messages = 0
+        self._shape: Chunk | None = None  # the log's shape chunk, once seen
+        self._shaped: list[Any] = []  # the logprobs a str entry carries (the shape's)
 
     def _new(self, kind: str) -> _Item:
         index = len(self.items)
@@ -458,12 +567,16 @@ class Output:
             events.append(("response.content_part.added", {**where, "part": _part(kind, "")}))
         return len(item.parts) - 1
 
-    def _write(self, item: _Item, kind: str, delta: str, events: list[Event]) -> None:
+    def _write(
+        self, item: _Item, kind: str, delta: str, events: list[Event], logprobs: list[Any]
+    ) -> None:
         index = self._part_of(item, kind, events)
         item.parts[index][1].append(delta)
         fields = {**item.where(), "content_index": index, "delta": delta}
         if kind == "output_text":
-            fields["logprobs"] = []
+            fields["logprobs"] = logprobs
+            if logprobs:
+                item.logprobs.setdefault(index, []).extend(logprobs)
         events.append((_DELTA[kind], fields))
 
     def _close_part(self, item: _Item, events: list[Event]) -> None:
@@ -472,10 +585,12 @@ class Output:
         where = {**item.where(), "content_index": len(item.parts) - 1}
         done, key = _DONE[kind]
         fields = {**where, key: text}
+        logprobs = item.logprobs.get(len(item.parts) - 1)
         if kind == "output_text":
-            fields["logprobs"] = []
+            fields["logprobs"] = logprobs or []
         events.append((done, fields))
-        events.append(("response.content_part.done", {**where, "part": _part(kind, text)}))
+        part = _part(kind, text, logprobs)
+        events.append(("response.content_part.done", {**where, "part": part}))
 
     def _close(self, item: _Item, status: str, events: list[Event]) -> None:
         if item.kind == "function_call":
@@ -516,24 +631,38 @@ class Output:
         if isinstance(entry, str) and entry and item is not None and item.kind == "message":
             part = item.parts[-1] if item.parts else None
             if part is not None and part[0] == "output_text":  # the common case, kept short
+                index = len(item.parts) - 1
                 part[1].append(entry)
+                if logprobs := self._shaped:
+                    item.logprobs.setdefault(index, []).extend(logprobs)
                 fields = {"item_id": item.id, "output_index": item.index,
-                          "content_index": len(item.parts) - 1, "delta": entry,
-                          "logprobs": []}  # fmt: skip
+                          "content_index": index, "delta": entry,
+                          "logprobs": logprobs}  # fmt: skip
                 return [("response.output_text.delta", fields)]
-        return self.feed_delta(delta_of(entry))
+        if (shape := shape_of(entry)) is not None and self._shape is None:
+            self._shape = shape
+            self._shaped = logprobs_of(shape, None)
+        return self.feed_delta(delta_of(entry), logprobs_of(entry, self._shape))
 
-    def feed_delta(self, delta: dict[str, Any]) -> list[Event]:
+    def feed_delta(self, delta: dict[str, Any], logprobs: list[Any] | None = None) -> list[Event]:
         """Fold one chat delta in; the events it makes.  Its reasoning comes
-        first, then its text, its refusal, its tool calls (an upstream that
-        sends reasoning and text in one chunk ends its reasoning there)."""
+        first, then its text (with the chunk's token ``logprobs``), its
+        refusal, its tool calls (an upstream that sends reasoning and text in
+        one chunk ends its reasoning there).  Logprobs go with the text only:
+        a chunk without text shows none (the Responses API has no place for
+        them), unless its ``content`` is ``""`` and it has no reasoning (a
+        token with no text yet): then an empty text delta carries them."""
         events: list[Event] = []
         if reasoning := reasoning_of(delta):
-            self._write(self._sequential("reasoning", events), "reasoning_text", reasoning, events)
+            self._write(self._sequential("reasoning", events), "reasoning_text", reasoning, events,
+                        [])  # fmt: skip
         for key, part in (("content", "output_text"), ("refusal", "refusal")):
             text = delta.get(key)
-            if isinstance(text, str) and text:
-                self._write(self._sequential("message", events), part, text, events)
+            if not isinstance(text, str):
+                continue
+            tokens = (logprobs or []) if key == "content" else []
+            if text or (tokens and not reasoning):
+                self._write(self._sequential("message", events), part, text, events, tokens)
         for call in delta.get("tool_calls") or ():
             self._call(call, events)
         return events
@@ -566,10 +695,21 @@ def fold(response_id: str, entries: Sequence[Entry]) -> Output:
     return output
 
 
-def saved_output(response_id: str, content: str, tool_calls: Sequence[dict[str, Any]]) -> Output:
-    """The :class:`Output` of a saved row: its text, then its tool calls."""
+def saved_output(
+    response_id: str, content: str, tool_calls: Sequence[dict[str, Any]],
+    reasoning: str | None = None, refusal: str | None = None,
+) -> Output:  # fmt: skip
+    """The :class:`Output` of a saved row, folded by :meth:`Output.feed_delta`
+    as the live log is: its reasoning (a ``reasoning`` item), its text and its
+    refusal (the message's ``output_text`` and ``refusal`` parts), then its
+    tool calls.  The same items as live for an answer that streamed them in
+    this order (the common one); a row keeps each text whole, so a live
+    answer that went back to reasoning after its text shows one reasoning
+    item here, not two."""
     output = Output(response_id)
+    output.feed_delta({"reasoning_content": reasoning or ""})
     output.feed_delta({"content": content})
+    output.feed_delta({"refusal": refusal or ""})
     output.feed_delta({"tool_calls": [{**c, "index": i} for i, c in enumerate(tool_calls)]})
     return output
 
@@ -665,6 +805,7 @@ def response_object(s: ResponseState) -> dict[str, Any]:
         "tools": list(s.meta.tools),
         "temperature": s.meta.temperature,
         "top_p": s.meta.top_p,
+        "top_logprobs": s.meta.top_logprobs,
         "metadata": {},
     }
     if s.meta.text_format is not None:
