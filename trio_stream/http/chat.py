@@ -30,6 +30,7 @@ async def chat_completions(service: Service, scope: Scope, receive: Receive, sen
         tenant = service.auth.tenant(header(scope, b"authorization"))
         session_id = parse_session_id(header(scope, b"x-session-id"))
         request = parse_chat_request(await read_request(s, scope, receive))
+        service.check_model(request.model)
         with service.stream_slot():
             run = await service.runs.create(tenant, session_id, request)
             attached_stream = request.stream and not request.detach

@@ -168,6 +168,7 @@ async def create(service: Service, scope: Scope, receive: Receive, send: Send) -
     tenant = service.auth.tenant(header(scope, b"authorization"))
     session_id = parse_session_id(header(scope, b"x-session-id"))
     request, meta = parse_responses_request(await read_request(s, scope, receive))
+    service.check_model(request.model)
     with service.stream_slot():
         run = await service.runs.create(tenant, session_id, request, meta)
         attached_stream = request.stream and not meta.background

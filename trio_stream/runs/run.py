@@ -88,7 +88,8 @@ class Run:
     __slots__ = (
         "_changed", "_held", "_room", "cancelled_at", "created", "detached", "done", "encoder",
         "epoch", "error", "first_token_at", "id", "log", "predecessors", "request", "response",
-        "scope", "session_id", "started", "tenant", "usage", "window", "writer_cursor",
+        "scope", "served_by", "session_id", "started", "tenant", "usage", "window",
+        "writer_cursor",
     )  # fmt: skip
 
     def __init__(
@@ -124,6 +125,8 @@ class Run:
         self.predecessors: tuple[str, ...] = ()
         self.epoch = 0  # the session's claim counter when this run claimed it
         self.first_token_at: float | None = None
+        # The upstream member whose stream the run's log holds (set at its first entry).
+        self.served_by: str | None = None
         self.cancelled_at: float | None = None
         # Backpressure: an attached streaming run may run at most ``window``
         # entries ahead of its writer's cursor.  ``None``: no writer to wait for.
@@ -157,6 +160,7 @@ class Run:
             "content": self.log.content,
             "events": self.log.last_seq,
             "detached": self.detached,
+            "served_by": self.served_by,
         }
 
     # -- producer side ----------------------------------------------------
@@ -252,4 +256,5 @@ class Run:
             "status": self.log.status.value,
             "tokens": self.log.last_seq,
             "duration_ms": round((trio.current_time() - self.started) * 1000, 3),
+            "served_by": self.served_by,
         }

@@ -65,7 +65,7 @@ T = TypeVar("T")
 COLUMNS = (
     "run_id", "tenant", "session_id", "content", "tool_calls", "status", "reason", "events",
     "detached", "created", "usage", "reasoning", "refusal", "logprobs", "outcome_message",
-    "error",
+    "error", "served_by",
 )  # fmt: skip
 SELECT = f"SELECT {', '.join(COLUMNS)} FROM messages"
 #: The most saves one transaction takes (the rest wait for the next one).
@@ -109,11 +109,13 @@ class Message:
     #: The error the upstream reported, as the run's outcome kept it (OpenAI's
     #: shape plus ``source: upstream``; :class:`~trio_stream.errors.UpstreamReported`).
     error: dict[str, Any] | None = None
+    #: The upstream member that served the run (docs/api.md section 1.3), if one did.
+    served_by: str | None = None
 
     def public(self) -> dict[str, Any]:
         """The ``GET /v1/sessions/{id}/messages`` item: ``reason`` is the
         finish reason of a completed run; ``reasoning_content``, ``refusal``,
-        ``logprobs`` and ``usage`` only when there is one."""
+        ``logprobs``, ``usage`` and ``served_by`` only when there is one."""
         out: dict[str, Any] = {
             "run_id": self.run_id,
             "content": self.content,
@@ -131,6 +133,8 @@ class Message:
             out["logprobs"] = True
         if self.usage is not None:
             out["usage"] = self.usage
+        if self.served_by is not None:
+            out["served_by"] = self.served_by
         return out
 
     def row(self) -> tuple[Any, ...]:
@@ -140,7 +144,8 @@ class Message:
         error = orjson.dumps(self.error).decode() if self.error is not None else None
         return (self.run_id, self.tenant, self.session_id, self.content, calls, self.status,
                 self.reason, self.events, self.detached, self.created, usage, self.reasoning,
-                self.refusal, self.logprobs, self.outcome_message, error)  # fmt: skip
+                self.refusal, self.logprobs, self.outcome_message, error,
+                self.served_by)  # fmt: skip
 
     @classmethod
     def from_row(cls, r: Sequence[Any]) -> Message:
@@ -148,7 +153,7 @@ class Message:
         usage = orjson.loads(r[10]) if r[10] else None
         error = orjson.loads(r[15]) if r[15] else None
         return cls(r[0], r[1], r[2], r[3], calls, r[5], r[6], int(r[7]), bool(r[8]), float(r[9]),
-                   usage, r[11], r[12], bool(r[13]), r[14], error)  # fmt: skip
+                   usage, r[11], r[12], bool(r[13]), r[14], error, r[16])  # fmt: skip
 
 
 #: What one row of a batch came to: new (True), already there (False), or the

@@ -45,6 +45,8 @@ SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE messages ADD COLUMN outcome_message TEXT",
         "ALTER TABLE messages ADD COLUMN error TEXT",
     ),
+    # 5: the upstream member that served the run (docs/api.md section 1.3)
+    ("ALTER TABLE messages ADD COLUMN served_by TEXT",),
 )
 
 

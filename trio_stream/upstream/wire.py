@@ -187,11 +187,13 @@ def http_error(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> 
         detail = error["message"]
     else:
         detail = body[:ERROR_SNIPPET].decode("utf-8", errors="replace")
-    return UpstreamError(
+    exc = UpstreamError(
         f"The upstream answered HTTP {status}: {detail}",
         code=f"upstream_http_{status}",
         headers=passed,
     )
+    exc.upstream_status = status
+    return exc
 
 
 class StreamState:
