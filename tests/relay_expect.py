@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 import orjson
@@ -60,8 +61,12 @@ class UpstreamError:
     param: str | None
     #: ``"openai"`` ({"error": {...}}, also vLLM >= 0.10.1 and OpenRouter),
     #: ``"vllm-flat"`` ({"object": "error", ...}), ``"openrouter-chunk"`` (a chunk
-    #: with a top-level error and finish_reason "error"), ``"ollama"`` ({"error": "..."}).
+    #: with a top-level error and finish_reason "error"), ``"openrouter-finish"``
+    #: (a chunk with finish_reason "error" and no error object: the error is
+    #: what its choice says), ``"ollama"`` ({"error": "..."}).
     dialect: str
+    #: The error object's other keys a relay must keep (``native_finish_reason``).
+    extra: Mapping[str, Any] = dataclass_field(default_factory=dict)
 
 
 def as_error(obj: Mapping[str, Any]) -> UpstreamError | None:
@@ -78,6 +83,15 @@ def as_error(obj: Mapping[str, Any]) -> UpstreamError | None:
         return UpstreamError(
             str(err.get("message", "")), err.get("type"), err.get("code"), err.get("param"), dialect
         )
+    choices = obj.get("choices")
+    if isinstance(choices, list) and choices and choices[0].get("finish_reason") == "error":
+        # docs/api.md 2.2.1: the message says what the choice said; its
+        # native_finish_reason is kept as a key of the error.
+        native = choices[0].get("native_finish_reason")
+        said = f' (native_finish_reason "{native}")' if native is not None else ""
+        message = f'The upstream ended its answer with finish_reason "error"{said}.'
+        extra = {"native_finish_reason": native} if native is not None else {}
+        return UpstreamError(message, None, None, None, "openrouter-finish", extra)
     return None
 
 
@@ -168,8 +182,9 @@ def expected_chunks(t: Transcript) -> list[dict[str, Any]]:
 
     Empty for an HTTP error answer.  Error events are not chunks: OpenAI's and
     vLLM's carry no choices, and OpenRouter's error chunk (whose only choice
-    says ``finish_reason: "error"`` with an empty delta) is delivered as
-    trio-stream's error frame, which keeps its ``code`` and ``message``
+    says ``finish_reason: "error"`` with an empty delta, with or without a
+    top-level ``error``) is delivered as trio-stream's error frame, which
+    keeps its ``code`` and ``message`` or its ``native_finish_reason``
     (:func:`midstream_error`).
     """
     if t.status >= 400:

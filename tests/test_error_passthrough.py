@@ -43,7 +43,8 @@ from tools.fakes import FakeUpstream
 from trio_stream import Settings
 from trio_stream.errors import UpstreamError, UpstreamReported
 from trio_stream.http.service import PUBLIC_TENANT
-from trio_stream.upstream.wire import http_error, reported_error
+from trio_stream.upstream.base import Finish
+from trio_stream.upstream.wire import http_error, openai_items, reported_error
 
 CHAT = "/v1/chat/completions"
 
@@ -60,6 +61,7 @@ MIDSTREAM_ERRORS = [
     "vllm_error_midstream_nested",
     "openai_error_midstream",
     "openrouter_error_midstream",
+    "openrouter_error_finish_reason",
     "ollama_error_midstream",
 ]
 #: The upstream headers an HTTP error is answered with (docs/api.md 2.2.1).
@@ -85,7 +87,7 @@ def expected_error(err: rx.UpstreamError | None) -> dict[str, Any]:
     assert err is not None
     return {
         "message": err.message, "type": err.type, "param": err.param, "code": err.code,
-        "source": "upstream",
+        **err.extra, "source": "upstream",
     }  # fmt: skip
 
 
@@ -179,8 +181,12 @@ async def test_midstream_error_frame_is_the_upstreams(settings: Settings, name: 
     and nested ones, OpenRouter's error chunk, Ollama's error line) ends the
     client's stream, after the text that came before it, with one error frame
     that is the upstream's error (type, code, message as sent, ``source:
-    upstream``), and no [DONE].  (Before: ``code: upstream_error`` always,
-    and vLLM's flat event vanished: "ended the stream without finishing".)"""
+    upstream``), and no [DONE].  OpenRouter's chunk with ``finish_reason:
+    "error"`` and no error object is such an error too, its
+    ``native_finish_reason`` kept in the frame.  (Before: ``code:
+    upstream_error`` always, and vLLM's flat event vanished: "ended the
+    stream without finishing"; the finish_reason-only chunk was a completed
+    answer ending in [DONE].)"""
     t = by_name(name)
     with trio.fail_after(20):
         async with relaying(settings, t) as (server, _), loopback_client(server) as client:
@@ -412,6 +418,7 @@ RESPONSES_CODE = {
     "vllm_error_midstream_nested": "server_error",
     "openai_error_midstream": "server_error",
     "openrouter_error_midstream": "server_error",
+    "openrouter_error_finish_reason": "server_error",
     "ollama_error_midstream": "server_error",
 }
 
@@ -487,6 +494,33 @@ async def test_responses_whole_midstream_error_is_a_failed_object(
     assert r.json()["error"] == responses_error(name, err)
 
 
+@pytest.mark.parametrize("name", MIDSTREAM_ERRORS)
+async def test_a_failed_response_read_back_keeps_the_upstreams_error(
+    settings: Settings, name: str
+) -> None:
+    """A response the upstream failed mid-stream, read back from its saved
+    row once its run has left memory, shows the same ``error`` as the live
+    object -- the upstream's message, param, type and mapped code -- and the
+    same output.  (Before: the row kept no error, so it read back as
+    ``server_error`` "The upstream failed.")"""
+    t = by_name(name)
+    with trio.fail_after(20):
+        async with relaying(settings, t) as (server, _), loopback_client(server) as client:
+            r = await client.post("/v1/responses", json=responses_body(t, False))
+            live = r.json()
+            assert server.service.runs.runs == {}  # attached: gone from memory once answered
+            saved = await server.service.store.get(PUBLIC_TENANT, live["id"])
+            got = await client.get(f"/v1/responses/{live['id']}")
+    assert saved is not None
+    assert saved.status == "failed"
+    assert got.status_code == 200
+    again = got.json()
+    Response.model_validate(again)
+    assert live["status"] == again["status"] == "failed"
+    assert again["error"] == live["error"] == responses_error(name, rx.midstream_error(t))
+    assert again["output"] == live["output"]
+
+
 # -- the recognising and the normalising, sans-IO ---------------------------------
 
 
@@ -513,6 +547,42 @@ def test_error_shapes_are_recognised_and_normalised() -> None:
     assert reported_error({"id": "c", "choices": [], "error": None}) is None
     assert reported_error({"id": "c", "choices": []}) is None
     assert reported_error({"object": "chat.completion.chunk", "message": "x"}) is None
+
+
+def test_a_choice_that_finishes_on_error_is_the_upstreams_error() -> None:
+    """A chunk whose choice says ``finish_reason: "error"`` with no top-level
+    ``error`` is decoded as the upstream's error, never as a finish: the
+    choice's own ``error`` object when it has one, else a message naming
+    what the choice said; its ``native_finish_reason`` kept as a key
+    (docs/api.md 2.2.1).  Other finish reasons stay finishes."""
+
+    def chunk(**choice: Any) -> bytes:
+        return orjson.dumps({"choices": [{"index": 0, "delta": {"content": ""}, **choice}]})
+
+    src = {"source": "upstream"}
+    with pytest.raises(UpstreamReported) as info:
+        openai_items(chunk(finish_reason="error", native_finish_reason="SAFETY"))
+    assert info.value.error == {
+        "message": 'The upstream ended its answer with finish_reason "error" '
+                   '(native_finish_reason "SAFETY").',
+        "type": None, "param": None, "code": None, "native_finish_reason": "SAFETY", **src,
+    }  # fmt: skip
+    with pytest.raises(UpstreamReported) as info:
+        openai_items(chunk(finish_reason="error"))
+    assert info.value.error == {
+        "message": 'The upstream ended its answer with finish_reason "error".',
+        "type": None, "param": None, "code": None, **src,
+    }  # fmt: skip
+    own = {"code": 502, "message": "Provider returned error", "metadata": {"raw": "x"}}
+    with pytest.raises(UpstreamReported) as info:
+        openai_items(chunk(finish_reason="error", native_finish_reason=None, error=own))
+    assert info.value.error == {
+        "message": "Provider returned error", "type": None, "param": None, "code": 502,
+        "metadata": {"raw": "x"}, **src,
+    }  # fmt: skip
+    assert openai_items(chunk(finish_reason="stop", native_finish_reason="STOP"))[-1] == (
+        Finish("stop")
+    )
 
 
 def test_odd_error_values_are_made_encodable() -> None:

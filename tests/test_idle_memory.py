@@ -89,7 +89,8 @@ IDLE_FRAMES = {
         "Subscriber._write_sse", "ParkingLot.park", "wait_task_rescheduled", "_real_async_yield",
     ],
     "RunManager.drive": [
-        "RunManager.drive", "RunManager._pump", "MockUpstream._items", "Ticker.sleep",
+        "RunManager.drive", "RunManager._pump", "_Sequential.__aenter__", "MockUpstream._items",
+        "Ticker.sleep",
         "wait_task_rescheduled", "_real_async_yield",
     ],
     "watch_disconnect": [

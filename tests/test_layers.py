@@ -209,7 +209,7 @@ HTTP_ERRORS = frozenset(
     {
         "ApiError", "bad_request", "unauthorized", "not_found", "method_not_allowed",
         "unknown_route", "too_large", "body_timeout", "too_many_streams", "shutting_down",
-        "unavailable",
+        "unavailable", "model_not_found",
     }
 )  # fmt: skip
 #: Layers that speak no HTTP: they raise their own exceptions, which the HTTP

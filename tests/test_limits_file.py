@@ -168,3 +168,20 @@ async def test_workers_share_the_limits_and_each_reloads_on_sighup(
             await lines(proc, "keys_reloaded", 2)
             proc.process.send_signal(signal.SIGTERM)
             assert await proc.wait_exit() == 0
+
+
+def test_keys_live_beside_the_other_tables_of_the_file() -> None:
+    """One file holds ``[serve]`` (the limits' options among them),
+    ``[[upstream]]`` and ``[[key]]``: the configuration loader accepts the key
+    tables and leaves them to the key loader, which reads only them."""
+    from trio_stream.config.file import parse
+
+    text = (
+        '[serve]\nlimits_on_outage = "open"\nlimits_redis = "redis://127.0.0.1:1/0"\n'
+        '[[upstream]]\nname = "m"\nkind = "mock"\nmodels = ["*"]\n' + ALICE
+    )
+    config = parse(text, "all.toml")
+    assert dict(config.serve) == {
+        "limits_on_outage": "open", "limits_redis": "redis://127.0.0.1:1/0",
+    }  # fmt: skip
+    assert [k.name for k in read_keys(text, "all.toml")] == ["alice"]

@@ -79,6 +79,7 @@ async def test_completion_saves_once_through_the_completion_path(
                     # the mock reports no usage: counted (docs/api.md section 2.10)
                     {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7,
                      "source": "counted", "model": "mock"},
+                    served_by="mock",  # the --upstream shorthand's one member
                 )
             ]  # fmt: skip
             assert await store.count(run_id) == 1

@@ -66,7 +66,7 @@ async def test_two_nodes_sharing_one_postgres_see_one_history(
     assert listings[0] == listings[1]
     rows = listings[0]["data"]
     assert [r["run_id"] for r in rows] == ids
-    fields = {"run_id", "content", "status", "reason", "created", "usage"}  # usage: issue 20
+    fields = {"run_id", "content", "status", "reason", "created", "usage", "served_by"}
     assert [set(r) for r in rows] == [fields] * 2
     assert [(r["status"], r["content"]) for r in rows] == [
         ("complete", mocktext.expected_text([{"role": "user", "content": "on one"}], 4)),

@@ -373,29 +373,36 @@ async def test_failed_and_cancelled_streams_end_with_their_events(
 async def test_bad_requests_and_routes(settings: Settings) -> None:
     """Requests the translation cannot serve (an input item or a tool type
     it does not carry, a function tool or call without its fields) are
-    refused with 400 before any run; unknown paths under /v1/responses are
-    404, wrong methods 405 with ``Allow``; a malformed ``starting_after`` is
-    400."""
+    refused with 400 before any run, ``param`` naming the field; unknown
+    paths under /v1/responses are 404, wrong methods 405 with ``Allow``; a
+    malformed ``starting_after`` or ``stream`` query is 400 naming it."""
     async with running_server(settings) as server, loopback_client(server) as http:
-        for body, code in [
-            ({}, "missing_required_parameter"),
-            ({"input": 5}, "invalid_type"),
-            ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "unsupported_input"),
-            ({"input": [{"type": "function_call"}]}, "invalid_type"),
-            ({"input": "x", "tools": [{"type": "function"}]}, "invalid_type"),
-            ({"input": "x", "tools": [{"type": "web_search"}]}, "unsupported_tool"),
-            ({"input": "x", "previous_response_id": "resp_1"}, "unsupported_parameter"),
-            ({"input": "x", "background": True, "store": False}, "invalid_value"),
-            ({"input": "x", "max_output_tokens": 0}, "invalid_value"),
-        ]:
+        for body, code, param in [
+            ({}, "missing_required_parameter", "input"),
+            ({"input": 5}, "invalid_type", "input"),
+            ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "unsupported_input",
+             "input[0].type"),
+            ({"input": [{"type": "function_call"}]}, "invalid_type", "input[0].call_id"),
+            ({"input": "x", "tools": [{"type": "function"}]}, "invalid_type", "tools[0].name"),
+            ({"input": "x", "tools": [{"type": "web_search"}]}, "unsupported_tool",
+             "tools[0].type"),
+            ({"input": "x", "previous_response_id": "resp_1"}, "unsupported_parameter",
+             "previous_response_id"),
+            ({"input": "x", "background": True, "store": False}, "invalid_value", "store"),
+            ({"input": "x", "max_output_tokens": 0}, "invalid_value", "max_output_tokens"),
+            ({"input": "x", "text": {"format": "json"}}, "invalid_type", "text.format"),
+        ]:  # fmt: skip
             r = await http.post("/v1/responses", json=body)
-            assert (r.status_code, r.json()["error"]["code"]) == (400, code), body
+            error = r.json()["error"]
+            assert (r.status_code, error["code"], error["param"]) == (400, code, param), body
         assert (await http.get("/v1/responses")).headers["allow"] == "POST"
         assert (await http.post("/v1/responses/resp_x")).status_code == 405
         assert (await http.get("/v1/responses/resp_x")).status_code == 404
         assert (await http.get("/v1/responses/resp_x/nope")).status_code == 404
         r = await http.get("/v1/responses/resp_x?stream=true&starting_after=-1")
-        assert r.status_code == 400
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "starting_after")
+        r = await http.get("/v1/responses/resp_x?stream=maybe")
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "stream")
         assert server.service.runs.runs == {}
 
 

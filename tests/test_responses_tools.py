@@ -203,6 +203,45 @@ async def test_reasoning_and_refusal_reach_the_output(
             *["response.refusal.delta"] * 3, "response.refusal.done"]  # fmt: skip
 
 
+THOUGHT_THEN_TEXT = [("reasoning", ["reasoning_text"]), ("message", ["output_text"])]
+
+
+@pytest.mark.parametrize(
+    ("name", "kinds"),
+    [
+        ("vllm_reasoning_content", THOUGHT_THEN_TEXT),
+        ("vllm_reasoning", THOUGHT_THEN_TEXT),
+        ("openrouter_reasoning", THOUGHT_THEN_TEXT),
+        ("ollama_thinking", THOUGHT_THEN_TEXT),
+        ("openai_refusal", [("message", ["refusal"])]),
+    ],
+)
+async def test_a_saved_response_shows_its_reasoning_and_refusal_as_live(
+    settings: Settings, nursery: trio.Nursery, name: str, kinds: list[Any]
+) -> None:
+    """A response read back from its saved row, once its run has left memory,
+    has the same ``output`` as the live answer: the ``reasoning`` item with
+    its ``reasoning_text`` and the message with its ``output_text`` or
+    ``refusal`` part -- same ids, texts and statuses.  (Before: the row's
+    output was its text and tool calls only; the reasoning item and the
+    refusal were gone, a refusal read back as an empty message.)"""
+    t = by_name(name)
+    fake = await serving(settings, nursery, t)
+    s = settings.replace(upstream=fake.fmt, upstream_url=fake.url)
+    async with running_server(s) as server, loopback_client(server) as http:
+        r = await http.post("/v1/responses", json={"model": "m", "input": "7 times 8?"})
+        assert r.status_code == 200
+        live = r.json()
+        assert server.service.runs.runs == {}  # attached: gone from memory once answered
+        got = await http.get(f"/v1/responses/{live['id']}")
+    assert got.status_code == 200
+    saved = got.json()
+    Response.model_validate(saved)
+    assert saved["status"] == live["status"] == "completed"
+    assert [(o["type"], [p["type"] for p in o["content"]]) for o in live["output"]] == kinds
+    assert saved["output"] == live["output"]
+
+
 async def test_the_sdk_parses_function_calls_streamed_and_not(
     settings: Settings, nursery: trio.Nursery
 ) -> None:

@@ -108,6 +108,83 @@ def test_what_cannot_be_served_is_refused(body: dict[str, Any], code: str) -> No
     assert (info.value.status, info.value.code) == (400, code)
 
 
+@pytest.mark.parametrize(
+    ("body", "code", "param"),
+    [
+        ({"input": None}, "missing_required_parameter", "input"),
+        ({"input": 5}, "invalid_type", "input"),
+        ({"input": []}, "invalid_type", "input"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "invalid_value", "input"),
+        ({"input": [{"role": "user", "content": 5}]}, "invalid_type", "input[0].content"),
+        ({"input": [{"role": "user", "content": [{"type": "input_file"}]}]},
+         "unsupported_content", "input[0].content[0]"),
+        ({"input": ["x", {"role": "tool", "content": "x"}]}, "unsupported_input", "input[0]"),
+        ({"input": [{"role": "tool", "content": "x"}]}, "invalid_type", "input[0].role"),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]},
+         "unsupported_input", "input[0].type"),
+        ({"input": [{"type": "function_call_output", "output": "x"}]},
+         "invalid_type", "input[0].call_id"),
+        ({"input": [{"type": "function_call_output", "call_id": "c",
+                     "output": [{"type": "input_image", "image_url": "http://i"}]}]},
+         "unsupported_content", "input[0].output"),
+        ({"input": [{"type": "function_call_output", "call_id": "c", "output": 5}]},
+         "invalid_type", "input[0].output"),
+        ({"input": [{"role": "user", "content": "x"},
+                    {"type": "function_call", "call_id": "c", "name": "f"}]},
+         "invalid_type", "input[1].arguments"),
+        ({"tools": {"type": "function"}}, "invalid_type", "tools"),
+        ({"tools": [{"type": "web_search"}]}, "unsupported_tool", "tools[0].type"),
+        ({"tools": [{"type": "function", "name": "f"}, "x"]}, "unsupported_tool", "tools[1]"),
+        ({"tools": [{"type": "function"}]}, "invalid_type", "tools[0].name"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": "x"}]},
+         "invalid_type", "tools[0].parameters"),
+        ({"tools": [{"type": "function", "name": "f", "strict": "x"}]},
+         "invalid_type", "tools[0].strict"),
+        ({"tools": [{"type": "function", "name": "f", "description": 5}]},
+         "invalid_type", "tools[0].description"),
+        ({"tool_choice": "sometimes"}, "unsupported_tool_choice", "tool_choice"),
+        ({"tool_choice": {"type": "file_search"}}, "unsupported_tool_choice", "tool_choice"),
+        ({"tool_choice": {"type": "function"}}, "invalid_type", "tool_choice.name"),
+        ({"parallel_tool_calls": "x"}, "invalid_type", "parallel_tool_calls"),
+        ({"text": "x"}, "invalid_type", "text"),
+        ({"text": {"format": "x"}}, "invalid_type", "text.format"),
+        ({"text": {"format": {"type": "grammar"}}}, "unsupported_parameter", "text.format.type"),
+        ({"text": {"format": {"type": "json_schema", "schema": {}}}},
+         "invalid_type", "text.format.name"),
+        ({"text": {"format": {"type": "json_schema", "name": "n"}}},
+         "invalid_type", "text.format.schema"),
+        ({"previous_response_id": "resp_1"}, "unsupported_parameter", "previous_response_id"),
+        ({"conversation": "conv_1"}, "unsupported_parameter", "conversation"),
+        ({"prompt": {"id": "pmpt_1"}}, "unsupported_parameter", "prompt"),
+        ({"model": 5}, "invalid_type", "model"),
+        ({"instructions": 5}, "invalid_type", "instructions"),
+        ({"stream": "yes"}, "invalid_type", "stream"),
+        ({"background": "yes"}, "invalid_type", "background"),
+        ({"store": "yes"}, "invalid_type", "store"),
+        ({"background": True, "store": False}, "invalid_value", "store"),
+        ({"max_output_tokens": "x"}, "invalid_type", "max_output_tokens"),
+        ({"max_output_tokens": 0}, "invalid_value", "max_output_tokens"),
+        ({"temperature": "x"}, "invalid_type", "temperature"),
+        ({"top_p": "x"}, "invalid_type", "top_p"),
+        ({"reasoning": "x"}, "invalid_type", "reasoning"),
+        ({"reasoning": {"effort": 5}}, "invalid_type", "reasoning.effort"),
+        ({"include": "x"}, "invalid_type", "include"),
+        ({"include": ["file_search_call.results"]}, "unsupported_parameter", "include[0]"),
+        ({"top_logprobs": "x"}, "invalid_type", "top_logprobs"),
+        ({"top_logprobs": 21}, "invalid_value", "top_logprobs"),
+    ],
+)  # fmt: skip
+def test_every_400_names_its_field_in_param(body: dict[str, Any], code: str, param: str) -> None:
+    """Every 400 of the Responses request parser carries ``param``, the path
+    of the field at fault, as OpenAI's error body does and as the chat
+    parser's 400s do (docs/api.md section 2.2): a client or SDK can point
+    at the field without parsing the message.  One case per raise site."""
+    with pytest.raises(ApiError) as info:
+        parse({"input": "x", **body})
+    assert (info.value.status, info.value.code, info.value.param) == (400, code, param)
+    assert orjson.loads(info.value.body())["error"]["param"] == param
+
+
 def events_of(raw: bytes) -> list[Any]:
     """Decode SSE bytes, check ``id:`` = ``sequence_number``, validate strictly."""
     out = []

@@ -263,7 +263,7 @@ async def test_scenario_3_successor_upstream_opens_after_predecessor_closed(
     server, logs = on_fake
     with trio.fail_after(10):
         _, b = await supersede_before_first_token(server, logs, fake)
-    upstream = server.service.upstream
+    (upstream,) = server.service.clients.values()
     assert isinstance(upstream, RecordingUpstream)
     req_a, req_b = (
         next(r for _, r in upstream.opened if r.messages == p) for p in (PROMPT_A, PROMPT_B)

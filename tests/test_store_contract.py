@@ -69,17 +69,24 @@ async def committing(store: Store, nursery: trio.Nursery) -> Store:
 async def test_a_saved_message_reads_back_equal(store: Store) -> None:
     """What save() wrote, get() and session_messages() return unchanged --
     tool calls, usage (every field), reasoning, refusal, logprobs presence, a
-    missing session, the float timestamp -- and count() is 1."""
+    failed run's outcome message and upstream error (JSON, a number code kept
+    a number), a missing session, the float timestamp -- and count() is 1."""
     usage = {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5, "cost": 0.5,
              "model": "m"}  # fmt: skip
     with_calls = replace(message("run_a", created=1700000000.123456), tool_calls=CALLS,
                          usage=usage, reasoning="think", logprobs=True)  # fmt: skip
     no_session = replace(message("run_b", session=None, content=""), status="partial",
                          reason=None, refusal="I can't help with that.")  # fmt: skip
+    error = {"message": "boom", "type": "InternalServerError", "param": None, "code": 500,
+             "metadata": {"raw": ["x"]}, "source": "upstream"}  # fmt: skip
+    failed = replace(message("run_c", session=None), status="failed", reason="upstream_error",
+                     outcome_message="boom", error=error)  # fmt: skip
     await store.save(with_calls)
     await store.save(no_session)
+    await store.save(failed)
     assert await store.get("t1", "run_a") == with_calls
     assert await store.get("t1", "run_b") == no_session
+    assert await store.get("t1", "run_c") == failed
     assert await store.session_messages("t1", "s1") == [with_calls]
     assert (await store.count("run_a"), await store.count("run_zz")) == (1, 0)
 
@@ -276,17 +283,20 @@ def _version_2(db: str) -> None:
 
 
 async def test_a_version_2_database_migrates_and_keeps_its_rows(db: str) -> None:
-    """Issue 20 item 3, both stores: a database saved by the previous schema
-    (version 2) gets the reasoning/refusal/logprobs columns when a newer
-    trio-stream opens it (append-only migration 3); its old rows read back
-    with none of them, and new rows keep them."""
+    """Issue 20 item 3, both stores: a database saved by an older schema
+    (version 2) gets the reasoning/refusal/logprobs columns and the outcome
+    message/error columns when a newer trio-stream opens it (append-only
+    migrations 3 and 4); its old rows read back with none of them, and new
+    rows keep them."""
     _version_2(db)
     store = open_store(db)
     try:
         old = await store.get("t1", "run_old")
         assert old is not None
         assert (old.content, old.reasoning, old.refusal, old.logprobs) == ("hi", None, None, False)
-        new = replace(message("run_new"), reasoning="r", refusal="no", logprobs=True)
+        assert (old.outcome_message, old.error) == (None, None)
+        new = replace(message("run_new"), reasoning="r", refusal="no", logprobs=True,
+                      outcome_message="m", error={"message": "m", "code": None})  # fmt: skip
         await store.save(new)
         assert await store.get("t1", "run_new") == new
     finally:

@@ -315,9 +315,10 @@ async def test_official_sdk_reads_the_transcript(t: Transcript, nursery: trio.Nu
     the SDK can be compared with them); raises BadRequestError/RateLimitError/
     APIStatusError with the upstream's status for an HTTP error, and APIError
     with the upstream's message for an {"error": {...}} event or OpenRouter's
-    error chunk.  vLLM's old flat error event it does not recognise: it yields
-    it as one more chunk and ends quietly (why issue 20 item 5 wants the relay
-    to recognise that shape)."""
+    error chunk.  vLLM's old flat error event and OpenRouter's chunk with
+    ``finish_reason: "error"`` but no error object it does not recognise: it
+    yields them as one more chunk and ends quietly (why issue 20 item 5 wants
+    the relay to recognise those shapes)."""
     fake = replaying(t)
     await nursery.start(fake.serve)
     chunks, error = await trio.to_thread.run_sync(_sdk_stream, fake.url, t)
@@ -331,7 +332,7 @@ async def test_official_sdk_reads_the_transcript(t: Transcript, nursery: trio.Nu
         assert chunks == []
         return
     upstream = rx.midstream_error(t)
-    if upstream is not None and upstream.dialect == "vllm-flat":
+    if upstream is not None and upstream.dialect in ("vllm-flat", "openrouter-finish"):
         assert error is None
         assert chunks == [*rx.expected_chunks(t), body_objects(t)[-1]]
         return
@@ -380,6 +381,7 @@ def test_http_error_identity(
         ("vllm_error_midstream_nested", "openai", "InternalServerError", 500),
         ("openai_error_midstream", "openai", "server_error", None),
         ("openrouter_error_midstream", "openrouter-chunk", None, "server_error"),
+        ("openrouter_error_finish_reason", "openrouter-finish", None, None),
         ("ollama_error_midstream", "ollama", None, None),
     ],
 )
@@ -713,6 +715,12 @@ COVERAGE: dict[str, tuple[list[str], Callable[[Transcript], bool]]] = {
         ["vllm_error_midstream_flat", "vllm_error_midstream_nested", "openai_error_midstream",
          "openrouter_error_midstream", "ollama_error_midstream"],
         lambda t: rx.midstream_error(t) is not None,
+    ),
+    "error chunk with finish_reason error and no error object": (
+        ["openrouter_error_finish_reason"],
+        lambda t: (err := rx.midstream_error(t)) is not None
+        and err.dialect == "openrouter-finish" and bool(err.extra.get("native_finish_reason"))
+        and all("error" not in obj for obj in body_objects(t)),
     ),
     "HTTP 400 context_length_exceeded": (
         ["openai_400_context_length", "vllm_error_400_flat", "vllm_error_400_nested"],

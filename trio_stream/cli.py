@@ -19,6 +19,7 @@ import click
 import trio
 
 from .config import CLI, Settings
+from .config.file import ConfigFile, load
 from .errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -55,6 +56,11 @@ def settings_option(field: dataclasses.Field[Any], hint: Any) -> Callable[[F], F
     if not isinstance(cli, CLI):
         raise TypeError(f"Settings.{field.name} has no option: declare it with config.setting()")
     name = cli.flag or field.name.replace("_", "-")
+    if field.name == "config":
+        return click.option(
+            f"--{name}", field.name, type=str, default=None, envvar=_env(field.name),
+            is_eager=True, expose_value=True, callback=_read_config, help=cli.help,
+        )  # fmt: skip
     if hint is bool:
         return click.option(
             f"--{name}/--no-{name}", field.name, default=field.default, envvar=_env(field.name),
@@ -68,11 +74,27 @@ def settings_option(field: dataclasses.Field[Any], hint: Any) -> Callable[[F], F
     )  # fmt: skip
 
 
+def _read_config(ctx: click.Context, _: click.Parameter, path: str | None) -> ConfigFile | None:
+    """``--config FILE`` (eager: read before every other option): its
+    ``[serve]`` values become the options' defaults, so the command line and
+    the environment win over the file, and the file over the built-in default."""
+    if path is None:
+        return None
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param_hint="--config") from exc
+    ctx.default_map = {**(ctx.default_map or {}), **config.serve}
+    return config
+
+
 def settings_options(command: F) -> F:
-    """Give ``command`` one option per :class:`Settings` field, in field order."""
+    """Give ``command`` one option per :class:`Settings` field with one (those
+    set only by the configuration file have none), in field order."""
     hints = typing.get_type_hints(Settings)
     for field in reversed(dataclasses.fields(Settings)):  # the last one applied is listed first
-        command = settings_option(field, hints[field.name])(command)
+        if "cli" in field.metadata:
+            command = settings_option(field, hints[field.name])(command)
     return command
 
 
@@ -80,11 +102,18 @@ def settings_from(options: Mapping[str, Any], environ: Mapping[str, str] = os.en
     """The validated :class:`Settings` of parsed ``serve`` options.
 
     Client keys are those of ``--api-key`` plus those of
-    ``TRIO_STREAM_API_KEYS=k1,k2``.  Raises :class:`ConfigError`.
+    ``TRIO_STREAM_API_KEYS=k1,k2``.  ``config`` is the :class:`ConfigFile`
+    that ``--config`` read (its ``[serve]`` values are already the options'
+    defaults); its members become ``Settings.upstreams``.  Raises
+    :class:`ConfigError`.
     """
     env_keys = environ.get(_env("api_keys"), "")
     keys = (*options["api_keys"], *(k.strip() for k in env_keys.split(",") if k.strip()))
-    return Settings(**{**options, "api_keys": keys}).validate()
+    config = options.get("config")
+    file: dict[str, Any] = {"config": None}
+    if isinstance(config, ConfigFile):
+        file = {"config": config.path, "upstreams": config.upstreams}
+    return Settings(**{**options, "api_keys": keys, **file}).validate()
 
 
 class _Commands(click.Group):
@@ -117,10 +146,9 @@ def serve(**options: Any) -> None:
     try:
         settings = settings_from(options)
         if settings.config:  # a bad key file is refused before anything starts
-            from .http.service import Auth
-            from .limits.file import load_keys
+            from .http.service import check_keys
 
-            Auth(settings.api_keys, load_keys(settings.config))
+            check_keys(settings)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     if settings.workers > 1:

@@ -75,12 +75,34 @@ class UpstreamError(ApiError):
     """
 
     error: dict[str, Any] | None = None
+    #: The HTTP status the upstream answered, if it answered one (>= 400);
+    #: ``None`` for a transport failure, a timeout or an error inside a stream.
+    #: The router classifies failures by it (:func:`trio_stream.core.router.classify`).
+    upstream_status: int | None = None
 
     def __init__(
         self, message: str, *, timeout: bool = False, code: str | None = None,
         headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:  # fmt: skip
         super().__init__(504 if timeout else 502, "upstream_error", message, code, headers)
+
+
+class UpstreamsUnavailable(UpstreamError):
+    """No upstream member of the model can take the request now
+    (:mod:`trio_stream.core.router` rule B3): 429 ``upstreams_busy`` when every
+    one is at its ``max_streams``, 503 ``upstreams_cooling_down`` when every one
+    is cooling down after failures; ``Retry-After`` either way."""
+
+    def __init__(self, status: int, retry_after: int) -> None:
+        if status == 429:
+            message = "Every upstream serving this model is at its stream limit."
+            type_, code = "rate_limit_error", "upstreams_busy"
+        else:
+            message = "Every upstream serving this model is cooling down after failures."
+            type_, code = "unavailable_error", "upstreams_cooling_down"
+        super().__init__(message, code=code, headers=((b"retry-after", str(retry_after).encode()),))
+        self.status = status
+        self.type = type_
 
 
 class UpstreamReported(UpstreamError):
@@ -220,3 +242,10 @@ def store_unavailable(retry_after: int = 1) -> ApiError:
         503, "unavailable_error", "The message store is unavailable, retry shortly.",
         "store_unavailable", ((b"retry-after", str(retry_after).encode()),),
     )  # fmt: skip
+
+
+def model_not_found(model: str) -> ApiError:
+    """404: no upstream member serves ``model`` (OpenAI's own code for it)."""
+    return ApiError(
+        404, "invalid_request_error", f"The model {model!r} does not exist.", "model_not_found"
+    )

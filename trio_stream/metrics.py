@@ -87,6 +87,36 @@ class Metrics:
             "trio_stream_ttft_seconds", "Run start to first upstream token.",
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        # Per upstream member (docs/api.md section 1.3): trio_stream/runs/routes.py.
+        self.upstream_in_flight = Gauge(
+            "trio_stream_upstream_in_flight", "Streams open to each upstream member.",
+            ["member"], registry=r,
+        )  # fmt: skip
+        self.upstream_attempts = Counter(
+            "trio_stream_upstream_attempts",
+            "Attempts on each upstream member, by how they ended before the first token.",
+            ["member", "outcome"], registry=r,
+        )  # fmt: skip
+        self.upstream_failovers = Counter(
+            "trio_stream_upstream_failovers",
+            "Requests moved on to another member after this one failed before the first token.",
+            ["member"], registry=r,
+        )  # fmt: skip
+        self.upstream_hedges = Counter(
+            "trio_stream_upstream_hedges",
+            "Hedge attempts started on each member (event=started), and races it won as the "
+            "hedge (event=won).",
+            ["member", "event"], registry=r,
+        )  # fmt: skip
+        self.upstream_ttft = Histogram(
+            "trio_stream_upstream_ttft_seconds", "An attempt's start to its member's first token.",
+            ["member"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.upstream_cooling = Gauge(
+            "trio_stream_upstream_cooling",
+            "1 while the member is cooling down after failures, else 0 (at scrape time).",
+            ["member"], registry=r,
+        )  # fmt: skip
         self.cancel_seconds = Histogram(
             "trio_stream_cancel_seconds", "Cancel signal to the run's cleanup finished.",
             buckets=_LATENCY_BUCKETS, registry=r,

@@ -196,7 +196,7 @@ def _json_views(service: Service) -> dict[str, Callable[..., Coroutine[Any, Any,
 
     async def models() -> dict[str, Any]:
         tenant()
-        return {"object": "list", "data": await service.upstream.models()}
+        return {"object": "list", "data": await service.models()}
 
     async def saved_run(owner: str, run_id: str) -> dict[str, Any]:
         """A run no longer in memory, as its saved row shows it (404 if none)."""
@@ -217,6 +217,7 @@ def _json_views(service: Service) -> dict[str, Callable[..., Coroutine[Any, Any,
             "content": saved.content,
             "events": saved.events,
             "detached": saved.detached,
+            "served_by": saved.served_by,
         }
 
     async def get_run(run_id: str) -> dict[str, Any]:

@@ -30,6 +30,7 @@ async def chat_completions(service: Service, scope: Scope, receive: Receive, sen
         caller = service.auth.caller(header(scope, b"authorization"))
         session_id = parse_session_id(header(scope, b"x-session-id"))
         request = parse_chat_request(await read_request(s, scope, receive))
+        service.check_model(request.model)
         with service.stream_slot():
             async with service.limits.admission(caller.key, request.model) as rate:
                 run = await service.runs.create(caller.tenant, session_id, request)

@@ -86,13 +86,18 @@ def run_object(run: Run) -> dict[str, Any]:
 def saved_object(m: Message) -> dict[str, Any]:
     """The ``response`` object of a response known only by its saved row.
     ``model`` comes from the row's usage record; ``instructions`` and
-    ``max_output_tokens`` are not saved (null)."""
+    ``max_output_tokens`` are not saved (null); a failed one's ``error`` is
+    rebuilt from the saved outcome (its message, the upstream's error) as the
+    live one is (:func:`~trio_stream.wire.responses.response_error`);
+    ``output`` is the row's
+    reasoning, text, refusal and tool calls folded as the live log is
+    (:func:`~trio_stream.wire.responses.saved_output`)."""
     usage = Usage.from_record(m.usage)
     model = (m.usage or {}).get("model")
     meta = ResponseMeta(model if isinstance(model, str) else "", background=m.detached)
-    outcome = Outcome(STATUS_OF_SAVED[m.status], m.reason or "")
+    outcome = Outcome(STATUS_OF_SAVED[m.status], m.reason or "", m.outcome_message or "", m.error)
     figures = usage.responses() if usage else None
-    output = saved_output(m.run_id, m.content, m.tool_calls or ())
+    output = saved_output(m.run_id, m.content, m.tool_calls or (), m.reasoning, m.refusal)
     return response_object(ResponseState(m.run_id, meta, m.created, output, outcome, figures))
 
 
@@ -163,6 +168,7 @@ async def create(service: Service, scope: Scope, receive: Receive, send: Send) -
     caller = service.auth.caller(header(scope, b"authorization"))
     session_id = parse_session_id(header(scope, b"x-session-id"))
     request, meta = parse_responses_request(await read_request(s, scope, receive))
+    service.check_model(request.model)
     with service.stream_slot():
         async with service.limits.admission(caller.key, request.model) as rate:
             run = await service.runs.create(caller.tenant, session_id, request, meta)
@@ -189,10 +195,12 @@ def _query(scope: Scope) -> tuple[bool, int]:
     query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
     stream = (query.get("stream") or ["false"])[-1].lower()
     if stream not in ("true", "false"):
-        raise bad_request("'stream' must be true or false.", "invalid_value")
+        raise bad_request("'stream' must be true or false.", "invalid_value", "stream")
     raw = (query.get("starting_after") or [""])[-1]
     if raw and (not raw.isdigit() or len(raw) > 12):
-        raise bad_request("'starting_after' must be a non-negative integer.", "invalid_value")
+        raise bad_request(
+            "'starting_after' must be a non-negative integer.", "invalid_value", "starting_after"
+        )
     return stream == "true", int(raw) if raw else -1
 
 

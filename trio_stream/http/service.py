@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 from prometheus_client import Gauge
 
 from ..config import Settings, is_loopback
-from ..errors import ConfigError, shutting_down, too_many_streams, unauthorized
+from ..core.router import Router, UnknownModel
+from ..errors import (
+    ConfigError,
+    UpstreamError,
+    model_not_found,
+    shutting_down,
+    too_many_streams,
+    unauthorized,
+)
 from ..limits import create_limiter
 from ..limits.base import CALL_TIMEOUT as LIMITS_TIMEOUT
 from ..limits.file import load_keys
@@ -26,9 +35,10 @@ from ..limits.keys import KeyDef, digest_of
 from ..logs import EventLogger
 from ..metrics import Metrics
 from ..runs import SHARED_TIMEOUT, RunManager
+from ..runs.routes import Routes
 from ..shared import SharedState, create_shared
 from ..store import Store, open_store
-from ..upstream import Upstream, create_upstream
+from ..upstream import Upstream, create_member
 from .limits import KeyLimits
 from .stream import Pinger
 
@@ -99,6 +109,20 @@ class Auth:
 _PUBLIC = Caller(PUBLIC_TENANT)
 
 
+def check_keys(settings: Settings) -> tuple[KeyDef, ...]:
+    """The ``--config`` file's keys, checked as the server starts with them
+    (a bad file, a secret also given with ``--api-key``, no key at all on a
+    non-loopback address): :class:`ConfigError` naming each problem."""
+    keys = load_keys(settings.config) if settings.config else ()
+    Auth(settings.api_keys, keys)
+    if not keys and not settings.api_keys and not is_loopback(settings.host):
+        raise ConfigError(
+            f"refusing to serve {settings.host} without an API key: "
+            "give --api-key or [[key]] tables, or bind a loopback address"
+        )
+    return keys
+
+
 def _tenant_of(key: str) -> str:
     return "k_" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -111,7 +135,7 @@ class Service:
         logger: EventLogger,
         metrics: Metrics,
         store: Store,
-        upstream: Upstream,
+        clients: Mapping[str, Upstream],
         shared: SharedState | None = None,
         keys: Sequence[KeyDef] = (),
         limits: KeyLimits | None = None,
@@ -120,12 +144,15 @@ class Service:
         self.logger = logger
         self.metrics = metrics
         self.store = store
-        self.upstream = upstream
+        #: One client per upstream member, by member name.
+        self.clients = dict(clients)
+        self.router = Router(settings.members())
+        self.routes = Routes(settings, self.router, self.clients, metrics, logger)
         self.auth = Auth(settings.api_keys, keys)
         self.limits = limits or KeyLimits(
             create_limiter(None), closed=True, metrics=metrics, logger=logger
         )
-        self.runs = RunManager(settings, upstream, store, metrics, logger, shared)
+        self.runs = RunManager(settings, self.routes, store, metrics, logger, shared)
         # Which process answered a scrape: with --workers, one port, N nodes.
         Gauge(
             "trio_stream_node_info", "This process's node id (cluster mode; 'local' embedded).",
@@ -136,6 +163,40 @@ class Service:
         self.streams = 0
         self._streams_changed = trio.lowlevel.ParkingLot()
         self._slot = _StreamSlot(self)
+
+    def check_model(self, model: str) -> None:
+        """404 ``model_not_found`` unless some upstream member serves ``model``."""
+        try:
+            self.router.group(model)
+        except UnknownModel:
+            raise model_not_found(model) from None
+
+    async def models(self) -> list[dict[str, Any]]:
+        """``GET /v1/models``: the union of the models the members list by
+        name and of those the ``"*"`` members' upstreams report, each once.
+        A ``"*"`` member whose list fails is left out (logged), unless all do.
+
+        Cancellation: a checkpoint per ``"*"`` member; a ``Cancelled`` leaves nothing behind.
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for name in self.router.named_models():
+            owner = self.router.group(name)[0].name
+            out[name] = {"id": name, "object": "model", "created": 0, "owned_by": owner}
+        errors: list[UpstreamError] = []
+        members = self.router.any_members()
+        for member in members:
+            try:
+                listed = await self.clients[member.name].models()
+            except UpstreamError as exc:
+                self.logger.event("models_failed", member=member.name, error=exc.message)
+                errors.append(exc)
+                continue
+            for model in listed:
+                if isinstance(model.get("id"), str):
+                    out.setdefault(model["id"], model)
+        if members and len(errors) == len(members) and not out:
+            raise errors[0]
+        return list(out.values())
 
     def stream_slot(self) -> _StreamSlot:
         """Admit one client stream (503 while shutting down, 429 when full):
@@ -216,25 +277,30 @@ async def open_service(
     logger: EventLogger | None = None,
     store: Store | None = None,
     upstream: Upstream | None = None,
+    clients: Mapping[str, Upstream] | None = None,
     keys: Sequence[KeyDef] | None = None,
 ) -> AsyncIterator[Service]:
     """Build a :class:`Service` and run its manager until the block exits.
 
+    ``clients``: the upstream members' clients by name (tests, embedders);
+    each member without one gets :func:`~trio_stream.upstream.create_member`'s.
+    ``upstream``: the client of the only member (the shorthand's).
+
     On exit (normal or ``Cancelled``) every live run is cancelled and saved
-    (each save shielded with ``--save-timeout``) before the upstream client and
+    (each save shielded with ``--save-timeout``) before the upstream clients and
     the database close.
     """
     settings.validate()
     if keys is None:  # the configuration file's [[key]] tables
-        keys = load_keys(settings.config) if settings.config else ()
-    if not keys and not settings.api_keys and not is_loopback(settings.host):
-        raise ConfigError(
-            f"refusing to serve {settings.host} without an API key: "
-            "give --api-key or [[key]] tables, or bind a loopback address"
-        )
+        keys = check_keys(settings)
     logger = logger or EventLogger(settings.log_format)
     db = store if store is not None else await trio.to_thread.run_sync(_open_store, settings)
-    upstream = upstream or create_upstream(settings)
+    specs = settings.members().members
+    given = dict(clients or {})
+    if upstream is not None:
+        (only,) = specs
+        given[only.name] = upstream
+    members = {m.name: given.get(m.name) or create_member(settings, m) for m in specs}
     shared = create_shared(settings)
     metrics = Metrics()
     limiter = create_limiter(settings.limits_redis or settings.redis)
@@ -242,7 +308,7 @@ async def open_service(
         limiter, closed=settings.limits_on_outage == "closed", metrics=metrics, logger=logger
     )
     service = Service(
-        settings, logger=logger, metrics=metrics, store=db, upstream=upstream, shared=shared,
+        settings, logger=logger, metrics=metrics, store=db, clients=members, shared=shared,
         keys=keys, limits=limits,
     )  # fmt: skip
     try:
@@ -258,7 +324,11 @@ async def open_service(
             async with trio.open_nursery() as nursery:
                 await nursery.start(service.runs.run)
                 await nursery.start(service.pinger.run)
-                await nursery.start(upstream.run)
+                for client in members.values():
+                    await nursery.start(client.run)
+                if shared.shares_cooldowns:  # cluster mode: cooldowns are every node's
+                    interval = min(settings.node_lease / 3, 1.0)  # the shared state's heartbeat
+                    await nursery.start(service.routes.share_cooldowns, shared, interval)
                 try:
                     yield service
                 finally:
@@ -273,5 +343,6 @@ async def open_service(
     finally:
         with trio.CancelScope(shield=True) as cs:
             cs.deadline = trio.current_time() + settings.save_timeout
-            await upstream.aclose()
+            for client in members.values():
+                await client.aclose()
         db.close()

@@ -43,6 +43,7 @@ from ..wire.responses import ResponseMeta
 from ..wire.usage import Usage
 from .cluster import Cluster
 from .expiry import Expiry
+from .routes import Routes, as_routes
 from .run import Run, new_run_id
 from .saving import save_run
 from .supersede import await_predecessors, claim, release, shared_step
@@ -112,11 +113,11 @@ class RunManager:
     """
 
     def __init__(
-        self, settings: Settings, upstream: Upstream, store: Store, metrics: Metrics,
+        self, settings: Settings, upstream: Routes | Upstream, store: Store, metrics: Metrics,
         logger: EventLogger, shared: SharedState | None = None,
     ) -> None:  # fmt: skip
         self.settings = settings
-        self.upstream = upstream
+        self.routes = as_routes(upstream, settings, metrics, logger)
         self.store = store
         self.metrics = metrics
         self.logger = logger
@@ -227,19 +228,18 @@ class RunManager:
     async def _pump(self, run: Run) -> None:
         """Upstream items -> the run's log, until ``finish_reason`` or an error.
 
-        Per-token work is kept small: the inter-token deadline is re-armed (a
-        heap push) at most once per 1/64 of ``--token-timeout`` -- so the
-        upstream may stay silent for at least 63/64 of it and never more than
-        all of it -- and the token counter is bumped at those same moments.
+        Per-token work is kept small: the inter-token deadline (the serving
+        member's ``token_timeout``) is re-armed (a heap push) at most once per
+        1/64 of it -- so the upstream may stay silent for at least 63/64 of it
+        and never more than all of it -- and the token counter is bumped then.
         """
         s = self.settings
-        rearm = s.token_timeout / 64
         armed = -math.inf
         counted = 0
         guard = run.scope  # its deadline is the upstream's (see drive)
         guard.deadline = trio.current_time() + s.first_token_timeout
         try:
-            async with self.upstream.stream(run.request) as items:
+            async with self.routes.stream(run) as items:
                 while True:
                     item = await anext(items, None)
                     if item is None:
@@ -258,13 +258,14 @@ class RunManager:
                     if run.first_token_at is None:
                         run.first_token_at = trio.current_time()
                         self.metrics.ttft.observe(run.first_token_at - run.started)
+                        rearm = (token_timeout := self.routes.token_timeout(run)) / 64  # member's
                     if run.must_wait_for_room():
                         guard.deadline = math.inf  # a slow client is not a slow upstream
                         await run.wait_for_room()
                         armed = -math.inf
                     now = trio.current_time()
                     if now - armed >= rearm:
-                        guard.deadline, armed = now + s.token_timeout, now
+                        guard.deadline, armed = now + token_timeout, now
                         self.metrics.tokens.inc(run.log.last_seq - counted)
                         counted = run.log.last_seq
         finally:

@@ -89,7 +89,8 @@ class Run:
     __slots__ = (
         "_changed", "_held", "_room", "cancelled_at", "created", "detached", "done", "encoder",
         "epoch", "error", "first_token_at", "id", "log", "meter", "predecessors", "request",
-        "response", "scope", "session_id", "started", "tenant", "usage", "window", "writer_cursor",
+        "response", "scope", "served_by", "session_id", "started", "tenant", "usage", "window",
+        "writer_cursor",
     )  # fmt: skip
 
     def __init__(
@@ -127,6 +128,8 @@ class Run:
         self.predecessors: tuple[str, ...] = ()
         self.epoch = 0  # the session's claim counter when this run claimed it
         self.first_token_at: float | None = None
+        # The upstream member whose stream the run's log holds (set at its first entry).
+        self.served_by: str | None = None
         self.cancelled_at: float | None = None
         # Backpressure: an attached streaming run may run at most ``window``
         # entries ahead of its writer's cursor.  ``None``: no writer to wait for.
@@ -160,6 +163,7 @@ class Run:
             "content": self.log.content,
             "events": self.log.last_seq,
             "detached": self.detached,
+            "served_by": self.served_by,
         }
 
     # -- producer side ----------------------------------------------------
@@ -255,4 +259,5 @@ class Run:
             "status": self.log.status.value,
             "tokens": self.log.last_seq,
             "duration_ms": round((trio.current_time() - self.started) * 1000, 3),
+            "served_by": self.served_by,
         }

@@ -45,6 +45,7 @@ async def save_run(run: Run, store: Store, metrics: Metrics, logger: EventLogger
         run.id, run.tenant, run.session_id, run.log.content, run.log.tool_calls or None,
         status.save_status, outcome.reason, run.log.last_seq, run.detached, run.created,
         usage, reasoning, answer.message.get("refusal"), answer.logprobs is not None,
+        outcome.message or None, outcome.error, run.served_by,
     )  # fmt: skip
     settled = False
     error = "no answer within --save-timeout"

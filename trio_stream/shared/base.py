@@ -42,7 +42,7 @@ raises :class:`SharedUnavailable`, which the HTTP layer answers with 503 and
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -186,6 +186,23 @@ class SharedState(abc.ABC):
     def healthy(self) -> bool:
         """False while the store is unreachable (``/healthz`` says degraded)."""
         return True
+
+    # -- upstream members' cooldowns (docs/api.md section 1.3) ------------------
+    #: Are cooldowns shared with other nodes (a task then syncs them)?
+    shares_cooldowns: bool = False
+
+    async def share_cooldowns(self, cooldowns: Mapping[str, float]) -> None:
+        """Tell every node that these upstream members cool down for these
+        seconds (never shortening a cooldown under way).  In-process: no one
+        to tell.  Cancellation: atomic per member (see the class).
+        """
+        return None
+
+    async def cooldowns(self, members: Sequence[str]) -> dict[str, float]:
+        """The ``members`` cooling down cluster-wide, with the seconds left.
+        Cancellation: reads only; a ``Cancelled`` leaves nothing behind.
+        """
+        return {}
 
     # -- sessions (G1-G3) ---------------------------------------------------
     @abc.abstractmethod

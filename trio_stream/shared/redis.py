@@ -11,6 +11,7 @@ Every worker of every node gives the same ``--redis``; each process is one
     ts:n:{node}              string the node's lease (expires after --node-lease)
     ts:nr:{node}             set    the runs the node owns
     ts:nodes                 set    the nodes that may own runs
+    ts:cool:{member}         string an upstream member's cooldown (expires with it)
     channels ts:cancel:{node} (cancel requests), ts:finished (cleanups done)
 
 Failure modes, and the rule that makes each safe:
@@ -62,7 +63,7 @@ import collections
 import contextlib
 import math
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
@@ -111,6 +112,13 @@ for i = 1, #all, 2 do
 end
 redis.call('HSET', KEYS[1], 'cur', ARGV[1], 'r:' .. ARGV[1], '0')
 return {epoch, preds}
+"""
+
+#: Cool a member down for ARGV[1] ms, unless it already is for longer.
+_COOL = """
+local left = redis.call('PTTL', KEYS[1])
+if left < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], '1', 'PX', ARGV[1]) end
+return left
 """
 
 _RELEASE = """
@@ -258,6 +266,7 @@ class _RedisBase(SharedState):
             pool.connection_class = _TCPConnection
         self._claim = self.client.register_script(_CLAIM)
         self._release = self.client.register_script(_RELEASE)
+        self._cool = self.client.register_script(_COOL)
         self._fence = self.client.register_script(_FENCE)
         self._cancel = self.client.register_script(_CANCEL)
         self._append = self.client.register_script(_APPEND)
@@ -578,6 +587,26 @@ class RedisState(_RedisSessions):
                 first = False
                 task_status.started()
             await trio.sleep(min(self.lease / 3, HEARTBEAT) if self._healthy else 0.2)
+
+    # -- upstream members' cooldowns ------------------------------------------
+    shares_cooldowns = True
+
+    async def share_cooldowns(self, cooldowns: Mapping[str, float]) -> None:
+        """``ts:cool:{member}`` for each, expiring with the cooldown (``_COOL``:
+        never shortened).  Cancellation: atomic per member."""
+        for member, seconds in cooldowns.items():
+            ms = max(1, math.ceil(seconds * 1000))
+            await self._call(self._cool(keys=[f"{self.prefix}cool:{member}"], args=[ms]))
+
+    async def cooldowns(self, members: Sequence[str]) -> dict[str, float]:
+        """The members whose ``ts:cool:{member}`` lives, with its time to live.
+        Cancellation: reads only."""
+        out: dict[str, float] = {}
+        for member in members:
+            left = await self._call(self.client.pttl(f"{self.prefix}cool:{member}"))
+            if left > 0:
+                out[member] = left / 1000
+        return out
 
     async def _beat(self, n: str) -> None:
         async with self.client.pipeline(transaction=False) as p:

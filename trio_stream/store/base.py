@@ -64,7 +64,8 @@ T = TypeVar("T")
 #: The columns of ``messages``, in the order of :class:`Message`'s fields.
 COLUMNS = (
     "run_id", "tenant", "session_id", "content", "tool_calls", "status", "reason", "events",
-    "detached", "created", "usage", "reasoning", "refusal", "logprobs",
+    "detached", "created", "usage", "reasoning", "refusal", "logprobs", "outcome_message",
+    "error", "served_by",
 )  # fmt: skip
 SELECT = f"SELECT {', '.join(COLUMNS)} FROM messages"
 #: The most saves one transaction takes (the rest wait for the next one).
@@ -103,11 +104,18 @@ class Message:
     refusal: str | None = None
     #: Whether the upstream sent logprobs (the lists themselves are not saved).
     logprobs: bool = False
+    #: How a run that did not complete ended, for people (its Outcome's ``message``).
+    outcome_message: str | None = None
+    #: The error the upstream reported, as the run's outcome kept it (OpenAI's
+    #: shape plus ``source: upstream``; :class:`~trio_stream.errors.UpstreamReported`).
+    error: dict[str, Any] | None = None
+    #: The upstream member that served the run (docs/api.md section 1.3), if one did.
+    served_by: str | None = None
 
     def public(self) -> dict[str, Any]:
         """The ``GET /v1/sessions/{id}/messages`` item: ``reason`` is the
         finish reason of a completed run; ``reasoning_content``, ``refusal``,
-        ``logprobs`` and ``usage`` only when there is one."""
+        ``logprobs``, ``usage`` and ``served_by`` only when there is one."""
         out: dict[str, Any] = {
             "run_id": self.run_id,
             "content": self.content,
@@ -125,22 +133,27 @@ class Message:
             out["logprobs"] = True
         if self.usage is not None:
             out["usage"] = self.usage
+        if self.served_by is not None:
+            out["served_by"] = self.served_by
         return out
 
     def row(self) -> tuple[Any, ...]:
-        """The values of :data:`COLUMNS` (tool calls and usage as JSON text)."""
+        """The values of :data:`COLUMNS` (tool calls, usage and error as JSON text)."""
         calls = orjson.dumps(self.tool_calls).decode() if self.tool_calls else None
         usage = orjson.dumps(self.usage).decode() if self.usage is not None else None
+        error = orjson.dumps(self.error).decode() if self.error is not None else None
         return (self.run_id, self.tenant, self.session_id, self.content, calls, self.status,
                 self.reason, self.events, self.detached, self.created, usage, self.reasoning,
-                self.refusal, self.logprobs)  # fmt: skip
+                self.refusal, self.logprobs, self.outcome_message, error,
+                self.served_by)  # fmt: skip
 
     @classmethod
     def from_row(cls, r: Sequence[Any]) -> Message:
         calls = orjson.loads(r[4]) if r[4] else None
         usage = orjson.loads(r[10]) if r[10] else None
+        error = orjson.loads(r[15]) if r[15] else None
         return cls(r[0], r[1], r[2], r[3], calls, r[5], r[6], int(r[7]), bool(r[8]), float(r[9]),
-                   usage, r[11], r[12], bool(r[13]))  # fmt: skip
+                   usage, r[11], r[12], bool(r[13]), r[14], error, r[16])  # fmt: skip
 
 
 #: What one row of a batch came to: new (True), already there (False), or the

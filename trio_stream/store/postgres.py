@@ -70,6 +70,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE messages ADD COLUMN IF NOT EXISTS refusal TEXT",
         "ALTER TABLE messages ADD COLUMN IF NOT EXISTS logprobs BOOLEAN NOT NULL DEFAULT FALSE",
     ),
+    # 4: how a run that did not complete ended: its message, the upstream's error (JSON)
+    (
+        "ALTER TABLE messages ADD COLUMN IF NOT EXISTS outcome_message TEXT",
+        "ALTER TABLE messages ADD COLUMN IF NOT EXISTS error TEXT",
+    ),
+    # 5: the upstream member that served the run (docs/api.md section 1.3)
+    ("ALTER TABLE messages ADD COLUMN IF NOT EXISTS served_by TEXT",),
 )
 
 _ROW = f"({', '.join(['%s'] * len(COLUMNS))})"

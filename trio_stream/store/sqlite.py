@@ -40,6 +40,13 @@ SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE messages ADD COLUMN refusal TEXT",
         "ALTER TABLE messages ADD COLUMN logprobs INTEGER NOT NULL DEFAULT 0",
     ),
+    # 4: how a run that did not complete ended: its message, the upstream's error (JSON)
+    (
+        "ALTER TABLE messages ADD COLUMN outcome_message TEXT",
+        "ALTER TABLE messages ADD COLUMN error TEXT",
+    ),
+    # 5: the upstream member that served the run (docs/api.md section 1.3)
+    ("ALTER TABLE messages ADD COLUMN served_by TEXT",),
 )
 
 

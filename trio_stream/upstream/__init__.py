@@ -13,9 +13,10 @@ May import: :mod:`trio_stream.wire`, :mod:`trio_stream.core`, the top-level
 from __future__ import annotations
 
 from ..config import Settings
+from ..config.members import MemberSpec
 from .base import Finish, Item, Upstream
 
-__all__ = ["Finish", "Item", "Upstream", "create_upstream"]
+__all__ = ["Finish", "Item", "Upstream", "create_member", "create_upstream"]
 
 
 def create_upstream(settings: Settings) -> Upstream:
@@ -32,3 +33,15 @@ def create_upstream(settings: Settings) -> Upstream:
     from .ollama import OllamaUpstream
 
     return OllamaUpstream(settings)
+
+
+def create_member(settings: Settings, spec: MemberSpec) -> Upstream:
+    """The client of one upstream member: its kind, URL, key and connect
+    timeout (the ``serve`` option's when it sets none)."""
+    connect = settings.connect_timeout if spec.connect_timeout is None else spec.connect_timeout
+    delay = settings.mock_delay_ms if spec.mock_delay_ms is None else spec.mock_delay_ms
+    own = settings.replace(
+        upstream=spec.kind, upstream_url=spec.url, upstream_api_key=spec.api_key,
+        upstreams=None, connect_timeout=connect, mock_delay_ms=delay,
+    )  # fmt: skip
+    return create_upstream(own)

@@ -95,7 +95,9 @@ def reported_error(obj: dict[str, Any]) -> dict[str, Any] | None:
     also OpenRouter's error chunk, which has ``choices`` with
     ``finish_reason: "error"`` next to its ``error``), vLLM's older flat
     ``{"object": "error", "message", "type", "param", "code"}``, and
-    Ollama's ``{"error": "text"}``.  See :func:`openai_error`.
+    Ollama's ``{"error": "text"}``.  See :func:`openai_error`.  (A chunk
+    whose choice says ``finish_reason: "error"`` with no ``error`` beside it
+    is read by :func:`openai_items`, see :func:`finish_error`.)
     """
     if obj.get("object") == "error" and "message" in obj:  # vLLM <= 0.10.0
         return openai_error({k: v for k, v in obj.items() if k != "object"})
@@ -105,6 +107,28 @@ def reported_error(obj: dict[str, Any]) -> dict[str, Any] | None:
     if err is not None:  # Ollama: {"error": "model 'x' not found"}
         return openai_error({"message": err})
     return None
+
+
+def finish_error(choice: dict[str, Any]) -> dict[str, Any]:
+    """The error of a chunk whose choice says ``finish_reason: "error"``
+    without a top-level ``error`` (OpenRouter, when the model itself ended on
+    an error: Gemini's ``MALFORMED_FUNCTION_CALL``, say), in OpenAI's shape
+    (:func:`openai_error`): the choice's own ``error`` object if it carries
+    one (OpenRouter's ``StreamingChoice.error``), else a message that says
+    what the upstream said; either way with the choice's
+    ``native_finish_reason`` as a key when it sent one.  Such a chunk ends
+    the run as failed, never as a completed answer whose reason is
+    ``error``."""
+    native = choice.get("native_finish_reason")
+    own = choice.get("error")
+    if isinstance(own, dict):
+        fields = dict(own)
+    else:
+        said = f' (native_finish_reason "{native[:200]}")' if isinstance(native, str) else ""
+        fields = {"message": f'The upstream ended its answer with finish_reason "error"{said}.'}
+    if native is not None:
+        fields.setdefault("native_finish_reason", native)
+    return openai_error(fields)
 
 
 def openai_error(fields: dict[str, Any]) -> dict[str, Any]:
@@ -163,11 +187,13 @@ def http_error(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> 
         detail = error["message"]
     else:
         detail = body[:ERROR_SNIPPET].decode("utf-8", errors="replace")
-    return UpstreamError(
+    exc = UpstreamError(
         f"The upstream answered HTTP {status}: {detail}",
         code=f"upstream_http_{status}",
         headers=passed,
     )
+    exc.upstream_status = status
+    return exc
 
 
 class StreamState:
@@ -195,7 +221,9 @@ def openai_items(data: str | bytes | bytearray, shape: StreamState | None = None
     is text-only and has the stream's ``shape``, else a :class:`Chunk` with
     everything but ``id``/``created``/``model``; then its :class:`Usage`
     and :class:`Finish`.  A choice whose ``index`` is not 0, or more than one
-    choice, is a protocol error (trio-stream asks for ``n = 1``).
+    choice, is a protocol error (trio-stream asks for ``n = 1``).  A choice
+    whose ``finish_reason`` is ``"error"`` is the upstream's error
+    (:class:`UpstreamReported`, :func:`finish_error`), not a finish.
     """
     chunk = _json(data, "chunk", replace=True)
     for key in REWRITTEN:
@@ -216,6 +244,8 @@ def openai_items(data: str | bytes | bytearray, shape: StreamState | None = None
             f"{str(choice.get('index'))[:20]} (trio-stream asks for one choice, index 0)",
             code="malformed_chunk",
         )
+    if choice.get("finish_reason") == "error":  # with a top-level error, _json raised
+        raise UpstreamReported(finish_error(choice))
     delta = choice.get("delta")
     if delta is None:
         delta = {}

@@ -91,7 +91,9 @@ def _content(content: Any, where: str) -> str | list[dict[str, Any]]:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise bad_request(f"'{where}.content' must be a string or an array.", "invalid_type")
+        raise bad_request(
+            f"'{where}.content' must be a string or an array.", "invalid_type", f"{where}.content"
+        )
     parts: list[dict[str, Any]] = []
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
@@ -105,6 +107,7 @@ def _content(content: Any, where: str) -> str | list[dict[str, Any]]:
                 f"'{where}.content[{i}]' must be an input_text, output_text or input_image "
                 "part with an image_url.",
                 "unsupported_content",
+                f"{where}.content[{i}]",
             )
     if all(p["type"] == "text" for p in parts):
         return "".join(p["text"] for p in parts)
@@ -114,7 +117,8 @@ def _content(content: Any, where: str) -> str | list[dict[str, Any]]:
 def _string(item: dict[str, Any], name: str, where: str) -> str:
     value = item.get(name)
     if not isinstance(value, str) or (name != "arguments" and not value):
-        raise bad_request(f"'{where}.{name}' must be a non-empty string.", "invalid_type")
+        param = f"{where}.{name}"
+        raise bad_request(f"'{param}' must be a non-empty string.", "invalid_type", param)
     return value
 
 
@@ -136,17 +140,25 @@ def _tool_output(item: dict[str, Any], where: str) -> dict[str, Any]:
         texts = [p.get("text") if isinstance(p, dict) and p.get("type") in _TEXT_PARTS else None
                  for p in output]  # fmt: skip
         if not all(isinstance(t, str) for t in texts):
-            raise bad_request(f"'{where}.output' may hold text parts only.", "unsupported_content")
+            raise bad_request(
+                f"'{where}.output' may hold text parts only.",
+                "unsupported_content",
+                f"{where}.output",
+            )
         output = "".join(t for t in texts if t is not None)
     if not isinstance(output, str):
-        raise bad_request(f"'{where}.output' must be a string or an array.", "invalid_type")
+        raise bad_request(
+            f"'{where}.output' must be a string or an array.", "invalid_type", f"{where}.output"
+        )
     return {"role": "tool", "tool_call_id": call_id, "content": output}
 
 
 def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
     role = item.get("role")
     if role not in _ROLES:
-        raise bad_request(f"'{where}.role' must be one of {sorted(_ROLES)}.", "invalid_type")
+        raise bad_request(
+            f"'{where}.role' must be one of {sorted(_ROLES)}.", "invalid_type", f"{where}.role"
+        )
     content = item.get("content")
     if role == "assistant" and isinstance(content, list):  # an echoed refusal stays one
         refusals = [p for p in content if isinstance(p, dict) and p.get("type") == "refusal"]
@@ -163,11 +175,11 @@ def _messages(input_: Any) -> list[dict[str, Any]]:
     assistant message just before them (or make one); ``reasoning`` items
     are not sent (a chat upstream takes no reasoning as input)."""
     if input_ is None:
-        raise bad_request("'input' is required.", "missing_required_parameter")
+        raise bad_request("'input' is required.", "missing_required_parameter", "input")
     if isinstance(input_, str):
         return [{"role": "user", "content": input_}]
     if not isinstance(input_, list) or not input_:
-        raise bad_request("'input' must be a string or a non-empty array.", "invalid_type")
+        raise bad_request("'input' must be a string or a non-empty array.", "invalid_type", "input")
     messages: list[dict[str, Any]] = []
     for i, item in enumerate(input_):
         where = f"input[{i}]"
@@ -190,9 +202,10 @@ def _messages(input_: Any) -> list[dict[str, Any]]:
                 f"'{where}' must be a message, function_call, function_call_output or "
                 f"reasoning item (type {kind!r} is not served).",
                 "unsupported_input",
+                f"{where}.type" if isinstance(item, dict) else where,
             )  # fmt: skip
     if not messages:
-        raise bad_request("'input' has no message to send.", "invalid_value")
+        raise bad_request("'input' has no message to send.", "invalid_value", "input")
     return messages
 
 
@@ -202,7 +215,7 @@ def _tools(tools: Any) -> tuple[list[dict[str, Any]], tuple[dict[str, Any], ...]
     if tools is None:
         return [], ()
     if not isinstance(tools, list):
-        raise bad_request("'tools' must be an array.", "invalid_type")
+        raise bad_request("'tools' must be an array.", "invalid_type", "tools")
     chat, shown = [], []
     for i, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
@@ -211,18 +224,21 @@ def _tools(tools: Any) -> tuple[list[dict[str, Any]], tuple[dict[str, Any], ...]
                 f"'tools[{i}]' has type {kind!r}: only 'function' tools are served "
                 "(web_search, file_search, computer_use, mcp, ... are not).",
                 "unsupported_tool",
+                f"tools[{i}].type" if isinstance(tool, dict) else f"tools[{i}]",
             )
         assert isinstance(tool, dict)
         name = _string(tool, "name", f"tools[{i}]")
         parameters = tool.get("parameters")
         strict = tool.get("strict")
         description = tool.get("description")
-        if parameters is not None and not isinstance(parameters, dict):
-            raise bad_request(f"'tools[{i}].parameters' must be an object.", "invalid_type")
-        if strict is not None and not isinstance(strict, bool):
-            raise bad_request(f"'tools[{i}].strict' must be a boolean.", "invalid_type")
-        if description is not None and not isinstance(description, str):
-            raise bad_request(f"'tools[{i}].description' must be a string.", "invalid_type")
+        for key, value, types, what in (
+            ("parameters", parameters, dict, "an object"),
+            ("strict", strict, bool, "a boolean"),
+            ("description", description, str, "a string"),
+        ):
+            if value is not None and not isinstance(value, types):
+                param = f"tools[{i}].{key}"
+                raise bad_request(f"'{param}' must be {what}.", "invalid_type", param)
         function: dict[str, Any] = {"name": name}
         for key, value in (("description", description), ("parameters", parameters),
                            ("strict", strict)):  # fmt: skip
@@ -245,6 +261,7 @@ def _tool_choice(choice: Any) -> tuple[str | dict[str, Any], str | dict[str, Any
         "'tool_choice' must be 'auto', 'none', 'required' or "
         "{'type': 'function', 'name': ...} (other tool choices are not served).",
         "unsupported_tool_choice",
+        "tool_choice",
     )
 
 
@@ -253,18 +270,23 @@ def _response_format(text: Any) -> tuple[dict[str, Any] | None, dict[str, Any] |
     if text is None:
         return None, None
     if not isinstance(text, dict):
-        raise bad_request("'text' must be an object.", "invalid_type")
+        raise bad_request("'text' must be an object.", "invalid_type", "text")
     fmt = text.get("format")
-    kind = fmt.get("type") if isinstance(fmt, dict) else None
-    if fmt is None or kind == "text":
+    if fmt is None:
         return None, None
-    assert isinstance(fmt, dict)
+    if not isinstance(fmt, dict):
+        raise bad_request("'text.format' must be an object.", "invalid_type", "text.format")
+    kind = fmt.get("type")
+    if kind == "text":
+        return None, None
     if kind == "json_object":
         return {"type": "json_object"}, {"type": "json_object"}
     if kind == "json_schema":
         name = _string(fmt, "name", "text.format")
         if not isinstance(fmt.get("schema"), dict):
-            raise bad_request("'text.format.schema' must be an object.", "invalid_type")
+            raise bad_request(
+                "'text.format.schema' must be an object.", "invalid_type", "text.format.schema"
+            )
         schema = {"name": name, "schema": fmt["schema"]}
         for key in ("description", "strict"):
             if fmt.get(key) is not None:
@@ -276,6 +298,7 @@ def _response_format(text: Any) -> tuple[dict[str, Any] | None, dict[str, Any] |
         f"'text.format' has type {kind!r}: only 'text', 'json_object' and 'json_schema' "
         "are served.",
         "unsupported_parameter",
+        "text.format.type",
     )
 
 
@@ -314,7 +337,9 @@ def parse_responses_request(raw: bytes) -> tuple[ChatRequest, ResponseMeta]:
     body = parse_json_object(raw)
     for name in _UNSUPPORTED:
         if body.get(name):
-            raise bad_request(f"'{name}' is not supported by this server.", "unsupported_parameter")
+            raise bad_request(
+                f"'{name}' is not supported by this server.", "unsupported_parameter", name
+            )
     model = _field(body, "model", str, "a string") or "mock"
     instructions = _field(body, "instructions", str, "a string")
     messages = _messages(body.get("input"))
@@ -324,10 +349,14 @@ def parse_responses_request(raw: bytes) -> tuple[ChatRequest, ResponseMeta]:
     background = _field(body, "background", bool, "a boolean") or False
     store = _field(body, "store", bool, "a boolean")
     if background and store is False:
-        raise bad_request("'background' requires 'store' to be true.", "invalid_value")
+        raise bad_request("'background' requires 'store' to be true.", "invalid_value", "store")
     limit = _field(body, "max_output_tokens", int, "an integer")
     if limit is not None and not 1 <= limit <= 1_000_000:
-        raise bad_request("'max_output_tokens' must be between 1 and 1000000.", "invalid_value")
+        raise bad_request(
+            "'max_output_tokens' must be between 1 and 1000000.",
+            "invalid_value",
+            "max_output_tokens",
+        )
     temperature = _field(body, "temperature", (int, float), "a number")
     top_p = _field(body, "top_p", (int, float), "a number")
     tools, shown_tools = _tools(body.get("tools"))
@@ -340,7 +369,9 @@ def parse_responses_request(raw: bytes) -> tuple[ChatRequest, ResponseMeta]:
     reasoning = _field(body, "reasoning", dict, "an object") or {}
     effort = reasoning.get("effort")
     if effort is not None and not isinstance(effort, str):
-        raise bad_request("'reasoning.effort' must be a string.", "invalid_type")
+        raise bad_request(
+            "'reasoning.effort' must be a string.", "invalid_type", "reasoning.effort"
+        )
     chat: dict[str, Any] = {"model": model, "messages": messages, "stream": stream}
     for name, value in (
         ("max_tokens", limit), ("temperature", temperature), ("top_p", top_p),
@@ -664,10 +695,21 @@ def fold(response_id: str, entries: Sequence[Entry]) -> Output:
     return output
 
 
-def saved_output(response_id: str, content: str, tool_calls: Sequence[dict[str, Any]]) -> Output:
-    """The :class:`Output` of a saved row: its text, then its tool calls."""
+def saved_output(
+    response_id: str, content: str, tool_calls: Sequence[dict[str, Any]],
+    reasoning: str | None = None, refusal: str | None = None,
+) -> Output:  # fmt: skip
+    """The :class:`Output` of a saved row, folded by :meth:`Output.feed_delta`
+    as the live log is: its reasoning (a ``reasoning`` item), its text and its
+    refusal (the message's ``output_text`` and ``refusal`` parts), then its
+    tool calls.  The same items as live for an answer that streamed them in
+    this order (the common one); a row keeps each text whole, so a live
+    answer that went back to reasoning after its text shows one reasoning
+    item here, not two."""
     output = Output(response_id)
+    output.feed_delta({"reasoning_content": reasoning or ""})
     output.feed_delta({"content": content})
+    output.feed_delta({"refusal": refusal or ""})
     output.feed_delta({"tool_calls": [{**c, "index": i} for i, c in enumerate(tool_calls)]})
     return output
 

@@ -8,7 +8,11 @@ and (in ``metadata["cli"]``, a :class:`CLI`) its help text, choices and flag.
 :mod:`trio_stream.cli` builds ``--<field-name>`` (env ``TRIO_STREAM_<FIELD_NAME>``)
 from it, so an option and its setting cannot drift apart.
 
-This module never imports trio.
+The upstream members (``[[upstream]]`` tables of a configuration file, or the
+one-upstream shorthand ``--upstream``/``--upstream-url``) are in
+:mod:`.members`; the configuration file (``--config``) is read by :mod:`.file`.
+
+This package never imports trio.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .members import Upstreams, shorthand
+from .members import problems as member_problems
 
 UPSTREAMS = ("mock", "openai", "ollama")
 LOG_FORMATS = ("text", "json")
@@ -110,10 +116,6 @@ class Settings:
         None, "redis://host:port/db: shared state for cluster mode (none: in-process)."
     )
     node_lease: float = setting(10.0, "Seconds after which a silent node's runs are taken over.")
-    # The configuration file: [[key]] tables (docs/api.md section 2.11).
-    config: str | None = setting(
-        None, "A TOML file of [[key]] tables: client keys and their limits; SIGHUP reloads them."
-    )
     # Per-key limits (docs/api.md section 2.11).
     limits_redis: str | None = setting(
         None, "redis://host:port/db for the per-key limits alone (default: --redis)."
@@ -124,9 +126,25 @@ class Settings:
         "or admitted unchecked (open).",
         choices=OUTAGE,
     )
+    # The configuration file (docs/api.md section 1.3).
+    config: str | None = setting(
+        None,
+        'A TOML file: [[upstream]] members, [group."<model>"] options, [[key]] client keys '
+        "with their limits (SIGHUP reloads them) and a [serve] table of these options (the "
+        "command line and the environment win over it).",
+    )
+    # No command-line option: only the file's [[upstream]] and [group] tables (or
+    # an embedder) set it; None is the shorthand of --upstream/--upstream-url.
+    upstreams: Upstreams | None = dataclasses.field(default=None, metadata={"file": True})
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def members(self) -> Upstreams:
+        """The upstream members: the file's, or the one of the shorthand."""
+        if self.upstreams is not None:
+            return self.upstreams
+        return shorthand(self.upstream, self.upstream_url, self.upstream_api_key)
 
     def validate(self) -> Settings:
         """Raise :class:`ConfigError` naming every invalid option; return self."""
@@ -141,7 +159,7 @@ class Settings:
             p.append("--port must be 0-65535")
         if self.upstream not in UPSTREAMS:
             p.append(f"--upstream must be one of {', '.join(UPSTREAMS)}")
-        if self.upstream != "mock" and not self.upstream_url:
+        if self.upstream != "mock" and not self.upstream_url and self.upstreams is None:
             p.append(f"--upstream {self.upstream} needs --upstream-url")
         if self.upstream_url and not self.upstream_url.startswith(("http://", "https://")):
             p.append("--upstream-url must start with http:// or https://")
@@ -184,4 +202,12 @@ class Settings:
             p.append("--event-interval-ms must be >= 0")
         if self.max_streams < 1 or self.max_body_bytes < 1 or self.window < 1:
             p.append("--max-streams, --max-body-bytes and --window must be >= 1")
+        if self.upstreams is not None:
+            if self.upstream != "mock" or self.upstream_url or self.upstream_api_key:
+                p.append(
+                    "--upstream, --upstream-url and --upstream-api-key are the one-upstream "
+                    "shorthand: with [[upstream]] tables leave them unset"
+                )
+            where = f"{self.config}: " if self.config else ""
+            p.extend(f"{where}{key}: {message}" for key, message in member_problems(self.upstreams))
         return p
