@@ -25,6 +25,7 @@ from tools.harness import ServeProcess as ServeProcess
 from tools.harness import Server as Server
 from tools.harness import running_server as running_server
 from tools.harness import serve_process as serve_process
+from tools.harness import task_census as task_census
 from tools.harness import tasks_living as tasks_living
 from trio_stream import EventLogger, RecordingSink, Service, Settings, open_service
 from trio_stream.runs import Run

@@ -7,6 +7,7 @@ measurements, which do not import ``tests/``.
 
 from __future__ import annotations
 
+import collections
 import io
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -81,6 +82,20 @@ async def tasks_living() -> int:
     """trio's live task count once everything runnable has run."""
     await trio.testing.wait_all_tasks_blocked()
     return trio.lowlevel.current_statistics().tasks_living
+
+
+def task_census() -> collections.Counter[str]:
+    """The live tasks by name (the whole tree under trio's root task): what
+    a test names when ``tasks_living`` is not back at its baseline."""
+    census: collections.Counter[str] = collections.Counter()
+    root = trio.lowlevel.current_root_task()
+    assert root is not None  # inside trio.run
+    pending = [root]
+    while pending:
+        task = pending.pop()
+        census[task.name] += 1
+        pending.extend(t for n in task.child_nurseries for t in n.child_tasks)
+    return census
 
 
 class RawClient:
