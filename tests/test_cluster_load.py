@@ -32,6 +32,7 @@ import struct
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ import trio
 
 from tests.conftest import serve_process
 from tests.redis_server import RedisServer
-from tools.fakes import Exchange, FakeUpstream, mock_plan, peer_has_closed
+from tools.fakes import Exchange, FakeUpstream, mock_plan, peer_has_closed, token_plan
 from trio_stream.upstream import mocktext
 
 SESSIONS = 8
@@ -216,11 +217,15 @@ def _check_no_overlap(exchanges: list[Exchange]) -> None:
     by_session = held_by_session(exchanges)
     assert len(by_session) == SESSIONS
     for session, held in by_session.items():
-        held.sort(key=lambda e: e.started)
-        for before, after in itertools.pairwise(held):
-            assert before.ended is not None
-            released = before.ended <= after.started or before.index in after.peer_closed_before
-            assert released, (session, before, after)
+        _check_released(session, held)
+
+
+def _check_released(session: int, held: list[Exchange]) -> None:
+    held.sort(key=lambda e: e.started)
+    for before, after in itertools.pairwise(held):
+        assert before.ended is not None
+        released = before.ended <= after.started or before.index in after.peer_closed_before
+        assert released, (session, before, after)
 
 
 async def test_peer_has_closed_is_the_kernels_view_and_reads_nothing() -> None:
@@ -252,6 +257,55 @@ async def test_peer_has_closed_is_the_kernels_view_and_reads_nothing() -> None:
             await server.aclose()
     finally:
         await trio.aclose_forcefully(listeners[0])
+
+
+def _raw_request(session: int, k: int) -> bytes:
+    body = orjson.dumps({"model": "m", "messages": messages(session, k), "stream": True})
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    return head + b"content-length: %d\r\n\r\n" % len(body) + body
+
+
+def _has(fake: FakeUpstream, index: int) -> Callable[[], bool]:
+    return lambda: len(fake.exchanges) > index
+
+
+def _ended(fake: FakeUpstream, index: int) -> Callable[[], bool]:
+    return lambda: len(fake.exchanges) > index and fake.exchanges[index].ended is not None
+
+
+async def test_a_close_before_the_next_request_counts_even_if_the_fake_stamps_it_later(
+    nursery: trio.Nursery,
+) -> None:
+    """A client that closes its connection (FIN, or RST) mid-response and only
+    then sends a new request on a new connection never overlaps, and
+    ``_check_no_overlap`` agrees however the fake's tasks run.  The fake's
+    tasks for the two connections wake in one batch, which trio reverses half
+    the time, so in some rounds the fake stamps the first exchange's end after
+    the second's start (the old check's failure, seen under load); the
+    kernel's record (``peer_closed_before``) still has the close first."""
+    fake = FakeUpstream("openai", plan=lambda body: token_plan(["a"] * 3, hang_after=2))
+    await nursery.start(fake.serve)
+    inverted = 0
+    for r in range(SESSIONS * 5):  # 93 of 200 rounds inverted when measured: none of 40, ~1e-11
+        base = len(fake.exchanges)
+        first = socket.create_connection(("127.0.0.1", fake.port))
+        first.sendall(_raw_request(r % SESSIONS, 0))
+        await fake.wait_for(_has(fake, base))
+        await trio.testing.wait_all_tasks_blocked()  # the fake hangs mid-response
+        if r % 2:  # SO_LINGER 0: close() sends a RST
+            first.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        first.close()  # no checkpoint until the second request is in the kernel
+        second = socket.create_connection(("127.0.0.1", fake.port))
+        second.sendall(_raw_request(r % SESSIONS, 1))
+        await fake.wait_for(_has(fake, base + 1))
+        await fake.wait_for(_ended(fake, base))
+        before, after = fake.exchanges[base : base + 2]
+        assert before.ended is not None
+        inverted += before.ended > after.started
+        _check_released(r % SESSIONS, [before, after])
+        second.close()
+        await fake.wait_for(_ended(fake, base + 1))
+    assert inverted > 0  # the case the check exists for did happen
 
 
 def test_no_overlap_follows_the_kernels_order_not_the_fakes_stamps() -> None:
