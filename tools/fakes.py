@@ -6,12 +6,19 @@ Ollama's NDJSON (``/api/chat``, ``/api/tags``), follows a per-request
 every connection's open and close time, so tests can assert that a cancelled
 run really closed its upstream connection, and in what order.
 
+Its time stamps are taken when its own tasks run, which under load can be
+later than the kernel saw the event, and not in the kernel's order.  So each
+exchange also records, from the kernel, which earlier exchanges' connections
+the client had already closed when this one's request was read
+(:attr:`Exchange.peer_closed_before`).
+
 While it streams a response it also reads the socket, so it notices the
 client closing at once (as a real server's kernel would), even mid-hang.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +70,29 @@ class Exchange:
     target: bytes = b""  # the request line's path, e.g. b"/v1/chat/completions"
     raw: bytes = b""  # the request body as received
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # names lowercased
+    #: Its position in :attr:`FakeUpstream.exchanges`.
+    index: int = -1
+    #: The exchanges (by index) still being answered by the fake when this
+    #: one's request head was read, but whose connection the kernel already
+    #: showed closed by the client (its FIN or RST received).  The fake stamps
+    #: their ``ended`` only when their task next runs, which under load can be
+    #: after this ``started``: by the kernel's order they had ended first.
+    peer_closed_before: frozenset[int] = frozenset()
+
+
+# Linux TCP states (include/net/tcp_states.h), first byte of struct tcp_info.
+_TCP_ESTABLISHED = 1
+
+
+def peer_has_closed(stream: trio.SocketStream) -> bool:
+    """Whether the kernel has received the peer's FIN or RST on ``stream``.
+
+    Reads the connection's TCP state (``TCP_INFO``), so it consumes nothing
+    and clears no pending error: the connection's own reader still sees the
+    EOF or the reset.  Not a checkpoint.  Linux only.
+    """
+    info = stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    return info[0] != _TCP_ESTABLISHED
 
 
 def openai_chunk(content: str | None = None, finish: str | None = None, **delta: Any) -> bytes:
@@ -126,6 +156,7 @@ class FakeUpstream:
         self.exchanges: list[Exchange] = []
         self.port = 0
         self._changed = trio.Event()
+        self._answering: dict[int, trio.SocketStream] = {}  # exchange index -> its connection
 
     @property
     def url(self) -> str:
@@ -192,6 +223,7 @@ class FakeUpstream:
                 return
             assert isinstance(event, h11.Request), event
             head = event
+            peer_closed = frozenset(i for i, s in self._answering.items() if peer_has_closed(s))
             body = b""
             while not isinstance(event := await self._next_event(stream, h), h11.EndOfMessage):
                 body += event.data
@@ -200,15 +232,18 @@ class FakeUpstream:
             conn.busy = True
             exchange = Exchange(
                 request, trio.current_time(), target=head.target, raw=body,
-                headers=list(head.headers),
+                headers=list(head.headers), index=len(self.exchanges),
+                peer_closed_before=peer_closed,
             )  # fmt: skip
             self.exchanges.append(exchange)
+            self._answering[exchange.index] = stream
             self._notify()
             try:
                 if not await self._respond(stream, h, request):
                     return
             finally:
                 exchange.ended = trio.current_time()
+                del self._answering[exchange.index]
             conn.busy = False
             self._notify()
             if h.our_state is h11.MUST_CLOSE:
