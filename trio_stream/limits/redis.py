@@ -41,7 +41,7 @@ import coredis
 import coredis.exceptions
 import trio
 
-from ..shared.redis import CONNECT_TIMEOUT, _TCPConnection
+from ..shared.redis import redis_client
 from .base import (
     BUCKETS,
     CALL_TIMEOUT,
@@ -223,13 +223,7 @@ class RedisLimiter(Limiter):
     def __init__(self, url: str, window: float = 60.0, *, prefix: str = "ts:") -> None:
         super().__init__(window)
         self.prefix = prefix
-        self.client: coredis.Redis[str] = coredis.Redis.from_url(
-            url, decode_responses=True, connect_timeout=CONNECT_TIMEOUT,
-            stream_timeout=CALL_TIMEOUT, max_connections=64, max_idle_time=10,
-        )  # fmt: skip
-        pool = self.client.connection_pool
-        if pool.connection_class is coredis.TCPConnection:  # not a unix:// socket
-            pool.connection_class = _TCPConnection
+        self.client = redis_client(url, max_idle_time=10)
         self._admit = self.client.register_script(_ADMIT)
         self._charge = self.client.register_script(_CHARGE)
         self._usage = self.client.register_script(_USAGE)

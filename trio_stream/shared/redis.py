@@ -242,6 +242,22 @@ def _entry_of(raw: str) -> Entry:
     return Chunk(value["c"], bool(value.get("s")))
 
 
+def redis_client(url: str, *, max_idle_time: int) -> coredis.Redis[str]:
+    """A coredis client as every Redis user of trio-stream opens it: string
+    replies, :data:`CONNECT_TIMEOUT` to connect, :data:`CALL_TIMEOUT` per
+    reply, at most 64 connections, idle ones closed after ``max_idle_time``
+    seconds, and :class:`_TCPConnection` (its buffers closed however it
+    ends) for a TCP URL.  Opens nothing: connections are made on first use."""
+    client: coredis.Redis[str] = coredis.Redis.from_url(
+        url, decode_responses=True, connect_timeout=CONNECT_TIMEOUT,
+        stream_timeout=CALL_TIMEOUT, max_connections=64, max_idle_time=max_idle_time,
+    )  # fmt: skip
+    pool = client.connection_pool
+    if pool.connection_class is coredis.TCPConnection:  # not a unix:// socket
+        pool.connection_class = _TCPConnection
+    return client
+
+
 class _RedisBase(SharedState):
     """The connection, the scripts and the keys: what every part of
     :class:`RedisState` calls Redis through."""
@@ -254,16 +270,9 @@ class _RedisBase(SharedState):
         self.lease = lease
         self.ttl = max(1, int(ttl))
         self.prefix = prefix
-        self.client: coredis.Redis[str] = coredis.Redis.from_url(
-            url, decode_responses=True, connect_timeout=CONNECT_TIMEOUT,
-            stream_timeout=CALL_TIMEOUT, max_connections=64,
-            # A burst opens connections; idle ones close again, so an idle
-            # node holds what its heartbeat uses (every lease / 3) and no more.
-            max_idle_time=max(1, math.ceil(lease)),
-        )  # fmt: skip
-        pool = self.client.connection_pool
-        if pool.connection_class is coredis.TCPConnection:  # not a unix:// socket
-            pool.connection_class = _TCPConnection
+        # A burst opens connections; idle ones close again, so an idle node
+        # holds what its heartbeat uses (every lease / 3) and no more.
+        self.client = redis_client(url, max_idle_time=max(1, math.ceil(lease)))
         self._claim = self.client.register_script(_CLAIM)
         self._release = self.client.register_script(_RELEASE)
         self._cool = self.client.register_script(_COOL)
