@@ -22,8 +22,8 @@ from coredis.tokens import PureToken
 from tests.redis_server import RedisServer
 from tests.test_shared_contract import FakeOwner, Node
 from trio_stream.shared import redis as shared_redis
-from trio_stream.shared.redis import RedisState, redis_client
-from trio_stream.shared.redis_conn import CALL_TIMEOUT, LISTEN_RETRY, REPLY_STUCK
+from trio_stream.shared.redis import RedisState
+from trio_stream.shared.redis_conn import CALL_TIMEOUT, LISTEN_RETRY, REPLY_STUCK, redis_client
 
 LEASE = 1.0  # so idle connections close after 1 s
 

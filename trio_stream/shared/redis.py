@@ -16,10 +16,14 @@ Every worker of every node gives the same ``--redis``; each process is one
 
 Failure modes, and the rule that makes each safe:
 
-* **A pub/sub message is lost** (delivered at most once; the subscriber may
-  be reconnecting).  Cancel requests are also written as ``ts:c:{run}``, which
-  the owner polls every :data:`CANCEL_POLL`; "finished" is also the run
-  hash's ``status``, which a waiter polls every :data:`FINISH_POLL`.
+* **A pub/sub message is lost** (delivered only to a subscribed connection:
+  the listener's may be reconnecting).  Cancel requests are also written as
+  ``ts:c:{run}``, and "finished" is also the run hash's ``status``: the
+  listener re-reads both each time it has subscribed again
+  (:meth:`RedisState._catch_up`), and besides the owner polls the flags every
+  :data:`CANCEL_POLL` and a waiter the status every :data:`FINISH_POLL`.  The
+  listener's connection is its own, never closed for idleness
+  (:mod:`.redis_conn`).
 * **A straggler outlives its supersede deadline** (a slow or partitioned
   node).  The claim script bumps the session's *epoch* and the straggler is
   fenced (``r:{run}`` = 1): its release is compare-and-delete by its own id, so
@@ -84,8 +88,6 @@ from .base import (
     SharedUnavailable,
 )
 from .redis_conn import CALL_TIMEOUT, listen, redis_client
-
-__all__ = ["CALL_TIMEOUT", "RedisState", "redis_client"]
 
 T = TypeVar("T")
 
