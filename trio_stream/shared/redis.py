@@ -182,6 +182,33 @@ end
 return last
 """
 
+# The node's lease and its membership of the node set.
+# KEYS: ts:n:{node}, ts:nodes; ARGV: node, lease in ms
+_BEAT = """
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
+
+# A run's record, and its place among its node's runs.
+# KEYS: ts:r:{run}, ts:nr:{node}; ARGV: run id, then the record's fields and values
+_REGISTER = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
+
+# A run's end: its record's status (kept for the run ttl), out of its node's
+# runs, and the "finished" notice.
+# KEYS: ts:r:{run}, ts:nr:{node}; ARGV: status, reason, ttl, run id, channel
+_END = """
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'reason', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('SREM', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[5], ARGV[4])
+return 1
+"""
+
 # KEYS: run hash, cancel flag; ARGV: reason, ttl, prefix, run id
 _CANCEL = """
 local node = redis.call('HGET', KEYS[1], 'node')
@@ -231,6 +258,9 @@ class _RedisBase(SharedState):
         self._cancel = self.client.register_script(_CANCEL)
         self._append = self.client.register_script(_APPEND)
         self._restore = self.client.register_script(_RESTORE)
+        self._beat_script = self.client.register_script(_BEAT)
+        self._register = self.client.register_script(_REGISTER)
+        self._end = self.client.register_script(_END)
         self._healthy = True
         self._finished: dict[str, trio.Event] = {}
         self._waiters: collections.Counter[str] = collections.Counter()
@@ -570,9 +600,8 @@ class RedisState(_RedisSessions):
         return out
 
     async def _beat(self, n: str) -> None:
-        async with self.client.pipeline(transaction=False) as p:
-            p.set(f"{n}n:{self.node}", "1", px=int(self.lease * 1000))
-            p.sadd(f"{n}nodes", [self.node])
+        keys = [f"{n}n:{self.node}", f"{n}nodes"]
+        await self._beat_script(keys=keys, args=[self.node, int(self.lease * 1000)])
 
     async def _resync(self) -> None:
         """After an outage: put this node's live runs back (a restarted Redis
@@ -655,21 +684,16 @@ class RedisState(_RedisSessions):
 
     # -- registry ---------------------------------------------------------
     async def register(self, run: RunView) -> None:
-        """Cancellation: a checkpoint; one pipeline, written or not."""
+        """Cancellation: a checkpoint; one script, written or not."""
         fields = {
             "tenant": run.tenant, "session": run.session_id or "", "node": self.node,
             "detached": "1" if run.detached else "0", "status": "running", "reason": "",
             "model": run.request.model, "created": repr(run.created),
             "usage": "1" if run.request.client_wants_usage else "0",
         }  # fmt: skip
-        n = self.prefix
-
-        async def write() -> None:
-            async with self.client.pipeline(transaction=False) as p:
-                p.hset(self._r(run.id), fields)
-                p.sadd(f"{n}nr:{self.node}", [run.id])
-
-        await self._call(write())
+        keys = [self._r(run.id), f"{self.prefix}nr:{self.node}"]
+        args = [run.id, *(x for pair in fields.items() for x in pair)]
+        await self._call(self._register(keys=keys, args=args))
 
     async def finished(self, run: RunView) -> None:
         """Cancellation: a checkpoint; a notice that a ``Cancelled`` cut is redone once Redis
@@ -683,15 +707,9 @@ class RedisState(_RedisSessions):
 
     async def _end_record(self, node: str, run_id: str, outcome: Outcome) -> None:
         n = self.prefix
-
-        async def write() -> None:
-            async with self.client.pipeline(transaction=False) as p:
-                p.hset(self._r(run_id), {"status": outcome.status.value, "reason": outcome.reason})
-                p.expire(self._r(run_id), self.ttl)
-                p.srem(f"{n}nr:{node}", [run_id])
-                p.publish(f"{n}finished", run_id)
-
-        await self._call(write())
+        keys = [self._r(run_id), f"{n}nr:{node}"]
+        args = [outcome.status.value, outcome.reason, self.ttl, run_id, f"{n}finished"]
+        await self._call(self._end(keys=keys, args=args))
 
     async def lookup(self, run_id: str) -> RunRecord | None:
         """Cancellation: a checkpoint; a read."""
