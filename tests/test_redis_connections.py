@@ -183,3 +183,31 @@ async def test_a_lost_subscription_is_renewed_and_what_it_missed_reread(
     assert waited == [()]
     assert a.state.caught_up > before[0]
     assert b.state.caught_up > before[1]
+
+
+async def test_a_listener_whose_pings_go_unanswered_subscribes_again(
+    own_redis: RedisServer, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rule 4's keep-alive: a Redis that stops answering without closing the
+    connection (``CLIENT PAUSE``, as a stopped server or a connection gone
+    without a FIN) leaves the listener's ``PING`` unanswered; after
+    ``CALL_TIMEOUT`` the subscription counts as lost, a new connection
+    subscribes once Redis answers again, and the catch-up finds a cancel
+    request whose message never came (written without being published; the
+    cancel poll is off)."""
+    monkeypatch.setattr(shared_redis, "CANCEL_POLL", 3600.0)
+    state = RedisState(own_redis.url, lease=10.0, prefix="p:")
+    owner = FakeOwner()
+    state.attach(owner)
+    await nursery.start(state.run)
+    node = Node(state, owner)
+    run = node.new_run()
+    await state.register(run)
+    await state.client.set(state._c(run.id), "stopped")
+    assert state.caught_up == 1
+    pause = 3.5  # longer than a PING's CALL_TIMEOUT
+    await state.client.client_pause(int(pause * 1000), PureToken.ALL)
+    with trio.fail_after(pause + 2 * CALL_TIMEOUT + 2):
+        await owner.cancel_seen.wait()
+    assert owner.cancelled == [(run.id, "stopped")]
+    assert state.caught_up == 2
