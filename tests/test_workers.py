@@ -76,23 +76,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-async def _wait_gone(pid: int) -> None:
-    """Until process ``pid`` (not a child of this one) has exited."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        await trio.lowlevel.wait_readable(fd)  # readable once the process has exited
-    finally:
-        os.close(fd)
-
-
 async def _orphan_workers(redis_url: str, *, wedge: bool) -> float:
     """Start ``--workers 2 --graceful-timeout 1``, SIGKILL the supervisor (with
     ``wedge``: once both workers are blocked writing to the stderr pipe, which
     this test stops reading after startup), and return how long after the
-    kill the last worker was gone.  Every process is killed (by pid) at the end."""
+    kill the last worker was gone.  Every process is killed at the end (the
+    workers through pidfds opened while they lived: never a reused pid)."""
     args = [sys.executable, "-m", "trio_stream", "serve", "--workers", "2", "--redis", redis_url,
             "--port", "0", "--db", ":memory:", "--mock-delay-ms", "0",
             "--graceful-timeout", "1", "--log-format", "json"]  # fmt: skip
@@ -100,7 +89,7 @@ async def _orphan_workers(redis_url: str, *, wedge: bool) -> float:
         args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     assert process.stderr is not None
-    pids: list[int] = []
+    pidfds: list[int] = []
     try:
         text, listening = b"", 0
         with trio.fail_after(30):
@@ -113,6 +102,7 @@ async def _orphan_workers(redis_url: str, *, wedge: bool) -> float:
         pids = [r["pid"] for r in records if r["event"] == "worker_started"]
         port = next(r["port"] for r in records if r["event"] == "listening")
         assert len(pids) == 2, text
+        pidfds = [os.pidfd_open(pid) for pid in pids]
         if wedge:  # stop reading; requests log until the pipe is full and the workers block
             limits = httpx.Limits(max_keepalive_connections=0)
             async with httpx.AsyncClient(timeout=1, limits=limits) as client:
@@ -126,13 +116,14 @@ async def _orphan_workers(redis_url: str, *, wedge: bool) -> float:
         process.kill()  # the supervisor, by its own pid
         killed = trio.current_time()
         with trio.fail_after(30):
-            for pid in pids:
-                await _wait_gone(pid)
+            for fd in pidfds:
+                await trio.lowlevel.wait_readable(fd)  # readable once the worker has exited
         return trio.current_time() - killed
     finally:
-        for pid in pids:
+        for fd in pidfds:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            os.close(fd)
         process.kill()
         await process.wait()
         await process.stderr.aclose()
@@ -148,9 +139,10 @@ async def test_workers_exit_when_their_supervisor_is_killed(redis_server: RedisS
 async def test_wedged_workers_exit_when_their_supervisor_is_killed(
     redis_server: RedisServer,
 ) -> None:
-    """Rule 5, with the workers' event loops wedged: both are blocked writing
-    log lines to a stderr pipe that nobody reads (as when whatever read the
-    supervisor's output went away with it).  They are still gone within
+    """Rule 5, with the workers' event loops wedged: the stderr pipe they
+    share is full and nobody reads it (as when whatever read the supervisor's
+    output went away with it), so each blocks at its next log line (a
+    request's, or its drain's ``shutdown_start``).  They are still gone within
     --graceful-timeout + KILL_MARGIN (+ 1 s of slack) of the supervisor's
     death.  Before, an orphan noticed its supervisor's death from a trio task
     (polling its parent pid), which a wedged loop never runs, and a SIGTERM
