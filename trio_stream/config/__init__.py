@@ -126,6 +126,12 @@ class Settings:
         "or admitted unchecked (open).",
         choices=OUTAGE,
     )
+    # Traces (docs/api.md section 8): OpenTelemetry, configured by the OTEL_* variables.
+    otel: bool = setting(
+        False,
+        "Export OpenTelemetry traces over OTLP/HTTP (needs the 'otel' extra; configured by "
+        "the OTEL_* environment variables).",
+    )
     # The configuration file (docs/api.md section 1.3).
     config: str | None = setting(
         None,
