@@ -84,7 +84,7 @@ def end_attempt_span(span: Span, run: Run, outcome: str, *, won: bool) -> None:
     attributes: dict[str, Any] = {"trio_stream.attempt.outcome": outcome}
     ended = run.log.outcome
     if won:
-        attributes.update(usage_attributes(run.usage))
+        attributes.update(usage_attributes(run.final_usage()))  # reported, else counted
         if ended is not None and ended.status is RunStatus.COMPLETED:
             attributes["gen_ai.response.finish_reasons"] = (ended.reason,)
     span.set(attributes)
