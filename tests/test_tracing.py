@@ -251,7 +251,7 @@ async def test_supersede_stop_and_resume_are_events_and_links(
 
 
 async def test_failover_is_one_client_span_per_attempt(settings: Settings) -> None:
-    """A member answering 500, then the next member: two client spans,
+    """A member answering 500 (the first choice), then the next member: two client spans,
     both children of the run span; the first an error (its failure class),
     the second OK; each upstream got its own attempt's ``traceparent``."""
     failing = FakeUpstream("openai", plan=first_time(error_plan(500)))
@@ -260,7 +260,7 @@ async def test_failover_is_one_client_span_per_attempt(settings: Settings) -> No
         for fake in (failing, healthy):
             await nursery.start(fake.serve)
         members = (
-            MemberSpec("one", "openai", failing.url),
+            MemberSpec("one", "openai", failing.url, weight=100),  # the first choice
             MemberSpec("two", "openai", healthy.url),
         )
         s = settings.replace(upstreams=Upstreams(members, ()))
