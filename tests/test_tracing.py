@@ -1,5 +1,5 @@
 """Traces (--otel), in process: the spans' structure, with the SDK's in-memory
-exporter, and no span left open on any path (docs/api.md section 8).
+exporter, and no span left open on any path (docs/api.md section 10).
 
 Each test serves the real app on a real socket against a real HTTP fake
 upstream (tools/fakes.py), with tracing on (``open_service``'s

@@ -122,7 +122,7 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
 
-        # Tracing (--otel; docs/api.md section 8): trio_stream/tracing/otel.py.
+        # Tracing (--otel; docs/api.md section 10): trio_stream/tracing/otel.py.
         self.otel_spans_dropped = Counter(
             "trio_stream_otel_spans_dropped",
             "Finished spans dropped because the export queue was full (--otel).",

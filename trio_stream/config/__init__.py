@@ -126,7 +126,7 @@ class Settings:
         "or admitted unchecked (open).",
         choices=OUTAGE,
     )
-    # Traces (docs/api.md section 8): OpenTelemetry, configured by the OTEL_* variables.
+    # Traces (docs/api.md section 10): OpenTelemetry, configured by the OTEL_* variables.
     otel: bool = setting(
         False,
         "Export OpenTelemetry traces over OTLP/HTTP (needs the 'otel' extra; configured by "

@@ -37,7 +37,7 @@ def follow_page(mirror: Run, page: LogPage) -> None:
 
 
 #: The run span's event for each way a run is cancelled or fails (docs/api.md
-#: section 8); any other reason is ``cancel`` or ``fail``, with the reason.
+#: section 10); any other reason is ``cancel`` or ``fail``, with the reason.
 CANCEL_EVENTS = {
     "superseded": "superseded",
     "stopped": "stop",
@@ -144,7 +144,7 @@ class Run:
         # The upstream member whose stream the run's log holds (set at its first entry).
         self.served_by: str | None = None
         self.cancelled_at: float | None = None
-        # The run's span (docs/api.md section 8); the shared no-op with tracing off.
+        # The run's span (docs/api.md section 10); the shared no-op with tracing off.
         self.span: Span = NO_SPAN
         # Backpressure: an attached streaming run may run at most ``window``
         # entries ahead of its writer's cursor.  ``None``: no writer to wait for.

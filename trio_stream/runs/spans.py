@@ -1,4 +1,4 @@
-"""What a run's and an attempt's spans say (docs/api.md section 8): their
+"""What a run's and an attempt's spans say (docs/api.md section 10): their
 attributes, events and status, decided from the run -- the tracing seam
 (:mod:`trio_stream.tracing`) only records them.
 

@@ -1,4 +1,4 @@
-"""Traces: the seam, and its no-op (docs/api.md section 8, docs/design.md section 18).
+"""Traces: the seam, and its no-op (docs/api.md section 10, docs/design.md section 18).
 
 Tracing is off by default, and then this module is all there is of it: the
 :class:`Tracing` here and its :data:`NO_SPAN` do nothing, import nothing of
