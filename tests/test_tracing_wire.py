@@ -271,3 +271,45 @@ async def test_a_collector_down_or_hanging_changes_nothing_for_the_client(
         assert took < off + 0.5, results  # 20 tokens 10 ms apart: about 0.2 s each
         assert exit_took < results["off"][2] + 2.0, results  # the export's bound: 1 s
     assert hanging.requests >= 1  # the hanging collector was reached (and never answered)
+
+
+async def test_a_node_takeover_is_in_the_lost_runs_trace(
+    own_redis: RedisServer, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Node 1 is killed (SIGKILL) during a detached run; node 2 takes it over
+    after the lease.  Node 1's spans are lost with it, but node 2 exports a
+    ``trio_stream.run.takeover`` span in the run's trace (the trace the
+    upstream was told in ``traceparent``), with the ``node_takeover`` and
+    ``save`` events and an error status (``node_lost``)."""
+    receiver = Receiver()
+    await nursery.start(receiver.serve)
+    up: Upstream = await start_upstream(nursery)
+    up.script("doomed", 2000, 0.02)
+    db = tmp_path / "cluster.db"
+    common = ("--otel", "--redis", own_redis.url, "--node-lease", "1")
+    async with (
+        node(*common, env=otel_env(receiver.endpoint, "node1"), db=db, upstream=up.url) as n1,
+        node(*common, env=otel_env(receiver.endpoint, "node2"), db=db, upstream=up.url) as n2,
+        client(n1) as c1,
+        client(n2) as c2,
+    ):
+        with trio.fail_after(20):
+            async with stream(c1, "POST", CHAT, json=chat("doomed", detach=True)) as d:
+                await d.deltas(2)
+                run_id = d.run_id
+                n1.process.kill()  # SIGKILL, by its own pid
+            await receiver.wait_for(lambda spans: any(
+                s.name == "trio_stream.run.takeover" for s in spans
+            ))  # fmt: skip
+            assert (await c2.get(f"/v1/runs/{run_id}")).json()["reason"] == "node_lost"
+        await stop(n2)
+    (takeover,) = [s for s in receiver.spans if s.name == "trio_stream.run.takeover"]
+    assert takeover.service == "node2"
+    assert takeover.attributes["trio_stream.run.id"] == run_id
+    assert takeover.events["node_takeover"]["reason"] == "node_lost"
+    assert takeover.events["save"]["trio_stream.save"] == "saved"
+    assert takeover.status == 2  # STATUS_CODE_ERROR
+    exchange = next(x for x in up.exchanges if x.request["messages"][0]["content"] == "doomed")
+    told = dict(exchange.headers)[b"traceparent"].decode().split("-")
+    assert takeover.trace_id == told[1]  # the lost run's trace
+    assert takeover.parent  # under the lost run's span (from its Redis record)
