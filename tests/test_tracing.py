@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from tests.conftest import RawClient, Server, loopback_client, running_server
-from tests.test_multi_upstream import error_plan, first_time
+from tests.test_multi_upstream import error_plan, first_time, slow_plan
 from tests.test_run_crash import CrashingUpstream
 from tests.tracing_kit import (
     OpenSpans,
@@ -44,7 +44,7 @@ from tests.tracing_kit import (
 )
 from tools.fakes import FakeUpstream, mock_plan, token_plan
 from trio_stream import Settings
-from trio_stream.config.members import MemberSpec, Upstreams
+from trio_stream.config.members import GroupSpec, MemberSpec, Upstreams
 from trio_stream.tracing.otel import OTelTracing
 
 CHAT = "/v1/chat/completions"
@@ -283,6 +283,46 @@ async def test_failover_is_one_client_span_per_attempt(settings: Settings) -> No
             for fake, attempt in zip((failing, healthy), attempts, strict=True):
                 sent = dict(fake.exchanges[0].headers)[b"traceparent"].decode()
                 assert sent.split("-")[2] == f"{span_id(attempt):016x}"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_hedge_race_is_one_client_span_per_attempt(settings: Settings) -> None:
+    """``hedge_after_ms``: the slow first choice is raced by a hedge on the
+    fast member, which wins.  Two client spans under the run span: the
+    winner ``served`` (OK), the loser ``hedge_lost`` (status unset), both
+    ended; each member got its own attempt's ``traceparent``."""
+    slow = FakeUpstream("openai", plan=slow_plan(5.0))
+    fast = FakeUpstream("openai", plan=mock_plan("openai"))
+    async with trio.open_nursery() as nursery:
+        for fake in (slow, fast):
+            await nursery.start(fake.serve)
+        members = (
+            MemberSpec("slow", "openai", slow.url, weight=100),  # the first choice
+            MemberSpec("fast", "openai", fast.url),
+        )
+        s = settings.replace(upstreams=Upstreams(members, (GroupSpec("m", 50.0),)))
+        async with traced(s) as t, loopback_client(t.server) as client:
+            r = await client.post(CHAT, json=body(stream=True, max_tokens=3))
+            assert r.status_code == 200
+            await t.request_ended(CHAT)
+            assert t.spans.open == {}
+            spans = t.exported()
+            run = one(spans, "trio_stream.run")
+            attempts = {
+                (a.attributes or {})["trio_stream.upstream.member"]: a
+                for a in spans if a.kind.name == "CLIENT"
+            }  # fmt: skip
+            assert set(attempts) == {"slow", "fast"}
+            assert all(parent_id(a) == span_id(run) for a in attempts.values())
+            assert (attempts["fast"].attributes or {})["trio_stream.attempt.outcome"] == "served"
+            assert attempts["fast"].status.status_code is StatusCode.OK
+            assert (attempts["slow"].attributes or {})[
+                "trio_stream.attempt.outcome"
+            ] == "hedge_lost"
+            assert attempts["slow"].status.status_code is StatusCode.UNSET
+            for fake, name in ((slow, "slow"), (fast, "fast")):
+                sent = dict(fake.exchanges[0].headers)[b"traceparent"].decode()
+                assert sent.split("-")[2] == f"{span_id(attempts[name]):016x}"
         nursery.cancel_scope.cancel()
 
 
