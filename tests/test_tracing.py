@@ -43,8 +43,9 @@ from tests.tracing_kit import (
     trace_id,
 )
 from tools.fakes import FakeUpstream, mock_plan, token_plan
-from trio_stream import Settings
+from trio_stream import Settings, config
 from trio_stream.config.members import GroupSpec, MemberSpec, Upstreams
+from trio_stream.errors import ConfigError
 from trio_stream.tracing.otel import OTelTracing
 
 CHAT = "/v1/chat/completions"
@@ -125,6 +126,16 @@ async def test_tracing_off_imports_no_sdk_and_is_the_no_op() -> None:
     )
     done = await trio.run_process([sys.executable, "-c", code], check=False)
     assert done.returncode == 0
+
+
+def test_otel_without_the_extra_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--otel`` without the ``otel`` extra installed is refused before
+    anything starts (exit 2), naming the extra; with it, accepted."""
+    Settings(otel=True).validate()
+    monkeypatch.setattr(config, "otel_installed", lambda: False)
+    with pytest.raises(ConfigError, match=r"pip install 'trio-stream\[otel\]'"):
+        Settings(otel=True).validate()
+    Settings().validate()  # off: not asked
 
 
 async def test_a_stream_is_one_trace_from_the_client_to_the_upstream(
