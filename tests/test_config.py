@@ -207,6 +207,8 @@ def test_every_option_reads_its_environment_variable(
     base = next(t for t in (*typing.get_args(hint), hint) if t in SAMPLES)
     choices = field.metadata["cli"].choices
     raw, expected = (choices[-1], choices[-1]) if choices else SAMPLES[base]
+    if field.default is False:  # an option that is off by default (--otel)
+        raw, expected = "true", True
     assert expected != field.default
     monkeypatch.setenv(f"TRIO_STREAM_{field.name.upper()}", raw)
     assert cli.serve.make_context("serve", []).params[field.name] == expected
@@ -244,6 +246,8 @@ def test_help_shows_every_default() -> None:
         assert record is not None
         if field.default not in (None, ()):
             shown = field.name if field.default is True else field.default
+            if field.default is False:  # an option off by default (--otel/--no-otel)
+                shown = f"no-{field.name}"
             assert f"[default: {shown}]" in record[1], record
 
 

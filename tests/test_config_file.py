@@ -308,10 +308,13 @@ def test_each_serve_key_reaches_its_setting(field: dataclasses.Field[Any], tmp_p
     hint = typing.get_type_hints(Settings)[field.name]
     base = next(t for t in (*typing.get_args(hint), hint) if t in SAMPLES or t is tuple)
     choices = field.metadata["cli"].choices
+    expected: Any
     if typing.get_origin(hint) is tuple:
         raw, expected = '["sample"]', ("sample",)
     elif choices:
         raw, expected = f'"{choices[-1]}"', choices[-1]
+    elif field.default is False:  # an option that is off by default (--otel)
+        raw, expected = "true", True
     else:
         raw, expected = SAMPLES[base]
     path = tmp_path / "c.toml"

@@ -17,7 +17,11 @@ in its own process, streaming the same reply at 20 tokens/s.  There the servers 
 * ``trio-stream``   -- ``trio-stream serve --upstream openai`` (embedded state);
 * ``ts-cluster-1``  -- the same with ``--workers 1 --redis`` (cluster mode, one node);
 * ``ts-cluster-2``  -- ``--workers 2 --redis``: a supervisor and two worker processes;
-* ``relay``         -- uvicorn (uvloop, httptools) + starlette + httpx relaying the SSE events.
+* ``relay``         -- uvicorn (uvloop, httptools) + starlette + httpx relaying the SSE events;
+* ``ts-otel``, ``ts-otel-0.01`` -- ``trio-stream serve --upstream openai --otel``, every
+  request traced (sampling 1.0), or 1% of them (``OTEL_TRACES_SAMPLER_ARG=0.01``),
+  exporting OTLP/HTTP to ``tools/otlp_sink.py`` in its own process (its CPU is not the
+  server's).
 
 The *paced* scenario (streams at 100 tokens/s on the mock) runs only
 ``trio-stream`` (``--event-interval-ms 0``, the default) and ``ts-interval50``
@@ -89,6 +93,7 @@ class Run:
     upstream_url: str = ""  # an OpenAI-compatible upstream; "" = the built-in mock
     redis_url: str = ""
     event_interval_ms: float = 0.0  # trio-stream's --event-interval-ms
+    otlp_url: str = ""  # an OTLP/HTTP collector (tools/otlp_sink.py) for --otel
 
 
 def _trio_stream_cmd(r: Run) -> list[str]:
@@ -117,6 +122,19 @@ def _interval_cmd(ms: float) -> Callable[[Run], list[str]]:
 def _cluster_cmd(workers: int) -> Callable[[Run], list[str]]:
     def cmd(r: Run) -> list[str]:
         return [*_trio_stream_cmd(r), "--workers", str(workers), "--redis", r.redis_url]
+
+    return cmd
+
+
+def _otel_cmd(ratio: float) -> Callable[[Run], list[str]]:
+    """trio-stream with --otel, sampling ``ratio`` of the requests (the
+    standard variables), exporting to the bench's collector."""
+
+    def cmd(r: Run) -> list[str]:
+        env = [f"OTEL_EXPORTER_OTLP_ENDPOINT={r.otlp_url}", "OTEL_SERVICE_NAME=bench",
+               "OTEL_TRACES_SAMPLER=parentbased_traceidratio",
+               f"OTEL_TRACES_SAMPLER_ARG={ratio:g}"]  # fmt: skip
+        return ["env", *env, *_trio_stream_cmd(r), "--otel"]
 
     return cmd
 
@@ -150,6 +168,7 @@ class Server:
     mock: bool = True  # serves the mock scenarios
     proxy: bool = False  # serves the proxy scenarios (relays a real upstream)
     redis: bool = False  # needs a redis-server of its own
+    otlp: bool = False  # needs an OTLP/HTTP collector (tools/otlp_sink.py) of its own
 
     def serves(self, sc: Scenario) -> bool:
         if sc.servers:
@@ -189,6 +208,14 @@ SERVERS = (
     Server(
         "relay", "uvicorn (uvloop, httptools) + starlette + httpx, relaying SSE events",
         _relay_cmd, mock=False, proxy=True,
+    ),
+    Server(
+        "ts-otel", "trio-stream serve --otel, every request sampled (tools/otlp_sink.py)",
+        _otel_cmd(1.0), mock=False, proxy=True, otlp=True,
+    ),
+    Server(
+        "ts-otel-0.01", "trio-stream serve --otel, 1% of requests sampled",
+        _otel_cmd(0.01), mock=False, proxy=True, otlp=True,
     ),
     Server(
         "ts-interval50", "trio-stream serve --event-interval-ms 50 (serves only 'paced')",
@@ -731,6 +758,13 @@ def measure(server: Server, sc: Scenario, client: LoadClient, work: Path, tag: s
                 _redis_cmd(rport, work), rport, work / f"{tag}.redis.log"
             )
             run = dataclasses.replace(run, redis_url=f"redis://127.0.0.1:{rport}/0")
+        if server.otlp:
+            cport = free_port()
+            helpers["collector"] = ServerProcess(
+                [sys.executable, str(ROOT / "tools" / "otlp_sink.py"), "--port", str(cport)],
+                cport, work / f"{tag}.collector.log",
+            )  # fmt: skip
+            run = dataclasses.replace(run, otlp_url=f"http://127.0.0.1:{cport}")
         for helper in helpers.values():
             helper.wait_ready()
         proc = ServerProcess(server.command(run), run.port, work / f"{tag}.server.log")
@@ -955,7 +989,8 @@ def write_markdown(
     out += ["", "## Servers", "", "| name | what | command |", "|---|---|---|"]
     sample = Run(8000, 0, True, False, Path("<tmp>"))
     proxied = dataclasses.replace(sample, delay_ms=50, upstream_url="http://127.0.0.1:9000/v1",
-                                  redis_url="redis://127.0.0.1:6379/0")  # fmt: skip
+                                  redis_url="redis://127.0.0.1:6379/0",
+                                  otlp_url="http://127.0.0.1:4318")  # fmt: skip
     for s in servers:
         cmds = ([shell(s.command(sample))] if s.mock else []) + (
             [shell(s.command(proxied))] if s.proxy else [])  # fmt: skip

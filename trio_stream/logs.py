@@ -52,6 +52,9 @@ class EventLogger:
         # PrintLogger's two writes (text, then newline) let their lines run
         # into each other.
         self._write = structlog.WriteLogger(stream if stream is not None else sys.stderr).msg
+        #: With tracing on: the current span's trace and span ids, added to
+        #: each line as ``trace_id`` and ``span_id`` (``Tracing.log_ids``).
+        self.ids: Callable[[], tuple[str, str] | None] | None = None
 
     def event(self, name: str, **fields: Any) -> None:
         """Write one line.
@@ -62,6 +65,8 @@ class EventLogger:
         was most of a line's cost -- two lines per request.  The record is
         the one structlog built: the fields in call order, ``event`` last.
         """
+        if self.ids is not None and (ids := self.ids()) is not None:
+            fields["trace_id"], fields["span_id"] = ids
         record: Record = {**fields, "event": name}
         if self._sink is not None:
             self._sink(dict(record))

@@ -122,5 +122,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
 
+        # Tracing (--otel; docs/api.md section 10): trio_stream/tracing/otel.py.
+        self.otel_spans_dropped = Counter(
+            "trio_stream_otel_spans_dropped",
+            "Finished spans dropped because the export queue was full (--otel).",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(WithoutCreated(self.registry))

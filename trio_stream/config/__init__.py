@@ -18,6 +18,7 @@ This package never imports trio.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,16 @@ def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
+        return False
+
+
+def otel_installed() -> bool:
+    """Is the ``otel`` extra (the SDK and its OTLP/HTTP exporter) installed?
+    Asked only with ``--otel``; finds the modules without importing them."""
+    try:
+        names = ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
+        return all(importlib.util.find_spec(name) is not None for name in names)
+    except ModuleNotFoundError:  # not even the ``opentelemetry`` namespace
         return False
 
 
@@ -126,6 +137,12 @@ class Settings:
         "or admitted unchecked (open).",
         choices=OUTAGE,
     )
+    # Traces (docs/api.md section 10): OpenTelemetry, configured by the OTEL_* variables.
+    otel: bool = setting(
+        False,
+        "Export OpenTelemetry traces over OTLP/HTTP (needs the 'otel' extra; configured by "
+        "the OTEL_* environment variables).",
+    )
     # The configuration file (docs/api.md section 1.3).
     config: str | None = setting(
         None,
@@ -183,6 +200,8 @@ class Settings:
         ):  # fmt: skip
             if not getattr(self, name) > 0:
                 p.append(f"--{name.replace('_', '-')} must be > 0")
+        if self.otel and not otel_installed():
+            p.append("--otel needs the OpenTelemetry SDK: pip install 'trio-stream[otel]'")
         if self.workers < 1:
             p.append("--workers must be >= 1")
         if self.workers > 1 and not self.redis:

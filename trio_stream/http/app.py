@@ -73,6 +73,7 @@ class TrioStreamApp(QuartTrio):
         _error_handlers(self)
         table = routes(self)
         self.raw_routes = RawRoutes(table)
+        self._traced = service.tracing.enabled
         for route in table:
             if route.view is not None:
                 self.add_url_rule(route.rule, view_func=route.view, methods=[route.method])
@@ -85,8 +86,16 @@ class TrioStreamApp(QuartTrio):
         A plain function, not ``async def``: the request task then awaits the
         handler itself, and this dispatch costs no coroutine frame for as long
         as the request lives (one open stream holds its request task's whole
-        chain of frames).
+        chain of frames).  With tracing on, the handler runs inside the
+        request's server span (:meth:`Tracing.serve`: one frame more).
         """
+        if self._traced and scope["type"] == "http":
+            rule = self.raw_routes.rule(scope["path"])
+            return self.service.tracing.serve(scope, receive, send, self._route, rule)
+        return self._route(scope, receive, send)
+
+    def _route(self, scope: Scope, receive: Receive, send: Send) -> Coroutine[Any, Any, None]:
+        """:meth:`__call__`'s dispatch: the handler's coroutine."""
         if scope["type"] == "http":
             if framing_conflict(scope):  # before any route reads a body it cannot trust
                 error = ambiguous_framing()

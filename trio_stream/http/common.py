@@ -74,6 +74,7 @@ def subscriber(
     service's settings and the request's scope.  ``rate``: a limited key's
     ``x-ratelimit-*`` headers, sent with the run's answer."""
     s = service.settings
+    service.tracing.subscribe(run.span)  # this request's span links to the run's
     return kind(
         run, send, cursor=cursor, stall_timeout=s.stall_timeout, pinger=service.pinger,
         headers=response_headers(run) + rate, flow_controlled=is_h2(scope),

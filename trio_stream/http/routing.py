@@ -42,6 +42,7 @@ class RawRoutes:
     def __init__(self, routes: list[Route]) -> None:
         self._exact: dict[str, dict[str, RawHandler]] = {}
         self._patterns: list[tuple[re.Pattern[str], dict[str, RawHandler]]] = []
+        self._rules: list[tuple[re.Pattern[str], str]] = []
         by_rule: dict[str, dict[str, RawHandler]] = {}
         for route in routes:
             if route.raw is not None:
@@ -52,6 +53,7 @@ class RawRoutes:
             else:
                 pattern = re.compile(_PARAM.sub(r"([^/]+)", rule))
                 self._patterns.append((pattern, methods))
+                self._rules.append((pattern, rule))
 
     def match(self, path: str) -> tuple[dict[str, RawHandler], tuple[str, ...]] | None:
         """The handlers of ``path`` by method, and its path arguments; None if
@@ -63,6 +65,16 @@ class RawRoutes:
             if m := pattern.fullmatch(path):
                 return methods, m.groups()
         return None
+
+    def rule(self, path: str) -> str:
+        """The raw route's rule that ``path`` matches (``/v1/runs/<run_id>/events``),
+        else "" (a trace's ``http.route``; never on the path without tracing)."""
+        if path in self._exact:
+            return path
+        for pattern, rule in self._rules:
+            if pattern.fullmatch(path):
+                return rule
+        return ""
 
 
 def allow(methods: dict[str, RawHandler]) -> tuple[tuple[bytes, bytes]]:

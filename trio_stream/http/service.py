@@ -38,6 +38,7 @@ from ..runs import SHARED_TIMEOUT, RunManager
 from ..runs.routes import Routes
 from ..shared import SharedState, create_shared
 from ..store import Store, open_store
+from ..tracing import NO_TRACING, Tracing, create_tracing
 from ..upstream import Upstream, create_member
 from .limits import KeyLimits
 from .stream import Pinger
@@ -139,20 +140,22 @@ class Service:
         shared: SharedState | None = None,
         keys: Sequence[KeyDef] = (),
         limits: KeyLimits | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing
         self.logger = logger
         self.metrics = metrics
         self.store = store
         #: One client per upstream member, by member name.
         self.clients = dict(clients)
         self.router = Router(settings.members())
-        self.routes = Routes(settings, self.router, self.clients, metrics, logger)
+        self.routes = Routes(settings, self.router, self.clients, metrics, logger, tracing)
         self.auth = Auth(settings.api_keys, keys)
         self.limits = limits or KeyLimits(
             create_limiter(None), closed=True, metrics=metrics, logger=logger
         )
-        self.runs = RunManager(settings, self.routes, store, metrics, logger, shared)
+        self.runs = RunManager(settings, self.routes, store, metrics, logger, shared, tracing)
         # Which process answered a scrape: with --workers, one port, N nodes.
         Gauge(
             "trio_stream_node_info", "This process's node id (cluster mode; 'local' embedded).",
@@ -279,12 +282,15 @@ async def open_service(
     upstream: Upstream | None = None,
     clients: Mapping[str, Upstream] | None = None,
     keys: Sequence[KeyDef] | None = None,
+    trace_exporter: object = None,
 ) -> AsyncIterator[Service]:
     """Build a :class:`Service` and run its manager until the block exits.
 
     ``clients``: the upstream members' clients by name (tests, embedders);
     each member without one gets :func:`~trio_stream.upstream.create_member`'s.
     ``upstream``: the client of the only member (the shorthand's).
+    ``trace_exporter``: an OpenTelemetry span exporter (tests); it turns
+    tracing on as ``--otel`` does, exporting there instead of OTLP/HTTP.
 
     On exit (normal or ``Cancelled``) every live run is cancelled and saved
     (each save shielded with ``--save-timeout``) before the upstream clients and
@@ -307,9 +313,12 @@ async def open_service(
     limits = KeyLimits(
         limiter, closed=settings.limits_on_outage == "closed", metrics=metrics, logger=logger
     )
+    tracing = create_tracing(settings, metrics, trace_exporter)
+    if tracing.enabled:
+        logger.ids = tracing.log_ids
     service = Service(
         settings, logger=logger, metrics=metrics, store=db, clients=members, shared=shared,
-        keys=keys, limits=limits,
+        keys=keys, limits=limits, tracing=tracing,
     )  # fmt: skip
     try:
         # The shared state and the store's committer outlive the runs: their
@@ -346,3 +355,4 @@ async def open_service(
             for client in members.values():
                 await client.aclose()
         db.close()
+        await tracing.aclose()  # after the last run's span ended; shielded, bounded

@@ -23,6 +23,7 @@ from ..logs import EventLogger
 from ..metrics import Metrics
 from ..shared import RunRecord, SharedState, SharedUnavailable
 from ..store import Store
+from ..tracing import NO_TRACING, Tracing
 from ..wire.chunks import ChunkEncoder
 from ..wire.request import ChatRequest
 from .run import Run, follow_page
@@ -38,10 +39,11 @@ class Cluster:
         store: Store,
         metrics: Metrics,
         logger: EventLogger,
-        *,
         coalesce: bool,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.shared = shared
+        self.tracing = tracing
         self.store = store
         self.metrics = metrics
         self.logger = logger
@@ -94,6 +96,7 @@ class Cluster:
             detached=record.detached, coalesce=self.coalesce,
         )  # fmt: skip
         run.created = record.created
+        run.span = self.tracing.remote(record.traceparent)  # subscribers link to it
         # The chunks' ``created`` is the run's start on the node that runs it.
         run.encoder = ChunkEncoder(
             run.encoder.completion_id, record.model, int(record.created), coalesce=self.coalesce
@@ -136,9 +139,15 @@ class Cluster:
             follow_page(mirror, page)
             outcome = Outcome(RunStatus.FAILED, "node_lost", "The node running this run was lost.")
             mirror.end(outcome)
+            saved = "timeout"
             with trio.CancelScope(shield=True) as cs:
                 cs.deadline = trio.current_time() + save_timeout
-                await save_run(mirror, self.store, self.metrics, self.logger)
+                saved = await save_run(mirror, self.store, self.metrics, self.logger)
+            self.tracing.takeover(record.traceparent, {
+                "trio_stream.run.id": record.id, "trio_stream.node.lost": node,
+                "trio_stream.node.survivor": self.shared.node, "reason": "node_lost",
+                "trio_stream.save": saved,
+            })  # fmt: skip
             await self.shared.end_lost(record, mirror.log.last_seq)
             self.metrics.runs.labels("failed").inc()
             self.logger.event("stream_cancelled", trace=record.id, reason="node_lost")

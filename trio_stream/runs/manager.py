@@ -37,6 +37,7 @@ from ..logs import EventLogger
 from ..metrics import Metrics
 from ..shared import LocalState, RunRecord, SharedState
 from ..store import Store
+from ..tracing import NO_TRACING, Tracing
 from ..upstream import Finish, Upstream
 from ..wire.request import ChatRequest
 from ..wire.responses import ResponseMeta
@@ -46,6 +47,7 @@ from .expiry import Expiry
 from .routes import Routes, as_routes
 from .run import Run, new_run_id
 from .saving import save_run
+from .spans import traced
 from .supersede import await_predecessors, claim, release, shared_step
 
 CANCEL_MESSAGES = {
@@ -114,17 +116,17 @@ class RunManager:
 
     def __init__(
         self, settings: Settings, upstream: Routes | Upstream, store: Store, metrics: Metrics,
-        logger: EventLogger, shared: SharedState | None = None,
+        logger: EventLogger, shared: SharedState | None = None, tracing: Tracing = NO_TRACING,
     ) -> None:  # fmt: skip
         self.settings = settings
-        self.routes = as_routes(upstream, settings, metrics, logger)
+        self.routes = as_routes(upstream, settings, metrics, logger, tracing)
         self.store = store
         self.metrics = metrics
         self.logger = logger
         self.shared = shared if shared is not None else LocalState()
         self.shared.attach(self)
         #: Runs other nodes own: lookups, mirrors, lost nodes (cluster mode).
-        self.cluster = Cluster(self.shared, store, metrics, logger, coalesce=settings.coalesce)
+        self.cluster = Cluster(self.shared, store, metrics, logger, settings.coalesce, tracing)
         self.runs: dict[str, Run] = {}
         self.live = 0
         self.expiry = Expiry(self.runs, settings.run_ttl)
@@ -176,7 +178,7 @@ class RunManager:
             detached=request.detach, coalesce=self.settings.coalesce,
         )  # fmt: skip
         run.response = response
-        await claim(run, self.shared)
+        await claim(run, self.shared, self.routes.tracing)  # opens the run's span (drive ends it)
         self.runs[run.id] = run
         self.live += 1
         self.metrics.active_runs.inc()
@@ -206,24 +208,24 @@ class RunManager:
         outcome is still open was cancelled by its deadline: the upstream was
         too slow.
         """
-        try:
-            with run.scope:
-                await await_predecessors(
-                    run, self.shared, self.runs, self.logger, self.settings.supersede_timeout
-                )
-                await self._pump(run)
-            if run.scope.cancelled_caught and run.log.outcome is None:
-                which = "first token" if run.first_token_at is None else "next token"
-                raise UpstreamError(f"The upstream sent no {which} in time.", timeout=True)
-        except UpstreamError as exc:
-            run.error = exc
-            self._fail(run, exc.message, error=exc.error)  # the upstream's own, if it said
-        except Exception as exc:  # a bug: keep the server up, and say so
-            self.logger.event("run_crashed", trace=run.id, error=repr(exc))
-            run.error = InternalError()
-            self._fail(run, INTERNAL_MESSAGE, "internal_error")
-        finally:
-            await self._cleanup(run)
+        with traced(run):  # the run's span: current in this task, ended after the cleanup
+            try:
+                with run.scope:
+                    grace = self.settings.supersede_timeout
+                    await await_predecessors(run, self.shared, self.runs, self.logger, grace)
+                    await self._pump(run)
+                if run.scope.cancelled_caught and run.log.outcome is None:
+                    which = "first token" if run.first_token_at is None else "next token"
+                    raise UpstreamError(f"The upstream sent no {which} in time.", timeout=True)
+            except UpstreamError as exc:
+                run.error = exc
+                self._fail(run, exc.message, error=exc.error)  # the upstream's own, if it said
+            except Exception as exc:  # a bug: keep the server up, and say so
+                self.logger.event("run_crashed", trace=run.id, error=repr(exc))
+                run.error = InternalError()
+                self._fail(run, INTERNAL_MESSAGE, "internal_error")
+            finally:
+                await self._cleanup(run)
 
     async def _pump(self, run: Run) -> None:
         """Upstream items -> the run's log, until ``finish_reason`` or an error.

@@ -62,10 +62,12 @@ from ..errors import UpstreamError, UpstreamsUnavailable
 from ..logs import EventLogger
 from ..metrics import Metrics
 from ..shared import SharedState, SharedUnavailable
+from ..tracing import NO_SPAN, NO_TRACING, Span, Tracing
 from ..upstream import Item, Upstream
 from ..wire.request import ChatRequest
 from ..wire.usage import Usage
 from .run import Run
+from .spans import end_attempt_span
 
 
 class _Prepend:
@@ -119,14 +121,16 @@ def _cooling(member: Member) -> Callable[[], float]:
 
 
 def as_routes(
-    upstream: Routes | Upstream, settings: Settings, metrics: Metrics, logger: EventLogger
-) -> Routes:
+    upstream: Routes | Upstream, settings: Settings, metrics: Metrics, logger: EventLogger,
+    tracing: Tracing = NO_TRACING,
+) -> Routes:  # fmt: skip
     """``upstream`` if it is :class:`Routes`; else the client of the settings'
     only member (an embedder's or a test's one upstream)."""
     if isinstance(upstream, Routes):
         return upstream
     (only,) = settings.members().members
-    return Routes(settings, Router(settings.members()), {only.name: upstream}, metrics, logger)
+    router = Router(settings.members())
+    return Routes(settings, router, {only.name: upstream}, metrics, logger, tracing)
 
 
 class Routes:
@@ -134,9 +138,10 @@ class Routes:
 
     def __init__(
         self, settings: Settings, router: Router, clients: Mapping[str, Upstream],
-        metrics: Metrics, logger: EventLogger,
+        metrics: Metrics, logger: EventLogger, tracing: Tracing = NO_TRACING,
     ) -> None:  # fmt: skip
         self.settings = settings
+        self.tracing = tracing
         self.router = router
         self.clients = dict(clients)
         self.metrics = metrics
@@ -221,18 +226,34 @@ class Routes:
             self.router.release(lease)
             self.metrics.upstream_in_flight.labels(lease.member.name).dec()
 
-    def _request(self, run: Run, lease: Lease) -> ChatRequest:
-        """R2: the run's request as the member knows the model."""
+    def _request(self, run: Run, lease: Lease, span: Span = NO_SPAN) -> ChatRequest:
+        """R2: the run's request as the member knows the model; with the
+        attempt's ``traceparent`` when it is traced."""
         request = run.request
+        if traceparent := span.traceparent:
+            request = replace(request, trace_headers=(("traceparent", traceparent),))
         if lease.model == request.model:
             return request
         return replace(request, model=lease.model, body={**request.body, "model": lease.model})
+
+    def _span(self, run: Run, lease: Lease) -> Span:
+        """An attempt's client span (a child of the run's), or the no-op."""
+        if not self.tracing.enabled:
+            return NO_SPAN
+        name = lease.member.name
+        system = getattr(self.clients[name], "name", "") or "unknown"
+        return self.tracing.attempt(run.span, {
+            "gen_ai.operation.name": "chat", "gen_ai.system": system,
+            "gen_ai.provider.name": system, "gen_ai.request.model": lease.model,
+            "trio_stream.upstream.member": name, "trio_stream.run.id": run.id,
+        })  # fmt: skip
 
     def _won(self, run: Run, lease: Lease, started: float) -> None:
         """The attempt produced the run's first entry: H4, and the run is its member's."""
         name = lease.member.name
         self.router.succeeded(lease)
         run.served_by = name
+        run.span.event("first_token", {"trio_stream.upstream.member": name})
         self.metrics.upstream_attempts.labels(name, "first_token").inc()
         self.metrics.upstream_ttft.labels(name).observe(trio.current_time() - started)
 
@@ -252,7 +273,7 @@ class Routes:
         )  # fmt: skip
         return failure
 
-    def _timed_out(self, run: Run, lease: Lease, exc: BaseException, *, started: bool) -> None:
+    def _timed_out(self, run: Run, lease: Lease, exc: BaseException, *, started: bool) -> bool:
         """``exc`` is the request's own deadline (``run.scope``'s: the first
         token's, then the next token's) cancelling an attempt: a timeout of
         its member (H1/H2; ``BROKEN`` once started).  Any other cancel (the
@@ -265,6 +286,8 @@ class Routes:
             which = "next" if started else "first"
             error = UpstreamError(f"The upstream sent no {which} token in time.", timeout=True)
             self._failed(run, lease, error, started=started)
+            return True
+        return False
 
     def _fails_over(self, run: Run, failure: Failure) -> bool:
         """F1: move on, or end with this error?"""
@@ -345,12 +368,16 @@ class Routes:
         began = trio.current_time()
         won = False
         own = self._within(run, lease)
+        span = self._span(run, lease)
+        outcome = "cancelled"
         try:
             with scope:
                 with own or contextlib.nullcontext():
-                    async with self.clients[name].stream(self._request(run, lease)) as items:
+                    request = self._request(run, lease, span)
+                    async with self.clients[name].stream(request) as items:
                         first = await _first_items(items)
                         if race.items is not None or race.closed:
+                            outcome = "hedge_lost"
                             return  # lost by a hair: leaving closes the connection
                         won = True
                         self._won(run, lease, began)
@@ -360,21 +387,27 @@ class Routes:
                         await race.done.wait()  # the reader pumps this connection's items
                 if own is not None and own.cancelled_caught:
                     raise _no_first_token(lease)
+            if won:
+                outcome = "served"
             if scope.cancelled_caught and not won and race.items is not None:
+                outcome = "hedge_lost"
                 self.metrics.upstream_attempts.labels(name, "hedge_lost").inc()
         except UpstreamError as exc:
             if won:  # a connection error on the way out, after the run was served
+                outcome = "served"
                 return
             failure = self._failed(run, lease, exc, started=False)
+            outcome = failure.value
             race.failed(lease, exc, failure)
         except trio.Cancelled as exc:
-            if not won:
-                self._timed_out(run, lease, exc, started=False)
+            if not won and self._timed_out(run, lease, exc, started=False):
+                outcome = "timeout"
             raise
         finally:
             race.running.pop(name, None)
             race.changed.unpark_all()
             self._release(lease)
+            end_attempt_span(span, run, outcome, won=won)
 
 
 def _no_first_token(lease: Lease) -> UpstreamError:
@@ -390,10 +423,11 @@ class _Sequential:
     token holding one frame more than with one upstream (``__aenter__``), and
     none once the tokens flow (the member's own iterator is read directly)."""
 
-    __slots__ = ("_lease", "_opened", "_routes", "_run")
+    __slots__ = ("_lease", "_opened", "_routes", "_run", "_span")
 
     def __init__(self, routes: Routes, run: Run) -> None:
         self._routes, self._run = routes, run
+        self._span: Span = NO_SPAN
         self._lease: Lease | None = None
         self._opened: AbstractAsyncContextManager[AsyncIterator[Item]] | None = None
 
@@ -407,7 +441,8 @@ class _Sequential:
         while True:
             lease = self._lease = routes._acquire(run, tried, last, failed)
             began = trio.current_time()
-            opened = routes.clients[lease.member.name].stream(routes._request(run, lease))
+            span = self._span = routes._span(run, lease)
+            opened = routes.clients[lease.member.name].stream(routes._request(run, lease, span))
             own = routes._within(run, lease)
             entered = False
             try:
@@ -423,13 +458,19 @@ class _Sequential:
                 if own is not None and own.cancelled_caught:
                     raise _no_first_token(lease)
             except BaseException as exc:
-                if entered:
-                    await opened.__aexit__(type(exc), exc, exc.__traceback__)
-                routes._release(lease)
-                routes._timed_out(run, lease, exc, started=False)
+                try:
+                    if entered:
+                        await opened.__aexit__(type(exc), exc, exc.__traceback__)
+                finally:
+                    routes._release(lease)
+                    timed_out = routes._timed_out(run, lease, exc, started=False)
+                    if not isinstance(exc, UpstreamError):
+                        outcome = "timeout" if timed_out else "cancelled"
+                        end_attempt_span(span, run, outcome, won=False)
                 if not isinstance(exc, UpstreamError):
                     raise
                 failure = routes._failed(run, lease, exc, started=False)
+                end_attempt_span(span, run, failure.value, won=False)
                 if not routes._fails_over(run, failure):
                     raise
                 last, failed = exc, lease
@@ -446,14 +487,17 @@ class _Sequential:
         Cancellation: the close is the adapter's (shielded, bounded)."""
         assert self._opened is not None
         assert self._lease is not None
+        outcome = "served"
         try:
             if isinstance(exc, UpstreamError):
-                self._routes._failed(self._run, self._lease, exc, started=True)
+                outcome = self._routes._failed(self._run, self._lease, exc, started=True).value
             elif exc is not None:
-                self._routes._timed_out(self._run, self._lease, exc, started=True)
+                timed_out = self._routes._timed_out(self._run, self._lease, exc, started=True)
+                outcome = "timeout" if timed_out else "cancelled"
             await self._opened.__aexit__(kind, exc, tb)
         finally:
             self._routes._release(self._lease)
+            end_attempt_span(self._span, self._run, outcome, won=True)
 
 
 class _Race:

@@ -20,6 +20,7 @@ from ..core.sessions import SessionKey
 from ..errors import InternalError, UpstreamError
 from ..limits.meter import NO_METER, Meter
 from ..shared import LogPage
+from ..tracing import NO_SPAN, Span
 from ..wire.chunks import ChunkEncoder
 from ..wire.request import ChatRequest
 from ..wire.responses import ResponseMeta
@@ -33,6 +34,18 @@ def follow_page(mirror: Run, page: LogPage) -> None:
     if page.outcome is not None:
         mirror.log.set_tail(tuple(page.tail))
         mirror.end(page.outcome)
+
+
+#: The run span's event for each way a run is cancelled or fails (docs/api.md
+#: section 10); any other reason is ``cancel`` or ``fail``, with the reason.
+CANCEL_EVENTS = {
+    "superseded": "superseded",
+    "stopped": "stop",
+    "interrupted": "interrupt",
+    "client_disconnect": "disconnect",
+    "client_stalled": "stall",
+    "shutdown": "shutdown",
+}
 
 
 def new_run_id(prefix: str = "run_") -> str:
@@ -89,8 +102,8 @@ class Run:
     __slots__ = (
         "_changed", "_held", "_room", "cancelled_at", "created", "detached", "done", "encoder",
         "epoch", "error", "first_token_at", "id", "log", "meter", "predecessors", "request",
-        "response", "scope", "served_by", "session_id", "started", "tenant", "usage", "window",
-        "writer_cursor",
+        "response", "scope", "served_by", "session_id", "span", "started", "tenant", "usage",
+        "window", "writer_cursor",
     )  # fmt: skip
 
     def __init__(
@@ -131,6 +144,8 @@ class Run:
         # The upstream member whose stream the run's log holds (set at its first entry).
         self.served_by: str | None = None
         self.cancelled_at: float | None = None
+        # The run's span (docs/api.md section 10); the shared no-op with tracing off.
+        self.span: Span = NO_SPAN
         # Backpressure: an attached streaming run may run at most ``window``
         # entries ahead of its writer's cursor.  ``None``: no writer to wait for.
         self.window: int | None = None
@@ -147,6 +162,12 @@ class Run:
         complete = self.log.status is RunStatus.COMPLETED
         reported = self.usage or Usage.from_openai(self.log.usage)  # a mirror: the log's
         return settle(reported, self.request.messages, self.log.deltas, complete=complete)
+
+    @property
+    def traceparent(self) -> str:
+        """The run span's W3C ``traceparent`` ("" with tracing off): kept in
+        the run's shared record, so another node links to the same span."""
+        return self.span.traceparent
 
     @property
     def session_key(self) -> SessionKey | None:
@@ -203,6 +224,9 @@ class Run:
         if self.log.status is not RunStatus.RUNNING:
             return False
         self.log.end(outcome)
+        if outcome.status is not RunStatus.COMPLETED:  # the span's status says completed
+            event = "fail" if outcome.status is RunStatus.FAILED else "cancel"
+            self.span.event(CANCEL_EVENTS.get(outcome.reason, event), {"reason": outcome.reason})
         self._wake()
         return True
 

@@ -16,7 +16,7 @@ from ..store import AlreadySaved, Message, Store, StoreUnavailable, retry_delay
 from .run import Run
 
 
-async def save_run(run: Run, store: Store, metrics: Metrics, logger: EventLogger) -> None:
+async def save_run(run: Run, store: Store, metrics: Metrics, logger: EventLogger) -> str:
     """Save the run's message once; retry while the database cannot be
     reached, until the enclosing deadline (the cleanup's ``--save-timeout``).
 
@@ -30,14 +30,18 @@ async def save_run(run: Run, store: Store, metrics: Metrics, logger: EventLogger
     ``Cancelled`` -- the caller's deadline -- ends the retries: the save
     counts as failed (``save_failed``), and a row already handed to the
     store's committer may still land with its batch.
+
+    Returns what happened, for the run span's ``save`` event: ``saved``,
+    ``duplicate`` (the row was there: another node saved it), ``failed``,
+    ``nothing`` (nothing to save) or ``not_stored`` (``"store": false``).
     """
     outcome = run.log.outcome
     assert outcome is not None
     status = ending(outcome, events=run.log.last_seq, detached=run.detached, fenced=False)
     if status.save_status is None:
-        return  # nothing produced, nothing to save
+        return _saved(run, "nothing", outcome.reason)  # nothing produced, nothing to save
     if run.response is not None and not run.response.store:
-        return  # a response created with "store": false
+        return _saved(run, "not_stored", outcome.reason)  # "store": false
     usage = {**run.final_usage().record(), "model": run.request.model}
     answer = run.log.answer()
     reasoning = answer.message.get("reasoning_content", answer.message.get("reasoning"))
@@ -48,6 +52,7 @@ async def save_run(run: Run, store: Store, metrics: Metrics, logger: EventLogger
         outcome.message or None, outcome.error, run.served_by,
     )  # fmt: skip
     settled = False
+    result = "saved"
     error = "no answer within --save-timeout"
     attempt = 0
     try:
@@ -62,6 +67,7 @@ async def save_run(run: Run, store: Store, metrics: Metrics, logger: EventLogger
                 continue
             except AlreadySaved:
                 if not attempt:
+                    result = "duplicate"
                     logger.event("save_duplicate_refused", trace=run.id)
             except Exception as exc:  # database trouble must not take the server down
                 error = repr(exc)
@@ -72,3 +78,11 @@ async def save_run(run: Run, store: Store, metrics: Metrics, logger: EventLogger
         if not settled:
             metrics.save_failures.inc()
             logger.event("save_failed", trace=run.id, error=error)
+        _saved(run, result if settled else "failed", outcome.reason)  # a deadline too
+    return result if settled else "failed"
+
+
+def _saved(run: Run, result: str, reason: str) -> str:
+    """The run span's ``save`` event (a no-op with tracing off)."""
+    run.span.event("save", {"trio_stream.save": result, "reason": reason})
+    return result

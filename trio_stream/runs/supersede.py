@@ -18,7 +18,9 @@ import trio
 
 from ..logs import EventLogger
 from ..shared import SharedState, SharedUnavailable
+from ..tracing import NO_TRACING, Tracing
 from .run import Run
+from .spans import opening_span
 
 #: The deadline of each shared-state step of a run's cleanup (release, the
 #: "finished" notice): a store that is down must not hold a run's cleanup.
@@ -27,20 +29,27 @@ SHARED_TIMEOUT = 1.0
 T = TypeVar("T")
 
 
-async def claim(run: Run, shared: SharedState) -> None:
+async def claim(run: Run, shared: SharedState, tracing: Tracing = NO_TRACING) -> None:
     """Register ``run`` and make it its session's current run (G1); its
     predecessors and epoch go on the run.  Raises ``SharedUnavailable`` at
     once while the shared state is known to be down.
 
+    With tracing on, the run's span opens here (its ``traceparent`` goes in
+    the shared record), a child of the current request's span; it records
+    each predecessor (``supersede``), and ends at once if the claim fails.
+
     Cancellation: in-process no checkpoint; in cluster mode a ``Cancelled``
     between the two steps leaves the run registered but not claimed.
     """
-    if not shared.healthy:  # known down: fail now, not at a deadline
-        raise SharedUnavailable("unreachable")
-    await shared.register(run)
-    if run.session_key is not None:
-        claimed = await shared.claim(run.session_key, run.id)
-        run.epoch, run.predecessors = claimed.epoch, claimed.predecessors
+    with opening_span(tracing, run):
+        if not shared.healthy:  # known down: fail now, not at a deadline
+            raise SharedUnavailable("unreachable")
+        await shared.register(run)
+        if run.session_key is not None:
+            claimed = await shared.claim(run.session_key, run.id)
+            run.epoch, run.predecessors = claimed.epoch, claimed.predecessors
+    for prev in run.predecessors:
+        run.span.event("supersede", {"trio_stream.predecessor": prev, "reason": "superseded"})
 
 
 async def await_predecessors(
@@ -64,6 +73,8 @@ async def await_predecessors(
             await shared.fence(key, prev)
         if (straggler := local.get(prev)) is not None:
             straggler.fence()  # on this node it stops emitting now, whatever the backend
+            straggler.span.event("fenced", {"reason": "supersede_timeout", "by": run.id})
+        run.span.event("fence", {"trio_stream.fenced": prev, "reason": "supersede_timeout"})
         logger.event("prev_stream_timeout_on_cancel", session=run.session_id, trace=prev)
 
 

@@ -83,6 +83,9 @@ class RunRecord:
     #: The request asked for ``stream_options.include_usage`` (a follower then
     #: gets the usage chunks as the starter's client does).
     include_usage: bool = False
+    #: The run span's W3C ``traceparent`` ("" with tracing off on its node):
+    #: a subscriber on any node links its request to that span.
+    traceparent: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +129,8 @@ class RunView(Protocol):
     def created(self) -> float: ...
     @property
     def epoch(self) -> int: ...
+    @property
+    def traceparent(self) -> str: ...
     @property
     def log(self) -> RunLog: ...
     @property

@@ -689,7 +689,7 @@ class RedisState(_RedisSessions):
             "tenant": run.tenant, "session": run.session_id or "", "node": self.node,
             "detached": "1" if run.detached else "0", "status": "running", "reason": "",
             "model": run.request.model, "created": repr(run.created),
-            "usage": "1" if run.request.client_wants_usage else "0",
+            "usage": "1" if run.request.client_wants_usage else "0", "tp": run.traceparent,
         }  # fmt: skip
         keys = [self._r(run.id), f"{self.prefix}nr:{self.node}"]
         args = [run.id, *(x for pair in fields.items() for x in pair)]
@@ -721,7 +721,7 @@ class RedisState(_RedisSessions):
             node=fields.get("node", ""), detached=fields.get("detached") == "1",
             status=fields.get("status", "running"), reason=fields.get("reason") or None,
             model=fields.get("model", ""), created=float(fields.get("created", "0")),
-            include_usage=fields.get("usage") == "1",
+            include_usage=fields.get("usage") == "1", traceparent=fields.get("tp", ""),
         )  # fmt: skip
 
     # -- node loss --------------------------------------------------------

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from urllib.parse import urlsplit
 
@@ -326,9 +326,12 @@ class Pool:
         return self._idle_count
 
     @asynccontextmanager
-    async def post(self, path: str, body: bytes) -> AsyncIterator[Response]:
-        """POST ``body`` (JSON) to ``base_url + path``; yields the response once
-        its head arrived.  HTTP 4xx/5xx raise :class:`UpstreamError`, made
+    async def post(
+        self, path: str, body: bytes, headers: Sequence[tuple[str, str]] = ()
+    ) -> AsyncIterator[Response]:
+        """POST ``body`` (JSON) to ``base_url + path``, with ``headers`` beside
+        the pool's own (a ``traceparent``); yields the response once its head
+        arrived.  HTTP 4xx/5xx raise :class:`UpstreamError`, made
         from the status, the headers and the body's error object by
         :func:`~trio_stream.upstream.wire.http_error` (an upstream 4xx's own
         error is answered as such: docs/api.md section 2.2.1).
@@ -337,7 +340,7 @@ class Pool:
         read to its end, and closes it otherwise (an exception, ``Cancelled``,
         or a body left unread), before the block's ``__aexit__`` returns.
         """
-        response = await self._request(path, body)
+        response = await self._request(path, body, headers)
         conn = response.conn
         try:
             if response.status >= 400:
@@ -363,26 +366,29 @@ class Pool:
             await conn.aclose()
 
     # -- the exchange ------------------------------------------------------
-    async def _request(self, path: str, body: bytes) -> Response:
+    async def _request(self, path: str, body: bytes, extra: Sequence[tuple[str, str]]) -> Response:
         conn = self._checkout()
         if conn is not None:
             try:
-                return await self._exchange(conn, path, body)
+                return await self._exchange(conn, path, body, extra)
             except _Stale:
                 pass  # closed; once more on a fresh connection
         conn = await self._connect()
         try:
-            return await self._exchange(conn, path, body)
+            return await self._exchange(conn, path, body, extra)
         except _Stale as exc:
             raise failed(exc.__cause__ or exc) from exc
 
-    async def _exchange(self, conn: UpstreamConnection, path: str, body: bytes) -> Response:
+    async def _exchange(
+        self, conn: UpstreamConnection, path: str, body: bytes, extra: Sequence[tuple[str, str]]
+    ) -> Response:
         """POST ``body`` on ``conn`` and read the response head.  On any error
         the connection is closed; :class:`_Stale` if it died before answering."""
         h = h11.Connection(h11.CLIENT)  # writes and validates the request only
         headers = [
             ("host", self.authority),
             *self.headers,
+            *extra,
             ("content-type", "application/json"),
             ("content-length", str(len(body))),
         ]

@@ -36,7 +36,9 @@ class OllamaUpstream:
     @asynccontextmanager
     async def _stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[Item]]:
         async with (
-            self.pool.post("/api/chat", orjson.dumps(_body(request))) as response,
+            self.pool.post(
+                "/api/chat", orjson.dumps(_body(request)), request.trace_headers
+            ) as response,
             aclosing(_items(response)) as items,
         ):
             yield items

@@ -38,7 +38,9 @@ class OpenAIUpstream:
     async def _stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[Item]]:
         body = request.upstream_body()  # stream_options with include_usage: usage comes
         async with (
-            self.pool.post("/chat/completions", orjson.dumps(body)) as response,
+            self.pool.post(
+                "/chat/completions", orjson.dumps(body), request.trace_headers
+            ) as response,
             aclosing(_items(response)) as items,
         ):
             yield items

@@ -36,6 +36,9 @@ class ChatRequest:
     stream: bool
     max_tokens: int | None
     detach: bool
+    #: Headers for the upstream request: the attempt's ``traceparent`` when
+    #: tracing is on (set per attempt by ``runs/routes.py``).
+    trace_headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def client_wants_usage(self) -> bool:
