@@ -12,6 +12,7 @@ store that cannot be reached, with ``limits_on_outage = "closed"``, is 503
 
 from __future__ import annotations
 
+import math
 import secrets
 
 import trio
@@ -26,6 +27,11 @@ from ..logs import EventLogger
 from ..metrics import Metrics
 from ..runs import Run
 from ..wire.usage import estimate_prompt
+from .asgi import AsgiMessage, Send
+
+#: Seconds after a failed call to the limits' store during which answers
+#: carry no ``x-ratelimit-*`` headers rather than ask it again.
+QUIET = 1.0
 
 
 def refusal(key: KeyDef, verdict: Verdict) -> ApiError:
@@ -105,6 +111,7 @@ class KeyLimits:
             ["key", "kind"], registry=r,
         )  # fmt: skip
         self.charger = Charger(limiter, self._charge_failed, self._charged)
+        self._quiet_until = -math.inf
 
     def _charge_failed(self, error: str) -> None:
         self.logger.event("limits_unavailable", step="charge", error=error)
@@ -140,19 +147,58 @@ class KeyLimits:
             self.charger, key.name, model, prompt, count=lambda: run.log.last_seq, urgent=urgent
         )
 
-    async def headers(self, key: KeyDef | None) -> RateHeaders:
-        """The key's ``x-ratelimit-*`` headers now (for a JSON answer); none
-        for an unlimited key or while the store is unreachable.
+    def _unavailable(self) -> None:
+        """The store just failed a call: for :data:`QUIET` seconds,
+        :meth:`headers` does not ask it (an answer never waits twice for a
+        store that does not answer)."""
+        self._quiet_until = trio.current_time() + QUIET
 
-        Cancellation: a checkpoint for a limited key; a read.
+    async def headers(self, key: KeyDef | None) -> RateHeaders:
+        """The key's ``x-ratelimit-*`` headers now (for an answer that was
+        not admitted with them); none for a key without a rate, and none
+        while the store is unreachable or failed a call less than
+        :data:`QUIET` seconds ago.
+
+        Cancellation: a checkpoint for a key with a rate (unless quiet); a read.
         """
-        if key is None or not (key.limits.rpm or key.limits.tpm):
+        if key is None or (key.limits.rpm is None and key.limits.tpm is None):
+            return ()
+        if trio.current_time() < self._quiet_until:
             return ()
         try:
             verdict = await self.limiter.peek(key.name, key.limits)
         except LimitsUnavailable:
+            self._unavailable()
             return ()
         return rate_headers(Verdict(None, 0.0, verdict.requests, verdict.tokens))
+
+
+class RatedSend:
+    """An ASGI ``send`` that adds a key's ``x-ratelimit-*`` headers to the
+    answer's head when it has none (an admitted stream's and a refusal's
+    head already carry those of their verdict).  Built by
+    :meth:`~trio_stream.http.service.Service.rated` for every request of a
+    key with a rate, whatever its route.
+
+    Cancellation: a ``Cancelled`` while it reads the key's state leaves the
+    head unsent, as a ``Cancelled`` in ``send`` itself would.
+    """
+
+    __slots__ = ("_key", "_limits", "_send")
+
+    def __init__(self, send: Send, limits: KeyLimits, key: KeyDef) -> None:
+        self._send = send
+        self._limits = limits
+        self._key = key
+
+    async def __call__(self, message: AsgiMessage) -> None:
+        if message["type"] == "http.response.start":
+            headers = message.get("headers", ())
+            if not any(name.startswith(b"x-ratelimit-") for name, _ in headers):
+                extra = await self._limits.headers(self._key)
+                if extra:
+                    message = {**message, "headers": [*headers, *extra]}
+        await self._send(message)
 
 
 class _Unlimited:
@@ -190,6 +236,7 @@ class Admission:
             verdict = await limits.limiter.admit(key.name, key.limits, self._slot)
         except LimitsUnavailable as exc:
             self._slot = None
+            limits._unavailable()
             limits.logger.event("limits_unavailable", step="admit", key=key.name, error=str(exc))
             limits.decisions.labels(
                 key.name, "outage_closed" if limits.closed else "outage_open"
