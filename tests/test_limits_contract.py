@@ -130,6 +130,26 @@ async def test_stream_slots_are_held_across_nodes_and_released_by_id(make: Make)
     assert (await a.admit("other", limits, slot())).admitted  # keys apart
 
 
+async def test_a_charge_frees_the_slots_it_is_given(make: Make) -> None:
+    """L3 with a run's last charge: ``charge(release=...)`` frees those
+    slots (and only those) in the same step; the caller's own release of a
+    slot freed so is then a no-op."""
+    a, b = await make(30.0)
+    limits = Limits(max_streams=2)
+    s1, s2 = slot(), slot()
+    assert (await a.admit("k", limits, s1)).admitted
+    assert (await b.admit("k", limits, s2)).admitted
+    assert (await b.admit("k", limits, slot())).refused == "streams"
+    await a.charge("k", "m", 1, 2, requests=1, release=(s1,))
+    s3 = slot()
+    assert (await b.admit("k", limits, s3)).admitted
+    assert (await a.admit("k", limits, slot())).refused == "streams"
+    await a.release("k", s1)
+    assert (await a.admit("k", limits, slot())).refused == "streams"
+    [row] = await a.usage("k")
+    assert (row.requests, row.prompt_tokens, row.completion_tokens) == (1, 1, 2)
+
+
 async def test_a_spent_budget_refuses_whatever_the_window(make: Make) -> None:
     """L4: once the day's (or month's) charges reach the budget the key is
     refused for ``budget``, checked before every other limit; a fresh window
@@ -196,8 +216,10 @@ async def test_a_dead_nodes_slots_expire_and_live_ones_are_renewed(
     await nursery.start(other.run)
     dead = RedisLimiter(redis_server.url, prefix=prefix)
     limits = Limits(max_streams=1)
-    async with dead.client:  # no run(): it never renews
+    async with trio.open_nursery() as dying:  # its run() ends at once: it never renews
+        await dying.start(dead.run)
         assert (await dead.admit("dead", limits, slot())).admitted
+        dying.cancel_scope.cancel()
     assert (await live.admit("live", limits, slot())).admitted
     await trio.sleep(0.8)
     assert (await other.admit("dead", limits, slot())).admitted
@@ -228,11 +250,11 @@ async def test_redis_unreachable_fails_fast(own_redis: RedisServer, nursery: tri
             filler.setblocking(False)
             filler.connect_ex(("127.0.0.1", port))
         hung = RedisLimiter(f"redis://127.0.0.1:{port}/0", prefix="x:")
-        async with hung.client:
-            start = trio.current_time()
-            with pytest.raises(LimitsUnavailable):
-                await hung.admit("k", Limits(rpm=1), slot())
-            assert trio.current_time() - start < 2.5
+        await nursery.start(hung.run)
+        start = trio.current_time()
+        with pytest.raises(LimitsUnavailable):
+            await hung.admit("k", Limits(rpm=1), slot())
+        assert trio.current_time() - start < 2.5
 
 
 async def test_in_process_retry_after_is_exact(autojump_clock: trio.abc.Clock) -> None:

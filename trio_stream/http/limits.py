@@ -111,6 +111,7 @@ class KeyLimits:
             ["key", "kind"], registry=r,
         )  # fmt: skip
         self.charger = Charger(limiter, self._charge_failed, self._charged)
+        self._anonymous = Admission(self, None)  # shared: it holds no state
         self._quiet_until = -math.inf
 
     def _charge_failed(self, error: str) -> None:
@@ -120,23 +121,25 @@ class KeyLimits:
         self.tokens.labels(name, "prompt").inc(max(0, prompt))
         self.tokens.labels(name, "completion").inc(max(0, completion))
 
-    def admission(self, key: KeyDef | None, model: str) -> Admission | _Unlimited:
-        """``async with limits.admission(key, model) as rate_headers: ...``:
+    def admission(self, key: KeyDef | None, model: str) -> Admission:
+        """``async with limits.admission(key, model) as admitted: ...``:
         admit one stream of ``key`` (404 for a model it may not use, 429 when
         refused, 503 when the store is down and the setting is closed), hold
-        its stream slot for the block.  An unlimited key costs nothing."""
+        its stream slot for the block; ``admitted.headers`` are its
+        ``x-ratelimit-*`` headers, ``admitted.meter(run)`` its run's meter.
+        An ``--api-key`` key (``None``) costs nothing; a key without limits
+        only its meter."""
         if key is None:
-            return _UNLIMITED
+            return self._anonymous
         if not key.allows(model):
             self.decisions.labels(key.name, "model").inc()
             raise model_not_allowed(model)
-        if not key.limits.limited:
-            return _UNLIMITED
         return Admission(self, key)
 
-    def meter(self, key: KeyDef | None, run: Run) -> Meter:
+    def meter(self, key: KeyDef | None, run: Run, slot: str | None = None) -> Meter:
         """The meter of ``run``, of ``key`` (every ``[[key]]`` key's usage is
-        kept; an ``--api-key`` key's is not).  Charged from now on: the run
+        kept; an ``--api-key`` key's is not), which frees the stream slot
+        ``slot`` with the run's last charge.  Charged from now on: the run
         must be driven (its cleanup settles the meter)."""
         if key is None:
             return NO_METER
@@ -144,8 +147,9 @@ class KeyLimits:
         urgent = any(v is not None for v in (lim.tpm, lim.tokens_per_day, lim.tokens_per_month))
         model, prompt = run.request.model, estimate_prompt(run.request.messages)
         return Meter(
-            self.charger, key.name, model, prompt, count=lambda: run.log.last_seq, urgent=urgent
-        )
+            self.charger, key.name, model, prompt, count=lambda: run.log.last_seq, urgent=urgent,
+            release=slot,
+        )  # fmt: skip
 
     def _unavailable(self) -> None:
         """The store just failed a call: for :data:`QUIET` seconds,
@@ -201,36 +205,32 @@ class RatedSend:
         await self._send(message)
 
 
-class _Unlimited:
-    """The admission of an unlimited key: nothing to check or hold."""
-
-    __slots__ = ()
-
-    async def __aenter__(self) -> RateHeaders:
-        return ()
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-
-_UNLIMITED = _Unlimited()
-
-
 class Admission:
-    """One admitted stream of a limited key: its slot, released on exit."""
+    """One admitted stream of a key: its ``x-ratelimit-*`` headers, its
+    slot (released on exit, or with its run's last charge), its meter.  The
+    admission of an ``--api-key`` key (``key`` None) holds nothing and is
+    shared."""
 
-    __slots__ = ("_key", "_limits", "_slot")
+    __slots__ = ("_key", "_limits", "_slot", "headers")
 
-    def __init__(self, limits: KeyLimits, key: KeyDef) -> None:
+    def __init__(self, limits: KeyLimits, key: KeyDef | None) -> None:
         self._limits = limits
         self._key = key
         self._slot: str | None = None
+        self.headers: RateHeaders = ()
 
-    async def __aenter__(self) -> RateHeaders:
-        """Cancellation: a checkpoint (the limiter's call).  A ``Cancelled``
-        releases whatever slot the call may have taken (shielded, bounded)
-        before it propagates."""
+    def meter(self, run: Run) -> Meter:
+        """The meter of the admitted ``run``: it frees the slot with the
+        run's last charge (:meth:`KeyLimits.meter`)."""
+        return self._limits.meter(self._key, run, self._slot)
+
+    async def __aenter__(self) -> Admission:
+        """Cancellation: a checkpoint (the limiter's call) for a limited
+        key.  A ``Cancelled`` releases whatever slot the call may have taken
+        (shielded, bounded) before it propagates."""
         limits, key = self._limits, self._key
+        if key is None or not key.limits.limited:
+            return self
         self._slot = "st_" + secrets.token_hex(8)
         try:
             verdict = await limits.limiter.admit(key.name, key.limits, self._slot)
@@ -243,7 +243,7 @@ class Admission:
             ).inc()
             if limits.closed:
                 raise limits_unavailable() from exc
-            return ()
+            return self
         except BaseException:
             await self._release()
             raise
@@ -252,7 +252,10 @@ class Admission:
             limits.decisions.labels(key.name, verdict.refused or "").inc()
             raise refusal(key, verdict)
         limits.decisions.labels(key.name, "admitted").inc()
-        return rate_headers(verdict)
+        self.headers = rate_headers(verdict)
+        if key.limits.max_streams is None:
+            self._slot = None  # none was taken: nothing to release
+        return self
 
     async def __aexit__(self, *exc: object) -> None:
         """Cancellation: the release is shielded and bounded; a ``Cancelled``
@@ -261,7 +264,7 @@ class Admission:
 
     async def _release(self) -> None:
         slot, self._slot = self._slot, None
-        if slot is None:
+        if slot is None or self._key is None:
             return
         with trio.CancelScope(shield=True) as cs:
             cs.deadline = trio.current_time() + CALL_TIMEOUT + 0.5

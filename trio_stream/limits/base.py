@@ -188,11 +188,15 @@ class Limiter(abc.ABC):
 
     @abc.abstractmethod
     async def charge(
-        self, name: str, model: str, prompt: int, completion: int, *, requests: int = 0
-    ) -> None:
+        self, name: str, model: str, prompt: int, completion: int, *, requests: int = 0,
+        release: tuple[str, ...] = (),
+    ) -> None:  # fmt: skip
         """L2, L4, L7: add tokens (and requests, for usage) to the key's
         window, budget and usage.  Never refused; amounts may be negative (a
         correction when the upstream's usage is below what was counted).
+        ``release``: stream slots of the key to free in the same step, as
+        :meth:`release` would (a run's last charge frees its slot: one
+        call for both).
 
         Cancellation: see the class (atomic).
         """

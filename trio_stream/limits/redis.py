@@ -37,11 +37,8 @@ import math
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-import coredis
-import coredis.exceptions
 import trio
 
-from ..shared.redis import redis_client
 from .base import (
     BUCKETS,
     CALL_TIMEOUT,
@@ -55,6 +52,7 @@ from .base import (
     Verdict,
     Window,
 )
+from .resp import Pipe, ReplyError, Script
 
 T = TypeVar("T")
 
@@ -158,8 +156,8 @@ return {refused, f(retry), rq_rem, f(rq_reset), tk_rem, f(tk_reset)}
 """
 )
 
-# KEYS: tk, budget prefix, usage prefix.  ARGV: bucket, model, prompt,
-# completion, requests, ttl ms, usage ttl s.
+# KEYS: tk, budget prefix, usage prefix, st.  ARGV: bucket, model, prompt,
+# completion, requests, ttl ms, usage ttl s, then the slots to release.
 _CHARGE = (
     _PRELUDE
     + """
@@ -180,6 +178,7 @@ redis.call('HINCRBY', u, ARGV[2] .. '\\n' .. 'r', ARGV[5])
 redis.call('HINCRBY', u, ARGV[2] .. '\\n' .. 'p', prompt)
 redis.call('HINCRBY', u, ARGV[2] .. '\\n' .. 'c', completion)
 redis.call('EXPIRE', u, ARGV[7])
+if #ARGV > 7 then redis.call('ZREM', KEYS[4], unpack(ARGV, 8)) end
 return 1
 """
 )
@@ -218,16 +217,17 @@ def _limit(value: int | None) -> str:
 
 
 class RedisLimiter(Limiter):
-    """The limits in Redis (or Valkey), through coredis, as the shared state."""
+    """The limits in Redis (or Valkey), through one pipelined connection
+    (:mod:`.resp`): every call of the process shares it."""
 
     def __init__(self, url: str, window: float = 60.0, *, prefix: str = "ts:") -> None:
         super().__init__(window)
         self.prefix = prefix
-        self.client = redis_client(url, max_idle_time=10)
-        self._admit = self.client.register_script(_ADMIT)
-        self._charge = self.client.register_script(_CHARGE)
-        self._usage = self.client.register_script(_USAGE)
-        self._renew_script = self.client.register_script(_RENEW)
+        self.pipe = Pipe(url)
+        self._admit = Script(_ADMIT)
+        self._charge = Script(_CHARGE)
+        self._usage = Script(_USAGE)
+        self._renew_script = Script(_RENEW)
         self._held: dict[str, str] = {}  # slot -> key name: this node's leases
         self._ttl_ms = str(math.ceil(window * 1000) + 1000)
 
@@ -239,18 +239,19 @@ class RedisLimiter(Limiter):
         try:
             with trio.fail_after(CALL_TIMEOUT):
                 return await step
-        except (TimeoutError, trio.TooSlowError) as exc:
+        except trio.TooSlowError as exc:
             raise LimitsUnavailable("redis: timeout") from exc
-        except (coredis.exceptions.RedisError, OSError) as exc:
-            raise LimitsUnavailable(f"redis: {type(exc).__name__}") from exc
+        except ReplyError as exc:
+            raise LimitsUnavailable(f"redis: {exc}") from exc
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Hold the client and renew this node's stream slots until cancelled.
+        """Hold the connection and renew this node's stream slots until cancelled.
 
         Cancellation: a ``Cancelled`` stops the renewals and closes the
-        client; the slots still held expire after :data:`SLOT_LEASE`.
+        connection; the slots still held expire after :data:`SLOT_LEASE`.
         """
-        async with self.client:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.pipe.run)
             task_status.started()
             while True:
                 await trio.sleep(SLOT_RENEW)
@@ -265,7 +266,7 @@ class RedisLimiter(Limiter):
             return
         keys = [self._k(name, "st") for _, name in held]
         await self._call(
-            self._renew_script(keys=keys, args=[repr(SLOT_LEASE)] + [s for s, _ in held])
+            self.pipe.script(self._renew_script, keys, [repr(SLOT_LEASE)] + [s for s, _ in held])
         )
 
     async def _decide(self, name: str, limits: Limits, slot: str, counting: bool) -> Verdict:
@@ -276,7 +277,7 @@ class RedisLimiter(Limiter):
             _limit(limits.tokens_per_month), slot, "1" if counting else "0",
             repr(SLOT_LEASE), self._ttl_ms,
         ]  # fmt: skip
-        raw: list[Any] = await self._call(self._admit(keys=keys, args=args))
+        raw: list[Any] = await self._call(self.pipe.script(self._admit, keys, args))
         refused, retry, rq_rem, rq_reset, tk_rem, tk_reset = raw
         rq = tk = None
         if limits.rpm is not None:
@@ -307,18 +308,23 @@ class RedisLimiter(Limiter):
         """Cancellation: a checkpoint; a ``Cancelled`` leaves the slot to expire."""
         if self._held.pop(slot, None) is None:
             return
-        await self._call(self.client.zrem(self._k(name, "st"), [slot]))
+        await self._call(self.pipe.call("ZREM", self._k(name, "st"), slot))
 
     async def charge(
-        self, name: str, model: str, prompt: int, completion: int, *, requests: int = 0
-    ) -> None:
-        """Cancellation: a checkpoint; one script, run or not."""
-        keys = [self._k(name, "tk"), self._k(name, "b:"), self._k(name, "u:")]
+        self, name: str, model: str, prompt: int, completion: int, *, requests: int = 0,
+        release: tuple[str, ...] = (),
+    ) -> None:  # fmt: skip
+        """Cancellation: a checkpoint; one script, run or not (a slot it
+        released stays renewed until it answered: then the caller's own
+        :meth:`release` of it costs no call)."""
+        keys = [self._k(name, "tk"), self._k(name, "b:"), self._k(name, "u:"), self._k(name, "st")]
         args = [
             repr(self.bucket), model, str(prompt), str(completion), str(requests),
-            self._ttl_ms, str((USAGE_DAYS + 1) * 86400),
+            self._ttl_ms, str((USAGE_DAYS + 1) * 86400), *release,
         ]  # fmt: skip
-        await self._call(self._charge(keys=keys, args=args))
+        await self._call(self.pipe.script(self._charge, keys, args))
+        for slot in release:
+            self._held.pop(slot, None)
 
     async def peek(self, name: str, limits: Limits) -> Verdict:
         """Cancellation: a checkpoint; a read (it only drops expired buckets)."""
@@ -327,7 +333,7 @@ class RedisLimiter(Limiter):
     async def usage(self, name: str) -> list[UsageRow]:
         """Cancellation: a checkpoint; a read."""
         flat: list[str] = await self._call(
-            self._usage(keys=[self._k(name, "u:")], args=[str(USAGE_DAYS)])
+            self.pipe.script(self._usage, [self._k(name, "u:")], [str(USAGE_DAYS)])
         )
         rows: dict[tuple[str, str], list[int]] = {}
         for i in range(0, len(flat), 3):
