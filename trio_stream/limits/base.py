@@ -28,9 +28,10 @@ L2 (tokens)    A request is admitted only while the tokens charged to its
                is never refused: a stream in progress is never cut by its
                own tokens; the key's *next* request waits for the window.
 L3 (streams)   At most ``max_streams`` slots of a key are held at once;
-               :meth:`Limiter.release` frees a slot by its own id and is
-               idempotent.  A slot whose node died (it stopped renewing it)
-               is freed after :data:`SLOT_LEASE` seconds.
+               :meth:`Limiter.release` (or :meth:`Limiter.charge` given
+               it) frees a slot by its own id and is idempotent.  A slot
+               whose node died (it stopped renewing it) is freed after
+               :data:`SLOT_LEASE` seconds.
 L4 (budget)    A key whose tokens charged in the current UTC day (or month)
                reached its budget is refused (``budget``) until the period
                ends; the charges of both periods are kept whatever the
