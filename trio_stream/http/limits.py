@@ -12,6 +12,7 @@ store that cannot be reached, with ``limits_on_outage = "closed"``, is 503
 
 from __future__ import annotations
 
+import itertools
 import math
 import secrets
 
@@ -112,6 +113,8 @@ class KeyLimits:
         )  # fmt: skip
         self.charger = Charger(limiter, self._charge_failed, self._charged)
         self._anonymous = Admission(self, None)  # shared: it holds no state
+        # Stream slot ids: unique across nodes by this process's prefix.
+        self._slot_ids = map(f"st_{secrets.token_hex(6)}_{{}}".format, itertools.count())
         self._quiet_until = -math.inf
 
     def _charge_failed(self, error: str) -> None:
@@ -231,7 +234,7 @@ class Admission:
         limits, key = self._limits, self._key
         if key is None or not key.limits.limited:
             return self
-        self._slot = "st_" + secrets.token_hex(8)
+        self._slot = next(limits._slot_ids)
         try:
             verdict = await limits.limiter.admit(key.name, key.limits, self._slot)
         except LimitsUnavailable as exc:

@@ -235,14 +235,16 @@ class RedisLimiter(Limiter):
         return f"{self.prefix}k:{name}:{part}"
 
     async def _call(self, step: Awaitable[T]) -> T:
-        """One Redis step; any failure to reach Redis is LimitsUnavailable."""
+        """One Redis step; any failure to reach Redis is LimitsUnavailable.
+        (A plain cancel scope, not ``fail_after``: this runs twice per
+        limited request, and the scope is all the deadline needs.)"""
         try:
-            with trio.fail_after(CALL_TIMEOUT):
+            with trio.CancelScope(deadline=trio.current_time() + CALL_TIMEOUT) as cs:
                 return await step
-        except trio.TooSlowError as exc:
-            raise LimitsUnavailable("redis: timeout") from exc
         except ReplyError as exc:
             raise LimitsUnavailable(f"redis: {exc}") from exc
+        assert cs.cancelled_caught
+        raise LimitsUnavailable("redis: timeout")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the connection and renew this node's stream slots until cancelled.
