@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from tests.redis_server import RedisServer
+from trio_stream.limits import resp
 from trio_stream.limits.base import LimitsUnavailable
 from trio_stream.limits.resp import Address, Pipe, ReplyError, Script, _Incomplete, encode, parse
 
@@ -103,3 +104,57 @@ async def test_a_broken_connection_fails_its_calls_and_the_next_reconnects(
         await pipe.call("PING")  # refused: nothing listens
     own_redis.start()
     assert await pipe.call("PING") == "PONG"
+
+
+async def test_a_login_and_a_database_are_sent_first_and_a_bad_login_fails(
+    redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    """``/3`` selects database 3 before any call (a key set there is not in
+    database 0); a password Redis refuses fails the call with
+    LimitsUnavailable, and so does the next one (no half-logged-in
+    connection is kept)."""
+    three, zero = Pipe(redis_server.url[: -len("/0")] + "/3"), Pipe(redis_server.url)
+    for pipe in (three, zero):
+        await nursery.start(pipe.run)
+    assert await three.call("SET", "resp:db", "3") == "OK"
+    assert await three.call("GET", "resp:db") == "3"
+    assert await zero.call("GET", "resp:db") is None
+    wrong = Pipe(redis_server.url.replace("redis://", "redis://:wrong@"))
+    await nursery.start(wrong.run)
+    for _ in range(2):
+        with pytest.raises(LimitsUnavailable):
+            await wrong.call("PING")
+
+
+async def test_a_redis_that_stopped_answering_is_dropped(
+    own_redis: RedisServer, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis stopped (SIGSTOP: the connection stays open, nothing answers):
+    once the oldest call has waited ``STALL`` seconds, the next call drops
+    the connection -- the calls waiting on it fail at once -- and opens a
+    new one, which answers when Redis resumes."""
+    monkeypatch.setattr(resp, "STALL", 0.3)
+    pipe = Pipe(own_redis.url)
+    await nursery.start(pipe.run)
+    assert await pipe.call("PING") == "PONG"
+    old = pipe._link
+    own_redis.process.send_signal(19)  # SIGSTOP, by its own pid
+    try:
+        failed = trio.Event()
+
+        async def waiting() -> None:
+            with pytest.raises(LimitsUnavailable):
+                await pipe.call("ECHO", "lost")
+            failed.set()
+
+        nursery.start_soon(waiting)
+        await trio.sleep(0.5)
+        with trio.move_on_after(0.2):
+            await pipe.call("ECHO", "next")  # drops the stalled connection, then waits
+        with trio.fail_after(1):
+            await failed.wait()
+        assert pipe._link is not old
+    finally:
+        own_redis.process.send_signal(18)  # SIGCONT
+    with trio.fail_after(5):
+        assert await pipe.call("ECHO", "back") == "back"

@@ -22,7 +22,12 @@ Failure modes: a connection that cannot be opened, or that breaks (reset,
 EOF, a reply that cannot be parsed), fails every call waiting on it with
 :class:`~.base.LimitsUnavailable` at once; the next call opens a new one.
 A Redis that does not answer at all is bounded by the caller's deadline
-(:meth:`RedisLimiter._call <trio_stream.limits.redis.RedisLimiter._call>`).
+(:meth:`RedisLimiter._call <trio_stream.limits.redis.RedisLimiter._call>`);
+once the oldest call has waited :data:`STALL` seconds, the next call drops
+the connection (failing its calls) and opens another, so a Redis that
+stopped answering without closing the connection never grows the queue for
+ever.  A login (``AUTH``, ``SELECT``) that is refused drops the connection
+too.
 
 URLs: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS,
 the system's CAs) and ``unix://[[user]:password@]/path[?db=N]``.
@@ -42,10 +47,14 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import trio
 
-from .base import LimitsUnavailable
+from .base import CALL_TIMEOUT, LimitsUnavailable
 
 #: Seconds to open a connection (the shared state's bound).
 CONNECT_TIMEOUT = 2.0
+#: A connection whose oldest call has waited this long for its reply is
+#: dropped at the next call (a Redis that stopped answering without closing
+#: the connection: its queue must not grow for ever).
+STALL = 2 * CALL_TIMEOUT
 
 
 class ReplyError(Exception):
@@ -132,9 +141,10 @@ def parse(buf: bytearray | bytes, pos: int) -> tuple[Any, int]:
 class _Slot:
     """Where one call's reply arrives."""
 
-    __slots__ = ("done", "error", "value")
+    __slots__ = ("at", "done", "error", "value")
 
     def __init__(self) -> None:
+        self.at = trio.current_time()
         self.done = trio.Event()
         self.value: Any = None
         self.error: BaseException | None = None
@@ -150,6 +160,16 @@ class _Link:
         self.broken: str | None = None
         self._wake = trio.Event()
         self.scope = trio.CancelScope()
+
+    def usable(self) -> bool:
+        """Not broken, and its oldest call has not waited :data:`STALL` seconds."""
+        if self.broken is not None:
+            return False
+        if self.waiting and trio.current_time() - self.waiting[0].at > STALL:
+            self.broken = f"no reply for {STALL:g} s"
+            self.scope.cancel()
+            return False
+        return True
 
     def send(self, command: bytes) -> _Slot:
         """Queue ``command``; its reply will be the returned slot's.  Not a checkpoint."""
@@ -247,11 +267,11 @@ class Pipe:
 
     async def _open(self) -> _Link:
         link = self._link
-        if link is not None and link.broken is None:
+        if link is not None and link.usable():
             return link
         async with self._lock:
             link = self._link
-            if link is not None and link.broken is None:
+            if link is not None and link.usable():
                 return link
             if self._nursery is None:
                 raise LimitsUnavailable("redis: the limiter is not running")
@@ -272,12 +292,21 @@ class Pipe:
                 raise LimitsUnavailable(f"redis: cannot connect ({type(exc).__name__})") from exc
             link = _Link(stream)
             self._nursery.start_soon(link.serve)
-            self._link = link
+            # Queued before any other call can see the link: they come first.
+            first = []
             if a.password is not None:
                 login = ("AUTH", a.username, a.password) if a.username else ("AUTH", a.password)
-                await self._wait(link.send(encode(login)))
+                first.append(link.send(encode(login)))
             if a.db:
-                await self._wait(link.send(encode(("SELECT", str(a.db)))))
+                first.append(link.send(encode(("SELECT", str(a.db)))))
+            self._link = link
+            try:
+                for slot in first:
+                    await self._wait(slot)
+            except ReplyError as exc:  # a wrong password, a database that does not exist
+                link.broken = str(exc)
+                link.scope.cancel()
+                raise LimitsUnavailable(f"redis: {exc}") from exc
             return link
 
     @staticmethod
