@@ -22,7 +22,7 @@ import trio
 from tests.redis_server import RedisServer
 from trio_stream.limits import Limiter, Limits, LimitsUnavailable, LocalLimiter
 from trio_stream.limits import redis as redis_mod
-from trio_stream.limits.base import CALL_TIMEOUT, utc_day
+from trio_stream.limits.base import BUCKETS, CALL_TIMEOUT, utc_day
 from trio_stream.limits.redis import RedisLimiter
 
 Make = Callable[[float], Awaitable[tuple[Limiter, Limiter]]]
@@ -224,6 +224,24 @@ async def test_a_dead_nodes_slots_expire_and_live_ones_are_renewed(
     await trio.sleep(0.8)
     assert (await other.admit("dead", limits, slot())).admitted
     assert (await other.admit("live", limits, slot())).refused == "streams"
+
+
+async def test_redis_windows_stay_bounded_without_their_limit(
+    redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    """In Redis, a key without ``rpm`` writes no request window, and the
+    token window of a key without ``tpm`` (which no admission reads, so
+    none prunes) never holds more than twice the window's buckets however
+    long it is charged."""
+    limiter = RedisLimiter(redis_server.url, 1.2, prefix=f"t{secrets.token_hex(4)}:")
+    await nursery.start(limiter.run)
+    for _ in range(3 * BUCKETS):  # a charge in each of 180 buckets of 0.02 s
+        held = slot()
+        assert (await limiter.admit("k", Limits(max_streams=5), held)).admitted
+        await limiter.charge("k", "m", 1, 1, requests=1, release=(held,))
+        await trio.sleep(limiter.bucket)
+    assert await limiter.pipe.call("EXISTS", limiter._k("k", "rq")) == 0
+    assert 0 < await limiter.pipe.call("HLEN", limiter._k("k", "tk")) <= 2 * BUCKETS + 1
 
 
 async def test_redis_unreachable_fails_fast(own_redis: RedisServer, nursery: trio.Nursery) -> None:

@@ -12,8 +12,12 @@ enter a window.  What lives in Redis (``prefix`` = ``ts:``), per key name::
     ts:k:{name}:u:{day}     hash   "{model}\\n{r|p|c}" -> requests, prompt and
                                    completion tokens of that day
 
-Buckets older than the window are deleted by the script that next reads the
-hash; every key expires by itself once unused.
+Buckets older than the window are deleted by the next admission (which
+reads the hash in one pass and sorts its buckets only to compute a
+refusal's retry); ``rq`` is written only for a key with ``rpm``, and a
+charge prunes ``tk`` itself once it holds twice the window (a key without
+``tpm``, whose admissions do not read it).  Every key expires by itself
+once unused.
 
 Failure modes:
 
@@ -78,20 +82,33 @@ local function day_of(secs)
   if m <= 2 then y = y + 1 end
   return string.format('%04d-%02d-%02d', y, m, d)
 end
--- the window's buckets, oldest first; older ones are deleted
-local function live(key, current)
+-- one pass over a window's hash: buckets older than the window are deleted;
+-- returns the live total, the newest bucket counting anything (nil: none)
+-- and the live buckets {{index, count}} (only when the total reaches
+-- 'limit': then the retry needs them in order)
+local function live(key, current, limit)
   local all = redis.call('HGETALL', key)
-  local items = {{}}
+  local oldest = current - (BUCKETS - 1)
+  local total, newest, items = 0, nil, nil
   for i = 1, #all, 2 do
     local idx = tonumber(all[i])
-    if idx < current - (BUCKETS - 1) then
+    if idx < oldest then
       redis.call('HDEL', key, all[i])
     else
-      table.insert(items, {{idx, tonumber(all[i + 1])}})
+      local n = tonumber(all[i + 1])
+      total = total + n
+      if n ~= 0 and (newest == nil or idx > newest) then newest = idx end
     end
   end
-  table.sort(items, function(a, b) return a[1] < b[1] end)
-  return items
+  if limit ~= nil and limit >= 0 and total >= limit then
+    items = {{}}
+    for i = 1, #all, 2 do
+      local idx = tonumber(all[i])
+      if idx >= oldest then table.insert(items, {{idx, tonumber(all[i + 1])}}) end
+    end
+    table.sort(items, function(a, b) return a[1] < b[1] end)
+  end
+  return total, newest, items
 end
 """
 
@@ -105,29 +122,31 @@ local bucket = tonumber(ARGV[1])
 local current = math.floor(now / bucket)
 local rpm, tpm, maxs = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local pday, pmonth = tonumber(ARGV[5]), tonumber(ARGV[6])
-local function window(items, limit, add)
-  local total = 0
-  for _, it in ipairs(items) do total = total + it[2] end
+-- remaining, reset and retry of one rate, 'add' more counted now
+local function window(total, newest, items, limit, add)
   local retry = 0
-  if total >= limit then
+  if items ~= nil then
     local left = total
     for _, it in ipairs(items) do
       left = left - it[2]
       if left < limit then retry = (it[1] + BUCKETS) * bucket - now; break end
     end
   end
-  local newest = nil
-  for _, it in ipairs(items) do if it[2] ~= 0 then newest = it[1] end end
   if add > 0 then total = total + add; newest = current end
   local reset = 0
   if newest then reset = math.max(0, (newest + BUCKETS) * bucket - now) end
   return math.max(0, limit - total), reset, math.max(0, retry)
 end
-local rq_items = live(KEYS[1], current)
-local tk_items = live(KEYS[2], current)
+local rq_total, rq_newest, rq_items, tk_total, tk_newest, tk_items = 0, nil, nil, 0, nil, nil
 local rq_rem, rq_reset, rq_retry, tk_rem, tk_reset, tk_retry = 0, 0, 0, 0, 0, 0
-if rpm >= 0 then rq_rem, rq_reset, rq_retry = window(rq_items, rpm, 0) end
-if tpm >= 0 then tk_rem, tk_reset, tk_retry = window(tk_items, tpm, 0) end
+if rpm >= 0 then
+  rq_total, rq_newest, rq_items = live(KEYS[1], current, rpm)
+  rq_rem, rq_reset, rq_retry = window(rq_total, rq_newest, rq_items, rpm, 0)
+end
+if tpm >= 0 then
+  tk_total, tk_newest, tk_items = live(KEYS[2], current, tpm)
+  tk_rem, tk_reset, tk_retry = window(tk_total, tk_newest, tk_items, tpm, 0)
+end
 local day = day_of(secs)
 local function spent(period) return tonumber(redis.call('GET', KEYS[4] .. period) or '0') end
 local refused, retry = '', 0
@@ -143,9 +162,11 @@ elseif maxs >= 0 then
   if redis.call('ZCARD', KEYS[3]) >= maxs then refused = 'streams' end
 end
 if refused == '' and ARGV[8] == '1' then
-  if rpm >= 0 then rq_rem, rq_reset = window(rq_items, rpm, 1) end
-  redis.call('HINCRBY', KEYS[1], tostring(current), 1)
-  redis.call('PEXPIRE', KEYS[1], ARGV[10])
+  if rpm >= 0 then rq_rem, rq_reset = window(rq_total, rq_newest, nil, rpm, 1) end
+  if rpm >= 0 then  -- only a key with rpm reads (and so prunes) this hash
+    redis.call('HINCRBY', KEYS[1], tostring(current), 1)
+    redis.call('PEXPIRE', KEYS[1], ARGV[10])
+  end
   if maxs >= 0 then
     redis.call('ZADD', KEYS[3], now + tonumber(ARGV[9]), ARGV[7])
     redis.call('PEXPIRE', KEYS[3], math.ceil(tonumber(ARGV[9]) * 1000))
@@ -165,7 +186,10 @@ local now, secs = clock()
 local current = math.floor(now / tonumber(ARGV[1]))
 local prompt, completion = tonumber(ARGV[3]), tonumber(ARGV[4])
 local tokens = prompt + completion
-live(KEYS[1], current)
+-- a key without tpm has no admission reading this hash: prune it here, in
+-- one pass every BUCKETS charges at most, so it never holds more than twice
+-- the window
+if redis.call('HLEN', KEYS[1]) > 2 * BUCKETS then live(KEYS[1], current, nil) end
 redis.call('HINCRBY', KEYS[1], tostring(current), tokens)
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 local day = day_of(secs)
