@@ -393,7 +393,7 @@ def scenarios(quick: bool) -> list[Scenario]:
         Scenario(
             "short", "Short streams (10 tokens), 64 connections: requests/s", "requests_per_s",
             delay_ms=0, concurrency=64, requests=500 if q else 1500, max_tokens=10,
-            extra=("server_us_per_request", "ttft_p99_ms", *load),
+            extra=("server_us_per_request", "server_redis_us_per_request", "ttft_p99_ms", *load),
             ratios=("server_us_per_request",),
         ),
         Scenario(
@@ -441,6 +441,7 @@ METRICS = {
     "events_per_token": ("events/token", False),
     "redis_us_per_token": ("Redis CPU µs/token", False),
     "server_redis_us_per_token": ("server+Redis CPU µs/token", False),
+    "server_redis_us_per_request": ("server+Redis CPU µs/request", False),
     "upstream_cpu_percent": ("fake upstream CPU %", False),
     "client_cpu_percent": ("client CPU %", False),
     "busy_percent": ("bench processes % of machine", False),
@@ -510,6 +511,10 @@ TARGETS = (
            _vs("trio-stream", 1.2, False, "ts-cluster-2"), "ts-cluster-2"),
     Target("short", "requests_per_s", "≥ 0.95x ts-key (limits off)",
            _vs("ts-key", 0.95, True, "ts-limits"), "ts-limits"),
+    Target("short", "server_us_per_request", "≤ 1.05x ts-key (limits off)",
+           _vs("ts-key", 1.05, False, "ts-limits"), "ts-limits"),
+    Target("short", "server_redis_us_per_request", "≤ 1.05x ts-key (limits off)",
+           _vs("ts-key", 1.05, False, "ts-limits"), "ts-limits"),
     Target("proxy100", "server_us_per_token", "≤ 1.05x ts-key (limits off)",
            _vs("ts-key", 1.05, False, "ts-limits"), "ts-limits"),
     Target("proxy100", "server_redis_us_per_token", "≤ 1.05x ts-key (limits off)",
@@ -641,6 +646,9 @@ def load_figures(
         figures["redis_us_per_token"] = helpers_s["redis"] / tokens * 1e6
     if sc.upstream and tokens:
         figures["server_redis_us_per_token"] = (cpu_s + helpers_s.get("redis", 0)) / tokens * 1e6
+    if req["ok"]:
+        with_redis = cpu_s + helpers_s.get("redis", 0)
+        figures["server_redis_us_per_request"] = with_redis / req["ok"] * 1e6
     busy = cpu_s + float(report["client"]["cpu_s"]) + sum(helpers_s.values())
     figures["busy_percent"] = 100 * busy / wall / (os.cpu_count() or 1)
     if sc.delay_ms:
@@ -1004,7 +1012,7 @@ def write_markdown(
            summary.noise(), "", "## Machine", ""]  # fmt: skip
     out += [f"- **{k}**: {v}" for k, v in machine_facts()]
     out += ["", "## Servers", "", "| name | what | command |", "|---|---|---|"]
-    sample = Run(8000, 0, True, False, Path("<tmp>"))
+    sample = Run(8000, 0, True, False, Path("<tmp>"), redis_url="redis://127.0.0.1:6379/0")
     proxied = dataclasses.replace(sample, delay_ms=50, upstream_url="http://127.0.0.1:9000/v1",
                                   redis_url="redis://127.0.0.1:6379/0")  # fmt: skip
     for s in servers:
