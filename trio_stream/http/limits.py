@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import secrets
+from typing import Any
 
 import trio
 from prometheus_client import Counter
@@ -112,6 +113,8 @@ class KeyLimits:
             ["key", "kind"], registry=r,
         )  # fmt: skip
         self.charger = Charger(limiter, self._charge_failed, self._charged)
+        self._token_counters: dict[str, tuple[Any, Any]] = {}  # key -> prompt, completion
+        self._admitted: dict[str, Any] = {}  # key -> its "admitted" counter
         self._anonymous = Admission(self, None)  # shared: it holds no state
         # Stream slot ids: unique across nodes by this process's prefix.
         self._slot_ids = map(f"st_{secrets.token_hex(6)}_{{}}".format, itertools.count())
@@ -121,8 +124,12 @@ class KeyLimits:
         self.logger.event("limits_unavailable", step="charge", error=error)
 
     def _charged(self, name: str, prompt: int, completion: int) -> None:
-        self.tokens.labels(name, "prompt").inc(max(0, prompt))
-        self.tokens.labels(name, "completion").inc(max(0, completion))
+        counters = self._token_counters.get(name)
+        if counters is None:  # labels() costs a lookup under a lock: once per key
+            counters = self.tokens.labels(name, "prompt"), self.tokens.labels(name, "completion")
+            self._token_counters[name] = counters
+        counters[0].inc(max(0, prompt))
+        counters[1].inc(max(0, completion))
 
     def admission(self, key: KeyDef | None, model: str) -> Admission:
         """``async with limits.admission(key, model) as admitted: ...``:
@@ -254,7 +261,10 @@ class Admission:
             self._slot = None
             limits.decisions.labels(key.name, verdict.refused or "").inc()
             raise refusal(key, verdict)
-        limits.decisions.labels(key.name, "admitted").inc()
+        admitted = limits._admitted.get(key.name)
+        if admitted is None:
+            admitted = limits._admitted[key.name] = limits.decisions.labels(key.name, "admitted")
+        admitted.inc()
         self.headers = rate_headers(verdict)
         if key.limits.max_streams is None:
             self._slot = None  # none was taken: nothing to release
