@@ -16,12 +16,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "trio_stream"
 
 #: Low to high.  A module may import its own layer and the layers below it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "config", "logs", "metrics", "tracing"),  # foundation (tracing: the seam)
+    ("errors", "config", "logs", "metrics"),  # foundation: top-level modules
     ("core",),  # sans-IO: the run log, the lifecycle table, the session table
     ("wire",),  # sans-IO: SSE, request parsing, chunks, Responses events, usage
     ("upstream",),
     ("store",),
-    ("shared", "limits"),  # limits/ uses shared/redis_conn.py's Redis client
+    ("shared", "limits"),  # beside each other: both hold state in Redis
     ("runs",),
     ("http",),
     ("server",),

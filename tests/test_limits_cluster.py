@@ -94,6 +94,60 @@ async def test_max_streams_holds_across_nodes(tmp_path: Path, own_redis: RedisSe
                 await trio.sleep(0.02)
 
 
+async def test_tokens_budget_and_a_cut_stream_across_nodes(
+    tmp_path: Path, own_redis: RedisServer
+) -> None:
+    """Charges in Redis, across two nodes.  ``tpm = 30``: a stream of 40
+    tokens on node A is never cut by its own tokens, and once it has ended
+    the key's next request on node B is refused (type ``tokens``) with a
+    ``Retry-After`` of the window's rest.  ``tokens_per_day = 10``: once A
+    has charged 12 tokens, B answers ``insufficient_quota``.  A stream cut by
+    its client after 10 tokens is charged what it sent (B's ``/v1/usage``
+    reads it), not the 200 it asked for."""
+    settings = node_settings(tmp_path, own_redis, mock_delay_ms=20)
+    key_list = parse_keys([
+        {"name": "alice", "secret": "sk-alice", "tpm": 30},
+        {"name": "bob", "secret": "sk-bob", "tokens_per_day": 10},
+        {"name": "carol", "secret": "sk-carol", "tpm": 100_000},
+    ])  # fmt: skip
+    async with AsyncExitStack() as stack:
+        a, b = [
+            await stack.enter_async_context(running_server(settings, keys=key_list))
+            for _ in range(2)
+        ]
+        ca, cb = [await stack.enter_async_context(loopback_client(s)) for s in (a, b)]
+        chat = "/v1/chat/completions"
+        long = {**BODY, "stream": True, "max_tokens": 40}
+        first = await ca.post(chat, json=long, headers=AUTH)
+        assert first.status_code == 200
+        assert first.text.count('"content"') >= 40  # never cut by its own tokens
+        second = await cb.post(chat, json=BODY, headers=AUTH)
+        assert second.status_code == 429
+        assert second.json()["error"]["type"] == "tokens"
+        assert second.headers["x-ratelimit-remaining-tokens"] == "0"
+        assert 58 <= int(second.headers["retry-after"]) <= 61
+        bob = {"authorization": "Bearer sk-bob"}
+        spent = await ca.post(chat, json={**BODY, "max_tokens": 12}, headers=bob)
+        assert spent.status_code == 200
+        over = await cb.post(chat, json=BODY, headers=bob)
+        assert over.status_code == 429
+        assert over.json()["error"]["code"] == "insufficient_quota"
+        assert over.headers["x-should-retry"] == "false"
+        carol = {"authorization": "Bearer sk-carol"}
+        cut = {**BODY, "stream": True, "max_tokens": 200}
+        async with ca.stream("POST", chat, json=cut, headers=carol) as stream:
+            seen = 0
+            async for line in stream.aiter_lines():
+                seen += '"content"' in line
+                if seen >= 10:
+                    break
+        with trio.fail_after(5):  # the cut run's cleanup charges it in full
+            await a.service.runs.wait_idle()
+        [row] = (await cb.get("/v1/usage", headers=carol)).json()["data"]
+        assert row["requests"] == 1
+        assert 10 <= row["completion_tokens"] < 20
+
+
 async def _outage(settings: Settings, redis: RedisServer) -> httpx.Response:
     async with (
         running_server(settings, keys=keys(rpm=100)) as server,

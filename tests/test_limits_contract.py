@@ -22,7 +22,7 @@ import trio
 from tests.redis_server import RedisServer
 from trio_stream.limits import Limiter, Limits, LimitsUnavailable, LocalLimiter
 from trio_stream.limits import redis as redis_mod
-from trio_stream.limits.base import CALL_TIMEOUT, utc_day
+from trio_stream.limits.base import BUCKETS, CALL_TIMEOUT, utc_day
 from trio_stream.limits.redis import RedisLimiter
 
 Make = Callable[[float], Awaitable[tuple[Limiter, Limiter]]]
@@ -130,6 +130,26 @@ async def test_stream_slots_are_held_across_nodes_and_released_by_id(make: Make)
     assert (await a.admit("other", limits, slot())).admitted  # keys apart
 
 
+async def test_a_charge_frees_the_slots_it_is_given(make: Make) -> None:
+    """L3 with a run's last charge: ``charge(release=...)`` frees those
+    slots (and only those) in the same step; the caller's own release of a
+    slot freed so is then a no-op."""
+    a, b = await make(30.0)
+    limits = Limits(max_streams=2)
+    s1, s2 = slot(), slot()
+    assert (await a.admit("k", limits, s1)).admitted
+    assert (await b.admit("k", limits, s2)).admitted
+    assert (await b.admit("k", limits, slot())).refused == "streams"
+    await a.charge("k", "m", 1, 2, requests=1, release=(s1,))
+    s3 = slot()
+    assert (await b.admit("k", limits, s3)).admitted
+    assert (await a.admit("k", limits, slot())).refused == "streams"
+    await a.release("k", s1)
+    assert (await a.admit("k", limits, slot())).refused == "streams"
+    [row] = await a.usage("k")
+    assert (row.requests, row.prompt_tokens, row.completion_tokens) == (1, 1, 2)
+
+
 async def test_a_spent_budget_refuses_whatever_the_window(make: Make) -> None:
     """L4: once the day's (or month's) charges reach the budget the key is
     refused for ``budget``, checked before every other limit; a fresh window
@@ -196,12 +216,32 @@ async def test_a_dead_nodes_slots_expire_and_live_ones_are_renewed(
     await nursery.start(other.run)
     dead = RedisLimiter(redis_server.url, prefix=prefix)
     limits = Limits(max_streams=1)
-    async with dead.client:  # no run(): it never renews
+    async with trio.open_nursery() as dying:  # its run() ends at once: it never renews
+        await dying.start(dead.run)
         assert (await dead.admit("dead", limits, slot())).admitted
+        dying.cancel_scope.cancel()
     assert (await live.admit("live", limits, slot())).admitted
     await trio.sleep(0.8)
     assert (await other.admit("dead", limits, slot())).admitted
     assert (await other.admit("live", limits, slot())).refused == "streams"
+
+
+async def test_redis_windows_stay_bounded_without_their_limit(
+    redis_server: RedisServer, nursery: trio.Nursery
+) -> None:
+    """In Redis, a key without ``rpm`` writes no request window, and the
+    token window of a key without ``tpm`` (which no admission reads, so
+    none prunes) never holds more than twice the window's buckets however
+    long it is charged."""
+    limiter = RedisLimiter(redis_server.url, 1.2, prefix=f"t{secrets.token_hex(4)}:")
+    await nursery.start(limiter.run)
+    for _ in range(3 * BUCKETS):  # a charge in each of 180 buckets of 0.02 s
+        held = slot()
+        assert (await limiter.admit("k", Limits(max_streams=5), held)).admitted
+        await limiter.charge("k", "m", 1, 1, requests=1, release=(held,))
+        await trio.sleep(limiter.bucket)
+    assert await limiter.pipe.call("EXISTS", limiter._k("k", "rq")) == 0
+    assert 0 < await limiter.pipe.call("HLEN", limiter._k("k", "tk")) <= 2 * BUCKETS + 1
 
 
 async def test_redis_unreachable_fails_fast(own_redis: RedisServer, nursery: trio.Nursery) -> None:
@@ -228,11 +268,11 @@ async def test_redis_unreachable_fails_fast(own_redis: RedisServer, nursery: tri
             filler.setblocking(False)
             filler.connect_ex(("127.0.0.1", port))
         hung = RedisLimiter(f"redis://127.0.0.1:{port}/0", prefix="x:")
-        async with hung.client:
-            start = trio.current_time()
-            with pytest.raises(LimitsUnavailable):
-                await hung.admit("k", Limits(rpm=1), slot())
-            assert trio.current_time() - start < 2.5
+        await nursery.start(hung.run)
+        start = trio.current_time()
+        with pytest.raises(LimitsUnavailable):
+            await hung.admit("k", Limits(rpm=1), slot())
+        assert trio.current_time() - start < 2.5
 
 
 async def test_in_process_retry_after_is_exact(autojump_clock: trio.abc.Clock) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -150,7 +151,7 @@ async def test_workers_share_the_limits_and_each_reloads_on_sighup(
             await lines(proc, "worker_started", 2)
             url = f"http://127.0.0.1:{proc.port}/v1/chat/completions"
             body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
-            statuses: list[int] = []
+            answers: list[httpx.Response] = []
             fresh = httpx.Limits(max_keepalive_connections=0)
             async with httpx.AsyncClient(timeout=30, limits=fresh) as client:
 
@@ -158,12 +159,19 @@ async def test_workers_share_the_limits_and_each_reloads_on_sighup(
                     answer = await client.post(
                         url, json=body, headers={"authorization": "Bearer sk-alice"}
                     )
-                    statuses.append(answer.status_code)
+                    answers.append(answer)
 
+                start = time.monotonic()
                 async with trio.open_nursery() as nursery:
                     for _ in range(100):
                         nursery.start_soon(send)
-            assert sorted(statuses) == [200] * 60 + [429] * 40
+                now = time.monotonic()
+            assert sorted(a.status_code for a in answers) == [200] * 60 + [429] * 40
+            for answer in answers:
+                assert answer.headers["x-ratelimit-limit-requests"] == "60"
+                if answer.status_code == 429:
+                    # the window frees between start + 60 and now + 60, in whole seconds
+                    assert 60 - (now - start) - 1 <= int(answer.headers["retry-after"]) <= 61
             proc.process.send_signal(signal.SIGHUP)
             await lines(proc, "keys_reloaded", 2)
             proc.process.send_signal(signal.SIGTERM)

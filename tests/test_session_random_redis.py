@@ -27,6 +27,9 @@ from tests import test_session_random as walk
 from tests.conftest import RecordingUpstream, SlowStore, memory_app, task_census, tasks_living
 from tests.redis_server import RedisServer
 from trio_stream import Settings
+from trio_stream.limits import Limits
+from trio_stream.limits.keys import parse_keys
+from trio_stream.limits.redis import RedisLimiter
 from trio_stream.shared.redis import RedisState
 from trio_stream.store import Message
 from trio_stream.upstream import mocktext
@@ -151,3 +154,84 @@ async def test_random_interleavings_on_redis(settings: Settings, own_redis: Redi
     reasons = {r["reason"] for r in app.logs.events("stream_cancelled")}
     assert {"superseded", "interrupted"} <= reasons
     assert app.logs.events("prev_stream_timeout_on_cancel")
+
+
+class LimitedRedisHarness(RedisHarness):
+    """The walk by one key with limits in Redis; after every step, Redis
+    itself says the key holds no more stream slots than ``max_streams`` and
+    its window no more admissions than ``rpm``."""
+
+    async def check_limits(self) -> None:
+        assert self.limits is not None
+        limiter = self.service.limits.limiter
+        assert isinstance(limiter, RedisLimiter)
+        slots = await limiter.pipe.call("ZCARD", limiter._k(walk.KEY_NAME, "st"))
+        assert slots <= (self.limits.max_streams or 0), slots
+        counts = await limiter.pipe.call("HVALS", limiter._k(walk.KEY_NAME, "rq"))
+        assert sum(int(c) for c in counts) <= (self.limits.rpm or 0), counts
+
+    async def step(self, step: int) -> None:
+        await super().step(step)
+        try:
+            await self.check_limits()
+        except AssertionError as exc:
+            self.violations.append(repr(exc))
+
+
+async def test_random_interleavings_with_limits_on_redis(
+    settings: Settings, own_redis: RedisServer
+) -> None:
+    """The walk by one key with ``rpm = 60``, ``tpm = 100000`` and
+    ``max_streams = 3``, its limits and the session table in a real Redis:
+    after every step Redis holds at most 3 slots of the key and at most 60
+    admissions in its window (the walk is shorter than the window, so no
+    more than 60 requests are admitted in all); some requests are refused
+    (for rpm, and for max_streams when enough streams overlap), none of
+    them starts a run; at the end no slot is
+    held, no run is live, no task leaked and every session invariant of the
+    walk held."""
+    limits = Limits(rpm=60, tpm=100000, max_streams=3)
+    keys = parse_keys([{"name": walk.KEY_NAME, "secret": "sk-walk", "tenant": walk.TENANT,
+                        "rpm": 60, "tpm": 100000, "max_streams": 3}])  # fmt: skip
+    cfg = settings.replace(redis=own_redis.url, supersede_timeout=2.0 * SCALE, node_lease=1.0)
+    # Streams of up to 8 tokens at 30 ms each: several overlap, some past max_streams.
+    upstream = RecordingUpstream(MockUpstream(0.03), stuck_close=lambda _: 0.0)
+    pauses = tuple(p * SCALE for p in walk.PAUSES)
+    started = trio.current_time()
+    with trio.fail_after(55):
+        async with memory_app(cfg, upstream=upstream, keys=keys) as (service, app):
+            limiter = service.limits.limiter
+            assert isinstance(limiter, RedisLimiter)
+            await limiter.pipe.call("PING")  # its connection is open at the baseline
+            baseline = await tasks_living()
+            tasks = task_census()
+            async with trio.open_nursery() as nursery:
+                h = LimitedRedisHarness(
+                    random.Random(walk.SEED), nursery, app, service, upstream, {},
+                    headers={"authorization": "Bearer sk-walk"}, limits=limits,
+                )  # fmt: skip
+                rng = random.Random(walk.SEED + 1)
+                for step in range(STEPS // 2):
+                    await h.step(step)
+                    await trio.sleep(rng.choice(pauses))
+            await service.runs.wait_idle()
+            assert all(r.client.finished.is_set() for r in h.requests)
+            assert service.runs.live == 0
+            assert await limiter.pipe.call("ZCARD", limiter._k(walk.KEY_NAME, "st")) == 0
+            with trio.move_on_after(5):
+                while await tasks_living() != baseline:  # noqa: ASYNC110
+                    await trio.sleep(0.1)  # the walk's idle pool connections close after 1 s
+            now = task_census()
+            assert await tasks_living() == baseline, f"beyond: {now - tasks}, gone: {tasks - now}"
+    assert trio.current_time() - started < 60  # one window: the totals below are exact
+    assert h.violations == []
+    refused = [r for r in h.requests if r.client.status == 429]
+    codes = {r.client.json()["error"]["code"] for r in refused}
+    # rpm is certainly reached (over 90 requests); how many streams
+    # overlap depends on real time, so too_many_streams may or may not occur
+    assert "rate_limit_exceeded" in codes, codes
+    assert codes <= {"rate_limit_exceeded", "too_many_streams"}, codes
+    admitted = len(h.requests) - len(refused)
+    assert admitted <= 60
+    assert len(app.logs.events("stream_start")) == admitted
+    assert app.logs.events("run_crashed") == []

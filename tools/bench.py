@@ -23,6 +23,14 @@ in its own process, streaming the same reply at 20 tokens/s.  There the servers 
   exporting OTLP/HTTP to ``tools/otlp_sink.py`` in its own process (its CPU is not the
   server's).
 
+Per-key limits on and off (issue 22), in the ``short`` and ``proxy100`` scenarios only:
+
+* ``ts-key``        -- ``trio-stream serve --config`` with one ``[[key]]`` and no limits;
+* ``ts-limits``     -- the same key with every kind of limit (never reached), in a
+  ``redis-server`` of its own (``--limits-redis``; the shared state stays embedded).
+
+The client sends that key (``--api-key``) to every server; those without keys ignore it.
+
 The *paced* scenario (streams at 100 tokens/s on the mock) runs only
 ``trio-stream`` (``--event-interval-ms 0``, the default) and ``ts-interval50``
 (``--event-interval-ms 50``): the events sent, server CPU per token and the
@@ -139,6 +147,29 @@ def _otel_cmd(ratio: float) -> Callable[[Run], list[str]]:
     return cmd
 
 
+#: The client key every measurement sends (``Authorization: Bearer``); only
+#: the ``ts-key`` and ``ts-limits`` servers know it, the others ignore it.
+BENCH_KEY = "sk-bench"
+#: ``ts-limits``'s limits: every kind a key can have, none ever reached by a run.
+BENCH_LIMITS = {"rpm": 10**7, "tpm": 10**12, "max_streams": 10**5, "tokens_per_day": 10**15}
+
+
+def _keys_cmd(limited: bool) -> Callable[[Run], list[str]]:
+    """trio-stream with one ``[[key]]`` in a ``--config`` file: unlimited
+    (``ts-key``), or with :data:`BENCH_LIMITS` in a Redis of its own
+    (``ts-limits``, ``--limits-redis``; the shared state stays embedded)."""
+
+    def cmd(r: Run) -> list[str]:
+        limits = "".join(f"{k} = {v}\n" for k, v in BENCH_LIMITS.items()) if limited else ""
+        path = r.workdir / f"keys-{'on' if limited else 'off'}.toml"
+        if r.workdir.is_dir():  # not for the command shown in the report
+            path.write_text(f'[[key]]\nname = "bench"\nsecret = "{BENCH_KEY}"\n{limits}')
+        extra = ["--limits-redis", r.redis_url] if limited else []
+        return [*_trio_stream_cmd(r), "--config", str(path), *extra]
+
+    return cmd
+
+
 def _relay_cmd(r: Run) -> list[str]:
     return [sys.executable, str(PEERS / "uvicorn_httpx_relay.py"), "--port", str(r.port),
             "--upstream-url", r.upstream_url]  # fmt: skip
@@ -169,8 +200,11 @@ class Server:
     proxy: bool = False  # serves the proxy scenarios (relays a real upstream)
     redis: bool = False  # needs a redis-server of its own
     otlp: bool = False  # needs an OTLP/HTTP collector (tools/otlp_sink.py) of its own
+    only: tuple[str, ...] = ()  # serves only these scenarios (none: by mock/proxy)
 
     def serves(self, sc: Scenario) -> bool:
+        if self.only:
+            return sc.key in self.only
         if sc.servers:
             return self.name in sc.servers
         return self.proxy if sc.upstream else self.mock
@@ -220,6 +254,15 @@ SERVERS = (
     Server(
         "ts-interval50", "trio-stream serve --event-interval-ms 50 (serves only 'paced')",
         _interval_cmd(50), mock=False,
+    ),
+    Server(
+        "ts-key", "trio-stream serve --config: one [[key]], no limits (serves short, proxy100)",
+        _keys_cmd(False), proxy=True, only=("short", "proxy100"),
+    ),
+    Server(
+        "ts-limits", "the same key with rpm, tpm, max_streams and a daily budget, in a "
+        "--limits-redis of its own (serves short, proxy100)",
+        _keys_cmd(True), proxy=True, redis=True, only=("short", "proxy100"),
     ),
 )  # fmt: skip
 
@@ -377,7 +420,7 @@ def scenarios(quick: bool) -> list[Scenario]:
         Scenario(
             "short", "Short streams (10 tokens), 64 connections: requests/s", "requests_per_s",
             delay_ms=0, concurrency=64, requests=500 if q else 1500, max_tokens=10,
-            extra=("server_us_per_request", "ttft_p99_ms", *load),
+            extra=("server_us_per_request", "server_redis_us_per_request", "ttft_p99_ms", *load),
             ratios=("server_us_per_request",),
         ),
         Scenario(
@@ -425,6 +468,7 @@ METRICS = {
     "events_per_token": ("events/token", False),
     "redis_us_per_token": ("Redis CPU µs/token", False),
     "server_redis_us_per_token": ("server+Redis CPU µs/token", False),
+    "server_redis_us_per_request": ("server+Redis CPU µs/request", False),
     "upstream_cpu_percent": ("fake upstream CPU %", False),
     "client_cpu_percent": ("client CPU %", False),
     "busy_percent": ("bench processes % of machine", False),
@@ -492,6 +536,16 @@ TARGETS = (
            _vs("trio-stream", 1.2, False, "ts-cluster-1"), "ts-cluster-1"),
     Target("proxy100", "server_us_per_token", "≤ 1.2x trio-stream (embedded)",
            _vs("trio-stream", 1.2, False, "ts-cluster-2"), "ts-cluster-2"),
+    Target("short", "requests_per_s", "≥ 0.95x ts-key (limits off)",
+           _vs("ts-key", 0.95, True, "ts-limits"), "ts-limits"),
+    Target("short", "server_us_per_request", "≤ 1.05x ts-key (limits off)",
+           _vs("ts-key", 1.05, False, "ts-limits"), "ts-limits"),
+    Target("short", "server_redis_us_per_request", "≤ 1.05x ts-key (limits off)",
+           _vs("ts-key", 1.05, False, "ts-limits"), "ts-limits"),
+    Target("proxy100", "server_us_per_token", "≤ 1.05x ts-key (limits off)",
+           _vs("ts-key", 1.05, False, "ts-limits"), "ts-limits"),
+    Target("proxy100", "server_redis_us_per_token", "≤ 1.05x ts-key (limits off)",
+           _vs("ts-key", 1.05, False, "ts-limits"), "ts-limits"),
 )  # fmt: skip
 
 
@@ -512,7 +566,8 @@ class LoadClient:
     def command(self, url: str, sc: Scenario, out: Path) -> list[str]:
         return [*self.base, "--url", url, "--concurrency", str(sc.concurrency),
                 "--requests", str(sc.requests), "--scenario", "steady",
-                "--max-tokens", str(sc.max_tokens), "--json", str(out), "--quiet"]  # fmt: skip
+                "--max-tokens", str(sc.max_tokens), "--json", str(out), "--quiet",
+                "--api-key", BENCH_KEY]  # fmt: skip
 
     def run(self, url: str, sc: Scenario, out: Path, log: Path, timeout: float) -> dict[str, Any]:
         with log.open("ab") as err:
@@ -580,7 +635,8 @@ def warm_up(port: int) -> None:
     body = json.dumps({"model": "mock", "messages": MESSAGES, "stream": True, "max_tokens": 5})
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        conn.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
+        headers = {"content-type": "application/json", "authorization": f"Bearer {BENCH_KEY}"}
+        conn.request("POST", "/v1/chat/completions", body, headers)
         conn.getresponse().read()
     finally:
         conn.close()
@@ -617,6 +673,9 @@ def load_figures(
         figures["redis_us_per_token"] = helpers_s["redis"] / tokens * 1e6
     if sc.upstream and tokens:
         figures["server_redis_us_per_token"] = (cpu_s + helpers_s.get("redis", 0)) / tokens * 1e6
+    if req["ok"]:
+        with_redis = cpu_s + helpers_s.get("redis", 0)
+        figures["server_redis_us_per_request"] = with_redis / req["ok"] * 1e6
     busy = cpu_s + float(report["client"]["cpu_s"]) + sum(helpers_s.values())
     figures["busy_percent"] = 100 * busy / wall / (os.cpu_count() or 1)
     if sc.delay_ms:
@@ -987,7 +1046,7 @@ def write_markdown(
            summary.noise(), "", "## Machine", ""]  # fmt: skip
     out += [f"- **{k}**: {v}" for k, v in machine_facts()]
     out += ["", "## Servers", "", "| name | what | command |", "|---|---|---|"]
-    sample = Run(8000, 0, True, False, Path("<tmp>"))
+    sample = Run(8000, 0, True, False, Path("<tmp>"), redis_url="redis://127.0.0.1:6379/0")
     proxied = dataclasses.replace(sample, delay_ms=50, upstream_url="http://127.0.0.1:9000/v1",
                                   redis_url="redis://127.0.0.1:6379/0",
                                   otlp_url="http://127.0.0.1:4318")  # fmt: skip

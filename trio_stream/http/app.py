@@ -97,6 +97,7 @@ class TrioStreamApp(QuartTrio):
     def _route(self, scope: Scope, receive: Receive, send: Send) -> Coroutine[Any, Any, None]:
         """:meth:`__call__`'s dispatch: the handler's coroutine."""
         if scope["type"] == "http":
+            send = self.service.rated(scope, send)  # a limited key's x-ratelimit-* headers
             if framing_conflict(scope):  # before any route reads a body it cannot trust
                 error = ambiguous_framing()
                 return send_error(send, error, close_headers(error, scope["http_version"]))
@@ -148,13 +149,6 @@ def _error_handlers(app: TrioStreamApp) -> None:
     """Every error a Quart route raises, answered with the OpenAI error body."""
     service = app.service
 
-    @app.after_request
-    async def rate_headers(response: Response) -> Response:
-        """Every answer to a limited key carries its ``x-ratelimit-*`` headers."""
-        for name, value in await service.limits.headers(g.get("key")):
-            response.headers[name.decode()] = value.decode()
-        return response
-
     @app.errorhandler(ApiError)
     async def api_error(exc: ApiError) -> Response:
         response = _json(exc.body(), exc.status)
@@ -192,7 +186,7 @@ def _json_views(service: Service) -> dict[str, Callable[..., Coroutine[Any, Any,
 
     def tenant() -> str:
         caller = service.auth.caller(request.headers.get("authorization"))
-        g.key = caller.key  # a limited key's answer gets its x-ratelimit-* headers
+        g.key = caller.key
         return caller.tenant
 
     async def healthz() -> Response:

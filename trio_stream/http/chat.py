@@ -32,13 +32,13 @@ async def chat_completions(service: Service, scope: Scope, receive: Receive, sen
         request = parse_chat_request(await read_request(s, scope, receive))
         service.check_model(request.model)
         with service.stream_slot():
-            async with service.limits.admission(caller.key, request.model) as rate:
+            async with service.limits.admission(caller.key, request.model) as admitted:
                 run = await service.runs.create(caller.tenant, session_id, request)
-                run.meter = service.limits.meter(caller.key, run)
+                run.meter = admitted.meter(run)
                 attached_stream = request.stream and not request.detach
                 sub = subscriber(
                     service, run, send, scope, kind=Subscriber, cursor=0,
-                    drives_backpressure=attached_stream, rate=rate,
+                    drives_backpressure=attached_stream, rate=admitted.headers,
                 )  # fmt: skip
                 if attached_stream:
                     run.window = s.window

@@ -12,7 +12,10 @@ store that cannot be reached, with ``limits_on_outage = "closed"``, is 503
 
 from __future__ import annotations
 
+import itertools
+import math
 import secrets
+from typing import Any
 
 import trio
 from prometheus_client import Counter
@@ -26,6 +29,11 @@ from ..logs import EventLogger
 from ..metrics import Metrics
 from ..runs import Run
 from ..wire.usage import estimate_prompt
+from .asgi import AsgiMessage, Send
+
+#: Seconds after a failed call to the limits' store during which answers
+#: carry no ``x-ratelimit-*`` headers rather than ask it again.
+QUIET = 1.0
 
 
 def refusal(key: KeyDef, verdict: Verdict) -> ApiError:
@@ -105,31 +113,43 @@ class KeyLimits:
             ["key", "kind"], registry=r,
         )  # fmt: skip
         self.charger = Charger(limiter, self._charge_failed, self._charged)
+        self._token_counters: dict[str, tuple[Any, Any]] = {}  # key -> prompt, completion
+        self._admitted: dict[str, Any] = {}  # key -> its "admitted" counter
+        self._anonymous = Admission(self, None)  # shared: it holds no state
+        # Stream slot ids: unique across nodes by this process's prefix.
+        self._slot_ids = map(f"st_{secrets.token_hex(6)}_{{}}".format, itertools.count())
+        self._quiet_until = -math.inf
 
     def _charge_failed(self, error: str) -> None:
         self.logger.event("limits_unavailable", step="charge", error=error)
 
     def _charged(self, name: str, prompt: int, completion: int) -> None:
-        self.tokens.labels(name, "prompt").inc(max(0, prompt))
-        self.tokens.labels(name, "completion").inc(max(0, completion))
+        counters = self._token_counters.get(name)
+        if counters is None:  # labels() costs a lookup under a lock: once per key
+            counters = self.tokens.labels(name, "prompt"), self.tokens.labels(name, "completion")
+            self._token_counters[name] = counters
+        counters[0].inc(max(0, prompt))
+        counters[1].inc(max(0, completion))
 
-    def admission(self, key: KeyDef | None, model: str) -> Admission | _Unlimited:
-        """``async with limits.admission(key, model) as rate_headers: ...``:
+    def admission(self, key: KeyDef | None, model: str) -> Admission:
+        """``async with limits.admission(key, model) as admitted: ...``:
         admit one stream of ``key`` (404 for a model it may not use, 429 when
         refused, 503 when the store is down and the setting is closed), hold
-        its stream slot for the block.  An unlimited key costs nothing."""
+        its stream slot for the block; ``admitted.headers`` are its
+        ``x-ratelimit-*`` headers, ``admitted.meter(run)`` its run's meter.
+        An ``--api-key`` key (``None``) costs nothing; a key without limits
+        only its meter."""
         if key is None:
-            return _UNLIMITED
+            return self._anonymous
         if not key.allows(model):
             self.decisions.labels(key.name, "model").inc()
             raise model_not_allowed(model)
-        if not key.limits.limited:
-            return _UNLIMITED
         return Admission(self, key)
 
-    def meter(self, key: KeyDef | None, run: Run) -> Meter:
+    def meter(self, key: KeyDef | None, run: Run, slot: str | None = None) -> Meter:
         """The meter of ``run``, of ``key`` (every ``[[key]]`` key's usage is
-        kept; an ``--api-key`` key's is not).  Charged from now on: the run
+        kept; an ``--api-key`` key's is not), which frees the stream slot
+        ``slot`` with the run's last charge.  Charged from now on: the run
         must be driven (its cleanup settles the meter)."""
         if key is None:
             return NO_METER
@@ -137,66 +157,103 @@ class KeyLimits:
         urgent = any(v is not None for v in (lim.tpm, lim.tokens_per_day, lim.tokens_per_month))
         model, prompt = run.request.model, estimate_prompt(run.request.messages)
         return Meter(
-            self.charger, key.name, model, prompt, count=lambda: run.log.last_seq, urgent=urgent
-        )
+            self.charger, key.name, model, prompt, count=lambda: run.log.last_seq, urgent=urgent,
+            release=slot,
+        )  # fmt: skip
+
+    def _unavailable(self) -> None:
+        """The store just failed a call: for :data:`QUIET` seconds,
+        :meth:`headers` does not ask it (an answer never waits twice for a
+        store that does not answer)."""
+        self._quiet_until = trio.current_time() + QUIET
 
     async def headers(self, key: KeyDef | None) -> RateHeaders:
-        """The key's ``x-ratelimit-*`` headers now (for a JSON answer); none
-        for an unlimited key or while the store is unreachable.
+        """The key's ``x-ratelimit-*`` headers now (for an answer that was
+        not admitted with them); none for a key without a rate, and none
+        while the store is unreachable or failed a call less than
+        :data:`QUIET` seconds ago.
 
-        Cancellation: a checkpoint for a limited key; a read.
+        Cancellation: a checkpoint for a key with a rate (unless quiet); a read.
         """
-        if key is None or not (key.limits.rpm or key.limits.tpm):
+        if key is None or (key.limits.rpm is None and key.limits.tpm is None):
+            return ()
+        if trio.current_time() < self._quiet_until:
             return ()
         try:
             verdict = await self.limiter.peek(key.name, key.limits)
         except LimitsUnavailable:
+            self._unavailable()
             return ()
         return rate_headers(Verdict(None, 0.0, verdict.requests, verdict.tokens))
 
 
-class _Unlimited:
-    """The admission of an unlimited key: nothing to check or hold."""
+class RatedSend:
+    """An ASGI ``send`` that adds a key's ``x-ratelimit-*`` headers to the
+    answer's head when it has none (an admitted stream's and a refusal's
+    head already carry those of their verdict).  Built by
+    :meth:`~trio_stream.http.service.Service.rated` for every request of a
+    key with a rate, whatever its route.
 
-    __slots__ = ()
+    Cancellation: a ``Cancelled`` while it reads the key's state leaves the
+    head unsent, as a ``Cancelled`` in ``send`` itself would.
+    """
 
-    async def __aenter__(self) -> RateHeaders:
-        return ()
+    __slots__ = ("_key", "_limits", "_send")
 
-    async def __aexit__(self, *exc: object) -> None:
-        return None
+    def __init__(self, send: Send, limits: KeyLimits, key: KeyDef) -> None:
+        self._send = send
+        self._limits = limits
+        self._key = key
 
-
-_UNLIMITED = _Unlimited()
+    async def __call__(self, message: AsgiMessage) -> None:
+        if message["type"] == "http.response.start":
+            headers = message.get("headers", ())
+            if not any(name.startswith(b"x-ratelimit-") for name, _ in headers):
+                extra = await self._limits.headers(self._key)
+                if extra:
+                    message = {**message, "headers": [*headers, *extra]}
+        await self._send(message)
 
 
 class Admission:
-    """One admitted stream of a limited key: its slot, released on exit."""
+    """One admitted stream of a key: its ``x-ratelimit-*`` headers, its
+    slot (released on exit, or with its run's last charge), its meter.  The
+    admission of an ``--api-key`` key (``key`` None) holds nothing and is
+    shared."""
 
-    __slots__ = ("_key", "_limits", "_slot")
+    __slots__ = ("_key", "_limits", "_slot", "headers")
 
-    def __init__(self, limits: KeyLimits, key: KeyDef) -> None:
+    def __init__(self, limits: KeyLimits, key: KeyDef | None) -> None:
         self._limits = limits
         self._key = key
         self._slot: str | None = None
+        self.headers: RateHeaders = ()
 
-    async def __aenter__(self) -> RateHeaders:
-        """Cancellation: a checkpoint (the limiter's call).  A ``Cancelled``
-        releases whatever slot the call may have taken (shielded, bounded)
-        before it propagates."""
+    def meter(self, run: Run) -> Meter:
+        """The meter of the admitted ``run``: it frees the slot with the
+        run's last charge (:meth:`KeyLimits.meter`)."""
+        return self._limits.meter(self._key, run, self._slot)
+
+    async def __aenter__(self) -> Admission:
+        """Cancellation: a checkpoint (the limiter's call) for a limited
+        key.  A ``Cancelled`` releases whatever slot the call may have taken
+        (shielded, bounded) before it propagates."""
         limits, key = self._limits, self._key
-        self._slot = "st_" + secrets.token_hex(8)
+        if key is None or not key.limits.limited:
+            return self
+        self._slot = next(limits._slot_ids)
         try:
             verdict = await limits.limiter.admit(key.name, key.limits, self._slot)
         except LimitsUnavailable as exc:
             self._slot = None
+            limits._unavailable()
             limits.logger.event("limits_unavailable", step="admit", key=key.name, error=str(exc))
             limits.decisions.labels(
                 key.name, "outage_closed" if limits.closed else "outage_open"
             ).inc()
             if limits.closed:
                 raise limits_unavailable() from exc
-            return ()
+            return self
         except BaseException:
             await self._release()
             raise
@@ -204,8 +261,14 @@ class Admission:
             self._slot = None
             limits.decisions.labels(key.name, verdict.refused or "").inc()
             raise refusal(key, verdict)
-        limits.decisions.labels(key.name, "admitted").inc()
-        return rate_headers(verdict)
+        admitted = limits._admitted.get(key.name)
+        if admitted is None:
+            admitted = limits._admitted[key.name] = limits.decisions.labels(key.name, "admitted")
+        admitted.inc()
+        self.headers = rate_headers(verdict)
+        if key.limits.max_streams is None:
+            self._slot = None  # none was taken: nothing to release
+        return self
 
     async def __aexit__(self, *exc: object) -> None:
         """Cancellation: the release is shielded and bounded; a ``Cancelled``
@@ -214,7 +277,7 @@ class Admission:
 
     async def _release(self) -> None:
         slot, self._slot = self._slot, None
-        if slot is None:
+        if slot is None or self._key is None:
             return
         with trio.CancelScope(shield=True) as cs:
             cs.deadline = trio.current_time() + CALL_TIMEOUT + 0.5

@@ -170,13 +170,13 @@ async def create(service: Service, scope: Scope, receive: Receive, send: Send) -
     request, meta = parse_responses_request(await read_request(s, scope, receive))
     service.check_model(request.model)
     with service.stream_slot():
-        async with service.limits.admission(caller.key, request.model) as rate:
+        async with service.limits.admission(caller.key, request.model) as admitted:
             run = await service.runs.create(caller.tenant, session_id, request, meta)
-            run.meter = service.limits.meter(caller.key, run)
+            run.meter = admitted.meter(run)
             attached_stream = request.stream and not meta.background
             sub = subscriber(service, run, send, scope, kind=ResponseSubscriber, cursor=0,
                              drives_backpressure=attached_stream, starting_after=-1,
-                             rate=rate)  # fmt: skip
+                             rate=admitted.headers)  # fmt: skip
             if meta.background:
                 service.runs.start_detached(run)
                 if not request.stream:  # answered at once; poll or stream it by id

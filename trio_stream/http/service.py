@@ -40,7 +40,8 @@ from ..shared import SharedState, create_shared
 from ..store import Store, open_store
 from ..tracing import NO_TRACING, Tracing, create_tracing
 from ..upstream import Upstream, create_member
-from .limits import KeyLimits
+from .asgi import Scope, Send, header
+from .limits import KeyLimits, RatedSend
 from .stream import Pinger
 
 PUBLIC_TENANT = "public"
@@ -88,8 +89,8 @@ class Auth:
         """The names of the ``[[key]]`` keys now."""
         return [c.key.name for _, c in self._all if c.key is not None]
 
-    def caller(self, authorization: str | None) -> Caller:
-        """The caller, or :func:`~trio_stream.errors.unauthorized`."""
+    def find(self, authorization: str | None) -> Caller | None:
+        """The caller, or ``None`` for a missing or unknown key."""
         if self.open:
             return _PUBLIC
         scheme, _, token = (authorization or "").partition(" ")
@@ -98,6 +99,11 @@ class Auth:
         for digest, caller in self._all:  # no early exit: constant time in the keys
             if hmac.compare_digest(digest, given) and scheme.lower() == "bearer":
                 found = caller
+        return found
+
+    def caller(self, authorization: str | None) -> Caller:
+        """The caller, or :func:`~trio_stream.errors.unauthorized`."""
+        found = self.find(authorization)
         if found is None:
             raise unauthorized()
         return found
@@ -166,6 +172,19 @@ class Service:
         self.streams = 0
         self._streams_changed = trio.lowlevel.ParkingLot()
         self._slot = _StreamSlot(self)
+
+    def rated(self, scope: Scope, send: Send) -> Send:
+        """``send`` for a request of a key with a rate (``rpm`` or ``tpm``):
+        every answer's head gets the key's ``x-ratelimit-*`` headers -- on
+        every route and every status, from the one place requests pass
+        through (:meth:`TrioStreamApp.__call__
+        <trio_stream.http.app.TrioStreamApp.__call__>`).  Any other request's
+        ``send`` is returned as it is."""
+        caller = self.auth.find(header(scope, b"authorization"))
+        key = caller.key if caller is not None else None
+        if key is None or (key.limits.rpm is None and key.limits.tpm is None):
+            return send
+        return RatedSend(send, self.limits, key)
 
     def check_model(self, model: str) -> None:
         """404 ``model_not_found`` unless some upstream member serves ``model``."""

@@ -2,14 +2,15 @@
 
 Owns the interface and its guarantees (:mod:`.base`), the window arithmetic
 (:mod:`.window`, pure), the in-process backend (:mod:`.local`), the Redis
-backend (:mod:`.redis`, imported only with ``--redis``), the ``[[key]]``
+backend (:mod:`.redis`, imported only with ``--redis``, and its pipelined
+connection, :mod:`.resp`), the ``[[key]]``
 table of the configuration file (:mod:`.keys`, pure), the
 ``x-ratelimit-*`` headers (:mod:`.headers`, pure) and the factory
 :func:`create_limiter`.
 
 May import: the top-level :mod:`~trio_stream.config` and
-:mod:`~trio_stream.errors`, and :mod:`trio_stream.shared.redis` (its Redis
-connection class and timeouts).  It raises no HTTP error: the HTTP layer
+:mod:`~trio_stream.errors`, and :mod:`trio_stream.wire.usage` (a run's
+usage figures).  It raises no HTTP error: the HTTP layer
 answers :class:`~.base.Verdict` and :class:`~.base.LimitsUnavailable`.
 """
 

@@ -28,9 +28,10 @@ L2 (tokens)    A request is admitted only while the tokens charged to its
                is never refused: a stream in progress is never cut by its
                own tokens; the key's *next* request waits for the window.
 L3 (streams)   At most ``max_streams`` slots of a key are held at once;
-               :meth:`Limiter.release` frees a slot by its own id and is
-               idempotent.  A slot whose node died (it stopped renewing it)
-               is freed after :data:`SLOT_LEASE` seconds.
+               :meth:`Limiter.release` (or :meth:`Limiter.charge` given
+               it) frees a slot by its own id and is idempotent.  A slot
+               whose node died (it stopped renewing it) is freed after
+               :data:`SLOT_LEASE` seconds.
 L4 (budget)    A key whose tokens charged in the current UTC day (or month)
                reached its budget is refused (``budget``) until the period
                ends; the charges of both periods are kept whatever the
@@ -188,11 +189,15 @@ class Limiter(abc.ABC):
 
     @abc.abstractmethod
     async def charge(
-        self, name: str, model: str, prompt: int, completion: int, *, requests: int = 0
-    ) -> None:
+        self, name: str, model: str, prompt: int, completion: int, *, requests: int = 0,
+        release: tuple[str, ...] = (),
+    ) -> None:  # fmt: skip
         """L2, L4, L7: add tokens (and requests, for usage) to the key's
         window, budget and usage.  Never refused; amounts may be negative (a
         correction when the upstream's usage is below what was counted).
+        ``release``: stream slots of the key to free in the same step, as
+        :meth:`release` would (a run's last charge frees its slot: one
+        call for both).
 
         Cancellation: see the class (atomic).
         """

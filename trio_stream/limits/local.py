@@ -68,10 +68,12 @@ class LocalLimiter(Limiter):
             key.slots.discard(slot)
 
     async def charge(
-        self, name: str, model: str, prompt: int, completion: int, *, requests: int = 0
-    ) -> None:
+        self, name: str, model: str, prompt: int, completion: int, *, requests: int = 0,
+        release: tuple[str, ...] = (),
+    ) -> None:  # fmt: skip
         """Cancellation: never checkpoints."""
         key = self._keys[name]
+        key.slots.difference_update(release)
         current = bucket_of(self._clock(), self.bucket)
         live(key.tokens, current)
         tokens = prompt + completion

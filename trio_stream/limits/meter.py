@@ -9,7 +9,9 @@ run ends, its cleanup :meth:`Meter.settle` s it: the difference between the
 run's final usage (the upstream's when it reported one, the counted fallback
 otherwise: docs/api.md section 2.10) and what was already charged is added,
 and the key's sums are sent before the run is FINISHED -- so once a client
-has the stream's end, the next request of its key sees every token.
+has the stream's end, the next request of its key sees every token.  The
+run's stream slot (a key with ``max_streams``) is freed by that same call:
+a run's end costs one call to the limiter, not two.
 
 A stream in progress is never cut by its own tokens: a charge is never
 refused (L2 of :mod:`.base`).
@@ -41,6 +43,8 @@ class Charger:
     ) -> None:
         self.limiter = limiter
         self.pending: _Pending = {}
+        #: Stream slots to free with their key's next charge (runs that ended).
+        self.releases: dict[str, list[str]] = {}
         self.meters: set[Meter] = set()  # of the runs not settled yet
         self._on_error = on_error  # (message): a send that did not land
         self._on_charged = on_charged  # (key, prompt, completion): a send that did
@@ -70,19 +74,26 @@ class Charger:
             await self.flush()
 
     async def flush(self, name: str | None = None) -> None:
-        """Send the pending sums (of key ``name``, or all).  A sum that did not
-        land (the limiter is unreachable) stays pending for the next round.
+        """Send the pending sums (of key ``name``, or all), each with the
+        stream slots its key has to free (:attr:`releases`); slots of a key
+        with no sum pending are released on their own.  A sum that did not
+        land (the limiter is unreachable) stays pending for the next round;
+        its slots do not (their requests release them as they end, and a
+        slot's lease expires).
 
-        Cancellation: a checkpoint per sum sent; a ``Cancelled`` puts the sum
-        in flight back (it is sent again later, so if its charge had landed
-        it counts twice: an over-charge, never an under-charge).
+        Cancellation: a checkpoint per call; a ``Cancelled`` puts the sum in
+        flight back (it is sent again later, so if its charge had landed it
+        counts twice: an over-charge, never an under-charge).
         """
         for key in [k for k in self.pending if name is None or k[0] == name]:
             sums = self.pending.pop(key, None)
             if sums is None:
                 continue
+            slots = tuple(self.releases.pop(key[0], ()))
             try:
-                await self.limiter.charge(key[0], key[1], sums[1], sums[2], requests=sums[0])
+                await self.limiter.charge(
+                    key[0], key[1], sums[1], sums[2], requests=sums[0], release=slots
+                )
             except LimitsUnavailable as exc:
                 self.add(key[0], key[1], *sums)
                 if self._on_error is not None:
@@ -93,6 +104,12 @@ class Charger:
                 raise
             if self._on_charged is not None:
                 self._on_charged(key[0], sums[1], sums[2])
+        for key_name in [n for n in self.releases if name is None or n == name]:
+            for slot in self.releases.pop(key_name, ()):
+                try:
+                    await self.limiter.release(key_name, slot)
+                except LimitsUnavailable:
+                    return
 
 
 class Meter:
@@ -100,18 +117,22 @@ class Meter:
     is the meter of a run with nothing to charge."""
 
     __slots__ = (
-        "_charger", "_completion", "_count", "_model", "_name", "_prompt", "_started", "_urgent",
+        "_charger", "_completion", "_count", "_model", "_name", "_prompt", "_release",
+        "_started", "_urgent",
     )  # fmt: skip
 
     def __init__(
         self, charger: Charger | None, name: str, model: str, prompt: int, *,
-        count: Callable[[], int] = lambda: 0, urgent: bool = True,
+        count: Callable[[], int] = lambda: 0, urgent: bool = True, release: str | None = None,
     ) -> None:  # fmt: skip
         """``count``: the deltas the run has received so far.  ``urgent``:
         send the key's sums as the run ends (its key has a token limit or
         budget, which the next request must see); otherwise the charger's
-        next round sends them.  Charged from now on until :meth:`settle`."""
+        next round sends them.  ``release``: the run's stream slot, freed
+        with its last charge as it ends (then the sums are sent at once, in
+        the same call).  Charged from now on until :meth:`settle`."""
         self._charger = charger
+        self._release = release
         self._count = count
         self._urgent = urgent
         self._name = name
@@ -153,7 +174,10 @@ class Meter:
         )  # fmt: skip
         self._started = True
         self._prompt, self._completion = usage.prompt_tokens, usage.completion_tokens
-        if self._urgent:
+        slot, self._release = self._release, None
+        if slot is not None:
+            self._charger.releases.setdefault(self._name, []).append(slot)
+        if self._urgent or slot is not None:
             await self._charger.flush(self._name)
 
 

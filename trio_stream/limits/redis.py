@@ -12,8 +12,12 @@ enter a window.  What lives in Redis (``prefix`` = ``ts:``), per key name::
     ts:k:{name}:u:{day}     hash   "{model}\\n{r|p|c}" -> requests, prompt and
                                    completion tokens of that day
 
-Buckets older than the window are deleted by the script that next reads the
-hash; every key expires by itself once unused.
+Buckets older than the window are deleted by the next admission (which
+reads the hash in one pass and sorts its buckets only to compute a
+refusal's retry); ``rq`` is written only for a key with ``rpm``, and a
+charge prunes ``tk`` itself once it holds twice the window (a key without
+``tpm``, whose admissions do not read it).  Every key expires by itself
+once unused.
 
 Failure modes:
 
@@ -37,11 +41,8 @@ import math
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-import coredis
-import coredis.exceptions
 import trio
 
-from ..shared.redis_conn import redis_client
 from .base import (
     BUCKETS,
     CALL_TIMEOUT,
@@ -55,6 +56,7 @@ from .base import (
     Verdict,
     Window,
 )
+from .resp import Pipe, ReplyError, Script
 
 T = TypeVar("T")
 
@@ -80,20 +82,33 @@ local function day_of(secs)
   if m <= 2 then y = y + 1 end
   return string.format('%04d-%02d-%02d', y, m, d)
 end
--- the window's buckets, oldest first; older ones are deleted
-local function live(key, current)
+-- one pass over a window's hash: buckets older than the window are deleted;
+-- returns the live total, the newest bucket counting anything (nil: none)
+-- and the live buckets {{index, count}} (only when the total reaches
+-- 'limit': then the retry needs them in order)
+local function live(key, current, limit)
   local all = redis.call('HGETALL', key)
-  local items = {{}}
+  local oldest = current - (BUCKETS - 1)
+  local total, newest, items = 0, nil, nil
   for i = 1, #all, 2 do
     local idx = tonumber(all[i])
-    if idx < current - (BUCKETS - 1) then
+    if idx < oldest then
       redis.call('HDEL', key, all[i])
     else
-      table.insert(items, {{idx, tonumber(all[i + 1])}})
+      local n = tonumber(all[i + 1])
+      total = total + n
+      if n ~= 0 and (newest == nil or idx > newest) then newest = idx end
     end
   end
-  table.sort(items, function(a, b) return a[1] < b[1] end)
-  return items
+  if limit ~= nil and limit >= 0 and total >= limit then
+    items = {{}}
+    for i = 1, #all, 2 do
+      local idx = tonumber(all[i])
+      if idx >= oldest then table.insert(items, {{idx, tonumber(all[i + 1])}}) end
+    end
+    table.sort(items, function(a, b) return a[1] < b[1] end)
+  end
+  return total, newest, items
 end
 """
 
@@ -107,29 +122,31 @@ local bucket = tonumber(ARGV[1])
 local current = math.floor(now / bucket)
 local rpm, tpm, maxs = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local pday, pmonth = tonumber(ARGV[5]), tonumber(ARGV[6])
-local function window(items, limit, add)
-  local total = 0
-  for _, it in ipairs(items) do total = total + it[2] end
+-- remaining, reset and retry of one rate, 'add' more counted now
+local function window(total, newest, items, limit, add)
   local retry = 0
-  if total >= limit then
+  if items ~= nil then
     local left = total
     for _, it in ipairs(items) do
       left = left - it[2]
       if left < limit then retry = (it[1] + BUCKETS) * bucket - now; break end
     end
   end
-  local newest = nil
-  for _, it in ipairs(items) do if it[2] ~= 0 then newest = it[1] end end
   if add > 0 then total = total + add; newest = current end
   local reset = 0
   if newest then reset = math.max(0, (newest + BUCKETS) * bucket - now) end
   return math.max(0, limit - total), reset, math.max(0, retry)
 end
-local rq_items = live(KEYS[1], current)
-local tk_items = live(KEYS[2], current)
+local rq_total, rq_newest, rq_items, tk_total, tk_newest, tk_items = 0, nil, nil, 0, nil, nil
 local rq_rem, rq_reset, rq_retry, tk_rem, tk_reset, tk_retry = 0, 0, 0, 0, 0, 0
-if rpm >= 0 then rq_rem, rq_reset, rq_retry = window(rq_items, rpm, 0) end
-if tpm >= 0 then tk_rem, tk_reset, tk_retry = window(tk_items, tpm, 0) end
+if rpm >= 0 then
+  rq_total, rq_newest, rq_items = live(KEYS[1], current, rpm)
+  rq_rem, rq_reset, rq_retry = window(rq_total, rq_newest, rq_items, rpm, 0)
+end
+if tpm >= 0 then
+  tk_total, tk_newest, tk_items = live(KEYS[2], current, tpm)
+  tk_rem, tk_reset, tk_retry = window(tk_total, tk_newest, tk_items, tpm, 0)
+end
 local day = day_of(secs)
 local function spent(period) return tonumber(redis.call('GET', KEYS[4] .. period) or '0') end
 local refused, retry = '', 0
@@ -145,9 +162,11 @@ elseif maxs >= 0 then
   if redis.call('ZCARD', KEYS[3]) >= maxs then refused = 'streams' end
 end
 if refused == '' and ARGV[8] == '1' then
-  if rpm >= 0 then rq_rem, rq_reset = window(rq_items, rpm, 1) end
-  redis.call('HINCRBY', KEYS[1], tostring(current), 1)
-  redis.call('PEXPIRE', KEYS[1], ARGV[10])
+  if rpm >= 0 then rq_rem, rq_reset = window(rq_total, rq_newest, nil, rpm, 1) end
+  if rpm >= 0 then  -- only a key with rpm reads (and so prunes) this hash
+    redis.call('HINCRBY', KEYS[1], tostring(current), 1)
+    redis.call('PEXPIRE', KEYS[1], ARGV[10])
+  end
   if maxs >= 0 then
     redis.call('ZADD', KEYS[3], now + tonumber(ARGV[9]), ARGV[7])
     redis.call('PEXPIRE', KEYS[3], math.ceil(tonumber(ARGV[9]) * 1000))
@@ -158,8 +177,8 @@ return {refused, f(retry), rq_rem, f(rq_reset), tk_rem, f(tk_reset)}
 """
 )
 
-# KEYS: tk, budget prefix, usage prefix.  ARGV: bucket, model, prompt,
-# completion, requests, ttl ms, usage ttl s.
+# KEYS: tk, budget prefix, usage prefix, st.  ARGV: bucket, model, prompt,
+# completion, requests, ttl ms, usage ttl s, then the slots to release.
 _CHARGE = (
     _PRELUDE
     + """
@@ -167,7 +186,10 @@ local now, secs = clock()
 local current = math.floor(now / tonumber(ARGV[1]))
 local prompt, completion = tonumber(ARGV[3]), tonumber(ARGV[4])
 local tokens = prompt + completion
-live(KEYS[1], current)
+-- a key without tpm has no admission reading this hash: prune it here, in
+-- one pass every BUCKETS charges at most, so it never holds more than twice
+-- the window
+if redis.call('HLEN', KEYS[1]) > 2 * BUCKETS then live(KEYS[1], current, nil) end
 redis.call('HINCRBY', KEYS[1], tostring(current), tokens)
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 local day = day_of(secs)
@@ -180,6 +202,7 @@ redis.call('HINCRBY', u, ARGV[2] .. '\\n' .. 'r', ARGV[5])
 redis.call('HINCRBY', u, ARGV[2] .. '\\n' .. 'p', prompt)
 redis.call('HINCRBY', u, ARGV[2] .. '\\n' .. 'c', completion)
 redis.call('EXPIRE', u, ARGV[7])
+if #ARGV > 7 then redis.call('ZREM', KEYS[4], unpack(ARGV, 8)) end
 return 1
 """
 )
@@ -218,16 +241,17 @@ def _limit(value: int | None) -> str:
 
 
 class RedisLimiter(Limiter):
-    """The limits in Redis (or Valkey), through coredis, as the shared state."""
+    """The limits in Redis (or Valkey), through one pipelined connection
+    (:mod:`.resp`): every call of the process shares it."""
 
     def __init__(self, url: str, window: float = 60.0, *, prefix: str = "ts:") -> None:
         super().__init__(window)
         self.prefix = prefix
-        self.client = redis_client(url, max_idle_time=10)
-        self._admit = self.client.register_script(_ADMIT)
-        self._charge = self.client.register_script(_CHARGE)
-        self._usage = self.client.register_script(_USAGE)
-        self._renew_script = self.client.register_script(_RENEW)
+        self.pipe = Pipe(url)
+        self._admit = Script(_ADMIT)
+        self._charge = Script(_CHARGE)
+        self._usage = Script(_USAGE)
+        self._renew_script = Script(_RENEW)
         self._held: dict[str, str] = {}  # slot -> key name: this node's leases
         self._ttl_ms = str(math.ceil(window * 1000) + 1000)
 
@@ -235,22 +259,25 @@ class RedisLimiter(Limiter):
         return f"{self.prefix}k:{name}:{part}"
 
     async def _call(self, step: Awaitable[T]) -> T:
-        """One Redis step; any failure to reach Redis is LimitsUnavailable."""
+        """One Redis step; any failure to reach Redis is LimitsUnavailable.
+        (A plain cancel scope, not ``fail_after``: this runs twice per
+        limited request, and the scope is all the deadline needs.)"""
         try:
-            with trio.fail_after(CALL_TIMEOUT):
+            with trio.CancelScope(deadline=trio.current_time() + CALL_TIMEOUT) as cs:
                 return await step
-        except (TimeoutError, trio.TooSlowError) as exc:
-            raise LimitsUnavailable("redis: timeout") from exc
-        except (coredis.exceptions.RedisError, OSError) as exc:
-            raise LimitsUnavailable(f"redis: {type(exc).__name__}") from exc
+        except ReplyError as exc:
+            raise LimitsUnavailable(f"redis: {exc}") from exc
+        assert cs.cancelled_caught
+        raise LimitsUnavailable("redis: timeout")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Hold the client and renew this node's stream slots until cancelled.
+        """Hold the connection and renew this node's stream slots until cancelled.
 
         Cancellation: a ``Cancelled`` stops the renewals and closes the
-        client; the slots still held expire after :data:`SLOT_LEASE`.
+        connection; the slots still held expire after :data:`SLOT_LEASE`.
         """
-        async with self.client:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.pipe.run)
             task_status.started()
             while True:
                 await trio.sleep(SLOT_RENEW)
@@ -265,7 +292,7 @@ class RedisLimiter(Limiter):
             return
         keys = [self._k(name, "st") for _, name in held]
         await self._call(
-            self._renew_script(keys=keys, args=[repr(SLOT_LEASE)] + [s for s, _ in held])
+            self.pipe.script(self._renew_script, keys, [repr(SLOT_LEASE)] + [s for s, _ in held])
         )
 
     async def _decide(self, name: str, limits: Limits, slot: str, counting: bool) -> Verdict:
@@ -276,7 +303,7 @@ class RedisLimiter(Limiter):
             _limit(limits.tokens_per_month), slot, "1" if counting else "0",
             repr(SLOT_LEASE), self._ttl_ms,
         ]  # fmt: skip
-        raw: list[Any] = await self._call(self._admit(keys=keys, args=args))
+        raw: list[Any] = await self._call(self.pipe.script(self._admit, keys, args))
         refused, retry, rq_rem, rq_reset, tk_rem, tk_reset = raw
         rq = tk = None
         if limits.rpm is not None:
@@ -307,18 +334,23 @@ class RedisLimiter(Limiter):
         """Cancellation: a checkpoint; a ``Cancelled`` leaves the slot to expire."""
         if self._held.pop(slot, None) is None:
             return
-        await self._call(self.client.zrem(self._k(name, "st"), [slot]))
+        await self._call(self.pipe.call("ZREM", self._k(name, "st"), slot))
 
     async def charge(
-        self, name: str, model: str, prompt: int, completion: int, *, requests: int = 0
-    ) -> None:
-        """Cancellation: a checkpoint; one script, run or not."""
-        keys = [self._k(name, "tk"), self._k(name, "b:"), self._k(name, "u:")]
+        self, name: str, model: str, prompt: int, completion: int, *, requests: int = 0,
+        release: tuple[str, ...] = (),
+    ) -> None:  # fmt: skip
+        """Cancellation: a checkpoint; one script, run or not (a slot it
+        released stays renewed until it answered: then the caller's own
+        :meth:`release` of it costs no call)."""
+        keys = [self._k(name, "tk"), self._k(name, "b:"), self._k(name, "u:"), self._k(name, "st")]
         args = [
             repr(self.bucket), model, str(prompt), str(completion), str(requests),
-            self._ttl_ms, str((USAGE_DAYS + 1) * 86400),
+            self._ttl_ms, str((USAGE_DAYS + 1) * 86400), *release,
         ]  # fmt: skip
-        await self._call(self._charge(keys=keys, args=args))
+        await self._call(self.pipe.script(self._charge, keys, args))
+        for slot in release:
+            self._held.pop(slot, None)
 
     async def peek(self, name: str, limits: Limits) -> Verdict:
         """Cancellation: a checkpoint; a read (it only drops expired buckets)."""
@@ -327,7 +359,7 @@ class RedisLimiter(Limiter):
     async def usage(self, name: str) -> list[UsageRow]:
         """Cancellation: a checkpoint; a read."""
         flat: list[str] = await self._call(
-            self._usage(keys=[self._k(name, "u:")], args=[str(USAGE_DAYS)])
+            self.pipe.script(self._usage, [self._k(name, "u:")], [str(USAGE_DAYS)])
         )
         rows: dict[tuple[str, str], list[int]] = {}
         for i in range(0, len(flat), 3):
