@@ -1,8 +1,8 @@
 """The limiter's pipelined Redis connection (trio_stream/limits/resp.py):
-RESP encoding and parsing (pure), and on a real Redis, replies matched to
-their calls however many share the connection and whichever are cancelled;
-a broken connection fails its waiting calls at once and the next call
-opens a new one."""
+RESP encoding and parsing (hiredis, as the connection uses it), and on a
+real Redis, replies matched to their calls however many share the
+connection and whichever are cancelled; a broken connection fails its
+waiting calls at once and the next call opens a new one."""
 
 from __future__ import annotations
 
@@ -12,29 +12,44 @@ import trio
 from tests.redis_server import RedisServer
 from trio_stream.limits import resp
 from trio_stream.limits.base import LimitsUnavailable
-from trio_stream.limits.resp import Address, Pipe, ReplyError, Script, _Incomplete, encode, parse
+from trio_stream.limits.resp import (
+    INCOMPLETE,
+    Address,
+    Pipe,
+    ReplyError,
+    Script,
+    encode,
+    reply_reader,
+)
 
 
 def test_encode_and_parse_every_reply_kind() -> None:
     """A command is an array of bulk strings; each RESP2 reply kind parses to
-    its value, a cut reply is incomplete (never a wrong value), and bytes
-    that are not RESP are refused."""
+    its value (an error reply to a ReplyError value, not raised), a reply cut
+    anywhere is incomplete (never a wrong value), and bytes that are not
+    RESP are refused as ValueError (which breaks the connection)."""
     assert encode(("EVALSHA", "ab", "1", "k")) == (
         b"*4\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n1\r\n$1\r\nk\r\n"
     )
     assert encode(("SET", "é")) == b"*2\r\n$3\r\nSET\r\n$2\r\n\xc3\xa9\r\n"
-    reply = b"*5\r\n$2\r\nok\r\n:-3\r\n$-1\r\n*1\r\n+OK\r\n$0\r\n\r\n-ERR x\r\n"
-    value, pos = parse(reply, 0)
-    assert value == ["ok", -3, None, ["OK"], ""]
-    error, end = parse(reply, pos)
+    first = b"*5\r\n$2\r\nok\r\n:-3\r\n$-1\r\n*1\r\n+OK\r\n$0\r\n\r\n"
+    reader = reply_reader()
+    reader.feed(first + b"-ERR x\r\n")
+    assert reader.gets() == ["ok", -3, None, ["OK"], ""]
+    error = reader.gets()
     assert isinstance(error, ReplyError)
     assert str(error) == "ERR x"
-    assert end == len(reply)
-    for cut in range(1, pos):
-        with pytest.raises(_Incomplete):
-            parse(reply[:cut], 0)
-    with pytest.raises(ValueError, match="not RESP"):
-        parse(b"?what\r\n", 0)
+    assert reader.gets() is INCOMPLETE
+    for cut in range(1, len(first)):
+        reader = reply_reader()
+        reader.feed(first[:cut])
+        assert reader.gets() is INCOMPLETE
+        reader.feed(first[cut:])  # the rest completes it, exactly
+        assert reader.gets() == ["ok", -3, None, ["OK"], ""]
+    reader = reply_reader()
+    reader.feed(b"?what\r\n")
+    with pytest.raises(ValueError, match="Protocol error"):
+        reader.gets()
 
 
 def test_addresses() -> None:

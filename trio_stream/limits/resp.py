@@ -11,8 +11,8 @@ request object; here every call of the process shares one connection:
 * one writer task sends whatever the out-box holds in one write (the calls
   made while a write was in flight go out together: a burst of admissions
   costs one system call, and Redis answers them in one read);
-* one reader task parses the replies (RESP2) and hands each to the oldest
-  waiting slot.
+* one reader task parses the replies (RESP2, with hiredis's parser) and
+  hands each to the oldest waiting slot.
 
 A call that is cancelled or times out after its command was queued leaves
 its slot in the queue: the reader still consumes its reply, so the replies
@@ -42,9 +42,10 @@ import hashlib
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import hiredis
 import trio
 
 from .base import CALL_TIMEOUT, LimitsUnavailable
@@ -91,51 +92,25 @@ class Address:
 
 
 def encode(args: tuple[str | bytes, ...]) -> bytes:
-    """A command in RESP: an array of bulk strings."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else arg.encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
+    """A command in RESP: an array of bulk strings (hiredis's encoder)."""
+    # hiredis's stub types the argument as a 1-tuple; any length is accepted.
+    packed: bytes = hiredis.pack_command(cast(Any, args))
+    return packed
 
 
-class _Incomplete(Exception):
-    """The buffer does not hold the whole reply yet."""
+#: What :meth:`hiredis.Reader.gets` returns while the buffer does not hold a
+#: whole reply yet (RESP2 has no reply it could be mistaken for).
+INCOMPLETE = object()
 
 
-def parse(buf: bytearray | bytes, pos: int) -> tuple[Any, int]:
-    """One RESP2 reply at ``pos``: its value (str, int, None, list, or a
-    :class:`ReplyError`) and the position after it.  Raises
-    :class:`_Incomplete` when the buffer ends first, ``ValueError`` for bytes
-    that are not RESP."""
-    end = buf.find(b"\r\n", pos)
-    if end < 0:
-        raise _Incomplete
-    kind, line = buf[pos : pos + 1], bytes(buf[pos + 1 : end])
-    pos = end + 2
-    if kind == b"+":
-        return line.decode(), pos
-    if kind == b":":
-        return int(line), pos
-    if kind == b"-":
-        return ReplyError(line.decode(errors="replace")), pos
-    if kind == b"$":
-        size = int(line)
-        if size < 0:
-            return None, pos
-        if len(buf) < pos + size + 2:
-            raise _Incomplete
-        return bytes(buf[pos : pos + size]).decode(), pos + size + 2
-    if kind == b"*":
-        count = int(line)
-        if count < 0:
-            return None, pos
-        items = []
-        for _ in range(count):
-            item, pos = parse(buf, pos)
-            items.append(item)
-        return items, pos
-    raise ValueError(f"not RESP: {bytes(buf[pos - len(line) - 3 : pos])!r}")
+def reply_reader() -> hiredis.Reader:
+    """A RESP2 parser (hiredis, the C parser redis-py uses): bulk strings as
+    str, an error reply as a :class:`ReplyError` value (never raised), and
+    bytes that are not RESP raised as ``ValueError``."""
+    return hiredis.Reader(
+        protocolError=ValueError, replyError=ReplyError, encoding="utf-8",
+        notEnoughData=INCOMPLETE,
+    )  # fmt: skip
 
 
 class _Slot:
@@ -221,24 +196,18 @@ class _Link:
             await self.stream.send_all(data)
 
     async def _read(self) -> None:
-        buf = bytearray()
+        reader = reply_reader()
         while True:
             chunk = await self.stream.receive_some(65536)
             if not chunk:
                 raise trio.BrokenResourceError("redis closed the connection")
-            buf += chunk
-            pos = 0
-            while pos < len(buf):
-                try:
-                    value, pos = parse(buf, pos)
-                except _Incomplete:
-                    break
+            reader.feed(cast(bytes, chunk))  # a bytearray is read as well
+            while (value := reader.gets()) is not INCOMPLETE:
                 if not self.waiting:
                     raise ValueError("a reply nobody asked for")
                 slot = self.waiting.popleft()
                 slot.value = value
                 slot.done.set()
-            del buf[:pos]
 
 
 class Pipe:
