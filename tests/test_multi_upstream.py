@@ -450,3 +450,49 @@ async def test_a_member_silent_past_the_requests_deadline_cools_down(
             assert hung.open_connections == 0
             assert (await post(server, chat())).status_code == 200
             assert (len(hung.requests), len(other.requests)) == (1, 1)
+
+
+async def test_a_probe_brings_a_cooling_member_back(
+    settings: Settings, autojump_clock: trio.testing.MockClock
+) -> None:
+    """P1-P3 end to end: two members with probe = true (probe_interval_ms =
+    500) fail one request (a 502, a refused connection) and cool for 30 s.
+    Each is sent GET /models 0.5 s after its cooldown began: the one that
+    answers is open again at that instant (the next request goes to it), the
+    refused one is probed again each 0.5 s and stays cooling; no request
+    reaches either before its probe."""
+    async with fakes(2) as (flaky, other):
+        flaky.plan = first_time(error_plan(502))
+        probing = {"weight": 10.0, "probe": True, "probe_interval_ms": 500.0,
+                   "cooldown_ms": 30_000.0, "max_cooldown_ms": 30_000.0}  # fmt: skip
+        specs = (member("flaky", flaky, **probing), member("dead", refused_url(), **probing),
+                 member("other", other))  # fmt: skip
+        async with serving(settings, *specs) as server:
+            start = trio.current_time()
+            assert (await post(server, chat())).status_code == 200  # flaky, dead, then other
+
+            def chats() -> list[dict[str, Any]]:  # the chat requests (a GET /models is {})
+                return [r for r in flaky.requests if r]
+
+            assert len(chats()) == 1
+            assert len(other.requests) == 1
+            await trio.sleep(0.4)
+            assert (await post(server, chat())).status_code == 200
+            assert (len(chats()), len(other.requests)) == (1, 2)
+            assert [e.target for e in flaky.exchanges] == [b"/v1/chat/completions"]
+            await trio.sleep_until(start + 0.6)
+            probe = flaky.exchanges[1]
+            assert probe.target == b"/v1/models"
+            assert probe.started - start == pytest.approx(0.5, abs=0.01)
+            assert metric(server, "trio_stream_upstream_cooling", member="flaky") == 0
+            assert metric(server, "trio_stream_upstream_cooling", member="dead") == 1
+            assert (await post(server, chat())).status_code == 200
+            assert (len(chats()), len(other.requests)) == (2, 2)
+            await trio.sleep_until(start + 1.2)
+            assert metric(server, "trio_stream_upstream_probes_total", member="flaky",
+                          result="answered") == 1  # fmt: skip
+            assert metric(server, "trio_stream_upstream_probes_total", member="dead",
+                          result="failed") == 2  # fmt: skip
+            assert metric(server, "trio_stream_upstream_cooling", member="dead") == 1
+            (back,) = server.logs.events("upstream_probe", member="flaky")
+            assert back["back"] is True

@@ -16,6 +16,9 @@ virtual time moves by a random amount.  A member's state is one of
   ``first_token_timeout`` is 1 s, the request's 4 s);
 * ``breaks``: two tokens, then the stream fails.
 
+``b`` has ``probe = true`` (every 300 ms while it cools): its probe is
+answered unless it is ``refused``, ``5xx`` or ``429``.
+
 Each member's tokens name it (``a0 a1 ...``), so the saved text says which
 member streamed it.  The invariants:
 
@@ -81,6 +84,7 @@ class ScriptedMember:
     router: Router | None = None
     opened: int = 0
     open_now: int = 0
+    probes_answered: int = 0
     violations: list[str] = field(default_factory=list)
 
     def stream(self, request: ChatRequest) -> AbstractAsyncContextManager[AsyncIterator[Item]]:
@@ -121,6 +125,11 @@ class ScriptedMember:
         yield Finish("stop")
 
     async def models(self) -> list[dict[str, Any]]:
+        """The probe (``b`` has ``probe = true``): answered unless the member is down."""
+        await trio.lowlevel.checkpoint()
+        if self.state in ("refused", "5xx", "429"):
+            raise Walked("the probe failed", None)
+        self.probes_answered += 1
         return []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -188,7 +197,8 @@ def specs() -> tuple[MemberSpec, ...]:
     cool, cap = 500.0, 4000.0
     return (
         MemberSpec("a", "mock", models=models, weight=2.0, cooldown_ms=cool, max_cooldown_ms=cap),
-        MemberSpec("b", "mock", models=models, cooldown_ms=cool, max_cooldown_ms=cap),
+        MemberSpec("b", "mock", models=models, cooldown_ms=cool, max_cooldown_ms=cap, probe=True,
+                   probe_interval_ms=300.0),
         MemberSpec("c", "mock", models=models, first_token_timeout=1.0, cool_after_failures=2,
                    cooldown_ms=cool, max_cooldown_ms=cap),
     )  # fmt: skip
@@ -256,6 +266,8 @@ async def test_random_member_failures_slowness_and_recoveries(
     outcomes = {r["failure"] for r in app.logs.events("upstream_failed")}
     assert {"connect", "server", "rate_limited", "broken", "timeout"} <= outcomes, outcomes
     assert app.logs.events("upstream_hedge")
+    assert [r for r in app.logs.events("upstream_probe", member="b") if r["back"]]
+    assert app.logs.events("upstream_probe", member="b", answered=False)
     statuses = {r.client.status for r in walk.requests}
     assert 503 in statuses  # every member cooling at once, some time
     served = {m.served_by for m in by_run.values() if m.content}
