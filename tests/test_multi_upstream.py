@@ -11,6 +11,7 @@ delivers at send time, so the clock only jumps when every task waits.
 from __future__ import annotations
 
 import socket
+import statistics
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,7 +23,7 @@ import trio.testing
 
 from tests.conftest import RawClient, Server, loopback_client, running_server, tasks_living
 from tests.redis_server import RedisServer
-from tools.fakes import FakeUpstream, Plan, Step, mock_plan, token_plan
+from tools.fakes import Connection, FakeUpstream, Plan, Step, mock_plan, token_plan
 from trio_stream import Settings
 from trio_stream.config.members import GroupSpec, MemberSpec, ModelName, Upstreams
 from trio_stream.store import open_store
@@ -496,3 +497,49 @@ async def test_a_probe_brings_a_cooling_member_back(
             assert metric(server, "trio_stream_upstream_cooling", member="dead") == 1
             (back,) = server.logs.events("upstream_probe", member="flaky")
             assert back["back"] is True
+
+
+FAST_GAP = 0.01
+
+
+def is_closed(conn: Connection) -> Callable[[], bool]:
+    return lambda: conn.closed is not None
+
+
+async def test_hedge_on_the_real_clock(settings: Settings) -> None:
+    """The hedge test above on trio's real clock, 20 times (each response
+    read to its end): the first token comes 200 ms after the request plus
+    the fast member's time (median under 250 ms); the slow member's
+    connection is closed a median under 5 ms after the fast member sent its
+    first token -- before the win, so the close follows the win by less --
+    and none later than 100 ms (a loaded machine's scheduling), while the fast
+    member's answer goes on for another ~130 ms: the loser is closed at the
+    win, not when the run ends."""
+    async with fakes(2) as (slow, fast):
+        slow.plan = slow_plan(2.0)
+        fast.plan = mock_plan("openai", delay=FAST_GAP)  # its answer lasts ~130 ms after the win
+        specs = (member("slow", slow, weight=10.0), member("fast", fast))
+        async with serving(settings, *specs, groups=(GroupSpec("m", 200.0),)) as server:
+            ttfts, closes = [], []
+            with trio.fail_after(30):
+                for _ in range(20):
+                    start = trio.current_time()
+                    client = await RawClient.post(server.port, CHAT, chat(stream=True))
+                    try:
+                        assert await client.start() == 200
+                        assert await client.next_event() is not None
+                        ttfts.append(trio.current_time() - start)
+                        await client.read_all()
+                    finally:
+                        await client.aclose()
+                    slow_conn, exchange = slow.connections[-1], fast.exchanges[-1]
+                    await slow.wait_for(is_closed(slow_conn))
+                    assert slow_conn.closed is not None
+                    # The fake sends its first token FAST_GAP after the request (or later).
+                    closes.append(slow_conn.closed - (exchange.started + FAST_GAP))
+            assert min(ttfts) >= 0.2
+            assert statistics.median(ttfts) < 0.25, ttfts
+            assert statistics.median(closes) < 0.005, closes
+            assert max(closes) < 0.1, closes
+            assert len(fast.exchanges) == 20
+            assert slow.open_connections == 0
