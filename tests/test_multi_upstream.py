@@ -543,3 +543,42 @@ async def test_hedge_on_the_real_clock(settings: Settings) -> None:
             assert max(closes) < 0.1, closes
             assert len(fast.exchanges) == 20
             assert slow.open_connections == 0
+
+
+@pytest.mark.parametrize("how", ["disconnect", "stop"])
+async def test_a_disconnect_or_stop_during_a_hedge_closes_both_members(
+    settings: Settings, autojump_clock: trio.testing.MockClock, how: str
+) -> None:
+    """A run racing two members (neither has sent a token) is ended by its
+    client's disconnect, or by POST /v1/runs/{id}/cancel: both upstream
+    connections close at that virtual instant (the cancel reaches every
+    attempt of the race), no member has a stream in flight, and the tasks
+    are back at their baseline."""
+    async with fakes(2) as (a, b):
+        a.plan = b.plan = slow_plan(30.0)
+        specs = (member("a", a, weight=10.0), member("b", b))
+        async with serving(settings, *specs, groups=(GroupSpec("m", 200.0),)) as server:
+            baseline = await tasks_living()
+            client = await RawClient.post(server.port, CHAT, chat(stream=True))
+            try:
+                await a.wait_for(lambda: a.busy_connections == 1)
+                await b.wait_for(lambda: b.busy_connections == 1)
+                ended = trio.current_time()
+                if how == "disconnect":
+                    await client.aclose()
+                else:
+                    run_id = next(iter(server.service.runs.runs))
+                    async with loopback_client(server) as http:
+                        stopped = await http.post(f"/v1/runs/{run_id}/cancel")
+                    assert stopped.status_code == 200
+                await a.wait_for(lambda: a.open_connections == 0)
+                await b.wait_for(lambda: b.open_connections == 0)
+            finally:
+                await client.aclose()
+            for fake in (a, b):
+                closed = fake.connections[0].closed
+                assert closed is not None
+                assert closed - ended < 0.005
+            for name in ("a", "b"):
+                assert metric(server, "trio_stream_upstream_in_flight", member=name) == 0
+            assert await tasks_living() == baseline
