@@ -19,6 +19,11 @@ in its own process, streaming the same reply at 20 tokens/s.  There the servers 
 * ``ts-cluster-2``  -- ``--workers 2 --redis``: a supervisor and two worker processes;
 * ``relay``         -- uvicorn (uvloop, httptools) + starlette + httpx relaying the SSE events.
 
+The *members* scenario starts three fake upstreams and runs ``trio-stream``
+(relaying the first) beside ``ts-3up`` (the three as one group of a
+``--config`` file), ``ts-3same`` (three members, all the first fake) and
+``ts-3up-1dead`` (two of them and a member whose port refuses).
+
 The *paced* scenario (streams at 100 tokens/s on the mock) runs only
 ``trio-stream`` (``--event-interval-ms 0``, the default) and ``ts-interval50``
 (``--event-interval-ms 50``): the events sent, server CPU per token and the
@@ -136,12 +141,14 @@ def _members_cmd(r: Run) -> list[str]:
             str(_members_path(r))]  # fmt: skip
 
 
-def _members_config(dead: int) -> Callable[[Run], None]:
+def _members_config(dead: int = 0, *, one_server: bool = False) -> Callable[[Run], None]:
     """Write the three members' file; the last ``dead`` of them point at a
-    port nothing listens on (a member whose server died: connections refused)."""
+    port nothing listens on (a member whose server died: connections refused);
+    ``one_server``: all three at the first fake upstream (the routing's cost
+    alone, with the tokens arriving as they do from one upstream process)."""
 
     def write(r: Run) -> None:
-        urls = list(r.upstream_urls)
+        urls = [r.upstream_urls[0]] * 3 if one_server else list(r.upstream_urls)
         for i in range(len(urls) - dead, len(urls)):
             urls[i] = f"http://127.0.0.1:{free_port()}/v1"
         tables = [
@@ -226,6 +233,10 @@ SERVERS = (
     Server(
         "ts-3up", "trio-stream serve --config: one group of three members (serves only "
         "'members')", _members_cmd, mock=False, prepare=_members_config(0),
+    ),
+    Server(
+        "ts-3same", "the same three members, all at one fake upstream process (serves only "
+        "'members')", _members_cmd, mock=False, prepare=_members_config(one_server=True),
     ),
     Server(
         "ts-3up-1dead", "the same, one of the three members refusing connections (serves "
@@ -418,7 +429,7 @@ def scenarios(quick: bool) -> list[Scenario]:
             "over three members (ts-3up; ts-3up-1dead: one of them refusing)",
             "server_us_per_token", delay_ms=50, concurrency=100, requests=100 if q else 300,
             max_tokens=40 if q else 60, upstream=True, upstreams=3,
-            servers=("trio-stream", "ts-3up", "ts-3up-1dead"),
+            servers=("trio-stream", "ts-3up", "ts-3same", "ts-3up-1dead"),
             extra=("ttft_p99_ms", "gap_p99_ms", "server_cpu_per_s", "upstream_cpu_percent",
                    "tokens_per_s", "events_per_token", *load),
             ratios=("ttft_p99_ms",),
@@ -519,6 +530,8 @@ TARGETS = (
            _vs("trio-stream", 1.2, False, "ts-cluster-2"), "ts-cluster-2"),
     Target("members", "server_us_per_token", "≤ 1.05x trio-stream (one upstream)",
            _vs("trio-stream", 1.05, False, "ts-3up"), "ts-3up"),
+    Target("members", "server_us_per_token", "≤ 1.05x trio-stream (one upstream)",
+           _vs("trio-stream", 1.05, False, "ts-3same"), "ts-3same"),
     Target("members", "ttft_p99_ms", "≤ 2x ts-3up (all three healthy)",
            _vs("ts-3up", 2, False, "ts-3up-1dead"), "ts-3up-1dead"),
 )  # fmt: skip
@@ -1084,7 +1097,9 @@ METHOD = [
     "(`--event-interval-ms 50`) serves only *paced*, beside *trio-stream* (interval 0).",
     "- *members*: three fake upstreams run for every server; *trio-stream* relays the first "
     "(`--upstream-url`), *ts-3up* all three as one group of a `--config` file (balanced by "
-    "streams in flight), *ts-3up-1dead* the first two and, as its third member, a port "
+    "streams in flight), *ts-3same* three members that are all the first fake (the "
+    "routing over three members, with the tokens arriving as from one upstream process), "
+    "*ts-3up-1dead* the first two and, as its third member, a port "
     "nothing listens on (its server died): requests sent there are refused and fail over, "
     "and the member cools down (1 s, doubling) between tries. *fake upstream CPU %* is the "
     "busiest fake's.",
