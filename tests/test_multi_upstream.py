@@ -571,6 +571,8 @@ async def test_a_disconnect_or_stop_during_a_hedge_closes_both_members(
                     async with loopback_client(server) as http:
                         stopped = await http.post(f"/v1/runs/{run_id}/cancel")
                     assert stopped.status_code == 200
+                    events = await client.read_all()  # the stream ends: stopped
+                    assert '"stopped"' in events[-1].data or '"stopped"' in events[-2].data
                 await a.wait_for(lambda: a.open_connections == 0)
                 await b.wait_for(lambda: b.open_connections == 0)
             finally:
