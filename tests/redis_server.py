@@ -49,8 +49,10 @@ def _spawn(port: int, workdir: Path) -> subprocess.Popen[bytes]:
     binary = shutil.which(BINARY)
     if binary is None:
         pytest.fail(f"{BINARY} is not installed: run `make services` (Debian's redis-server)")
+    # DEBUG SLEEP (from 127.0.0.1) stages a Redis that answers late.
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(workdir)]  # fmt: skip
+            "--appendonly", "no", "--dir", str(workdir),
+            "--enable-debug-command", "local"]  # fmt: skip
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

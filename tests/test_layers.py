@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("wire",),  # sans-IO: SSE, request parsing, chunks, Responses events, usage
     ("upstream",),
     ("store",),
-    ("shared", "limits"),  # limits/ uses shared/redis.py's Redis connection
+    ("shared", "limits"),  # limits/ uses shared/redis_conn.py's Redis client
     ("runs",),
     ("http",),
     ("server",),

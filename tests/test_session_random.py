@@ -114,7 +114,7 @@ class Harness:
             victim.disconnected = True
             await victim.client.disconnect()
         elif action < 0.75:
-            path = f"/v1/sessions/{self.rng.choice(SESSIONS)}/interrupt"
+            path = f"/v1/sessions/{self.interrupt_target()}/interrupt"
             self.interrupts.append(
                 start_request(self.nursery, self.app, "POST", path, headers=self.headers)
             )
@@ -123,6 +123,10 @@ class Harness:
         self.check()
         await trio.sleep(self.rng.choice(PAUSES))
         self.check()
+
+    def interrupt_target(self) -> str:
+        """The session an interrupt step names: any, at random."""
+        return self.rng.choice(SESSIONS)
 
     def check(self) -> None:
         """The invariants of the module docstring, for every session.

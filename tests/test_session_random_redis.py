@@ -5,7 +5,8 @@ upstream closes and slow saves, some past the supersede deadline), but the
 session table lives in a real ``redis-server`` (cluster mode with one node).
 A real server means real time, so the walk is shorter and its delays are
 scaled down with the supersede deadline: the ratios that make some
-predecessors outlive it are kept.
+predecessors outlive it are kept.  And an interrupt names a session whose
+run is still running when there is one (``RedisHarness.interrupt_target``).
 
 Invariants, after every step: in every session at most one unfenced run holds
 its upstream request (checked at every upstream open too), and the session's
@@ -69,6 +70,17 @@ class RedisHarness(walk.Harness):
             # left, no run is (an older straggler never becomes current again).
             last = [r.id for r in runs if r is not None and str(r.epoch) == fields["epoch"]]
             assert fields.get("cur") == (last[0] if last else None), (session, fields)
+
+    def interrupt_target(self) -> str:
+        """A session whose run is still running, if any (at random among
+        them), else any session.  In real time a run lives for its few tokens
+        (10 ms each) while a step's Redis checks take their own time, which
+        a loaded machine stretches: interrupts aimed at random sessions then
+        found no run to interrupt, and the walk never interrupted anything.
+        (In the in-memory walk's virtual time only the pauses move time.)"""
+        runs = self.service.runs.runs.values()
+        live = sorted({r.session_id for r in runs if r.session_id and r.log.outcome is None})
+        return self.rng.choice(live or walk.SESSIONS)
 
     async def step(self, step: int) -> None:
         await super().step(step)

@@ -15,7 +15,6 @@ Also here: ``POST /v1/sessions/{id}/interrupt`` (reason ``interrupted``).
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -430,7 +429,6 @@ def server_log(tmp_path: Path) -> Iterator[TextIO]:
         yield log
 
 
-@pytest.mark.skipif(not (shutil.which("bash") and shutil.which("curl")), reason="needs bash, curl")
 async def test_operator_script_passes_against_a_live_server(
     settings: Settings, server_log: TextIO
 ) -> None:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 
 import httpx
+import orjson
 import trio
 
 from tests.conftest import ServeProcess, serve_process
 from tests.redis_server import RedisServer
+from trio_stream.server.workers import KILL_MARGIN
 
 BODY = {"model": "mock", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 
@@ -71,3 +74,78 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+async def _orphan_workers(redis_url: str, *, wedge: bool) -> float:
+    """Start ``--workers 2 --graceful-timeout 1``, SIGKILL the supervisor (with
+    ``wedge``: once both workers are blocked writing to the stderr pipe, which
+    this test stops reading after startup), and return how long after the
+    kill the last worker was gone.  Every process is killed at the end (the
+    workers through pidfds opened while they lived: never a reused pid)."""
+    args = [sys.executable, "-m", "trio_stream", "serve", "--workers", "2", "--redis", redis_url,
+            "--port", "0", "--db", ":memory:", "--mock-delay-ms", "0",
+            "--graceful-timeout", "1", "--log-format", "json"]  # fmt: skip
+    process = await trio.lowlevel.open_process(
+        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    assert process.stderr is not None
+    pidfds: list[int] = []
+    try:
+        text, listening = b"", 0
+        with trio.fail_after(30):
+            while listening < 2:
+                chunk = await process.stderr.receive_some()
+                assert chunk, text
+                text += chunk
+                listening = text.count(b'"event":"listening"')
+        records = [orjson.loads(line) for line in text.splitlines() if line.startswith(b"{")]
+        pids = [r["pid"] for r in records if r["event"] == "worker_started"]
+        port = next(r["port"] for r in records if r["event"] == "listening")
+        assert len(pids) == 2, text
+        pidfds = [os.pidfd_open(pid) for pid in pids]
+        if wedge:  # stop reading; requests log until the pipe is full and the workers block
+            limits = httpx.Limits(max_keepalive_connections=0)
+            async with httpx.AsyncClient(timeout=1, limits=limits) as client:
+                with trio.fail_after(60):
+                    while True:
+                        try:
+                            await client.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                              json=BODY)  # fmt: skip
+                        except httpx.TimeoutException:
+                            break
+        process.kill()  # the supervisor, by its own pid
+        killed = trio.current_time()
+        with trio.fail_after(30):
+            for fd in pidfds:
+                await trio.lowlevel.wait_readable(fd)  # readable once the worker has exited
+        return trio.current_time() - killed
+    finally:
+        for fd in pidfds:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            os.close(fd)
+        process.kill()
+        await process.wait()
+        await process.stderr.aclose()
+
+
+async def test_workers_exit_when_their_supervisor_is_killed(redis_server: RedisServer) -> None:
+    """Rule 5: when the supervisor is killed (SIGKILL), its idle workers drain
+    and are gone within --graceful-timeout + KILL_MARGIN (1 + 1.5 s) of it."""
+    took = await _orphan_workers(redis_server.url, wedge=False)
+    assert took < 1 + KILL_MARGIN, took
+
+
+async def test_wedged_workers_exit_when_their_supervisor_is_killed(
+    redis_server: RedisServer,
+) -> None:
+    """Rule 5, with the workers' event loops wedged: the stderr pipe they
+    share is full and nobody reads it (as when whatever read the supervisor's
+    output went away with it), so each blocks at its next log line (a
+    request's, or its drain's ``shutdown_start``).  They are still gone within
+    --graceful-timeout + KILL_MARGIN (+ 1 s of slack) of the supervisor's
+    death.  Before, an orphan noticed its supervisor's death from a trio task
+    (polling its parent pid), which a wedged loop never runs, and a SIGTERM
+    only interrupted the blocked write: it lived until killed by hand."""
+    took = await _orphan_workers(redis_server.url, wedge=True)
+    assert took < 1 + KILL_MARGIN + 1, took

@@ -41,7 +41,7 @@ import coredis
 import coredis.exceptions
 import trio
 
-from ..shared.redis import redis_client
+from ..shared.redis_conn import redis_client
 from .base import (
     BUCKETS,
     CALL_TIMEOUT,

@@ -24,6 +24,15 @@ Rules:
 4. More than one worker needs ``--redis`` (:meth:`Settings.validate` refuses
    to start otherwise): without it, sessions, stop and resume would each
    live in one worker's memory.
+5. A worker whose supervisor dies (``kill -9``) drains as on SIGTERM and is
+   gone within ``--graceful-timeout`` + :data:`KILL_MARGIN` of that death,
+   the bound the supervisor itself would have enforced -- also when its
+   event loop is wedged (a write to a stderr pipe nobody reads any more
+   blocks it, and a SIGTERM then only interrupts that write, which is
+   retried).  The supervisor holds one end of a socket pair and every worker
+   the other: a thread of the worker's own (:func:`_watch_supervisor`, not a
+   trio task, so that a wedged loop cannot stop it) blocks on its end, and
+   end-of-file there means the supervisor is gone.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ import multiprocessing.process
 import os
 import signal
 import socket
+import threading
+import time
 from collections.abc import Sequence
 
 import trio
@@ -44,8 +55,8 @@ CRASH_WINDOW = 1.0
 CRASH_BACKOFF = 1.0
 #: Within ``--graceful-timeout`` + this, every worker has exited (killed if need be).
 KILL_MARGIN = 1.5
-#: How often a worker checks that its supervisor is still there.
-PARENT_POLL = 0.5
+#: The exit status of a worker that outlived its supervisor past its bound (rule 5).
+ORPHAN_EXIT = 1
 
 Process = multiprocessing.process.BaseProcess
 
@@ -64,27 +75,37 @@ def bind(settings: Settings) -> list[socket.socket]:
     return [sock]
 
 
-def _worker_main(settings: Settings, sockets: Sequence[socket.socket], parent: int) -> None:
-    """A worker process: one whole service on the inherited sockets."""
-    trio.run(_worker, settings, sockets, parent)
+def _worker_main(settings: Settings, sockets: Sequence[socket.socket], link: socket.socket) -> None:
+    """A worker process: one whole service on the inherited sockets, until
+    a signal or its supervisor's death (rule 5)."""
+    bound = settings.graceful_timeout + KILL_MARGIN
+    threading.Thread(
+        target=_watch_supervisor, args=(link, bound), name="watch-supervisor", daemon=True
+    ).start()
+    trio.run(_worker, settings, sockets)
 
 
-async def _worker(settings: Settings, sockets: Sequence[socket.socket], parent: int) -> None:
+async def _worker(settings: Settings, sockets: Sequence[socket.socket]) -> None:
     from .signals import serve_until_signal  # the supervisor itself never loads the app
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_parent, parent)
-        await serve_until_signal(settings, sockets)
-        nursery.cancel_scope.cancel()
+    await serve_until_signal(settings, sockets)
 
 
-async def _watch_parent(parent: int) -> None:
-    """An orphaned worker (its supervisor was killed) drains and exits, as on
-    SIGTERM: it signals itself, by its own pid."""
-    # A parent's death has no event a child can wait on portably: poll.
-    while os.getppid() == parent:  # noqa: ASYNC110
-        await trio.sleep(PARENT_POLL)
+def _watch_supervisor(link: socket.socket, bound: float) -> None:
+    """Rule 5, in a thread: wait for end-of-file on ``link`` (the supervisor's
+    end closes when it dies, however it dies), then drain as on SIGTERM (by
+    this process's own pid) and, if the process is still there ``bound``
+    seconds later, end it.  Nothing here waits on the event loop or writes
+    to stderr, either of which may be what is stuck."""
+    link.setblocking(True)
+    try:
+        while link.recv(1):  # the supervisor never writes: only its end closing wakes this
+            pass
+    except OSError:
+        pass  # a reset: the supervisor is gone all the same
     os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(bound)
+    os._exit(ORPHAN_EXIT)
 
 
 class Supervisor:
@@ -98,12 +119,17 @@ class Supervisor:
         self.port = int(self.sockets[0].getsockname()[1])
         self.stopping = False
         self._context = multiprocessing.get_context("spawn")
+        # Rule 5: this process keeps one end (never written, never passed to a
+        # worker) and every worker gets the other; ours closes when we die.
+        self._link, self._worker_link = socket.socketpair()
         self._live: set[Process] = set()
         self._exited = trio.lowlevel.ParkingLot()
 
     def _spawn(self) -> Process:
         process = self._context.Process(
-            target=_worker_main, args=(self.settings, self.sockets, os.getpid()), daemon=False
+            target=_worker_main,
+            args=(self.settings, self.sockets, self._worker_link),
+            daemon=False,
         )
         process.start()
         self._live.add(process)
@@ -115,7 +141,7 @@ class Supervisor:
 
         Cancellation: a ``Cancelled`` stops supervising at once: the workers are neither
         signalled nor killed and the sockets stay open; a worker drains and exits by itself once
-        this process is gone (it polls its parent every ``PARENT_POLL``).
+        this process is gone (rule 5).
         """
         async with trio.open_nursery() as nursery:
             for _ in range(self.count):
@@ -135,7 +161,7 @@ class Supervisor:
                 process.kill()
                 process.join(1)
             nursery.cancel_scope.cancel()
-        for sock in self.sockets:
+        for sock in (*self.sockets, self._link, self._worker_link):
             sock.close()
         self.logger.event("shutdown_complete", workers=self.count)
 

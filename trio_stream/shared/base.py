@@ -22,8 +22,9 @@ G3 (fence)    A fenced run is no longer anybody's predecessor; its release
               still removes only itself, and tells the caller it was fenced.
 G4 (cancel)   :meth:`SharedState.cancel` reaches the run's owner wherever it
               runs, and is idempotent.  A lost message does not lose the
-              cancel: the owner also finds it by polling (Redis pub/sub
-              delivers at most once).
+              cancel: the owner also finds it when its listener subscribes
+              again, and by polling (Redis pub/sub delivers only to a
+              subscribed connection).
 G5 (finished) :meth:`SharedState.wait_finished` returns once every given run
               has finished its cleanup, or at the deadline with those that
               have not.

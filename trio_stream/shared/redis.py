@@ -16,10 +16,14 @@ Every worker of every node gives the same ``--redis``; each process is one
 
 Failure modes, and the rule that makes each safe:
 
-* **A pub/sub message is lost** (delivered at most once; the subscriber may
-  be reconnecting).  Cancel requests are also written as ``ts:c:{run}``, which
-  the owner polls every :data:`CANCEL_POLL`; "finished" is also the run
-  hash's ``status``, which a waiter polls every :data:`FINISH_POLL`.
+* **A pub/sub message is lost** (delivered only to a subscribed connection:
+  the listener's may be reconnecting).  Cancel requests are also written as
+  ``ts:c:{run}``, and "finished" is also the run hash's ``status``: the
+  listener re-reads both each time it has subscribed again
+  (:meth:`RedisState._catch_up`), and besides the owner polls the flags every
+  :data:`CANCEL_POLL` and a waiter the status every :data:`FINISH_POLL`.  The
+  listener's connection is its own, never closed for idleness
+  (:mod:`.redis_conn`).
 * **A straggler outlives its supersede deadline** (a slow or partitioned
   node).  The claim script bumps the session's *epoch* and the straggler is
   fenced (``r:{run}`` = 1): its release is compare-and-delete by its own id, so
@@ -67,8 +71,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
-import anyio
-import anyio.abc
 import coredis
 import coredis.exceptions
 import orjson
@@ -85,18 +87,12 @@ from .base import (
     SharedState,
     SharedUnavailable,
 )
+from .redis_conn import CALL_TIMEOUT, listen, redis_client
 
 T = TypeVar("T")
 
 CANCEL_POLL = 0.25  # how often a node looks for cancel requests it missed
 FINISH_POLL = 0.05  # how often a superseding request looks at its predecessors
-CONNECT_TIMEOUT = 0.5  # connecting to Redis: refused or unanswered, it is down
-#: The deadline of one Redis call.  It is measured on this node's own event
-#: loop, which a burst of requests can keep busy for a second or more while
-#: Redis answers in microseconds: so a call that merely took long fails (503)
-#: but does not make the node "unhealthy" -- only the heartbeat and a refused
-#: or broken connection do that.
-CALL_TIMEOUT = 2.0
 HEARTBEAT = 1.0  # at most this long between two lease renewals (health probes)
 TAKEOVER_HOLD = 5.0  # at least this long a survivor holds a dead node's takeover
 FOLLOW_BLOCK_MS = 300  # XREAD BLOCK of a remote follower (below CALL_TIMEOUT)
@@ -186,6 +182,33 @@ end
 return last
 """
 
+# The node's lease and its membership of the node set.
+# KEYS: ts:n:{node}, ts:nodes; ARGV: node, lease in ms
+_BEAT = """
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
+
+# A run's record, and its place among its node's runs.
+# KEYS: ts:r:{run}, ts:nr:{node}; ARGV: run id, then the record's fields and values
+_REGISTER = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
+
+# A run's end: its record's status (kept for the run ttl), out of its node's
+# runs, and the "finished" notice.
+# KEYS: ts:r:{run}, ts:nr:{node}; ARGV: status, reason, ttl, run id, channel
+_END = """
+redis.call('HSET', KEYS[1], 'status', ARGV[1], 'reason', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('SREM', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[5], ARGV[4])
+return 1
+"""
+
 # KEYS: run hash, cancel flag; ARGV: reason, ttl, prefix, run id
 _CANCEL = """
 local node = redis.call('HGET', KEYS[1], 'node')
@@ -194,35 +217,6 @@ redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2])
 redis.call('PUBLISH', ARGV[3] .. 'cancel:' .. node, ARGV[4] .. '\\t' .. ARGV[1])
 return 1
 """
-
-
-class _TCPConnection(coredis.TCPConnection):
-    """coredis 6.9's TCP connection, closing its buffers however ``run`` ends.
-
-    A connection whose ``run`` is cancelled while it connects (its caller's
-    deadline, a poller cancelled when the node stops) never enters the
-    context that closes its six memory buffers, and each then warns when
-    collected (``ResourceWarning: Unclosed <MemoryObject...Stream>``).
-    Closing them again after a normal end is a no-op.
-    """
-
-    async def run(
-        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        """coredis's connection task, closing its six buffers however it ends.
-
-        Cancellation: as coredis's own ``run``; a ``Cancelled`` (also one that
-        lands during the TCP connect) leaves no buffer open.
-        """
-        try:
-            await super().run(task_status=task_status)
-        finally:
-            for buffer in (
-                self._write_buffer_in, self._write_buffer_out,
-                self._push_message_buffer_in, self._push_message_buffer_out,
-                self._streamed_message_buffer_in, self._streamed_message_buffer_out,
-            ):  # fmt: skip
-                buffer.close()
 
 
 def _entry_json(entry: Entry) -> bytes:
@@ -240,22 +234,6 @@ def _entry_of(raw: str) -> Entry:
     if "tool" in value:  # written by a node from before issue 20 (a bare delta)
         return Chunk.of(value["tool"])
     return Chunk(value["c"], bool(value.get("s")))
-
-
-def redis_client(url: str, *, max_idle_time: int) -> coredis.Redis[str]:
-    """A coredis client as every Redis user of trio-stream opens it: string
-    replies, :data:`CONNECT_TIMEOUT` to connect, :data:`CALL_TIMEOUT` per
-    reply, at most 64 connections, idle ones closed after ``max_idle_time``
-    seconds, and :class:`_TCPConnection` (its buffers closed however it
-    ends) for a TCP URL.  Opens nothing: connections are made on first use."""
-    client: coredis.Redis[str] = coredis.Redis.from_url(
-        url, decode_responses=True, connect_timeout=CONNECT_TIMEOUT,
-        stream_timeout=CALL_TIMEOUT, max_connections=64, max_idle_time=max_idle_time,
-    )  # fmt: skip
-    pool = client.connection_pool
-    if pool.connection_class is coredis.TCPConnection:  # not a unix:// socket
-        pool.connection_class = _TCPConnection
-    return client
 
 
 class _RedisBase(SharedState):
@@ -280,12 +258,16 @@ class _RedisBase(SharedState):
         self._cancel = self.client.register_script(_CANCEL)
         self._append = self.client.register_script(_APPEND)
         self._restore = self.client.register_script(_RESTORE)
+        self._beat_script = self.client.register_script(_BEAT)
+        self._register = self.client.register_script(_REGISTER)
+        self._end = self.client.register_script(_END)
         self._healthy = True
         self._finished: dict[str, trio.Event] = {}
         self._waiters: collections.Counter[str] = collections.Counter()
         self._reship = trio.Event()
         self._resyncs = 0  # how many times Redis came back (its logs may be gone)
         self._missed: dict[str, Callable[[], Awaitable[Any]]] = {}  # see _cleanup_step
+        self.caught_up = 0  # how many times the listener has (re)subscribed and caught up
 
     # -- keys -------------------------------------------------------------
     def _s(self, key: SessionKey) -> str:
@@ -547,8 +529,8 @@ class RedisState(_RedisSessions):
         only after it is in ``ts:nodes`` with a lease, so a survivor can
         always find the runs of a node that dies, and it hears cancel
         requests from the start.  Each first step is bounded (the heartbeat
-        by :data:`CALL_TIMEOUT`, the subscription by coredis's connect and
-        subscription timeouts); if the heartbeat fails the node starts
+        by :data:`CALL_TIMEOUT`, the subscription by the connect timeout and
+        :data:`CALL_TIMEOUT`); if the heartbeat fails the node starts
         unhealthy (new streams get 503) and joins when Redis answers.  Runs
         until cancelled.
         """
@@ -618,9 +600,8 @@ class RedisState(_RedisSessions):
         return out
 
     async def _beat(self, n: str) -> None:
-        async with self.client.pipeline(transaction=False) as p:
-            p.set(f"{n}n:{self.node}", "1", px=int(self.lease * 1000))
-            p.sadd(f"{n}nodes", [self.node])
+        keys = [f"{n}n:{self.node}", f"{n}nodes"]
+        await self._beat_script(keys=keys, args=[self.node, int(self.lease * 1000)])
 
     async def _resync(self) -> None:
         """After an outage: put this node's live runs back (a restarted Redis
@@ -654,35 +635,25 @@ class RedisState(_RedisSessions):
     async def _listen(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Deliver cancel requests and "finished" notices as they come.
-
-        Reports started once subscribed, or once the first attempt failed
-        (the pollers find what pub/sub misses meanwhile).
+        """Deliver cancel requests and "finished" notices as they come, on a
+        connection of the listener's own (:func:`.redis_conn.listen`: not the
+        pool's, never closed for idleness).  Each time it has subscribed
+        (again), it catches up (:meth:`_catch_up`) on what was published while
+        it was not.  Reports started once subscribed, or once the first attempt
+        failed (the pollers find what pub/sub misses meanwhile).
         """
         n = self.prefix
-        first = True
-        while True:
-            try:
-                async with self.client.pubsub(
-                    channels=[f"{n}cancel:{self.node}", f"{n}finished"],
-                    ignore_subscribe_messages=True,
-                ) as pubsub:
-                    if first:
-                        first = False
-                        task_status.started()
-                    async for message in pubsub:
-                        self._deliver(str(message["channel"]), str(message["data"]))
-            except* (coredis.exceptions.RedisError, OSError):
-                pass  # reconnect below; what was missed, the pollers find
-            except* anyio.ClosedResourceError:
-                # coredis 6.9 under trio: cancelling a subscriber fails its
-                # UNSUBSCRIBE on the closed connection.  The Cancelled that
-                # caused it is not in this split and propagates unchanged.
-                pass
-            if first:
-                first = False
-                task_status.started()
-            await trio.sleep(0.2)
+        channels = [f"{n}cancel:{self.node}", f"{n}finished"]
+        await listen(self.client, channels, self._deliver, self._catch_up, task_status=task_status)
+
+    async def _catch_up(self) -> None:
+        """Re-read what the notices lost while the listener was not subscribed
+        announce: cancel requests for this node's runs, and whether the runs
+        that requests here wait for have finished.  Cancellation: reads, and
+        local cancels."""
+        self.caught_up += 1
+        await self._find_cancels()
+        await self._check_finished(list(self._finished), self._finished)
 
     def _deliver(self, channel: str, data: str) -> None:
         if channel.endswith("finished"):
@@ -697,35 +668,32 @@ class RedisState(_RedisSessions):
         """G4's safety net: find cancel requests whose message was lost."""
         while True:
             await trio.sleep(CANCEL_POLL)
-            runs = [r.id for r in self.owner_runs()]
-            if not runs:
-                continue
-            try:
-                keys = [self._c(r) for r in runs]
-                reasons = await self._call(self.client.mget(keys))
-            except SharedUnavailable:
-                continue
-            for run_id, reason in zip(runs, reasons, strict=True):
-                if reason is not None:
-                    self.owner.cancel_local(run_id, reason)
+            await self._find_cancels()
+
+    async def _find_cancels(self) -> None:
+        runs = [r.id for r in self.owner_runs()]
+        if not runs:
+            return
+        try:
+            reasons = await self._call(self.client.mget([self._c(r) for r in runs]))
+        except SharedUnavailable:
+            return
+        for run_id, reason in zip(runs, reasons, strict=True):
+            if reason is not None:
+                self.owner.cancel_local(run_id, reason)
 
     # -- registry ---------------------------------------------------------
     async def register(self, run: RunView) -> None:
-        """Cancellation: a checkpoint; one pipeline, written or not."""
+        """Cancellation: a checkpoint; one script, written or not."""
         fields = {
             "tenant": run.tenant, "session": run.session_id or "", "node": self.node,
             "detached": "1" if run.detached else "0", "status": "running", "reason": "",
             "model": run.request.model, "created": repr(run.created),
             "usage": "1" if run.request.client_wants_usage else "0",
         }  # fmt: skip
-        n = self.prefix
-
-        async def write() -> None:
-            async with self.client.pipeline(transaction=False) as p:
-                p.hset(self._r(run.id), fields)
-                p.sadd(f"{n}nr:{self.node}", [run.id])
-
-        await self._call(write())
+        keys = [self._r(run.id), f"{self.prefix}nr:{self.node}"]
+        args = [run.id, *(x for pair in fields.items() for x in pair)]
+        await self._call(self._register(keys=keys, args=args))
 
     async def finished(self, run: RunView) -> None:
         """Cancellation: a checkpoint; a notice that a ``Cancelled`` cut is redone once Redis
@@ -739,15 +707,9 @@ class RedisState(_RedisSessions):
 
     async def _end_record(self, node: str, run_id: str, outcome: Outcome) -> None:
         n = self.prefix
-
-        async def write() -> None:
-            async with self.client.pipeline(transaction=False) as p:
-                p.hset(self._r(run_id), {"status": outcome.status.value, "reason": outcome.reason})
-                p.expire(self._r(run_id), self.ttl)
-                p.srem(f"{n}nr:{node}", [run_id])
-                p.publish(f"{n}finished", run_id)
-
-        await self._call(write())
+        keys = [self._r(run_id), f"{n}nr:{node}"]
+        args = [outcome.status.value, outcome.reason, self.ttl, run_id, f"{n}finished"]
+        await self._call(self._end(keys=keys, args=args))
 
     async def lookup(self, run_id: str) -> RunRecord | None:
         """Cancellation: a checkpoint; a read."""
