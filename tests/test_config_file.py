@@ -43,6 +43,8 @@ models = ["llama3"]
 cool_after_failures = 3
 cooldown_ms = 500
 max_cooldown_ms = 8000
+probe = true
+probe_interval_ms = 250
 
 [[upstream]]
 name = "sim"
@@ -86,6 +88,8 @@ def test_the_example_file() -> None:
     assert isinstance(a.weight, float)
     assert isinstance(a.first_token_timeout, float)
     assert (local.kind, local.cool_after_failures, local.cooldown_ms) == ("ollama", 3, 500.0)
+    assert (local.probe, local.probe_interval_ms) == (True, 250.0)
+    assert (a.probe, a.probe_interval_ms) == (False, 1000.0)
     assert sim.models == (ModelName(ANY_MODEL, ANY_MODEL),)
     assert sim.mock_delay_ms == 0.0
     assert config.upstreams is not None
@@ -149,6 +153,17 @@ ERRORS: list[tuple[str, str, str]] = [
     ("unknown-key", MOCK + "wieght = 2\n", "upstream[1].wieght: unknown key"),
     ("weight-type", MOCK + 'weight = "2"\n', "upstream[1].weight: must be a number"),
     ("weight-zero", MOCK + "weight = 0\n", "upstream[1].weight: must be > 0"),
+    ("probe-type", MOCK + "probe = 1\n", "upstream[1].probe: must be true or false"),
+    (
+        "probe-interval",
+        MOCK + "probe_interval_ms = 0\n",
+        "upstream[1].probe_interval_ms: must be > 0",
+    ),
+    (
+        "probe-never-cools",
+        MOCK + "probe = true\ncool_after_failures = 0\n",
+        "upstream[1].probe: a member that never cools down",
+    ),
     ("weight-inf", MOCK + "weight = inf\n", "upstream[1].weight: must be > 0"),
     ("weight-nan", MOCK + "weight = nan\n", "upstream[1].weight: must be a number"),
     (
@@ -382,3 +397,19 @@ def test_settings_validate_members_given_by_an_embedder() -> None:
     assert "upstream[1].url: must start with http://" in str(info.value)
     assert "upstream[2].name: 'a' is already upstream[1]'s name" in str(info.value)
     Settings(upstreams=Upstreams((MemberSpec("a", "mock"),))).validate()
+
+
+@pytest.mark.parametrize(("doc", "start"), [
+    ("api.md", "[serve]                       # any serve option"),
+    ("deploy.md", "# /etc/trio-stream/config.toml"),
+])  # fmt: skip
+def test_the_docs_example_files_are_valid(doc: str, start: str) -> None:
+    """The example configuration files of docs/api.md section 1.3 and of
+    docs/deploy.md (three replicas) are read without a problem: the docs
+    show only keys and values the file takes."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / doc).read_text()
+    begin = text.index(start)
+    example = text[begin : text.index("```", begin)]
+    config = parse(example, doc, {"VLLM_KEY": "k", "HOSTED_KEY": "k"})
+    assert config.upstreams is not None
+    assert len(config.upstreams.members) >= 2

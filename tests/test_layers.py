@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "trio_stream"
 
 #: Low to high.  A module may import its own layer and the layers below it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "config", "logs", "metrics"),  # foundation: top-level modules
+    ("errors", "config", "logs", "metrics", "tracing"),  # foundation (tracing: the seam)
     ("core",),  # sans-IO: the run log, the lifecycle table, the session table
     ("wire",),  # sans-IO: SSE, request parsing, chunks, Responses events, usage
     ("upstream",),

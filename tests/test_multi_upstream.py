@@ -11,6 +11,7 @@ delivers at send time, so the clock only jumps when every task waits.
 from __future__ import annotations
 
 import socket
+import statistics
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -22,7 +23,7 @@ import trio.testing
 
 from tests.conftest import RawClient, Server, loopback_client, running_server, tasks_living
 from tests.redis_server import RedisServer
-from tools.fakes import FakeUpstream, Plan, Step, mock_plan, token_plan
+from tools.fakes import Connection, FakeUpstream, Plan, Step, mock_plan, token_plan
 from trio_stream import Settings
 from trio_stream.config.members import GroupSpec, MemberSpec, ModelName, Upstreams
 from trio_stream.store import open_store
@@ -450,3 +451,136 @@ async def test_a_member_silent_past_the_requests_deadline_cools_down(
             assert hung.open_connections == 0
             assert (await post(server, chat())).status_code == 200
             assert (len(hung.requests), len(other.requests)) == (1, 1)
+
+
+async def test_a_probe_brings_a_cooling_member_back(
+    settings: Settings, autojump_clock: trio.testing.MockClock
+) -> None:
+    """P1-P3 end to end: two members with probe = true (probe_interval_ms =
+    500) fail one request (a 502, a refused connection) and cool for 30 s.
+    Each is sent GET /models 0.5 s after its cooldown began: the one that
+    answers is open again at that instant (the next request goes to it), the
+    refused one is probed again each 0.5 s and stays cooling; no request
+    reaches either before its probe."""
+    async with fakes(2) as (flaky, other):
+        flaky.plan = first_time(error_plan(502))
+        probing = {"weight": 10.0, "probe": True, "probe_interval_ms": 500.0,
+                   "cooldown_ms": 30_000.0, "max_cooldown_ms": 30_000.0}  # fmt: skip
+        specs = (member("flaky", flaky, **probing), member("dead", refused_url(), **probing),
+                 member("other", other))  # fmt: skip
+        async with serving(settings, *specs) as server:
+            start = trio.current_time()
+            assert (await post(server, chat())).status_code == 200  # flaky, dead, then other
+
+            def chats() -> list[dict[str, Any]]:  # the chat requests (a GET /models is {})
+                return [r for r in flaky.requests if r]
+
+            assert len(chats()) == 1
+            assert len(other.requests) == 1
+            await trio.sleep(0.4)
+            assert (await post(server, chat())).status_code == 200
+            assert (len(chats()), len(other.requests)) == (1, 2)
+            assert [e.target for e in flaky.exchanges] == [b"/v1/chat/completions"]
+            await trio.sleep_until(start + 0.6)
+            probe = flaky.exchanges[1]
+            assert probe.target == b"/v1/models"
+            assert probe.started - start == pytest.approx(0.5, abs=0.01)
+            assert metric(server, "trio_stream_upstream_cooling", member="flaky") == 0
+            assert metric(server, "trio_stream_upstream_cooling", member="dead") == 1
+            assert (await post(server, chat())).status_code == 200
+            assert (len(chats()), len(other.requests)) == (2, 2)
+            await trio.sleep_until(start + 1.2)
+            assert metric(server, "trio_stream_upstream_probes_total", member="flaky",
+                          result="answered") == 1  # fmt: skip
+            assert metric(server, "trio_stream_upstream_probes_total", member="dead",
+                          result="failed") == 2  # fmt: skip
+            assert metric(server, "trio_stream_upstream_cooling", member="dead") == 1
+            (back,) = server.logs.events("upstream_probe", member="flaky")
+            assert back["back"] is True
+
+
+FAST_GAP = 0.01
+
+
+def is_closed(conn: Connection) -> Callable[[], bool]:
+    return lambda: conn.closed is not None
+
+
+async def test_hedge_on_the_real_clock(settings: Settings) -> None:
+    """The hedge test above on trio's real clock, 20 times (each response
+    read to its end): the first token comes 200 ms after the request plus
+    the fast member's time (median under 250 ms); the slow member's
+    connection is closed a median under 5 ms after the fast member sent its
+    first token -- before the win, so the close follows the win by less --
+    and none later than 100 ms (a loaded machine's scheduling), while the fast
+    member's answer goes on for another ~130 ms: the loser is closed at the
+    win, not when the run ends."""
+    async with fakes(2) as (slow, fast):
+        slow.plan = slow_plan(2.0)
+        fast.plan = mock_plan("openai", delay=FAST_GAP)  # its answer lasts ~130 ms after the win
+        specs = (member("slow", slow, weight=10.0), member("fast", fast))
+        async with serving(settings, *specs, groups=(GroupSpec("m", 200.0),)) as server:
+            ttfts, closes = [], []
+            with trio.fail_after(30):
+                for _ in range(20):
+                    start = trio.current_time()
+                    client = await RawClient.post(server.port, CHAT, chat(stream=True))
+                    try:
+                        assert await client.start() == 200
+                        assert await client.next_event() is not None
+                        ttfts.append(trio.current_time() - start)
+                        await client.read_all()
+                    finally:
+                        await client.aclose()
+                    slow_conn, exchange = slow.connections[-1], fast.exchanges[-1]
+                    await slow.wait_for(is_closed(slow_conn))
+                    assert slow_conn.closed is not None
+                    # The fake sends its first token FAST_GAP after the request (or later).
+                    closes.append(slow_conn.closed - (exchange.started + FAST_GAP))
+            assert min(ttfts) >= 0.2
+            assert statistics.median(ttfts) < 0.25, ttfts
+            assert statistics.median(closes) < 0.005, closes
+            assert max(closes) < 0.1, closes
+            assert len(fast.exchanges) == 20
+            assert slow.open_connections == 0
+
+
+@pytest.mark.parametrize("how", ["disconnect", "stop"])
+async def test_a_disconnect_or_stop_during_a_hedge_closes_both_members(
+    settings: Settings, autojump_clock: trio.testing.MockClock, how: str
+) -> None:
+    """A run racing two members (neither has sent a token) is ended by its
+    client's disconnect, or by POST /v1/runs/{id}/cancel: both upstream
+    connections close at that virtual instant (the cancel reaches every
+    attempt of the race), no member has a stream in flight, and the tasks
+    are back at their baseline."""
+    async with fakes(2) as (a, b):
+        a.plan = b.plan = slow_plan(30.0)
+        specs = (member("a", a, weight=10.0), member("b", b))
+        async with serving(settings, *specs, groups=(GroupSpec("m", 200.0),)) as server:
+            baseline = await tasks_living()
+            client = await RawClient.post(server.port, CHAT, chat(stream=True))
+            try:
+                await a.wait_for(lambda: a.busy_connections == 1)
+                await b.wait_for(lambda: b.busy_connections == 1)
+                ended = trio.current_time()
+                if how == "disconnect":
+                    await client.aclose()
+                else:
+                    run_id = next(iter(server.service.runs.runs))
+                    async with loopback_client(server) as http:
+                        stopped = await http.post(f"/v1/runs/{run_id}/cancel")
+                    assert stopped.status_code == 200
+                    events = await client.read_all()  # the stream ends: stopped
+                    assert '"stopped"' in events[-1].data or '"stopped"' in events[-2].data
+                await a.wait_for(lambda: a.open_connections == 0)
+                await b.wait_for(lambda: b.open_connections == 0)
+            finally:
+                await client.aclose()
+            for fake in (a, b):
+                closed = fake.connections[0].closed
+                assert closed is not None
+                assert closed - ended < 0.005
+            for name in ("a", "b"):
+                assert metric(server, "trio_stream_upstream_in_flight", member=name) == 0
+            assert await tasks_living() == baseline

@@ -42,6 +42,7 @@ from selenium.webdriver.common.by import By
 from tests.conftest import Server, running_server
 from tools.fakes import FakeUpstream, Plan, Step, mock_plan, openai_chunk, token_plan
 from trio_stream import Settings
+from trio_stream.config.members import MemberSpec, ModelName, Upstreams
 from trio_stream.upstream import mocktext
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "playground"
@@ -460,3 +461,47 @@ async def test_markup_in_an_answer_is_shown_as_text_and_never_runs(
         assert await page.js("return typeof window.__pwned") == "undefined"
         assert await page.js("return document.querySelectorAll('.pane img, .pane script, .pane b')"
                              ".length") == 0  # fmt: skip
+
+
+async def test_the_model_picker_lists_v1_models_and_the_pane_names_the_member(
+    settings: Settings, tls: TLS, chromium: webdriver.Chrome
+) -> None:
+    """With two upstream members (docs/api.md section 1.3), ``alpha`` on one
+    and ``beta`` (known upstream as ``vendor/beta``) on the other, the model
+    picker (``#model``'s ``#models`` list) offers exactly GET /v1/models'
+    names once the key is typed; picking ``beta`` sends the run to beta's
+    member only, under its own name, the answer is exact, and the pane names
+    the member that served it (``data-served-by``, its note)."""
+    async with trio.open_nursery() as nursery:
+        fakes = [FakeUpstream("openai", mock_plan("openai", 0.01)) for _ in range(2)]
+        for fake in fakes:
+            await nursery.start(fake.serve)
+        alpha, beta = fakes
+        members = Upstreams((
+            MemberSpec("alpha-box", "openai", alpha.url, models=(ModelName("alpha", "alpha"),)),
+            MemberSpec("beta-box", "openai", beta.url,
+                       models=(ModelName("beta", "vendor/beta"),)),
+        ))  # fmt: skip
+        s = settings.replace(upstreams=members, api_keys=(KEY,), certfile=str(tls.certfile),
+                             keyfile=str(tls.keyfile))  # fmt: skip
+        async with running_server(s) as server:
+            page = Page(chromium, f"https://127.0.0.1:{server.port}/", "models")
+            await page.open()
+            options = "return [...document.querySelectorAll('#models option')].map(o => o.value)"
+            assert await page.js(options) == []  # no key yet: /v1/models answered 401
+            await page.type("#api-key", KEY)
+            await page.type("#model", "beta")  # the key field's change event loads the list
+            await page.wait("return document.querySelectorAll('#models option').length === 2")
+            assert await page.js(options) == ["alpha", "beta"]
+            prompt = "which member?"
+            await page.type("#prompt", prompt)
+            await page.click("#send")
+            await page.wait_status("done")
+            assert await page.text("#output") == mocktext.expected_text(user(prompt))
+            assert [c["model"] for c in chats(beta)] == ["vendor/beta"]
+            assert chats(alpha) == []
+            served = "return document.querySelector('.pane').dataset.servedBy"
+            assert await page.wait(served) == "beta-box"
+            assert (await page.text(".pane .note")).endswith("served by beta-box")
+            await page.screenshot("served-by")
+        nursery.cancel_scope.cancel()

@@ -308,3 +308,66 @@ def test_h6_a_cooldown_from_another_node_applies_and_never_shortens() -> None:
     assert r.cool("nobody", 9.0) is False
     assert r.cool("b", 9.0) is False
     assert lease(r, "m", 5.0, exclude=("b",)).member.name == "a"
+
+
+# -- the probe -----------------------------------------------------------------------
+
+
+def test_p1_a_cooling_member_is_probed_every_interval_from_its_cooldowns_start() -> None:
+    """P1: a member with probe = true is due one probe_interval_ms after its
+    cooldown began, then once per interval while it cools; never while it
+    does not cool, and never without probe = true."""
+    r = router(member("a", probe=True, probe_interval_ms=500.0, cooldown_ms=10_000.0),
+               member("b", cooldown_ms=10_000.0))  # fmt: skip
+    assert r.probes_due(0.0) == []
+    assert r.next_probe_at(0.0) == math.inf
+    r.failed(lease(r, "m", 1.0, exclude=("b",)), Failure.SERVER, 1.0)
+    r.failed(lease(r, "m", 1.0, exclude=("a",)), Failure.SERVER, 1.0)
+    assert r.next_probe_at(1.0) == 1.5
+    assert r.probes_due(1.4) == []
+    assert r.probes_due(1.5) == ["a"]  # b has no probe
+    assert r.probes_due(1.9) == []
+    assert r.next_probe_at(1.9) == 2.0
+    assert r.probes_due(2.0) == ["a"]
+    assert r.probes_due(11.0) == []  # the cooldown ran out: nothing to probe
+    assert r.next_probe_at(11.0) == math.inf
+
+
+def test_p2_an_answered_probe_ends_the_cooldown_and_resets_the_failures() -> None:
+    """P2: an answered probe of a cooling member opens it at once, with its
+    failure count back to 0 (the next failure cools it for cooldown_ms, not
+    twice that); answered after the cooldown ran out, it changes nothing."""
+    r = router(member("a", probe=True, cooldown_ms=1000.0))
+    r.failed(lease(r, "m", 0.0), Failure.CONNECT, 0.0)
+    r.failed(lease(r, "m", 1.0), Failure.CONNECT, 1.0)  # cools 2 s, until 3.0
+    assert r.members["a"].failures == 2
+    assert r.acquire("m", 2.0) == Refusal(503, 1)
+    assert r.probed("a", True, 2.0) is True
+    assert r.members["a"].failures == 0
+    assert lease(r, "m", 2.0).member.name == "a"
+    assert r.failed(lease(r, "m", 2.5), Failure.CONNECT, 2.5) == 1.0
+    assert r.probed("a", True, 9.0) is False  # not cooling any more
+
+
+def test_p3_a_failed_probe_changes_nothing() -> None:
+    """P3: a probe that failed leaves the cooldown and the failure count as
+    they were; the cooldown still runs out by itself."""
+    r = router(member("a", probe=True, cooldown_ms=1000.0))
+    r.failed(lease(r, "m", 0.0), Failure.CONNECT, 0.0)
+    assert r.probed("a", False, 0.5) is False
+    assert r.members["a"].cool_until == 1.0
+    assert r.members["a"].failures == 1
+    assert lease(r, "m", 1.0).member.name == "a"
+
+
+def test_h6_p2_the_shared_copy_of_a_cooldown_a_probe_ended_is_not_taken_back() -> None:
+    """H6 with P2: after a probe ended a cooldown here, the same cooldown
+    read back from the shared state (within CLEARED_SLACK of its end) does
+    not cool the member again; a later one, from a new failure elsewhere, does."""
+    r = router(member("a", probe=True, cooldown_ms=5000.0))
+    r.failed(lease(r, "m", 0.0), Failure.SERVER, 0.0)  # until 5.0
+    assert r.probed("a", True, 1.0) is True
+    assert r.cool("a", 5.3) is False  # the heartbeat's copy of it
+    assert lease(r, "m", 1.2).member.name == "a"
+    assert r.cool("a", 9.0) is True
+    assert r.acquire("m", 2.0) == Refusal(503, 7)

@@ -31,6 +31,11 @@ Per-key limits on and off (issue 22), in the ``short`` and ``proxy100`` scenario
 
 The client sends that key (``--api-key``) to every server; those without keys ignore it.
 
+The *members* scenario starts three fake upstreams and runs ``trio-stream``
+(relaying the first) beside ``ts-3up`` (the three as one group of a
+``--config`` file), ``ts-3same`` (three members, all the first fake) and
+``ts-3up-1dead`` (two of them and a member whose port refuses).
+
 The *paced* scenario (streams at 100 tokens/s on the mock) runs only
 ``trio-stream`` (``--event-interval-ms 0``, the default) and ``ts-interval50``
 (``--event-interval-ms 50``): the events sent, server CPU per token and the
@@ -102,6 +107,7 @@ class Run:
     redis_url: str = ""
     event_interval_ms: float = 0.0  # trio-stream's --event-interval-ms
     otlp_url: str = ""  # an OTLP/HTTP collector (tools/otlp_sink.py) for --otel
+    upstream_urls: tuple[str, ...] = ()  # every fake upstream (scenario "members": three)
 
 
 def _trio_stream_cmd(r: Run) -> list[str]:
@@ -170,6 +176,39 @@ def _keys_cmd(limited: bool) -> Callable[[Run], list[str]]:
     return cmd
 
 
+MEMBER_NAMES = ("m1", "m2", "m3")
+
+
+def _members_path(r: Run) -> Path:
+    return r.workdir / f"{r.port}-members.toml"
+
+
+def _members_cmd(r: Run) -> list[str]:
+    """trio-stream with a --config file whose one group is three members (the
+    file is written by :func:`_members_config` before the server starts)."""
+    return [*_trio_stream_cmd(dataclasses.replace(r, upstream_url="")), "--config",
+            str(_members_path(r))]  # fmt: skip
+
+
+def _members_config(dead: int = 0, *, one_server: bool = False) -> Callable[[Run], None]:
+    """Write the three members' file; the last ``dead`` of them point at a
+    port nothing listens on (a member whose server died: connections refused);
+    ``one_server``: all three at the first fake upstream (the routing's cost
+    alone, with the tokens arriving as they do from one upstream process)."""
+
+    def write(r: Run) -> None:
+        urls = [r.upstream_urls[0]] * 3 if one_server else list(r.upstream_urls)
+        for i in range(len(urls) - dead, len(urls)):
+            urls[i] = f"http://127.0.0.1:{free_port()}/v1"
+        tables = [
+            f'[[upstream]]\nname = "{n}"\nkind = "openai"\nurl = "{u}"\nmodels = ["mock"]\n'
+            for n, u in zip(MEMBER_NAMES, urls, strict=True)
+        ]
+        _members_path(r).write_text("\n".join(tables))
+
+    return write
+
+
 def _relay_cmd(r: Run) -> list[str]:
     return [sys.executable, str(PEERS / "uvicorn_httpx_relay.py"), "--port", str(r.port),
             "--upstream-url", r.upstream_url]  # fmt: skip
@@ -201,6 +240,7 @@ class Server:
     redis: bool = False  # needs a redis-server of its own
     otlp: bool = False  # needs an OTLP/HTTP collector (tools/otlp_sink.py) of its own
     only: tuple[str, ...] = ()  # serves only these scenarios (none: by mock/proxy)
+    prepare: Callable[[Run], None] | None = None  # writes its files before it starts
 
     def serves(self, sc: Scenario) -> bool:
         if self.only:
@@ -250,6 +290,18 @@ SERVERS = (
     Server(
         "ts-otel-0.01", "trio-stream serve --otel, 1% of requests sampled",
         _otel_cmd(0.01), mock=False, proxy=True, otlp=True,
+    ),
+    Server(
+        "ts-3up", "trio-stream serve --config: one group of three members (serves only "
+        "'members')", _members_cmd, mock=False, prepare=_members_config(0),
+    ),
+    Server(
+        "ts-3same", "the same three members, all at one fake upstream process (serves only "
+        "'members')", _members_cmd, mock=False, prepare=_members_config(one_server=True),
+    ),
+    Server(
+        "ts-3up-1dead", "the same, one of the three members refusing connections (serves "
+        "only 'members')", _members_cmd, mock=False, prepare=_members_config(1),
     ),
     Server(
         "ts-interval50", "trio-stream serve --event-interval-ms 50 (serves only 'paced')",
@@ -383,6 +435,7 @@ class Scenario:
     extra: tuple[str, ...] = ()  # secondary figures shown in the scenario's table
     ratios: tuple[str, ...] = ()  # secondary figures given as ratios too
     upstream: bool = False  # through tools/fake_openai.py (paced at delay_ms), not the mock
+    upstreams: int = 1  # fake upstreams started (each server uses the first, or all)
     servers: tuple[str, ...] = ()  # only these servers run it (none: by mock/proxy)
 
     @property
@@ -440,6 +493,16 @@ def scenarios(quick: bool) -> list[Scenario]:
                    "ttft_p99_ms", "gap_p99_ms", "upstream_cpu_percent", "events_per_token",
                    *load),
             ratios=("server_redis_us_per_token",),
+        ),
+        Scenario(
+            "members", "Proxy: 100 streams at 20 tokens/s over one upstream (trio-stream) and "
+            "over three members (ts-3up; ts-3up-1dead: one of them refusing)",
+            "server_us_per_token", delay_ms=50, concurrency=100, requests=100 if q else 300,
+            max_tokens=40 if q else 60, upstream=True, upstreams=3,
+            servers=("trio-stream", "ts-3up", "ts-3same", "ts-3up-1dead"),
+            extra=("ttft_p99_ms", "gap_p99_ms", "server_cpu_per_s", "upstream_cpu_percent",
+                   "tokens_per_s", "events_per_token", *load),
+            ratios=("ttft_p99_ms",),
         ),
         Scenario(
             "paced", f"{25 if q else 50} streams at 100 tokens/s: --event-interval-ms 0 "
@@ -546,6 +609,12 @@ TARGETS = (
            _vs("ts-key", 1.05, False, "ts-limits"), "ts-limits"),
     Target("proxy100", "server_redis_us_per_token", "≤ 1.05x ts-key (limits off)",
            _vs("ts-key", 1.05, False, "ts-limits"), "ts-limits"),
+    Target("members", "server_us_per_token", "≤ 1.05x trio-stream (one upstream)",
+           _vs("trio-stream", 1.05, False, "ts-3up"), "ts-3up"),
+    Target("members", "server_us_per_token", "≤ 1.05x trio-stream (one upstream)",
+           _vs("trio-stream", 1.05, False, "ts-3same"), "ts-3same"),
+    Target("members", "ttft_p99_ms", "≤ 2x ts-3up (all three healthy)",
+           _vs("ts-3up", 2, False, "ts-3up-1dead"), "ts-3up-1dead"),
 )  # fmt: skip
 
 
@@ -667,8 +736,9 @@ def load_figures(
         "ttft_p99_ms": float(report["ttft_ms"]["p99"]),
         "client_cpu_percent": float(report["client"]["cpu_percent"]),
     }
-    if "upstream" in helpers_s:
-        figures["upstream_cpu_percent"] = 100 * helpers_s["upstream"] / wall
+    upstream_s = [v for k, v in helpers_s.items() if k.startswith("upstream")]
+    if upstream_s:  # of one core, the busiest fake upstream
+        figures["upstream_cpu_percent"] = 100 * max(upstream_s) / wall
     if "redis" in helpers_s and tokens:
         figures["redis_us_per_token"] = helpers_s["redis"] / tokens * 1e6
     if sc.upstream and tokens:
@@ -806,11 +876,14 @@ def measure(server: Server, sc: Scenario, client: LoadClient, work: Path, tag: s
     try:
         run = Run(free_port(), sc.delay_ms, sc.coalesce, sc.idle, work)
         if sc.upstream:
-            up = free_port()
-            helpers["upstream"] = ServerProcess(
-                _fake_upstream_cmd(up, sc.delay_ms), up, work / f"{tag}.upstream.log"
-            )
-            run = dataclasses.replace(run, upstream_url=f"http://127.0.0.1:{up}/v1")
+            urls = []
+            for i in range(sc.upstreams):
+                up = free_port()
+                helpers["upstream" + (str(i + 1) if i else "")] = ServerProcess(
+                    _fake_upstream_cmd(up, sc.delay_ms), up, work / f"{tag}.upstream{i}.log"
+                )
+                urls.append(f"http://127.0.0.1:{up}/v1")
+            run = dataclasses.replace(run, upstream_url=urls[0], upstream_urls=tuple(urls))
         if server.redis:
             rport = free_port()
             helpers["redis"] = ServerProcess(
@@ -826,6 +899,8 @@ def measure(server: Server, sc: Scenario, client: LoadClient, work: Path, tag: s
             run = dataclasses.replace(run, otlp_url=f"http://127.0.0.1:{cport}")
         for helper in helpers.values():
             helper.wait_ready()
+        if server.prepare is not None:
+            server.prepare(run)
         proc = ServerProcess(server.command(run), run.port, work / f"{tag}.server.log")
         proc.wait_ready()
         if sc.idle:
@@ -1052,7 +1127,7 @@ def write_markdown(
                                   otlp_url="http://127.0.0.1:4318")  # fmt: skip
     for s in servers:
         cmds = ([shell(s.command(sample))] if s.mock else []) + (
-            [shell(s.command(proxied))] if s.proxy else [])  # fmt: skip
+            [shell(s.command(proxied))] if s.proxy or s.prepare else [])  # fmt: skip
         out.append(f"| {s.name} | {s.label} | " + "<br>".join(f"`{c}`" for c in cmds) + " |")
     if any(s.proxy for s in servers):
         out.append(f"| (upstream) | the proxy scenarios' fake OpenAI server, one per measurement "
@@ -1114,6 +1189,14 @@ METHOD = [
     "*server+Redis*. *fake upstream CPU %* is of one core: it shows the upstream is not the "
     "limit. *ts-cluster-1/2*, *relay* serve only the proxy scenarios; *ts-interval50* "
     "(`--event-interval-ms 50`) serves only *paced*, beside *trio-stream* (interval 0).",
+    "- *members*: three fake upstreams run for every server; *trio-stream* relays the first "
+    "(`--upstream-url`), *ts-3up* all three as one group of a `--config` file (balanced by "
+    "streams in flight), *ts-3same* three members that are all the first fake (the "
+    "routing over three members, with the tokens arriving as from one upstream process), "
+    "*ts-3up-1dead* the first two and, as its third member, a port "
+    "nothing listens on (its server died): requests sent there are refused and fail over, "
+    "and the member cools down (1 s, doubling) between tries. *fake upstream CPU %* is the "
+    "busiest fake's.",
 ]
 
 
@@ -1213,7 +1296,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--scenarios",
         help="comma-separated subset of: tokens, events, streams, idle, short, proxy, "
-        "proxy100, paced",
+        "proxy100, members, paced",
     )
     parser.add_argument(
         "--quiet-wait", type=float, default=0, metavar="S",

@@ -13,6 +13,9 @@ asyncio protocol (uvloop when installed), one ``transport.write`` per token
 from a loop timer, no framework and no task per stream.
 
     python tools/fake_openai.py --port 9000 --delay-ms 50
+
+Once it listens it prints ``listening port=N`` on stdout (``--port 0``: a
+free port, chosen by the kernel; the tests read it from there).
 """
 
 from __future__ import annotations
@@ -136,7 +139,7 @@ class Connection(asyncio.Protocol):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True, help="0: any free port (printed)")
     parser.add_argument(
         "--delay-ms", type=float, default=50.0,
         help="gap before each token in ms (50 = 20 tokens/s); 0 = at once",
@@ -148,6 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def serve(host: str, port: int, delay: float) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: Connection(delay), host, port, backlog=4096)
+    print(f"listening port={server.sockets[0].getsockname()[1]}", flush=True)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)

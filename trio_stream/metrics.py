@@ -112,6 +112,12 @@ class Metrics:
             "trio_stream_upstream_ttft_seconds", "An attempt's start to its member's first token.",
             ["member"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.upstream_probes = Counter(
+            "trio_stream_upstream_probes",
+            "Probes (GET /models) of each cooling member, by result: answered (the member is "
+            "back) or failed.",
+            ["member", "result"], registry=r,
+        )  # fmt: skip
         self.upstream_cooling = Gauge(
             "trio_stream_upstream_cooling",
             "1 while the member is cooling down after failures, else 0 (at scrape time).",

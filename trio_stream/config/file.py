@@ -74,6 +74,7 @@ MEMBER_KEYS: dict[str, type] = {
     "weight": float, "max_streams": int, "connect_timeout": float,
     "first_token_timeout": float, "token_timeout": float, "mock_delay_ms": float,
     "cool_after_failures": int, "cooldown_ms": float, "max_cooldown_ms": float,
+    "probe": bool, "probe_interval_ms": float,
 }  # fmt: skip
 GROUP_KEYS: dict[str, type] = {"hedge_after_ms": float}
 

@@ -59,6 +59,10 @@ class MemberSpec:
     #: The first cooldown; each further failure doubles it, up to ``max_cooldown_ms``.
     cooldown_ms: float = 1000.0
     max_cooldown_ms: float = 30000.0
+    #: While it cools down, ask ``GET {url}/models`` every ``probe_interval_ms``;
+    #: an answer ends the cooldown at once.
+    probe: bool = False
+    probe_interval_ms: float = 1000.0
 
     def upstream_model(self, model: str) -> str | None:
         """The name to send for ``model``, or ``None`` if it does not serve it."""
@@ -154,6 +158,11 @@ def problems(upstreams: Upstreams) -> list[tuple[str, str]]:
             p.append((f"{at}.cool_after_failures", "must be >= 0 (0: never)"))
         if not 0 < m.cooldown_ms <= m.max_cooldown_ms:
             p.append((f"{at}.cooldown_ms", "must be > 0 and <= max_cooldown_ms"))
+        if not (m.probe_interval_ms > 0 and math.isfinite(m.probe_interval_ms)):
+            p.append((f"{at}.probe_interval_ms", "must be > 0"))
+        if m.probe and m.cool_after_failures == 0:
+            p.append((f"{at}.probe", "a member that never cools down (cool_after_failures = 0) "
+                      "is never probed"))  # fmt: skip
     for g in upstreams.groups:
         at = f"group.{g.model}"
         if g.model not in served and ANY_MODEL not in served:

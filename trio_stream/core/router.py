@@ -61,8 +61,24 @@ H4    A first token, or a ``CLIENT`` answer (the member is up; the request was
 H5    ``cool_after_failures = 0`` (the one-upstream shorthand): the member
       never cools down; H2 and H3 count nothing.
 H6    A cooldown another node started (cluster mode, :meth:`Router.cool`)
-      applies here too, never shortening one under way; the failure count is
-      each node's own.
+      applies here too, never shortening one under way, nor one that ends no
+      later than :data:`CLEARED_SLACK` after the last cooldown a probe ended
+      here (P2: that is the shared copy of the same cooldown, read back with
+      the heartbeat's delay); the failure count is each node's own.
+====  ==========================================================================
+
+The probe (a member with ``probe = true``; :meth:`Router.probes_due`,
+:meth:`Router.probed`):
+
+====  ==========================================================================
+P1    A cooling member is probed (``GET {url}/models``) every
+      ``probe_interval_ms``, the first one that long after its cooldown began
+      here (a cooldown learnt from another node: at the next round).  A
+      member not cooling is never probed.
+P2    A probe answered (2xx, while it still cools) ends the cooldown at once
+      and resets the consecutive failures (H4): the member is open again.
+P3    A failed probe changes nothing: the cooldown runs out by itself, or
+      the next probe ends it.
 ====  ==========================================================================
 
 Failover before the first token (:func:`fails_over`):
@@ -111,6 +127,9 @@ class Failure(enum.Enum):
     CLIENT = "client"
     BROKEN = "broken"
 
+
+#: H6: seconds within which a shared cooldown is the one a probe ended here.
+CLEARED_SLACK = 1.0
 
 #: F1: the failures before the first token that move a request on.
 FAILS_OVER = frozenset({Failure.CONNECT, Failure.TIMEOUT, Failure.SERVER, Failure.RATE_LIMITED})
@@ -162,6 +181,10 @@ class Member:
     in_flight: int = 0
     failures: int = 0
     cool_until: float = -math.inf
+    #: P1: when it may be probed next.
+    next_probe: float = -math.inf
+    #: H6/P2: the end of the last cooldown a probe ended.
+    cleared_until: float = -math.inf
 
     @property
     def name(self) -> str:
@@ -276,9 +299,42 @@ class Router:
         """H6: ``name`` cools down until ``until`` (learnt from another node);
         False if that changes nothing (an unknown member, a longer cooldown)."""
         member = self.members.get(name)
-        if member is None or member.spec.cool_after_failures == 0 or until <= member.cool_until:
+        if member is None or member.spec.cool_after_failures == 0:
+            return False
+        if until <= member.cool_until or until <= member.cleared_until + CLEARED_SLACK:
             return False
         member.cool_until = until
+        return True
+
+    # -- the probe -----------------------------------------------------------------
+    def probes_due(self, now: float) -> list[str]:
+        """P1: the members to probe now (each then not again for its interval)."""
+        due = []
+        for member in self.members.values():
+            spec = member.spec
+            if spec.probe and member.cooling(now) and now >= member.next_probe:
+                member.next_probe = now + spec.probe_interval_ms / 1000
+                due.append(member.name)
+        return due
+
+    def next_probe_at(self, now: float) -> float:
+        """P1: when :meth:`probes_due` may next return a member (``inf``: not
+        until a member starts cooling)."""
+        return min(
+            (max(m.next_probe, now) for m in self.members.values()
+             if m.spec.probe and m.cooling(now)),
+            default=math.inf,
+        )  # fmt: skip
+
+    def probed(self, name: str, answered: bool, now: float) -> bool:
+        """P2/P3: a probe of ``name`` was ``answered`` (or failed); True if
+        that brought the member back."""
+        member = self.members[name]
+        if not answered or not member.cooling(now):
+            return False
+        member.cleared_until = member.cool_until
+        member.cool_until = -math.inf
+        member.failures = 0
         return True
 
     def failed(
@@ -304,5 +360,7 @@ class Router:
         until = now + delay
         if until <= member.cool_until:
             return None
+        if not member.cooling(now):  # P1: a new cooldown's first probe
+            member.next_probe = now + spec.probe_interval_ms / 1000
         member.cool_until = until
         return delay

@@ -35,6 +35,7 @@ from ..limits.keys import KeyDef, digest_of
 from ..logs import EventLogger
 from ..metrics import Metrics
 from ..runs import SHARED_TIMEOUT, RunManager
+from ..runs.probe import probe_members
 from ..runs.routes import Routes
 from ..shared import SharedState, create_shared
 from ..store import Store, open_store
@@ -354,6 +355,8 @@ async def open_service(
                 await nursery.start(service.pinger.run)
                 for client in members.values():
                     await nursery.start(client.run)
+                if any(m.probe for m in specs):  # P1-P3: bring cooling members back
+                    await nursery.start(probe_members, service.routes)
                 if shared.shares_cooldowns:  # cluster mode: cooldowns are every node's
                     interval = min(settings.node_lease / 3, 1.0)  # the shared state's heartbeat
                     await nursery.start(service.routes.share_cooldowns, shared, interval)

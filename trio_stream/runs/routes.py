@@ -179,8 +179,15 @@ class Routes:
             except SharedUnavailable:
                 continue
             now = trio.current_time()
-            for name, seconds in left.items():
-                self.router.cool(name, now + seconds)
+            learnt = [self.router.cool(name, now + seconds) for name, seconds in left.items()]
+            if any(learnt):  # the probe (runs/probe.py) waits for cooldowns
+                self._started_cooling.unpark_all()
+
+    async def wait_for_cooldown(self, until: float) -> None:
+        """Until a cooldown starts (here, or learnt from another node) or
+        ``until``, whichever comes first.  Cancellation: a checkpoint."""
+        with trio.move_on_at(until):
+            await self._started_cooling.park()
 
     def stream(self, run: Run) -> AbstractAsyncContextManager[AsyncIterator[Item]]:
         """Open ``run``'s upstream stream on a member (see the module docstring).

@@ -107,6 +107,7 @@ class Pane {
   render(note) {
     this.output.textContent = this.run.text;
     this.element.dataset.runId = this.run.runId || "";
+    this.element.dataset.servedBy = this.run.servedBy || "";
     if (note !== undefined) this.note(note);
     // Follow the answer unless the reader scrolled up.
     const out = this.output;
@@ -255,6 +256,23 @@ class Pane {
     this.render();
     this.setStatus(status, this.run.runId ? `${reason} · ${this.progressNote()}` : reason);
     this.save();
+    if (this.run.runId) this.showServedBy(this.generation);
+  }
+
+  /** Name the upstream member that served the run: GET /v1/runs/{id}'s
+   * ``served_by`` (the run's saved row once it has left memory). */
+  async showServedBy(generation) {
+    try {
+      const response = await fetch(`/v1/runs/${encodeURIComponent(this.run.runId)}`, { headers: headers() });
+      if (!response.ok || generation !== this.generation) return;
+      const servedBy = (await response.json()).served_by;
+      if (!servedBy || generation !== this.generation) return;
+      this.run.servedBy = String(servedBy);
+      this.render(`${this.noteEl.textContent} · served by ${this.run.servedBy}`);
+      this.save();
+    } catch {
+      // the member's name is a convenience
+    }
   }
 
   /** Stop: cancel the run by id (POST /v1/runs/{id}/cancel); before its id is
@@ -284,7 +302,10 @@ class Pane {
   restore() {
     const saved = store.get("pane." + this.index);
     if (!saved || typeof saved.text !== "string") return;
-    this.run = { runId: saved.runId, lastId: saved.lastId | 0, text: saved.text, detached: !!saved.detached, active: false };
+    this.run = {
+      runId: saved.runId, lastId: saved.lastId | 0, text: saved.text, detached: !!saved.detached,
+      active: false, servedBy: saved.servedBy || null,
+    };
     this.render();
     if (saved.active && saved.detached && saved.runId) {
       this.resume(this.run);

@@ -1,0 +1,208 @@
+"""``kill -9`` one of three upstream members under ``trio-stream load --scenario mixed``.
+
+Every process is real: three ``tools/fake_openai.py`` servers (the mock's
+reply at 20 ms a token, so each stream lasts about 0.7 s), a
+``trio-stream serve --config`` process whose one group is the three of them,
+and ``trio-stream load --scenario mixed`` (steady, disconnect, supersede,
+stop, resume, slow readers) against it.  Once every member has streams in
+flight, one member is sent SIGKILL: its connections die mid-answer and its
+port then refuses.  Its cooldowns are short (100-300 ms), so it is probed
+again and again during the load: each probe is refused and fails over.
+
+The invariants (docs/api.md section 1.3), from the load's report, the
+server's JSON log and its SQLite file:
+
+* no request that had not yet received a token fails: every request the
+  load counts as failed ended with the ``upstream_error`` event, and every
+  failed run (``stream_end``) was served by the dead member and had streamed
+  tokens before it died;
+* those runs are saved once, as what they streamed (no save failed, none
+  refused as a duplicate, a row for each, ``served_by`` the dead member);
+* the load finds no lost, duplicated, reordered or foreign token;
+* the server's ``tasks_living`` is back at its idle baseline.
+
+The test stops by itself (``fail_after``); it kills only the processes it
+started, by their own handles.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import trio
+
+from tests.conftest import ServeProcess, serve_process
+
+ROOT = Path(__file__).resolve().parent.parent
+MEMBERS = ("m1", "m2", "m3")
+DEAD = "m2"
+DELAY_MS = 20
+MAX_TOKENS = 32
+
+
+@asynccontextmanager
+async def fake_process() -> AsyncIterator[tuple[trio.Process, int]]:
+    """A ``tools/fake_openai.py`` process on a free port: it and its port.
+    Killed (if still alive) and reaped on exit."""
+    cmd = [sys.executable, str(ROOT / "tools" / "fake_openai.py"), "--port", "0",
+           "--delay-ms", str(DELAY_MS)]  # fmt: skip
+    process = await trio.lowlevel.open_process(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    try:
+        assert process.stdout is not None
+        line = b""
+        while b"\n" not in line:
+            chunk = await process.stdout.receive_some(256)
+            assert chunk, "the fake upstream exited before listening"
+            line += chunk
+        found = re.search(rb"listening port=(\d+)", line)
+        assert found is not None, line
+        yield process, int(found[1])
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+
+
+def config(ports: list[int]) -> str:
+    tables = [
+        f'[[upstream]]\nname = "{name}"\nkind = "openai"\n'
+        f'url = "http://127.0.0.1:{port}/v1"\nmodels = ["mock"]\n'
+        "cooldown_ms = 100\nmax_cooldown_ms = 300\n"  # probed again and again during the load
+        for name, port in zip(MEMBERS, ports, strict=True)
+    ]
+    return "\n".join(tables)
+
+
+async def scrape(port: int) -> str:
+    async with httpx.AsyncClient() as client:
+        return (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+
+
+def gauge(text: str, name: str, **labels: str) -> float:
+    label = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = "^" + re.escape(name + (f"{{{label}}}" if label else "")) + r" (\S+)$"
+    found = re.search(pattern, text, re.M)
+    return float(found[1]) if found else 0.0
+
+
+async def settled_tasks(port: int) -> float:
+    """``tasks_living`` once two scrapes 50 ms apart agree."""
+    last = gauge(await scrape(port), "trio_stream_tasks_living")
+    while True:
+        await trio.sleep(0.05)  # another process: nothing to wait on but its scrape
+        now = gauge(await scrape(port), "trio_stream_tasks_living")
+        if now == last:
+            return now
+        last = now
+
+
+async def run_load(port: int, report: Path) -> int:
+    args = [sys.executable, "-m", "trio_stream", "load", "--url", f"http://127.0.0.1:{port}",
+            "--scenario", "mixed", "-c", "16", "-n", "150", "--max-tokens", str(MAX_TOKENS),
+            "--seed", "21", "--timeout", "30", "--json", str(report), "-q"]  # fmt: skip
+    result = await trio.run_process(args, stdout=subprocess.DEVNULL, check=False)
+    return result.returncode
+
+
+def saved_rows(db: Path) -> dict[str, dict[str, Any]]:
+    with sqlite3.connect(db) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute("SELECT run_id, status, content, events, served_by FROM messages")
+        return {r["run_id"]: dict(r) for r in rows}
+
+
+async def kill_when_busy(server: ServeProcess, fakes: dict[str, trio.Process]) -> None:
+    """SIGKILL the DEAD member once every member has had two streams in
+    flight for 0.2 s (ten tokens: they are mid-answer)."""
+    while True:
+        text = await scrape(server.port)
+        if all(gauge(text, "trio_stream_upstream_in_flight", member=m) >= 2 for m in MEMBERS):
+            break
+        await trio.sleep(0.02)  # another process: nothing to wait on but its scrape
+    await trio.sleep(0.2)  # the first batch of streams is a third through its answers
+    fakes[DEAD].kill()  # SIGKILL, to this pid only
+
+
+async def test_kill_9_one_member_under_mixed_load(tmp_path: Path) -> None:
+    """Module docstring: a member killed mid-load fails only the runs it was
+    answering (each after some tokens, saved once), no request without a
+    token fails, no token is lost, and the server's tasks return to baseline."""
+    db = tmp_path / "kill.db"
+    report = tmp_path / "load.json"
+    with trio.fail_after(120):
+        async with (
+            fake_process() as (p1, port1),
+            fake_process() as (p2, port2),
+            fake_process() as (p3, port3),
+        ):
+            fakes = dict(zip(MEMBERS, (p1, p2, p3), strict=True))
+            path = tmp_path / "config.toml"
+            path.write_text(config([port1, port2, port3]))
+            args = ["--config", str(path), "--port", "0", "--db", str(db), "--log-format",
+                    "json", "--graceful-timeout", "2"]  # fmt: skip
+            async with serve_process(*args) as server:
+                baseline = await settled_tasks(server.port)
+                load_exit: list[int] = []
+
+                async def load() -> None:
+                    load_exit.append(await run_load(server.port, report))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(load)
+                    await kill_when_busy(server, fakes)
+                assert await fakes[DEAD].wait() == -9
+                figures = orjson.loads(report.read_bytes())
+                assert load_exit == [0], figures
+                while await settled_tasks(server.port) != baseline:  # noqa: ASYNC110
+                    await trio.sleep(0.1)
+                metrics = await scrape(server.port)
+                server.process.terminate()
+                assert await server.wait_exit() == 0
+
+    integrity = figures["integrity"]
+    assert integrity["lost"] == integrity["duplicated"] == integrity["reordered"] == 0, figures
+    assert integrity["foreign"] == 0, figures
+    # No request without a token failed: the only failures are the error event.
+    assert set(figures["errors"]) <= {"upstream_error"}, figures
+    failed_requests = figures["requests"]["failed"]
+
+    ends = {r["trace"]: r for r in server.records("stream_end")}
+    failed = {t: r for t, r in ends.items() if r["status"] == "failed"}
+    assert failed, ("the kill hit no stream mid-answer", server.records("upstream_failed"))
+    assert failed_requests <= len(failed)
+    for end in failed.values():
+        assert end["served_by"] == DEAD, end
+        assert end["tokens"] > 0, end  # it had streamed before the member died
+    served = {r["served_by"] for r in ends.values()}
+    assert served <= set(MEMBERS), served
+    # Saved once: every failed run has its row, none failed or came twice.
+    rows = saved_rows(db)
+    for trace, end in failed.items():
+        row = rows[trace]
+        assert row["served_by"] == DEAD, row
+        assert row["events"] == end["tokens"], (row, end)
+    assert server.records("save_failed") == []
+    assert server.records("save_duplicate_refused") == []
+    assert server.records("run_crashed") == []
+    assert len(rows) == len({r["run_id"] for r in rows.values()})
+    # The dead member was found out: counted broken, then probed after each
+    # cooldown, refused, and the request moved on (the path this test is for).
+    assert gauge(metrics, "trio_stream_upstream_attempts_total", member=DEAD,
+                 outcome="broken") >= len(failed)  # fmt: skip
+    assert gauge(metrics, "trio_stream_upstream_attempts_total", member=DEAD,
+                 outcome="connect") >= 2  # fmt: skip
+    assert gauge(metrics, "trio_stream_upstream_failovers_total", member=DEAD) >= 2
+    for name in MEMBERS:
+        assert gauge(metrics, "trio_stream_upstream_in_flight", member=name) == 0
