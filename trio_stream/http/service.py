@@ -40,7 +40,7 @@ from ..shared import SharedState, create_shared
 from ..store import Store, open_store
 from ..upstream import Upstream, create_member
 from .limits import KeyLimits
-from .stream import Pinger
+from .stream import BurstWatch, Pinger
 
 PUBLIC_TENANT = "public"
 
@@ -159,6 +159,7 @@ class Service:
             ["node"], registry=metrics.registry,
         ).labels(self.runs.shared.node).set(1)  # fmt: skip
         self.pinger = Pinger(settings.ping_interval)
+        self.bursts = BurstWatch()
         self.shutting_down = False
         self.streams = 0
         self._streams_changed = trio.lowlevel.ParkingLot()
@@ -324,6 +325,7 @@ async def open_service(
             async with trio.open_nursery() as nursery:
                 await nursery.start(service.runs.run)
                 await nursery.start(service.pinger.run)
+                await nursery.start(service.bursts.run)
                 for client in members.values():
                     await nursery.start(client.run)
                 if shared.shares_cooldowns:  # cluster mode: cooldowns are every node's
