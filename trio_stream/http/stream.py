@@ -193,6 +193,10 @@ class Subscriber:
         self._direct = direct
         # Where the writer waits out a burst (None: it yields itself).
         self._bursts = bursts
+        # Did the last read find several entries (a burst under way)?  Then
+        # one entry that follows it is waited out too: a burst that filled
+        # the window continues as soon as the writer makes room.
+        self._burst = False
         self._body_started = False
         self.started = False
         self.sending_since: float | None = None
@@ -380,13 +384,15 @@ class Subscriber:
         in a row, or reaches ``BATCH``.  Two, because trio randomly reverses
         the order of each scheduling batch: between two of our yields a
         runnable producer runs 0, 1 or 2 times, but never 0 twice in a row.
-        A stream whose tokens arrive one at a time pays nothing.  With
+        A stream whose tokens arrive one at a time pays nothing (after a
+        burst, its first token waits out a few batches once).  With
         ``--coalesce`` the backlog becomes one event; without, one send.
         """
         log = self.run.log
         queued = log.last_seq - self.cursor
         if (
-            1 < queued < BATCH
+            (queued > 1 or (queued == 1 and self._burst))
+            and queued < BATCH
             and self._bursts is not None
             and log.outcome is None
             and not (log.fenced or self.run.must_wait_for_room() or self.ping_due)
@@ -399,7 +405,10 @@ class Subscriber:
                 grown = log.last_seq - self.cursor
                 still = still + 1 if grown == queued else 0
                 queued = grown
-        return log.read(self.cursor, BATCH)
+        entries = log.read(self.cursor, BATCH)
+        if entries:
+            self._burst = len(entries) > 1
+        return entries
 
     async def write_json(self) -> None:
         """``stream: false``: wait for the end, answer one object or an error.
