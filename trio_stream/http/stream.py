@@ -158,6 +158,13 @@ class BurstWatch:
 
 
 class Subscriber:
+    # Every open stream holds one: no per-instance dict (docs/design.md section 16).
+    __slots__ = (
+        "_body_started", "_burst", "_bursts", "_direct", "_send", "cursor",
+        "drives_backpressure", "event_interval", "flow_controlled", "headers", "last_sent",
+        "ping_due", "pinger", "run", "sending_since", "stall_timeout", "started",
+    )  # fmt: skip
+
     def __init__(
         self,
         run: Run,
