@@ -25,7 +25,9 @@ from hypercorn.trio.tcp_server import TCPServer
 
 from tests.conftest import RawClient, running_server, tasks_living
 from trio_stream import Settings
+from trio_stream.http.responses import ResponseSubscriber
 from trio_stream.http.service import _StreamSlot
+from trio_stream.http.stream import Subscriber
 from trio_stream.runs import Done, Run
 from trio_stream.server import hypercorn_fixes
 from trio_stream.server.asgi import ServerApp
@@ -135,7 +137,9 @@ async def test_an_idle_stream_is_four_tasks_each_holding_exactly_its_frames(
                 await client.aclose()
 
 
-@pytest.mark.parametrize("cls", [Run, Done, AppInbox, ServerApp, _Sleeper, _StreamSlot])
+@pytest.mark.parametrize(
+    "cls", [Run, Done, AppInbox, ServerApp, _Sleeper, _StreamSlot, Subscriber, ResponseSubscriber]
+)
 def test_per_stream_objects_are_slotted(cls: type) -> None:
     """Each object an open stream holds one of (or shares, for the slot) is
     declared with ``__slots__`` all the way up its classes, so it has no

@@ -36,6 +36,10 @@ The *members* scenario starts three fake upstreams and runs ``trio-stream``
 ``--config`` file), ``ts-3same`` (three members, all the first fake) and
 ``ts-3up-1dead`` (two of them and a member whose port refuses).
 
+The *long* scenario (the seed's long-message test: 1,000 messages of 1,000 tokens,
+16 at once, the mock unthrottled) runs only ``trio-stream`` and ``bare-trio`` (the
+ceiling); a peer writing one event per token would take minutes per round.
+
 The *paced* scenario (streams at 100 tokens/s on the mock) runs only
 ``trio-stream`` (``--event-interval-ms 0``, the default) and ``ts-interval50``
 (``--event-interval-ms 50``): the events sent, server CPU per token and the
@@ -505,6 +509,14 @@ def scenarios(quick: bool) -> list[Scenario]:
             ratios=("ttft_p99_ms",),
         ),
         Scenario(
+            "long", f"Long messages: {200 if q else 1000} messages of 1,000 tokens, 16 at once, "
+            "upstream unthrottled: messages/s", "requests_per_s", delay_ms=0, concurrency=16,
+            requests=200 if q else 1000, max_tokens=1000, servers=("trio-stream", "bare-trio"),
+            extra=("lost_tokens", "server_us_per_token", "tokens_per_s", "events_per_token",
+                   *load),
+            ratios=("server_us_per_token",),
+        ),
+        Scenario(
             "paced", f"{25 if q else 50} streams at 100 tokens/s: --event-interval-ms 0 "
             "(trio-stream) vs 50 (ts-interval50)", "events_per_s", delay_ms=10,
             concurrency=25 if q else 50, requests=25 if q else 100, max_tokens=200,
@@ -537,6 +549,7 @@ METRICS = {
     "busy_percent": ("bench processes % of machine", False),
     "other_cpu_percent": ("other load %", False),
     "kib_per_stream": ("KiB per idle stream", False),
+    "lost_tokens": ("tokens lost (+ failed requests' tokens)", False),
 }
 SATURATED_PERCENT = 90.0  # server + client CPU beyond which a row measures overload
 
@@ -572,6 +585,13 @@ def _absolute(
     return check
 
 
+def _at_least(limit: float, ours: str = "trio-stream") -> Callable[[Medians], bool | None]:
+    def check(m: Medians) -> bool | None:
+        return None if ours not in m else m[ours] >= limit
+
+    return check
+
+
 @dataclass(frozen=True)
 class Target:
     scenario: str
@@ -590,6 +610,8 @@ TARGETS = (
     Target("streams", "delay_p99_ms", "< 50 ms", _absolute(50, strict=True)),
     Target("idle", "kib_per_stream", "≤ 16 KiB", _absolute(16, strict=False)),
     Target("short", "requests_per_s", "≥ sse-starlette", _vs("sse-starlette", 1, True)),
+    Target("long", "requests_per_s", "≥ 100 messages/s", _at_least(100)),
+    Target("long", "lost_tokens", "0", _absolute(0, strict=False)),
     Target("proxy", "ttft_p99_ms", "< 500 ms", _absolute(500, True, "ts-cluster-2"),
            "ts-cluster-2"),
     Target("proxy", "gap_p99_ms", "< 100 ms", _absolute(100, True, "ts-cluster-2"),
@@ -753,6 +775,8 @@ def load_figures(
     notes = []
     if req.get("failed") or req.get("cancelled") or req["ok"] != sc.requests:
         notes.append(f"{req['ok']}/{sc.requests} ok, {req.get('failed', 0)} failed")
+    failed_tokens = (sc.requests - req["ok"]) * sc.max_tokens
+    figures["lost_tokens"] = float(integrity.get("lost", 0) + failed_tokens)
     bad = {k: integrity.get(k, 0) for k in ("lost", "duplicated", "reordered")}
     if any(bad.values()):
         notes.append("integrity: " + ", ".join(f"{k} {v}" for k, v in bad.items() if v))
@@ -1197,6 +1221,10 @@ METHOD = [
     "nothing listens on (its server died): requests sent there are refused and fail over, "
     "and the member cools down (1 s, doubling) between tries. *fake upstream CPU %* is the "
     "busiest fake's.",
+    "- *Long messages* (the seed's test): 1,000 messages of 1,000 tokens, 16 at once, the "
+    "mock unthrottled (`trio-stream load -c 16 -n 1000 --max-tokens 1000`); served only by "
+    "*trio-stream* and *bare-trio* (the ceiling). *tokens lost* adds the tokens of any "
+    "failed request to those the client found missing: 0 means every message arrived whole.",
 ]
 
 
@@ -1295,7 +1323,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         + ", ".join(s.name for s in SERVERS))  # fmt: skip
     parser.add_argument(
         "--scenarios",
-        help="comma-separated subset of: tokens, events, streams, idle, short, proxy, "
+        help="comma-separated subset of: tokens, events, streams, idle, short, long, proxy, "
         "proxy100, members, paced",
     )
     parser.add_argument(

@@ -156,8 +156,9 @@ def serve(**options: Any) -> None:
 
         workers.run(settings)
         return
-    from .server.signals import serve_until_signal
+    from .server.signals import serve_until_signal, tune_gc
 
+    tune_gc()
     trio.run(serve_until_signal, settings)
 
 

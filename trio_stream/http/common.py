@@ -78,7 +78,7 @@ def subscriber(
     return kind(
         run, send, cursor=cursor, stall_timeout=s.stall_timeout, pinger=service.pinger,
         headers=response_headers(run) + rate, flow_controlled=is_h2(scope),
-        direct=direct_body(scope),
+        direct=direct_body(scope), bursts=service.bursts,
         drives_backpressure=drives_backpressure, event_interval=s.event_interval_ms / 1000,
         **extra,
     )  # fmt: skip

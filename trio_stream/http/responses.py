@@ -109,6 +109,8 @@ class ResponseSubscriber(Subscriber):
     from its start, see :class:`~trio_stream.wire.responses.ResponseEvents`).
     """
 
+    __slots__ = ("events",)
+
     def __init__(self, run: Run, send: Send, *, starting_after: int = -1, **kw: Any) -> None:
         super().__init__(run, send, **kw)
         self.events = ResponseEvents(run.id, meta_of(run), run.created, starting_after)

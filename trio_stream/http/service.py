@@ -43,7 +43,7 @@ from ..tracing import NO_TRACING, Tracing, create_tracing
 from ..upstream import Upstream, create_member
 from .asgi import Scope, Send, header
 from .limits import KeyLimits, RatedSend
-from .stream import Pinger
+from .stream import BurstWatch, Pinger
 
 PUBLIC_TENANT = "public"
 
@@ -169,6 +169,7 @@ class Service:
             ["node"], registry=metrics.registry,
         ).labels(self.runs.shared.node).set(1)  # fmt: skip
         self.pinger = Pinger(settings.ping_interval)
+        self.bursts = BurstWatch()
         self.shutting_down = False
         self.streams = 0
         self._streams_changed = trio.lowlevel.ParkingLot()
@@ -353,6 +354,7 @@ async def open_service(
             async with trio.open_nursery() as nursery:
                 await nursery.start(service.runs.run)
                 await nursery.start(service.pinger.run)
+                await nursery.start(service.bursts.run)
                 for client in members.values():
                     await nursery.start(client.run)
                 if any(m.probe for m in specs):  # P1-P3: bring cooling members back

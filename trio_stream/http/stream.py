@@ -91,7 +91,80 @@ class Pinger:
             sub.run.poke()
 
 
+class BurstWatch:
+    """Tells writers that a burst of appends is over: one task for every stream.
+
+    A writer that finds more than one entry queued lets the burst run on and
+    sends once the backlog has stopped growing (:meth:`Subscriber._backlog`).
+    Checking that by yielding to the scheduler costs the writer one task step
+    per scheduling batch -- on a fast stream, one per token: half the server's
+    task steps on long, fast answers.  Instead the writer parks on its run's
+    held lot (appends never touch it; the run's end, a fence, a due ping and
+    a reader blocked on a full ``--window`` wake it) and this task looks at
+    every parked writer's log once per batch, waking each whose backlog did
+    not grow for three of its yields in a row (the first may fall in the
+    writer's own batch; trio randomly reverses each batch, so a runnable
+    producer runs 0, 1 or 2 times between two yields, never 0 twice) or
+    reached ``BATCH``.  One task step per batch for all bursting streams.
+    """
+
+    def __init__(self) -> None:
+        # writer -> [last_seq at the last look, quiet looks since]
+        self._waiting: dict[Subscriber, list[int]] = {}
+        self._added = trio.lowlevel.ParkingLot()
+
+    async def settle(self, sub: Subscriber) -> None:
+        """Return when ``sub``'s backlog stopped growing (see the class), or
+        its run ended, was fenced, waits for room or owes a ping.
+
+        Cancellation: a checkpoint; a ``Cancelled`` unregisters ``sub``.
+        """
+        self._waiting[sub] = [sub.run.log.last_seq, -1]
+        if self._added:
+            self._added.unpark_all()
+        try:
+            await sub.run.wait_held()
+        finally:
+            self._waiting.pop(sub, None)
+        # Woken by the run's end and cancelled in the same instant (a
+        # disconnect does both): the cancellation wins, nothing more is sent.
+        await trio.lowlevel.checkpoint_if_cancelled()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Wake settled writers until cancelled.
+
+        Cancellation: a checkpoint per batch; a ``Cancelled`` leaves parked
+        writers parked (their own cancellation or their run's end wakes them).
+        """
+        task_status.started()
+        waiting = self._waiting
+        while True:
+            if not waiting:
+                await self._added.park()
+                continue
+            await trio.lowlevel.checkpoint()
+            for sub, seen in list(waiting.items()):
+                last = sub.run.log.last_seq
+                if last != seen[0]:
+                    seen[0], seen[1] = last, 0
+                    if last - sub.cursor < BATCH:
+                        continue
+                else:
+                    seen[1] += 1
+                    if seen[1] < 2:
+                        continue
+                del waiting[sub]
+                sub.run.wake_held()
+
+
 class Subscriber:
+    # Every open stream holds one: no per-instance dict (docs/design.md section 16).
+    __slots__ = (
+        "_body_started", "_burst", "_bursts", "_direct", "_send", "cursor",
+        "drives_backpressure", "event_interval", "flow_controlled", "headers", "last_sent",
+        "ping_due", "pinger", "run", "sending_since", "stall_timeout", "started",
+    )  # fmt: skip
+
     def __init__(
         self,
         run: Run,
@@ -105,6 +178,7 @@ class Subscriber:
         flow_controlled: bool,
         event_interval: float = 0.0,
         direct: DirectBody | None = None,
+        bursts: BurstWatch | None = None,
     ) -> None:
         self.run = run
         self._send = send
@@ -124,6 +198,12 @@ class Subscriber:
         # went out through ASGI, later chunks are written straight to the
         # socket (``transport.DirectBody``); the last one goes through ASGI.
         self._direct = direct
+        # Where the writer waits out a burst (None: it yields itself).
+        self._bursts = bursts
+        # Did the last read find several entries (a burst under way)?  Then
+        # one entry that follows it is waited out too: a burst that filled
+        # the window continues as soon as the writer makes room.
+        self._burst = False
         self._body_started = False
         self.started = False
         self.sending_since: float | None = None
@@ -311,19 +391,31 @@ class Subscriber:
         in a row, or reaches ``BATCH``.  Two, because trio randomly reverses
         the order of each scheduling batch: between two of our yields a
         runnable producer runs 0, 1 or 2 times, but never 0 twice in a row.
-        A stream whose tokens arrive one at a time pays nothing.  With
+        A stream whose tokens arrive one at a time pays nothing (after a
+        burst, its first token waits out a few batches once).  With
         ``--coalesce`` the backlog becomes one event; without, one send.
         """
         log = self.run.log
         queued = log.last_seq - self.cursor
-        if queued > 1:
+        if (
+            (queued > 1 or (queued == 1 and self._burst))
+            and queued < BATCH
+            and self._bursts is not None
+            and log.outcome is None
+            and not (log.fenced or self.run.must_wait_for_room() or self.ping_due)
+        ):
+            await self._bursts.settle(self)
+        elif queued > 1:
             still = 0
             while queued < BATCH and still < 2 and not log.fenced:
                 await trio.lowlevel.checkpoint()
                 grown = log.last_seq - self.cursor
                 still = still + 1 if grown == queued else 0
                 queued = grown
-        return log.read(self.cursor, BATCH)
+        entries = log.read(self.cursor, BATCH)
+        if entries:
+            self._burst = len(entries) > 1
+        return entries
 
     async def write_json(self) -> None:
         """``stream: false``: wait for the end, answer one object or an error.

@@ -240,6 +240,11 @@ class Run:
         if self._held:
             self._held.unpark_all()
 
+    def wake_held(self) -> None:
+        """Wake the writers waiting in :meth:`wait_held`."""
+        if self._held:
+            self._held.unpark_all()
+
     def finished(self) -> None:
         self.done.set()
         self._wake()

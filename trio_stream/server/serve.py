@@ -14,7 +14,7 @@ Ownership (the whole tree is in docs/design.md section 3)::
 
     serve()
     └── open_service()                 store, upstream, metrics, RunManager
-        ├── service nursery            manager (detached runs, reaper), pinger, mock ticker
+        ├── service nursery            manager (detached runs, reaper), pinger, bursts, mock ticker
         └── serve_service()
             └── connections nursery    one Connection per accepted socket
                 ├── Connection         (hypercorn) one task per request -> http/chat.py

@@ -78,10 +78,13 @@ def bind(settings: Settings) -> list[socket.socket]:
 def _worker_main(settings: Settings, sockets: Sequence[socket.socket], link: socket.socket) -> None:
     """A worker process: one whole service on the inherited sockets, until
     a signal or its supervisor's death (rule 5)."""
+    from .signals import tune_gc
+
     bound = settings.graceful_timeout + KILL_MARGIN
     threading.Thread(
         target=_watch_supervisor, args=(link, bound), name="watch-supervisor", daemon=True
     ).start()
+    tune_gc()
     trio.run(_worker, settings, sockets)
 
 

@@ -36,7 +36,8 @@ _SYLLABLES = (
     "vo", "za", "do", "fe", "gu", "ho", "ji", "pu",
 )  # fmt: skip
 _INDEX = {s: i for i, s in enumerate(_SYLLABLES)}
-_BY_HEX = dict(zip("0123456789abcdef", _SYLLABLES, strict=True))
+# str.translate table: hex digit -> its syllable (one C call per word).
+_BY_HEX = str.maketrans(dict(zip("0123456789abcdef", _SYLLABLES, strict=True)))
 _BASE_RANGE = 1 << 20
 
 
@@ -44,7 +45,7 @@ def word(n: int) -> str:
     """The word for the non-negative integer ``n`` (one syllable per hex digit)."""
     if n < 0:
         raise ValueError("n must be non-negative")
-    return "".join(map(_BY_HEX.__getitem__, format(n, "x")))
+    return format(n, "x").translate(_BY_HEX)
 
 
 def word_index(w: str) -> int | None:
