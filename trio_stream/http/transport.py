@@ -28,7 +28,7 @@ import os
 import weakref
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -166,17 +166,20 @@ class GuardedListener(trio.abc.Listener[GuardedStream]):
 
 
 class Link:
-    """What a response on an HTTP/1.1 connection needs to write its body itself:
-    the connection's guarded stream, hypercorn's send lock, and how to tell
-    hypercorn that the connection broke.  Set by ``server.serve.Connection`` for
-    each plain (non-TLS) connection, in :data:`LINK`, which every request
-    task of the connection inherits (hypercorn spawns them from the
-    connection's task, and trio copies the spawner's context)."""
+    """What a response needs to write its body itself: the connection's stream
+    (the guarded socket, or the ``trio.SSLStream`` around it), hypercorn's
+    send lock, and how to tell hypercorn that the connection broke.  Set by
+    ``server.serve.Connection`` for each connection, in :data:`LINK`, which
+    every request task of the connection inherits (hypercorn spawns them from
+    the connection's task, and trio copies the spawner's context)."""
 
     __slots__ = ("broken", "lock", "stream")
 
     def __init__(
-        self, stream: GuardedStream, lock: trio.Lock, broken: Callable[[], Awaitable[None]]
+        self,
+        stream: GuardedStream | trio.SSLStream[Any],
+        lock: trio.Lock,
+        broken: Callable[[], Awaitable[None]],
     ) -> None:
         self.stream = stream
         self.lock = lock
@@ -186,15 +189,34 @@ class Link:
 LINK: ContextVar[Link] = ContextVar("trio_stream_link")
 
 
-def direct_body(scope: Any) -> DirectBody | None:
+class BodyWriter(Protocol):
+    """Writes the chunks of one response body after its first straight to the
+    connection, or declines one chunk (False: nothing written; the caller
+    sends it through ASGI).  :class:`DirectBody` (HTTP/1.1) and
+    ``server.h2direct.DirectData`` (HTTP/2)."""
+
+    async def send(self, data: bytes) -> bool: ...
+
+
+#: The HTTP/2 request stream's :class:`BodyWriter`, set by the server for the
+#: request task it spawns (``server.connection.LightTaskGroup.spawn_app``).
+DIRECT: ContextVar[BodyWriter] = ContextVar("trio_stream_direct")
+
+
+def direct_body(scope: Any) -> BodyWriter | None:
     """The direct body writer for this request, if it can have one: HTTP/1.1
-    (chunked: the response to an HTTP/1.0 request is close-delimited, and on
-    HTTP/2 hypercorn owns the framing and flow control) on a plain connection
-    served by ``server.serve.Connection``."""
-    if scope.get("http_version") != "1.1":
+    (chunked: the response to an HTTP/1.0 request is close-delimited) on a
+    plain connection served by ``server.serve.Connection``, or an HTTP/2
+    stream the server gave one (:data:`DIRECT`)."""
+    version = scope.get("http_version")
+    if version == "2":
+        return DIRECT.get(None)
+    if version != "1.1":
         return None
     link = LINK.get(None)
-    return None if link is None else DirectBody(link)
+    if link is None or not isinstance(link.stream, GuardedStream):
+        return None  # TLS: hypercorn's path (HTTP/1.1 over TLS is not direct)
+    return DirectBody(link)
 
 
 class DirectBody:
@@ -248,6 +270,7 @@ class DirectBody:
                 return True  # the client is gone; hypercorn drops sends the same way
             frame = b"%x\r\n%b\r\n" % (len(data), data)
             stream = link.stream
+            assert isinstance(stream, GuardedStream)  # direct_body's choice
             try:
                 sent = stream.send_nowait(frame)
                 if sent < len(frame):
