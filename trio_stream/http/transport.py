@@ -25,12 +25,17 @@ deadline bounds the raw socket writes of HTTP/1.1 and HTTP/2 alike.
 from __future__ import annotations
 
 import os
+import ssl
 import weakref
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, Protocol
 
 import trio
+from trio._ssl import _State as _SSLState
+
+_SSL_OK = _SSLState.OK
+_SSL_BROKEN = _SSLState.BROKEN
 
 
 class TransportGuard:
@@ -146,6 +151,77 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         ``aclose`` contract).
         """
         await self._inner.aclose()
+
+
+def _tls_encrypt_nowait(stream: trio.SSLStream[Any], data: bytes) -> bytes | None:
+    """``data`` as TLS records, ready for the raw socket -- or None (nothing done)
+    when only ``trio.SSLStream.send_all`` may write now.
+
+    ``SSLStream.send_all`` encrypts, then sends under the stream's inner send
+    lock, with a schedule point even when the socket takes everything.  The
+    records must reach the wire in the order the ``SSLObject`` made them, so
+    this encrypts only when nobody holds records made earlier: the stream is
+    usable, its handshake done, its delayed TLS 1.3 session tickets already
+    sent (trio sends them before the first write), its inner send lock free
+    and its outgoing buffer empty.  (Reads the private state of trio 0.35's
+    ``SSLStream``; ``tests/test_h2_direct.py`` pins it.)
+    """
+    if (
+        stream._state is not _SSL_OK
+        or not stream._handshook.done
+        or stream._delayed_outgoing is not None
+        or stream._inner_send_lock.locked()
+        or stream._outgoing.pending
+    ):
+        return None
+    try:
+        stream._ssl_object.write(data)
+    except ssl.SSLWantReadError:
+        return None  # a renegotiation: send_all's loop sorts it out (no record was made)
+    except (ssl.SSLError, ssl.CertificateError) as exc:
+        stream._state = _SSL_BROKEN
+        raise trio.BrokenResourceError from exc
+    return stream._outgoing.read()
+
+
+async def send_whole(stream: GuardedStream | trio.SSLStream[Any], data: bytes) -> None:
+    """Write ``data`` whole to a guarded socket or the TLS stream around one.
+
+    The caller holds hypercorn's send lock.  Cancellation: not a checkpoint when the kernel
+    takes it at once; otherwise the rest is written in a shielded scope (bounded by the
+    guarded socket's stall deadline, which closes the socket when it passes), then a
+    checkpoint.  Raises ``BrokenResourceError`` / ``ClosedResourceError`` as ``send_all``.
+    """
+    if isinstance(stream, GuardedStream):
+        sent = stream.send_nowait(data)
+        if sent == len(data):
+            return
+        with trio.CancelScope(shield=True):  # whole frames only
+            await stream.send_all(memoryview(data)[sent:])
+        await trio.lowlevel.checkpoint_if_cancelled()  # it waited: a checkpoint
+        return
+    raw = _tls_encrypt_nowait(stream, data)
+    if raw is None:
+        with trio.CancelScope(shield=True):
+            await stream.send_all(data)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return
+    inner = stream.transport_stream
+    assert isinstance(inner, GuardedStream)  # SSLListener(GuardedListener(...))
+    sent = inner.send_nowait(raw)
+    if sent == len(raw):
+        return
+    # As SSLStream._retry: the rest under its inner send lock (free: checked
+    # above, and nothing yielded since), so that a TLS record made by a
+    # concurrent receive goes out after these.
+    with trio.CancelScope(shield=True):
+        async with stream._inner_send_lock:
+            try:
+                await inner.send_all(memoryview(raw)[sent:])
+            except BaseException:
+                stream._state = _SSL_BROKEN  # some of a record went out: the stream is doomed
+                raise
+    await trio.lowlevel.checkpoint_if_cancelled()
 
 
 class GuardedListener(trio.abc.Listener[GuardedStream]):

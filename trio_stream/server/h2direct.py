@@ -51,7 +51,7 @@ import trio
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.http_stream import HTTPStream
 
-from ..http.transport import GuardedStream, Link
+from ..http.transport import Link, send_whole
 
 
 class DirectData:
@@ -104,21 +104,10 @@ class DirectData:
 async def _write(link: Link, frames: bytes) -> None:
     """Write ``frames`` whole (the caller holds the send lock); report a broken connection.
 
-    Cancellation: not a checkpoint when the kernel takes them at once (plain TCP); otherwise the
-    rest is written in a shielded scope (bounded by the stall deadline), then a checkpoint.
+    Cancellation: as :func:`~trio_stream.http.transport.send_whole`.
     """
-    stream = link.stream
     try:
-        if isinstance(stream, GuardedStream):
-            sent = stream.send_nowait(frames)
-            if sent == len(frames):
-                return
-            rest = memoryview(frames)[sent:]
-        else:
-            rest = memoryview(frames)
-        with trio.CancelScope(shield=True):  # whole frames only
-            await stream.send_all(rest)
-        await trio.lowlevel.checkpoint_if_cancelled()  # it waited: a checkpoint
+        await send_whole(link.stream, frames)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         await link.broken()
 
