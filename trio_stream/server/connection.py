@@ -59,7 +59,7 @@ from hypercorn.utils import parse_socket_addr
 
 from ..http.transport import DIRECT, LINK, GuardedStream, Link
 from ..logs import EventLogger
-from .h2direct import direct_data
+from .h2direct import close_flusher, direct_data
 
 #: How long a GOAWAY may take to write before the connection is closed anyway.
 GOAWAY_TIMEOUT = 1.0
@@ -336,6 +336,7 @@ class LightTCPServer(TCPServer):
                     if data == b"":
                         break
                 await self.protocol.handle(Closed())
+                close_flusher(self.protocol.protocol)  # h2direct: its task ends
                 # The peer is gone: a running idle timer has nothing left to
                 # time, and the task group would wait for it (up to
                 # keep_alive_timeout) before the socket is closed.

@@ -1,4 +1,4 @@
-"""The direct DATA path of HTTP/2 streams: a body chunk as one DATA frame, written at once.
+"""The direct DATA path of HTTP/2 streams: body chunks as DATA frames, one write per batch.
 
 hypercorn 0.18.0 sends an HTTP/2 body chunk through the ASGI message, the
 stream's ``StreamBuffer`` (two events set), the priority tree (``unblock``,
@@ -8,15 +8,24 @@ send lock and a shielded ``send_all``: with 100 streams on a connection
 about twice the CPU of an HTTP/1.1 token (docs/design.md section 15).
 
 :class:`DirectData` does what that path does for a chunk that can go out at
-once, in the request task, without waiting: it writes the chunk as one DATA
-frame -- encoded by ``h2``, so ``h2`` counts it against the flow-control
-windows and checks the stream's state -- under the connection's send lock,
-taken without waiting.  It declines (returns False, having written nothing)
+once, in the request task, without waiting: ``h2`` encodes it as one DATA
+frame -- so ``h2`` counts it against the flow-control windows and checks the
+stream's state -- into its outgoing buffer, and the connection's
+:class:`Flusher` is woken.  The flusher runs after every task of the current
+scheduler batch has run, so the frames of all the connection's streams that
+had data in that batch leave in one write (one TLS record run, over TLS),
+taken under hypercorn's send lock.  Whoever takes the send lock takes all of
+``h2``'s outgoing buffer, in ``h2``'s order, and writes it before releasing
+the lock (hypercorn's ``_flush`` does the same), so frames never leave out of
+order, whoever writes them.
+
+:meth:`DirectData.send` declines (returns False, having encoded nothing)
 whenever hypercorn's path must decide instead, and the caller then sends the
 chunk through ASGI:
 
-* the send lock is held (a write of hypercorn's is under way or queued:
-  frames leave in the order ``h2`` encoded them);
+* the send lock is held (a write is under way: a client that stops reading
+  makes its streams wait in hypercorn's path, where the caller's stall
+  deadline applies), or :data:`PENDING_LIMIT` bytes wait for the flusher;
 * hypercorn holds unsent bytes of this stream (its ``StreamBuffer`` is not
   empty: the chunk must go out after them), or the stream or the connection
   is closed, reset or unknown to hypercorn;
@@ -26,14 +35,8 @@ chunk through ASGI:
   and splits frames.  A stream whose window is 0 waits there; its siblings
   keep writing directly, and a WINDOW_UPDATE resumes it through hypercorn.
 
-Whoever takes the send lock after ``h2`` encoded frames holds it before
-any other task runs: hypercorn's ``_flush`` takes the lock right after
-``data_to_send()``, without a schedule point between (and trio's lock is
-handed to the next waiter on release), and so does :meth:`DirectData.send`.
-So no frame is ever written out of ``h2``'s order.
-
 Same guarantees as :class:`~trio_stream.http.transport.DirectBody` on
-HTTP/1.1: a frame goes out whole or the connection is closed (a write that
+HTTP/1.1: a write goes out whole or the connection is closed (a write that
 has to wait finishes in a shielded scope, bounded by the guarded stream's
 stall deadline -- over TLS the raw socket under ``trio.SSLStream`` is the
 guarded stream); a broken connection is reported to hypercorn, which
@@ -53,30 +56,115 @@ from hypercorn.protocol.http_stream import HTTPStream
 
 from ..http.transport import Link, send_whole
 
+#: Encoded bytes waiting for the flusher beyond which a chunk takes hypercorn's path.
+PENDING_LIMIT = 256 * 1024
+
+
+class Flusher:
+    """One HTTP/2 connection's writer of the frames :class:`DirectData` encoded.
+
+    Its task is spawned into the connection's task group on the first direct
+    chunk and waits, parked, for the next; it ends when :meth:`close` is
+    called (the connection's read loop ended) or the connection's task group
+    is cancelled.  A wake-up costs one task step per batch of chunks, however
+    many streams they belong to.
+    """
+
+    __slots__ = ("_closed", "_link", "_protocol", "_task", "_waiting", "pending")
+
+    def __init__(self, link: Link, protocol: H2Protocol) -> None:
+        self._link = link
+        self._protocol = protocol
+        self._task: trio.lowlevel.Task | None = None
+        self._waiting = False  # parked, waiting for frames
+        self._closed = False
+        self.pending = 0  # bytes encoded since the last flush (approximately)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def wake(self) -> None:
+        """Frames are waiting in ``h2``: write them after this scheduler batch."""
+        if self._task is None:
+            self._task = _SPAWNING
+            self._protocol.task_group.spawn(self._run)
+        elif self._waiting:
+            self._waiting = False
+            trio.lowlevel.reschedule(self._task)
+
+    def close(self) -> None:
+        """The connection ended: the task ends (what is pending was hypercorn's to flush)."""
+        self._closed = True
+        if self._waiting and isinstance(self._task, trio.lowlevel.Task):
+            self._waiting = False
+            trio.lowlevel.reschedule(self._task)
+
+    async def _run(self) -> None:
+        """Write what ``h2`` holds, then wait to be woken; until closed.
+
+        Cancellation: a ``Cancelled`` while it waits ends it; a write is shielded (bounded by the
+        stall deadline).
+        """
+        self._task = trio.lowlevel.current_task()
+        lock = self._link.lock
+        connection = self._protocol.connection
+        while not self._closed:
+            self.pending = 0
+            try:
+                lock.acquire_nowait()
+            except trio.WouldBlock:
+                await lock.acquire()  # a write of hypercorn's, which may take ours too
+            try:
+                frames = connection.data_to_send()
+                if frames:
+                    await _write(self._link, frames)
+            finally:
+                lock.release()
+            if self.pending or self._closed:
+                continue  # encoded while we wrote
+            self._waiting = True
+            try:
+                await trio.lowlevel.wait_task_rescheduled(self._abort)
+            finally:
+                self._waiting = False
+
+    def _abort(self, _: object) -> trio.lowlevel.Abort:
+        return trio.lowlevel.Abort.SUCCEEDED
+
+
+#: Stands for the flusher's task between its spawn and its first step.
+_SPAWNING: Any = object()
+
 
 class DirectData:
-    """Writes the chunks of one HTTP/2 response body as DATA frames (module docstring)."""
+    """Encodes the chunks of one HTTP/2 response body as DATA frames (module docstring)."""
 
-    __slots__ = ("_link", "_protocol", "_stream_id")
+    __slots__ = ("_flusher", "_protocol", "_stream_id")
 
-    def __init__(self, link: Link, protocol: H2Protocol, stream_id: int) -> None:
-        self._link = link
+    def __init__(self, flusher: Flusher, protocol: H2Protocol, stream_id: int) -> None:
+        self._flusher = flusher
         self._protocol = protocol
         self._stream_id = stream_id
 
     async def send(self, data: bytes) -> bool:
-        """Write ``data`` as one DATA frame; False (nothing written) if hypercorn's
-        path must send it (module docstring).
+        """Encode ``data`` as one DATA frame for the connection's flusher; False (nothing
+        encoded) if hypercorn's path must send it (module docstring).
 
-        Cancellation: a frame the kernel takes at once costs no checkpoint; one that has to wait
-        is written whole in a shielded scope bounded by the stall deadline, and a ``Cancelled``
-        is delivered right after it (so a frame is never half written).
+        Cancellation: not a checkpoint (it never waits).
         """
         if not data:
             return True  # nothing to frame (hypercorn drops an empty chunk too)
-        protocol, sid = self._protocol, self._stream_id
+        protocol, sid, flusher = self._protocol, self._stream_id, self._flusher
         buffer = protocol.stream_buffers.get(sid)
-        if buffer is None or buffer.buffer or protocol.closed:
+        if (
+            buffer is None
+            or buffer.buffer
+            or protocol.closed
+            or flusher.closed
+            or flusher.pending > PENDING_LIMIT
+            or flusher._link.lock.locked()
+        ):
             return False
         connection = protocol.connection
         try:
@@ -85,19 +173,12 @@ class DirectData:
             return False  # closed or reset: hypercorn's path drops the chunk
         if len(data) > window or len(data) > connection.max_outbound_frame_size:
             return False
-        lock = self._link.lock
         try:
-            lock.acquire_nowait()
-        except trio.WouldBlock:
+            connection.send_data(sid, data)
+        except h2.exceptions.ProtocolError:
             return False
-        try:
-            try:
-                connection.send_data(sid, data)
-            except h2.exceptions.ProtocolError:
-                return False
-            await _write(self._link, connection.data_to_send())
-        finally:
-            lock.release()
+        flusher.pending += len(data) + 9
+        flusher.wake()
         return True
 
 
@@ -112,6 +193,10 @@ async def _write(link: Link, frames: bytes) -> None:
         await link.broken()
 
 
+#: The attribute of hypercorn's ``H2Protocol`` that holds its :class:`Flusher`.
+FLUSHER = "_trio_stream_flusher"
+
+
 def direct_data(link: Link | None, send: Any) -> DirectData | None:
     """The direct writer for the request whose ASGI ``send`` is ``send``, if it can have one:
     an HTTP request stream (not a WebSocket) of an HTTP/2 connection that published ``link``."""
@@ -123,4 +208,15 @@ def direct_data(link: Link | None, send: Any) -> DirectData | None:
     protocol = getattr(stream.send, "__self__", None)
     if not isinstance(protocol, H2Protocol):
         return None
-    return DirectData(link, protocol, stream.stream_id)
+    flusher = getattr(protocol, FLUSHER, None)
+    if flusher is None:
+        flusher = Flusher(link, protocol)
+        setattr(protocol, FLUSHER, flusher)
+    return DirectData(flusher, protocol, stream.stream_id)
+
+
+def close_flusher(protocol: object) -> None:
+    """The connection of ``protocol`` (hypercorn's, any version) ended: end its flusher."""
+    flusher = getattr(protocol, FLUSHER, None)
+    if isinstance(flusher, Flusher):
+        flusher.close()
