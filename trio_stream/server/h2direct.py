@@ -47,10 +47,14 @@ through ASGI.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
+import h2.connection
 import h2.exceptions
 import trio
+from h2.connection import ConnectionInputs
+from h2.stream import StreamInputs
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.http_stream import HTTPStream
 
@@ -166,20 +170,49 @@ class DirectData:
             or flusher._link.lock.locked()
         ):
             return False
-        connection = protocol.connection
         try:
-            window = connection.local_flow_control_window(sid)
-        except (h2.exceptions.ProtocolError, KeyError):
-            return False  # closed or reset: hypercorn's path drops the chunk
-        if len(data) > window or len(data) > connection.max_outbound_frame_size:
-            return False
-        try:
-            connection.send_data(sid, data)
+            if not encode_data(protocol.connection, sid, data):
+                return False
         except h2.exceptions.ProtocolError:
-            return False
-        flusher.pending += len(data) + 9
+            return False  # hypercorn's path drops it (the stream or connection is closing)
+        flusher.pending += len(data) + FRAME_HEADER
         flusher.wake()
         return True
+
+
+#: The length of an HTTP/2 frame header (RFC 9113 section 4.1).
+FRAME_HEADER = 9
+
+
+def encode_data(connection: h2.connection.H2Connection, stream_id: int, data: bytes) -> bool:
+    """What ``connection.send_data(stream_id, data)`` does, for a chunk that fits: the same
+    state transitions, window accounting and bytes, without hyperframe's frame object.
+
+    False, with nothing changed, when the stream is unknown or closed, or the chunk does not
+    fit its flow-control window (stream's and connection's) or one frame.  A state machine
+    that refuses the chunk (the connection sent GOAWAY; the stream's sending half is closed)
+    raises ``h2.exceptions.ProtocolError`` as ``send_data`` would, with the same effect (the
+    stream's state becomes closed).  ``h2.connection.H2Connection.send_data`` of h2
+    4.x does exactly these steps (``tests/test_h2_direct.py`` compares the two).
+    """
+    stream = connection.streams.get(stream_id)
+    if stream is None or stream.closed:
+        return False
+    size = len(data)
+    window = min(connection.outbound_flow_control_window, stream.outbound_flow_control_window)
+    if size > window or size > connection.max_outbound_frame_size:
+        return False
+    connection.state_machine.process_input(ConnectionInputs.SEND_DATA)
+    stream.state_machine.process_input(StreamInputs.SEND_DATA)
+    stream.outbound_flow_control_window -= size
+    connection.outbound_flow_control_window -= size
+    # length (24 bits), type 0 (DATA), flags 0, stream id (31 bits), payload
+    connection._data_to_send += _LENGTH.pack(size)[1:] + b"\x00\x00" + _ID.pack(stream_id)
+    connection._data_to_send += data
+    return True
+
+
+_LENGTH = _ID = struct.Struct(">I")
 
 
 async def _write(link: Link, frames: bytes) -> None:
