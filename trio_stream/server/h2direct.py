@@ -88,6 +88,11 @@ class Flusher:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def busy(self) -> bool:
+        """Is a write of this connection under way (its send lock held)?"""
+        return self._link.lock.locked()
+
     def wake(self) -> None:
         """Frames are waiting in ``h2``: write them after this scheduler batch."""
         if self._task is None:
@@ -167,7 +172,7 @@ class DirectData:
             or protocol.closed
             or flusher.closed
             or flusher.pending > PENDING_LIMIT
-            or flusher._link.lock.locked()
+            or flusher.busy
         ):
             return False
         try:
