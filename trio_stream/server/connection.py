@@ -320,6 +320,7 @@ class LightTCPServer(TCPServer):
                 await self.idle_task.restart(self._task_group, self._idle_timeout)
                 if self.config.read_timeout is not None:
                     await self._read_data()  # hypercorn's loop, with its deadline
+                    close_flusher(self.protocol.protocol)  # as below
                     await self.idle_task.stop()  # as below
                     return
                 # The read loop (see the module docstring), here rather than
