@@ -271,7 +271,13 @@ class BodyWriter(Protocol):
     sends it through ASGI).  :class:`DirectBody` (HTTP/1.1) and
     ``server.h2direct.DirectData`` (HTTP/2)."""
 
-    async def send(self, data: bytes) -> bool: ...
+    async def send(self, data: bytes) -> bool:
+        """Write ``data`` as the body's next chunk, or decline it (False: nothing written).
+
+        Cancellation: not a checkpoint when the chunk goes out (or is taken) at once; a write
+        that has to wait is finished whole, shielded, and a ``Cancelled`` comes right after.
+        """
+        ...
 
 
 #: The HTTP/2 request stream's :class:`BodyWriter`, set by the server for the
