@@ -348,12 +348,13 @@ def test_fix_is_not_applied_to_another_hypercorn_version(monkeypatch: pytest.Mon
     assert H11Protocol._send_error_response is hypercorn_fixes.original_send_error_response
     assert H2Protocol._priority_updated is hypercorn_fixes.original_priority_updated
     assert H2Protocol.initiate is hypercorn_fixes.original_initiate
+    assert H2Protocol.stream_send is hypercorn_fixes.original_stream_send
     assert not hypercorn_fixes.applied()
     records = sink.events("hypercorn_fix_skipped")
     assert [r["fix"] for r in records] == [
         "StreamBuffer.pop", "H2Protocol._handle_events", "H11Protocol.__init__",
         "H11Protocol._send_error_response", "H2Protocol._priority_updated",
-        "H2Protocol.initiate",
+        "H2Protocol.initiate", "H2Protocol.stream_send",
     ]  # fmt: skip
     for record in records:
         assert (record["hypercorn"], record["written_for"]) == (
@@ -376,6 +377,7 @@ def test_fix_is_applied_to_its_hypercorn_version(monkeypatch: pytest.MonkeyPatch
     assert H11Protocol._send_error_response is not hypercorn_fixes.original_send_error_response
     assert H2Protocol._priority_updated is not hypercorn_fixes.original_priority_updated
     assert H2Protocol.initiate is not hypercorn_fixes.original_initiate
+    assert H2Protocol.stream_send is not hypercorn_fixes.original_stream_send
     assert not sink.records
 
 
@@ -389,6 +391,7 @@ def unpatch(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     monkeypatch.setattr(H2Protocol, "_priority_updated", hypercorn_fixes.original_priority_updated)
     monkeypatch.setattr(H2Protocol, "initiate", hypercorn_fixes.original_initiate)
+    monkeypatch.setattr(H2Protocol, "stream_send", hypercorn_fixes.original_stream_send)
 
 
 # -- H11Protocol: the head cap, bytes after the last request, the error body -----------

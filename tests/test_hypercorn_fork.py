@@ -43,6 +43,24 @@ PINNED = {
     # ... which this creates (and LightTCPServer.run reads its attributes)
     "hypercorn.trio.tcp_server.TCPServer.__init__":
         "4c1d42457bc197b22f41b54b7dd6a79e195cdc037f9cc55f50e3e4332ebf6988",
+    # h2direct.DirectData encodes frames into h2 and a Flusher writes them:
+    # correct only while whoever takes h2's output (this _flush) takes the
+    # send lock before any other task runs, while the send task pops a
+    # stream's buffer and encodes it without a schedule point between, and
+    # while stream_send / _create_stream keep stream_buffers per stream
+    # (stream_send is also fix 7 of hypercorn_fixes)
+    "hypercorn.protocol.h2.H2Protocol._flush":
+        "1a771e85178d124c6e2420e89ec750159929b76267fc07dd3d798bb6f72db77a",
+    "hypercorn.protocol.h2.H2Protocol._send_data":
+        "a89ce4286f36982057297d5c3302777cbcdb303c52eeb0936feaf5d95dd88eef",
+    "hypercorn.protocol.h2.H2Protocol.stream_send":
+        "d8fc824e2770ba5c7af707fc01e14eb2eaef377064221ec84009fa8d949fe90b",
+    "hypercorn.protocol.h2.H2Protocol._create_stream":
+        "91eb123ddf247ede84f6766ae1ecb49ab0a7d2fad59490f1adfe7694c738b686",
+    # ... and h2direct.direct_data finds the stream's protocol through the
+    # app's send, the bound HTTPStream.app_send this spawns the app with
+    "hypercorn.protocol.http_stream.HTTPStream.handle":
+        "6ed2e34c5e708c6aae3d2c9f56c7088379602ee3e1dbf406cd45024b3ed0a7db",
     # LightTaskGroup.spawn_app replaces it (server/connection.py)
     "hypercorn.trio.task_group.TaskGroup.spawn_app":
         "b4c113142752980160de608565f528e17bd0e7663099a62ff69d04525b40000e",
@@ -86,6 +104,7 @@ ORIGINALS = {
     ),
     "hypercorn.protocol.h2.H2Protocol._priority_updated": hypercorn_fixes.original_priority_updated,
     "hypercorn.protocol.h2.H2Protocol.initiate": hypercorn_fixes.original_initiate,
+    "hypercorn.protocol.h2.H2Protocol.stream_send": hypercorn_fixes.original_stream_send,
 }
 
 

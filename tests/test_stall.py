@@ -1,4 +1,5 @@
-"""Stalled clients (docs/api.md section 3.6), over real sockets, on HTTP/1.1 and HTTP/2.
+"""Stalled clients (docs/api.md section 3.6), over real sockets, on HTTP/1.1 and HTTP/2
+(h2c, and -- for the cut and the shutdown -- h2 by ALPN over TLS).
 
 A client that stops reading is cut after ``--stall-timeout`` (reason
 ``client_stalled``) and its upstream connection is closed; and neither a
@@ -21,14 +22,17 @@ time, because a stall *is* real time on a real socket; every wait is bounded.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 import trio
 import trio.testing
+import trustme
 from hypercorn.protocol.h2 import BUFFER_HIGH_WATER, StreamBuffer
 from hypercorn.trio.worker_context import EventWrapper
 
@@ -45,6 +49,7 @@ PROMPT_B = [{"role": "user", "content": "prompt B"}]
 BIG_TOKEN = "x" * 1000
 TOKENS = 20_000
 MAX_BUFFERED_TOKENS = 1_000  # 1 MB: what a stalled client may make us hold, generously
+TLS_CA = trustme.CA()  # h2tls: the server's certificate is issued by it
 
 
 def flood_unless_b(body: dict[str, Any]) -> Plan:
@@ -71,11 +76,30 @@ def chat_body(messages: list[dict[str, str]], max_tokens: int | None = None) -> 
     return {"model": "m", "messages": messages, "stream": True, "max_tokens": max_tokens}
 
 
+def with_tls(settings: Settings, proto: str, tmp_path: Path) -> Settings:
+    """``settings``, with a throwaway certificate (:data:`TLS_CA` trusts it) for ``h2tls``."""
+    if proto != "h2tls":
+        return settings
+    cert = TLS_CA.issue_cert("127.0.0.1")
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certfile.write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    return settings.replace(certfile=str(certfile), keyfile=str(keyfile))
+
+
+def tls_client_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    TLS_CA.configure_trust(ctx)
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
 @asynccontextmanager
 async def stalled_client(
     server: Server, proto: str, session: str | None = None
 ) -> AsyncIterator[None]:
-    """Open one streaming request of PROMPT_A that is never read, over ``proto``."""
+    """Open one streaming request of PROMPT_A that is never read, over ``proto``
+    (``h1``, ``h2`` -- h2c -- or ``h2tls``: h2 by ALPN over TLS)."""
     headers = (("x-session-id", session),) if session else ()
     path = "/v1/chat/completions"
     if proto == "h1":
@@ -85,7 +109,8 @@ async def stalled_client(
         finally:
             await client.aclose()
     else:
-        async with open_h2_connection("127.0.0.1", server.port) as conn:
+        ctx = tls_client_context() if proto == "h2tls" else None
+        async with open_h2_connection("127.0.0.1", server.port, ctx) as conn:
             head = [("content-type", "application/json"), *headers]
             await conn.request("POST", path, head, orjson.dumps(chat_body(PROMPT_A)))
             yield  # the stream is never read: its window runs out
@@ -145,16 +170,16 @@ async def test_h2_stream_buffer_holds_writer_while_nothing_drains() -> None:
     assert pushed.is_set()
 
 
-@pytest.mark.parametrize("proto", ["h1", "h2"])
+@pytest.mark.parametrize("proto", ["h1", "h2", "h2tls"])
 async def test_stalled_client_is_cut_within_stall_timeout(
-    settings: Settings, fake: FakeUpstream, proto: str
+    settings: Settings, fake: FakeUpstream, proto: str, tmp_path: Path
 ) -> None:
     """A client that never reads is cut no sooner than --stall-timeout and
     within --stall-timeout + 1 s of its request (reason client_stalled); its
     run ends and its upstream connection closes in that time; meanwhile it
     held back the upstream (a bounded number of tokens was read), and the
     partial answer is saved."""
-    cfg = on(settings, fake, stall_timeout=1.0)
+    cfg = on(with_tls(settings, proto, tmp_path), fake, stall_timeout=1.0)
     async with waitable_server(cfg) as (server, logs):
         t0 = trio.current_time()
         async with stalled_client(server, proto):
@@ -244,14 +269,14 @@ async def test_interrupt_does_not_wait_for_a_stalled_client(
     assert (saved.status, saved.reason) == ("partial", "interrupted")
 
 
-@pytest.mark.parametrize("proto", ["h1", "h2"])
+@pytest.mark.parametrize("proto", ["h1", "h2", "h2tls"])
 async def test_graceful_shutdown_does_not_hang_on_a_stalled_client(
-    settings: Settings, fake: FakeUpstream, proto: str
+    settings: Settings, fake: FakeUpstream, proto: str, tmp_path: Path
 ) -> None:
     """With a stalled client and a 30 s --stall-timeout, a graceful shutdown
     still completes within --graceful-timeout + 2 s: the run is cancelled
     (reason shutdown), saved, its upstream closed, and the stuck write cut."""
-    cfg = on(settings, fake, stall_timeout=30.0, graceful_timeout=1.0)
+    cfg = on(with_tls(settings, proto, tmp_path), fake, stall_timeout=30.0, graceful_timeout=1.0)
     async with waitable_server(cfg) as (server, logs), stalled_client(server, proto):
         with trio.fail_after(5):
             run_a = await stuck_run(server, logs)

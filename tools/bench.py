@@ -8,7 +8,14 @@ Servers, each started as its own process on 127.0.0.1 for each measurement:
 * ``trio-stream``   -- ``trio-stream serve`` with its built-in mock upstream;
 * ``sse-starlette`` -- uvicorn + starlette + sse-starlette (tools/peers/);
 * ``quart-trio``    -- hypercorn (trio) + quart-trio, naive async-generator body;
-* ``bare-trio``     -- a bare trio socket server writing the same SSE bytes: the ceiling.
+* ``bare-trio``     -- a bare trio socket server writing the same SSE bytes: the ceiling;
+* ``ts-h2c``        -- ``trio-stream`` again, the client speaking HTTP/2 by prior
+  knowledge (``trio-stream load --http2``; 100 streams per connection);
+* ``ts-tls-h2``     -- ``trio-stream serve --certfile/--keyfile`` (a throwaway
+  trustme certificate), the client speaking h2 by ALPN over TLS.
+
+The two HTTP/2 rows run the ``tokens``, ``streams``, ``proxy`` and ``proxy100``
+scenarios; their targets compare them to ``trio-stream`` (HTTP/1.1) in the same run.
 
 All serve the same mock stream (:mod:`trio_stream.upstream.mocktext`).  The *proxy*
 scenarios put a real HTTP upstream behind the server instead: ``tools/fake_openai.py``
@@ -75,6 +82,7 @@ import resource
 import shlex
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -213,6 +221,27 @@ def _members_config(dead: int = 0, *, one_server: bool = False) -> Callable[[Run
     return write
 
 
+def tls_files(workdir: Path) -> tuple[Path, Path]:
+    """Where the TLS rows' certificate and key are (:func:`make_tls_files` makes them)."""
+    return workdir / "tls-cert.pem", workdir / "tls-key.pem"
+
+
+def make_tls_files(workdir: Path) -> None:
+    """A throwaway certificate for 127.0.0.1 and its key, made once per work directory."""
+    cert, key = tls_files(workdir)
+    if not cert.exists():
+        import trustme  # a dev dependency: only the TLS rows need it
+
+        issued = trustme.CA().issue_cert("127.0.0.1")
+        key.write_bytes(issued.private_key_pem.bytes())
+        cert.write_bytes(b"".join(pem.bytes() for pem in issued.cert_chain_pems))
+
+
+def _tls_cmd(r: Run) -> list[str]:
+    cert, key = tls_files(r.workdir)
+    return [*_trio_stream_cmd(r), "--certfile", str(cert), "--keyfile", str(key)]
+
+
 def _relay_cmd(r: Run) -> list[str]:
     return [sys.executable, str(PEERS / "uvicorn_httpx_relay.py"), "--port", str(r.port),
             "--upstream-url", r.upstream_url]  # fmt: skip
@@ -245,14 +274,24 @@ class Server:
     otlp: bool = False  # needs an OTLP/HTTP collector (tools/otlp_sink.py) of its own
     only: tuple[str, ...] = ()  # serves only these scenarios (none: by mock/proxy)
     prepare: Callable[[Run], None] | None = None  # writes its files before it starts
+    client_args: tuple[str, ...] = ()  # extra ``trio-stream load`` options (HTTP/2)
+    tls: bool = False  # serves https (the client does not verify the certificate)
 
     def serves(self, sc: Scenario) -> bool:
         if self.only:
             return sc.key in self.only
         if sc.servers:
             return self.name in sc.servers
+        if self.only and sc.key not in self.only:
+            return False
         return self.proxy if sc.upstream else self.mock
 
+    def url(self, port: int) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
+
+
+#: The scenarios of the HTTP/2 rows (``ts-h2c``, ``ts-tls-h2``).
+H2_SCENARIOS = ("tokens", "streams", "proxy", "proxy100")
 
 SERVERS = (
     Server(
@@ -270,6 +309,15 @@ SERVERS = (
     Server(
         "bare-trio", "bare trio socket server, same SSE bytes (the ceiling)",
         _peer_cmd("bare_trio.py"),
+    ),
+    Server(
+        "ts-h2c", "trio-stream serve, the client on h2c (HTTP/2 by prior knowledge)",
+        _trio_stream_cmd, proxy=True, only=H2_SCENARIOS, client_args=("--http2",),
+    ),
+    Server(
+        "ts-tls-h2", "trio-stream serve --certfile/--keyfile, the client on h2 by ALPN over TLS",
+        _tls_cmd, proxy=True, only=H2_SCENARIOS, client_args=("--http2", "--insecure"),
+        tls=True,
     ),
     Server(
         "ts-postgres", "trio-stream serve --db postgresql:// (a local Postgres 15, fsync on)",
@@ -617,6 +665,9 @@ TARGETS = (
     Target("proxy", "gap_p99_ms", "< 100 ms", _absolute(100, True, "ts-cluster-2"),
            "ts-cluster-2"),
     Target("proxy100", "server_us_per_token", "≤ relay", _vs("relay", 1, False)),
+    *(Target(sc, "server_us_per_token", "≤ 1.15x trio-stream (HTTP/1.1)",
+             _vs("trio-stream", 1.15, False, h2), h2)
+      for sc in ("streams", "proxy100") for h2 in ("ts-h2c", "ts-tls-h2")),
     Target("proxy100", "server_us_per_token", "≤ 1.2x trio-stream (embedded)",
            _vs("trio-stream", 1.2, False, "ts-cluster-1"), "ts-cluster-1"),
     Target("proxy100", "server_us_per_token", "≤ 1.2x trio-stream (embedded)",
@@ -654,16 +705,19 @@ class LoadClient:
     name: str
     base: tuple[str, ...]
 
-    def command(self, url: str, sc: Scenario, out: Path) -> list[str]:
+    def command(self, url: str, sc: Scenario, out: Path, extra: Sequence[str] = ()) -> list[str]:
         return [*self.base, "--url", url, "--concurrency", str(sc.concurrency),
                 "--requests", str(sc.requests), "--scenario", "steady",
                 "--max-tokens", str(sc.max_tokens), "--json", str(out), "--quiet",
-                "--api-key", BENCH_KEY]  # fmt: skip
+                "--api-key", BENCH_KEY, *extra]  # fmt: skip
 
-    def run(self, url: str, sc: Scenario, out: Path, log: Path, timeout: float) -> dict[str, Any]:
+    def run(
+        self, url: str, sc: Scenario, out: Path, log: Path, timeout: float,
+        extra: Sequence[str] = (),
+    ) -> dict[str, Any]:  # fmt: skip
         with log.open("ab") as err:
             popen = subprocess.Popen(
-                self.command(url, sc, out), stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                self.command(url, sc, out, extra), stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                 start_new_session=True, cwd=ROOT,
             )  # fmt: skip
         try:
@@ -721,10 +775,17 @@ def request_bytes(port: int, max_tokens: int) -> bytes:
     ) % (port, len(body), body)
 
 
-def warm_up(port: int) -> None:
+def warm_up(port: int, tls: bool = False) -> None:
     """One short stream, read to the end, so lazy imports are not measured."""
     body = json.dumps({"model": "mock", "messages": MESSAGES, "stream": True, "max_tokens": 5})
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn: http.client.HTTPConnection
+    if tls:  # the bench's own throwaway certificate (tls_files): nothing to verify
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=context)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
         headers = {"content-type": "application/json", "authorization": f"Bearer {BENCH_KEY}"}
         conn.request("POST", "/v1/chat/completions", body, headers)
@@ -733,10 +794,10 @@ def warm_up(port: int) -> None:
         conn.close()
 
 
-def warm_up_all(port: int, connections: int) -> None:
+def warm_up_all(port: int, connections: int, tls: bool = False) -> None:
     """:func:`warm_up` on ``connections`` connections at once: every worker gets one."""
     with concurrent.futures.ThreadPoolExecutor(connections) as pool:
-        list(pool.map(lambda _: warm_up(port), range(connections)))
+        list(pool.map(lambda _: warm_up(port, tls), range(connections)))
 
 
 def load_figures(
@@ -925,16 +986,18 @@ def measure(server: Server, sc: Scenario, client: LoadClient, work: Path, tag: s
             helper.wait_ready()
         if server.prepare is not None:
             server.prepare(run)
+        if server.tls:
+            make_tls_files(work)
         proc = ServerProcess(server.command(run), run.port, work / f"{tag}.server.log")
         proc.wait_ready()
         if sc.idle:
             result.figures = run_trio(_idle_figures, proc, sc)
             return result
-        warm_up_all(run.port, 4)
+        warm_up_all(run.port, 4, server.tls)
         before = CpuSnapshot.take(proc, helpers)
         report = client.run(
-            f"http://127.0.0.1:{run.port}", sc, work / f"{tag}.json",
-            work / f"{tag}.client.log", timeout=300,
+            server.url(run.port), sc, work / f"{tag}.json",
+            work / f"{tag}.client.log", timeout=300, extra=server.client_args,
         )  # fmt: skip
         after = CpuSnapshot.take(proc, helpers)
         result.figures, result.notes = load_figures(
@@ -1152,7 +1215,11 @@ def write_markdown(
     for s in servers:
         cmds = ([shell(s.command(sample))] if s.mock else []) + (
             [shell(s.command(proxied))] if s.proxy or s.prepare else [])  # fmt: skip
-        out.append(f"| {s.name} | {s.label} | " + "<br>".join(f"`{c}`" for c in cmds) + " |")
+        if s.client_args:
+            cmds.append("client: `trio-stream load --url " + s.url(8000) + " "
+                        + " ".join(s.client_args) + " ...`")  # fmt: skip
+        out.append(f"| {s.name} | {s.label} | " + "<br>".join(
+            c if c.startswith("client:") else f"`{c}`" for c in cmds) + " |")  # fmt: skip
     if any(s.proxy for s in servers):
         out.append(f"| (upstream) | the proxy scenarios' fake OpenAI server, one per measurement "
                    f"| `{shell(_fake_upstream_cmd(9000, 50))}` |")  # fmt: skip

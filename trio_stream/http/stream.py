@@ -33,7 +33,7 @@ from ..errors import error_body
 from ..runs import Run
 from ..wire import sse
 from .asgi import JSON, Receive, Send, send_bytes, send_error, start
-from .transport import DirectBody
+from .transport import BodyWriter
 
 SSE_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
 BATCH = 512  # entries rendered into one send
@@ -177,7 +177,7 @@ class Subscriber:
         drives_backpressure: bool,
         flow_controlled: bool,
         event_interval: float = 0.0,
-        direct: DirectBody | None = None,
+        direct: BodyWriter | None = None,
         bursts: BurstWatch | None = None,
     ) -> None:
         self.run = run
@@ -194,9 +194,10 @@ class Subscriber:
         # ``--event-interval-ms`` in seconds: after an event, what arrives
         # within it is held back and merged into the next one (0: off).
         self.event_interval = event_interval
-        # HTTP/1.1 on a plain connection: once the head and a first chunk
-        # went out through ASGI, later chunks are written straight to the
-        # socket (``transport.DirectBody``); the last one goes through ASGI.
+        # HTTP/1.1 on a plain connection, and HTTP/2: once the head and a
+        # first chunk went out through ASGI, later chunks are written straight
+        # to the connection (``transport.DirectBody``, ``server.h2direct``)
+        # when they can go at once; the last one goes through ASGI.
         self._direct = direct
         # Where the writer waits out a burst (None: it yields itself).
         self._bursts = bursts
@@ -219,14 +220,15 @@ class Subscriber:
         """Send one body chunk within the stall deadline.  Raises ClientStalled."""
         self.sending_since = since = trio.current_time()
         cut = False
-        if more and self._body_started and self._direct is not None:
-            if not await self._direct.send(body):
-                await self._send({"type": "http.response.body", "body": body, "more_body": True})
+        direct = self._direct if more and self._body_started else None
+        if direct is not None and await direct.send(body):
+            pass  # written (or dropped: the connection is gone, which the watcher hears)
         elif self.flow_controlled:
             message = {"type": "http.response.body", "body": body, "more_body": more}
             with trio.move_on_after(self.stall_timeout) as cs:
                 await self._send(message)
             cut = cs.cancelled_caught
+            self._body_started = True
         else:
             await self._send({"type": "http.response.body", "body": body, "more_body": more})
             self._body_started = True

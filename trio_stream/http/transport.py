@@ -25,12 +25,17 @@ deadline bounds the raw socket writes of HTTP/1.1 and HTTP/2 alike.
 from __future__ import annotations
 
 import os
+import ssl
 import weakref
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Protocol, cast
 
 import trio
+from trio._ssl import _State as _SSLState
+
+_SSL_OK = _SSLState.OK
+_SSL_BROKEN = _SSLState.BROKEN
 
 
 class TransportGuard:
@@ -148,6 +153,77 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         await self._inner.aclose()
 
 
+def _tls_encrypt_nowait(stream: trio.SSLStream[Any], data: bytes) -> bytes | None:
+    """``data`` as TLS records, ready for the raw socket -- or None (nothing done)
+    when only ``trio.SSLStream.send_all`` may write now.
+
+    ``SSLStream.send_all`` encrypts, then sends under the stream's inner send
+    lock, with a schedule point even when the socket takes everything.  The
+    records must reach the wire in the order the ``SSLObject`` made them, so
+    this encrypts only when nobody holds records made earlier: the stream is
+    usable, its handshake done, its delayed TLS 1.3 session tickets already
+    sent (trio sends them before the first write), its inner send lock free
+    and its outgoing buffer empty.  (Reads the private state of trio 0.35's
+    ``SSLStream``; ``tests/test_h2_direct.py`` pins it.)
+    """
+    if (
+        stream._state is not _SSL_OK
+        or not stream._handshook.done
+        or stream._delayed_outgoing is not None
+        or stream._inner_send_lock.locked()
+        or stream._outgoing.pending
+    ):
+        return None
+    try:
+        stream._ssl_object.write(data)
+    except ssl.SSLWantReadError:
+        return None  # a renegotiation: send_all's loop sorts it out (no record was made)
+    except (ssl.SSLError, ssl.CertificateError) as exc:
+        stream._state = _SSL_BROKEN
+        raise trio.BrokenResourceError from exc
+    return stream._outgoing.read()
+
+
+async def send_whole(stream: GuardedStream | trio.SSLStream[Any], data: bytes) -> None:
+    """Write ``data`` whole to a guarded socket or the TLS stream around one.
+
+    The caller holds hypercorn's send lock.  Cancellation: not a checkpoint when the kernel
+    takes it at once; otherwise the rest is written in a shielded scope (bounded by the
+    guarded socket's stall deadline, which closes the socket when it passes), then a
+    checkpoint.  Raises ``BrokenResourceError`` / ``ClosedResourceError`` as ``send_all``.
+    """
+    if isinstance(stream, GuardedStream):
+        sent = stream.send_nowait(data)
+        if sent == len(data):
+            return
+        with trio.CancelScope(shield=True):  # whole frames only
+            await stream.send_all(memoryview(data)[sent:])
+        await trio.lowlevel.checkpoint_if_cancelled()  # it waited: a checkpoint
+        return
+    raw = _tls_encrypt_nowait(stream, data)
+    if raw is None:
+        with trio.CancelScope(shield=True):
+            await stream.send_all(data)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        return
+    inner = stream.transport_stream
+    assert isinstance(inner, GuardedStream)  # SSLListener(GuardedListener(...))
+    sent = inner.send_nowait(raw)
+    if sent == len(raw):
+        return
+    # As SSLStream._retry: the rest under its inner send lock (free: checked
+    # above, and nothing yielded since), so that a TLS record made by a
+    # concurrent receive goes out after these.
+    with trio.CancelScope(shield=True):
+        async with stream._inner_send_lock:
+            try:
+                await inner.send_all(memoryview(raw)[sent:])
+            except BaseException:
+                stream._state = _SSL_BROKEN  # some of a record went out: the stream is doomed
+                raise
+    await trio.lowlevel.checkpoint_if_cancelled()
+
+
 class GuardedListener(trio.abc.Listener[GuardedStream]):
     def __init__(self, inner: trio.SocketListener, guard: TransportGuard) -> None:
         self._inner = inner
@@ -166,17 +242,20 @@ class GuardedListener(trio.abc.Listener[GuardedStream]):
 
 
 class Link:
-    """What a response on an HTTP/1.1 connection needs to write its body itself:
-    the connection's guarded stream, hypercorn's send lock, and how to tell
-    hypercorn that the connection broke.  Set by ``server.serve.Connection`` for
-    each plain (non-TLS) connection, in :data:`LINK`, which every request
-    task of the connection inherits (hypercorn spawns them from the
-    connection's task, and trio copies the spawner's context)."""
+    """What a response needs to write its body itself: the connection's stream
+    (the guarded socket, or the ``trio.SSLStream`` around it), hypercorn's
+    send lock, and how to tell hypercorn that the connection broke.  Set by
+    ``server.serve.Connection`` for each connection, in :data:`LINK`, which
+    every request task of the connection inherits (hypercorn spawns them from
+    the connection's task, and trio copies the spawner's context)."""
 
     __slots__ = ("broken", "lock", "stream")
 
     def __init__(
-        self, stream: GuardedStream, lock: trio.Lock, broken: Callable[[], Awaitable[None]]
+        self,
+        stream: GuardedStream | trio.SSLStream[Any],
+        lock: trio.Lock,
+        broken: Callable[[], Awaitable[None]],
     ) -> None:
         self.stream = stream
         self.lock = lock
@@ -186,15 +265,40 @@ class Link:
 LINK: ContextVar[Link] = ContextVar("trio_stream_link")
 
 
-def direct_body(scope: Any) -> DirectBody | None:
+class BodyWriter(Protocol):
+    """Writes the chunks of one response body after its first straight to the
+    connection, or declines one chunk (False: nothing written; the caller
+    sends it through ASGI).  :class:`DirectBody` (HTTP/1.1) and
+    ``server.h2direct.DirectData`` (HTTP/2)."""
+
+    async def send(self, data: bytes) -> bool:
+        """Write ``data`` as the body's next chunk, or decline it (False: nothing written).
+
+        Cancellation: not a checkpoint when the chunk goes out (or is taken) at once; a write
+        that has to wait is finished whole, shielded, and a ``Cancelled`` comes right after.
+        """
+        ...
+
+
+#: The HTTP/2 request stream's :class:`BodyWriter`, set by the server for the
+#: request task it spawns (``server.connection.LightTaskGroup.spawn_app``).
+DIRECT: ContextVar[BodyWriter] = ContextVar("trio_stream_direct")
+
+
+def direct_body(scope: Any) -> BodyWriter | None:
     """The direct body writer for this request, if it can have one: HTTP/1.1
-    (chunked: the response to an HTTP/1.0 request is close-delimited, and on
-    HTTP/2 hypercorn owns the framing and flow control) on a plain connection
-    served by ``server.serve.Connection``."""
-    if scope.get("http_version") != "1.1":
+    (chunked: the response to an HTTP/1.0 request is close-delimited) on a
+    plain connection served by ``server.serve.Connection``, or an HTTP/2
+    stream the server gave one (:data:`DIRECT`)."""
+    version = scope.get("http_version")
+    if version == "2":
+        return DIRECT.get(None)
+    if version != "1.1":
         return None
     link = LINK.get(None)
-    return None if link is None else DirectBody(link)
+    if link is None or not isinstance(link.stream, GuardedStream):
+        return None  # TLS: hypercorn's path (HTTP/1.1 over TLS is not direct)
+    return DirectBody(link)
 
 
 class DirectBody:
@@ -247,7 +351,7 @@ class DirectBody:
             if self._broken:
                 return True  # the client is gone; hypercorn drops sends the same way
             frame = b"%x\r\n%b\r\n" % (len(data), data)
-            stream = link.stream
+            stream = cast(GuardedStream, link.stream)  # direct_body's choice: plain TCP
             try:
                 sent = stream.send_nowait(frame)
                 if sent < len(frame):

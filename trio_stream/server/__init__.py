@@ -25,7 +25,8 @@ test until the copies are re-read.  What differs from hypercorn, and why:
   idle keep-alive connection was never closed.  It also publishes the
   connection's send lock and stream to its request tasks, for the direct
   HTTP/1.1 body (``trio_stream.http.transport.DirectBody``, which frames
-  chunks exactly as h11 does: checked by the same test).
+  chunks exactly as h11 does: checked by the same test) and, through
+  ``LightTaskGroup.spawn_app``, each HTTP/2 stream's ``h2direct.DirectData``.
 * :mod:`.asgi` -- ``ServerApp`` is hypercorn's ``ASGIWrapper`` without its
   ``async def``: one coroutine frame fewer per open request.
 * :mod:`.hypercorn_fixes` -- bugs of 0.18.0, fixed for the process only on
@@ -37,9 +38,18 @@ test until the copies are re-read.  What differs from hypercorn, and why:
   ``H11Protocol._send_error_response`` (an error h11 refuses is answered
   with an OpenAI error body), ``H2Protocol._priority_updated`` (PRIORITY
   frames are ignored: hypercorn put every such stream in its priority tree,
-  which refused the 1,001st with an error nothing caught) and
+  which refused the 1,001st with an error nothing caught),
   ``H2Protocol.initiate`` (an h2c connection by prior knowledge is armed with
-  the idle timer, so one that never opens a stream is closed).
+  the idle timer, so one that never opens a stream is closed) and
+  ``H2Protocol.stream_send`` (a stream that ends while the server terminates
+  says ``END_STREAM`` before the connection's GOAWAY).
+* :mod:`.h2direct` -- the direct DATA path of HTTP/2 (h2c and TLS): a body
+  chunk that fits its window is encoded into ``h2`` by the request task
+  (``encode_data``, what ``h2``'s ``send_data`` does without the frame
+  object) and a flusher task per connection writes the frames of a
+  scheduler batch in one write, under hypercorn's send lock; it reads
+  hypercorn's ``H2Protocol`` state (``stream_buffers``, ``connection``,
+  ``closed``), pinned by the canary.
   ``LightTCPServer`` also ends only its own connection when anything in it
   raises, and says GOAWAY before an idle close
   (``_initiate_server_close``).

@@ -57,8 +57,9 @@ from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.typing import AppWrapper, ConnectionState
 from hypercorn.utils import parse_socket_addr
 
-from ..http.transport import LINK, GuardedStream, Link
+from ..http.transport import DIRECT, LINK, GuardedStream, Link
 from ..logs import EventLogger
+from .h2direct import close_flusher, direct_data
 
 #: How long a GOAWAY may take to write before the connection is closed anyway.
 GOAWAY_TIMEOUT = 1.0
@@ -184,10 +185,18 @@ class LightTaskGroup(TaskGroup):
         """
         inbox = AppInbox(config.max_app_queue_size)
         assert self._nursery is not None  # inside ``async with``, as hypercorn's
-        self._nursery.start_soon(
-            _handle, app, config, scope, inbox.receive, send,
-            trio.to_thread.run_sync, trio.from_thread.run,
-        )  # fmt: skip
+        direct = direct_data(LINK.get(None), send)
+        # The request task inherits this context (trio copies it at
+        # start_soon): an HTTP/2 stream's body may be written directly.
+        token = DIRECT.set(direct) if direct is not None else None
+        try:
+            self._nursery.start_soon(
+                _handle, app, config, scope, inbox.receive, send,
+                trio.to_thread.run_sync, trio.from_thread.run,
+            )  # fmt: skip
+        finally:
+            if token is not None:
+                DIRECT.reset(token)
         return inbox.send
 
 
@@ -295,10 +304,10 @@ class LightTCPServer(TCPServer):
         try:
             client = parse_socket_addr(socket.family, socket.getpeername())
             server = parse_socket_addr(socket.family, socket.getsockname())
-            if isinstance(self.stream, GuardedStream):  # plain TCP
-                # The request tasks (spawned from this task) inherit it: their
-                # HTTP/1.1 bodies may be written directly (transport.DirectBody).
-                LINK.set(Link(self.stream, self.send_lock, self._broken))
+            # The request tasks (spawned from this task) inherit it: their
+            # bodies may be written directly (transport.DirectBody on plain
+            # HTTP/1.1, h2direct.DirectData on HTTP/2).
+            LINK.set(Link(self.stream, self.send_lock, self._broken))
 
             async with LightTaskGroup() as task_group:
                 self._task_group = task_group
@@ -311,6 +320,7 @@ class LightTCPServer(TCPServer):
                 await self.idle_task.restart(self._task_group, self._idle_timeout)
                 if self.config.read_timeout is not None:
                     await self._read_data()  # hypercorn's loop, with its deadline
+                    close_flusher(self.protocol.protocol)  # as below
                     await self.idle_task.stop()  # as below
                     return
                 # The read loop (see the module docstring), here rather than
@@ -327,6 +337,7 @@ class LightTCPServer(TCPServer):
                     if data == b"":
                         break
                 await self.protocol.handle(Closed())
+                close_flusher(self.protocol.protocol)  # h2direct: its task ends
                 # The peer is gone: a running idle timer has nothing left to
                 # time, and the task group would wait for it (up to
                 # keep_alive_timeout) before the socket is closed.

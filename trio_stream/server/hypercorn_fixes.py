@@ -101,19 +101,38 @@ the new version still needs a fix.
    ``tests/test_h2_frames.py`` (idle h2c) fails;
    ``tests/test_hypercorn_fixes.py`` fails once hypercorn's own ``initiate``
    arms the timer.
+
+7. ``H2Protocol.stream_send`` closes the connection (GOAWAY) when a stream
+   ends while the server is terminating and no other stream is busy -- as
+   soon as the app's last ``send`` returns, which is when hypercorn's send
+   task has *taken* the stream's last bytes, not when it has written them
+   and ``END_STREAM`` after them: it writes the bytes (a schedule point),
+   then finds ``h2``'s connection closed, and the ``END_STREAM`` is never
+   sent.  So at a graceful shutdown the last stream of an HTTP/2 connection
+   got its ``shutdown`` error event and then GOAWAY, but never its end: the
+   client saw the connection end under an open stream (about half the runs of
+   ``tests/test_h2_direct.py``'s shutdown test, h2c and TLS).  The fixed
+   method, for a stream that ends while terminating, ends the stream in
+   ``h2`` itself (``END_STREAM``) first if hypercorn has all its bytes
+   (its buffer complete) and the stream is still open; the send task's own
+   ``end_stream`` then finds it ended and drops the buffer, as it does for a
+   stream that closed under it.
 """
 
 from __future__ import annotations
 
+import contextlib
 from importlib import metadata
 from typing import Any
 
 import h2.connection
 import h2.events
+import h2.exceptions
 import h11
 from hypercorn.events import Updated
 from hypercorn.protocol import h2 as _h2
 from hypercorn.protocol import h11 as _h11
+from hypercorn.protocol.events import StreamClosed
 
 from ..errors import error_body
 from ..logs import EventLogger
@@ -132,6 +151,9 @@ original_priority_updated = _h2.H2Protocol._priority_updated
 
 #: hypercorn's own ``H2Protocol.initiate``, as imported (before any patch).
 original_initiate = _h2.H2Protocol.initiate
+
+#: hypercorn's own ``H2Protocol.stream_send``, as imported (before any patch).
+original_stream_send = _h2.H2Protocol.stream_send
 
 #: The h2 events that carry the rest of a request: its body, its end, its
 #: trailers.  They may come after hypercorn has answered and forgotten it.
@@ -265,6 +287,20 @@ async def _initiate(
         await self.send(Updated(idle=True))
 
 
+async def _stream_send(self: Any, event: Any) -> None:
+    """``H2Protocol.stream_send``, ending a stream before a terminating connection's GOAWAY.
+
+    Cancellation: as hypercorn's ``stream_send``.
+    """
+    if isinstance(event, StreamClosed) and self.context.terminated.is_set():
+        buffer = self.stream_buffers.get(event.stream_id)
+        if buffer is not None and buffer.complete:
+            with contextlib.suppress(h2.exceptions.ProtocolError):  # ended or reset already
+                self.connection.end_stream(event.stream_id)
+            await self._flush()
+    await original_stream_send(self, event)
+
+
 #: Every fix: its name (as logged), the class it patches, the method, the fixed method.
 FIXES: tuple[tuple[str, type, str, Any], ...] = (
     ("StreamBuffer.pop", _h2.StreamBuffer, "pop", _pop),
@@ -274,6 +310,7 @@ FIXES: tuple[tuple[str, type, str, Any], ...] = (
      _send_error_response),
     ("H2Protocol._priority_updated", _h2.H2Protocol, "_priority_updated", _priority_updated),
     ("H2Protocol.initiate", _h2.H2Protocol, "initiate", _initiate),
+    ("H2Protocol.stream_send", _h2.H2Protocol, "stream_send", _stream_send),
 )  # fmt: skip
 
 

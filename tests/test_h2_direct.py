@@ -1,0 +1,316 @@
+"""The direct DATA path of HTTP/2 streams (``server.h2direct``), over h2c and TLS.
+
+The unit tests hold the frame encoding to ``h2``'s own ``send_data`` and the
+synchronous TLS write to ``trio.SSLStream``'s own records; the integration
+tests run the real server on real sockets, with :mod:`trio_stream.load.h2`
+as the client, whose flow control is honest (a stream's window is credited
+only when its chunks are read).
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import orjson
+import pytest
+import trio
+import trio.testing
+import trustme
+
+from tests.conftest import running_server, tasks_living, waitable_server
+from trio_stream import Settings
+from trio_stream.http import transport
+from trio_stream.load.h2 import H2Connection, H2Stream, open_h2_connection
+from trio_stream.server import h2direct
+from trio_stream.upstream import mocktext
+from trio_stream.wire.sse import SSEDecoder
+
+CHAT = "/v1/chat/completions"
+JSON_HEADERS = [("content-type", "application/json")]
+
+
+# --- the frame: h2's bytes, h2's bookkeeping ---------------------------------------------
+
+
+def _server_with_open_stream() -> h2.connection.H2Connection:
+    """A server-side ``h2`` connection with stream 1 open (request headers received)."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "POST"), (":path", "/"), (":scheme", "http"),
+                            (":authority", "x")])  # fmt: skip
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    server.data_to_send()
+    return server
+
+
+def test_encoded_frame_is_what_h2_send_data_makes() -> None:
+    """``encode_data`` writes the bytes ``H2Connection.send_data`` writes and
+    leaves the same windows and stream state: for two chunks in a row."""
+    ours, theirs = _server_with_open_stream(), _server_with_open_stream()
+    for chunk in (b"data: {}\n\n", b"x" * 1000):
+        assert h2direct.encode_data(ours, 1, chunk)
+        theirs.send_data(1, chunk)
+        assert ours.data_to_send() == theirs.data_to_send()
+        assert ours.local_flow_control_window(1) == theirs.local_flow_control_window(1)
+        assert ours.outbound_flow_control_window == theirs.outbound_flow_control_window
+        assert ours.streams[1].state_machine.state == theirs.streams[1].state_machine.state
+
+
+def test_encode_declines_what_does_not_fit_and_changes_nothing() -> None:
+    """A chunk larger than the window or a frame, or for an unknown stream, is
+    declined with no byte and no window change (hypercorn's path sends it);
+    a stream whose sending half is closed raises h2's ProtocolError, as
+    ``send_data`` does."""
+    conn = _server_with_open_stream()
+    window = conn.local_flow_control_window(1)
+    assert not h2direct.encode_data(conn, 1, b"x" * (window + 1))
+    assert not h2direct.encode_data(conn, 1, b"x" * (conn.max_outbound_frame_size + 1))
+    assert not h2direct.encode_data(conn, 3, b"x")
+    assert conn.data_to_send() == b""
+    assert conn.local_flow_control_window(1) == window
+    conn.send_headers(1, [(":status", "200")], end_stream=True)
+    with pytest.raises(h2.exceptions.ProtocolError):
+        h2direct.encode_data(conn, 1, b"x")
+
+
+async def test_tls_records_written_without_send_all_are_read_in_order(tmp_path: Path) -> None:
+    """The synchronous TLS write (``transport._tls_encrypt_nowait``, on trio's
+    private ``SSLStream`` state) makes records the peer decrypts, interleaved
+    with ``send_all``'s in order; it declines while the inner send lock is held.
+    """
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    a, b = trio.testing.memory_stream_pair()
+    server = trio.SSLStream(a, server_ctx, server_side=True)
+    client = trio.SSLStream(b, client_ctx, server_hostname="127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        await client.do_handshake()
+    await server.send_all(b"one,")  # trio sends the delayed session tickets here
+    raw = transport._tls_encrypt_nowait(server, b"two,")
+    assert raw is not None
+    await a.send_all(raw)
+    await server.send_all(b"three")
+    received = b""
+    while len(received) < len(b"one,two,three"):
+        received += await client.receive_some()
+    assert received == b"one,two,three"
+    async with server._inner_send_lock:
+        assert transport._tls_encrypt_nowait(server, b"four") is None
+
+
+# --- over real sockets: h2c and TLS ------------------------------------------------------
+
+
+@pytest.fixture(params=["h2c", "tls"])
+def proto(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def tls_context(tmp_path: Path, settings: Settings) -> tuple[Settings, ssl.SSLContext]:
+    """``settings`` with a throwaway certificate, and a client context trusting it (ALPN h2)."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certfile.write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    ctx.set_alpn_protocols(["h2"])
+    return settings.replace(certfile=str(certfile), keyfile=str(keyfile)), ctx
+
+
+def body(content: str, max_tokens: int) -> dict[str, Any]:
+    messages = [{"role": "user", "content": content}]
+    return {"model": "m", "messages": messages, "stream": True, "max_tokens": max_tokens}
+
+
+async def post(conn: H2Connection, content: str, max_tokens: int) -> H2Stream:
+    return await conn.request("POST", CHAT, JSON_HEADERS, orjson.dumps(body(content, max_tokens)))
+
+
+async def read_text(stream: H2Stream) -> tuple[str, str]:
+    """The concatenated delta text of ``stream``, and its last event."""
+    decoder = SSEDecoder()
+    events = []
+    while (chunk := await stream.receive()) is not None:
+        events += decoder.feed(chunk)
+    chunks = [orjson.loads(e.data) for e in events if e.data.startswith('{"id"')]
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks), events[-1].data
+
+
+def expected(content: str, max_tokens: int) -> str:
+    return mocktext.expected_text(body(content, max_tokens)["messages"], max_tokens)
+
+
+class Counts:
+    """How many chunks went the direct way, and in how many writes."""
+
+    def __init__(self) -> None:
+        self.direct = 0
+        self.declined = 0
+        self.writes = 0
+
+
+@pytest.fixture
+def counts(monkeypatch: pytest.MonkeyPatch) -> Counts:
+    seen = Counts()
+    send, write = h2direct.DirectData.send, h2direct._write
+
+    async def counting_send(self: h2direct.DirectData, data: bytes) -> bool:
+        done = await send(self, data)
+        if done:
+            seen.direct += 1
+        else:
+            seen.declined += 1
+        return done
+
+    async def counting_write(link: transport.Link, frames: bytes) -> None:
+        seen.writes += 1
+        await write(link, frames)
+
+    monkeypatch.setattr(h2direct.DirectData, "send", counting_send)
+    monkeypatch.setattr(h2direct, "_write", counting_write)
+    return seen
+
+
+async def test_streams_of_one_connection_share_writes(
+    settings: Settings, tmp_path: Path, proto: str, counts: Counts
+) -> None:
+    """20 streams at once on one connection: every text arrives exact, almost
+    every chunk after the first went the direct way, in fewer writes than
+    chunks (the frames of streams whose tokens came in the same scheduler
+    batch left together), and no task is left once the connection closes."""
+    s, ctx = tls_context(tmp_path, settings) if proto == "tls" else (settings, None)
+    s = s.replace(mock_delay_ms=20)
+    with trio.fail_after(20):
+        async with running_server(s) as server:
+            baseline = await tasks_living()
+            async with open_h2_connection("127.0.0.1", server.port, ctx) as conn:
+                streams = [(i, await post(conn, f"stream {i}", 40)) for i in range(20)]
+                for i, st in streams:
+                    assert await st.response() == 200
+                    assert await read_text(st) == (expected(f"stream {i}", 40), "[DONE]")
+            await server.service.wait_streams_closed()
+            assert await tasks_living() == baseline
+    assert counts.direct >= 20 * 30
+    assert counts.writes < counts.direct
+
+
+async def test_small_window_stalled_stream_does_not_hold_its_sibling(
+    settings: Settings, tmp_path: Path, proto: str, counts: Counts
+) -> None:
+    """With a 2,000-byte stream window, a stream nobody reads stops at its
+    window while its sibling on the same connection streams to the end; then
+    reading the stalled one credits its window (WINDOW_UPDATE) and it too
+    arrives whole, in order -- its chunks went the direct way while they fit,
+    and through hypercorn's flow-controlled path when they did not."""
+    s, ctx = tls_context(tmp_path, settings) if proto == "tls" else (settings, None)
+    s = s.replace(mock_delay_ms=1)
+    with trio.fail_after(20):
+        async with (
+            waitable_server(s) as (server, logs),
+            open_h2_connection("127.0.0.1", server.port, ctx, stream_window=2_000) as conn,
+        ):
+            stalled = await post(conn, "nobody reads me yet", 1000)
+            assert await stalled.response() == 200
+            record = await logs.wait_for("stream_start")
+            run = server.service.runs.runs[record["trace"]]
+            while True:  # the writer stops: the window is used up
+                cursor = run.writer_cursor
+                await trio.sleep(0.2)  # real time: that is what a stall is
+                if run.writer_cursor == cursor:
+                    break
+            # The window (2,000 bytes) and hypercorn's stream buffer (32 KiB)
+            # hold a few hundred events of the 1,000.
+            assert 0 < cursor < 500
+            sibling = await post(conn, "the sibling", 200)
+            assert await read_text(sibling) == (expected("the sibling", 200), "[DONE]")
+            assert run.writer_cursor == cursor  # still stuck while its sibling ended
+            assert await read_text(stalled) == (expected("nobody reads me yet", 1000), "[DONE]")
+    assert counts.direct > 0
+    assert counts.declined > 0  # the window ran out: hypercorn's path waited for credit
+
+
+async def test_reset_stream_spares_its_siblings(
+    settings: Settings, tmp_path: Path, proto: str
+) -> None:
+    """Resetting 5 of 10 streams mid-stream on one connection cancels their
+    runs (client_disconnect); the other 5 finish with the exact text while the
+    direct path writes for them, and the connection serves a new stream."""
+    s, ctx = tls_context(tmp_path, settings) if proto == "tls" else (settings, None)
+    s = s.replace(mock_delay_ms=5)
+    with trio.fail_after(20):
+        async with running_server(s) as server:
+            async with open_h2_connection("127.0.0.1", server.port, ctx) as conn:
+                streams = [(i, await post(conn, f"s{i}", 1000 if i % 2 else 60)) for i in range(10)]
+                firsts = {i: await st.receive() for i, st in streams}
+                assert all(firsts.values())
+                for i, st in streams:
+                    if i % 2:
+                        await st.reset()
+                for i, st in streams:
+                    if not i % 2:
+                        text, last = await read_text(st)
+                        decoder = SSEDecoder()
+                        head = [orjson.loads(e.data) for e in decoder.feed(firsts[i] or b"")
+                                if e.data.startswith('{"id"')]  # fmt: skip
+                        text = "".join(c["choices"][0]["delta"].get("content") or ""
+                                       for c in head) + text  # fmt: skip
+                        assert (text, last) == (expected(f"s{i}", 60), "[DONE]")
+                again = await post(conn, "after", 10)
+                assert await read_text(again) == (expected("after", 10), "[DONE]")
+            await server.service.runs.wait_idle()
+            cancelled = server.logs.events("stream_cancelled", reason="client_disconnect")
+            assert len(cancelled) == 5
+
+
+async def test_graceful_shutdown_ends_every_stream_with_the_shutdown_event(
+    settings: Settings, tmp_path: Path, proto: str, counts: Counts
+) -> None:
+    """A graceful shutdown with 10 streams mid-way on one connection (their
+    chunks going the direct way): each stream's text is a prefix of its
+    answer, its last event is the ``shutdown`` error (the run's terminal frame
+    goes out after every direct chunk), and the server is done within
+    --graceful-timeout + 2 s.  Without hypercorn_fixes fix 7 the last stream
+    of the connection often got GOAWAY without its END_STREAM."""
+    s, ctx = tls_context(tmp_path, settings) if proto == "tls" else (settings, None)
+    s = s.replace(mock_delay_ms=10, graceful_timeout=0.5)
+    with trio.fail_after(15):
+        async with (
+            waitable_server(s) as (server, logs),
+            open_h2_connection("127.0.0.1", server.port, ctx) as conn,
+        ):
+            streams = [(i, await post(conn, f"s{i}", 5000)) for i in range(10)]
+            for _, st in streams:
+                assert await st.receive()  # under way
+            direct_before = counts.direct
+            server.shutdown.set()
+            t0 = trio.current_time()
+            results = {}
+            for i, st in streams:
+                decoder, events = SSEDecoder(), []
+                while (chunk := await st.receive()) is not None:
+                    events += decoder.feed(chunk)
+                results[i] = events
+            await logs.wait_for("shutdown_complete")
+            assert trio.current_time() - t0 < s.graceful_timeout + 2
+    assert counts.direct > direct_before  # the grace period streamed directly
+    for i, events in results.items():
+        error = orjson.loads(events[-1].data)["error"]
+        assert (error["type"], error["code"]) == ("stream_cancelled", "shutdown"), i
+        deltas = [orjson.loads(e.data) for e in events if e.data.startswith('{"id"')]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in deltas)
+        assert expected(f"s{i}", 5000).find(text) >= 0
+    assert {r["reason"] for r in logs.events("stream_cancelled")} == {"shutdown"}
