@@ -1203,7 +1203,8 @@ def write_markdown(
     if any(s.redis for s in servers):
         out.append(f"| (Redis) | one per cluster measurement | "
                    f"`{shell(_redis_cmd(6379, Path('<tmp>')))}` |")  # fmt: skip
-    out += ["", "## Method", "", *METHOD, "", "## Targets", "",
+    method = [*METHOD, *([COUNT_IO_METHOD] if COUNT_IO else [])]
+    out += ["", "## Method", "", *method, "", "## Targets", "",
             "| scenario | figure | target | measured (median) |",
             "|---|---|---|---|"]  # fmt: skip
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in target_rows(summary, servers)]
@@ -1266,6 +1267,15 @@ METHOD = [
     "and the member cools down (1 s, doubling) between tries. *fake upstream CPU %* is the "
     "busiest fake's.",
 ]
+
+
+COUNT_IO_METHOD = (
+    "- `--count-io`: trio-stream ran under `tools/count_io.py`, which counts in the server "
+    "process its event loop's polls that waited and came back with ready sockets (*loop "
+    "wake-ups/token*, *ready fds/wake-up*) and its reads of upstream sockets (*tokens/upstream "
+    "read*, *bytes/upstream read*), between the start and the end of the load. The counting "
+    "costs a little CPU of its own: compare these rows with each other only."
+)
 
 
 def scenario_table(summary: Summary, sc: Scenario, servers: Sequence[Server]) -> list[str]:
