@@ -21,8 +21,14 @@ server's JSON log and its SQLite file:
 * the load finds no lost, duplicated, reordered or foreign token;
 * the server's ``tasks_living`` is back at its idle baseline.
 
-The test stops by itself (``fail_after``); it kills only the processes it
-started, by their own handles.
+A second test kills a member while streams wait for their FIRST token on
+it (``fake_openai.py --first-token-ms``: the response's headers came, no
+token will): those requests must move to another member and complete, each
+client seeing one whole answer, each run saved once, ``served_by`` the
+member that answered, tasks back to baseline.
+
+The tests stop by themselves (``fail_after``); they kill only the processes
+they started, by their own handles.
 """
 
 from __future__ import annotations
