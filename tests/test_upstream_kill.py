@@ -21,8 +21,14 @@ server's JSON log and its SQLite file:
 * the load finds no lost, duplicated, reordered or foreign token;
 * the server's ``tasks_living`` is back at its idle baseline.
 
-The test stops by itself (``fail_after``); it kills only the processes it
-started, by their own handles.
+A second test kills a member while streams wait for their FIRST token on
+it (``fake_openai.py --first-token-ms``: the response's headers came, no
+token will): those requests must move to another member and complete, each
+client seeing one whole answer, each run saved once, ``served_by`` the
+member that answered, tasks back to baseline.
+
+The tests stop by themselves (``fail_after``); they kill only the processes
+they started, by their own handles.
 """
 
 from __future__ import annotations
@@ -50,11 +56,11 @@ MAX_TOKENS = 32
 
 
 @asynccontextmanager
-async def fake_process() -> AsyncIterator[tuple[trio.Process, int]]:
-    """A ``tools/fake_openai.py`` process on a free port: it and its port.
-    Killed (if still alive) and reaped on exit."""
+async def fake_process(*options: str) -> AsyncIterator[tuple[trio.Process, int]]:
+    """A ``tools/fake_openai.py`` process on a free port (``options``: more of
+    its options): it and its port.  Killed (if still alive) and reaped on exit."""
     cmd = [sys.executable, str(ROOT / "tools" / "fake_openai.py"), "--port", "0",
-           "--delay-ms", str(DELAY_MS)]  # fmt: skip
+           "--delay-ms", str(DELAY_MS), *options]  # fmt: skip
     process = await trio.lowlevel.open_process(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
     )
@@ -75,14 +81,14 @@ async def fake_process() -> AsyncIterator[tuple[trio.Process, int]]:
             await process.wait()
 
 
-def config(ports: list[int]) -> str:
+def config(ports: list[int], serve: str = "") -> str:
     tables = [
         f'[[upstream]]\nname = "{name}"\nkind = "openai"\n'
         f'url = "http://127.0.0.1:{port}/v1"\nmodels = ["mock"]\n'
         "cooldown_ms = 100\nmax_cooldown_ms = 300\n"  # probed again and again during the load
         for name, port in zip(MEMBERS, ports, strict=True)
     ]
-    return "\n".join(tables)
+    return "\n".join([*([f"[serve]\n{serve}"] if serve else []), *tables])
 
 
 async def scrape(port: int) -> str:
@@ -204,5 +210,112 @@ async def test_kill_9_one_member_under_mixed_load(tmp_path: Path) -> None:
     assert gauge(metrics, "trio_stream_upstream_attempts_total", member=DEAD,
                  outcome="connect") >= 2  # fmt: skip
     assert gauge(metrics, "trio_stream_upstream_failovers_total", member=DEAD) >= 2
+    for name in MEMBERS:
+        assert gauge(metrics, "trio_stream_upstream_in_flight", member=name) == 0
+
+
+#: The dead member's wait for its first token: longer than the test.
+NEVER_MS = 600_000
+#: Streams sent at once in the first-token test; about a third go to DEAD.
+WAITING_STREAMS = 12
+
+
+async def read_stream(port: int) -> dict[str, Any]:
+    """One streamed chat completion, read to its end: its status, the
+    content deltas, the error events, whether ``[DONE]`` came."""
+    body = {"model": "mock", "stream": True, "max_tokens": MAX_TOKENS,
+            "messages": [{"role": "user", "content": "first token"}]}  # fmt: skip
+    got: dict[str, Any] = {"deltas": 0, "errors": [], "done": False}
+    async with (
+        httpx.AsyncClient(timeout=60) as client,
+        client.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as r,
+    ):
+        got["status"] = r.status_code
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                got["done"] = True
+                continue
+            event = orjson.loads(line[6:])
+            if "error" in event:
+                got["errors"].append(event["error"])
+            elif event["choices"] and event["choices"][0]["delta"].get("content"):
+                got["deltas"] += 1
+    return got
+
+
+async def test_kill_9_member_while_streams_wait_for_their_first_token(tmp_path: Path) -> None:
+    """No request that had not yet received a token fails, also when it was
+    waiting for its first token on the member that died: ``kill -9`` of a
+    member (DEAD, whose first token never comes: the response's headers did,
+    so its connections are open and silent) with several streams pending on
+    it breaks their connections; each of those requests moves to another
+    member (F1: a broken connection before the first token is CONNECT) and
+    the client sees one complete answer.  Every run is saved exactly once,
+    ``served_by`` (log line and row) names the member that answered, never
+    DEAD, and the server's tasks return to their baseline."""
+    db = tmp_path / "first-token.db"
+    with trio.fail_after(60):
+        async with (
+            fake_process() as (p1, port1),
+            fake_process("--first-token-ms", str(NEVER_MS)) as (p2, port2),
+            fake_process() as (p3, port3),
+        ):
+            fakes = dict(zip(MEMBERS, (p1, p2, p3), strict=True))
+            path = tmp_path / "config.toml"
+            # The request's own first-token deadline is far: only the kill moves them.
+            path.write_text(config([port1, port2, port3], "first_token_timeout = 50\n"))
+            args = ["--config", str(path), "--port", "0", "--db", str(db), "--log-format",
+                    "json", "--graceful-timeout", "2"]  # fmt: skip
+            async with serve_process(*args) as server:
+                baseline = await settled_tasks(server.port)
+                answers: list[dict[str, Any]] = []
+
+                async def one() -> None:
+                    answers.append(await read_stream(server.port))
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(WAITING_STREAMS):
+                        nursery.start_soon(one)
+                    while True:  # until DEAD holds three streams, none with a token
+                        text = await scrape(server.port)
+                        waiting = gauge(text, "trio_stream_upstream_in_flight", member=DEAD)
+                        if waiting >= 3:
+                            break
+                        await trio.sleep(0.01)  # another process: nothing to wait on but its scrape
+                    assert gauge(text, "trio_stream_upstream_attempts_total", member=DEAD,
+                                 outcome="first_token") == 0  # fmt: skip
+                    fakes[DEAD].kill()  # SIGKILL, to this pid only
+                assert await fakes[DEAD].wait() == -9
+                while await settled_tasks(server.port) != baseline:  # noqa: ASYNC110
+                    await trio.sleep(0.1)
+                metrics = await scrape(server.port)
+                server.process.terminate()
+                assert await server.wait_exit() == 0
+
+    # The client saw one complete answer per request: no error, no missing token.
+    assert len(answers) == WAITING_STREAMS
+    for answer in answers:
+        assert answer == {"status": 200, "deltas": MAX_TOKENS, "errors": [], "done": True}
+    # The requests that waited on DEAD: its connections broke before their first token.
+    moved = {r["trace"] for r in server.records("upstream_failed") if r["member"] == DEAD}
+    assert len(moved) >= waiting, server.records("upstream_failed")
+    assert {r["failure"] for r in server.records("upstream_failed")} == {"connect"}
+    assert gauge(metrics, "trio_stream_upstream_failovers_total", member=DEAD) >= waiting
+    # Each run ended complete, served by the member that answered it, saved once.
+    ends = {r["trace"]: r for r in server.records("stream_end")}
+    assert len(ends) == WAITING_STREAMS
+    assert moved <= ends.keys()
+    rows = saved_rows(db)
+    assert rows.keys() == ends.keys()
+    for trace, end in ends.items():
+        assert end["status"] == "completed", end
+        assert end["served_by"] in set(MEMBERS) - {DEAD}, end
+        assert rows[trace]["served_by"] == end["served_by"], (rows[trace], end)
+        assert rows[trace]["events"] == end["tokens"], (rows[trace], end)
+    assert server.records("save_failed") == []
+    assert server.records("save_duplicate_refused") == []
+    assert server.records("run_crashed") == []
     for name in MEMBERS:
         assert gauge(metrics, "trio_stream_upstream_in_flight", member=name) == 0

@@ -88,7 +88,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,9 +122,18 @@ class Run:
     upstream_urls: tuple[str, ...] = ()  # every fake upstream (scenario "members": three)
 
 
+#: ``--count-io``: trio-stream runs under tools/count_io.py (event-loop and
+#: upstream-read counters, read by :func:`io_counts`).
+COUNT_IO = False
+#: ``--profile DIR``: py-spy samples the server during each load, into DIR.
+PROFILE_DIR: Path | None = None
+
+
 def _trio_stream_cmd(r: Run) -> list[str]:
     exe = Path(sys.executable).with_name("trio-stream")
     base = [str(exe)] if exe.exists() else [sys.executable, "-m", "trio_stream"]
+    if COUNT_IO:
+        base = [sys.executable, str(ROOT / "tools" / "count_io.py")]
     cmd = [*base, "serve", "--port", str(r.port), "--db", str(r.workdir / f"{r.port}.db"),
            "--mock-delay-ms", f"{r.delay_ms:g}", "--graceful-timeout", "1"]  # fmt: skip
     if not r.coalesce:
@@ -598,7 +607,13 @@ METRICS = {
     "other_cpu_percent": ("other load %", False),
     "kib_per_stream": ("KiB per idle stream", False),
     "lost_tokens": ("tokens lost (+ failed requests' tokens)", False),
+    # with --count-io only (tools/count_io.py)
+    "wakeups_per_token": ("loop wake-ups/token", False),
+    "events_per_wakeup": ("ready fds/wake-up", True),
+    "tokens_per_read": ("tokens/upstream read", True),
+    "bytes_per_read": ("bytes/upstream read", True),
 }
+IO_METRICS = ("wakeups_per_token", "events_per_wakeup", "tokens_per_read", "bytes_per_read")
 SATURATED_PERCENT = 90.0  # server + client CPU beyond which a row measures overload
 
 
@@ -988,22 +1003,30 @@ def measure(server: Server, sc: Scenario, client: LoadClient, work: Path, tag: s
             server.prepare(run)
         if server.tls:
             make_tls_files(work)
+        os.environ["COUNT_IO_OUT"] = str(work / f"{tag}.io.jsonl")  # for --count-io
         proc = ServerProcess(server.command(run), run.port, work / f"{tag}.server.log")
         proc.wait_ready()
         if sc.idle:
             result.figures = run_trio(_idle_figures, proc, sc)
             return result
         warm_up_all(run.port, 4, server.tls)
+        counted = COUNT_IO and server.command(run)[1:2] == [str(ROOT / "tools" / "count_io.py")]
+        if counted:
+            os.kill(proc.popen.pid, signal.SIGUSR2)
         before = CpuSnapshot.take(proc, helpers)
-        report = client.run(
-            server.url(run.port), sc, work / f"{tag}.json",
-            work / f"{tag}.client.log", timeout=300, extra=server.client_args,
-        )  # fmt: skip
+        with _profiling(proc, work, tag):
+            report = client.run(
+                server.url(run.port), sc, work / f"{tag}.json",
+                work / f"{tag}.client.log", timeout=300, extra=server.client_args,
+            )  # fmt: skip
         after = CpuSnapshot.take(proc, helpers)
         result.figures, result.notes = load_figures(
             report, after.server - before.server, sc, after.helpers_since(before)
         )
         result.figures["other_cpu_percent"] = before.other_percent(after)
+        if counted:
+            os.kill(proc.popen.pid, signal.SIGUSR2)
+            result.figures.update(io_figures(work / f"{tag}.io.jsonl", float(report["tokens"])))
     except (ClientFailed, RuntimeError, OSError, trio.TooSlowError, KeyError, ValueError) as exc:
         result.notes.append(f"failed: {exc}")
     finally:
@@ -1012,6 +1035,51 @@ def measure(server: Server, sc: Scenario, client: LoadClient, work: Path, tag: s
         for helper in reversed(helpers.values()):
             helper.stop()
     return result
+
+
+@contextlib.contextmanager
+def _profiling(proc: ServerProcess, work: Path, tag: str) -> Iterator[None]:
+    """With ``--profile DIR``: py-spy samples the server (not pausing it) while
+    the load runs, and writes collapsed stacks to ``DIR/<tag>.txt``."""
+    if PROFILE_DIR is None:
+        yield
+        return
+    spy = Path(sys.executable).with_name("py-spy")
+    with (work / f"{tag}.py-spy.log").open("ab") as log:
+        popen = subprocess.Popen(
+            [str(spy), "record", "--nonblocking", "--rate", "200", "--format", "raw",
+             "--output", str(PROFILE_DIR / f"{tag}.txt"), "--pid", str(proc.popen.pid)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )  # fmt: skip
+    try:
+        yield
+    finally:
+        popen.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        try:
+            popen.wait(timeout=30)
+        finally:
+            kill_group(popen, grace=1.0)
+
+
+def io_figures(path: Path, tokens: float) -> Figures:
+    """The figures of ``--count-io``: the differences between the two lines the
+    server wrote (before and after the load) to ``path``."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= 2:
+            break
+        time.sleep(0.05)
+    else:
+        raise RuntimeError(f"no counters in {path}")
+    a, b = (json.loads(line) for line in lines[:2])
+    d = {k: b.get(k, 0) - a.get(k, 0) for k in b}
+    return {
+        "wakeups_per_token": d["wakeups"] / tokens,
+        "events_per_wakeup": d["events"] / max(1, d["wakeups"]),
+        "tokens_per_read": tokens / max(1, d["upstream_reads"]),
+        "bytes_per_read": d["upstream_bytes"] / max(1, d["upstream_reads"]),
+    }
 
 
 # --- orchestration ------------------------------------------------------------------------
@@ -1152,7 +1220,7 @@ def revision() -> str:
 def fmt(v: float | None, metric: str = "") -> str:
     if v is None:
         return "-"
-    if metric.endswith("_ms") or metric in ("kib_per_stream", "server_cpu_per_s"):
+    if metric.endswith("_ms") or metric in ("kib_per_stream", "server_cpu_per_s", *IO_METRICS):
         return f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
     return f"{v:,.1f}" if abs(v) < 100 else f"{v:,.0f}"
 
@@ -1226,7 +1294,8 @@ def write_markdown(
     if any(s.redis for s in servers):
         out.append(f"| (Redis) | one per cluster measurement | "
                    f"`{shell(_redis_cmd(6379, Path('<tmp>')))}` |")  # fmt: skip
-    out += ["", "## Method", "", *METHOD, "", "## Targets", "",
+    method = [*METHOD, *([COUNT_IO_METHOD] if COUNT_IO else [])]
+    out += ["", "## Method", "", *method, "", "## Targets", "",
             "| scenario | figure | target | measured (median) |",
             "|---|---|---|---|"]  # fmt: skip
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in target_rows(summary, servers)]
@@ -1295,8 +1364,22 @@ METHOD = [
 ]
 
 
+COUNT_IO_METHOD = (
+    "- `--count-io`: trio-stream ran under `tools/count_io.py`, which counts in the server "
+    "process its event loop's polls that waited and came back with ready sockets (*loop "
+    "wake-ups/token*, *ready fds/wake-up*) and its reads of upstream sockets (*tokens/upstream "
+    "read*, *bytes/upstream read*), between the start and the end of the load. The counting "
+    "costs a little CPU of its own: compare these rows with each other only."
+)
+
+
 def scenario_table(summary: Summary, sc: Scenario, servers: Sequence[Server]) -> list[str]:
-    metrics = (sc.metric, *sc.extra)
+    counted = tuple(
+        m
+        for m in IO_METRICS  # only with --count-io
+        if any(summary.median(sc.key, s.name, m) is not None for s in servers)
+    )
+    metrics = (sc.metric, *sc.extra, *counted)
     out = [f"## {sc.title}", "",
            f"Server delay {sc.delay_ms:g} ms, coalescing {'on' if sc.coalesce else 'off'}; "
            + (f"{sc.idle_streams} idle streams." if sc.idle else
@@ -1398,6 +1481,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="before each measurement, wait up to S seconds for the machine to be idle",
     )  # fmt: skip
     parser.add_argument(
+        "--count-io", action="store_true",
+        help="run trio-stream under tools/count_io.py: loop wake-ups per token, ready fds "
+        "per wake-up, tokens and bytes per upstream read (a small cost of its own)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile", type=Path, metavar="DIR",
+        help="py-spy samples each server during its load: collapsed stacks in DIR",
+    )  # fmt: skip
+    parser.add_argument(
         "--keep-logs", action="store_true",
         help="keep server/client logs and JSON (kept anyway when a measurement failed)",
     )  # fmt: skip
@@ -1432,6 +1524,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGHUP, _exit_on_signal)
     args = parse_args(argv)
+    global COUNT_IO, PROFILE_DIR
+    COUNT_IO = args.count_io
+    if args.profile:
+        PROFILE_DIR = args.profile.resolve()
+        PROFILE_DIR.mkdir(parents=True, exist_ok=True)
     servers = select(SERVERS, args.servers)
     scs = select(scenarios(args.quick), args.scenarios)
     rounds = args.rounds or (1 if args.quick else 3)

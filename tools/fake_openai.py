@@ -3,8 +3,9 @@
 ``POST /v1/chat/completions`` streams the reply of :mod:`trio_stream.upstream.mocktext`
 (the bytes of ``tools/peers/_mock.py``: one ``chat.completion.chunk`` event
 per token, a finish chunk, ``data: [DONE]``), one token every ``--delay-ms``
-(20 tokens/s at 50), paced on an absolute schedule from the request's arrival
-so it never drifts.  ``GET /v1/models`` lists one model.  HTTP/1.1 with
+(20 tokens/s at 50; ``--first-token-ms``: another wait before the first
+token, the response's headers going at once), paced on an absolute schedule
+from the request's arrival so it never drifts.  ``GET /v1/models`` lists one model.  HTTP/1.1 with
 keep-alive and chunked responses; a client closing mid-stream stops its
 timer at once.
 
@@ -52,8 +53,9 @@ def simple(status: str, body: bytes, content_type: bytes = b"application/json") 
 class Connection(asyncio.Protocol):
     """One client connection: parse requests one at a time, stream each reply."""
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, first: float | None = None) -> None:
         self.delay = delay
+        self.first = delay if first is None else first  # the wait for the first token
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
@@ -114,8 +116,8 @@ class Connection(asyncio.Protocol):
             self.transport.write(simple("404 Not Found", b'{"error": "not found"}'))
 
     def schedule(self) -> None:
-        if self.delay:
-            at = self.started + (self.sent + 1) * self.delay
+        if self.delay or self.first:
+            at = self.started + self.first + self.sent * self.delay
             self.timer = self.loop.call_at(at, self.tick)
         else:
             self.timer = self.loop.call_soon(self.tick)
@@ -144,13 +146,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--delay-ms", type=float, default=50.0,
         help="gap before each token in ms (50 = 20 tokens/s); 0 = at once",
     )  # fmt: skip
+    parser.add_argument(
+        "--first-token-ms", type=float,
+        help="wait before the first token in ms (default: --delay-ms); the headers go at once",
+    )  # fmt: skip
     parser.add_argument("--no-uvloop", action="store_true", help="the stdlib asyncio loop")
     return parser.parse_args(argv)
 
 
-async def serve(host: str, port: int, delay: float) -> None:
+async def serve(host: str, port: int, delay: float, first: float | None = None) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Connection(delay), host, port, backlog=4096)
+    server = await loop.create_server(lambda: Connection(delay, first), host, port, backlog=4096)
     print(f"listening port={server.sockets[0].getsockname()[1]}", flush=True)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -161,7 +167,8 @@ async def serve(host: str, port: int, delay: float) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    coro = serve(args.host, args.port, args.delay_ms / 1000)
+    first = None if args.first_token_ms is None else args.first_token_ms / 1000
+    coro = serve(args.host, args.port, args.delay_ms / 1000, first)
     if not args.no_uvloop:
         with contextlib.suppress(ImportError):
             import uvloop
