@@ -188,6 +188,42 @@ async def test_a_stream_is_one_trace_from_the_client_to_the_upstream(
         assert end["span_id"] == f"{span_id(server):016x}"
 
 
+@pytest.mark.parametrize(
+    ("fmt", "answered"),
+    [("openai", "gpt-4o-2024-08-06"), ("ollama", "gpt-4o-2024-08-06"), ("openai", None)],
+    ids=["openai", "ollama", "unnamed"],
+)
+async def test_the_model_the_upstream_names_is_the_response_model(
+    fmt: str, answered: str | None, settings: Settings, nursery: trio.Nursery
+) -> None:
+    """The client asks for ``gpt-4o``; the upstream's chunks (Ollama's lines)
+    name ``gpt-4o-2024-08-06``: the attempt's client span and the run span
+    say ``gen_ai.request.model = gpt-4o`` and ``gen_ai.response.model =
+    gpt-4o-2024-08-06``, while the client still reads ``gpt-4o`` in every
+    chunk (section 2.4: trio-stream's own ``model``).  An upstream that names
+    no model leaves ``gen_ai.response.model`` unset."""
+    fake = FakeUpstream(fmt, plan=lambda _: token_plan(["a", "b", "c"], fmt=fmt, model=answered))
+    await nursery.start(fake.serve)
+    s = settings.replace(upstream=fmt, upstream_url=fake.url)
+    async with traced(s) as t:
+        async with loopback_client(t.server) as client:
+            r = await client.post(CHAT, json={**body(stream=True), "model": "gpt-4o"})
+            assert r.status_code == 200
+        await t.request_ended(CHAT)
+        chunks = [orjson.loads(line[6:]) for line in r.text.splitlines()
+                  if line.startswith("data: {")]  # fmt: skip
+        assert chunks
+        assert {c["model"] for c in chunks} == {"gpt-4o"}
+        spans = t.exported()
+        run = one(spans, "trio_stream.run")
+        (attempt,) = [s for s in spans if s.kind.name == "CLIENT"]
+        for span in (attempt, run):
+            a = dict(span.attributes or {})
+            assert a["gen_ai.request.model"] == "gpt-4o"
+            assert a.get("gen_ai.response.model") == answered
+        assert run.status.status_code is StatusCode.OK
+
+
 async def test_a_disconnect_ends_the_run_span_and_its_attempt(
     settings: Settings, nursery: trio.Nursery
 ) -> None:
