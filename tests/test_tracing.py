@@ -300,7 +300,8 @@ async def test_supersede_stop_and_resume_are_events_and_links(
 async def test_failover_is_one_client_span_per_attempt(settings: Settings) -> None:
     """A member answering 500 (the first choice), then the next member: two client spans,
     both children of the run span; the first an error (its failure class),
-    the second OK; each upstream got its own attempt's ``traceparent``."""
+    the second OK, with the upstream's model (as the run); each upstream got
+    its own attempt's ``traceparent``."""
     failing = FakeUpstream("openai", plan=first_time(error_plan(500)))
     healthy = FakeUpstream("openai", plan=mock_plan("openai"))
     async with trio.open_nursery() as nursery:
@@ -327,6 +328,8 @@ async def test_failover_is_one_client_span_per_attempt(settings: Settings) -> No
             assert attempts[0].status.status_code is StatusCode.ERROR
             assert (attempts[0].attributes or {})["trio_stream.attempt.outcome"] == "server"
             assert attempts[1].status.status_code is StatusCode.OK
+            for span, model in ((attempts[0], None), (attempts[1], "fake"), (run, "fake")):
+                assert (span.attributes or {}).get("gen_ai.response.model") == model
             for fake, attempt in zip((failing, healthy), attempts, strict=True):
                 sent = dict(fake.exchanges[0].headers)[b"traceparent"].decode()
                 assert sent.split("-")[2] == f"{span_id(attempt):016x}"
@@ -337,7 +340,8 @@ async def test_a_hedge_race_is_one_client_span_per_attempt(settings: Settings) -
     """``hedge_after_ms``: the slow first choice is raced by a hedge on the
     fast member, which wins.  Two client spans under the run span: the
     winner ``served`` (OK), the loser ``hedge_lost`` (status unset), both
-    ended; each member got its own attempt's ``traceparent``."""
+    ended; each member got its own attempt's ``traceparent``; the upstream's
+    model is on the winner's span and the run's, not on the loser's."""
     slow = FakeUpstream("openai", plan=slow_plan(5.0))
     fast = FakeUpstream("openai", plan=mock_plan("openai"))
     async with trio.open_nursery() as nursery:
@@ -367,6 +371,9 @@ async def test_a_hedge_race_is_one_client_span_per_attempt(settings: Settings) -
                 "trio_stream.attempt.outcome"
             ] == "hedge_lost"
             assert attempts["slow"].status.status_code is StatusCode.UNSET
+            said = ((attempts["fast"], "fake"), (run, "fake"), (attempts["slow"], None))
+            for span, model in said:
+                assert (span.attributes or {}).get("gen_ai.response.model") == model
             for fake, name in ((slow, "slow"), (fast, "fast")):
                 sent = dict(fake.exchanges[0].headers)[b"traceparent"].decode()
                 assert sent.split("-")[2] == f"{span_id(attempts[name]):016x}"
