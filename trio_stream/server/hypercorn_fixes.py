@@ -70,11 +70,13 @@ the new version still needs a fix.
      on it and got "Server disconnected without sending a response" -- a
      test failed so, now and then, on a loaded machine.  The fixed
      connection adds ``Connection: close`` to a response that starts while
-     the request's body is still arriving (h11's peer state
-     ``SEND_BODY``), so the close is announced (RFC 9112 section 9.6); a
-     request whose body is all in is answered as before, and its connection
-     kept.  The check is made once per response head (h11's
-     ``_clean_up_response_headers_for_sending``), never per body chunk.
+     the request's body has not been read to its end (h11's peer state
+     ``SEND_BODY``: hypercorn may not have taken the rest out of its buffer
+     yet, and then closes all the same), so the close is announced (RFC 9112
+     section 9.6); a response to a request read to its end (``DONE``) is
+     sent as before, and its connection kept.  The check is made once per
+     response head (h11's ``_clean_up_response_headers_for_sending``), never
+     per body chunk.
 
    Without it ``tests/test_http1_framing.py`` fails;
    ``tests/test_hypercorn_fixes.py`` fails once hypercorn's own connection
