@@ -31,7 +31,7 @@ from trio_stream import EventLogger, RecordingSink, Service, Settings, open_serv
 from trio_stream.runs import Run
 from trio_stream.store import Message, SQLiteStore, Store, open_store
 from trio_stream.store.postgres import PostgresStore
-from trio_stream.upstream import Item, Upstream
+from trio_stream.upstream import Upstream, UpstreamItem
 from trio_stream.wire.request import ChatRequest
 
 
@@ -235,11 +235,13 @@ class RecordingUpstream:
     def closed_at(self, request: ChatRequest) -> float:
         return next(t for t, r in self.closed if r is request)
 
-    def stream(self, request: ChatRequest) -> AbstractAsyncContextManager[AsyncIterator[Item]]:
+    def stream(
+        self, request: ChatRequest
+    ) -> AbstractAsyncContextManager[AsyncIterator[UpstreamItem]]:
         return self._stream(request)
 
     @asynccontextmanager
-    async def _stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[Item]]:
+    async def _stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[UpstreamItem]]:
         self.opened.append((trio.current_time(), request))
         self.history.append(("open", request))
         self.holding.append(request)

@@ -48,6 +48,7 @@ class Script:
     tokens: list[str]
     gap: float
     hang: bool = False
+    model: str = "fake"  # the model its chunks name
 
     @property
     def text(self) -> str:
@@ -70,9 +71,12 @@ class Upstream(FakeUpstream):
         self.on_arrival: dict[str, Callable[[], None]] = {}
         self.sockets: list[trio.socket.SocketType] = []
 
-    def script(self, name: str, n: int, gap: float, *, hang: bool = False) -> Script:
-        """``n`` distinct tokens, one every ``gap`` seconds (``hang``: none, ever)."""
-        script = Script([f"<{name}:{i}>" for i in range(n)], gap, hang)
+    def script(
+        self, name: str, n: int, gap: float, *, hang: bool = False, model: str = "fake"
+    ) -> Script:
+        """``n`` distinct tokens, one every ``gap`` seconds (``hang``: none,
+        ever), in chunks that name ``model``."""
+        script = Script([f"<{name}:{i}>" for i in range(n)], gap, hang, model)
         self.scripts[name] = script
         return script
 
@@ -85,7 +89,7 @@ class Upstream(FakeUpstream):
         script = self.scripts[name]
         if script.hang:
             return Plan(steps=[Step(hang=True)])
-        return token_plan(script.tokens, delay=script.gap)
+        return token_plan(script.tokens, delay=script.gap, model=script.model)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         self.sockets.append(stream.socket)  # same index as the Connection it appends

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from trio_stream.core.log import Chunk, Entry, RunLog
 from trio_stream.errors import ApiError, UpstreamError
-from trio_stream.upstream import Finish, Item, mocktext
-from trio_stream.upstream.wire import ollama_items, openai_items
+from trio_stream.upstream import Finish, ResponseModel, UpstreamItem, mocktext
+from trio_stream.upstream.wire import StreamState, ollama_items, openai_items
 from trio_stream.wire import sse
 from trio_stream.wire.chunks import ChunkEncoder
 from trio_stream.wire.request import ChatRequest, parse_chat_request
@@ -351,12 +351,19 @@ ollama_lines = st.one_of(
 )
 
 
-def check_items(items: list[Item]) -> None:
+def check_items(items: list[UpstreamItem]) -> None:
     """Accepted items are what the rest of the pipeline can take: non-empty
     text, tool deltas the run log merges and the encoder renders, usage with
-    whole non-negative counts, and at most one Finish, last."""
+    whole non-negative counts, at most one Finish, last, and at most one
+    ResponseModel (a non-empty name), first, and only with an entry after it."""
     log = RunLog()
     for i, item in enumerate(items):
+        if isinstance(item, ResponseModel):
+            assert i == 0
+            assert isinstance(item.name, str)
+            assert item.name
+            assert any(isinstance(x, str | Chunk) for x in items[1:])
+            continue
         if isinstance(item, Finish):
             assert i == len(items) - 1
             assert isinstance(item.reason, str)
@@ -374,7 +381,7 @@ def check_items(items: list[Item]) -> None:
 
 def check_openai(data: str) -> None:
     try:
-        items = openai_items(data)
+        items = openai_items(data, StreamState())
     except UpstreamError:
         return
     check_items(items)
@@ -382,7 +389,7 @@ def check_openai(data: str) -> None:
 
 def check_ollama(line: bytes) -> None:
     try:
-        items = ollama_items(line)
+        items = ollama_items(line, StreamState())
     except UpstreamError:
         return
     check_items(items)

@@ -12,6 +12,8 @@
   refused with 431, however it arrives (fix 3); one of exactly 16 KiB is
   served.
 * A request h11 refuses is answered with the OpenAI error body (fix 4).
+* An answer that starts before the request's body has arrived says
+  ``Connection: close``, as its connection is closed after it (fix 3).
 
 Every test speaks raw bytes to a real in-process server on 127.0.0.1 and
 reads the answer with h11, so a second response, or any byte after the
@@ -240,3 +242,43 @@ async def test_request_h11_refuses_gets_the_openai_error_body(
     assert answer.headers["content-type"] == "application/json"
     error = answer.error()
     assert (error["type"], error["code"]) == ("invalid_request_error", code)
+
+
+# -- an answer that starts before the request's body has arrived ----------------------
+
+
+#: Handlers that answer before they read the body: (settings' keys, method, target, status).
+EARLY = {
+    "no-key": (("sk-early-8f14e45fceea",), "POST", CHAT, 401),
+    "wrong-method": ((), "PUT", CHAT, 405),
+    "unknown-path": ((), "POST", "/v1/nowhere", 404),
+}
+
+
+@pytest.mark.parametrize("case", list(EARLY))
+async def test_an_answer_before_the_body_has_arrived_says_connection_close(
+    case: str, settings: Settings
+) -> None:
+    """A request whose head has arrived and whose body has not, answered at
+    once (401 for a missing key, 405, 404: no handler reads the body first):
+    hypercorn closes its connection after the answer (what is still to come
+    of the body cannot be read as the next request), and the answer says
+    ``Connection: close`` (``hypercorn_fixes`` fix 3).  It used not to say
+    so: an httpx client, which writes a head and its body separately, sent
+    its next request on the closing connection now and then under load and
+    got "Server disconnected without sending a response"
+    (tests/test_keys.py's CLI test)."""
+    keys, method, target, status = EARLY[case]
+    body = orjson.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 3})
+    head = (
+        b"%b %b HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n"
+    ) % (method.encode(), target.encode(), len(body))
+    async with running_server(settings.replace(api_keys=keys)) as server:
+        baseline = await tasks_living()
+        answer = await exchange(server.port, [head], method)  # the body never comes
+        assert await tasks_living() == baseline
+    assert answer.status == status, answer.body
+    assert answer.headers["connection"] == "close"
+    answer.error()  # the OpenAI error body
+    assert not server.logs.events("stream_start")

@@ -88,9 +88,14 @@ PINNED = {
         "a02ffc3670a3292e97bcfb215ac789a4a2bbc5a8f1cbf44c47e4882d19ac47da",
     "hypercorn.protocol.h2.H2Protocol.initiate":
         "fc365390735cd1b99fc32b01d8c3eb6e8b2a3d893a92a2793411aac71dcc6035",
-    # ServerH11Connection (hypercorn_fixes) overrides this private method of h11
+    # ServerH11Connection (hypercorn_fixes) overrides these private methods of h11
     "h11.Connection._extract_next_receive_event":
         "c0fc7051975f7a5b661f541f55f50bfd52066bffd6a208bdf09d8c54a4184c87",
+    "h11.Connection._clean_up_response_headers_for_sending":
+        "a190401e4767c6414c345892d44596a3bf982099707984b507166bc814fb0b3f",
+    # ... whose Connection: close announces the close this method makes
+    "hypercorn.protocol.h11.H11Protocol._maybe_recycle":
+        "3ac53f52bc4e65de7e9b898df5c1c76c9865479e2821ed524acdf426c2075a88",
 }  # fmt: skip
 
 #: The originals of the methods hypercorn_fixes replaces (the class

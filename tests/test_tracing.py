@@ -188,6 +188,42 @@ async def test_a_stream_is_one_trace_from_the_client_to_the_upstream(
         assert end["span_id"] == f"{span_id(server):016x}"
 
 
+@pytest.mark.parametrize(
+    ("fmt", "answered"),
+    [("openai", "gpt-4o-2024-08-06"), ("ollama", "gpt-4o-2024-08-06"), ("openai", None)],
+    ids=["openai", "ollama", "unnamed"],
+)
+async def test_the_model_the_upstream_names_is_the_response_model(
+    fmt: str, answered: str | None, settings: Settings, nursery: trio.Nursery
+) -> None:
+    """The client asks for ``gpt-4o``; the upstream's chunks (Ollama's lines)
+    name ``gpt-4o-2024-08-06``: the attempt's client span and the run span
+    say ``gen_ai.request.model = gpt-4o`` and ``gen_ai.response.model =
+    gpt-4o-2024-08-06``, while the client still reads ``gpt-4o`` in every
+    chunk (section 2.4: trio-stream's own ``model``).  An upstream that names
+    no model leaves ``gen_ai.response.model`` unset."""
+    fake = FakeUpstream(fmt, plan=lambda _: token_plan(["a", "b", "c"], fmt=fmt, model=answered))
+    await nursery.start(fake.serve)
+    s = settings.replace(upstream=fmt, upstream_url=fake.url)
+    async with traced(s) as t:
+        async with loopback_client(t.server) as client:
+            r = await client.post(CHAT, json={**body(stream=True), "model": "gpt-4o"})
+            assert r.status_code == 200
+        await t.request_ended(CHAT)
+        chunks = [orjson.loads(line[6:]) for line in r.text.splitlines()
+                  if line.startswith("data: {")]  # fmt: skip
+        assert chunks
+        assert {c["model"] for c in chunks} == {"gpt-4o"}
+        spans = t.exported()
+        run = one(spans, "trio_stream.run")
+        (attempt,) = [s for s in spans if s.kind.name == "CLIENT"]
+        for span in (attempt, run):
+            a = dict(span.attributes or {})
+            assert a["gen_ai.request.model"] == "gpt-4o"
+            assert a.get("gen_ai.response.model") == answered
+        assert run.status.status_code is StatusCode.OK
+
+
 async def test_a_disconnect_ends_the_run_span_and_its_attempt(
     settings: Settings, nursery: trio.Nursery
 ) -> None:
@@ -264,7 +300,8 @@ async def test_supersede_stop_and_resume_are_events_and_links(
 async def test_failover_is_one_client_span_per_attempt(settings: Settings) -> None:
     """A member answering 500 (the first choice), then the next member: two client spans,
     both children of the run span; the first an error (its failure class),
-    the second OK; each upstream got its own attempt's ``traceparent``."""
+    the second OK, with the upstream's model (as the run); each upstream got
+    its own attempt's ``traceparent``."""
     failing = FakeUpstream("openai", plan=first_time(error_plan(500)))
     healthy = FakeUpstream("openai", plan=mock_plan("openai"))
     async with trio.open_nursery() as nursery:
@@ -291,6 +328,8 @@ async def test_failover_is_one_client_span_per_attempt(settings: Settings) -> No
             assert attempts[0].status.status_code is StatusCode.ERROR
             assert (attempts[0].attributes or {})["trio_stream.attempt.outcome"] == "server"
             assert attempts[1].status.status_code is StatusCode.OK
+            for span, model in ((attempts[0], None), (attempts[1], "fake"), (run, "fake")):
+                assert (span.attributes or {}).get("gen_ai.response.model") == model
             for fake, attempt in zip((failing, healthy), attempts, strict=True):
                 sent = dict(fake.exchanges[0].headers)[b"traceparent"].decode()
                 assert sent.split("-")[2] == f"{span_id(attempt):016x}"
@@ -301,7 +340,8 @@ async def test_a_hedge_race_is_one_client_span_per_attempt(settings: Settings) -
     """``hedge_after_ms``: the slow first choice is raced by a hedge on the
     fast member, which wins.  Two client spans under the run span: the
     winner ``served`` (OK), the loser ``hedge_lost`` (status unset), both
-    ended; each member got its own attempt's ``traceparent``."""
+    ended; each member got its own attempt's ``traceparent``; the upstream's
+    model is on the winner's span and the run's, not on the loser's."""
     slow = FakeUpstream("openai", plan=slow_plan(5.0))
     fast = FakeUpstream("openai", plan=mock_plan("openai"))
     async with trio.open_nursery() as nursery:
@@ -331,6 +371,9 @@ async def test_a_hedge_race_is_one_client_span_per_attempt(settings: Settings) -
                 "trio_stream.attempt.outcome"
             ] == "hedge_lost"
             assert attempts["slow"].status.status_code is StatusCode.UNSET
+            said = ((attempts["fast"], "fake"), (run, "fake"), (attempts["slow"], None))
+            for span, model in said:
+                assert (span.attributes or {}).get("gen_ai.response.model") == model
             for fake, name in ((slow, "slow"), (fast, "fast")):
                 sent = dict(fake.exchanges[0].headers)[b"traceparent"].decode()
                 assert sent.split("-")[2] == f"{span_id(attempts[name]):016x}"

@@ -85,19 +85,21 @@ async def test_a_stream_and_a_disconnect_over_otlp(tmp_path: Path, nursery: trio
     streamed request continuing the client's ``traceparent`` and a client
     that leaves mid-stream.  The receiver gets, for each, the server span,
     the run span (its child) and the attempt's client span (the run's
-    child) with the GenAI attributes; the upstream got that client span's
-    ``traceparent``; the disconnected run's span ends with ``disconnect``."""
+    child) with the GenAI attributes -- ``gen_ai.response.model`` the model
+    the upstream's chunks name (``gpt-4o-2024-08-06``), not the one asked
+    for (``gpt-4o``); the upstream got that client span's ``traceparent``;
+    the disconnected run's span ends with ``disconnect``."""
     receiver = Receiver()
     await nursery.start(receiver.serve)
     up = await start_upstream(nursery)
-    up.script("wire one", 4, 0.005)
+    up.script("wire one", 4, 0.005, model="gpt-4o-2024-08-06")
     up.script("wire gone", 500, 0.02)
     config = tmp_path / "c.toml"
     config.write_text("[serve]\notel = true\n")
     env = otel_env(receiver.endpoint, "wire-node")
     async with node("--config", str(config), env=env, db=tmp_path / "w.db", upstream=up.url) as n:
         async with client(n) as c:
-            async with stream(c, "POST", CHAT, json=chat("wire one"),
+            async with stream(c, "POST", CHAT, json={**chat("wire one"), "model": "gpt-4o"},
                               headers={"traceparent": TRACEPARENT}) as s:  # fmt: skip
                 await s.rest()
                 one_id = s.run_id
@@ -121,7 +123,9 @@ async def test_a_stream_and_a_disconnect_over_otlp(tmp_path: Path, nursery: trio
     assert server.parent == "b7ad6b7169203331"
     (attempt,) = [s for s in spans if s.kind == CLIENT and s.parent == run.span_id]
     assert attempt.attributes["gen_ai.system"] == "openai"
-    assert attempt.attributes["gen_ai.request.model"] == "fake"
+    for span in (attempt, run):
+        assert span.attributes["gen_ai.request.model"] == "gpt-4o"
+        assert span.attributes["gen_ai.response.model"] == "gpt-4o-2024-08-06"
     assert attempt.attributes["gen_ai.usage.output_tokens"] == 4
     assert attempt.attributes["gen_ai.response.finish_reasons"] == ("stop",)
     assert {"first_token", "save"} <= set(run.events)

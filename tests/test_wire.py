@@ -9,7 +9,7 @@ import pytest
 
 from trio_stream.core.log import Chunk, RunLog
 from trio_stream.errors import UpstreamError
-from trio_stream.upstream import Finish, Item
+from trio_stream.upstream import Finish, Item, ResponseModel
 from trio_stream.upstream.wire import StreamState, ollama_items, openai_items
 from trio_stream.wire.usage import Usage
 
@@ -100,6 +100,44 @@ def test_openai_items_text_fast_path() -> None:
     assert openai_items(first, state) == [Chunk(body(first), shape=True)]
     assert openai_items(second, state) == ["llo"]
     assert openai_items(other, state) == [Chunk(body(other))]
+
+
+def test_the_upstream_model_is_said_once_before_the_first_entry() -> None:
+    """The upstream's ``model`` (``gen_ai.response.model`` in traces) is said
+    once, as a ResponseModel just before the stream's first entry, whichever
+    way that entry is made (a role chunk, the first text-only chunk, a
+    usage-only chunk; after an opening chunk with no choices and an empty
+    model, as Azure sends), and never again; it is never in an entry.  A
+    stream that names no model says none.  Ollama's first line likewise."""
+    named = "gpt-4o-2024-08-06"
+    role = oa({"role": "assistant", "content": ""}, model=named)
+    text, more = oa({"content": "Hi"}, model=named), oa({"content": "!"}, model="other")
+    state = StreamState()
+    assert openai_items(role, state) == [ResponseModel(named), Chunk(body(role))]
+    assert openai_items(text, state) == [Chunk(body(text), shape=True)]
+    assert openai_items(more, state) == ["!"]
+    state = StreamState()
+    assert openai_items(text, state) == [ResponseModel(named), Chunk(body(text), shape=True)]
+    assert openai_items(role, state) == [Chunk(body(role))]
+    state = StreamState()
+    azure = '{"id": "", "object": "", "created": 0, "model": "", "choices": [], "x": []}'
+    assert openai_items(azure, state) == []
+    assert openai_items(role, state) == [ResponseModel(named), Chunk(body(role))]
+    state = StreamState()
+    counts = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    alone = orjson.dumps({"model": named, "choices": [], "usage": counts}).decode()
+    assert openai_items(alone, state) == [
+        ResponseModel(named), Chunk(body(alone)), Usage(1, 2, 3)
+    ]  # fmt: skip
+    state = StreamState()
+    unnamed = oa({"role": "assistant", "content": ""})
+    assert openai_items(unnamed, state) == [Chunk(body(unnamed))]
+    assert openai_items(text, state) == [Chunk(body(text), shape=True)]  # too late: none
+    state = StreamState()
+    first = ollama_items(ol({"content": "Hi"}), state)
+    assert first[0] == ResponseModel("llama")
+    assert [type(item) for item in first] == [ResponseModel, Chunk]
+    assert ollama_items(ol({"content": " there"}), state) == [" there"]
 
 
 @pytest.mark.parametrize(
@@ -324,7 +362,8 @@ def test_ollama_tool_call_keeps_its_id_and_finishes_tool_calls() -> None:
     a tool call reads "tool_calls", as Ollama's own OpenAI layer says."""
     state = StreamState()
     call = {"id": "call_k3x9q2m7", "function": {"index": 2, "name": "f", "arguments": {}}}
-    (item,) = ollama_items(ol({"content": "", "tool_calls": [call]}), state)
+    (said, item) = ollama_items(ol({"content": "", "tool_calls": [call]}), state)
+    assert said == ResponseModel("llama")
     assert isinstance(item, Chunk)
     assert item.delta["tool_calls"] == [
         {"index": 2, "id": "call_k3x9q2m7", "type": "function",
@@ -347,14 +386,14 @@ def test_decoded_tool_calls_merge_in_the_run_log() -> None:
         oa({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
     ]:
         for item in openai_items(data):
-            assert not isinstance(item, Finish | Usage)
+            assert not isinstance(item, Finish | Usage | ResponseModel)
             log.append(item)
     assert log.tool_calls == [
         {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}
     ]
     log = RunLog()
     (item,) = ollama_items(ol({"tool_calls": [{"function": {"name": "g", "arguments": {}}}]}))
-    assert not isinstance(item, Finish | Usage)
+    assert not isinstance(item, Finish | Usage | ResponseModel)
     log.append(item)
     assert log.tool_calls == [
         {"id": "call_0", "type": "function", "function": {"name": "g", "arguments": "{}"}}

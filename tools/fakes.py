@@ -95,19 +95,31 @@ def peer_has_closed(stream: trio.SocketStream) -> bool:
     return info[0] != _TCP_ESTABLISHED
 
 
-def openai_chunk(content: str | None = None, finish: str | None = None, **delta: Any) -> bytes:
+def openai_chunk(
+    content: str | None = None, finish: str | None = None, *, model: str | None = "fake",
+    **delta: Any,
+) -> bytes:  # fmt: skip
+    """One SSE event of a ``chat.completion.chunk``; ``model``: its ``model``
+    (None: no such key)."""
     d: dict[str, Any] = dict(delta)
     if content is not None:
         d["content"] = content
     chunk = {
-        "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": "fake",
+        "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
         "choices": [{"index": 0, "delta": d, "finish_reason": finish}],
     }  # fmt: skip
+    if model is None:
+        del chunk["model"]
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
-def ollama_line(content: str = "", done: bool = False, reason: str = "stop") -> bytes:
-    obj: dict[str, Any] = {"model": "fake", "message": {"role": "assistant", "content": content}}
+def ollama_line(
+    content: str = "", done: bool = False, reason: str = "stop", *, model: str | None = "fake"
+) -> bytes:
+    """One NDJSON line of Ollama's ``/api/chat``; ``model`` as for :func:`openai_chunk`."""
+    obj: dict[str, Any] = {"message": {"role": "assistant", "content": content}}
+    if model is not None:
+        obj = {"model": model, **obj}
     obj["done"] = done
     if done:
         obj["done_reason"] = reason
@@ -116,22 +128,23 @@ def ollama_line(content: str = "", done: bool = False, reason: str = "stop") -> 
 
 def token_plan(
     tokens: list[str], *, fmt: str = "openai", delay: float = 0.0, finish: str = "stop",
-    hang_after: int | None = None,
+    hang_after: int | None = None, model: str | None = "fake",
 ) -> Plan:  # fmt: skip
-    """Stream ``tokens`` (each after ``delay``), optionally hanging after some."""
+    """Stream ``tokens`` (each after ``delay``), optionally hanging after
+    some; every chunk (line) names ``model`` (None: none does)."""
     steps: list[Step] = []
     for i, tok in enumerate(tokens):
         if hang_after is not None and i == hang_after:
             steps.append(Step(hang=True))
             break
-        data = openai_chunk(tok) if fmt == "openai" else ollama_line(tok)
+        data = openai_chunk(tok, model=model) if fmt == "openai" else ollama_line(tok, model=model)
         steps.append(Step(data, delay))
     else:
         if fmt == "openai":
-            steps.append(Step(openai_chunk(finish=finish)))
+            steps.append(Step(openai_chunk(finish=finish, model=model)))
             steps.append(Step(b"data: [DONE]\n\n"))
         else:
-            steps.append(Step(ollama_line(done=True, reason=finish)))
+            steps.append(Step(ollama_line(done=True, reason=finish, model=model)))
     return Plan(steps=steps, content_type="text/event-stream" if fmt == "openai" else
                 "application/x-ndjson")  # fmt: skip
 

@@ -52,6 +52,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 from types import TracebackType
+from typing import cast
 
 import trio
 
@@ -63,7 +64,7 @@ from ..logs import EventLogger
 from ..metrics import Metrics
 from ..shared import SharedState, SharedUnavailable
 from ..tracing import NO_SPAN, NO_TRACING, Span, Tracing
-from ..upstream import Item, Upstream
+from ..upstream import Item, ResponseModel, Upstream, UpstreamItem
 from ..wire.request import ChatRequest
 from ..wire.usage import Usage
 from .run import Run
@@ -73,13 +74,15 @@ from .spans import end_attempt_span
 class _Prepend:
     """The items an attempt read up to its first entry, then the rest of its
     stream: the rest is the member's own iterator, called directly (no
-    generator frame more per token)."""
+    generator frame more per token).  ``first`` holds no
+    :class:`ResponseModel` (:func:`_response_model` took it out), and the
+    rest has none (an adapter says it only before its first entry)."""
 
     __slots__ = ("_first", "_items")
 
-    def __init__(self, first: list[Item], items: AsyncIterator[Item]) -> None:
+    def __init__(self, first: list[Item], items: AsyncIterator[UpstreamItem]) -> None:
         self._first = first
-        self._items = items
+        self._items = cast(AsyncIterator[Item], items)
 
     def __aiter__(self) -> _Prepend:
         return self
@@ -94,18 +97,31 @@ async def _ready(item: Item) -> Item:
     return item
 
 
-async def _first_items(items: AsyncIterator[Item]) -> list[Item]:
+async def _first_items(items: AsyncIterator[UpstreamItem]) -> list[UpstreamItem]:
     """Read to the first entry or ``Finish`` (inclusive).  Raises
     :class:`UpstreamError` if the stream ends first.  Cancellation: a
     checkpoint; a ``Cancelled`` loses what was read (the attempt is over)."""
-    read: list[Item] = []
+    read: list[UpstreamItem] = []
     while True:
         item = await anext(items, None)
         if item is None:
             raise UpstreamError("The upstream ended the stream without finishing.")
         read.append(item)
-        if not isinstance(item, Usage):
+        if not isinstance(item, Usage | ResponseModel):
             return read
+
+
+def _response_model(first: list[UpstreamItem]) -> tuple[list[Item], str | None]:
+    """What an attempt read up to its first entry, without the upstream's
+    :class:`ResponseModel`; and that model's name (None if it named none)."""
+    model = None
+    items: list[Item] = []
+    for item in first:
+        if isinstance(item, ResponseModel):
+            model = item.name
+        else:
+            items.append(item)
+    return items, model
 
 
 def _retry_after(exc: UpstreamError) -> float | None:
@@ -255,14 +271,25 @@ class Routes:
             "trio_stream.upstream.member": name, "trio_stream.run.id": run.id,
         })  # fmt: skip
 
-    def _won(self, run: Run, lease: Lease, started: float) -> None:
-        """The attempt produced the run's first entry: H4, and the run is its member's."""
+    def _won(
+        self, run: Run, lease: Lease, started: float, span: Span, first: list[UpstreamItem]
+    ) -> list[Item]:
+        """The attempt produced the run's first entry: H4, and the run is its
+        member's.  The upstream's model (``first``'s :class:`ResponseModel`)
+        goes on the attempt's and the run's spans (``gen_ai.response.model``);
+        returns ``first`` without it, the items the reader gets first."""
         name = lease.member.name
         self.router.succeeded(lease)
         run.served_by = name
         run.span.event("first_token", {"trio_stream.upstream.member": name})
+        entries, model = _response_model(first)
+        if model is not None:
+            said = {"gen_ai.response.model": model}
+            span.set(said)
+            run.span.set(said)
         self.metrics.upstream_attempts.labels(name, "first_token").inc()
         self.metrics.upstream_ttft.labels(name).observe(trio.current_time() - started)
+        return entries
 
     def _failed(self, run: Run, lease: Lease, exc: UpstreamError, *, started: bool) -> Failure:
         """Record an attempt's failure on its member (H1-H3); its class."""
@@ -387,10 +414,10 @@ class Routes:
                             outcome = "hedge_lost"
                             return  # lost by a hair: leaving closes the connection
                         won = True
-                        self._won(run, lease, began)
+                        entries = self._won(run, lease, began, span, first)
                         if race.hedge is lease:
                             self.metrics.upstream_hedges.labels(name, "won").inc()
-                        race.win(lease, _Prepend(first, items))
+                        race.win(lease, _Prepend(entries, items))
                         await race.done.wait()  # the reader pumps this connection's items
                 if own is not None and own.cancelled_caught:
                     raise _no_first_token(lease)
@@ -436,7 +463,7 @@ class _Sequential:
         self._routes, self._run = routes, run
         self._span: Span = NO_SPAN
         self._lease: Lease | None = None
-        self._opened: AbstractAsyncContextManager[AsyncIterator[Item]] | None = None
+        self._opened: AbstractAsyncContextManager[AsyncIterator[UpstreamItem]] | None = None
 
     async def __aenter__(self) -> AsyncIterator[Item]:
         """Attempts until one produces a first entry (F1/B4).  Cancellation: a
@@ -456,8 +483,8 @@ class _Sequential:
                 with own or contextlib.nullcontext():
                     items = await opened.__aenter__()
                     entered = True
-                    first: list[Item] = []  # _first_items, inline: one frame less while idle
-                    while not first or isinstance(first[-1], Usage):
+                    first: list[UpstreamItem] = []  # _first_items, inline: a frame less idle
+                    while not first or isinstance(first[-1], Usage | ResponseModel):
                         item = await anext(items, None)
                         if item is None:
                             raise UpstreamError("The upstream ended the stream without finishing.")
@@ -483,8 +510,7 @@ class _Sequential:
                 last, failed = exc, lease
                 continue
             self._opened = opened
-            routes._won(run, lease, began)
-            return _Prepend(first, items)
+            return _Prepend(routes._won(run, lease, began, span, first), items)
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

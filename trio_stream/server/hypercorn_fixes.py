@@ -59,10 +59,28 @@ the new version still needs a fix.
      section 9.6: the server must not process further requests on such a
      connection, and closes it after the response.  The fixed connection
      discards those bytes, and the response ends before the close.
+   * **an answer that starts before the request's body has arrived.**  A
+     handler may answer before it reads the body (a 401 for a missing key,
+     a 404, a 405), and the body's bytes may not have arrived yet: a client
+     that wrote its head and its body separately (httpx does, with
+     ``TCP_NODELAY``) and was descheduled in between.  hypercorn then
+     closes the connection at the response's end (``_maybe_recycle``: the
+     client's side is not ``DONE``), but the response did not say so: the
+     client took the connection for a kept-alive one, sent its next request
+     on it and got "Server disconnected without sending a response" -- a
+     test failed so, now and then, on a loaded machine.  The fixed
+     connection adds ``Connection: close`` to a response that starts while
+     the request's body has not been read to its end (h11's peer state
+     ``SEND_BODY``: hypercorn may not have taken the rest out of its buffer
+     yet, and then closes all the same), so the close is announced (RFC 9112
+     section 9.6); a response to a request read to its end (``DONE``) is
+     sent as before, and its connection kept.  The check is made once per
+     response head (h11's ``_clean_up_response_headers_for_sending``), never
+     per body chunk.
 
    Without it ``tests/test_http1_framing.py`` fails;
    ``tests/test_hypercorn_fixes.py`` fails once hypercorn's own connection
-   no longer has either fault.
+   no longer has either of the first two faults.
 
 4. ``H11Protocol._send_error_response`` answers a request h11 refuses
    (malformed: 400, head over the cap: 431, an unsupported
@@ -208,12 +226,29 @@ original_send_error_response = _h11.H11Protocol._send_error_response
 
 
 class ServerH11Connection(h11.Connection):
-    """h11's server connection, with the two corrections of fix 3.
+    """h11's server connection, with the three corrections of fix 3.
 
-    Both are made where h11 takes the next event out of its receive buffer,
-    so that h11's own error handling (the peer's state becomes ``ERROR``,
-    ``RemoteProtocolError`` is raised to hypercorn) applies unchanged.
+    The first two are made where h11 takes the next event out of its receive
+    buffer, so that h11's own error handling (the peer's state becomes
+    ``ERROR``, ``RemoteProtocolError`` is raised to hypercorn) applies
+    unchanged; the third where h11 completes a response's head.
     """
+
+    def _clean_up_response_headers_for_sending(self, response: h11.Response) -> h11.Response:
+        if self.their_state is h11.SEND_BODY:
+            # The request's body is still arriving: hypercorn will close the
+            # connection after this response (it is not reusable), so say so.
+            tokens = {b"close"} | {
+                token.strip() for name, value in response.headers if name == b"connection"
+                for token in value.lower().split(b",")
+            } - {b"keep-alive", b""}  # fmt: skip
+            headers = [(n, v) for n, v in response.headers if n != b"connection"]
+            headers.append((b"connection", b", ".join(sorted(tokens))))
+            response = h11.Response(
+                headers=headers, status_code=response.status_code,
+                http_version=response.http_version, reason=response.reason,
+            )  # fmt: skip
+        return super()._clean_up_response_headers_for_sending(response)
 
     def _extract_next_receive_event(
         self,

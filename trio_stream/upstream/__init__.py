@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from ..config import Settings
 from ..config.members import MemberSpec
-from .base import Finish, Item, Upstream
+from .base import Finish, Item, ResponseModel, Upstream, UpstreamItem
 
-__all__ = ["Finish", "Item", "Upstream", "create_member", "create_upstream"]
+__all__ = [
+    "Finish", "Item", "ResponseModel", "Upstream", "UpstreamItem", "create_member",
+    "create_upstream",
+]  # fmt: skip
 
 
 def create_upstream(settings: Settings) -> Upstream:

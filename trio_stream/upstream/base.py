@@ -4,7 +4,11 @@ An :class:`Upstream` turns a :class:`~trio_stream.wire.request.ChatRequest` into
 async iterator of log entries (one per upstream chunk: a text-only ``str`` or
 a :class:`~trio_stream.core.log.Chunk`, see :mod:`trio_stream.core.log`) ended by one
 :class:`Finish`, with the upstream's token counts as a :class:`Usage` item
-wherever it reports them (before or after the ``Finish``).  Every adapter
+wherever it reports them (before or after the ``Finish``), and, before its
+first entry, at most one :class:`ResponseModel`: the model the upstream
+says answered (never after the first entry: the run's reader,
+:mod:`trio_stream.runs.routes`, takes it out of what it reads up to the first
+entry, so the reader's per-token loop never sees one).  Every adapter
 translates its transport's errors into
 :class:`~trio_stream.errors.UpstreamError` at this seam; ``trio.Cancelled``
 passes through untouched.
@@ -40,13 +44,27 @@ class Finish:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class ResponseModel:
+    """The model the upstream says is answering (its first chunk's
+    ``model``, Ollama's first line's): ``gen_ai.response.model`` in traces.
+    Yielded at most once, before the first entry."""
+
+    name: str
+
+
+#: What the run's reader gets (after :mod:`trio_stream.runs.routes`).
 Item = Entry | Finish | Usage
+#: What an adapter yields: an :data:`Item`, or one :class:`ResponseModel` first.
+UpstreamItem = Item | ResponseModel
 
 
 class Upstream(Protocol):
     name: str
 
-    def stream(self, request: ChatRequest) -> AbstractAsyncContextManager[AsyncIterator[Item]]:
+    def stream(
+        self, request: ChatRequest
+    ) -> AbstractAsyncContextManager[AsyncIterator[UpstreamItem]]:
         """Open one completion.  See the module docstring for cancellation."""
         ...
 

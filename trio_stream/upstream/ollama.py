@@ -17,7 +17,7 @@ from ..config import Settings
 from ..wire.request import ChatRequest
 from ..wire.sse import LineDecoder
 from ._http import get_json, make_client, make_pool
-from .base import Item
+from .base import UpstreamItem
 from .h1 import Response
 from .wire import StreamState, ollama_items
 
@@ -30,11 +30,13 @@ class OllamaUpstream:
         self.client = make_client(settings, settings.upstream_url, None)
         self.pool = make_pool(settings, settings.upstream_url, None)
 
-    def stream(self, request: ChatRequest) -> AbstractAsyncContextManager[AsyncIterator[Item]]:
+    def stream(
+        self, request: ChatRequest
+    ) -> AbstractAsyncContextManager[AsyncIterator[UpstreamItem]]:
         return self._stream(request)
 
     @asynccontextmanager
-    async def _stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[Item]]:
+    async def _stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[UpstreamItem]]:
         async with (
             self.pool.post(
                 "/api/chat", orjson.dumps(_body(request)), request.trace_headers
@@ -108,7 +110,7 @@ def _format(response_format: Any) -> Any:
     return None
 
 
-async def _items(response: Response) -> AsyncGenerator[Item, None]:
+async def _items(response: Response) -> AsyncGenerator[UpstreamItem, None]:
     lines = LineDecoder()
     state = StreamState()
     while raw := await response.read():

@@ -18,7 +18,7 @@ from ..config import Settings
 from ..wire.request import ChatRequest
 from ..wire.sse import SSEDataDecoder
 from ._http import get_json, make_client, make_pool
-from .base import Item
+from .base import UpstreamItem
 from .h1 import Response
 from .wire import DONE_BYTES, StreamState, openai_items
 
@@ -31,11 +31,13 @@ class OpenAIUpstream:
         self.client = make_client(settings, settings.upstream_url, settings.upstream_api_key)
         self.pool = make_pool(settings, settings.upstream_url, settings.upstream_api_key)
 
-    def stream(self, request: ChatRequest) -> AbstractAsyncContextManager[AsyncIterator[Item]]:
+    def stream(
+        self, request: ChatRequest
+    ) -> AbstractAsyncContextManager[AsyncIterator[UpstreamItem]]:
         return self._stream(request)
 
     @asynccontextmanager
-    async def _stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[Item]]:
+    async def _stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[UpstreamItem]]:
         body = request.upstream_body()  # stream_options with include_usage: usage comes
         async with (
             self.pool.post(
@@ -65,7 +67,7 @@ class OpenAIUpstream:
         await self.client.aclose()
 
 
-async def _items(response: Response) -> AsyncGenerator[Item, None]:
+async def _items(response: Response) -> AsyncGenerator[UpstreamItem, None]:
     """Items until ``[DONE]``; then the body is read to its end (and ignored),
     so that a completed response leaves its connection reusable."""
     decoder = SSEDataDecoder()

@@ -8,7 +8,10 @@
 Both map to the same items: one log entry per chunk or line (a ``str`` for a
 text-only one, else a :class:`~trio_stream.core.log.Chunk` carrying
 everything the upstream sent but ``id``/``created``/``model``: see
-:mod:`trio_stream.core.log`), one :class:`Finish`, and the upstream's
+:mod:`trio_stream.core.log`), one :class:`Finish`, the upstream's ``model``
+once, as a :class:`ResponseModel` before the stream's first entry (given a
+:class:`StreamState`; never on the text-only path, which costs nothing
+more), and the upstream's
 :class:`Usage` where it reports one (a malformed usage is not counted: it is
 advisory; it is still relayed as sent).  Anything else malformed raises
 :class:`UpstreamError` -- also a delta nested too deep to be encoded again
@@ -26,11 +29,11 @@ from typing import Any
 
 import orjson
 
-from ..core.log import REWRITTEN, Chunk
+from ..core.log import Chunk
 from ..errors import UpstreamError, UpstreamReported
 from ..wire.request import MAX_DEPTH, nested_too_deep
 from ..wire.usage import Usage
-from .base import Finish, Item
+from .base import Finish, ResponseModel, UpstreamItem
 
 DONE = "[DONE]"
 DONE_BYTES = b"[DONE]"
@@ -203,6 +206,8 @@ class StreamState:
     (:attr:`~trio_stream.core.log.RunLog.shape`), the first text-only
     chunk's body with its content blanked.  ``tool_called``: Ollama sent a
     tool call (its ``done_reason`` ``stop`` then reads ``tool_calls``).
+    ``started``: the stream's first entry was made (and its
+    :class:`ResponseModel` said, if the upstream named one).
     """
 
     __slots__ = ("key", "started", "tool_called")
@@ -210,10 +215,21 @@ class StreamState:
     def __init__(self) -> None:
         self.key: dict[str, Any] | None = None
         self.tool_called = False
-        self.started = False  # Ollama: its first line was read
+        self.started = False
 
 
-def openai_items(data: str | bytes | bytearray, shape: StreamState | None = None) -> list[Item]:
+def _opening(state: StreamState, model: Any, items: list[UpstreamItem]) -> list[UpstreamItem]:
+    """``items``, the stream's first entry's, after the upstream's ``model``
+    when it named one (a non-empty string: Azure's first chunk says ``""``)."""
+    state.started = True
+    if isinstance(model, str) and model:
+        return [ResponseModel(model), *items]
+    return items
+
+
+def openai_items(
+    data: str | bytes | bytearray, shape: StreamState | None = None
+) -> list[UpstreamItem]:
     """Items from one SSE ``data`` field of an OpenAI-compatible stream (the
     bytes of :class:`~trio_stream.wire.sse.SSEDataDecoder`, or a ``str``).
 
@@ -224,17 +240,21 @@ def openai_items(data: str | bytes | bytearray, shape: StreamState | None = None
     choice, is a protocol error (trio-stream asks for ``n = 1``).  A choice
     whose ``finish_reason`` is ``"error"`` is the upstream's error
     (:class:`UpstreamReported`, :func:`finish_error`), not a finish.
+    Given ``shape``, the chunk of the stream's first entry is preceded by
+    the upstream's ``model`` (:func:`_opening`).
     """
     chunk = _json(data, "chunk", replace=True)
-    for key in REWRITTEN:
-        chunk.pop(key, None)
+    model = chunk.pop("model", None)  # the REWRITTEN keys: kept out of the log
+    chunk.pop("id", None)
+    chunk.pop("created", None)
     raw_usage = chunk.get("usage")
     usage = None if raw_usage is None else Usage.from_openai(raw_usage)
     choices = chunk.get("choices")
     if not choices:
         if usage is None:
             return []  # nothing a client could use
-        return [Chunk(chunk), usage]  # a usage-only chunk
+        items: list[UpstreamItem] = [Chunk(chunk), usage]  # a usage-only chunk
+        return items if shape is None or shape.started else _opening(shape, model, items)
     if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
         raise UpstreamError("The upstream sent malformed choices", code="malformed_chunk")
     choice = choices[0]
@@ -260,7 +280,7 @@ def openai_items(data: str | bytes | bytearray, shape: StreamState | None = None
         if shape.key is None and reason is None and usage is None:
             shape.key = chunk
             entry = Chunk({**chunk, "choices": [{**choice, "delta": {"content": content}}]}, True)
-            return [entry]
+            return [entry] if shape.started else _opening(shape, model, [entry])
         if chunk == shape.key:
             return [content]
         delta["content"] = content
@@ -268,15 +288,17 @@ def openai_items(data: str | bytes | bytearray, shape: StreamState | None = None
         _check_tool_calls(delta["tool_calls"])
     if len(data) > 2 * MAX_DEPTH and nested_too_deep(chunk):
         raise _too_deep()
-    items: list[Item] = [Chunk(chunk)]
+    items = [Chunk(chunk)]
     if usage is not None:
         items.append(usage)
     if reason:
         items.append(Finish(str(reason)))
+    if shape is not None and not shape.started:
+        return _opening(shape, model, items)
     return items
 
 
-def ollama_items(line: bytes, state: StreamState | None = None) -> list[Item]:
+def ollama_items(line: bytes, state: StreamState | None = None) -> list[UpstreamItem]:
     """Items from one NDJSON line of Ollama's ``/api/chat`` stream.
 
     One line is one entry, in the OpenAI chunk shape (docs/api.md, Ollama):
@@ -288,7 +310,8 @@ def ollama_items(line: bytes, state: StreamState | None = None) -> list[Item]:
     ``arguments`` object as JSON text; the ``done`` line -> ``finish_reason``
     (``done_reason`` as sent, ``stop`` read as ``tool_calls`` after a tool
     call, as Ollama's OpenAI layer does) and ``usage`` from its counts.
-    A text-only line is a ``str``.
+    A text-only line is a ``str``.  Given ``state``, the first line's items
+    are preceded by its ``model`` (:func:`_opening`).
     """
     if not line.strip():
         return []
@@ -311,23 +334,25 @@ def ollama_items(line: bytes, state: StreamState | None = None) -> list[Item]:
         delta["tool_calls"] = [_ollama_call(i, c) for i, c in enumerate(calls)]
         if state is not None:
             state.tool_called = True
-    if state is not None and not state.started:
-        state.started = True
-        if isinstance(role := message.get("role"), str):
-            delta = {"role": role, **delta}  # the first chunk says who speaks, as OpenAI's does
+    first = state is not None and not state.started
+    if first and isinstance(role := message.get("role"), str):
+        delta = {"role": role, **delta}  # the first chunk says who speaks, as OpenAI's does
+    items: list[UpstreamItem]
     if not obj.get("done"):
-        if len(delta) == 1 and "content" in delta:
-            return [content]  # type: ignore[list-item]  # a str: checked above
-        return [Chunk.of(delta)]
-    reason = str(obj.get("done_reason") or "stop")
-    if reason == "stop" and state is not None and state.tool_called:
-        reason = "tool_calls"
-    chunk = Chunk.of(delta, reason)
-    items: list[Item] = [chunk]
-    if (usage := Usage.from_ollama(obj)) is not None:
-        chunk.body["usage"] = usage.chat()
-        items.append(usage)
-    items.append(Finish(reason))
+        text_only = len(delta) == 1 and "content" in delta
+        items = [content] if text_only else [Chunk.of(delta)]  # type: ignore[list-item]  # a str
+    else:
+        reason = str(obj.get("done_reason") or "stop")
+        if reason == "stop" and state is not None and state.tool_called:
+            reason = "tool_calls"
+        chunk = Chunk.of(delta, reason)
+        items = [chunk]
+        if (usage := Usage.from_ollama(obj)) is not None:
+            chunk.body["usage"] = usage.chat()
+            items.append(usage)
+        items.append(Finish(reason))
+    if first and state is not None:
+        return _opening(state, obj.get("model"), items)
     return items
 
 
