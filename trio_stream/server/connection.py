@@ -398,14 +398,16 @@ class LightTCPServer(TCPServer):
     async def protocol_send(self, event: Event) -> None:
         """hypercorn's, except that an HTTP/2 connection's bytes are written by
         ``transport.send_whole``: the send lock is then held across no schedule
-        point when the lock is free and the kernel takes the bytes at once.
+        point when the lock is free and the kernel takes the bytes at once
+        (its schedule point comes after the release).
         hypercorn's held it across two (the lock's and ``send_all``'s), and a
         held lock makes ``h2direct.DirectData`` decline: under load nearly
         every chunk took hypercorn's path (``h2direct``'s module docstring).
 
-        Cancellation: a checkpoint only when it waits (for the lock: then a
-        ``Cancelled`` writes nothing; or for the socket, shielded, bounded by
-        the stall deadline, as hypercorn's shielded ``send_all``).
+        Cancellation: a checkpoint, after the lock is released (a ``Cancelled``
+        while it waits for the lock writes nothing; a write that waits for
+        the socket is shielded, bounded by the stall deadline, as hypercorn's
+        shielded ``send_all``).
         """
         wrapper = getattr(self, "protocol", None)
         if not isinstance(event, RawData) or not isinstance(
@@ -424,6 +426,10 @@ class LightTCPServer(TCPServer):
             await self.protocol.handle(Closed())
         finally:
             lock.release()
+        # hypercorn's was always a schedule point, and its callers (the send
+        # task's loop, the read loop's handling) count on one: it stays,
+        # after the lock is released.
+        await trio.lowlevel.checkpoint()
 
     def _http_version(self) -> str:
         protocol = getattr(getattr(self, "protocol", None), "protocol", None)
