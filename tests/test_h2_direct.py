@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import h2.config
 import h2.connection
@@ -22,6 +22,8 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from hypercorn.protocol.h2 import StreamBuffer
+from hypercorn.trio.worker_context import EventWrapper
 
 from tests.conftest import running_server, tasks_living, waitable_server
 from trio_stream import Settings
@@ -79,6 +81,72 @@ def test_encode_declines_what_does_not_fit_and_changes_nothing() -> None:
     conn.send_headers(1, [(":status", "200")], end_stream=True)
     with pytest.raises(h2.exceptions.ProtocolError):
         h2direct.encode_data(conn, 1, b"x")
+
+
+class _Protocol:
+    """What ``DirectData`` and ``Flusher`` read of hypercorn's ``H2Protocol``: its
+    ``h2`` connection, its stream buffers (hypercorn's own ``StreamBuffer`` with
+    the trio worker's event class) and a task group that only records spawns."""
+
+    def __init__(self) -> None:
+        self.connection = _server_with_open_stream()
+        self.stream_buffers = {1: StreamBuffer(EventWrapper)}
+        self.closed = False
+        self.spawned: list[object] = []
+        self.task_group = self
+
+    def spawn(self, fn: object) -> None:
+        self.spawned.append(fn)
+
+
+def _direct(protocol: _Protocol, lock: trio.Lock) -> h2direct.DirectData:
+    async def broken() -> None:
+        raise AssertionError("nothing is written here")
+
+    link = transport.Link(cast(Any, None), lock, broken)
+    flusher = h2direct.Flusher(link, cast(Any, protocol))
+    return h2direct.DirectData(flusher, cast(Any, protocol), 1)
+
+
+async def test_bytes_left_in_hypercorns_buffer_go_first_with_the_next_chunk() -> None:
+    """A chunk declined while the send lock is held goes to hypercorn's
+    ``StreamBuffer`` (as the caller's ASGI send does).  The stream's next
+    chunk, with the lock free, takes those bytes along in front of its own,
+    in one DATA frame, and empties hypercorn's buffer with its events set (a
+    later ``drain()``, the end of the body, does not wait): the stream is back
+    on the direct path at once, in order, instead of declining for as long
+    as hypercorn's send task has not sent the buffer."""
+    protocol, lock = _Protocol(), trio.Lock()
+    direct = _direct(protocol, lock)
+    buffer = protocol.stream_buffers[1]
+    async with lock:
+        assert not await direct.send(b"one,")
+    assert protocol.connection.data_to_send() == b""  # declined: nothing encoded
+    await buffer.push(b"one,")  # where the caller's ASGI send puts it
+    assert await direct.send(b"two")
+    theirs = _server_with_open_stream()
+    theirs.send_data(1, b"one,two")
+    assert protocol.connection.data_to_send() == theirs.data_to_send()
+    assert buffer.buffer == b""
+    with trio.fail_after(1):  # its event is set: returns at its checkpoint
+        await buffer.drain()
+    assert len(protocol.spawned) == 1  # the flusher was woken (its task spawned)
+
+
+async def test_held_bytes_that_do_not_fit_with_the_chunk_stay_with_hypercorn() -> None:
+    """When hypercorn's buffered bytes and the chunk together exceed one
+    frame (or the window), the chunk is declined with nothing encoded and the
+    buffer untouched: it goes behind them through hypercorn's path."""
+    protocol, lock = _Protocol(), trio.Lock()
+    direct = _direct(protocol, lock)
+    buffer = protocol.stream_buffers[1]
+    window = protocol.connection.local_flow_control_window(1)
+    held = b"x" * (protocol.connection.max_outbound_frame_size - 2)
+    await buffer.push(held)  # below hypercorn's high water: push does not wait
+    assert not await direct.send(b"abc")
+    assert protocol.connection.data_to_send() == b""
+    assert bytes(buffer.buffer) == held
+    assert protocol.connection.local_flow_control_window(1) == window
 
 
 async def test_tls_records_written_without_send_all_are_read_in_order(tmp_path: Path) -> None:
@@ -206,6 +274,31 @@ async def test_streams_of_one_connection_share_writes(
             assert await tasks_living() == baseline
     assert counts.direct >= 20 * 30
     assert counts.writes < counts.direct
+
+
+async def test_streams_starting_together_all_stay_on_the_direct_path(
+    settings: Settings, tmp_path: Path, proto: str, counts: Counts
+) -> None:
+    """50 streams started at once on one connection, while hypercorn's send
+    task writes their heads and first chunks: not one later chunk is declined
+    (each stream's first and last chunks are hypercorn's by design, and never
+    reach ``DirectData.send``).  hypercorn's own ``protocol_send`` held the send
+    lock across its schedule points, so chunks that came while it wrote
+    found the lock held and took hypercorn's path -- under load nearly all of
+    them (docs/design.md section 15)."""
+    s, ctx = tls_context(tmp_path, settings) if proto == "tls" else (settings, None)
+    s = s.replace(mock_delay_ms=2)
+    with trio.fail_after(30):
+        async with (
+            running_server(s) as server,
+            open_h2_connection("127.0.0.1", server.port, ctx) as conn,
+        ):
+            streams = [(i, await post(conn, f"stream {i}", 30)) for i in range(50)]
+            for i, st in streams:
+                assert await st.response() == 200
+                assert await read_text(st) == (expected(f"stream {i}", 30), "[DONE]")
+    assert counts.direct > 50 * 20
+    assert counts.declined == 0
 
 
 async def test_small_window_stalled_stream_does_not_hold_its_sibling(

@@ -157,10 +157,12 @@ def main() -> None:
                     tokens = float(report["tokens"])
                     per = cpu / tokens * 1e6
                     results[proto].append(per)
+                    gap, ttft = report["gap_ms"], report["ttft_ms"]
                     print(
                         f"round {rnd} {proto:7s} {per:6.1f} µs/token  ({tokens:.0f} tokens, "
                         f"{report['events']} events, ok {report['requests']['ok']}, "
-                        f"gap p99 {report['gap_ms']['p99']:.0f} ms)",
+                        f"gap p50/p99 {gap['p50']:.0f}/{gap['p99']:.0f} ms, "
+                        f"TTFT p99 {ttft['p99']:.0f} ms, wall {report['wall_s']:.1f} s)",
                         flush=True,
                     )
                     if spy is not None:

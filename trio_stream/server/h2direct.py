@@ -14,26 +14,47 @@ stream's state -- into its outgoing buffer, and the connection's
 :class:`Flusher` is woken.  The flusher runs after every task of the current
 scheduler batch has run, so the frames of all the connection's streams that
 had data in that batch leave in one write (one TLS record run, over TLS),
-taken under hypercorn's send lock.  Whoever takes the send lock takes all of
+taken under hypercorn's send lock.  A chunk is encoded only while that lock
+is free: hypercorn's ``_flush`` takes ``h2``'s buffer *before* it waits for
+the lock, so a frame encoded while a write is under way could overtake
+bytes another task holds (measured: 1,000 streams lost and reordered
+events).  The lock is free most of the time only because
+``connection.LightTCPServer.protocol_send`` writes an HTTP/2 connection's
+bytes with :func:`~trio_stream.http.transport.send_whole`, holding the lock
+across no schedule point when the kernel takes them at once; hypercorn's
+own ``protocol_send`` held it across two (the lock's and ``send_all``'s),
+so under load -- its send task busy with the streams' first chunks --
+nearly every chunk found the lock held and took hypercorn's path (1,000
+streams on 10 connections, h2c, one run: 57,340 of 57,394 chunks declined
+for it), which kept the send task busy.  Whoever takes the send lock takes all of
 ``h2``'s outgoing buffer, in ``h2``'s order, and writes it before releasing
-the lock (hypercorn's ``_flush`` does the same), so frames never leave out of
-order, whoever writes them.
+the lock, so frames never leave out of order, whoever writes them.
 
 :meth:`DirectData.send` declines (returns False, having encoded nothing)
 whenever hypercorn's path must decide instead, and the caller then sends the
 chunk through ASGI:
 
-* the send lock is held (a write is under way: a client that stops reading
-  makes its streams wait in hypercorn's path, where the caller's stall
-  deadline applies), or :data:`PENDING_LIMIT` bytes wait for the flusher;
-* hypercorn holds unsent bytes of this stream (its ``StreamBuffer`` is not
-  empty: the chunk must go out after them), or the stream or the connection
-  is closed, reset or unknown to hypercorn;
+* the send lock is held (a write is under way, or waits: a client that
+  stops reading makes its streams wait in hypercorn's path, where the
+  caller's stall deadline applies), or :data:`PENDING_LIMIT` bytes wait for
+  the flusher;
+* the stream or the connection is closed, reset or unknown to hypercorn;
 * the chunk does not fit the flow-control window (stream's and
   connection's, as ``h2`` computes them) or one frame: hypercorn's path then
   waits for credit -- cancellably, so the caller's stall deadline applies --
   and splits frames.  A stream whose window is 0 waits there; its siblings
   keep writing directly, and a WINDOW_UPDATE resumes it through hypercorn.
+
+A chunk that took hypercorn's path leaves its bytes in the stream's
+``StreamBuffer`` until hypercorn's send task gets to them.  The next chunk
+that can go directly takes them along, in front of its own bytes in the same
+frame (when both fit the windows and one frame; else it too goes to
+hypercorn's buffer, behind them), so order is kept and a stream returns to
+the direct path at its next chunk.  Without that, under load -- the send
+task walking 100 streams a frame at a time, behind by more than the 50 ms
+between tokens -- a stream that fell back once found its buffer non-empty at
+every later chunk and stayed on hypercorn's path to its end
+(docs/design.md section 15).
 
 Same guarantees as :class:`~trio_stream.http.transport.DirectBody` on
 HTTP/1.1: a write goes out whole or the connection is closed (a write that
@@ -90,7 +111,7 @@ class Flusher:
 
     @property
     def busy(self) -> bool:
-        """Is a write of this connection under way (its send lock held)?"""
+        """Is a write of this connection under way, or waiting (its send lock held)?"""
         return self._link.lock.locked()
 
     def wake(self) -> None:
@@ -168,19 +189,28 @@ class DirectData:
         buffer = protocol.stream_buffers.get(sid)
         if (
             buffer is None
-            or buffer.buffer
             or protocol.closed
             or flusher.closed
             or flusher.pending > PENDING_LIMIT
             or flusher.busy
         ):
             return False
+        held = len(buffer.buffer)
+        # Bytes of an earlier chunk that took hypercorn's path and its send
+        # task has not sent yet go first, in the same frame: else the stream
+        # would stay on hypercorn's path for as long as that task is behind.
+        payload = bytes(buffer.buffer) + data if held else data
         try:
-            if not encode_data(protocol.connection, sid, data):
+            if not encode_data(protocol.connection, sid, payload):
                 return False
         except h2.exceptions.ProtocolError:
             return False  # hypercorn's path drops it (the stream or connection is closing)
-        flusher.pending += len(data) + FRAME_HEADER
+        if held:
+            # hypercorn's own pop: empties the buffer and sets its events
+            # (a later drain() returns).  Its bytes are in h2 already, so
+            # even a pop that waited could not reorder them.
+            await buffer.pop(held)
+        flusher.pending += len(payload) + FRAME_HEADER
         flusher.wake()
         return True
 
