@@ -6,6 +6,7 @@ fails the test that needs it, loudly: cluster mode is never skipped.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -37,6 +38,23 @@ class RedisServer:
     def start(self) -> None:
         """(Re)start it on the same port, empty, and wait until it answers."""
         self.process = _spawn(self.port, self.dir)
+
+
+@contextlib.contextmanager
+def hung_port() -> Iterator[int]:
+    """A port on 127.0.0.1 whose TCP connects hang: a listener that never
+    accepts, its backlog already filled.  A client's connect to it waits for
+    its own deadline (a Redis that is unreachable without refusing)."""
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket())
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # never accepts: once its queue is full, a connect hangs
+        port = int(listener.getsockname()[1])
+        for _ in range(4):
+            filler = stack.enter_context(socket.socket())
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        yield port
 
 
 def _free_port() -> int:

@@ -10,16 +10,14 @@ to pass; the arithmetic does not depend on the length.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
-import socket
 import time
 from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
 
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, hung_port
 from trio_stream.limits import Limiter, Limits, LimitsUnavailable, LocalLimiter
 from trio_stream.limits import redis as redis_mod
 from trio_stream.limits.base import BUCKETS, CALL_TIMEOUT, utc_day
@@ -258,15 +256,7 @@ async def test_redis_unreachable_fails_fast(own_redis: RedisServer, nursery: tri
         await limiter.charge("k", "m", 1, 1)
     assert trio.current_time() - start < CALL_TIMEOUT
     assert limiter._held == {}  # nothing left to renew: no slot held by a failed call
-    with contextlib.ExitStack() as stack:
-        listener = stack.enter_context(socket.socket())
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)  # never accepts: once its queue is full, a connect hangs
-        port = listener.getsockname()[1]
-        for _ in range(4):
-            filler = stack.enter_context(socket.socket())
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
+    with hung_port() as port:
         hung = RedisLimiter(f"redis://127.0.0.1:{port}/0", prefix="x:")
         await nursery.start(hung.run)
         start = trio.current_time()

@@ -8,10 +8,8 @@ it has one process by definition), each with its own owner.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import secrets
-import socket
 import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -20,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, hung_port
 from trio_stream.core.log import Chunk, Outcome, RunStatus
 from trio_stream.runs import Run
 from trio_stream.shared import LocalState, RunRecord, SharedState, SharedUnavailable
@@ -302,15 +300,7 @@ async def test_a_redis_connection_cut_while_connecting_leaves_nothing_unclosed()
     connection's six anyio memory streams unclosed, and each warns when
     collected -- under ``filterwarnings = error`` a failure of whichever test
     is running then (this is what a node stopped mid-connect did)."""
-    with contextlib.ExitStack() as stack:
-        listener = stack.enter_context(socket.socket())
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)  # never accepts: once its queue is full, a connect hangs
-        port = listener.getsockname()[1]
-        for _ in range(4):
-            filler = stack.enter_context(socket.socket())
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
+    with hung_port() as port:
         state = RedisState(f"redis://127.0.0.1:{port}/0", prefix="cut:")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ResourceWarning)
