@@ -117,3 +117,25 @@ def start_request(
 
     nursery.start_soon(run)
     return client
+
+
+Write = tuple[float, list[SSEEvent]]  # (virtual time of one body send, its events)
+
+
+def stamp_writes(client: MemoryClient) -> list[Write]:
+    """Record every non-empty body send of ``client`` with its time and events.
+
+    Must be called right after :func:`start_request`, before the test next
+    checkpoints (the app's task has not started, so it picks up this send).
+    """
+    writes: list[Write] = []
+    decoder = SSEDecoder()
+    inner = client._send
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            writes.append((trio.current_time(), decoder.feed(message["body"])))
+        await inner(message)
+
+    client._send = send  # type: ignore[method-assign]
+    return writes

@@ -5,7 +5,7 @@ that has stopped."""
 from __future__ import annotations
 
 import collections
-from collections.abc import AsyncGenerator, AsyncIterator, MutableMapping
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,14 +14,14 @@ import trio
 import trio.testing
 
 from tests.conftest import memory_app, tasks_living
-from tests.memasgi import MemoryClient, start_request
+from tests.memasgi import stamp_writes, start_request
 from trio_stream import Settings
 from trio_stream.http.service import Service
 from trio_stream.upstream import Item, mocktext
 from trio_stream.upstream.base import Finish
 from trio_stream.upstream.mock import MockUpstream
 from trio_stream.wire.request import ChatRequest
-from trio_stream.wire.sse import SSEDecoder, SSEEvent
+from trio_stream.wire.sse import SSEEvent
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "a burst"}]
@@ -66,21 +66,6 @@ async def app_with(
 ) -> AsyncIterator[tuple[Service, Any]]:
     async with memory_app(settings, upstream=upstream) as (service, app):
         yield service, app
-
-
-def stamp_writes(client: MemoryClient) -> list[tuple[float, list[SSEEvent]]]:
-    """Every non-empty body send of ``client``, with its time and events."""
-    writes: list[tuple[float, list[SSEEvent]]] = []
-    decoder = SSEDecoder()
-    inner = client._send
-
-    async def send(message: MutableMapping[str, Any]) -> None:
-        if message["type"] == "http.response.body" and message.get("body"):
-            writes.append((trio.current_time(), decoder.feed(message["body"])))
-        await inner(message)
-
-    client._send = send  # type: ignore[method-assign]
-    return writes
 
 
 def delta_ids(events: list[SSEEvent]) -> list[int]:

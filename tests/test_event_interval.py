@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -20,7 +20,7 @@ import trio
 import trio.testing
 
 from tests.conftest import RecordingUpstream, memory_app, tasks_living
-from tests.memasgi import MemoryClient, start_request
+from tests.memasgi import MemoryClient, Write, stamp_writes, start_request
 from trio_stream import Settings
 from trio_stream.errors import ConfigError
 from trio_stream.http.service import Service
@@ -28,7 +28,7 @@ from trio_stream.runs import Run
 from trio_stream.upstream import mocktext
 from trio_stream.upstream.mock import MockUpstream
 from trio_stream.wire.request import ChatRequest
-from trio_stream.wire.sse import SSEDecoder, SSEEvent
+from trio_stream.wire.sse import SSEEvent
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hold my tokens"}]
@@ -36,8 +36,6 @@ TOKENS = 100
 FULL = mocktext.expected_text(MESSAGES, TOKENS)
 TOKEN_GAP = 0.010  # the mock's gap: 100 tokens/s
 INTERVAL_MS = 50.0
-
-Write = tuple[float, list[SSEEvent]]  # (virtual time of one body send, its events)
 
 
 def body(**extra: Any) -> dict[str, Any]:
@@ -52,25 +50,6 @@ async def app_at(
     s = settings.replace(event_interval_ms=interval_ms, **changes)
     async with memory_app(s, upstream=upstream) as (service, app):
         yield service, app, upstream
-
-
-def stamp_writes(client: MemoryClient) -> list[Write]:
-    """Record every non-empty body send of ``client`` with its time and events.
-
-    Must be called right after :func:`start_request`, before the test next
-    checkpoints (the app's task has not started, so it picks up this send).
-    """
-    writes: list[Write] = []
-    decoder = SSEDecoder()
-    inner = client._send
-
-    async def send(message: MutableMapping[str, Any]) -> None:
-        if message["type"] == "http.response.body" and message.get("body"):
-            writes.append((trio.current_time(), decoder.feed(message["body"])))
-        await inner(message)
-
-    client._send = send  # type: ignore[method-assign]
-    return writes
 
 
 def is_delta(event: SSEEvent) -> bool:
