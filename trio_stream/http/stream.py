@@ -59,9 +59,10 @@ class Pinger:
         self._subs: OrderedDict[Subscriber, None] = OrderedDict()
         self._added = trio.Event()
 
-    def touch(self, sub: Subscriber) -> None:
-        """``sub`` sent something now (or starts): its next ping is due later."""
-        sub.last_sent = trio.current_time()
+    def touch(self, sub: Subscriber, now: float | None = None) -> None:
+        """``sub`` sent something at ``now`` (default: now), or starts: its next
+        ping is due later."""
+        sub.last_sent = trio.current_time() if now is None else now
         self._subs[sub] = None
         self._subs.move_to_end(sub)
         self._added.set()
@@ -233,9 +234,10 @@ class Subscriber:
             await self._send({"type": "http.response.body", "body": body, "more_body": more})
             self._body_started = True
         self.sending_since = None
-        if cut or trio.current_time() - since >= self.stall_timeout:
+        now = trio.current_time()
+        if cut or now - since >= self.stall_timeout:
             raise ClientStalled
-        self.pinger.touch(self)
+        self.pinger.touch(self, now)
 
     async def _start(self, status: int = 200, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         if not self.started:
@@ -291,7 +293,7 @@ class Subscriber:
         whole = False
         hold_until: float | None = None  # --event-interval-ms: the next event's earliest time
         while True:
-            if self._whole_ready():
+            if not self.started and self._whole_ready():
                 whole = True
                 break
             if hold_until is not None:
@@ -299,7 +301,8 @@ class Subscriber:
                 hold_until = None
             entries = [] if log.fenced else await self._backlog()
             if entries:
-                await self._start()
+                if not self.started:
+                    await self._start()
                 await self._send_body(self.render(entries, self.cursor + 1))
                 self.cursor += len(entries)
                 if self.drives_backpressure:

@@ -25,8 +25,10 @@ deadline bounds the raw socket writes of HTTP/1.1 and HTTP/2 alike.
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, Protocol, cast
@@ -224,21 +226,74 @@ async def send_whole(stream: GuardedStream | trio.SSLStream[Any], data: bytes) -
     await trio.lowlevel.checkpoint_if_cancelled()
 
 
+#: Connections :meth:`GuardedListener.accept` takes from the kernel's backlog
+#: per wake-up of the accepting task (the first one included).
+ACCEPT_BATCH = 64
+
+
 class GuardedListener(trio.abc.Listener[GuardedStream]):
+    """The accepted sockets as :class:`GuardedStream`\\ s, tracked by the guard,
+    taken from the kernel's backlog in batches.
+
+    ``trio.SocketListener.accept`` returns one connection per wake-up of the
+    accepting task (trio's ``accept`` ends with a schedule point), so under a
+    burst of new connections ``trio.serve_listeners`` took one per scheduler
+    batch -- a batch that also runs every other ready task: at 1,000 streams
+    the last of a burst waited about a thousand batches before its request
+    was even read (docs/design.md section 15).  Here, once a connection came
+    through the inner listener, up to ``ACCEPT_BATCH - 1`` more that are
+    already waiting are accepted at once, without blocking, and handed out
+    by the next calls without a checkpoint; the serving loop then starts
+    them all in the same step.  With ``--workers`` every worker does this on
+    the shared socket; a busy worker is woken later than an idle one, so the
+    idle one takes more of a burst.
+    """
+
     def __init__(self, inner: trio.SocketListener, guard: TransportGuard) -> None:
         self._inner = inner
         self._guard = guard
         self.socket = inner.socket
+        # The listening socket again (a duplicate descriptor of the same
+        # non-blocking socket), for the accepts that must not wait.
+        self._raw: socket.socket | None = socket.fromfd(
+            inner.socket.fileno(), inner.socket.family, inner.socket.type
+        )
+        self._raw.setblocking(False)
+        self._ready: deque[GuardedStream] = deque()
 
     async def accept(self) -> GuardedStream:
-        """Accept one connection, wrapped and tracked.  Cancellation: a checkpoint; a ``Cancelled``
-        accepts nothing.
+        """Accept one connection, wrapped and tracked.  Cancellation: a checkpoint, except when
+        a connection accepted by an earlier call is waiting (then it is returned at once); a
+        ``Cancelled`` accepts nothing.
         """
-        return self._guard.track(GuardedStream(await self._inner.accept(), self._guard))
+        if self._ready:
+            return self._ready.popleft()
+        stream = self._guard.track(GuardedStream(await self._inner.accept(), self._guard))
+        raw = self._raw
+        while raw is not None and len(self._ready) < ACCEPT_BATCH - 1:
+            try:
+                sock, _ = raw.accept()
+            except OSError:  # EAGAIN: none left; any other error: the next accept() meets it
+                break
+            trio_sock = trio.socket.from_stdlib_socket(sock)
+            self._ready.append(
+                self._guard.track(GuardedStream(trio.SocketStream(trio_sock), self._guard))
+            )
+        return stream
 
     async def aclose(self) -> None:
-        """The inner listener's.  Cancellation: closes it even when cancelled."""
-        await self._inner.aclose()
+        """The inner listener's, and the connections accepted but not handed out yet.
+        Cancellation: closes them all even when cancelled.
+        """
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
+        try:
+            while self._ready:
+                trio_sock = self._ready.popleft().socket
+                trio_sock.close()
+        finally:
+            await self._inner.aclose()
 
 
 class Link:

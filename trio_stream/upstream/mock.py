@@ -31,18 +31,13 @@ TICK = 0.001
 
 
 class _Sleeper:
-    """A heap entry of :class:`Ticker`: the task to wake at ``due``, or
-    ``None`` once its sleep was cancelled (the stale entry is popped later,
-    harmlessly).  Ordered by ``due``, then by arrival."""
+    """A sleeper of :class:`Ticker`: the task to wake, or ``None`` once its
+    sleep was cancelled (the stale entry is dropped when its tick comes)."""
 
-    __slots__ = ("count", "due", "task")
+    __slots__ = ("task",)
 
-    def __init__(self, due: float, count: int, task: trio.lowlevel.Task) -> None:
-        self.due, self.count = due, count
+    def __init__(self, task: trio.lowlevel.Task) -> None:
         self.task: trio.lowlevel.Task | None = task
-
-    def __lt__(self, other: _Sleeper) -> bool:
-        return (self.due, self.count) < (other.due, other.count)
 
     def abort(self, _: object) -> trio.lowlevel.Abort:
         self.task = None
@@ -53,26 +48,42 @@ class Ticker:
     """One timer for many sleepers: ``await ticker.sleep(d)`` wakes after at
     least ``d`` (rounded up to the next ``TICK``).  Cancellable.
 
-    A sleeper is one small heap entry and its task, parked directly (no
-    parking lot of its own): an idle mock stream sleeps here for its first
-    token, so this is part of every idle stream's memory.
+    Sleepers are kept in buckets, one list per tick number (a dict), and a
+    heap holds the tick numbers that have a bucket (plain ints, compared in
+    C): a sleep is a dict look-up and a list append, and only the first
+    sleeper of a tick pushes onto the heap.  (A heap of sleepers ordered by a
+    Python ``__lt__`` cost about 20 such calls per token at 1,000 streams,
+    and every sleep woke the ticker's parking lot: docs/design.md section
+    15.)  Within a tick, sleepers wake in the order they went to sleep.
+
+    A sleeper is one small object and its task, parked directly (no parking
+    lot of its own): an idle mock stream sleeps here for its first token, so
+    this is part of every idle stream's memory.
     """
 
     def __init__(self) -> None:
-        self._heap: list[_Sleeper] = []
-        self._count = 0
+        self._buckets: dict[int, list[_Sleeper]] = {}
+        self._ticks: list[int] = []  # a heap of the keys of _buckets
+        # The ticker waits here for a first tick, or for the earliest one to
+        # come; a sleep that makes a new earliest tick wakes it.
         self._added = trio.lowlevel.ParkingLot()
 
     async def sleep(self, delay: float) -> None:
         """Sleep until the first tick at or after ``delay`` from now.  Cancellation: a checkpoint;
-        a ``Cancelled`` removes this sleeper (its heap entry is skipped).
+        a ``Cancelled`` removes this sleeper (its entry is skipped).
         """
         # Round up to the tick, without float noise turning an exact tick late.
-        due = math.ceil((trio.current_time() + delay) / TICK - 1e-6) * TICK
-        self._count += 1
-        sleeper = _Sleeper(due, self._count, trio.lowlevel.current_task())
-        heapq.heappush(self._heap, sleeper)
-        self._added.unpark_all()
+        tick = math.ceil((trio.current_time() + delay) / TICK - 1e-6)
+        sleeper = _Sleeper(trio.lowlevel.current_task())
+        bucket = self._buckets.get(tick)
+        if bucket is None:
+            self._buckets[tick] = [sleeper]
+            ticks = self._ticks
+            heapq.heappush(ticks, tick)
+            if ticks[0] == tick and self._added:
+                self._added.unpark_all()
+        else:
+            bucket.append(sleeper)
         await trio.lowlevel.wait_task_rescheduled(sleeper.abort)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -82,19 +93,22 @@ class Ticker:
         one's own cancel scope still wakes it).
         """
         task_status.started()
-        heap = self._heap
+        ticks, buckets = self._ticks, self._buckets
+        reschedule = trio.lowlevel.reschedule
         while True:
-            if not heap:
+            if not ticks:
                 await self._added.park()
                 continue
-            due = heap[0].due
+            due = ticks[0] * TICK
             if due > trio.current_time():
-                await trio.sleep_until(due)
+                with trio.move_on_at(due):  # or a sleep for an earlier tick comes
+                    await self._added.park()
+                continue
             now = trio.current_time()
-            while heap and heap[0].due <= now:
-                task = heapq.heappop(heap).task
-                if task is not None:
-                    trio.lowlevel.reschedule(task)
+            while ticks and ticks[0] * TICK <= now:
+                for sleeper in buckets.pop(heapq.heappop(ticks)):
+                    if sleeper.task is not None:
+                        reschedule(sleeper.task)
 
 
 class MockUpstream:
