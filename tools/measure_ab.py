@@ -33,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -188,7 +189,7 @@ def main() -> None:
         rows.append(("sse-starlette", None))
     if a.profile is not None:
         a.profile.mkdir(parents=True, exist_ok=True)
-    work = Path(os.environ.get("TMPDIR", "/tmp")) / f"measure-ab-{os.getpid()}"
+    work = Path(tempfile.gettempdir()) / f"measure-ab-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     print("| row | round | server CPU µs/token | p99 delivery delay ms | p99 TTFT ms "
           "| p50 TTFT ms | tokens/s | ok | other % |")  # fmt: skip
