@@ -1,4 +1,5 @@
-"""Graceful shutdown of a real ``trio-stream serve`` process (issue 6, docs/api.md section 3.7).
+"""Graceful shutdown of a real ``trio-stream serve`` process (issue 6, docs/api.md section 3.7),
+and of the in-process server over HTTP/1.1, h2c and TLS+h2 (at the end).
 
 On SIGTERM/SIGINT new streams get 503, running ones get ``--graceful-timeout``,
 the rest are cancelled with reason ``shutdown`` and saved, and the process
@@ -34,7 +35,14 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import ServeProcess, serve_process
+from tests.conftest import (
+    RecordingStore,
+    ServeProcess,
+    serve_process,
+    tasks_living,
+    waitable_server,
+)
+from tests.protocols import PROTOCOLS, Exchange, open_client, serving
 from tools.fakes import FakeUpstream, Plan, token_plan
 from trio_stream import Settings
 from trio_stream.upstream import mocktext
@@ -313,3 +321,66 @@ async def test_run_that_ends_within_the_grace_period_completes(
     assert elapsed < grace
     (row,) = (await trio.to_thread.run_sync(saved_rows, db)).values()
     assert (row["status"], row["content"]) == ("complete", content_of(events))
+
+
+# -- in process, over each protocol ------------------------------------------------------
+
+
+async def body_of(exchange: Exchange) -> tuple[int, list[SSEEvent]]:
+    """The status and every remaining SSE event of ``exchange``."""
+    return await exchange.start(), await exchange.read_all()
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+async def test_graceful_shutdown_over_each_protocol(
+    settings: Settings, proto: str, tmp_path: Path
+) -> None:
+    """A graceful shutdown (in process, over HTTP/1.1, h2c and TLS+h2) with two
+    streams under way: a stream asked for once it has begun gets 503; the
+    stream that ends within --graceful-timeout completes ([DONE], saved once
+    as complete); the one that does not gets exactly the text that is saved
+    -- once, partial, reason shutdown -- then the shutdown error event, and no
+    [DONE]; the server is done within --graceful-timeout + 2 s, closes every
+    client connection itself, and leaves no task behind."""
+    s = serving(settings, proto, tmp_path).replace(mock_delay_ms=10, graceful_timeout=1.0)
+    store = RecordingStore(s.db)
+    baseline = await tasks_living()
+    with trio.fail_after(15):
+        async with (
+            waitable_server(s, store=store) as (server, logs),
+            open_client(server.port, proto) as client,
+        ):
+            long = await client.post(CHAT, chat("long", 5000))  # 50 s
+            short = await client.post(CHAT, chat("short", 40))  # 0.4 s
+            long_events = [await long.next_event()]
+            short_events = [await short.next_event()]
+            t0 = trio.current_time()
+            server.shutdown.set()
+            await logs.wait_for("shutdown_start")
+            late_status, _ = await body_of(await client.post(CHAT, chat("late", 5)))
+            short_status, rest = await body_of(short)
+            short_events += rest
+            long_status, rest = await body_of(long)
+            long_events += rest
+            await logs.wait_for("shutdown_complete")
+            took = trio.current_time() - t0
+            await client.wait_closed()
+    assert await tasks_living() == baseline
+    assert (late_status, short_status, long_status) == (503, 200, 200)
+    assert took < s.graceful_timeout + 2
+    (start,) = logs.events("shutdown_start")
+    assert (start["runs"], start["streams"]) == (2, 2)
+
+    events = [e for e in short_events if e is not None]
+    (saved,) = store.saves_of(short.headers["x-run-id"])
+    assert events[-1].data == "[DONE]"
+    assert content_of(events) == mocktext.expected_text(messages("short"), 40)
+    assert (saved.status, saved.content) == ("complete", content_of(events))
+
+    events = [e for e in long_events if e is not None]
+    (saved,) = store.saves_of(long.headers["x-run-id"])
+    assert shutdown_error(events[-1]), events[-1]
+    assert "[DONE]" not in {e.data for e in events}
+    assert (saved.status, saved.reason) == ("partial", "shutdown")
+    assert saved.content == content_of(events)
+    assert [r["trace"] for r in logs.events("stream_cancelled")] == [saved.run_id]
