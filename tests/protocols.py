@@ -87,7 +87,8 @@ class Exchange:
     """One request and its response, over whichever protocol.
 
     ``status`` and ``headers`` are set by :meth:`start`; :meth:`next_event`
-    gives the body's SSE events one by one (``None`` at its end).
+    gives the body's SSE events one by one (``None`` at its end), and
+    :attr:`events` keeps every one it gave.
     """
 
     def __init__(self, h1: RawClient | None = None, h2: H2Stream | None = None) -> None:
@@ -97,6 +98,7 @@ class Exchange:
         self._events: deque[SSEEvent] = deque()
         self._ended = False
         self.body = bytearray()
+        self.events: list[SSEEvent] = []
         self.status: int | None = None
         self.headers: dict[str, str] = {}
 
@@ -113,6 +115,12 @@ class Exchange:
 
     async def next_event(self) -> SSEEvent | None:
         """The next SSE event of the body; ``None`` once the body has ended."""
+        event = await self._next_event()
+        if event is not None:
+            self.events.append(event)
+        return event
+
+    async def _next_event(self) -> SSEEvent | None:
         await self.start()
         if self._h1 is not None:
             event = await self._h1.next_event()
