@@ -48,7 +48,7 @@ PINNED = {
     # send lock before any other task runs, while the send task pops a
     # stream's buffer and encodes it without a schedule point between, and
     # while stream_send / _create_stream keep stream_buffers per stream
-    # (stream_send is also fix 7 of hypercorn_fixes)
+    # (stream_send is also fix 7 of hypercorn_fixes, _send_data fix 8)
     "hypercorn.protocol.h2.H2Protocol._flush":
         "1a771e85178d124c6e2420e89ec750159929b76267fc07dd3d798bb6f72db77a",
     "hypercorn.protocol.h2.H2Protocol._send_data":
@@ -110,6 +110,7 @@ ORIGINALS = {
     "hypercorn.protocol.h2.H2Protocol._priority_updated": hypercorn_fixes.original_priority_updated,
     "hypercorn.protocol.h2.H2Protocol.initiate": hypercorn_fixes.original_initiate,
     "hypercorn.protocol.h2.H2Protocol.stream_send": hypercorn_fixes.original_stream_send,
+    "hypercorn.protocol.h2.H2Protocol._send_data": hypercorn_fixes.original_send_data,
 }
 
 
