@@ -167,11 +167,11 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h11
-import priority
 from hypercorn.events import Updated
 from hypercorn.protocol import h2 as _h2
 from hypercorn.protocol import h11 as _h11
 from hypercorn.protocol.events import StreamClosed
+from priority.priority import MissingStreamError
 
 from ..errors import error_body
 from ..logs import EventLogger
@@ -375,7 +375,7 @@ async def _send_data(self: Any, stream_id: int) -> None:
     if stream is not None and stream.closed and buffer is not None:
         await buffer.close()
         del self.stream_buffers[stream_id]
-        with contextlib.suppress(priority.MissingStreamError):
+        with contextlib.suppress(MissingStreamError):
             self.priority.remove_stream(stream_id)
         return
     await original_send_data(self, stream_id)
