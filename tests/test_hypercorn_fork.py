@@ -75,7 +75,7 @@ PINNED = {
         "0170ab8e4418dc0e900c10c9c2730196aecd78920db25aea967991657eed39c8",
     "hypercorn.trio.worker_context.TrioSingleTask.stop":
         "044ad384dfd2f56515809b3e0d347a6aabccd50237349b5ddc6a2fdcf5f25a19",
-    # replaced for the process by hypercorn_fixes (fixes 1 to 6)
+    # replaced for the process by hypercorn_fixes (fixes 1 to 6; 7 and 8 above)
     "hypercorn.protocol.h2.StreamBuffer.pop":
         "9eb73c8833891346cbd8658fdd2ac29da8336007abab40a711db857f9c7280e6",
     "hypercorn.protocol.h2.H2Protocol._handle_events":
