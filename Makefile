@@ -38,8 +38,9 @@ test: $(STAMP) services
 check: lint typecheck test
 
 # The stress suite at full size (1M tokens, 1K x 10K-character messages, 100K
-# create/cancel cycles): about 8 minutes on 2 cores, almost all of it the 100K
-# cycles.  One test: make stress ARGS='-k many_long_messages' (about 20 s).
+# create/cancel cycles; the messages and 25K cycles again over h2c): about 12
+# minutes on 2 cores, almost all of it the cycles.  One test:
+# make stress ARGS='-k many_long_messages' (about 20 s per protocol).
 # make check runs the same suite at CI size.
 stress: $(STAMP)
 	TRIO_STREAM_STRESS=full $(BIN)/pytest -q -p no:cacheprovider -m stress --durations=0 --durations-min=1 $(ARGS)

@@ -10,7 +10,6 @@ primitives (the servers' events and the pool's own awaits), never sleeps.
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,8 +18,8 @@ from functools import partial
 import h11
 import pytest
 import trio
-import trustme
 
+from tests.protocols import client_context, server_context
 from tools.fakes import FakeUpstream, Plan, Step, openai_chunk, token_plan
 from trio_stream.errors import UpstreamError, UpstreamReported
 from trio_stream.upstream.h1 import MAX_IDLE, Pool, Response
@@ -550,11 +549,7 @@ async def test_request_write_past_connect_timeout_is_a_timeout() -> None:
 async def test_https_upstream_with_reuse() -> None:
     """An https URL speaks TLS (certificate checked for the host) and pools
     its connections like plain HTTP."""
-    ca = trustme.CA()
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
-    client_ctx = ssl.create_default_context()
-    ca.configure_trust(client_ctx)
+    server_ctx, client_ctx = server_context(), client_context("http/1.1")
     server = RawServer(always)
     async with trio.open_nursery() as nursery:
         serve = partial(trio.serve_ssl_over_tcp, server.handle, 0, server_ctx, host="127.0.0.1")

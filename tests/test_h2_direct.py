@@ -9,7 +9,6 @@ only when its chunks are read).
 
 from __future__ import annotations
 
-import ssl
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,11 +20,11 @@ import orjson
 import pytest
 import trio
 import trio.testing
-import trustme
 from hypercorn.protocol.h2 import StreamBuffer
 from hypercorn.trio.worker_context import EventWrapper
 
 from tests.conftest import running_server, tasks_living, waitable_server
+from tests.protocols import client_context, h2_context, server_context, serving
 from trio_stream import Settings
 from trio_stream.http import transport
 from trio_stream.load.h2 import H2Connection, H2Stream, open_h2_connection
@@ -154,11 +153,7 @@ async def test_tls_records_written_without_send_all_are_read_in_order(tmp_path: 
     private ``SSLStream`` state) makes records the peer decrypts, interleaved
     with ``send_all``'s in order; it declines while the inner send lock is held.
     """
-    ca = trustme.CA()
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
-    client_ctx = ssl.create_default_context()
-    ca.configure_trust(client_ctx)
+    server_ctx, client_ctx = server_context(), client_context()
     a, b = trio.testing.memory_stream_pair()
     server = trio.SSLStream(a, server_ctx, server_side=True)
     client = trio.SSLStream(b, client_ctx, server_hostname="127.0.0.1")
@@ -181,22 +176,9 @@ async def test_tls_records_written_without_send_all_are_read_in_order(tmp_path: 
 # --- over real sockets: h2c and TLS ------------------------------------------------------
 
 
-@pytest.fixture(params=["h2c", "tls"])
+@pytest.fixture(params=["h2c", "h2tls"])
 def proto(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-def tls_context(tmp_path: Path, settings: Settings) -> tuple[Settings, ssl.SSLContext]:
-    """``settings`` with a throwaway certificate, and a client context trusting it (ALPN h2)."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
-    certfile.write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems))
-    cert.private_key_pem.write_to_path(str(keyfile))
-    ctx = ssl.create_default_context()
-    ca.configure_trust(ctx)
-    ctx.set_alpn_protocols(["h2"])
-    return settings.replace(certfile=str(certfile), keyfile=str(keyfile)), ctx
 
 
 def body(content: str, max_tokens: int) -> dict[str, Any]:
@@ -260,7 +242,7 @@ async def test_streams_of_one_connection_share_writes(
     every chunk after the first went the direct way, in fewer writes than
     chunks (the frames of streams whose tokens came in the same scheduler
     batch left together), and no task is left once the connection closes."""
-    s, ctx = tls_context(tmp_path, settings) if proto == "tls" else (settings, None)
+    s, ctx = serving(settings, proto, tmp_path), h2_context(proto)
     s = s.replace(mock_delay_ms=20)
     with trio.fail_after(20):
         async with running_server(s) as server:
@@ -286,7 +268,7 @@ async def test_streams_starting_together_all_stay_on_the_direct_path(
     lock across its schedule points, so chunks that came while it wrote
     found the lock held and took hypercorn's path -- under load nearly all of
     them (docs/design.md section 15)."""
-    s, ctx = tls_context(tmp_path, settings) if proto == "tls" else (settings, None)
+    s, ctx = serving(settings, proto, tmp_path), h2_context(proto)
     s = s.replace(mock_delay_ms=2)
     with trio.fail_after(30):
         async with (
@@ -309,7 +291,7 @@ async def test_small_window_stalled_stream_does_not_hold_its_sibling(
     reading the stalled one credits its window (WINDOW_UPDATE) and it too
     arrives whole, in order -- its chunks went the direct way while they fit,
     and through hypercorn's flow-controlled path when they did not."""
-    s, ctx = tls_context(tmp_path, settings) if proto == "tls" else (settings, None)
+    s, ctx = serving(settings, proto, tmp_path), h2_context(proto)
     s = s.replace(mock_delay_ms=1)
     with trio.fail_after(20):
         async with (
@@ -342,7 +324,7 @@ async def test_reset_stream_spares_its_siblings(
     """Resetting 5 of 10 streams mid-stream on one connection cancels their
     runs (client_disconnect); the other 5 finish with the exact text while the
     direct path writes for them, and the connection serves a new stream."""
-    s, ctx = tls_context(tmp_path, settings) if proto == "tls" else (settings, None)
+    s, ctx = serving(settings, proto, tmp_path), h2_context(proto)
     s = s.replace(mock_delay_ms=5)
     with trio.fail_after(20):
         async with running_server(s) as server:
@@ -378,7 +360,7 @@ async def test_graceful_shutdown_ends_every_stream_with_the_shutdown_event(
     goes out after every direct chunk), and the server is done within
     --graceful-timeout + 2 s.  Without hypercorn_fixes fix 7 the last stream
     of the connection often got GOAWAY without its END_STREAM."""
-    s, ctx = tls_context(tmp_path, settings) if proto == "tls" else (settings, None)
+    s, ctx = serving(settings, proto, tmp_path), h2_context(proto)
     s = s.replace(mock_delay_ms=10, graceful_timeout=0.5)
     with trio.fail_after(15):
         async with (

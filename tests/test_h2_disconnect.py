@@ -28,6 +28,7 @@ import h2.config
 import h2.connection
 import h2.events
 import orjson
+import pytest
 import trio
 import trio.testing
 from hypercorn.app_wrappers import ASGIWrapper
@@ -39,6 +40,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
 from tests.conftest import running_server, tasks_living
+from tests.protocols import client_context, serving
 from trio_stream import Settings
 from trio_stream.server.connection import AppInbox, LightTaskGroup
 
@@ -50,15 +52,21 @@ TOLD_BOUND = 5.0  # seconds for every run of the closed connections to end (real
 ROUNDS = 2  # of the five connections: before the fix, one round left streams open 9 times in 11
 
 
-async def open_streams_then_reset(port: int, k: int, ready: trio.Event) -> None:
-    """One h2c connection: STREAMS streaming chat completions, then -- as soon
-    as the first response head arrives, while the server is writing the
-    others' -- a TCP reset (``SO_LINGER`` 0), with the rest unread."""
+async def open_streams_then_reset(port: int, k: int, ready: trio.Event, proto: str) -> None:
+    """One HTTP/2 connection (h2c, or TLS with ALPN h2): STREAMS streaming chat
+    completions, then -- as soon as the first response head arrives, while the
+    server is writing the others' -- a TCP reset (``SO_LINGER`` 0), with the
+    rest unread (over TLS without ``close_notify``)."""
     sock = trio.socket.socket()
     try:
         await sock.connect(("127.0.0.1", port))
+        stream: trio.abc.Stream = trio.SocketStream(sock)
+        if proto == "h2tls":
+            stream = trio.SSLStream(stream, client_context(), server_hostname="127.0.0.1")
+            await stream.do_handshake()
         client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         client.initiate_connection()
+        scheme = "https" if proto == "h2tls" else "http"
         for i in range(STREAMS):
             body = orjson.dumps({
                 "model": "m", "messages": [{"role": "user", "content": f"c{k} s{i}"}],
@@ -66,15 +74,15 @@ async def open_streams_then_reset(port: int, k: int, ready: trio.Event) -> None:
             })  # fmt: skip
             stream_id = client.get_next_available_stream_id()
             client.send_headers(stream_id, [
-                (":method", "POST"), (":path", CHAT), (":scheme", "http"), (":authority", "x"),
+                (":method", "POST"), (":path", CHAT), (":scheme", scheme), (":authority", "x"),
                 ("content-type", "application/json"), ("content-length", str(len(body))),
             ])  # fmt: skip
             client.send_data(stream_id, body, end_stream=True)
-        await sock.send(client.data_to_send())
+        await stream.send_all(client.data_to_send())
         await ready.wait()  # every connection's requests are on the wire
         headed = False
         while not headed:
-            data = await sock.recv(65536)
+            data = await stream.receive_some(65536)
             assert data, "the server closed first"
             events = client.receive_data(data)
             headed = any(isinstance(e, h2.events.ResponseReceived) for e in events)
@@ -83,15 +91,18 @@ async def open_streams_then_reset(port: int, k: int, ready: trio.Event) -> None:
         sock.close()
 
 
-async def test_every_stream_of_five_reset_connections_ends_as_a_disconnect(tmp_path: Path) -> None:
-    """Five h2c connections with 100 streaming runs each (300 tokens 300 ms
+@pytest.mark.parametrize("proto", ["h2c", "h2tls"])
+async def test_every_stream_of_five_reset_connections_ends_as_a_disconnect(
+    tmp_path: Path, proto: str
+) -> None:
+    """Five HTTP/2 connections (h2c, or TLS+h2) with 100 streaming runs each (300 tokens 300 ms
     apart: a minute and a half each) are reset by the client while their
     response heads are being written, twice over.  Each time all 500 runs end
     at once (within TOLD_BOUND) as ``client_disconnect``, none as
     ``client_stalled``, and no task is left.  (Before the fix, a round of five
     connections left 2-5 of its 500 streams open in 9 runs of 11: their
     watchers were never told.)"""
-    s = Settings(port=0, db=str(tmp_path / "t.db"), mock_delay_ms=300)
+    s = serving(Settings(port=0, db=str(tmp_path / "t.db"), mock_delay_ms=300), proto, tmp_path)
     async with running_server(s) as server:
         baseline = await tasks_living()
         for n in range(1, ROUNDS + 1):
@@ -99,7 +110,7 @@ async def test_every_stream_of_five_reset_connections_ends_as_a_disconnect(tmp_p
             with trio.fail_after(10):
                 async with trio.open_nursery() as nursery:
                     for k in range(CONNECTIONS):
-                        nursery.start_soon(open_streams_then_reset, server.port, k, ready)
+                        nursery.start_soon(open_streams_then_reset, server.port, k, ready, proto)
                     await trio.testing.wait_all_tasks_blocked()
                     ready.set()
             with trio.move_on_after(TOLD_BOUND):

@@ -10,7 +10,9 @@ against an h2 client), and in ``tests/test_body_timeout.py`` on a real server;
 the fixed ``H11Protocol`` connection here, in memory, and with the fixed
 error answer in ``tests/test_http1_framing.py`` on a real server;
 the fixed ``_priority_updated`` and ``initiate`` here, in memory, and in
-``tests/test_h2_frames.py`` on a real server.
+``tests/test_h2_frames.py`` on a real server; the fixed ``_send_data`` here,
+in memory, and in the stress suite's h2c create/cancel cycles
+(``tests/test_stress.py``).
 """
 
 from __future__ import annotations
@@ -83,8 +85,16 @@ async def test_canary_hypercorn_pop_still_resumes_a_writer_on_a_zero_byte_pop() 
 
 async def app(scope: Any, receive: Any, send: Any) -> None:
     """``/refuse`` answers 413 at once without reading the body (as trio-stream
-    does for a Content-Length over --max-body-bytes); any other path reads the
-    whole body and answers 200 with it (or nothing, if the client goes)."""
+    does for a Content-Length over --max-body-bytes); ``/hold`` answers 200
+    with one chunk and then waits for the client to go, never ending its
+    body (a long answer); any other path reads the whole body and answers 200
+    with it (or nothing, if the client goes)."""
+    if scope["path"] == "/hold":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"held", "more_body": True})
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        return
     body, more = b"", scope["path"] != "/refuse"
     while more:
         message = await receive()
@@ -279,6 +289,53 @@ async def test_priority_frames_are_ignored_and_streams_are_still_served() -> Non
         assert list(w.protocol.priority._streams) == [0]  # the tree's root only
 
 
+# -- H2Protocol._send_data: a stream the client reset ------------------------------------
+
+
+async def held_then_reset(w: Wire) -> None:
+    """Stream 1: ``/hold`` answers with a chunk (the send task sent it, then
+    blocked the stream, its buffer empty); then the client resets it."""
+    w.client.send_headers(1, [(":method", "GET"), (":path", "/hold"), (":scheme", "http"),
+                              (":authority", "x")], end_stream=True)  # fmt: skip
+    await w.exchange()
+    assert w.response(1) == (200, b"held")
+    w.client.reset_stream(1)
+    await w.exchange()
+    assert 1 not in w.protocol.streams  # the app was told and has returned
+
+
+async def test_canary_hypercorn_send_data_still_keeps_a_reset_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """hypercorn's own H2Protocol._send_data (unpatched) still has the bug the
+    fix exists for: a stream the client reset, reached by the send task while
+    h2 still holds it (closed), is blocked again and stays in the priority
+    tree and the stream buffers for good -- one more leak per reset, until
+    the tree refuses its 1,001st stream.  If this fails, hypercorn fixed it:
+    drop the fix (or re-pin FIXED_VERSION)."""
+    original = hypercorn_fixes.original_send_data
+    assert original.__module__ == "hypercorn.protocol.h2"
+    monkeypatch.setattr(H2Protocol, "_send_data", original)
+    async with wire() as w:
+        await held_then_reset(w)
+        assert 1 in w.protocol.stream_buffers
+        assert list(w.protocol.priority._streams) == [0, 1]
+
+
+@pytest.mark.usefixtures("fixed")
+async def test_a_reset_stream_leaves_neither_buffer_nor_tree_node() -> None:
+    """With the fix, a stream the client reset while hypercorn still tracked
+    it is dropped by the send task: no buffer and no priority tree node is
+    left (the tree holds its root only), and the connection serves the next
+    stream."""
+    async with wire() as w:
+        await held_then_reset(w)
+        assert w.protocol.stream_buffers == {}
+        assert list(w.protocol.priority._streams) == [0]
+        await w.post(3, "/echo", b"next")
+        assert w.response(3) == (200, b"next")
+
+
 # -- H2Protocol.initiate: the idle timer of an h2c connection by prior knowledge ---------
 
 
@@ -349,12 +406,13 @@ def test_fix_is_not_applied_to_another_hypercorn_version(monkeypatch: pytest.Mon
     assert H2Protocol._priority_updated is hypercorn_fixes.original_priority_updated
     assert H2Protocol.initiate is hypercorn_fixes.original_initiate
     assert H2Protocol.stream_send is hypercorn_fixes.original_stream_send
+    assert H2Protocol._send_data is hypercorn_fixes.original_send_data
     assert not hypercorn_fixes.applied()
     records = sink.events("hypercorn_fix_skipped")
     assert [r["fix"] for r in records] == [
         "StreamBuffer.pop", "H2Protocol._handle_events", "H11Protocol.__init__",
         "H11Protocol._send_error_response", "H2Protocol._priority_updated",
-        "H2Protocol.initiate", "H2Protocol.stream_send",
+        "H2Protocol.initiate", "H2Protocol.stream_send", "H2Protocol._send_data",
     ]  # fmt: skip
     for record in records:
         assert (record["hypercorn"], record["written_for"]) == (
@@ -378,6 +436,7 @@ def test_fix_is_applied_to_its_hypercorn_version(monkeypatch: pytest.MonkeyPatch
     assert H2Protocol._priority_updated is not hypercorn_fixes.original_priority_updated
     assert H2Protocol.initiate is not hypercorn_fixes.original_initiate
     assert H2Protocol.stream_send is not hypercorn_fixes.original_stream_send
+    assert H2Protocol._send_data is not hypercorn_fixes.original_send_data
     assert not sink.records
 
 
@@ -392,6 +451,7 @@ def unpatch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(H2Protocol, "_priority_updated", hypercorn_fixes.original_priority_updated)
     monkeypatch.setattr(H2Protocol, "initiate", hypercorn_fixes.original_initiate)
     monkeypatch.setattr(H2Protocol, "stream_send", hypercorn_fixes.original_stream_send)
+    monkeypatch.setattr(H2Protocol, "_send_data", hypercorn_fixes.original_send_data)
 
 
 # -- H11Protocol: the head cap, bytes after the last request, the error body -----------

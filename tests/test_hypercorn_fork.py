@@ -48,7 +48,7 @@ PINNED = {
     # send lock before any other task runs, while the send task pops a
     # stream's buffer and encodes it without a schedule point between, and
     # while stream_send / _create_stream keep stream_buffers per stream
-    # (stream_send is also fix 7 of hypercorn_fixes)
+    # (stream_send is also fix 7 of hypercorn_fixes, _send_data fix 8)
     "hypercorn.protocol.h2.H2Protocol._flush":
         "1a771e85178d124c6e2420e89ec750159929b76267fc07dd3d798bb6f72db77a",
     "hypercorn.protocol.h2.H2Protocol._send_data":
@@ -75,7 +75,7 @@ PINNED = {
         "0170ab8e4418dc0e900c10c9c2730196aecd78920db25aea967991657eed39c8",
     "hypercorn.trio.worker_context.TrioSingleTask.stop":
         "044ad384dfd2f56515809b3e0d347a6aabccd50237349b5ddc6a2fdcf5f25a19",
-    # replaced for the process by hypercorn_fixes (fixes 1 to 6)
+    # replaced for the process by hypercorn_fixes (fixes 1 to 6; 7 and 8 above)
     "hypercorn.protocol.h2.StreamBuffer.pop":
         "9eb73c8833891346cbd8658fdd2ac29da8336007abab40a711db857f9c7280e6",
     "hypercorn.protocol.h2.H2Protocol._handle_events":
@@ -110,6 +110,7 @@ ORIGINALS = {
     "hypercorn.protocol.h2.H2Protocol._priority_updated": hypercorn_fixes.original_priority_updated,
     "hypercorn.protocol.h2.H2Protocol.initiate": hypercorn_fixes.original_initiate,
     "hypercorn.protocol.h2.H2Protocol.stream_send": hypercorn_fixes.original_stream_send,
+    "hypercorn.protocol.h2.H2Protocol._send_data": hypercorn_fixes.original_send_data,
 }
 
 

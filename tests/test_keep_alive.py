@@ -19,7 +19,6 @@ measured exactly.
 
 from __future__ import annotations
 
-import ssl
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +27,11 @@ import orjson
 import pytest
 import trio
 import trio.testing
-import trustme
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.worker_context import TrioSingleTask
 
 from tests.conftest import running_server, tasks_living
+from tests.protocols import client_context, with_tls
 from trio_stream import Settings
 from trio_stream.http import transport as transport_mod
 from trio_stream.http.transport import DirectBody
@@ -98,20 +97,6 @@ class Client:
         assert isinstance(event, h11.ConnectionClosed), event
 
 
-def tls_settings(settings: Settings, tmp_path: Path) -> tuple[Settings, ssl.SSLContext]:
-    """``settings`` serving TLS with a fresh CA's certificate, and a client
-    context that trusts it and offers only HTTP/1.1."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
-    certfile.write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems))
-    cert.private_key_pem.write_to_path(str(keyfile))
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    context.set_alpn_protocols(["http/1.1"])
-    return settings.replace(certfile=str(certfile), keyfile=str(keyfile)), context
-
-
 def test_the_documented_keep_alive_timeout_is_configured() -> None:
     """The figure these tests hold the server to is the one it is given."""
     assert hypercorn_config(Settings()).keep_alive_timeout == KEEP_ALIVE
@@ -141,7 +126,7 @@ async def test_idle_keep_alive_connection_closes_after_every_response(
     monkeypatch.setattr(transport_mod.DirectBody, "send", counting)
     context = None
     if tls:
-        settings, context = tls_settings(settings, tmp_path)
+        settings, context = with_tls(settings, tmp_path), client_context("http/1.1")
     store = open_store(settings.db, threaded=False)  # no thread: the clock may jump
     async with running_server(settings, store=store) as server:
         stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", server.port)
@@ -226,7 +211,7 @@ async def test_connection_the_client_closes_is_released_at_once(
     clock: all tasks blocked must already mean "released".)"""
     context = None
     if tls:
-        settings, context = tls_settings(settings, tmp_path)
+        settings, context = with_tls(settings, tmp_path), client_context("http/1.1")
     with trio.fail_after(10):
         async with running_server(settings) as server:
             baseline = await tasks_living()

@@ -1,4 +1,5 @@
-"""Graceful shutdown of a real ``trio-stream serve`` process (issue 6, docs/api.md section 3.7).
+"""Graceful shutdown of a real ``trio-stream serve`` process (issue 6, docs/api.md section 3.7),
+and of the in-process server over HTTP/1.1, h2c and TLS+h2 (at the end).
 
 On SIGTERM/SIGINT new streams get 503, running ones get ``--graceful-timeout``,
 the rest are cancelled with reason ``shutdown`` and saved, and the process
@@ -34,7 +35,14 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import ServeProcess, serve_process
+from tests.conftest import (
+    RecordingStore,
+    ServeProcess,
+    serve_process,
+    tasks_living,
+    waitable_server,
+)
+from tests.protocols import PROTOCOLS, Exchange, open_client, serving
 from tools.fakes import FakeUpstream, Plan, token_plan
 from trio_stream import Settings
 from trio_stream.upstream import mocktext
@@ -313,3 +321,69 @@ async def test_run_that_ends_within_the_grace_period_completes(
     assert elapsed < grace
     (row,) = (await trio.to_thread.run_sync(saved_rows, db)).values()
     assert (row["status"], row["content"]) == ("complete", content_of(events))
+
+
+# -- in process, over each protocol ------------------------------------------------------
+
+
+async def body_of(exchange: Exchange) -> tuple[int, list[SSEEvent]]:
+    """The status and every remaining SSE event of ``exchange``."""
+    return await exchange.start(), await exchange.read_all()
+
+
+LONGS = 5  # streams cut by the shutdown: on HTTP/2 the last of them to end closes the connection
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+async def test_graceful_shutdown_over_each_protocol(
+    settings: Settings, proto: str, tmp_path: Path
+) -> None:
+    """A graceful shutdown (in process, over HTTP/1.1, h2c and TLS+h2) with six
+    streams under way (on HTTP/2 all on one connection): a stream asked for
+    once it has begun gets 503; the stream that ends within
+    --graceful-timeout completes ([DONE], saved once as complete); each of
+    the five that do not gets exactly the text that is saved -- once,
+    partial, reason shutdown -- then the shutdown error event, and no [DONE];
+    the server is done within --graceful-timeout + 2 s, closes every client
+    connection itself, and leaves no task behind."""
+    s = serving(settings, proto, tmp_path).replace(mock_delay_ms=10, graceful_timeout=1.0)
+    store = RecordingStore(s.db)
+    baseline = await tasks_living()
+    with trio.fail_after(15):
+        async with (
+            waitable_server(s, store=store) as (server, logs),
+            open_client(server.port, proto) as client,
+        ):
+            longs = [await client.post(CHAT, chat(f"long {i}", 5000)) for i in range(LONGS)]
+            short = await client.post(CHAT, chat("short", 40))  # 0.4 s
+            for exchange in [*longs, short]:
+                assert await exchange.next_event() is not None  # under way
+            t0 = trio.current_time()
+            server.shutdown.set()
+            await logs.wait_for("shutdown_start")
+            late_status, _ = await body_of(await client.post(CHAT, chat("late", 5)))
+            answers = [await body_of(exchange) for exchange in [short, *longs]]
+            await logs.wait_for("shutdown_complete")
+            took = trio.current_time() - t0
+            await client.wait_closed()
+    assert await tasks_living() == baseline
+    assert (late_status, [status for status, _ in answers]) == (503, [200] * (1 + LONGS))
+    assert took < s.graceful_timeout + 2
+    (start,) = logs.events("shutdown_start")
+    assert (start["runs"], start["streams"]) == (1 + LONGS, 1 + LONGS)
+
+    events = short.events
+    (saved,) = store.saves_of(short.headers["x-run-id"])
+    assert events[-1].data == "[DONE]"
+    assert content_of(events) == mocktext.expected_text(messages("short"), 40)
+    assert (saved.status, saved.content) == ("complete", content_of(events))
+
+    for long in longs:
+        events = long.events
+        (saved,) = store.saves_of(long.headers["x-run-id"])
+        assert shutdown_error(events[-1]), events[-1]
+        assert "[DONE]" not in {e.data for e in events}
+        assert (saved.status, saved.reason) == ("partial", "shutdown")
+        assert saved.content == content_of(events)
+    cancelled = {r["trace"] for r in logs.events("stream_cancelled")}
+    assert cancelled == {long.headers["x-run-id"] for long in longs}

@@ -1,5 +1,5 @@
-"""Stalled clients (docs/api.md section 3.6), over real sockets, on HTTP/1.1 and HTTP/2
-(h2c, and -- for the cut and the shutdown -- h2 by ALPN over TLS).
+"""Stalled clients (docs/api.md section 3.6), over real sockets, on HTTP/1.1, h2c and
+h2 by ALPN over TLS (``tests/protocols.py``).
 
 A client that stops reading is cut after ``--stall-timeout`` (reason
 ``client_stalled``) and its upstream connection is closed; and neither a
@@ -18,13 +18,15 @@ The upstream is a :class:`~tools.fakes.FakeUpstream` that streams 1 KB tokens
 as fast as it can (20,000 of them), so only backpressure stops it, and whose
 connection records show when the server closed it.  These tests wait in real
 time, because a stall *is* real time on a real socket; every wait is bounded.
+Each test also holds the invariants every guarantee shares: the run is saved
+exactly once (the store records its calls), and ``tasks_living`` returns to
+its baseline once the client is gone (no connection is left open).
 """
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +34,11 @@ import orjson
 import pytest
 import trio
 import trio.testing
-import trustme
 from hypercorn.protocol.h2 import BUFFER_HIGH_WATER, StreamBuffer
 from hypercorn.trio.worker_context import EventWrapper
 
-from tests.conftest import RawClient, Server, WaitableSink, waitable_server
+from tests.conftest import RecordingStore, Server, WaitableSink, tasks_living, waitable_server
+from tests.protocols import PROTOCOLS, Exchange, open_client, serving
 from tools.fakes import FakeUpstream, Plan, Step, mock_plan, openai_chunk
 from trio_stream import Settings
 from trio_stream.load.h2 import open_h2_connection
@@ -49,7 +51,7 @@ PROMPT_B = [{"role": "user", "content": "prompt B"}]
 BIG_TOKEN = "x" * 1000
 TOKENS = 20_000
 MAX_BUFFERED_TOKENS = 1_000  # 1 MB: what a stalled client may make us hold, generously
-TLS_CA = trustme.CA()  # h2tls: the server's certificate is issued by it
+CHAT = "/v1/chat/completions"
 
 
 def flood_unless_b(body: dict[str, Any]) -> Plan:
@@ -76,44 +78,16 @@ def chat_body(messages: list[dict[str, str]], max_tokens: int | None = None) -> 
     return {"model": "m", "messages": messages, "stream": True, "max_tokens": max_tokens}
 
 
-def with_tls(settings: Settings, proto: str, tmp_path: Path) -> Settings:
-    """``settings``, with a throwaway certificate (:data:`TLS_CA` trusts it) for ``h2tls``."""
-    if proto != "h2tls":
-        return settings
-    cert = TLS_CA.issue_cert("127.0.0.1")
-    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
-    certfile.write_bytes(b"".join(p.bytes() for p in cert.cert_chain_pems))
-    cert.private_key_pem.write_to_path(str(keyfile))
-    return settings.replace(certfile=str(certfile), keyfile=str(keyfile))
-
-
-def tls_client_context() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    TLS_CA.configure_trust(ctx)
-    ctx.set_alpn_protocols(["h2"])
-    return ctx
-
-
 @asynccontextmanager
 async def stalled_client(
     server: Server, proto: str, session: str | None = None
 ) -> AsyncIterator[None]:
     """Open one streaming request of PROMPT_A that is never read, over ``proto``
-    (``h1``, ``h2`` -- h2c -- or ``h2tls``: h2 by ALPN over TLS)."""
+    (one of :data:`~tests.protocols.PROTOCOLS`); leaving the block closes its connection."""
     headers = (("x-session-id", session),) if session else ()
-    path = "/v1/chat/completions"
-    if proto == "h1":
-        client = await RawClient.post(server.port, path, chat_body(PROMPT_A), headers, rcvbuf=4096)
-        try:
-            yield
-        finally:
-            await client.aclose()
-    else:
-        ctx = tls_client_context() if proto == "h2tls" else None
-        async with open_h2_connection("127.0.0.1", server.port, ctx) as conn:
-            head = [("content-type", "application/json"), *headers]
-            await conn.request("POST", path, head, orjson.dumps(chat_body(PROMPT_A)))
-            yield  # the stream is never read: its window runs out
+    async with open_client(server.port, proto, rcvbuf=4096) as client:
+        await client.post(CHAT, chat_body(PROMPT_A), headers)
+        yield  # never read: the socket buffers fill (HTTP/1.1), the window runs out (HTTP/2)
 
 
 async def stuck_run(server: Server, logs: WaitableSink) -> Run:
@@ -170,7 +144,15 @@ async def test_h2_stream_buffer_holds_writer_while_nothing_drains() -> None:
     assert pushed.is_set()
 
 
-@pytest.mark.parametrize("proto", ["h1", "h2", "h2tls"])
+def stall_server(
+    cfg: Settings,
+) -> tuple[AbstractAsyncContextManager[tuple[Server, WaitableSink]], RecordingStore]:
+    """:func:`waitable_server` for ``cfg``, and its store, which records every save."""
+    store = RecordingStore(cfg.db)
+    return waitable_server(cfg, store=store), store
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
 async def test_stalled_client_is_cut_within_stall_timeout(
     settings: Settings, fake: FakeUpstream, proto: str, tmp_path: Path
 ) -> None:
@@ -178,20 +160,23 @@ async def test_stalled_client_is_cut_within_stall_timeout(
     within --stall-timeout + 1 s of its request (reason client_stalled); its
     run ends and its upstream connection closes in that time; meanwhile it
     held back the upstream (a bounded number of tokens was read), and the
-    partial answer is saved."""
-    cfg = on(with_tls(settings, proto, tmp_path), fake, stall_timeout=1.0)
-    async with waitable_server(cfg) as (server, logs):
+    partial answer is saved once; no task is left."""
+    cfg = on(serving(settings, proto, tmp_path), fake, stall_timeout=1.0)
+    served, store = stall_server(cfg)
+    async with served as (server, logs):
+        baseline = await tasks_living()
         t0 = trio.current_time()
         async with stalled_client(server, proto):
             with trio.fail_after(cfg.stall_timeout + 1):
                 record = await cut(server, logs, fake)
             elapsed = trio.current_time() - t0
             end = await logs.wait_for("stream_end", trace=record["trace"])
-            saved = await server.service.store.get("public", record["trace"])
+        await server.service.wait_streams_closed()
+        assert await tasks_living() == baseline
     assert cfg.stall_timeout <= elapsed < cfg.stall_timeout + 1
     assert end["status"] == "cancelled"
     assert 0 < end["tokens"] < MAX_BUFFERED_TOKENS
-    assert saved is not None
+    (saved,) = store.saves_of(record["trace"])
     assert (saved.status, saved.reason, saved.events) == (
         "partial",
         "client_stalled",
@@ -200,33 +185,45 @@ async def test_stalled_client_is_cut_within_stall_timeout(
     assert len(fake.connections) == 1
 
 
-@pytest.mark.parametrize("proto", ["h1", "h2"])
+async def answer(exchange: Exchange) -> tuple[int, bytes]:
+    """The status and whole body of ``exchange``."""
+    status = await exchange.start()
+    await exchange.read_all()
+    return status, bytes(exchange.body)
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
 async def test_supersede_does_not_wait_for_a_stalled_client(
-    settings: Settings, fake: FakeUpstream, proto: str
+    settings: Settings, fake: FakeUpstream, proto: str, tmp_path: Path
 ) -> None:
     """A new prompt in the session of a run whose client is stalled completes
     at once: the old run's cleanup does not wait for its writer (stuck in a
     send), so prev_stream_finished_cleanly is logged, never the timeout, and
     B answers fully long before the stall cut; the stalled writer is cut
-    later, and everything ends."""
-    cfg = on(settings, fake, stall_timeout=2.0)
-    async with waitable_server(cfg) as (server, logs):
-        async with stalled_client(server, proto, session="S"), server.client() as client:
+    later, each run is saved once, and everything ends."""
+    cfg = on(serving(settings, proto, tmp_path), fake, stall_timeout=2.0)
+    served, store = stall_server(cfg)
+    async with served as (server, logs):
+        baseline = await tasks_living()
+        async with (
+            stalled_client(server, proto, session="S"),
+            open_client(server.port, proto) as client,
+        ):
             with trio.fail_after(5):
                 run_a = await stuck_run(server, logs)
             t_b = trio.current_time()
             with trio.fail_after(1):
-                headers = {"x-session-id": "S"}
-                async with client.stream(
-                    "POST", "/v1/chat/completions", json=chat_body(PROMPT_B, 8), headers=headers
-                ) as r:
-                    b_body = b"".join([chunk async for chunk in r.aiter_bytes()])
+                b = await client.post(CHAT, chat_body(PROMPT_B, 8), (("x-session-id", "S"),))
+                status, b_body = await answer(b)
             b_took = trio.current_time() - t_b
             with trio.fail_after(cfg.stall_timeout + 1):
                 await logs.wait_for("stream_end", trace=run_a.id)
                 await server.service.runs.wait_idle()
         await server.service.wait_streams_closed()
+        # B's upstream connection may stay pooled: one task of the fake.
+        assert await tasks_living() == baseline + fake.open_connections
     assert b_took < 1
+    assert status == 200
     assert b_body.endswith(b"data: [DONE]\n\n")
     text = "".join(
         orjson.loads(line[6:])["choices"][0]["delta"].get("content") or ""
@@ -237,47 +234,59 @@ async def test_supersede_does_not_wait_for_a_stalled_client(
     assert [r["trace"] for r in logs.events("prev_stream_finished_cleanly")] == [run_a.id]
     assert logs.events("prev_stream_timeout_on_cancel") == []
     assert logs.events("stream_cancelled", trace=run_a.id)[0]["reason"] == "superseded"
+    (saved_a,) = store.saves_of(run_a.id)
+    assert (saved_a.status, saved_a.reason) == ("partial", "superseded")
+    (saved_b,) = store.saves_of(b.headers["x-run-id"])
+    assert (saved_b.status, saved_b.content) == ("complete", text)
     assert len(server.service.runs.sessions) == 0
     assert fake.open_connections <= 1  # at most B's idle keep-alive connection
 
 
-@pytest.mark.parametrize("proto", ["h1", "h2"])
+@pytest.mark.parametrize("proto", PROTOCOLS)
 async def test_interrupt_does_not_wait_for_a_stalled_client(
-    settings: Settings, fake: FakeUpstream, proto: str
+    settings: Settings, fake: FakeUpstream, proto: str, tmp_path: Path
 ) -> None:
     """POST /v1/sessions/{id}/interrupt on a run whose client is stalled
     cancels it (reason interrupted), and the run's cleanup -- upstream closed,
-    partial answer saved -- finishes at once, not after the stall cut."""
-    cfg = on(settings, fake, stall_timeout=2.0)
-    async with (
-        waitable_server(cfg) as (server, logs),
-        stalled_client(server, proto, session="S"),
-        server.client() as client,
-    ):
-        with trio.fail_after(5):
-            run_a = await stuck_run(server, logs)
-        with trio.fail_after(1):
-            answer = await client.post("/v1/sessions/S/interrupt")
-            await run_a.done.wait()
-            await fake.wait_for(lambda: fake.open_connections == 0)
-        with trio.fail_after(cfg.stall_timeout + 1):
-            await logs.wait_for("stream_end", trace=run_a.id)
-        saved = await server.service.store.get("public", run_a.id)
-    assert answer.json() == {"interrupted": True, "run_id": run_a.id}
+    partial answer saved once -- finishes at once, not after the stall cut;
+    no task is left."""
+    cfg = on(serving(settings, proto, tmp_path), fake, stall_timeout=2.0)
+    served, store = stall_server(cfg)
+    async with served as (server, logs):
+        baseline = await tasks_living()
+        async with (
+            stalled_client(server, proto, session="S"),
+            open_client(server.port, proto) as client,
+        ):
+            with trio.fail_after(5):
+                run_a = await stuck_run(server, logs)
+            with trio.fail_after(1):
+                status, body = await answer(await client.post("/v1/sessions/S/interrupt", {}))
+                await run_a.done.wait()
+                await fake.wait_for(lambda: fake.open_connections == 0)
+            assert len(store.saves_of(run_a.id)) == 1
+            with trio.fail_after(cfg.stall_timeout + 1):
+                await logs.wait_for("stream_end", trace=run_a.id)
+        await server.service.wait_streams_closed()
+        assert await tasks_living() == baseline
+    assert (status, orjson.loads(body)) == (200, {"interrupted": True, "run_id": run_a.id})
     assert logs.events("stream_cancelled", trace=run_a.id)[0]["reason"] == "interrupted"
-    assert saved is not None
+    (saved,) = store.saves_of(run_a.id)
     assert (saved.status, saved.reason) == ("partial", "interrupted")
 
 
-@pytest.mark.parametrize("proto", ["h1", "h2", "h2tls"])
+@pytest.mark.parametrize("proto", PROTOCOLS)
 async def test_graceful_shutdown_does_not_hang_on_a_stalled_client(
     settings: Settings, fake: FakeUpstream, proto: str, tmp_path: Path
 ) -> None:
     """With a stalled client and a 30 s --stall-timeout, a graceful shutdown
     still completes within --graceful-timeout + 2 s: the run is cancelled
-    (reason shutdown), saved, its upstream closed, and the stuck write cut."""
-    cfg = on(with_tls(settings, proto, tmp_path), fake, stall_timeout=30.0, graceful_timeout=1.0)
-    async with waitable_server(cfg) as (server, logs), stalled_client(server, proto):
+    (reason shutdown), saved once, its upstream closed, the stuck write cut,
+    and no task is left."""
+    cfg = on(serving(settings, proto, tmp_path), fake, stall_timeout=30.0, graceful_timeout=1.0)
+    served, store = stall_server(cfg)
+    baseline = await tasks_living()
+    async with served as (server, logs), stalled_client(server, proto):
         with trio.fail_after(5):
             run_a = await stuck_run(server, logs)
         t0 = trio.current_time()
@@ -286,10 +295,10 @@ async def test_graceful_shutdown_does_not_hang_on_a_stalled_client(
             await logs.wait_for("shutdown_complete")
         took = trio.current_time() - t0
         await fake.wait_for(lambda: fake.open_connections == 0)
-        saved = await server.service.store.get("public", run_a.id)
+    assert await tasks_living() == baseline
     assert took < cfg.graceful_timeout + 2
     assert logs.events("stream_cancelled", trace=run_a.id)[0]["reason"] == "shutdown"
-    assert saved is not None
+    (saved,) = store.saves_of(run_a.id)
     assert (saved.status, saved.reason) == ("partial", "shutdown")
     assert server.service.runs.live == 0
 

@@ -3,6 +3,9 @@
 CI runs it at a reduced size; ``TRIO_STREAM_STRESS=full`` selects the sizes of
 the issue (1M tokens, 1K x 10K-char messages, 100K create/cancel cycles).
 Every test asserts zero loss, zero leaked tasks and bounded memory growth.
+The long messages and the create/cancel cycles run over HTTP/1.1 and over h2c
+(streams of one connection, each cycle ending in ``RST_STREAM``; at full size
+25K cycles over h2c).
 Throughput is *not* asserted here: figures come from tools/bench.py.
 """
 
@@ -10,6 +13,9 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -18,8 +24,9 @@ import pytest
 import trio
 import trio.testing
 
-from tests.conftest import memory_app, running_server, tasks_living
+from tests.conftest import Server, memory_app, running_server, tasks_living
 from tests.memasgi import start_request
+from tests.protocols import open_client
 from trio_stream import Settings
 from trio_stream.upstream import mocktext
 from trio_stream.wire.sse import SSEDecoder
@@ -31,10 +38,17 @@ TOKENS_ONE_STREAM = 1_000_000 if FULL else 100_000
 LONG_MESSAGES = 1_000 if FULL else 100
 LONG_MESSAGE_CHARS = 10_000
 CREATE_CANCEL = 100_000 if FULL else 1_000
-# A guard against a hang, not a throughput limit: the full size takes about
-# 470 s on 2 cores (about 5 ms per cycle), so allow 10 ms per cycle.
-CREATE_CANCEL_DEADLINE = max(600.0, 0.01 * CREATE_CANCEL)
+# Over h2c a quarter as many at full size, half as many in CI: a cycle costs
+# about 1.4x an HTTP/1.1 one here (the in-process h2 client is part of it),
+# and the full stress run should stay a matter of minutes.
+CREATE_CANCEL_CYCLES = {"h1": CREATE_CANCEL, "h2c": CREATE_CANCEL // (4 if FULL else 2)}
+# A guard against a hang, not a throughput limit: the full size took 470 s on
+# 2 cores quiet (about 5 ms per cycle) and 883 s with other work on the
+# machine (about 9 ms), so allow 20 ms per cycle.
+CREATE_CANCEL_DEADLINE = max(600.0, 0.02 * CREATE_CANCEL)
 SLOW_READER_TOKENS = 10_000 if FULL else 2_000
+
+Stream = Callable[[dict[str, object]], Awaitable[list[str]]]
 
 
 def rss_bytes() -> int:
@@ -100,20 +114,41 @@ async def test_one_stream_of_many_short_tokens(settings: Settings) -> None:
     assert grown < 150 * TOKENS_ONE_STREAM + 64 * 2**20
 
 
-async def test_many_long_messages(settings: Settings) -> None:
-    """1K (CI: 100) messages of at least 10K characters each are delivered
-    exactly and saved once each, and leave no task behind.  Each prompt asks
-    for exactly the token count that makes its reply 10K characters long."""
+@asynccontextmanager
+async def streamer(server: Server, proto: str) -> AsyncIterator[Stream]:
+    """A function that streams one chat completion over ``proto`` and returns
+    its events' data: over HTTP/1.1 through httpx's pool of keep-alive
+    connections, over h2c as streams of one connection."""
+    if proto == "h1":
+        async with server.client() as client:
+            yield partial(stream_all, client)
+        return
+    async with open_client(server.port, proto) as h2:
+
+        async def one(body: dict[str, object]) -> list[str]:
+            exchange = await h2.post("/v1/chat/completions", body)
+            assert await exchange.start() == 200
+            return [e.data for e in await exchange.read_all()]
+
+        yield one
+
+
+@pytest.mark.parametrize("proto", ["h1", "h2c"])
+async def test_many_long_messages(settings: Settings, proto: str) -> None:
+    """1K (CI: 100) messages of at least 10K characters each, 8 at a time, are
+    delivered exactly and saved once each, and leave no task behind.  Each
+    prompt asks for exactly the token count that makes its reply 10K
+    characters long."""
     with trio.fail_after(300):
         async with running_server(settings.replace(mock_delay_ms=0), record_logs=False) as server:
             baseline = await tasks_living()
-            async with server.client() as client:
+            async with streamer(server, proto) as stream:
 
                 async def one(i: int) -> None:
                     messages = [{"role": "user", "content": f"long message {i}"}]
                     max_tokens = tokens_for_chars(messages, LONG_MESSAGE_CHARS)
                     body = {"messages": messages, "stream": True, "max_tokens": max_tokens}
-                    data = await stream_all(client, body)
+                    data = await stream(body)
                     text = received_text(data)
                     assert len(text) >= LONG_MESSAGE_CHARS
                     assert text == mocktext.expected_text(messages, max_tokens)
@@ -127,46 +162,69 @@ async def test_many_long_messages(settings: Settings) -> None:
                 async with trio.open_nursery() as nursery:
                     for i in range(LONG_MESSAGES):
                         nursery.start_soon(limited, i)
+            await server.service.wait_streams_closed()
             assert await tasks_living() == baseline
         with sqlite3.connect(settings.db) as db:  # the server is gone: read its file
             assert db.execute("SELECT COUNT(*) FROM messages").fetchone() == (LONG_MESSAGES,)
 
 
-async def test_create_then_cancel_cycles(settings: Settings) -> None:
-    """100K (CI: 1K) streams cancelled right after they start leave zero tasks,
-    zero live runs and zero open streams, and memory does not climb with the
-    number of cycles (the "closed browser tab" leak)."""
+@pytest.mark.parametrize("proto", ["h1", "h2c"])
+async def test_create_then_cancel_cycles(settings: Settings, proto: str) -> None:
+    """100K (h2c: 25K; CI: 1K, h2c 500) streams cancelled right after they
+    start leave zero tasks, zero live runs and zero open streams, and memory
+    does not climb with the number of cycles (the "closed browser tab" leak);
+    each run was cancelled by its client's leaving (client_disconnect).  Over
+    HTTP/1.1 each cycle is a connection closed after the response head; over
+    h2c a stream reset (``RST_STREAM``) after its head, on one connection
+    that serves every cycle -- which must not grow with them either (same
+    task count before and after, with the connection still open)."""
     messages = [{"role": "user", "content": "cancel me"}]
-    body = orjson.dumps({"messages": messages, "stream": True, "max_tokens": 1000})
+    body = {"messages": messages, "stream": True, "max_tokens": 1000}
+    data = orjson.dumps(body)
     request = (
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
-        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(data), data)
     )
+    cycles = CREATE_CANCEL_CYCLES[proto]
     with trio.fail_after(CREATE_CANCEL_DEADLINE):
         async with running_server(settings.replace(mock_delay_ms=1), record_logs=False) as server:
             service = server.service
             baseline = await tasks_living()
+            async with open_client(server.port, proto) as client:
 
-            async def cycle() -> None:
-                # A browser tab closed as soon as the answer starts.
-                stream = await trio.open_tcp_stream("127.0.0.1", server.port)
-                async with stream:
-                    await stream.send_all(request)
-                    head = await stream.receive_some(65536)
-                    assert head.startswith(b"HTTP/1.1 200"), head[:100]
+                async def cycle() -> None:
+                    if proto == "h2c":  # a browser tab closed: its stream reset
+                        exchange = await client.post("/v1/chat/completions", body)
+                        assert await exchange.start() == 200
+                        await exchange.leave()
+                        return
+                    # A browser tab closed as soon as the answer starts.
+                    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+                    async with stream:
+                        await stream.send_all(request)
+                        head = await stream.receive_some(65536)
+                        assert head.startswith(b"HTTP/1.1 200"), head[:100]
 
-            for _ in range(200):  # warm up caches and allocator arenas first
-                await cycle()
-            await service.runs.wait_idle()
-            before = rss_bytes()
-            for _ in range(CREATE_CANCEL):
-                await cycle()
-            await service.runs.wait_idle()
+                for _ in range(200):  # warm up caches and allocator arenas first
+                    await cycle()
+                await service.runs.wait_idle()
+                await service.wait_streams_closed()
+                before = rss_bytes()
+                idle = await tasks_living()
+                for _ in range(cycles):
+                    await cycle()
+                await service.runs.wait_idle()
+                await service.wait_streams_closed()
+                grown = rss_bytes() - before
+                assert await tasks_living() == idle
             await service.wait_streams_closed()
-            grown = rss_bytes() - before
             assert await tasks_living() == baseline
             assert not service.runs.runs
             assert len(service.runs.sessions) == 0
+            registry = service.metrics.registry
+            reasons = {"reason": "client_disconnect"}
+            cancelled = registry.get_sample_value("trio_stream_cancellations_total", reasons)
+            assert cancelled == 200 + cycles  # each run ended by its client's leaving
     assert grown < 5 * 2**20
 
 

@@ -144,6 +144,7 @@ class H2Connection:
         self._credit_lot = trio.lowlevel.ParkingLot()
         self._conn_unacked = 0
         self.closed = False
+        self._closed = trio.Event()
         self.goaway: int | None = None  # last stream id the server will process
         self.requests = 0  # streams opened so far
 
@@ -161,6 +162,10 @@ class H2Connection:
     def accepting(self) -> bool:
         """Can this connection take another stream?"""
         return not self.closed and self.goaway is None and self.active < self.max_streams
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is gone (the server closed it, or it broke)."""
+        await self._closed.wait()
 
     # -- the writer ---------------------------------------------------------
     def _pull(self) -> int:
@@ -299,6 +304,7 @@ class H2Connection:
     def _lost(self) -> None:
         """The connection is gone: every open stream ends with :data:`LOST`."""
         self.closed = True
+        self._closed.set()
         for stream in list(self._streams.values()):
             if stream._reset is None and not stream._ended:
                 stream._reset = LOST

@@ -40,9 +40,12 @@ test until the copies are re-read.  What differs from hypercorn, and why:
   frames are ignored: hypercorn put every such stream in its priority tree,
   which refused the 1,001st with an error nothing caught),
   ``H2Protocol.initiate`` (an h2c connection by prior knowledge is armed with
-  the idle timer, so one that never opens a stream is closed) and
+  the idle timer, so one that never opens a stream is closed),
   ``H2Protocol.stream_send`` (a stream that ends while the server terminates
-  says ``END_STREAM`` before the connection's GOAWAY).
+  says ``END_STREAM`` before the connection's GOAWAY) and
+  ``H2Protocol._send_data`` (a stream the client reset leaves hypercorn's
+  priority tree and buffers; it stayed there, and the 1,001st ended the
+  connection).
 * :mod:`.h2direct` -- the direct DATA path of HTTP/2 (h2c and TLS): a body
   chunk that fits its window is encoded into ``h2`` by the request task
   (``encode_data``, what ``h2``'s ``send_data`` does without the frame
