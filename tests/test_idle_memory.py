@@ -81,14 +81,14 @@ def _all_tasks(task: trio.lowlevel.Task) -> list[trio.lowlevel.Task]:
 #: the connection (hypercorn's handler), the request (ASGI app, then our
 #: writer), the attached run's reader, and the disconnect watcher.
 IDLE_FRAMES = {
-    "_run_handler": [
-        "_run_handler", "LightTCPServer.run", "wait_readable",
+    "LightTCPServer.run": [
+        "LightTCPServer.run", "wait_readable",
         "EpollIOManager.wait_readable", "EpollIOManager._epoll_wait", "wait_task_rescheduled",
         "_real_async_yield",
     ],
     "_handle": [
         "_handle", "chat_completions", "_attached", "Subscriber.write_sse",
-        "Subscriber._write_sse", "ParkingLot.park", "wait_task_rescheduled", "_real_async_yield",
+        "wait_task_rescheduled", "_real_async_yield",
     ],
     "RunManager.drive": [
         "RunManager.drive", "RunManager._pump", "_Sequential.__aenter__", "MockUpstream._items",

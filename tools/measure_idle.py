@@ -105,11 +105,12 @@ def object_sizes() -> Counter[str]:
 #: cost), then the task's outermost function.
 SPAWNERS = {
     "spawn_app": "connection task: spawns the app task",
+    "_serve_one_listener": "accept loop: the socket, the connection task",
     "_attached": "app task: spawns reader/watcher",
 }
 ROOTS = {
     "_serve_one_listener": "accept loop: the socket, the connection task",
-    "_run_handler": "connection task (hypercorn TCPServer)",
+    "LightTCPServer.run": "connection task (hypercorn TCPServer)",
     "_handle": "app task (request: ASGI app + writer)",
     "RunManager.drive": "reader task (RunManager.drive)",
     "watch_disconnect": "watcher task (watch_disconnect)",

@@ -28,6 +28,9 @@ save), then the transports are cut and the connections nursery is cancelled.
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 import socket
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -47,6 +50,8 @@ from ..upstream import Upstream
 from . import hypercorn_fixes
 from .asgi import ServerApp
 from .connection import LightTCPServer
+
+LOGGER = logging.getLogger("trio.serve_listeners")  # trio's, for its accept errors
 
 #: After ``--graceful-timeout``: how long cancelled runs get to save and their
 #: clients to receive the ``shutdown`` error event.  Keeps the whole shutdown
@@ -223,7 +228,7 @@ async def serve_service(
 
             async def serve_listeners() -> None:
                 with accept:
-                    await trio.serve_listeners(handler, listeners, handler_nursery=connections)
+                    await _serve_listeners(handler, listeners, connections)
 
             accepting.start_soon(serve_listeners)
             port = _port(listeners[0])
@@ -236,6 +241,58 @@ async def serve_service(
         guard.abort_all()
         connections.cancel_scope.cancel()
     service.logger.event("shutdown_complete")
+
+
+#: Every connection task's name (trio builds ``f"{module}.{qualname}"`` anew
+#: per spawn when it is not given one: a string per open connection).
+CONNECTION_TASK = "trio_stream.server.serve.Connection.run"
+#: trio's: accept errors that mean "out of resources": log, wait, accept again.
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_RETRY = 0.1
+
+
+async def _serve_listeners(
+    handler: Callable[[trio.abc.Stream], LightTCPServer],
+    listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
+    connections: trio.Nursery,
+) -> None:
+    """``trio.serve_listeners(handler, listeners, handler_nursery=connections)``,
+    starting each connection's ``run`` itself as its task: without trio's
+    ``_run_handler`` frame and hypercorn's ``__await__`` wrapper, which an
+    open connection held for its whole life, and with a constant task name.
+    ``run`` closes its stream on every exit, as ``_run_handler`` did.
+
+    Cancellation: runs until cancelled; each listener is closed on the way out.
+    """
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_serve_one_listener, listener, handler, connections)
+
+
+async def _serve_one_listener(
+    listener: trio.abc.Listener[trio.abc.Stream],
+    handler: Callable[[trio.abc.Stream], LightTCPServer],
+    connections: trio.Nursery,
+) -> None:
+    """trio 0.35's ``_serve_one_listener``, spawning ``handler(stream).run``.
+
+    Cancellation: a checkpoint per accept; a ``Cancelled`` closes the listener.
+    """
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                LOGGER.error(
+                    "accept returned %s (%s); retrying in %s seconds",
+                    errno.errorcode[exc.errno], os.strerror(exc.errno), ACCEPT_RETRY,
+                    exc_info=True,
+                )  # fmt: skip
+                await trio.sleep(ACCEPT_RETRY)
+                continue
+            connections.start_soon(handler(stream).run, name=CONNECTION_TASK)
 
 
 async def _drain(
