@@ -112,20 +112,26 @@ async def _attached(service: Service, sub: Subscriber, receive: Receive, *, stre
     """
     run = sub.run
     async with trio.open_nursery() as nursery:
-
-        def on_disconnect() -> None:
-            reason = "client_stalled" if sub.stalled() else "client_disconnect"
-            service.runs.cancel(run, reason)
-            nursery.cancel_scope.cancel()
-
         nursery.start_soon(service.runs.drive, run, name=READER_TASK)
-        nursery.start_soon(watch_disconnect, receive, on_disconnect, name=WATCHER_TASK)
+        # What a disconnect does, as a function and its arguments (held in the
+        # watcher's frame), not a closure: no function and four cells per stream.
+        nursery.start_soon(
+            watch_disconnect, receive, _disconnected, service, sub, nursery.cancel_scope,
+            name=WATCHER_TASK,
+        )  # fmt: skip
         # The writer runs in the request task itself, as the nursery's body.
         try:
             await (sub.write_sse() if stream else sub.write_json())
         except ClientStalled:
             service.runs.cancel(run, "client_stalled")
         nursery.cancel_scope.cancel()
+
+
+def _disconnected(service: Service, sub: Subscriber, scope: trio.CancelScope) -> None:
+    """An attached run's client left (or stalled): cancel the run, then the request nursery."""
+    reason = "client_stalled" if sub.stalled() else "client_disconnect"
+    service.runs.cancel(sub.run, reason)
+    scope.cancel()
 
 
 async def follow(

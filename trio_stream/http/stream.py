@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -452,8 +453,10 @@ class Subscriber:
             await send_bytes(self._send, status, body, JSON, self.headers)
 
 
-async def watch_disconnect(receive: Receive, on_disconnect: Callable[[], None]) -> None:
-    """Block on ``receive()`` until ``http.disconnect``, then call ``on_disconnect``.
+async def watch_disconnect(
+    receive: Receive, on_disconnect: Callable[..., None], *args: Any
+) -> None:
+    """Block on ``receive()`` until ``http.disconnect``, then call ``on_disconnect(*args)``.
 
     Must be the one task reading ``receive`` after the body is read: a
     disconnect that is already queued is seen at once (hypercorn issue #210).
@@ -465,4 +468,4 @@ async def watch_disconnect(receive: Receive, on_disconnect: Callable[[], None]) 
         message = await receive()
         if message["type"] == "http.disconnect":
             break
-    on_disconnect()
+    on_disconnect(*args)

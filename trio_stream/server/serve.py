@@ -34,6 +34,7 @@ import os
 import socket
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import trio
 from hypercorn.config import Config
@@ -47,7 +48,7 @@ from ..http.transport import GuardedListener, TransportGuard
 from ..logs import EventLogger
 from ..store import Store
 from ..upstream import Upstream
-from . import hypercorn_fixes
+from . import h2_memory, hypercorn_fixes
 from .asgi import ServerApp
 from .connection import LightTCPServer
 
@@ -210,6 +211,7 @@ async def serve_service(
     """
     settings = service.settings
     hypercorn_fixes.apply(service.logger)
+    h2_memory.apply(service.logger)  # lists for h2's and hpack's deques (a KB each)
     app = TrioStreamApp(service)
     await app.startup()
     config = hypercorn_config(settings)
@@ -252,7 +254,7 @@ ACCEPT_RETRY = 0.1
 
 
 async def _serve_listeners(
-    handler: Callable[[trio.abc.Stream], LightTCPServer],
+    handler: Callable[[trio.abc.Stream], Any],
     listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
     connections: trio.Nursery,
 ) -> None:
@@ -271,7 +273,7 @@ async def _serve_listeners(
 
 async def _serve_one_listener(
     listener: trio.abc.Listener[trio.abc.Stream],
-    handler: Callable[[trio.abc.Stream], LightTCPServer],
+    handler: Callable[[trio.abc.Stream], Any],
     connections: trio.Nursery,
 ) -> None:
     """trio 0.35's ``_serve_one_listener``, spawning ``handler(stream).run``.
@@ -292,7 +294,19 @@ async def _serve_one_listener(
                 )  # fmt: skip
                 await trio.sleep(ACCEPT_RETRY)
                 continue
-            connections.start_soon(handler(stream).run, name=CONNECTION_TASK)
+            server = handler(stream)
+            if isinstance(server, LightTCPServer):  # its run closes the stream on every exit
+                connections.start_soon(server.run, name=CONNECTION_TASK)
+            else:  # a stand-in (a test's hypercorn TCPServer): as trio's _run_handler
+                connections.start_soon(_run_closing, server, stream, name=CONNECTION_TASK)
+
+
+async def _run_closing(server: Any, stream: trio.abc.Stream) -> None:
+    """trio's ``_run_handler``: run ``server``, then close ``stream`` whatever happened."""
+    try:
+        await server.run()
+    finally:
+        await trio.aclose_forcefully(stream)
 
 
 async def _drain(
