@@ -327,7 +327,7 @@ async def main(args: argparse.Namespace, client: subprocess.Popen[str]) -> None:
             deadlines = trio.lowlevel.current_task()._runner.deadlines
             heap, active = len(deadlines._heap), deadlines._active
             print(f"deadline heap: {heap} entries, {active} active, {heap - active} stale")
-            if args.trace:  # who made the stale entries' scopes (the lines of our code, hypercorn's)
+            if args.trace:  # who made the stale entries' scopes (our lines, hypercorn's)
                 made: Counter[str] = Counter()
                 for deadline, _, scope in deadlines._heap:
                     if deadline == scope._registered_deadline:
