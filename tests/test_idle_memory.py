@@ -184,7 +184,7 @@ def _stale_deadlines() -> int:
     """Entries in trio's deadline heap whose scope no longer has that
     deadline (exited or changed): each keeps its scope alive until it is due.
     (trio's private ``Deadlines``, for this guard only.)"""
-    deadlines = trio.lowlevel.current_task()._runner.deadlines  # type: ignore[attr-defined]
+    deadlines = trio.lowlevel.current_task()._runner.deadlines
     return sum(1 for d, _, scope in deadlines._heap if d != scope._registered_deadline)
 
 
@@ -207,7 +207,7 @@ async def test_a_body_already_queued_is_read_without_a_deadline() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(common.read_request, settings, scope, inbox.receive)
         await trio.testing.wait_all_tasks_blocked()
-        deadlines = trio.lowlevel.current_task()._runner.deadlines  # type: ignore[attr-defined]
+        deadlines = trio.lowlevel.current_task()._runner.deadlines
         armed = [s for d, _, s in deadlines._heap if d == s._registered_deadline]
         assert any(s.deadline - trio.current_time() > 59 for s in armed)
         await inbox.send({"type": "http.request", "body": b"{}", "more_body": False})
@@ -271,7 +271,7 @@ def test_h2_settings_and_header_tables_behave_as_with_deques() -> None:
     h2_memory.apply()
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
     settings = conn.local_settings
-    assert all(type(v) is h2_memory.Values for v in settings._settings.values())
+    assert all(isinstance(v, h2_memory.Values) for v in settings._settings.values())
     settings.initial_window_size = 1000
     assert settings.initial_window_size == 65535  # not acknowledged yet
     changed = settings.acknowledge()
@@ -285,7 +285,7 @@ def test_h2_settings_and_header_tables_behave_as_with_deques() -> None:
     assert other != settings
     encoder, decoder = hpack.Encoder(), hpack.Decoder()
     encoder.header_table_size = decoder.header_table_size = 100  # evicts after two entries
-    assert type(encoder.header_table.dynamic_entries) is h2_memory.Values
+    assert isinstance(encoder.header_table.dynamic_entries, h2_memory.Values)
     for i in range(5):
         headers = [("x-name", f"value-{i}"), ("x-other", "same")]
         assert decoder.decode(encoder.encode(headers)) == headers
