@@ -2,7 +2,7 @@
 
 We do not call ``hypercorn.trio.serve``: we build its pieces ourselves
 (:class:`Connection`, a hypercorn ``TCPServer``, per connection, and
-``trio.serve_listeners``) so that
+``trio.serve_listeners``'s accept loop, as :func:`_serve_listeners`) so that
 
 * every accepted socket is a :class:`~trio_stream.http.transport.GuardedStream`
   (writes with a deadline, even inside hypercorn's shield), and
@@ -19,7 +19,7 @@ Ownership (the whole tree is in docs/design.md section 3)::
             └── connections nursery    one Connection per accepted socket
                 ├── Connection         (hypercorn) one task per request -> http/chat.py
                 └── accepting nursery  in the connections nursery's body
-                    ├── trio.serve_listeners  starts each Connection in the connections nursery
+                    ├── _serve_listeners  starts each Connection.run in the connections nursery
                     └── (body)         waits for shutdown, then _drain
 
 The accepting nursery closes first (stop accepting, grace period, cancel and
