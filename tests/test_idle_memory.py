@@ -25,14 +25,19 @@ from hypercorn.trio.tcp_server import TCPServer
 
 from tests.conftest import RawClient, running_server, tasks_living
 from trio_stream import Settings
+from trio_stream.http import common
 from trio_stream.http.responses import ResponseSubscriber
 from trio_stream.http.service import _StreamSlot
 from trio_stream.http.stream import Subscriber
 from trio_stream.runs import Done, Run
-from trio_stream.server import hypercorn_fixes
+from trio_stream.runs.run import Waiters
+from trio_stream.runs.spans import traced
+from trio_stream.server import h2_memory, hypercorn_fixes, serve
 from trio_stream.server.asgi import ServerApp
-from trio_stream.server.connection import AppInbox
+from trio_stream.server.connection import REQUEST_TASK, AppInbox
 from trio_stream.upstream.mock import _Sleeper
+from trio_stream.wire.chunks import ChunkEncoder
+from trio_stream.wire.request import parse_chat_request
 
 CHAT = "/v1/chat/completions"
 IDLE = 30  # streams
@@ -81,14 +86,14 @@ def _all_tasks(task: trio.lowlevel.Task) -> list[trio.lowlevel.Task]:
 #: the connection (hypercorn's handler), the request (ASGI app, then our
 #: writer), the attached run's reader, and the disconnect watcher.
 IDLE_FRAMES = {
-    "_run_handler": [
-        "_run_handler", "LightTCPServer.run", "wait_readable",
+    "LightTCPServer.run": [
+        "LightTCPServer.run", "wait_readable",
         "EpollIOManager.wait_readable", "EpollIOManager._epoll_wait", "wait_task_rescheduled",
         "_real_async_yield",
     ],
     "_handle": [
         "_handle", "chat_completions", "_attached", "Subscriber.write_sse",
-        "Subscriber._write_sse", "ParkingLot.park", "wait_task_rescheduled", "_real_async_yield",
+        "wait_task_rescheduled", "_real_async_yield",
     ],
     "RunManager.drive": [
         "RunManager.drive", "RunManager._pump", "_Sequential.__aenter__", "MockUpstream._items",
@@ -137,8 +142,171 @@ async def test_an_idle_stream_is_four_tasks_each_holding_exactly_its_frames(
                 await client.aclose()
 
 
+#: The name of each of an idle stream's tasks, by its outermost frame.
+IDLE_NAMES = {
+    "LightTCPServer.run": serve.CONNECTION_TASK,
+    "_handle": REQUEST_TASK,
+    "RunManager.drive": common.READER_TASK,
+    "watch_disconnect": common.WATCHER_TASK,
+}
+
+
+async def test_an_idle_streams_tasks_share_their_names(tmp_path: Path) -> None:
+    """Every task of an open stream is spawned with its constant name: the
+    same ``str`` object for every stream.  Without ``name=`` trio builds
+    ``f"{module}.{qualname}"`` anew per spawn (about 0.2 KB per task, four
+    per stream).  The names are those trio would build, so a task census
+    reads as before."""
+    settings = Settings(port=0, db=str(tmp_path / "idle.db"), mock_delay_ms=60_000)
+    async with running_server(settings, record_logs=False) as server:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        clients = [await RawClient.post(server.port, CHAT, body) for _ in range(3)]
+        try:
+            await trio.testing.wait_all_tasks_blocked()
+            root = trio.lowlevel.current_root_task()
+            assert root is not None
+            names: dict[str, list[str]] = {}
+            for task in _all_tasks(root):
+                frames = _frames(task)
+                if frames and frames[0] in IDLE_NAMES:
+                    names.setdefault(frames[0], []).append(task.name)
+            for outer, name in IDLE_NAMES.items():
+                assert len(names[outer]) == 3, outer
+                assert all(got is name for got in names[outer]), (outer, names[outer])
+            assert common.READER_TASK == "trio_stream.runs.manager.RunManager.drive"
+            assert common.WATCHER_TASK == "trio_stream.http.stream.watch_disconnect"
+        finally:
+            for client in clients:
+                await client.aclose()
+
+
+def _stale_deadlines() -> int:
+    """Entries in trio's deadline heap whose scope no longer has that
+    deadline (exited or changed): each keeps its scope alive until it is due.
+    (trio's private ``Deadlines``, for this guard only.)"""
+    deadlines = trio.lowlevel.current_task()._runner.deadlines
+    return sum(1 for d, _, scope in deadlines._heap if d != scope._registered_deadline)
+
+
+async def test_a_body_already_queued_is_read_without_a_deadline() -> None:
+    """``read_request`` arms ``--body-timeout`` only before a ``receive()``
+    that may wait: a body queued in the app inbox with its head -- nearly
+    every request -- leaves no entry in trio's deadline heap (an armed one
+    stays there, holding its exited scope, for ``--body-timeout``: 60 s per
+    request, section 16).  A body that has not arrived still gets the
+    deadline, from the call on (tests/test_body_timeout.py: the 408)."""
+    settings = Settings(body_timeout=60.0)
+    scope = {"headers": [(b"content-length", b"2")]}
+    inbox = AppInbox(10)
+    await inbox.send({"type": "http.request", "body": b"{}", "more_body": False})
+    before = _stale_deadlines()
+    assert await common.read_request(settings, scope, inbox.receive) == b"{}"
+    assert _stale_deadlines() == before
+    # Not queued: armed before the receive waits.
+    inbox = AppInbox(10)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(common.read_request, settings, scope, inbox.receive)
+        await trio.testing.wait_all_tasks_blocked()
+        deadlines = trio.lowlevel.current_task()._runner.deadlines
+        armed = [s for d, _, s in deadlines._heap if d == s._registered_deadline]
+        assert any(s.deadline - trio.current_time() > 59 for s in armed)
+        await inbox.send({"type": "http.request", "body": b"{}", "more_body": False})
+
+
+async def test_an_untraced_reader_holds_no_context_manager_of_its_own() -> None:
+    """With tracing off a run's span is ``NO_SPAN``, and ``traced`` hands every
+    reader the one shared no-op block: no two generator context managers per
+    open stream (about 0.7 KB)."""
+    request = parse_chat_request(b'{"model": "m", "messages": [{"role": "user", "content": "x"}]}')
+    runs = [Run(f"run_{i}", "t", None, request, detached=False, coalesce=True) for i in range(2)]
+    assert traced(runs[0]) is traced(runs[1])
+
+
+async def test_run_waiters_park_unpark_and_cancel_as_a_parking_lot() -> None:
+    """``Waiters`` (a run's wake-ups, instead of a ``ParkingLot`` and its
+    ``OrderedDict``): ``unpark_all`` wakes every parked task, a
+    cancelled waiter leaves the list, and it is true only while a task waits."""
+    waiters = Waiters()
+    woken: list[int] = []
+
+    async def wait(i: int) -> None:
+        await waiters.park()
+        woken.append(i)
+
+    assert not waiters
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            nursery.start_soon(wait, i)
+        await trio.testing.wait_all_tasks_blocked()
+        assert waiters
+        waiters.unpark_all()
+    assert sorted(woken) == [0, 1, 2]  # (trio runs a batch of woken tasks in any order)
+    assert not waiters
+    with trio.move_on_after(0.01) as cs:
+        await waiters.park()
+    assert cs.cancelled_caught
+    assert not waiters  # the cancelled waiter left
+    waiters.unpark_all()  # nobody to wake: nothing happens
+
+
+def test_h2_memory_is_written_for_the_installed_h2_and_hpack() -> None:
+    """``server.h2_memory`` replaces ``deque`` in ``h2.settings`` and
+    ``hpack.table`` after reading how these versions use it; another
+    version must be re-read (then ``apply`` changes nothing)."""
+    assert {n: metadata.version(n) for n in h2_memory.WRITTEN_FOR} == h2_memory.WRITTEN_FOR
+    assert h2_memory.apply() is True
+    assert h2_memory.applied()
+
+
+def test_h2_settings_and_header_tables_behave_as_with_deques() -> None:
+    """With ``h2_memory`` applied, an ``h2`` connection's settings and HPACK
+    tables hold lists (about 0.1 KB each instead of 0.76 KB), and behave as
+    with ``deque``: a setting changed and acknowledged, a new one, settings
+    compared; headers encoded, decoded and evicted from a small table."""
+    import h2.config
+    import h2.connection
+    import h2.settings
+    import hpack
+
+    h2_memory.apply()
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    settings = conn.local_settings
+    assert all(isinstance(v, h2_memory.Values) for v in settings._settings.values())
+    settings.initial_window_size = 1000
+    assert settings.initial_window_size == 65535  # not acknowledged yet
+    changed = settings.acknowledge()
+    assert changed[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE].new_value == 1000
+    assert settings.initial_window_size == 1000
+    settings.max_header_list_size = 4096  # a setting not held before
+    settings.acknowledge()
+    assert settings.max_header_list_size == 4096
+    other = h2.settings.Settings(client=False)
+    assert other == h2.settings.Settings(client=False)
+    assert other != settings
+    encoder, decoder = hpack.Encoder(), hpack.Decoder()
+    encoder.header_table_size = decoder.header_table_size = 100  # evicts after two entries
+    assert isinstance(encoder.header_table.dynamic_entries, h2_memory.Values)
+    for i in range(5):
+        headers = [("x-name", f"value-{i}"), ("x-other", "same")]
+        assert decoder.decode(encoder.encode(headers)) == headers
+    assert len(encoder.header_table.dynamic_entries) <= 2
+    assert encoder.header_table.dynamic_entries == decoder.header_table.dynamic_entries
+
+
 @pytest.mark.parametrize(
-    "cls", [Run, Done, AppInbox, ServerApp, _Sleeper, _StreamSlot, Subscriber, ResponseSubscriber]
+    "cls",
+    [
+        Run,
+        Done,
+        Waiters,
+        AppInbox,
+        ServerApp,
+        _Sleeper,
+        _StreamSlot,
+        Subscriber,
+        ResponseSubscriber,
+        ChunkEncoder,
+    ],
 )
 def test_per_stream_objects_are_slotted(cls: type) -> None:
     """Each object an open stream holds one of (or shares, for the slot) is

@@ -3,7 +3,8 @@
 The server runs in this process (``serve()`` with the built-in mock upstream,
 its first token 60 s away, ``--ping-interval 1`` so that headers go out with
 the first ping, as in ``tools/bench.py``'s ``idle`` scenario).  The client is a
-separate process (raw blocking sockets), so nothing of it is counted here.
+separate process (raw blocking sockets; with ``--h2`` the ``h2`` library over
+them, h2c, one connection per stream), so nothing of it is counted here.
 
 As the bench: open ``--warm`` streams, wait for their headers and 1 s, take
 the "before" reading; open ``--streams`` more, wait for their headers and 1 s,
@@ -18,6 +19,7 @@ take the "after" reading.  Readings:
 
     PYTHONPATH=. .venv/bin/python tools/measure_idle.py --streams 300
     PYTHONPATH=. .venv/bin/python tools/measure_idle.py --streams 300 --trace --objects
+    PYTHONPATH=. .venv/bin/python tools/measure_idle.py --streams 300 --h2   # over h2c
 """
 
 from __future__ import annotations
@@ -70,6 +72,44 @@ for line in sys.stdin:
 """
 
 
+#: The same client over h2c (HTTP/2 by prior knowledge): one connection per
+#: stream, as the HTTP/1.1 client, so that the two figures compare.
+CLIENT_H2 = r"""
+import json, socket, sys
+import h2.config, h2.connection, h2.events
+port = int(sys.stdin.readline())
+body = json.dumps({"model": "mock", "messages": [{"role": "user", "content": "idle"}],
+                   "stream": True, "max_tokens": 10}).encode()
+headers = [(":method", "POST"), (":scheme", "http"), (":authority", "127.0.0.1"),
+           (":path", "/v1/chat/completions"), ("content-type", "application/json"),
+           ("content-length", str(len(body)))]
+held = []
+for line in sys.stdin:
+    n = int(line)
+    conns = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        c.initiate_connection()
+        c.send_headers(1, headers)
+        c.send_data(1, body, end_stream=True)
+        s.sendall(c.data_to_send())
+        conns.append((s, c))
+    for s, c in conns:
+        started = False
+        while not started:
+            data = s.recv(65536)
+            if not data:
+                sys.exit("server closed an idle stream")
+            for event in c.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived) and event.stream_id == 1:
+                    started = True
+            s.sendall(c.data_to_send())  # the SETTINGS ack
+    held += conns
+    print("ok", flush=True)
+"""
+
+
 class _Discard:
     def write(self, _: str) -> int:
         return 0
@@ -105,11 +145,12 @@ def object_sizes() -> Counter[str]:
 #: cost), then the task's outermost function.
 SPAWNERS = {
     "spawn_app": "connection task: spawns the app task",
+    "_serve_one_listener": "accept loop: the socket, the connection task",
     "_attached": "app task: spawns reader/watcher",
 }
 ROOTS = {
     "_serve_one_listener": "accept loop: the socket, the connection task",
-    "_run_handler": "connection task (hypercorn TCPServer)",
+    "LightTCPServer.run": "connection task (hypercorn TCPServer)",
     "_handle": "app task (request: ASGI app + writer)",
     "RunManager.drive": "reader task (RunManager.drive)",
     "watch_disconnect": "watcher task (watch_disconnect)",
@@ -286,6 +327,17 @@ async def main(args: argparse.Namespace, client: subprocess.Popen[str]) -> None:
             deadlines = trio.lowlevel.current_task()._runner.deadlines
             heap, active = len(deadlines._heap), deadlines._active
             print(f"deadline heap: {heap} entries, {active} active, {heap - active} stale")
+            if args.trace:  # who made the stale entries' scopes (our lines, hypercorn's)
+                made: Counter[str] = Counter()
+                for deadline, _, scope in deadlines._heap:
+                    if deadline == scope._registered_deadline:
+                        continue
+                    tb = tracemalloc.get_object_traceback(scope)
+                    lines = [f"{f.filename}:{f.lineno}" for f in tb or ()]
+                    mine = [_short(f) for f in lines if "trio/" not in f and "contextlib" not in f]
+                    made[" < ".join(reversed(mine[-3:])) or "?"] += 1
+                for where, count in made.most_common(8):
+                    print(f"  {count:5d} stale, scope made at {where}")
             if args.stacks:
                 print_stacks()
             if snap0 is not None:
@@ -329,6 +381,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=300)
     parser.add_argument("--warm", type=int, default=20)
+    parser.add_argument(
+        "--h2", action="store_true",
+        help="the streams over h2c (HTTP/2 by prior knowledge), one connection each",
+    )  # fmt: skip
     parser.add_argument("--trace", action="store_true")
     parser.add_argument("--frames", type=int, default=0, help="also group by traceback")
     parser.add_argument("--objects", action="store_true")
@@ -342,8 +398,9 @@ if __name__ == "__main__":
     if args.trace:
         tracemalloc.start(max(args.frames, 1))
     client = subprocess.Popen(
-        [sys.executable, "-c", CLIENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+        [sys.executable, "-c", CLIENT_H2 if args.h2 else CLIENT],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
     try:
         trio.run(main, args, client)
     finally:

@@ -41,14 +41,27 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
+def _would_wait(receive: Receive) -> bool:
+    """Might ``receive()`` wait?  No when it is our server's inbox
+    (``server.connection.AppInbox.receive``) with a message queued; yes
+    otherwise, or when it cannot tell."""
+    queued = getattr(getattr(receive, "__self__", None), "queued", None)
+    return queued is None or not queued()
+
+
+async def read_body(
+    receive: Receive, scope: Scope, limit: int, before_wait: Callable[[], None] | None = None
+) -> bytes:
     """Read the request body, refusing (413) as soon as it passes ``limit``.
 
     A declared ``Content-Length`` over the limit is refused before reading a
     byte, so an oversized body is never held in memory.  There is no deadline
     here: the caller puts one around the whole read (``--body-timeout``, see
     :func:`trio_stream.http.common.read_request`), so that a client dribbling a
-    byte at a time is cut as surely as one that stops.
+    byte at a time is cut as surely as one that stops.  ``before_wait`` is
+    called before a ``receive()`` that may wait (not before one whose message
+    is already queued): the caller arms that deadline there, and a body that
+    came with its head arms none.
 
     Cancellation: a checkpoint per ``receive()``.  A ``Cancelled`` (the caller's ``--body-
     timeout``) leaves the body partly read; the caller answers 408 and closes the connection.
@@ -59,6 +72,9 @@ async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
     parts: list[bytes] = []
     size = 0
     while True:
+        if before_wait is not None and _would_wait(receive):
+            before_wait()
+            before_wait = None  # once: it arms one deadline for the whole body
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone

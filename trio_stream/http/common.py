@@ -32,6 +32,13 @@ from .transport import direct_body
 
 S = TypeVar("S", bound=Subscriber)
 
+#: The names of a request nursery's tasks.  trio builds ``f"{module}.{qualname}"``
+#: anew per spawn when it is not given a name (a string per task, per open
+#: stream); these are those same names, made once.
+READER_TASK = "trio_stream.runs.manager.RunManager.drive"
+WATCHER_TASK = "trio_stream.http.stream.watch_disconnect"
+FEEDER_TASK = "trio_stream.runs.cluster.Cluster.feed"
+
 
 def is_h2(scope: Scope) -> bool:
     """Is the request HTTP/2 (hypercorn owns its framing and flow control)?"""
@@ -55,12 +62,23 @@ async def read_request(settings: Settings, scope: Scope, receive: Receive) -> by
     The call comes as soon as the request's head is read, so the deadline
     counts from the request's start.
 
+    The deadline is armed only before a read that may wait (``read_body``'s
+    ``before_wait``), at the same instant: a body already queued with its head
+    -- nearly every request -- reads under a scope without one.  An armed
+    deadline stays in trio's deadline heap, holding its exited scope, until it
+    is due (``--body-timeout``), for every request (docs/design.md section 16).
+
     Cancellation: a checkpoint per body chunk; the deadline here is its own (408).  An outer
     ``Cancelled`` leaves the body partly read.
     """
     s = settings
-    with trio.move_on_after(s.body_timeout):
-        return await read_body(receive, scope, s.max_body_bytes)
+    deadline = trio.current_time() + s.body_timeout
+    with trio.CancelScope() as guard:
+
+        def arm() -> None:
+            guard.deadline = deadline
+
+        return await read_body(receive, scope, s.max_body_bytes, arm)
     raise body_timeout(s.body_timeout)
 
 
@@ -94,20 +112,26 @@ async def _attached(service: Service, sub: Subscriber, receive: Receive, *, stre
     """
     run = sub.run
     async with trio.open_nursery() as nursery:
-
-        def on_disconnect() -> None:
-            reason = "client_stalled" if sub.stalled() else "client_disconnect"
-            service.runs.cancel(run, reason)
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(service.runs.drive, run)
-        nursery.start_soon(watch_disconnect, receive, on_disconnect)
+        nursery.start_soon(service.runs.drive, run, name=READER_TASK)
+        # What a disconnect does, as a function and its arguments (held in the
+        # watcher's frame), not a closure: no function and four cells per stream.
+        nursery.start_soon(
+            watch_disconnect, receive, _disconnected, service, sub, nursery.cancel_scope,
+            name=WATCHER_TASK,
+        )  # fmt: skip
         # The writer runs in the request task itself, as the nursery's body.
         try:
             await (sub.write_sse() if stream else sub.write_json())
         except ClientStalled:
             service.runs.cancel(run, "client_stalled")
         nursery.cancel_scope.cancel()
+
+
+def _disconnected(service: Service, sub: Subscriber, scope: trio.CancelScope) -> None:
+    """An attached run's client left (or stalled): cancel the run, then the request nursery."""
+    reason = "client_stalled" if sub.stalled() else "client_disconnect"
+    service.runs.cancel(sub.run, reason)
+    scope.cancel()
 
 
 async def follow(
@@ -124,9 +148,11 @@ async def follow(
     """
     async with trio.open_nursery() as nursery:
         if receive is not None:
-            nursery.start_soon(watch_disconnect, receive, nursery.cancel_scope.cancel)
+            nursery.start_soon(
+                watch_disconnect, receive, nursery.cancel_scope.cancel, name=WATCHER_TASK
+            )
         if remote:
-            nursery.start_soon(service.runs.cluster.feed, sub.run, 0)
+            nursery.start_soon(service.runs.cluster.feed, sub.run, 0, name=FEEDER_TASK)
         try:
             await (sub.write_sse(start_now=start_now) if stream else sub.write_json())
         except ClientStalled:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -276,61 +277,60 @@ class Subscriber:
         Headers are deferred until the first event, the first ping or the end,
         so that an upstream failure before the first token can still be an
         HTTP 502/504.  Cancellable at every wait; raises ClientStalled.
+        (One method, not a wrapper around the loop: an open stream's writer
+        holds one frame fewer while it waits.)
         """
         self.pinger.touch(self)
         try:
-            await self._write_sse(start_now)
+            run, log = self.run, self.run.log
+            if start_now and not self._whole_ready():
+                await self._start()  # a replay of a finished run goes out whole instead
+            if head := self.preamble():
+                await self._start()
+                await self._send_body(head)
+            whole = False
+            hold_until: float | None = None  # --event-interval-ms: the next event's earliest time
+            while True:
+                if not self.started and self._whole_ready():
+                    whole = True
+                    break
+                if hold_until is not None:
+                    await self._hold(hold_until)
+                    hold_until = None
+                entries = [] if log.fenced else await self._backlog()
+                if entries:
+                    if not self.started:
+                        await self._start()
+                    await self._send_body(self.render(entries, self.cursor + 1))
+                    self.cursor += len(entries)
+                    if self.drives_backpressure:
+                        run.advance(self.cursor)
+                    if self.event_interval and len(entries) < BATCH and log.outcome is None:
+                        hold_until = trio.current_time() + self.event_interval
+                    continue
+                if (log.outcome is not None and run.settled) or log.fenced:
+                    break
+                if self.ping_due:
+                    self.ping_due = False
+                    await self._start()
+                    await self._send_body(sse.PING)
+                    continue
+                await run.wait_changed()  # an append, the end, a fence, or the pinger
+            if log.fenced:
+                return  # sessions rule 3: a fenced run emits nothing more
+            outcome = log.outcome
+            assert outcome is not None
+            if not self.started and run.error is not None and log.last_seq == 0:
+                await send_error(self._send, run.error, self.headers)
+                self.started = True
+                return
+            if whole:
+                await self._send_whole(outcome)
+                return
+            await self._start()
+            await self._send_body(self.terminal(outcome), more=False)
         finally:
             self.pinger.discard(self)
-
-    async def _write_sse(self, start_now: bool) -> None:
-        run, log = self.run, self.run.log
-        if start_now and not self._whole_ready():
-            await self._start()  # a replay of a finished run goes out whole instead
-        if head := self.preamble():
-            await self._start()
-            await self._send_body(head)
-        whole = False
-        hold_until: float | None = None  # --event-interval-ms: the next event's earliest time
-        while True:
-            if not self.started and self._whole_ready():
-                whole = True
-                break
-            if hold_until is not None:
-                await self._hold(hold_until)
-                hold_until = None
-            entries = [] if log.fenced else await self._backlog()
-            if entries:
-                if not self.started:
-                    await self._start()
-                await self._send_body(self.render(entries, self.cursor + 1))
-                self.cursor += len(entries)
-                if self.drives_backpressure:
-                    run.advance(self.cursor)
-                if self.event_interval and len(entries) < BATCH and log.outcome is None:
-                    hold_until = trio.current_time() + self.event_interval
-                continue
-            if (log.outcome is not None and run.settled) or log.fenced:
-                break
-            if self.ping_due:
-                self.ping_due = False
-                await self._start()
-                await self._send_body(sse.PING)
-                continue
-            await run.wait_changed()  # an append, the end, a fence, or the pinger
-        if log.fenced:
-            return  # sessions rule 3: a fenced run emits nothing more
-        outcome = log.outcome
-        assert outcome is not None
-        if not self.started and run.error is not None and log.last_seq == 0:
-            await send_error(self._send, run.error, self.headers)
-            self.started = True
-            return
-        if whole:
-            await self._send_whole(outcome)
-            return
-        await self._start()
-        await self._send_body(self.terminal(outcome), more=False)
 
     async def _send_whole(self, outcome: Outcome) -> None:
         """The whole answer as one body (see :meth:`_whole_ready`)."""
@@ -456,8 +456,10 @@ class Subscriber:
             await send_bytes(self._send, status, body, JSON, self.headers)
 
 
-async def watch_disconnect(receive: Receive, on_disconnect: Callable[[], None]) -> None:
-    """Block on ``receive()`` until ``http.disconnect``, then call ``on_disconnect``.
+async def watch_disconnect(
+    receive: Receive, on_disconnect: Callable[..., None], *args: Any
+) -> None:
+    """Block on ``receive()`` until ``http.disconnect``, then call ``on_disconnect(*args)``.
 
     Must be the one task reading ``receive`` after the body is read: a
     disconnect that is already queued is seen at once (hypercorn issue #210).
@@ -469,4 +471,4 @@ async def watch_disconnect(receive: Receive, on_disconnect: Callable[[], None]) 
         message = await receive()
         if message["type"] == "http.disconnect":
             break
-    on_disconnect()
+    on_disconnect(*args)

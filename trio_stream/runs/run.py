@@ -89,11 +89,52 @@ class Done:
         await self._lot.park()
 
 
+class Waiters:
+    """Tasks waiting for one of a run's wake-ups: the ``park``, ``unpark_all``
+    and truth of a :class:`trio.lowlevel.ParkingLot`, as one slotted object
+    holding a list -- the lot holds an ``OrderedDict`` (about 0.35 KB with
+    the lot), and every open stream's run has one.
+
+    ``park`` is not ``async def``: it parks the calling task at once and
+    hands back trio's own wait, for the caller to await at once (``await
+    waiters.park()``); a waiting writer then holds no frame of it.  The wait
+    is cancellable as the lot's: a cancelled waiter leaves the list.
+    """
+
+    __slots__ = ("_tasks",)
+
+    def __init__(self) -> None:
+        self._tasks: list[trio.lowlevel.Task] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._tasks)
+
+    def park(self) -> Coroutine[Any, Any, Any]:
+        """Park the current task until :meth:`unpark_all`; await the result at once.
+        Cancellation: as ``ParkingLot.park``."""
+        task = trio.lowlevel.current_task()
+        self._tasks.append(task)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._tasks.remove(task)  # still here: an unparked task is not aborted
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return trio.lowlevel.wait_task_rescheduled(abort)  # noqa: ASYNC105 (awaited by the caller)
+
+    def unpark_all(self) -> None:
+        """Wake every parked task (in the order they parked)."""
+        tasks = self._tasks
+        if tasks:
+            self._tasks = []
+            for task in tasks:
+                trio.lowlevel.reschedule(task)
+
+
 class Run:
     """One upstream completion: its log, its cancel scope, its wake-ups.
 
     Every open stream holds one, so it is kept small: ``__slots__``, and the
-    two parking lots that only some runs use (``_room``: an attached run's
+    two wait lists that only some runs use (``_room``: an attached run's
     reader blocked on a full ``--window``; ``_held``: writers holding events
     for ``--event-interval-ms``) are created on their first wait.  A run
     nobody waits on never has them, and waking it skips them.
@@ -150,12 +191,12 @@ class Run:
         # entries ahead of its writer's cursor.  ``None``: no writer to wait for.
         self.window: int | None = None
         self.writer_cursor = 0
-        self._changed = trio.lowlevel.ParkingLot()
+        self._changed = Waiters()
         # Created by the first wait (see the class docstring); ``None`` until then.
-        self._room: trio.lowlevel.ParkingLot | None = None
+        self._room: Waiters | None = None
         # Writers holding events back for ``--event-interval-ms``: woken by
         # the end, a fence, the cleanup, or a full window -- never per token.
-        self._held: trio.lowlevel.ParkingLot | None = None
+        self._held: Waiters | None = None
 
     def final_usage(self) -> Usage:
         """The usage of what this run received (docs/api.md section 2.10)."""
@@ -216,7 +257,7 @@ class Run:
             if self._held:  # the writer's interval must not throttle the upstream
                 self._held.unpark_all()
             if self._room is None:
-                self._room = trio.lowlevel.ParkingLot()
+                self._room = Waiters()
             await self._room.park()
 
     def end(self, outcome: Outcome) -> bool:
@@ -257,8 +298,9 @@ class Run:
             self._held.unpark_all()
 
     # -- subscriber side --------------------------------------------------
-    # These two hand back the parking lot's own wait (``await run.wait_changed()``):
-    # not ``async def``, so a waiting writer holds no frame of theirs.
+    # These two hand back trio's own wait (``await run.wait_changed()``), the
+    # task already parked (:class:`Waiters`): not ``async def``, so a waiting
+    # writer holds no frame of theirs, nor of a parking lot's ``park``.
     def wait_changed(self) -> Coroutine[Any, Any, None]:
         """Block until an append, the end, a fence or the cleanup.  Cancellable."""
         return self._changed.park()
@@ -267,7 +309,7 @@ class Run:
         """Block until the end, a fence, the cleanup, or the attached run
         waiting on a full window (not on appends).  Cancellable."""
         if self._held is None:
-            self._held = trio.lowlevel.ParkingLot()
+            self._held = Waiters()
         return self._held.park()
 
     def advance(self, cursor: int) -> None:

@@ -8,7 +8,7 @@ function by the SHA-256 of its source, so a new hypercorn release fails that
 test until the copies are re-read.  What differs from hypercorn, and why:
 
 * :mod:`.serve` -- ``serve()`` builds the worker from hypercorn's parts
-  (``TCPServer`` per connection, ``trio.serve_listeners``) around our guarded
+  (``TCPServer`` per connection, trio's accept loop) around our guarded
   transport, and shuts down as docs/api.md section 3.7 says (503, grace
   period, cancel and save, cut the transports).  Its ``Connection`` closes a
   connection in a shielded scope with a deadline (``TCPServer._close`` was

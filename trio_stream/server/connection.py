@@ -65,6 +65,11 @@ from .h2direct import close_flusher, direct_data
 GOAWAY_TIMEOUT = 1.0
 
 
+#: Every request task's name: trio builds ``f"{module}.{qualname}"`` anew per
+#: spawn when it is not given one (a string per open stream); this is that
+#: same name, once.
+REQUEST_TASK = "hypercorn.trio.task_group._handle"
+
 #: The message types that end a request's events: never refused by :class:`AppInbox`.
 FINAL = frozenset({"http.disconnect", "websocket.disconnect"})
 
@@ -135,6 +140,10 @@ class AppInbox:
             self._items = []
         self._items.append(message)
 
+    def queued(self) -> bool:
+        """Is a message queued (the next ``receive`` returns without waiting)?"""
+        return bool(self._items)
+
     async def receive(self) -> Any:
         """The app's ``receive()``.  Cancellation: a checkpoint; a ``Cancelled`` while it waits
         takes no message (the next receive gets it).
@@ -192,7 +201,7 @@ class LightTaskGroup(TaskGroup):
         try:
             self._nursery.start_soon(
                 _handle, app, config, scope, inbox.receive, send,
-                trio.to_thread.run_sync, trio.from_thread.run,
+                trio.to_thread.run_sync, trio.from_thread.run, name=REQUEST_TASK,
             )  # fmt: skip
         finally:
             if token is not None:
@@ -281,73 +290,79 @@ class LightTCPServer(TCPServer):
         connection's request tasks, then its ``finally`` closes the connection
         (``server.serve.Connection._close`` shields that close, with a deadline).
         """
-        # hypercorn 0.18.0's TCPServer.run, with LightTaskGroup for TaskGroup,
-        # and no handshake deadline on a plain connection: hypercorn entered
-        # fail_after(ssl_handshake_timeout) before finding out there is no
-        # handshake, and the exited scope's entry stayed in trio's deadline
-        # heap (holding the scope) for that long -- 60 s, per connection.
-        # And once the read loop ends, the idle timer is stopped (see there).
-        if isinstance(self.stream, trio.SSLStream):
-            try:
-                with trio.fail_after(self.config.ssl_handshake_timeout):
-                    await self.stream.do_handshake()
-            except (trio.BrokenResourceError, trio.TooSlowError):
-                return  # Handshake failed
-            alpn_protocol = self.stream.selected_alpn_protocol()
-            socket = self.stream.transport_stream.socket
-            ssl = True
-        else:  # Not SSL
-            alpn_protocol = "http/1.1"
-            socket = self.stream.socket
-            ssl = False
-
         try:
-            client = parse_socket_addr(socket.family, socket.getpeername())
-            server = parse_socket_addr(socket.family, socket.getsockname())
-            # The request tasks (spawned from this task) inherit it: their
-            # bodies may be written directly (transport.DirectBody on plain
-            # HTTP/1.1, h2direct.DirectData on HTTP/2).
-            LINK.set(Link(self.stream, self.send_lock, self._broken))
+            # hypercorn 0.18.0's TCPServer.run, with LightTaskGroup for TaskGroup,
+            # and no handshake deadline on a plain connection: hypercorn entered
+            # fail_after(ssl_handshake_timeout) before finding out there is no
+            # handshake, and the exited scope's entry stayed in trio's deadline
+            # heap (holding the scope) for that long -- 60 s, per connection.
+            # And once the read loop ends, the idle timer is stopped (see there).
+            if isinstance(self.stream, trio.SSLStream):
+                try:
+                    with trio.fail_after(self.config.ssl_handshake_timeout):
+                        await self.stream.do_handshake()
+                except (trio.BrokenResourceError, trio.TooSlowError):
+                    return  # Handshake failed
+                alpn_protocol = self.stream.selected_alpn_protocol()
+                socket = self.stream.transport_stream.socket
+                ssl = True
+            else:  # Not SSL
+                alpn_protocol = "http/1.1"
+                socket = self.stream.socket
+                ssl = False
 
-            async with LightTaskGroup() as task_group:
-                self._task_group = task_group
-                self.protocol = ProtocolWrapper(
-                    self.app, self.config, self.context, task_group,
-                    ConnectionState(self.state), ssl, client, server,
-                    self.protocol_send, alpn_protocol,
-                )  # fmt: skip
-                await self.protocol.initiate()
-                await self.idle_task.restart(self._task_group, self._idle_timeout)
-                if self.config.read_timeout is not None:
-                    await self._read_data()  # hypercorn's loop, with its deadline
-                    close_flusher(self.protocol.protocol)  # as below
-                    await self.idle_task.stop()  # as below
-                    return
-                # The read loop (see the module docstring), here rather than
-                # in a method of its own: one frame fewer while it waits.
-                sock = self.stream.socket if isinstance(self.stream, GuardedStream) else None
-                while True:
-                    try:
-                        if sock is not None and sock.fileno() >= 0:  # closed: the read says so
-                            await trio.lowlevel.wait_readable(sock)
-                        data = await self.stream.receive_some(MAX_RECV)
-                    except (trio.ClosedResourceError, trio.BrokenResourceError):
-                        break
-                    await self.protocol.handle(RawData(bytes(data)))
-                    if data == b"":
-                        break
-                await self.protocol.handle(Closed())
-                close_flusher(self.protocol.protocol)  # h2direct: its task ends
-                # The peer is gone: a running idle timer has nothing left to
-                # time, and the task group would wait for it (up to
-                # keep_alive_timeout) before the socket is closed.
-                await self.idle_task.stop()
-        except* OSError:
-            pass  # hypercorn's: the socket went away under us
-        except* Exception as group:
-            await self._crashed(group)  # this connection ends; the server goes on
+            try:
+                client = parse_socket_addr(socket.family, socket.getpeername())
+                server = parse_socket_addr(socket.family, socket.getsockname())
+                # The request tasks (spawned from this task) inherit it: their
+                # bodies may be written directly (transport.DirectBody on plain
+                # HTTP/1.1, h2direct.DirectData on HTTP/2).
+                LINK.set(Link(self.stream, self.send_lock, self._broken))
+
+                async with LightTaskGroup() as task_group:
+                    self._task_group = task_group
+                    self.protocol = ProtocolWrapper(
+                        self.app, self.config, self.context, task_group,
+                        ConnectionState(self.state), ssl, client, server,
+                        self.protocol_send, alpn_protocol,
+                    )  # fmt: skip
+                    await self.protocol.initiate()
+                    await self.idle_task.restart(self._task_group, self._idle_timeout)
+                    if self.config.read_timeout is not None:
+                        await self._read_data()  # hypercorn's loop, with its deadline
+                        close_flusher(self.protocol.protocol)  # as below
+                        await self.idle_task.stop()  # as below
+                        return
+                    # The read loop (see the module docstring), here rather than
+                    # in a method of its own: one frame fewer while it waits.
+                    sock = self.stream.socket if isinstance(self.stream, GuardedStream) else None
+                    while True:
+                        try:
+                            if sock is not None and sock.fileno() >= 0:  # closed: the read says so
+                                await trio.lowlevel.wait_readable(sock)
+                            data = await self.stream.receive_some(MAX_RECV)
+                        except (trio.ClosedResourceError, trio.BrokenResourceError):
+                            break
+                        await self.protocol.handle(RawData(bytes(data)))
+                        if data == b"":
+                            break
+                    await self.protocol.handle(Closed())
+                    close_flusher(self.protocol.protocol)  # h2direct: its task ends
+                    # The peer is gone: a running idle timer has nothing left to
+                    # time, and the task group would wait for it (up to
+                    # keep_alive_timeout) before the socket is closed.
+                    await self.idle_task.stop()
+            except* OSError:
+                pass  # hypercorn's: the socket went away under us
+            except* Exception as group:
+                await self._crashed(group)  # this connection ends; the server goes on
+            finally:
+                await self._close()
         finally:
-            await self._close()
+            # What trio's ``_run_handler`` did around it (the connection task
+            # runs this method itself: ``serve._serve_listeners``): the stream
+            # is closed on every exit, also a failed TLS handshake's.
+            await trio.aclose_forcefully(self.stream)
 
     async def _crashed(self, group: BaseExceptionGroup[Exception]) -> None:
         """What an error out of this connection's handling ends: the connection.

@@ -2,7 +2,7 @@
 
 We do not call ``hypercorn.trio.serve``: we build its pieces ourselves
 (:class:`Connection`, a hypercorn ``TCPServer``, per connection, and
-``trio.serve_listeners``) so that
+``trio.serve_listeners``'s accept loop, as :func:`_serve_listeners`) so that
 
 * every accepted socket is a :class:`~trio_stream.http.transport.GuardedStream`
   (writes with a deadline, even inside hypercorn's shield), and
@@ -19,7 +19,7 @@ Ownership (the whole tree is in docs/design.md section 3)::
             └── connections nursery    one Connection per accepted socket
                 ├── Connection         (hypercorn) one task per request -> http/chat.py
                 └── accepting nursery  in the connections nursery's body
-                    ├── trio.serve_listeners  starts each Connection in the connections nursery
+                    ├── _serve_listeners  starts each Connection.run in the connections nursery
                     └── (body)         waits for shutdown, then _drain
 
 The accepting nursery closes first (stop accepting, grace period, cancel and
@@ -28,9 +28,13 @@ save), then the transports are cut and the connections nursery is cancelled.
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 import socket
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import trio
 from hypercorn.config import Config
@@ -44,9 +48,11 @@ from ..http.transport import GuardedListener, TransportGuard
 from ..logs import EventLogger
 from ..store import Store
 from ..upstream import Upstream
-from . import hypercorn_fixes
+from . import h2_memory, hypercorn_fixes
 from .asgi import ServerApp
 from .connection import LightTCPServer
+
+LOGGER = logging.getLogger("trio.serve_listeners")  # trio's, for its accept errors
 
 #: After ``--graceful-timeout``: how long cancelled runs get to save and their
 #: clients to receive the ``shutdown`` error event.  Keeps the whole shutdown
@@ -205,6 +211,7 @@ async def serve_service(
     """
     settings = service.settings
     hypercorn_fixes.apply(service.logger)
+    h2_memory.apply(service.logger)  # lists for h2's and hpack's deques (a KB each)
     app = TrioStreamApp(service)
     await app.startup()
     config = hypercorn_config(settings)
@@ -223,7 +230,7 @@ async def serve_service(
 
             async def serve_listeners() -> None:
                 with accept:
-                    await trio.serve_listeners(handler, listeners, handler_nursery=connections)
+                    await _serve_listeners(handler, listeners, connections)
 
             accepting.start_soon(serve_listeners)
             port = _port(listeners[0])
@@ -236,6 +243,70 @@ async def serve_service(
         guard.abort_all()
         connections.cancel_scope.cancel()
     service.logger.event("shutdown_complete")
+
+
+#: Every connection task's name (trio builds ``f"{module}.{qualname}"`` anew
+#: per spawn when it is not given one: a string per open connection).
+CONNECTION_TASK = "trio_stream.server.serve.Connection.run"
+#: trio's: accept errors that mean "out of resources": log, wait, accept again.
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_RETRY = 0.1
+
+
+async def _serve_listeners(
+    handler: Callable[[trio.abc.Stream], Any],
+    listeners: Sequence[trio.abc.Listener[trio.abc.Stream]],
+    connections: trio.Nursery,
+) -> None:
+    """``trio.serve_listeners(handler, listeners, handler_nursery=connections)``,
+    starting each connection's ``run`` itself as its task: without trio's
+    ``_run_handler`` frame and hypercorn's ``__await__`` wrapper, which an
+    open connection held for its whole life, and with a constant task name.
+    ``run`` closes its stream on every exit, as ``_run_handler`` did.
+
+    Cancellation: runs until cancelled; each listener is closed on the way out.
+    """
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(_serve_one_listener, listener, handler, connections)
+
+
+async def _serve_one_listener(
+    listener: trio.abc.Listener[trio.abc.Stream],
+    handler: Callable[[trio.abc.Stream], Any],
+    connections: trio.Nursery,
+) -> None:
+    """trio 0.35's ``_serve_one_listener``, spawning ``handler(stream).run``.
+
+    Cancellation: a checkpoint per accept; a ``Cancelled`` closes the listener.
+    """
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                LOGGER.error(
+                    "accept returned %s (%s); retrying in %s seconds",
+                    errno.errorcode[exc.errno], os.strerror(exc.errno), ACCEPT_RETRY,
+                    exc_info=True,
+                )  # fmt: skip
+                await trio.sleep(ACCEPT_RETRY)
+                continue
+            server = handler(stream)
+            if isinstance(server, LightTCPServer):  # its run closes the stream on every exit
+                connections.start_soon(server.run, name=CONNECTION_TASK)
+            else:  # a stand-in (a test's hypercorn TCPServer): as trio's _run_handler
+                connections.start_soon(_run_closing, server, stream, name=CONNECTION_TASK)
+
+
+async def _run_closing(server: Any, stream: trio.abc.Stream) -> None:
+    """trio's ``_run_handler``: run ``server``, then close ``stream`` whatever happened."""
+    try:
+        await server.run()
+    finally:
+        await trio.aclose_forcefully(stream)
 
 
 async def _drain(

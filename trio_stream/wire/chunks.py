@@ -53,30 +53,49 @@ class ChunkEncoder:
     text between two byte strings made once per run (per shape).
     """
 
+    # Slotted, and the two byte strings made by the first event that needs
+    # them: every open stream's run holds an encoder, and an idle one has
+    # rendered nothing yet (docs/design.md section 16).
+    __slots__ = (
+        "_head",
+        "_ours",
+        "_shape",
+        "_text",
+        "coalesce",
+        "completion_id",
+        "created",
+        "model",
+    )
+
     def __init__(self, completion_id: str, model: str, created: int, *, coalesce: bool) -> None:
         self.completion_id = completion_id
         self.model = model
         self.created = created
         self.coalesce = coalesce
-        self._head = (
-            b'{"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,'
-            b'"choices":[{"index":0,"delta":'
-            % (orjson.dumps(completion_id), created, orjson.dumps(model))
-        )
-        # The rewritten keys, for a chunk body appended after them.
-        self._ours = b'{"id":%s,"created":%d,"model":%s,' % (
-            orjson.dumps(completion_id),
-            created,
-            orjson.dumps(model),
-        )
+        self._head: bytes | None = None
+        self._ours: bytes | None = None
         self._shape: Chunk | None = None
         self._text: tuple[bytes, bytes] = (b"", b"")
 
     def _chunk(self, delta: bytes, finish: bytes = b"null") -> bytes:
-        return self._head + delta + b',"finish_reason":' + finish + b"}]}"
+        head = self._head
+        if head is None:
+            head = self._head = (
+                b'{"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,'
+                b'"choices":[{"index":0,"delta":'
+                % (orjson.dumps(self.completion_id), self.created, orjson.dumps(self.model))
+            )
+        return head + delta + b',"finish_reason":' + finish + b"}]}"
 
     def _body(self, body: dict[str, Any]) -> bytes:
-        return self._ours + orjson.dumps(body)[1:]
+        ours = self._ours
+        if ours is None:  # the rewritten keys, for a chunk body appended after them
+            ours = self._ours = b'{"id":%s,"created":%d,"model":%s,' % (
+                orjson.dumps(self.completion_id),
+                self.created,
+                orjson.dumps(self.model),
+            )
+        return ours + orjson.dumps(body)[1:]
 
     def _text_bytes(self, text: str, shape: Chunk | None, first: bool) -> bytes:
         if shape is None:
