@@ -32,7 +32,7 @@ from trio_stream.http.stream import Subscriber
 from trio_stream.runs import Done, Run
 from trio_stream.runs.run import Waiters
 from trio_stream.runs.spans import traced
-from trio_stream.server import h2_memory, hypercorn_fixes, serve
+from trio_stream.server import hypercorn_fixes, serve
 from trio_stream.server.asgi import ServerApp
 from trio_stream.server.connection import REQUEST_TASK, AppInbox
 from trio_stream.upstream.mock import _Sleeper
@@ -247,50 +247,6 @@ async def test_run_waiters_park_unpark_and_cancel_as_a_parking_lot() -> None:
     assert cs.cancelled_caught
     assert not waiters  # the cancelled waiter left
     waiters.unpark_all()  # nobody to wake: nothing happens
-
-
-def test_h2_memory_is_written_for_the_installed_h2_and_hpack() -> None:
-    """``server.h2_memory`` replaces ``deque`` in ``h2.settings`` and
-    ``hpack.table`` after reading how these versions use it; another
-    version must be re-read (then ``apply`` changes nothing)."""
-    assert {n: metadata.version(n) for n in h2_memory.WRITTEN_FOR} == h2_memory.WRITTEN_FOR
-    assert h2_memory.apply() is True
-    assert h2_memory.applied()
-
-
-def test_h2_settings_and_header_tables_behave_as_with_deques() -> None:
-    """With ``h2_memory`` applied, an ``h2`` connection's settings and HPACK
-    tables hold lists (about 0.1 KB each instead of 0.76 KB), and behave as
-    with ``deque``: a setting changed and acknowledged, a new one, settings
-    compared; headers encoded, decoded and evicted from a small table."""
-    import h2.config
-    import h2.connection
-    import h2.settings
-    import hpack
-
-    h2_memory.apply()
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-    settings = conn.local_settings
-    assert all(isinstance(v, h2_memory.Values) for v in settings._settings.values())
-    settings.initial_window_size = 1000
-    assert settings.initial_window_size == 65535  # not acknowledged yet
-    changed = settings.acknowledge()
-    assert changed[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE].new_value == 1000
-    assert settings.initial_window_size == 1000
-    settings.max_header_list_size = 4096  # a setting not held before
-    settings.acknowledge()
-    assert settings.max_header_list_size == 4096
-    other = h2.settings.Settings(client=False)
-    assert other == h2.settings.Settings(client=False)
-    assert other != settings
-    encoder, decoder = hpack.Encoder(), hpack.Decoder()
-    encoder.header_table_size = decoder.header_table_size = 100  # evicts after two entries
-    assert isinstance(encoder.header_table.dynamic_entries, h2_memory.Values)
-    for i in range(5):
-        headers = [("x-name", f"value-{i}"), ("x-other", "same")]
-        assert decoder.decode(encoder.encode(headers)) == headers
-    assert len(encoder.header_table.dynamic_entries) <= 2
-    assert encoder.header_table.dynamic_entries == decoder.header_table.dynamic_entries
 
 
 @pytest.mark.parametrize(

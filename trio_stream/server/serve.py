@@ -48,7 +48,7 @@ from ..http.transport import GuardedListener, TransportGuard
 from ..logs import EventLogger
 from ..store import Store
 from ..upstream import Upstream
-from . import h2_memory, hypercorn_fixes
+from . import hypercorn_fixes
 from .asgi import ServerApp
 from .connection import LightTCPServer
 
@@ -211,7 +211,6 @@ async def serve_service(
     """
     settings = service.settings
     hypercorn_fixes.apply(service.logger)
-    h2_memory.apply(service.logger)  # lists for h2's and hpack's deques (a KB each)
     app = TrioStreamApp(service)
     await app.startup()
     config = hypercorn_config(settings)
