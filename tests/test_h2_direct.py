@@ -377,10 +377,10 @@ async def test_streams_starting_together_all_stay_on_the_direct_path(
     settings: Settings, tmp_path: Path, proto: str, counts: Counts
 ) -> None:
     """50 streams started at once on one connection, while hypercorn's send
-    task writes their heads and first chunks: not one later chunk is declined
-    (each stream's first and last chunks are hypercorn's by design, and never
-    reach ``DirectData.send``).  hypercorn's own ``protocol_send`` held the send
-    lock across its schedule points, so chunks that came while it wrote
+    task writes their heads: not one chunk is declined (each stream's last
+    chunk goes through ``DirectData.end``, which this does not count).
+    hypercorn's own ``protocol_send`` held the send lock across its schedule
+    points, so chunks that came while it wrote
     found the lock held and took hypercorn's path -- under load nearly all of
     them (docs/design.md section 15)."""
     s, ctx = tls_context(tmp_path, settings) if proto == "tls" else (settings, None)

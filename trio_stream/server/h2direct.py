@@ -61,9 +61,16 @@ HTTP/1.1: a write goes out whole or the connection is closed (a write that
 has to wait finishes in a shielded scope, bounded by the guarded stream's
 stall deadline -- over TLS the raw socket under ``trio.SSLStream`` is the
 guarded stream); a broken connection is reported to hypercorn, which
-delivers ``http.disconnect`` to every stream of it.  The end of the body
-(``END_STREAM``) stays with hypercorn: the caller sends the last chunk
-through ASGI.
+delivers ``http.disconnect`` to every stream of it.
+
+The body's first chunk goes this way too (hypercorn wrote the HEADERS frame
+when the head was sent), and so does its last, with ``END_STREAM`` on its
+own DATA frame (:meth:`DirectData.end`); the caller then sends an empty last
+ASGI body message, so that hypercorn ends the response as usual, and
+:func:`finish_ended` completes hypercorn's ``EndBody`` for it without its
+send task.  Through hypercorn's path the first chunk, the last one and the
+``END_STREAM`` each cost the send task a wake-up, a walk of the priority
+tree and a write of their own.
 """
 
 from __future__ import annotations
