@@ -376,8 +376,8 @@ async def test_heads_first_chunks_and_ends_skip_hypercorns_send_task(
 async def test_streams_starting_together_all_stay_on_the_direct_path(
     settings: Settings, tmp_path: Path, proto: str, counts: Counts
 ) -> None:
-    """50 streams started at once on one connection, while hypercorn's send
-    task writes their heads: not one chunk is declined (each stream's last
+    """50 streams started at once on one connection, while their heads are
+    being written: not one chunk is declined (each stream's last
     chunk goes through ``DirectData.end``, which this does not count).
     hypercorn's own ``protocol_send`` held the send lock across its schedule
     points, so chunks that came while it wrote
