@@ -194,12 +194,9 @@ class Subscriber:
         # ``--event-interval-ms`` in seconds: after an event, what arrives
         # within it is held back and merged into the next one (0: off).
         self.event_interval = event_interval
-        # HTTP/1.1 on a plain connection, and HTTP/2: once the head and a
-        # first chunk went out through ASGI (HTTP/2: once the head did), later
-        # chunks are written straight to the connection
-        # (``transport.DirectBody``, ``server.h2direct``) when they can go at
-        # once; the last one goes through ASGI (HTTP/2: it and the end of the
-        # stream go directly too, and ASGI only hears that the body ended).
+        # HTTP/1.1 on a plain connection, and HTTP/2: chunks after the head
+        # (HTTP/1.1: after the first) go straight to the connection when they
+        # can go at once (``transport.DirectBody``, ``server.h2direct``).
         self._direct = direct
         # Where the writer waits out a burst (None: it yields itself).
         self._bursts = bursts
@@ -228,9 +225,7 @@ class Subscriber:
         if direct is not None and more and await direct.send(body):
             pass  # written (or dropped: the connection is gone, which the watcher hears)
         elif direct is not None and not more and await direct.end(body):
-            # The chunk and the end of the body went directly (HTTP/2:
-            # END_STREAM on its DATA frame); hypercorn is told the response
-            # is over by the empty last message, which writes nothing.
+            # HTTP/2: chunk and END_STREAM went directly; this ends the response
             with trio.move_on_after(self.stall_timeout) as cs:
                 await self._send({"type": "http.response.body", "body": b"", "more_body": False})
             cut = cs.cancelled_caught
