@@ -333,6 +333,19 @@ async def test_streams_of_one_connection_share_writes(
     assert counts.writes < counts.direct
 
 
+def _record_protocols(monkeypatch: pytest.MonkeyPatch) -> list[H2Protocol]:
+    """Every hypercorn ``H2Protocol`` made from now on (the connections' HTTP/2 state)."""
+    made: list[H2Protocol] = []
+    init = H2Protocol.__init__
+
+    def recording_init(self: H2Protocol, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(H2Protocol, "__init__", recording_init)
+    return made
+
+
 async def test_heads_first_chunks_and_ends_skip_hypercorns_send_task(
     settings: Settings, tmp_path: Path, proto: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -358,6 +371,7 @@ async def test_heads_first_chunks_and_ends_skip_hypercorns_send_task(
 
     monkeypatch.setattr(H2Protocol, "_send_data", counting_send_data)
     monkeypatch.setattr(h2direct, "finish_ended", counting_finish)
+    protocols = _record_protocols(monkeypatch)
     s, ctx = tls_context(tmp_path, settings) if proto == "tls" else (settings, None)
     s = s.replace(mock_delay_ms=10)
     with trio.fail_after(20):
@@ -368,9 +382,39 @@ async def test_heads_first_chunks_and_ends_skip_hypercorns_send_task(
                 for i, st in streams:
                     assert await st.response() == 200
                     assert await read_text(st) == (expected(f"stream {i}", 20), "[DONE]")
-            await server.service.wait_streams_closed()
+                await server.service.wait_streams_closed()
+                await trio.testing.wait_all_tasks_blocked()
+                assert [p.stream_buffers for p in protocols] == [{}]  # nothing left behind
             assert await tasks_living() == baseline
     assert called == {"send_data": 0, "finished": 20}
+
+
+async def test_a_direct_end_that_hypercorn_completes_still_ends_every_stream(
+    settings: Settings, tmp_path: Path, proto: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When ``finish_ended`` declines (its send task busy), hypercorn's own path
+    completes the ``EndBody`` of a stream whose ``END_STREAM`` already went out
+    directly: its send task finds the stream ended in ``h2``, drops the buffer
+    and releases the writer's ``drain`` -- every stream ends, exact, the
+    connection serves the next ones, and hypercorn holds no buffer for any
+    of them afterwards (its per-stream state is freed on a connection that
+    lives on)."""
+    monkeypatch.setattr(h2direct, "finish_ended", lambda protocol, stream_id: False)
+    protocols = _record_protocols(monkeypatch)
+    s, ctx = tls_context(tmp_path, settings) if proto == "tls" else (settings, None)
+    s = s.replace(mock_delay_ms=5)
+    with trio.fail_after(20):
+        async with running_server(s) as server:
+            baseline = await tasks_living()
+            async with open_h2_connection("127.0.0.1", server.port, ctx) as conn:
+                for batch in range(2):
+                    streams = [(i, await post(conn, f"s{batch}.{i}", 10)) for i in range(10)]
+                    for i, st in streams:
+                        assert await read_text(st) == (expected(f"s{batch}.{i}", 10), "[DONE]")
+                await server.service.wait_streams_closed()
+                await trio.testing.wait_all_tasks_blocked()
+                assert [p.stream_buffers for p in protocols] == [{}]
+            assert await tasks_living() == baseline
 
 
 async def test_streams_starting_together_all_stay_on_the_direct_path(
