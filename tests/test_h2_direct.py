@@ -20,8 +20,9 @@ import orjson
 import pytest
 import trio
 import trio.testing
-from hypercorn.protocol.h2 import StreamBuffer
+from hypercorn.protocol.h2 import H2Protocol, StreamBuffer
 from hypercorn.trio.worker_context import EventWrapper
+from priority import priority
 
 from tests.conftest import running_server, tasks_living, waitable_server
 from tests.protocols import client_context, h2_context, server_context, serving
@@ -82,6 +83,28 @@ def test_encode_declines_what_does_not_fit_and_changes_nothing() -> None:
         h2direct.encode_data(conn, 1, b"x")
 
 
+def test_encoded_last_frame_is_what_h2_send_data_makes_with_end_stream() -> None:
+    """``encode_data(..., end_stream=True)`` -- the direct end of a body --
+    writes the bytes ``send_data(..., end_stream=True)`` writes (the
+    ``END_STREAM`` flag on the chunk's own frame) and leaves the same windows
+    and stream state, with a payload and without one; afterwards both refuse
+    more DATA on the stream with h2's ``ProtocolError``."""
+    for last in (b"data: [DONE]\n\n", b""):
+        ours, theirs = _server_with_open_stream(), _server_with_open_stream()
+        assert h2direct.encode_data(ours, 1, b"first", False)
+        theirs.send_data(1, b"first")
+        assert h2direct.encode_data(ours, 1, last, True)
+        theirs.send_data(1, last, end_stream=True)
+        assert ours.data_to_send() == theirs.data_to_send()
+        assert ours.local_flow_control_window(1) == theirs.local_flow_control_window(1)
+        assert ours.outbound_flow_control_window == theirs.outbound_flow_control_window
+        assert ours.streams[1].state_machine.state == theirs.streams[1].state_machine.state
+        with pytest.raises(h2.exceptions.ProtocolError):
+            h2direct.encode_data(ours, 1, b"more")
+        with pytest.raises(h2.exceptions.ProtocolError):
+            theirs.send_data(1, b"more")
+
+
 class _Protocol:
     """What ``DirectData`` and ``Flusher`` read of hypercorn's ``H2Protocol``: its
     ``h2`` connection, its stream buffers (hypercorn's own ``StreamBuffer`` with
@@ -93,6 +116,12 @@ class _Protocol:
         self.closed = False
         self.spawned: list[object] = []
         self.task_group = self
+        # What finish_ended reads too: the send task's event, the priority
+        # tree with stream 1 in it, blocked (as _create_stream leaves it).
+        self.has_data = EventWrapper()
+        self.priority = priority.PriorityTree()
+        self.priority.insert_stream(1)
+        self.priority.block(1)
 
     def spawn(self, fn: object) -> None:
         self.spawned.append(fn)
@@ -146,6 +175,34 @@ async def test_held_bytes_that_do_not_fit_with_the_chunk_stay_with_hypercorn() -
     assert protocol.connection.data_to_send() == b""
     assert bytes(buffer.buffer) == held
     assert protocol.connection.local_flow_control_window(1) == window
+
+
+async def test_end_of_body_is_completed_without_the_send_task_only_when_it_is_idle() -> None:
+    """``finish_ended`` completes hypercorn's ``EndBody`` of a stream (drops its
+    buffer, takes it out of the priority tree) only when hypercorn's send task
+    has nothing left to do for it: the buffer is empty, ``h2`` has the sending
+    half closed (the direct END_STREAM), and the send task is parked on
+    ``has_data`` -- not inside ``_send_data``, where a buffer taken from under it
+    would raise ``KeyError`` out of the connection's task.  Otherwise it
+    changes nothing and hypercorn's ``stream_send`` does the work."""
+    protocol, lock = _Protocol(), trio.Lock()
+    direct = _direct(protocol, lock)
+    proto = cast(Any, protocol)
+    assert not h2direct.finish_ended(proto, 1)  # the stream is still open in h2
+    assert await direct.end(b"data: [DONE]\n\n")
+    assert not h2direct.finish_ended(proto, 1)  # nobody waits on has_data: the task runs
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(protocol.has_data.wait)  # the send task, parked for work
+        await trio.testing.wait_all_tasks_blocked()
+        await protocol.stream_buffers[1].push(b"x")  # hypercorn still holds bytes
+        assert not h2direct.finish_ended(proto, 1)
+        await protocol.stream_buffers[1].pop(1)
+        assert h2direct.finish_ended(proto, 1)
+        assert 1 not in protocol.stream_buffers
+        with pytest.raises(priority.MissingStreamError):
+            protocol.priority.remove_stream(1)  # already out of the tree
+        assert not h2direct.finish_ended(proto, 1)  # done once: nothing left
+        await protocol.has_data.set()
 
 
 async def test_tls_records_written_without_send_all_are_read_in_order(tmp_path: Path) -> None:
@@ -258,14 +315,98 @@ async def test_streams_of_one_connection_share_writes(
     assert counts.writes < counts.direct
 
 
+def _record_protocols(monkeypatch: pytest.MonkeyPatch) -> list[H2Protocol]:
+    """Every hypercorn ``H2Protocol`` made from now on (the connections' HTTP/2 state)."""
+    made: list[H2Protocol] = []
+    init = H2Protocol.__init__
+
+    def recording_init(self: H2Protocol, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(H2Protocol, "__init__", recording_init)
+    return made
+
+
+async def test_heads_first_chunks_and_ends_skip_hypercorns_send_task(
+    settings: Settings, tmp_path: Path, proto: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 streams on one connection: after each HEADERS frame (hypercorn's),
+    every chunk -- the first one too -- and the stream's END_STREAM go the
+    direct way, and the end of each body is completed without hypercorn's
+    send task: that task never sends a frame (``_send_data`` is never called),
+    every text arrives exact and ends, and no task is left.  Through
+    hypercorn's path each stream cost the send task a wake-up, a walk of the
+    priority tree and a write for its first chunk, for its last, and for its
+    END_STREAM."""
+    called = {"send_data": 0, "finished": 0}
+    send_data, finish = H2Protocol._send_data, h2direct.finish_ended
+
+    async def counting_send_data(self: H2Protocol, stream_id: int) -> None:
+        called["send_data"] += 1
+        await send_data(self, stream_id)
+
+    def counting_finish(protocol: H2Protocol, stream_id: int) -> bool:
+        done = finish(protocol, stream_id)
+        called["finished"] += done
+        return done
+
+    monkeypatch.setattr(H2Protocol, "_send_data", counting_send_data)
+    monkeypatch.setattr(h2direct, "finish_ended", counting_finish)
+    protocols = _record_protocols(monkeypatch)
+    s, ctx = serving(settings, proto, tmp_path), h2_context(proto)
+    s = s.replace(mock_delay_ms=10)
+    with trio.fail_after(20):
+        async with running_server(s) as server:
+            baseline = await tasks_living()
+            async with open_h2_connection("127.0.0.1", server.port, ctx) as conn:
+                streams = [(i, await post(conn, f"stream {i}", 20)) for i in range(20)]
+                for i, st in streams:
+                    assert await st.response() == 200
+                    assert await read_text(st) == (expected(f"stream {i}", 20), "[DONE]")
+                await server.service.wait_streams_closed()
+                await trio.testing.wait_all_tasks_blocked()
+                assert [p.stream_buffers for p in protocols] == [{}]  # nothing left behind
+            assert await tasks_living() == baseline
+    assert called == {"send_data": 0, "finished": 20}
+
+
+async def test_a_direct_end_that_hypercorn_completes_still_ends_every_stream(
+    settings: Settings, tmp_path: Path, proto: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When ``finish_ended`` declines (its send task busy), hypercorn's own path
+    completes the ``EndBody`` of a stream whose ``END_STREAM`` already went out
+    directly: its send task finds the stream ended in ``h2``, drops the buffer
+    and releases the writer's ``drain`` -- every stream ends, exact, the
+    connection serves the next ones, and hypercorn holds no buffer for any
+    of them afterwards (its per-stream state is freed on a connection that
+    lives on)."""
+    monkeypatch.setattr(h2direct, "finish_ended", lambda protocol, stream_id: False)
+    protocols = _record_protocols(monkeypatch)
+    s, ctx = serving(settings, proto, tmp_path), h2_context(proto)
+    s = s.replace(mock_delay_ms=5)
+    with trio.fail_after(20):
+        async with running_server(s) as server:
+            baseline = await tasks_living()
+            async with open_h2_connection("127.0.0.1", server.port, ctx) as conn:
+                for batch in range(2):
+                    streams = [(i, await post(conn, f"s{batch}.{i}", 10)) for i in range(10)]
+                    for i, st in streams:
+                        assert await read_text(st) == (expected(f"s{batch}.{i}", 10), "[DONE]")
+                await server.service.wait_streams_closed()
+                await trio.testing.wait_all_tasks_blocked()
+                assert [p.stream_buffers for p in protocols] == [{}]
+            assert await tasks_living() == baseline
+
+
 async def test_streams_starting_together_all_stay_on_the_direct_path(
     settings: Settings, tmp_path: Path, proto: str, counts: Counts
 ) -> None:
-    """50 streams started at once on one connection, while hypercorn's send
-    task writes their heads and first chunks: not one later chunk is declined
-    (each stream's first and last chunks are hypercorn's by design, and never
-    reach ``DirectData.send``).  hypercorn's own ``protocol_send`` held the send
-    lock across its schedule points, so chunks that came while it wrote
+    """50 streams started at once on one connection, while their heads are
+    being written: not one chunk is declined (each stream's last
+    chunk goes through ``DirectData.end``, which this does not count).
+    hypercorn's own ``protocol_send`` held the send lock across its schedule
+    points, so chunks that came while it wrote
     found the lock held and took hypercorn's path -- under load nearly all of
     them (docs/design.md section 15)."""
     s, ctx = serving(settings, proto, tmp_path), h2_context(proto)

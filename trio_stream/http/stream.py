@@ -196,10 +196,9 @@ class Subscriber:
         # ``--event-interval-ms`` in seconds: after an event, what arrives
         # within it is held back and merged into the next one (0: off).
         self.event_interval = event_interval
-        # HTTP/1.1 on a plain connection, and HTTP/2: once the head and a
-        # first chunk went out through ASGI, later chunks are written straight
-        # to the connection (``transport.DirectBody``, ``server.h2direct``)
-        # when they can go at once; the last one goes through ASGI.
+        # HTTP/1.1 on a plain connection, and HTTP/2: chunks after the head
+        # (HTTP/1.1: after the first) go straight to the connection when they
+        # can go at once (``transport.DirectBody``, ``server.h2direct``).
         self._direct = direct
         # Where the writer waits out a burst (None: it yields itself).
         self._bursts = bursts
@@ -222,9 +221,16 @@ class Subscriber:
         """Send one body chunk within the stall deadline.  Raises ClientStalled."""
         self.sending_since = since = trio.current_time()
         cut = False
-        direct = self._direct if more and self._body_started else None
-        if direct is not None and await direct.send(body):
+        direct = self._direct
+        if direct is not None and not (self._body_started or (direct.eager and self.started)):
+            direct = None  # the head (HTTP/1.1: with the first chunk) goes through ASGI
+        if direct is not None and more and await direct.send(body):
             pass  # written (or dropped: the connection is gone, which the watcher hears)
+        elif direct is not None and not more and await direct.end(body):
+            # HTTP/2: chunk and END_STREAM went directly; this ends the response
+            with trio.move_on_after(self.stall_timeout) as cs:
+                await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+            cut = cs.cancelled_caught
         elif self.flow_controlled:
             message = {"type": "http.response.body", "body": body, "more_body": more}
             with trio.move_on_after(self.stall_timeout) as cs:

@@ -326,11 +326,26 @@ class BodyWriter(Protocol):
     sends it through ASGI).  :class:`DirectBody` (HTTP/1.1) and
     ``server.h2direct.DirectData`` (HTTP/2)."""
 
+    #: May the body's first chunk go this way too, once the head was sent
+    #: through ASGI?  (HTTP/1.1: no, hypercorn holds the head until the first
+    #: chunk; HTTP/2: yes, hypercorn writes the HEADERS frame at once.)
+    eager: bool
+
     async def send(self, data: bytes) -> bool:
         """Write ``data`` as the body's next chunk, or decline it (False: nothing written).
 
         Cancellation: not a checkpoint when the chunk goes out (or is taken) at once; a write
         that has to wait is finished whole, shielded, and a ``Cancelled`` comes right after.
+        """
+        ...
+
+    async def end(self, data: bytes) -> bool:
+        """Write ``data`` (may be empty) as the body's last chunk *and* the body's end, or
+        decline (False: nothing written; the caller sends both through ASGI).  After True the
+        caller still sends an empty last ``http.response.body`` through ASGI, so that the
+        server learns the response is over; it writes nothing more.
+
+        Cancellation: as :meth:`send`.
         """
         ...
 
@@ -382,9 +397,18 @@ class DirectBody:
 
     __slots__ = ("_broken", "_link")
 
+    eager = False  # hypercorn writes the head with the first chunk
+
     def __init__(self, link: Link) -> None:
         self._link = link
         self._broken = False
+
+    async def end(self, data: bytes) -> bool:
+        """Always False: the end of the body (h11's terminator, keep-alive) is hypercorn's.
+
+        Cancellation: not a checkpoint.
+        """
+        return False
 
     async def send(self, data: bytes) -> bool:
         """Write ``data`` as one chunk.  False if hypercorn is writing on this

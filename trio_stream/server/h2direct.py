@@ -61,13 +61,21 @@ HTTP/1.1: a write goes out whole or the connection is closed (a write that
 has to wait finishes in a shielded scope, bounded by the guarded stream's
 stall deadline -- over TLS the raw socket under ``trio.SSLStream`` is the
 guarded stream); a broken connection is reported to hypercorn, which
-delivers ``http.disconnect`` to every stream of it.  The end of the body
-(``END_STREAM``) stays with hypercorn: the caller sends the last chunk
-through ASGI.
+delivers ``http.disconnect`` to every stream of it.
+
+The body's first chunk goes this way too (hypercorn wrote the HEADERS frame
+when the head was sent), and so does its last, with ``END_STREAM`` on its
+own DATA frame (:meth:`DirectData.end`); the caller then sends an empty last
+ASGI body message, so that hypercorn ends the response as usual, and
+:func:`finish_ended` completes hypercorn's ``EndBody`` for it without its
+send task.  Through hypercorn's path the first chunk, the last one and the
+``END_STREAM`` each cost the send task a wake-up, a walk of the priority
+tree and a write of their own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from typing import Any
 
@@ -75,9 +83,10 @@ import h2.connection
 import h2.exceptions
 import trio
 from h2.connection import ConnectionInputs
-from h2.stream import StreamInputs
+from h2.stream import StreamInputs, StreamState
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.http_stream import HTTPStream
+from priority import priority
 
 from ..http.transport import Link, send_whole
 
@@ -172,6 +181,10 @@ class DirectData:
 
     __slots__ = ("_flusher", "_protocol", "_stream_id")
 
+    #: The first chunk may go directly too: hypercorn wrote the HEADERS frame
+    #: when the app sent ``http.response.start``.
+    eager = True
+
     def __init__(self, flusher: Flusher, protocol: H2Protocol, stream_id: int) -> None:
         self._flusher = flusher
         self._protocol = protocol
@@ -185,6 +198,20 @@ class DirectData:
         """
         if not data:
             return True  # nothing to frame (hypercorn drops an empty chunk too)
+        return await self._encode(data, False)
+
+    async def end(self, data: bytes) -> bool:
+        """Encode ``data`` (may be empty) as the stream's last DATA frame, with
+        ``END_STREAM``, for the connection's flusher; False (nothing encoded) if
+        hypercorn's path must send it and end the stream.  The caller then sends
+        the empty last ASGI body message, which :func:`finish_ended` completes
+        without hypercorn's send task.
+
+        Cancellation: not a checkpoint (it never waits).
+        """
+        return await self._encode(data, True)
+
+    async def _encode(self, data: bytes, end: bool) -> bool:
         protocol, sid, flusher = self._protocol, self._stream_id, self._flusher
         buffer = protocol.stream_buffers.get(sid)
         if (
@@ -201,7 +228,7 @@ class DirectData:
         # would stay on hypercorn's path for as long as that task is behind.
         payload = bytes(buffer.buffer) + data if held else data
         try:
-            if not encode_data(protocol.connection, sid, payload):
+            if not encode_data(protocol.connection, sid, payload, end):
                 return False
         except h2.exceptions.ProtocolError:
             return False  # hypercorn's path drops it (the stream or connection is closing)
@@ -215,13 +242,48 @@ class DirectData:
         return True
 
 
+def finish_ended(protocol: H2Protocol, stream_id: int) -> bool:
+    """The end of a response body (hypercorn's ``EndBody``) whose ``END_STREAM``
+    went out directly (:meth:`DirectData.end`): do what hypercorn's send task
+    would do for it -- drop the stream's buffer, take the stream out of the
+    priority tree -- without waking that task or waiting for it (``drain``).
+
+    False, with nothing changed, unless hypercorn's path has nothing left to do
+    for the stream but that: its buffer is empty, ``h2`` has its sending half
+    closed (or has forgotten it, closed), and the send task is parked waiting
+    for work -- so it is not inside ``_send_data`` for this stream, where a
+    buffer taken from under it would raise ``KeyError`` out of its task.  The
+    caller then lets hypercorn's ``stream_send`` handle the event.
+    """
+    buffer = protocol.stream_buffers.get(stream_id)
+    if buffer is None or buffer.buffer:
+        return False
+    stream = protocol.connection.streams.get(stream_id)
+    if stream is not None and stream.state_machine.state not in _ENDED:
+        return False
+    waiting_for = getattr(protocol.has_data, "_event", None)  # hypercorn's trio EventWrapper
+    if not isinstance(waiting_for, trio.Event) or not waiting_for.statistics().tasks_waiting:
+        return False  # the send task is running, or about to: it cleans up itself
+    buffer.set_complete()
+    del protocol.stream_buffers[stream_id]
+    with contextlib.suppress(priority.MissingStreamError):
+        protocol.priority.remove_stream(stream_id)
+    return True
+
+
+#: ``h2``'s states of a stream whose sending half is closed.
+_ENDED = frozenset({StreamState.HALF_CLOSED_LOCAL, StreamState.CLOSED})
+
+
 #: The length of an HTTP/2 frame header (RFC 9113 section 4.1).
 FRAME_HEADER = 9
 
 
-def encode_data(connection: h2.connection.H2Connection, stream_id: int, data: bytes) -> bool:
-    """What ``connection.send_data(stream_id, data)`` does, for a chunk that fits: the same
-    state transitions, window accounting and bytes, without hyperframe's frame object.
+def encode_data(
+    connection: h2.connection.H2Connection, stream_id: int, data: bytes, end_stream: bool = False
+) -> bool:
+    """What ``connection.send_data(stream_id, data, end_stream)`` does, for a chunk that fits:
+    the same state transitions, window accounting and bytes, without hyperframe's frame object.
 
     False, with nothing changed, when the stream is unknown or closed, or the chunk does not
     fit its flow-control window (stream's and connection's) or one frame.  A state machine
@@ -239,10 +301,13 @@ def encode_data(connection: h2.connection.H2Connection, stream_id: int, data: by
         return False
     connection.state_machine.process_input(ConnectionInputs.SEND_DATA)
     stream.state_machine.process_input(StreamInputs.SEND_DATA)
+    if end_stream:
+        stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
     stream.outbound_flow_control_window -= size
     connection.outbound_flow_control_window -= size
-    # length (24 bits), type 0 (DATA), flags 0, stream id (31 bits), payload
-    connection._data_to_send += _LENGTH.pack(size)[1:] + b"\x00\x00" + _ID.pack(stream_id)
+    # length (24 bits), type 0 (DATA), flags (END_STREAM = 1), stream id (31 bits), payload
+    flags = b"\x00\x01" if end_stream else b"\x00\x00"
+    connection._data_to_send += _LENGTH.pack(size)[1:] + flags + _ID.pack(stream_id)
     connection._data_to_send += data
     return True
 

@@ -170,11 +170,12 @@ import h11
 from hypercorn.events import Updated
 from hypercorn.protocol import h2 as _h2
 from hypercorn.protocol import h11 as _h11
-from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.events import EndBody, StreamClosed
 from priority.priority import MissingStreamError
 
 from ..errors import error_body
 from ..logs import EventLogger
+from . import h2direct
 
 #: The hypercorn release whose code these fixes replace.
 FIXED_VERSION = "0.18.0"
@@ -349,8 +350,16 @@ async def _initiate(
 async def _stream_send(self: Any, event: Any) -> None:
     """``H2Protocol.stream_send``, ending a stream before a terminating connection's GOAWAY.
 
-    Cancellation: as hypercorn's ``stream_send``.
+    Also (not a fix: the end of the direct DATA path) an ``EndBody`` whose
+    stream's ``END_STREAM`` went out directly is completed by
+    ``h2direct.finish_ended`` when hypercorn's send task has nothing left to
+    do for it, instead of waking that task and waiting for it.
+
+    Cancellation: as hypercorn's ``stream_send`` (the ``EndBody`` completed
+    here is not a checkpoint).
     """
+    if isinstance(event, EndBody) and h2direct.finish_ended(self, event.stream_id):
+        return
     if isinstance(event, StreamClosed) and self.context.terminated.is_set():
         buffer = self.stream_buffers.get(event.stream_id)
         if buffer is not None and buffer.complete:
