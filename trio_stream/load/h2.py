@@ -164,7 +164,10 @@ class H2Connection:
         return not self.closed and self.goaway is None and self.active < self.max_streams
 
     async def wait_closed(self) -> None:
-        """Wait until the connection is gone (the server closed it, or it broke)."""
+        """Wait until the connection is gone (the server closed it, or it broke).
+
+        Cancellation: a checkpoint; cancelling the wait changes nothing.
+        """
         await self._closed.wait()
 
     # -- the writer ---------------------------------------------------------
