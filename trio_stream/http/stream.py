@@ -193,8 +193,8 @@ class Subscriber:
         # so the stall deadline is ours to set.  HTTP/1.1: the send can block
         # only in hypercorn's shielded write, which GuardedStream bounds.
         self.flow_controlled = flow_controlled
-        # ``--event-interval-ms`` in seconds: after an event, what arrives
-        # within it is held back and merged into the next one (0: off).
+        # ``--event-interval-ms`` in seconds: what arrives within it after an event is
+        # merged into the next one (0: off).
         self.event_interval = event_interval
         # HTTP/1.1 on a plain connection, and HTTP/2: chunks after the head
         # (HTTP/1.1: after the first) go straight to the connection when they
@@ -202,9 +202,8 @@ class Subscriber:
         self._direct = direct
         # Where the writer waits out a burst (None: it yields itself).
         self._bursts = bursts
-        # Did the last read find several entries (a burst under way)?  Then
-        # one entry that follows it is waited out too: a burst that filled
-        # the window continues as soon as the writer makes room.
+        # Did the last read find several entries (a burst)?  Then one entry
+        # that follows is waited out too: a burst that filled the window goes on.
         self._burst = False
         self._body_started = False
         self.started = False
