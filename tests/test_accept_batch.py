@@ -10,6 +10,9 @@ These tests run the listener over real sockets on 127.0.0.1.
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 import trio
 import trio.testing
@@ -24,6 +27,33 @@ async def _listener(guard: TransportGuard) -> tuple[GuardedListener, int]:
     return listener, int(listener.socket.getsockname()[1])
 
 
+@dataclass
+class Backlog:
+    """A listener with clients waiting in its backlog, and what a test accepted."""
+
+    guard: TransportGuard
+    listener: GuardedListener
+    clients: list[socket.socket]
+    accepted: list[trio.abc.Stream] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def _backlog(count: int) -> AsyncIterator[Backlog]:
+    """``count`` clients connected to a new listener; everything closed at the end."""
+    guard = TransportGuard(5.0)
+    listener, port = await _listener(guard)
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+    backlog = Backlog(guard, listener, clients)
+    try:
+        yield backlog
+    finally:
+        for stream in backlog.accepted:
+            await stream.aclose()
+        await listener.aclose()
+        for client in clients:
+            client.close()
+
+
 def _peer(stream: trio.abc.Stream) -> tuple[str, int]:
     sock = stream.socket  # type: ignore[attr-defined]
     name = sock.getpeername()
@@ -35,48 +65,28 @@ async def test_waiting_connections_come_in_one_step() -> None:
     first ``accept`` (a checkpoint, as before), the next ones are returned
     without a checkpoint, each a distinct tracked connection (removing the
     batch makes every ``accept`` a schedule point, and this fails)."""
-    guard = TransportGuard(5.0)
-    listener, port = await _listener(guard)
-    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
-    accepted: list[trio.abc.Stream] = []
-    try:
-        accepted.append(await listener.accept())
+    async with _backlog(10) as b:
+        b.accepted.append(await b.listener.accept())
         with trio.testing.assert_no_checkpoints():
             for _ in range(9):
-                accepted.append(await listener.accept())
-        assert {_peer(s) for s in accepted} == {c.getsockname() for c in clients}
-        assert len(guard) == 10
-    finally:
-        for stream in accepted:
-            await stream.aclose()
-        await listener.aclose()
-        for client in clients:
-            client.close()
+                b.accepted.append(await b.listener.accept())
+        assert {_peer(s) for s in b.accepted} == {c.getsockname() for c in b.clients}
+        assert len(b.guard) == 10
 
 
 async def test_a_batch_is_bounded() -> None:
     """One wake-up takes at most ``ACCEPT_BATCH`` connections: the one after
     them goes through the inner listener again (a checkpoint), so a flood of
     connections cannot keep the serving loop from yielding."""
-    guard = TransportGuard(5.0)
-    listener, port = await _listener(guard)
-    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(ACCEPT_BATCH + 1)]
-    accepted: list[trio.abc.Stream] = []
-    try:
-        accepted.append(await listener.accept())
+    async with _backlog(ACCEPT_BATCH + 1) as b:
+        b.accepted.append(await b.listener.accept())
         with trio.testing.assert_no_checkpoints():
             for _ in range(ACCEPT_BATCH - 1):
-                accepted.append(await listener.accept())
+                b.accepted.append(await b.listener.accept())
         task = trio.lowlevel.current_task()
         before = task._schedule_points
-        accepted.append(await listener.accept())
+        b.accepted.append(await b.listener.accept())
         assert task._schedule_points == before + 1
-    finally:
-        for stream in accepted:
-            await stream.aclose()
-        await listener.aclose()
-        for client in clients:
-            client.close()
 
 
 async def test_close_ends_connections_not_handed_out() -> None:

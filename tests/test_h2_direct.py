@@ -261,6 +261,14 @@ def expected(content: str, max_tokens: int) -> str:
     return mocktext.expected_text(body(content, max_tokens)["messages"], max_tokens)
 
 
+async def twenty_exact_streams(conn: H2Connection, max_tokens: int) -> None:
+    """Open 20 streams on ``conn`` at once; each must answer 200 with its exact text."""
+    streams = [(i, await post(conn, f"stream {i}", max_tokens)) for i in range(20)]
+    for i, st in streams:
+        assert await st.response() == 200
+        assert await read_text(st) == (expected(f"stream {i}", max_tokens), "[DONE]")
+
+
 class Counts:
     """How many chunks went the direct way, and in how many writes."""
 
@@ -305,10 +313,7 @@ async def test_streams_of_one_connection_share_writes(
         async with running_server(s) as server:
             baseline = await tasks_living()
             async with open_h2_connection("127.0.0.1", server.port, ctx) as conn:
-                streams = [(i, await post(conn, f"stream {i}", 40)) for i in range(20)]
-                for i, st in streams:
-                    assert await st.response() == 200
-                    assert await read_text(st) == (expected(f"stream {i}", 40), "[DONE]")
+                await twenty_exact_streams(conn, 40)
             await server.service.wait_streams_closed()
             assert await tasks_living() == baseline
     assert counts.direct >= 20 * 30
@@ -360,10 +365,7 @@ async def test_heads_first_chunks_and_ends_skip_hypercorns_send_task(
         async with running_server(s) as server:
             baseline = await tasks_living()
             async with open_h2_connection("127.0.0.1", server.port, ctx) as conn:
-                streams = [(i, await post(conn, f"stream {i}", 20)) for i in range(20)]
-                for i, st in streams:
-                    assert await st.response() == 200
-                    assert await read_text(st) == (expected(f"stream {i}", 20), "[DONE]")
+                await twenty_exact_streams(conn, 20)
                 await server.service.wait_streams_closed()
                 await trio.testing.wait_all_tasks_blocked()
                 assert [p.stream_buffers for p in protocols] == [{}]  # nothing left behind
