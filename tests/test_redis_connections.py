@@ -29,10 +29,13 @@ LEASE = 1.0  # so idle connections close after 1 s
 
 
 def debug_sleep(server: RedisServer, seconds: float) -> socket.socket:
-    """Stop ``server`` from answering anybody for ``seconds`` (returns at once;
-    close the socket after the sleep)."""
-    sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(f"DEBUG SLEEP {seconds}\r\n".encode())
+    """Stop ``server`` from answering anybody else for ``seconds``, and return
+    once it has stopped (close the socket after the pause).  ``CLIENT PAUSE``
+    answers once the pause is in force; ``DEBUG SLEEP`` answered nothing, so a
+    command sent right after it could still be answered first."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock.sendall(f"CLIENT PAUSE {round(seconds * 1000)} ALL\r\n".encode())
+    assert sock.recv(16) == b"+OK\r\n"
     return sock
 
 
